@@ -1,0 +1,42 @@
+# xarray-zcache: `make demo` and `make test` each set everything up from scratch.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint typecheck format bench stress docs clean venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@set -e; py=$$(scripts/find-python); echo "Using $$py"; \
+	  [ -x $(PY) ] || $$py -m venv $(VENV); \
+	  $(PY) -m pip install -q --upgrade pip; \
+	  $(PY) -m pip install -q -e ".[test,dashboard,docs,demo]"
+	@touch $(STAMP)
+
+## demo: local S3 server + sample dataset, read cold / warm / after a restart
+demo: $(STAMP)
+	$(PY) -m xarray_zcache.demo $(DEMO_ARGS)
+
+## test: lint, type-check and run the test suite
+test: $(STAMP) lint typecheck
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy xarray_zcache
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: $(STAMP)
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info

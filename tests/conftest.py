@@ -1,0 +1,48 @@
+"""Shared pytest fixtures: an embedded, request-counting local S3 server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+from uuid import uuid4
+
+import pytest
+
+from xarray_zcache.testing.s3server import LocalS3Server
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[LocalS3Server]:
+    """A moto S3 server started once per test session (no injected latency).
+
+    Its request log is shared by all tests: filter counts by bucket (each test
+    gets its own bucket from ``s3_bucket``) rather than resetting the log.
+    """
+    server = LocalS3Server().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: LocalS3Server) -> str:
+    """A freshly created, uniquely named, empty bucket on ``s3_server``."""
+    name = f"test-{uuid4().hex[:12]}"
+    s3_server.create_bucket(name)
+    return name
+
+
+@pytest.fixture
+def s3_options(s3_server: LocalS3Server) -> dict[str, Any]:
+    """s3fs storage options for ``s3_server`` (one whole-object read = one GET)."""
+    return s3_server.storage_options()
+
+
+@pytest.fixture(autouse=True)
+def _close_caches() -> Iterator[None]:
+    """Close every cache a test created (threads, SQLite handles), so tests stay independent."""
+    yield
+    from xarray_zcache.registry import close_all
+
+    close_all()

@@ -1,0 +1,572 @@
+"""Tests of the persistent disk tier (real files under tmp_path, no mocks)."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import pathlib
+import random
+import re
+import signal
+import sqlite3
+import stat
+import threading
+import time
+
+import pytest
+
+from xarray_zcache.cache.disk import HEADER, DiskTier
+
+HEADER_SIZE = HEADER.size
+PAYLOAD_NAME = re.compile(r"^[0-9a-f]{64}\.(cache|meta)$")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def make_value(key: str, version: int) -> bytes:
+    """A value that names its key and version and whose length depends on the version."""
+    token = f"<{key}|{version}>".encode()
+    return token * (1 + (version * 7919) % 97)
+
+
+def is_valid_value(key: str, data: bytes) -> bool:
+    """Whether ``data`` is exactly ``make_value(key, v)`` for some version ``v``."""
+    prefix = f"<{key}|".encode()
+    end = data.find(b">") + 1
+    if end <= len(prefix) or not data.startswith(prefix):
+        return False
+    try:
+        version = int(data[len(prefix) : end - 1])
+    except ValueError:
+        return False
+    return data == make_value(key, version)
+
+
+def payload_files(root: pathlib.Path) -> list[pathlib.Path]:
+    return [
+        p for sub in ("chunks", "metadata") for p in (root / sub).rglob("*") if p.is_file()
+    ]
+
+
+def file_of(tier: DiskTier, key: str, kind: str = "chunk") -> pathlib.Path:
+    import hashlib
+
+    h = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+    sub, ext = ("chunks", ".cache") if kind == "chunk" else ("metadata", ".meta")
+    return tier.path / sub / h[:2] / f"{h}{ext}"
+
+
+@pytest.fixture
+def tier(tmp_path: pathlib.Path) -> DiskTier:
+    t = DiskTier(tmp_path / "cache", 1 << 20)
+    yield t  # type: ignore[misc]
+    t.close()
+
+
+# --------------------------------------------------------------------------- basics
+
+
+def test_roundtrip(tier: DiskTier) -> None:
+    assert tier.get("a") is None
+    assert tier.put("a", b"hello", namespace="ns")
+    assert tier.put("m/zarr.json", b"{}", kind="metadata")
+    assert tier.put("empty", b"")
+    assert tier.get("a") == b"hello"
+    assert tier.get("m/zarr.json") == b"{}"
+    assert tier.get("empty") == b""
+    assert tier.read_range("a", 1, 3) == b"el"
+    assert tier.read_range("missing", 0, 1) is None
+    assert "a" in tier and "missing" not in tier
+    assert len(tier) == 3
+    assert tier.keys() == ["a", "empty", "m/zarr.json"]
+    assert tier.used_bytes() == 7
+    assert file_of(tier, "m/zarr.json", "metadata").exists()
+    # overwrite with another kind: only one file remains
+    assert tier.put("a", b"bye", kind="metadata")
+    assert tier.get("a") == b"bye"
+    assert not file_of(tier, "a", "chunk").exists()
+    assert tier.used_bytes() == 5
+    tier.delete("a")
+    assert tier.get("a") is None and "a" not in tier
+    assert not file_of(tier, "a", "metadata").exists()
+    with pytest.raises(ValueError, match="kind"):
+        tier.put("x", b"1", kind="other")
+
+
+def test_persistence_across_instances(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "cache"
+    t1 = DiskTier(path, 10_000)
+    assert t1.put("k1", b"one", namespace="s3://b")
+    assert t1.put("k2", b"two", expires=time.time() + 3600)
+    for _ in range(3):
+        assert t1.get("k1") == b"one"
+    t1.close()
+    t1.close()  # idempotent
+    assert t1.get("k1") is None and not t1.put("k3", b"x")
+
+    t2 = DiskTier(str(path), 10_000)
+    try:
+        assert t2.get("k2") == b"two"
+        rows = {r["key"]: r for r in t2.entries()}
+        assert set(rows) == {"k1", "k2"}
+        assert rows["k1"]["hits"] == 3
+        assert rows["k2"]["hits"] == 1
+        assert rows["k1"]["namespace"] == "s3://b"
+        assert rows["k1"]["expires"] is None and rows["k2"]["expires"] > time.time()
+        assert rows["k1"]["created"] <= rows["k1"]["last_access"] <= time.time()
+        assert rows["k1"]["size"] == 3
+        assert t2.used_bytes() == 6 and len(t2) == 2
+    finally:
+        t2.close()
+
+
+def test_hits_are_batched_not_written_per_get(tier: DiskTier) -> None:
+    assert tier.put("k", b"v")
+    tier.flush()
+    for _ in range(5):
+        assert tier.get("k") == b"v"
+    with sqlite3.connect(tier.path / "index.db") as other:
+        (hits,) = other.execute("SELECT hits FROM entries WHERE key = 'k'").fetchone()
+    assert hits == 0  # still pending in memory
+    tier.flush()
+    with sqlite3.connect(tier.path / "index.db") as other:
+        (hits,) = other.execute("SELECT hits FROM entries WHERE key = 'k'").fetchone()
+    assert hits == 5
+
+
+def test_modes(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "cache"
+    path.mkdir(mode=0o755)
+    os.chmod(path, 0o755)
+    t = DiskTier(path, 10_000)
+    try:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o700
+        assert t.put("k", b"v") and t.put("m", b"v", kind="metadata")
+        files = payload_files(path)
+        assert len(files) == 2
+        for f in files:
+            assert stat.S_IMODE(f.stat().st_mode) == 0o600
+        assert stat.S_IMODE((path / "index.db").stat().st_mode) == 0o600
+    finally:
+        t.close()
+
+
+def test_path_expanded_and_resolved(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    t = DiskTier("~/sub/../cache", 100)
+    try:
+        assert t.path == (tmp_path / "cache").resolve()
+    finally:
+        t.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another uid needs root")
+def test_folder_owned_by_other_user_is_refused(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "theirs"
+    path.mkdir(mode=0o700)
+    os.chown(path, 12345, 12345)
+    with pytest.raises(PermissionError, match=re.escape(str(path))):
+        DiskTier(path, 100)
+
+
+def test_invalid_arguments(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(ValueError):
+        DiskTier(tmp_path / "c", -1)
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(OSError):
+        DiskTier(tmp_path / "file", 100)
+
+
+def test_hostile_keys_stay_inside_folder(tmp_path: pathlib.Path) -> None:
+    keys = [
+        "../../etc/passwd",
+        "/abs/path",
+        "a\x00b",
+        "é漢字",
+        "k" * 10_000,
+        "..",
+        "",
+        "a/../../b\\..\\c",
+        "\udcff-lone-surrogate",
+    ]
+    abs_existed = os.path.exists("/abs")
+    t = DiskTier(tmp_path / "cache", 1 << 20)
+    try:
+        for i, key in enumerate(keys):
+            value = f"value-{i}".encode()
+            stored = t.put(key, value)
+            if key.startswith("\udcff"):
+                assert not stored  # cannot be indexed; never raises
+                assert t.get(key) is None
+                continue
+            assert stored, key
+            assert t.get(key) == value
+            assert key in t
+        assert sorted(os.listdir(tmp_path)) == ["cache"]
+        assert os.path.exists("/abs") == abs_existed
+        for dirpath, _dirs, files in os.walk(tmp_path / "cache"):
+            rel = pathlib.Path(dirpath).relative_to(tmp_path / "cache")
+            for name in files:
+                if rel == pathlib.Path("."):
+                    assert name.startswith("index.db")
+                else:
+                    assert PAYLOAD_NAME.match(name), name
+                    assert rel.parts[0] in ("chunks", "metadata") and len(rel.parts) == 2
+        assert set(t.keys()) == set(keys[:-1])
+        for key in keys:
+            t.delete(key)
+        assert len(t) == 0 and payload_files(t.path) == []
+    finally:
+        t.close()
+
+
+# --------------------------------------------------------------------------- bounds
+
+
+def test_capacity_bound_under_10x_workload(tmp_path: pathlib.Path) -> None:
+    capacity = 50_000
+    t = DiskTier(tmp_path / "cache", capacity)
+    rng = random.Random(0)
+    try:
+        written = 0
+        for i in range(600):
+            key = f"var/{rng.randrange(300)}"
+            size = rng.randrange(0, 2500)
+            if t.put(key, bytes([i % 256]) * size, kind=rng.choice(["chunk", "metadata"])):
+                written += size
+            assert t.used_bytes() <= capacity
+            if i % 7 == 0:
+                t.get(f"var/{rng.randrange(300)}")
+        assert written > 10 * capacity
+        files = payload_files(t.path)
+        assert len(files) == len(t)
+        assert sum(f.stat().st_size - HEADER_SIZE for f in files) == t.used_bytes()
+        assert sum(f.stat().st_size for f in files) <= capacity + HEADER_SIZE * len(files)
+        assert t.evictions > 0 and t.evicted_bytes > 0
+        assert t.verify()["ok"] == len(t)
+    finally:
+        t.close()
+
+
+def test_value_close_to_capacity_evicts_others_not_itself(tmp_path: pathlib.Path) -> None:
+    t = DiskTier(tmp_path / "cache", 1000)
+    try:
+        assert t.put("small", b"x" * 100)
+        assert t.put("big", b"y" * 950)
+        assert t.get("big") == b"y" * 950
+        assert t.get("small") is None
+        assert t.used_bytes() == 950
+    finally:
+        t.close()
+
+
+def test_lru_order(tmp_path: pathlib.Path) -> None:
+    t = DiskTier(tmp_path / "cache", 10_000)
+    try:
+        for i in range(5):
+            assert t.put(f"k{i}", b"x" * 100)
+        now = time.time()
+        for i in (0, 2, 4):  # k1 and k3 are the least recently used
+            assert t.get(f"k{i}", now=now + 10 + i) is not None
+        assert t.evict(target=300) == 200
+        assert t.keys() == ["k0", "k2", "k4"]
+        assert t.evictions == 2 and t.evicted_bytes == 200
+    finally:
+        t.close()
+
+
+def test_size_limits(tmp_path: pathlib.Path) -> None:
+    t = DiskTier(tmp_path / "cache", 1000, max_object_size=100)
+    try:
+        assert not t.put("big", b"x" * 101)
+        assert t.put("ok", b"x" * 100)
+        assert t.get("big") is None and "big" not in t
+        assert t.keys() == ["ok"]
+    finally:
+        t.close()
+    t0 = DiskTier(tmp_path / "zero", 0)
+    try:
+        assert not t0.put("k", b"")
+        assert not t0.put("k", b"x")
+        assert len(t0) == 0
+    finally:
+        t0.close()
+    t1 = DiskTier(tmp_path / "small", 10)
+    try:
+        assert not t1.put("k", b"x" * 11)
+        assert t1.put("k", b"x" * 10)
+    finally:
+        t1.close()
+
+
+def test_ttl_expiry(tier: DiskTier) -> None:
+    now = time.time()
+    assert tier.put("short", b"s", expires=now + 10)
+    assert tier.put("long", b"l", expires=now + 1000)
+    assert tier.put("never", b"n")
+    assert tier.get("short", now=now + 5) == b"s"
+    assert tier.get("short", now=now + 20) is None
+    assert "short" not in tier.keys()
+    assert not file_of(tier, "short").exists()
+    assert tier.drop_expired(now=now + 2000) == 1
+    assert tier.keys() == ["never"]
+    assert tier.put("past", b"p", expires=now - 1)
+    assert "past" not in tier  # index lookup honours expiry
+    assert tier.get("past") is None
+
+
+# --------------------------------------------------------------------------- damage
+
+
+def test_damaged_files_are_misses(tier: DiskTier, caplog: pytest.LogCaptureFixture) -> None:
+    values = {f"k{i}": f"value-{i}".encode() * 50 for i in range(6)}
+    for k, v in values.items():
+        assert tier.put(k, v)
+    # truncated payload
+    f0 = file_of(tier, "k0")
+    f0.write_bytes(f0.read_bytes()[:-7])
+    # bit-flipped payload
+    f1 = file_of(tier, "k1")
+    data = bytearray(f1.read_bytes())
+    data[HEADER_SIZE + 10] ^= 0x04
+    f1.write_bytes(bytes(data))
+    # truncated header
+    file_of(tier, "k2").write_bytes(b"ZCC")
+    # deleted file, row left
+    file_of(tier, "k3").unlink()
+    # row missing for a present file
+    with sqlite3.connect(tier.path / "index.db") as other:
+        other.execute("DELETE FROM entries WHERE key = 'k4'")
+    # a file swapped with another key's file (key hash mismatch)
+    file_of(tier, "k5").write_bytes(file_of(tier, "k4").read_bytes())
+
+    with caplog.at_level(logging.WARNING, logger="xarray_zcache.disk"):
+        results = {k: tier.get(k) for k in values}
+        again = {k: tier.get(k) for k in values}
+    for k, got in [*results.items(), *again.items()]:
+        assert got is None or got == values[k], k
+    assert results["k0"] is None and results["k1"] is None and results["k2"] is None
+    assert results["k3"] is None and results["k5"] is None
+    assert tier.corruptions == 4  # k0, k1, k2, k5
+    warnings = [r for r in caplog.records if r.name == "xarray_zcache.disk"]
+    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+    # the damaged entries are gone (file and row); the orphan row of k3 remains in the index
+    for k in ("k0", "k1", "k2", "k5"):
+        assert not file_of(tier, k).exists() and k not in tier
+    report = tier.verify()
+    assert report["corrupt"] == 0
+    assert report["missing_files"] == 1  # k3
+    assert report["orphan_files"] == 1  # k4
+    tier.verify(repair=True)
+    report = tier.verify()
+    assert report == {**report, "missing_files": 0, "orphan_files": 0, "corrupt": 0}
+    assert report["ok"] == len(tier) == 0
+    assert tier.used_bytes() == 0
+
+
+def test_verify_reports_and_repairs_corruption(tier: DiskTier) -> None:
+    for i in range(4):
+        assert tier.put(f"k{i}", b"abc" * 100)
+    f = file_of(tier, "k0")
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0xFF
+    f.write_bytes(bytes(data))
+    (f.parent / "junk.txt").write_bytes(b"?")
+    report = tier.verify()
+    assert report["corrupt"] == 1 and report["ok"] == 3 and report["unknown_files"] == 1
+    tier.verify(repair=True)
+    report = tier.verify()
+    assert report["corrupt"] == 0 and report["ok"] == 3 == len(tier)
+    assert tier.used_bytes() == 900
+
+
+# --------------------------------------------------------------------------- invalidation
+
+
+def test_tombstones_reject_stale_puts(tier: DiskTier) -> None:
+    before = time.time_ns()
+    assert tier.put("k", b"old", fetch_started_ns=before)
+    tier.delete("k")
+    assert not tier.put("k", b"stale", fetch_started_ns=before)
+    assert tier.get("k") is None
+    assert tier.stale_rejections == 1
+    assert tier.put("k", b"fresh", fetch_started_ns=time.time_ns())
+    assert tier.get("k") == b"fresh"
+
+    # an authoritative write (no fetch_started_ns) also refuses older in-flight fetches
+    fetch = time.time_ns()
+    assert tier.put("w", b"written")
+    assert not tier.put("w", b"older-read", fetch_started_ns=fetch)
+    assert tier.get("w") == b"written"
+
+    # prefix tombstones
+    fetch = time.time_ns()
+    assert tier.put("ds/a", b"1") and tier.put("ds/b", b"2")
+    assert tier.delete_prefix("ds/") == 2
+    assert not tier.put("ds/c", b"3", fetch_started_ns=fetch)
+    assert tier.put("other/c", b"3", fetch_started_ns=fetch)
+    assert tier.put("ds/c", b"3", fetch_started_ns=time.time_ns())
+
+    # pruning moves the horizon: fetches older than it are refused
+    old_fetch = time.time_ns()
+    time.sleep(0.01)
+    tier.prune_tombstones(older_than_s=0)
+    assert not tier.put("new", b"x", fetch_started_ns=old_fetch)
+    assert tier.put("new", b"x", fetch_started_ns=time.time_ns())
+
+
+def test_delete_prefix_with_sql_wildcards(tier: DiskTier) -> None:
+    keys = ["a%b/1", "a%b/2", "a_b/1", "axb/1", "a%c", "ab", "a\x00b", "a\U0010ffff", "b"]
+    for k in keys:
+        assert tier.put(k, k.encode("utf-8"))
+    assert tier.delete_prefix("a%b") == 2
+    assert tier.delete_prefix("a_") == 1
+    assert sorted(tier.keys()) == sorted(["axb/1", "a%c", "ab", "a\x00b", "a\U0010ffff", "b"])
+    assert tier.delete_prefix("a\x00") == 1
+    assert tier.delete_prefix("a\U0010ffff") == 1
+    assert tier.delete_prefix("zzz") == 0
+    assert tier.get("axb/1") == b"axb/1"
+    assert tier.delete_prefix("") == 4
+    assert len(tier) == 0 and payload_files(tier.path) == []
+
+
+# --------------------------------------------------------------------------- concurrency
+
+
+def test_threads_share_one_tier(tier: DiskTier) -> None:
+    errors: list[str] = []
+
+    def work(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(300):
+            key = f"k{rng.randrange(20)}"
+            r = rng.random()
+            if r < 0.5:
+                tier.put(key, make_value(key, rng.randrange(1000)))
+            elif r < 0.9:
+                got = tier.get(key)
+                if got is not None and not is_valid_value(key, got):
+                    errors.append(key)
+            else:
+                tier.delete(key)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(6)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert errors == []
+    report = tier.verify()
+    assert report["corrupt"] == report["orphan_files"] == report["mismatched"] == 0
+    assert report["ok"] == len(tier)
+
+
+def _process_worker(path: str, capacity: int, seed: int, n_ops: int) -> tuple[int, int, list[str]]:
+    """Random put/get/delete on overlapping keys; returns (hits, stored, bad keys)."""
+    t = DiskTier(path, capacity)
+    rng = random.Random(seed)
+    hits = stored = 0
+    bad: list[str] = []
+    try:
+        for _ in range(n_ops):
+            key = f"k{rng.randrange(40)}"
+            r = rng.random()
+            if r < 0.5:
+                fetch = time.time_ns() - rng.randrange(0, 2_000_000)
+                value = make_value(key, rng.randrange(100_000))
+                kind = "metadata" if rng.random() < 0.2 else "chunk"
+                if t.put(key, value, kind=kind, fetch_started_ns=fetch):
+                    stored += 1
+                used = t.used_bytes()
+                if used > capacity:
+                    bad.append(f"used {used} > {capacity}")
+            elif r < 0.88:
+                got = t.get(key)
+                if got is not None:
+                    hits += 1
+                    if not is_valid_value(key, got):
+                        bad.append(f"{key}: {got[:40]!r}")
+            elif r < 0.98:
+                t.delete(key)
+            else:
+                t.delete_prefix(f"k{rng.randrange(4)}")
+    finally:
+        t.close()
+    return hits, stored, bad
+
+
+@pytest.mark.slow
+def test_two_processes_share_one_folder(tmp_path: pathlib.Path) -> None:
+    path = str(tmp_path / "cache")
+    capacity = 15_000
+    DiskTier(path, capacity).close()  # create the folder and schema up front
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(2) as pool:
+        results = pool.starmap(
+            _process_worker, [(path, capacity, seed, 2000) for seed in (1, 2)], chunksize=1
+        )
+    for hits, stored, bad in results:
+        assert bad == []
+        assert hits > 50 and stored > 200
+    t = DiskTier(path, capacity)
+    try:
+        report = t.verify()
+        assert report["corrupt"] == report["orphan_files"] == report["mismatched"] == 0
+        assert report["missing_files"] == 0 and report["temp_files"] == 0
+        assert report["ok"] == len(t)
+        assert t.used_bytes() <= capacity
+        assert t.used_bytes() == sum(f.stat().st_size - HEADER_SIZE for f in payload_files(t.path))
+        for key in t.keys():
+            got = t.get(key)
+            assert got is not None and is_valid_value(key, got)
+    finally:
+        t.close()
+
+
+def _crash_writer(path: str, ready: multiprocessing.synchronize.Event, seed: int) -> None:
+    t = DiskTier(path, 40_000)
+    rng = random.Random(seed)
+    i = 0
+    while True:
+        key = f"k{rng.randrange(30)}"
+        if rng.random() < 0.8:
+            t.put(key, make_value(key, rng.randrange(100_000)))
+        else:
+            t.delete(key)
+        i += 1
+        if i == 100:
+            ready.set()
+
+
+@pytest.mark.slow
+def test_sigkill_never_leaves_visible_partial_entries(tmp_path: pathlib.Path) -> None:
+    path = str(tmp_path / "cache")
+    ctx = multiprocessing.get_context("spawn")
+    rng = random.Random(3)
+    for seed in range(2):
+        ready = ctx.Event()
+        proc = ctx.Process(target=_crash_writer, args=(path, ready, seed))
+        proc.start()
+        try:
+            assert ready.wait(30)
+            time.sleep(rng.uniform(0.0, 0.15))
+        finally:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.join()
+        t = DiskTier(path, 40_000)
+        try:
+            for i in range(30):
+                key = f"k{i}"
+                got = t.get(key)
+                assert got is None or is_valid_value(key, got)
+            report = t.verify()
+            # a crash may leave temp files and rows without file, never bad or orphan files
+            assert report["corrupt"] == report["orphan_files"] == report["mismatched"] == 0
+            assert report["missing_files"] <= 1
+            assert t.corruptions == 0
+            t.verify(repair=True)
+            assert t.verify()["missing_files"] == 0
+        finally:
+            t.close()

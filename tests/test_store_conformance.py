@@ -1,0 +1,71 @@
+"""zarr's own store conformance suite, run against CachedStore over three inner stores.
+
+The suite writes and reads the inner store directly (bypassing the cache) to check
+the store under test, i.e. it behaves like another writer. Caches here therefore
+use listing and negative TTLs of 0: a change made by another writer is seen after
+the TTL, and the suite expects it at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from zarr.core.buffer import cpu, default_buffer_prototype
+from zarr.storage import FsspecStore, LocalStore, MemoryStore
+from zarr.testing.store import StoreTests
+
+from xarray_zcache import CacheConfig, CachedStore
+
+
+def _config(disk_path: Any = None) -> CacheConfig:
+    cfg = CacheConfig().with_memory_size("16MB").with_ttl(listing=0, negative=0)
+    return cfg.with_disk_cache(disk_path, "64MB") if disk_path else cfg.without_disk_cache()
+
+
+class _CachedStoreTests(StoreTests[CachedStore, cpu.Buffer]):
+    store_cls = CachedStore
+    buffer_cls = cpu.Buffer
+
+    async def set(self, store: CachedStore, key: str, value: Any) -> None:
+        # another writer: straight to the inner store
+        await store.inner.set(key, value)
+
+    async def get(self, store: CachedStore, key: str) -> Any:
+        return await store.inner.get(key, prototype=default_buffer_prototype())
+
+    def test_store_repr(self, store: CachedStore) -> None:
+        assert repr(store).startswith("CachedStore(")
+        assert str(store).startswith("zcache::")
+
+    def test_store_supports_writes(self, store: CachedStore) -> None:
+        assert store.supports_writes == store.inner.supports_writes
+
+    def test_store_supports_listing(self, store: CachedStore) -> None:
+        assert store.supports_listing
+
+
+class TestCachedMemoryStore(_CachedStoreTests):
+    @pytest.fixture
+    def store_kwargs(self) -> dict[str, Any]:
+        return {"store": MemoryStore(), "config": _config()}
+
+
+class TestCachedLocalStore(_CachedStoreTests):
+    @pytest.fixture
+    def store_kwargs(self, tmp_path: Any) -> dict[str, Any]:
+        (tmp_path / "data").mkdir(exist_ok=True)
+        return {
+            "store": LocalStore(tmp_path / "data"),
+            "config": _config(tmp_path / "cache"),
+        }
+
+
+class TestCachedFsspecStore(_CachedStoreTests):
+    @pytest.fixture
+    def store_kwargs(self, s3_bucket: str, s3_options: dict[str, Any], tmp_path: Any) -> dict[str, Any]:
+        inner = FsspecStore.from_url(f"s3://{s3_bucket}/root", storage_options=s3_options)
+        return {"store": inner, "config": _config(tmp_path / "cache")}
+
+    def test_store_supports_writes(self, store: CachedStore) -> None:
+        assert store.supports_writes

@@ -1,0 +1,1185 @@
+"""Persistent on-disk (L2) tier of the cache: payload files plus a SQLite index.
+
+Layout under the cache folder (created with mode 0700)::
+
+    <path>/chunks/<hh>/<sha256hex>.cache     payloads of kind "chunk"
+    <path>/metadata/<hh>/<sha256hex>.meta    payloads of kind "metadata"
+    <path>/index.db                          SQLite index (WAL mode)
+
+``hh`` is the first two hex digits of the SHA-256 of the key (UTF-8, ``surrogatepass``). File
+names are only ever the hash, so no key, however hostile, can name a path outside the folder.
+
+Every payload file starts with a fixed 64-byte header (:data:`HEADER`)::
+
+    magic b"ZCCH" | version u8 | 3 pad | length u64 | crc32 u32 | 4 pad | expires f64 | sha256(key)
+
+followed by exactly ``length`` payload bytes. ``expires`` is ``inf`` when the entry never expires.
+Because the header carries the key hash, the length, the checksum and the expiry, a cache hit is
+served from the file alone, with no SQLite query (see :class:`DiskTier` for why that is sound).
+Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import os
+import pathlib
+import sqlite3
+import stat
+import struct
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Iterable, Iterator
+from typing import Any, Final
+
+__all__ = ["FORMAT_VERSION", "HEADER", "MAGIC", "DiskTier"]
+
+logger = logging.getLogger("xarray_zcache.disk")
+
+MAGIC: Final = b"ZCCH"
+FORMAT_VERSION: Final = 1
+#: magic, version, (3 pad), payload length, crc32, (4 pad), expires, sha256(key): 64 bytes.
+HEADER: Final = struct.Struct("<4sB3xQI4xd32s")
+_HEADER_SIZE: Final = HEADER.size
+
+_LAYOUT: Final[dict[str, tuple[str, str]]] = {
+    "chunk": ("chunks", ".cache"),
+    "metadata": ("metadata", ".meta"),
+}
+_KINDS: Final = ("chunk", "metadata")
+_SCHEMA_VERSION: Final = 1
+_BUSY_TIMEOUT_MS: Final = 30_000
+#: Busy timeout for opportunistic access-stat flushes triggered from the hit path.
+_OPPORTUNISTIC_BUSY_MS: Final = 20
+_FLUSH_INTERVAL_S: Final = 1.0
+_FLUSH_MAX_PENDING: Final = 1000
+#: Pending access records kept when the index cannot be written; beyond that they are dropped.
+_PENDING_HARD_LIMIT: Final = 100_000
+#: After an eviction triggered by ``put``, usage is brought down to this fraction of capacity.
+_EVICT_LOW_WATER: Final = 0.9
+#: Tombstones older than this are pruned automatically every ``_AUTO_PRUNE_EVERY`` stores.
+_TOMBSTONE_TTL_S: Final = 3600.0
+_AUTO_PRUNE_EVERY: Final = 4096
+#: ``verify(repair=True)`` removes temp files older than this (younger ones may be in flight).
+_STALE_TEMP_AGE_S: Final = 600.0
+_TEMP_SUFFIX: Final = ".tmp"
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS entries(
+    key TEXT PRIMARY KEY,
+    namespace TEXT NOT NULL DEFAULT '',
+    kind TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    created REAL NOT NULL,
+    last_access REAL NOT NULL,
+    hits INTEGER NOT NULL DEFAULT 0,
+    expires REAL NULL,
+    checksum INTEGER NOT NULL,
+    token INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS entries_last_access ON entries(last_access);
+CREATE INDEX IF NOT EXISTS entries_expires ON entries(expires) WHERE expires IS NOT NULL;
+CREATE TABLE IF NOT EXISTS tombstones(key TEXT PRIMARY KEY, at INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS tombstones_at ON tombstones(at);
+CREATE TABLE IF NOT EXISTS prefix_tombstones(prefix TEXT PRIMARY KEY, at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS totals(
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    used INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    horizon INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO totals(id, used, count, horizon) VALUES (0, 0, 0, 0);
+CREATE TRIGGER IF NOT EXISTS entries_after_insert AFTER INSERT ON entries BEGIN
+    UPDATE totals SET used = used + NEW.size, count = count + 1 WHERE id = 0;
+END;
+CREATE TRIGGER IF NOT EXISTS entries_after_delete AFTER DELETE ON entries BEGIN
+    UPDATE totals SET used = used - OLD.size, count = count - 1 WHERE id = 0;
+END;
+CREATE TRIGGER IF NOT EXISTS entries_after_update_size AFTER UPDATE OF size ON entries BEGIN
+    UPDATE totals SET used = used + NEW.size - OLD.size WHERE id = 0;
+END;
+"""
+
+_UPSERT: Final = """
+INSERT INTO entries(key, namespace, kind, size, created, last_access, hits, expires, checksum,
+                    token)
+VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?)
+ON CONFLICT(key) DO UPDATE SET
+    namespace = excluded.namespace, kind = excluded.kind, size = excluded.size,
+    created = excluded.created, last_access = excluded.last_access, expires = excluded.expires,
+    checksum = excluded.checksum, token = excluded.token
+"""
+
+_ENTRY_COLUMNS: Final = (
+    "key",
+    "namespace",
+    "kind",
+    "size",
+    "created",
+    "last_access",
+    "hits",
+    "expires",
+    "checksum",
+)
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+
+
+def _sql_safe(text: str) -> bool:
+    """Whether ``text`` can be stored in SQLite (lone surrogates cannot be encoded as UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _prefix_upper(prefix: str) -> str | None:
+    """Smallest string greater than every string starting with ``prefix`` (None: unbounded)."""
+    chars = list(prefix)
+    while chars:
+        code = ord(chars[-1])
+        if code >= 0x10FFFF:
+            chars.pop()
+            continue
+        code += 1
+        if 0xD800 <= code <= 0xDFFF:  # surrogates cannot occur in stored keys: skip them
+            code = 0xE000
+        chars[-1] = chr(code)
+        return "".join(chars)
+    return None
+
+
+def _unlink_missing_ok(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _read_exact(fd: int, size: int) -> bytes:
+    data = os.read(fd, size)
+    if len(data) == size or not data:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < size:
+        more = os.read(fd, size - got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+def _read_header(fd: int, digest: bytes, file_size: int) -> tuple[str | None, int, int, float]:
+    """Read and check a payload header.
+
+    Returns ``(problem, length, crc, expires)``; ``problem`` is None when the header is valid
+    for ``digest`` and consistent with the file size.
+    """
+    raw = os.read(fd, _HEADER_SIZE)
+    if len(raw) != _HEADER_SIZE:
+        return "truncated header", 0, 0, math.inf
+    magic, version, length, crc, expires, key_hash = HEADER.unpack(raw)
+    if magic != MAGIC:
+        return "bad magic", 0, 0, math.inf
+    if version != FORMAT_VERSION:
+        return f"unsupported format version {version}", 0, 0, math.inf
+    if key_hash != digest:
+        return "key hash mismatch", 0, 0, math.inf
+    if file_size != _HEADER_SIZE + length:
+        return "length mismatch", 0, 0, math.inf
+    return None, int(length), int(crc), float(expires)
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino, a.st_size, a.st_mtime_ns, a.st_ctime_ns) == (
+        b.st_dev,
+        b.st_ino,
+        b.st_size,
+        b.st_mtime_ns,
+        b.st_ctime_ns,
+    )
+
+
+def _scandir(path: str) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(path) as it:
+            return list(it)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _prepare_folder(path: pathlib.Path) -> None:
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except PermissionError as exc:
+        raise PermissionError(
+            f"cannot create the disk cache folder {path}: {exc.strerror}"
+        ) from exc
+    st = os.stat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise NotADirectoryError(f"disk cache path {path} exists and is not a directory")
+    uid = os.geteuid()
+    if st.st_uid != uid:
+        raise PermissionError(
+            f"disk cache folder {path} is owned by uid {st.st_uid}, not by the current user "
+            f"(uid {uid}); refusing to use it"
+        )
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(path, 0o700)
+    if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+        raise PermissionError(f"disk cache folder {path} is not writable")
+    for sub, _ext in _LAYOUT.values():
+        try:
+            os.makedirs(path / sub, mode=0o700, exist_ok=True)
+        except PermissionError as exc:
+            raise PermissionError(
+                f"disk cache folder {path} is not writable: {exc.strerror}"
+            ) from exc
+
+
+class DiskTier:
+    """Persistent, size-bounded, multi-process-safe mapping of ``str`` keys to ``bytes``.
+
+    Payloads are files named by the SHA-256 of their key; an SQLite index (WAL mode) records
+    namespace, kind, size, creation time, last access, hit count, expiry and checksum of each
+    entry, plus tombstones used to reject stale writes.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Cache folder (``~`` expanded). Created with mode 0700 if missing; must be owned by the
+        current user and writable.
+    capacity : int
+        Maximum total payload bytes. 0 stores nothing.
+    max_object_size : int, optional
+        Payloads larger than this are not stored. ``None``: only ``capacity`` limits them.
+
+    Attributes
+    ----------
+    path : pathlib.Path
+        The resolved cache folder.
+    capacity : int
+        Payload byte budget.
+    max_object_size : int or None
+        Largest payload stored.
+    corruptions : int
+        Damaged payload files detected (and removed) by this instance.
+    evictions : int
+        Entries evicted for space by this instance.
+    evicted_bytes : int
+        Payload bytes evicted for space by this instance.
+    expirations : int
+        Expired entries dropped by this instance.
+    stale_rejections : int
+        ``put`` calls refused because a newer write or delete of the key was recorded.
+
+    Raises
+    ------
+    PermissionError
+        If the folder is owned by another user or is not writable.
+
+    Notes
+    -----
+    **Thread safety.** All public methods are thread-safe: the SQLite connection is guarded by
+    a lock, pending access statistics by another. Reads of payload files happen outside any
+    lock, so concurrent hits do not serialize.
+
+    **Several processes** may open the same folder. Every change to payload files (install or
+    unlink) happens inside an SQLite ``BEGIN IMMEDIATE`` transaction, i.e. while holding the
+    database write lock, so changes by different processes are serialized.
+
+    **Hit path without SQL.** ``put`` works in two transactions: the first checks tombstones,
+    unlinks any previous file of the key, commits the new index row with a random token and
+    evicts if the total exceeds the capacity (down to 90% of it; the new key is spared), so no
+    committed state ever exceeds the capacity; the second checks that the row still carries that token and only then ``os.replace``-s the
+    temp file into place. Deletion and eviction unlink files *before* deleting their rows, in
+    the same transaction. Hence, between transactions, *a visible payload file always has a
+    committed index row* (the converse need not hold: a crash can leave a row whose file is
+    gone, which reads as a miss and is cleaned by eviction or :meth:`verify`). ``get`` therefore
+    reads only the file: its header carries the key hash, length, CRC-32 and expiry, so the
+    bytes returned are always exactly what was stored for this key. A payload file without an
+    index row can only appear through outside tampering; ``get`` serves it if the header and
+    checksum verify (the bytes are correct for this key) and ``verify(repair=True)`` removes it.
+
+    **Crash safety.** Payloads are written to a temp file (``.<hash>.<pid>.<uuid>.tmp``) in the
+    final folder and renamed atomically, so a reader never sees a half-written entry. A crash
+    may leave temp files (never read; removed by ``verify(repair=True)``) and rows without file.
+
+    **Access statistics** (``last_access``, ``hits``) are kept in memory and written in batches:
+    on :meth:`flush`, :meth:`close`, before eviction, about once a second while hits arrive, or
+    when 1000 keys are pending.
+
+    **Stale writes.** A ``put`` with ``fetch_started_ns`` is refused if the key was deleted or
+    written (``put`` without ``fetch_started_ns``), or a prefix of it deleted, after that time.
+    Tombstones older than an hour are pruned; fetches older than the pruning horizon are
+    refused too.
+    """
+
+    path: pathlib.Path
+    capacity: int
+    max_object_size: int | None
+    corruptions: int
+    evictions: int
+    evicted_bytes: int
+    expirations: int
+    stale_rejections: int
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        capacity: int,
+        *,
+        max_object_size: int | None = None,
+    ) -> None:
+        if capacity < 0:
+            raise ValueError(f"capacity must be >= 0, got {capacity}")
+        if max_object_size is not None and max_object_size < 0:
+            raise ValueError(f"max_object_size must be >= 0 or None, got {max_object_size}")
+        self.path = pathlib.Path(os.fspath(path)).expanduser().resolve()
+        self.capacity = int(capacity)
+        self.max_object_size = None if max_object_size is None else int(max_object_size)
+        self.corruptions = 0
+        self.evictions = 0
+        self.evicted_bytes = 0
+        self.expirations = 0
+        self.stale_rejections = 0
+        self._root = str(self.path)
+        self._db_lock = threading.Lock()
+        self._pending_lock = threading.Lock()
+        self._pending: dict[str, tuple[float, int]] = {}
+        self._last_flush = time.monotonic()
+        self._warned: set[object] = set()
+        self._stores = 0
+        _prepare_folder(self.path)
+        self._conn: sqlite3.Connection | None = self._connect()
+
+    # ------------------------------------------------------------------ setup / plumbing
+
+    def _connect(self) -> sqlite3.Connection:
+        db_path = os.path.join(self._root, "index.db")
+        try:
+            # Pre-create the (empty = valid) database so it gets mode 0600; SQLite gives its
+            # -wal and -shm files the same mode.
+            os.close(os.open(db_path, os.O_RDWR | os.O_CREAT, 0o600))
+        except PermissionError as exc:
+            raise PermissionError(
+                f"disk cache index {db_path} is not writable: {exc.strerror}"
+            ) from exc
+        conn = sqlite3.connect(db_path, timeout=30, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                logger.warning("disk cache index %s: WAL mode unavailable (%s)", db_path, mode)
+            conn.execute("PRAGMA synchronous=NORMAL")
+            with self._txn(conn):
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                if version > _SCHEMA_VERSION:
+                    raise RuntimeError(
+                        f"disk cache index {db_path} has schema version {version}, newer than "
+                        f"this xarray-zcache supports ({_SCHEMA_VERSION})"
+                    )
+                if version < _SCHEMA_VERSION:
+                    for statement in _split_sql(_SCHEMA):
+                        conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _txn(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on error). Hold ``_db_lock``."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def _require_conn(self) -> sqlite3.Connection:
+        conn = self._conn
+        if conn is None:
+            raise RuntimeError(f"DiskTier at {self._root} is closed")
+        return conn
+
+    def _file_path(self, hexdigest: str, kind: str) -> str:
+        sub, ext = _LAYOUT[kind]
+        return os.path.join(self._root, sub, hexdigest[:2], hexdigest + ext)
+
+    def _warn_once(self, tag: object, message: str, *args: object) -> None:
+        if tag in self._warned:
+            logger.debug(message, *args)
+            return
+        self._warned.add(tag)
+        logger.warning(message, *args)
+
+    def _warn_error(self, exc: BaseException, action: str) -> None:
+        if isinstance(exc, OSError):
+            tag: object = ("oserror", exc.errno)
+        elif isinstance(exc, sqlite3.Error):
+            tag = ("sqlite", getattr(exc, "sqlite_errorcode", None))
+        else:
+            tag = ("other", type(exc).__name__)
+        self._warn_once(
+            tag,
+            "disk cache %s: %s failed: %s (further such errors logged at debug level)",
+            self._root,
+            action,
+            exc,
+        )
+
+    # ------------------------------------------------------------------ reads
+
+    def get(self, key: str, *, now: float | None = None) -> bytes | None:
+        """Return the payload stored for ``key``, or None.
+
+        Parameters
+        ----------
+        key : str
+            Cache key.
+        now : float, optional
+            Current time (seconds since the epoch) for the expiry check and the recorded
+            access; default ``time.time()``.
+
+        Returns
+        -------
+        bytes or None
+            The payload, or None on a miss, an expired entry (which is then deleted) or a
+            missing/damaged file (which is deleted and counted in :attr:`corruptions`).
+            Never raises for damaged files.
+        """
+        if self._conn is None:
+            return None
+        digest = _digest(key)
+        hexdigest = digest.hex()
+        t = time.time() if now is None else now
+        for kind in _KINDS:
+            path = self._file_path(hexdigest, kind)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                self._warn_error(exc, f"opening {path}")
+                return None
+            payload = b""
+            try:
+                st = os.fstat(fd)
+                problem, length, crc, expires = _read_header(fd, digest, st.st_size)
+                if problem is None:
+                    if expires < t:
+                        os.close(fd)
+                        fd = -1
+                        self._discard(key, path, st, expired=True)
+                        return None
+                    payload = _read_exact(fd, length)
+                    if len(payload) != length:
+                        problem = "truncated payload"
+                    elif zlib.crc32(payload) != crc:
+                        problem = "checksum mismatch"
+            except OSError as exc:
+                self._warn_error(exc, f"reading {path}")
+                return None
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+            if problem is not None:
+                self._corrupt(key, path, st, problem)
+                return None
+            self._record_access(key, t)
+            return payload
+        return None
+
+    def read_range(self, key: str, start: int, stop: int) -> bytes | None:
+        """Return ``payload[start:stop]`` for ``key`` (Python slice semantics), or None on a miss.
+
+        The whole payload is read so that its checksum can be verified.
+        """
+        data = self.get(key)
+        return None if data is None else data[start:stop]
+
+    def __contains__(self, key: object) -> bool:
+        """Whether the index holds a non-expired entry for ``key`` (no file access)."""
+        if not isinstance(key, str) or not _sql_safe(key):
+            return False
+        with self._db_lock:
+            row = (
+                self._require_conn()
+                .execute("SELECT expires FROM entries WHERE key = ?", (key,))
+                .fetchone()
+            )
+        return row is not None and (row[0] is None or row[0] >= time.time())
+
+    def _corrupt(self, key: str, path: str, st: os.stat_result, problem: str) -> None:
+        with self._pending_lock:
+            self.corruptions += 1
+        self._warn_once(
+            "corrupt",
+            "disk cache %s: damaged payload file %s (%s); removed and treated as a miss "
+            "(further damaged files logged at debug level)",
+            self._root,
+            path,
+            problem,
+        )
+        self._discard(key, path, st, expired=False)
+
+    def _discard(self, key: str, path: str, st: os.stat_result, *, expired: bool) -> None:
+        """Remove the entry of ``key`` if ``path`` is still the file that was read."""
+        with self._db_lock:
+            conn = self._conn
+            if conn is None:
+                return
+            try:
+                with self._txn(conn):
+                    try:
+                        current = os.stat(path)
+                    except FileNotFoundError:
+                        return  # already removed or being replaced by another writer
+                    if not _same_file(current, st):
+                        return  # replaced by a newer value meanwhile
+                    os.unlink(path)
+                    if _sql_safe(key):
+                        cur = conn.execute("DELETE FROM entries WHERE key = ?", (key,))
+                        if expired and cur.rowcount:
+                            self.expirations += 1
+            except (OSError, sqlite3.Error) as exc:
+                self._warn_error(exc, f"removing {path}")
+
+    def _record_access(self, key: str, t: float) -> None:
+        with self._pending_lock:
+            rec = self._pending.get(key)
+            if rec is None:
+                self._pending[key] = (t, 1)
+            else:
+                self._pending[key] = (t if t > rec[0] else rec[0], rec[1] + 1)
+            due = (
+                len(self._pending) >= _FLUSH_MAX_PENDING
+                or time.monotonic() - self._last_flush >= _FLUSH_INTERVAL_S
+            )
+        if due:
+            self._flush(blocking=False)
+
+    # ------------------------------------------------------------------ access statistics
+
+    def flush(self) -> None:
+        """Write pending access statistics (last access, hit counts) to the index."""
+        self._flush(blocking=True)
+
+    def _take_pending(self) -> dict[str, tuple[float, int]]:
+        with self._pending_lock:
+            batch = self._pending
+            self._pending = {}
+            self._last_flush = time.monotonic()
+        return batch
+
+    def _requeue(self, batch: dict[str, tuple[float, int]]) -> None:
+        with self._pending_lock:
+            if len(self._pending) + len(batch) > _PENDING_HARD_LIMIT:
+                return  # the index is unwritable for long: drop these statistics
+            for key, (t, n) in batch.items():
+                rec = self._pending.get(key)
+                self._pending[key] = (t, n) if rec is None else (max(t, rec[0]), n + rec[1])
+
+    @staticmethod
+    def _write_accesses(conn: sqlite3.Connection, batch: dict[str, tuple[float, int]]) -> None:
+        conn.executemany(
+            "UPDATE entries SET last_access = MAX(last_access, ?), hits = hits + ? WHERE key = ?",
+            [(t, n, key) for key, (t, n) in batch.items() if _sql_safe(key)],
+        )
+
+    def _flush_locked(self, conn: sqlite3.Connection) -> None:
+        """Write pending accesses inside the caller's transaction (``_db_lock`` held)."""
+        batch = self._take_pending()
+        if batch:
+            self._write_accesses(conn, batch)
+
+    def _flush(self, *, blocking: bool) -> None:
+        if blocking:
+            self._db_lock.acquire()
+        elif not self._db_lock.acquire(blocking=False):
+            return  # another thread is writing; try again on a later hit
+        try:
+            conn = self._conn
+            if conn is None:
+                return
+            batch = self._take_pending()
+            if not batch:
+                return
+            if not blocking:
+                conn.execute(f"PRAGMA busy_timeout={_OPPORTUNISTIC_BUSY_MS}")
+            try:
+                with self._txn(conn):
+                    self._write_accesses(conn, batch)
+            except sqlite3.Error as exc:
+                self._requeue(batch)
+                if blocking or not isinstance(exc, sqlite3.OperationalError):
+                    self._warn_error(exc, "writing access statistics")
+            finally:
+                if not blocking:
+                    conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+        finally:
+            self._db_lock.release()
+
+    # ------------------------------------------------------------------ writes
+
+    def put(
+        self,
+        key: str,
+        value: bytes,
+        *,
+        namespace: str = "",
+        kind: str = "chunk",
+        expires: float | None = None,
+        fetch_started_ns: int | None = None,
+    ) -> bool:
+        """Store ``value`` under ``key``.
+
+        Parameters
+        ----------
+        key : str
+            Cache key (any string).
+        value : bytes
+            Payload (any bytes-like object).
+        namespace : str, optional
+            Recorded in the index (for statistics and bulk operations).
+        kind : {"chunk", "metadata"}
+            Which folder the payload goes to.
+        expires : float, optional
+            Absolute expiry time (seconds since the epoch); the entry is a miss once
+            ``expires < now``. None: never expires.
+        fetch_started_ns : int, optional
+            ``time.time_ns()`` when the value was fetched from the source. If the key was
+            deleted or written, or a prefix of it deleted, after that time, the value is stale
+            and is not stored. None marks an authoritative write: it is stored and recorded
+            as a tombstone, so that older in-flight fetches of the key are refused.
+
+        Returns
+        -------
+        bool
+            True if stored. False if too large (``max_object_size``, ``capacity``), stale,
+            if the tier is closed, or if the disk or index could not be written (a warning is
+            logged once per error kind; disk-full never raises).
+
+        Raises
+        ------
+        ValueError
+            If ``kind`` is unknown or ``expires`` is NaN.
+        """
+        if kind not in _LAYOUT:
+            raise ValueError(f"kind must be 'chunk' or 'metadata', got {kind!r}")
+        if expires is not None and math.isnan(expires):
+            raise ValueError("expires must be a time in seconds, not NaN")
+        size = memoryview(value).nbytes
+        if self._conn is None or self.capacity <= 0 or size > self.capacity:
+            return False
+        if self.max_object_size is not None and size > self.max_object_size:
+            return False
+        if not (_sql_safe(key) and _sql_safe(namespace)):
+            return False  # lone surrogates cannot be indexed
+        write_ns = time.time_ns()
+        digest = _digest(key)
+        hexdigest = digest.hex()
+        final = self._file_path(hexdigest, kind)
+        folder = os.path.dirname(final)
+        temp = os.path.join(folder, f".{hexdigest}.{os.getpid()}.{uuid.uuid4().hex}{_TEMP_SUFFIX}")
+        checksum = zlib.crc32(value)
+        expiry = math.inf if expires is None else float(expires)
+        header = HEADER.pack(MAGIC, FORMAT_VERSION, size, checksum, expiry, digest)
+        stored = False
+        try:
+            self._write_temp(folder, temp, header, value)
+            stored = self._install(
+                key,
+                hexdigest,
+                kind,
+                namespace,
+                size,
+                checksum,
+                expires,
+                temp,
+                final,
+                fetch_started_ns,
+                write_ns,
+            )
+        except (OSError, sqlite3.Error) as exc:
+            self._warn_error(exc, f"storing {final}")
+        finally:
+            if not stored:
+                _unlink_quietly(temp)
+        return stored
+
+    @staticmethod
+    def _write_temp(folder: str, temp: str, header: bytes, value: bytes) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        try:
+            fd = os.open(temp, flags, 0o600)
+        except FileNotFoundError:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            fd = os.open(temp, flags, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            _write_all(fd, header)
+            _write_all(fd, value)
+        finally:
+            os.close(fd)
+
+    def _install(
+        self,
+        key: str,
+        hexdigest: str,
+        kind: str,
+        namespace: str,
+        size: int,
+        checksum: int,
+        expires: float | None,
+        temp: str,
+        final: str,
+        fetch_started_ns: int | None,
+        write_ns: int,
+    ) -> bool:
+        token = int.from_bytes(os.urandom(8), "little") >> 2
+        now = write_ns / 1e9
+        with self._db_lock:
+            conn = self._conn
+            if conn is None:
+                return False
+            # Transaction 1: staleness check, drop the old files, commit the new row and
+            # enforce capacity (so that no committed state exceeds it, even between the two).
+            with self._txn(conn):
+                if fetch_started_ns is not None:
+                    if self._is_stale(conn, key, fetch_started_ns):
+                        self.stale_rejections += 1
+                        return False
+                else:
+                    conn.execute(
+                        "INSERT INTO tombstones(key, at) VALUES (?, ?) "
+                        "ON CONFLICT(key) DO UPDATE SET at = MAX(at, excluded.at)",
+                        (key, write_ns),
+                    )
+                for other in _KINDS:
+                    _unlink_missing_ok(self._file_path(hexdigest, other))
+                conn.execute(
+                    _UPSERT, (key, namespace, kind, size, now, now, expires, checksum, token)
+                )
+                if self._used_locked(conn) > self.capacity:
+                    target = int(self.capacity * _EVICT_LOW_WATER)
+                    self._evict_locked(conn, target, time.time(), protect=key)
+                self._stores += 1
+                if self._stores % _AUTO_PRUNE_EVERY == 0:
+                    self._prune_locked(conn, _TOMBSTONE_TTL_S)
+            # Transaction 2: install the file if the row is still ours.
+            replace_error: OSError | None = None
+            with self._txn(conn):
+                row = conn.execute("SELECT token FROM entries WHERE key = ?", (key,)).fetchone()
+                if row is None or row[0] != token:
+                    return False  # deleted, evicted or overwritten meanwhile
+                try:
+                    os.replace(temp, final)
+                except OSError as exc:
+                    replace_error = exc
+                    conn.execute("DELETE FROM entries WHERE key = ? AND token = ?", (key, token))
+            if replace_error is not None:
+                raise replace_error
+            return True
+
+    @staticmethod
+    def _is_stale(conn: sqlite3.Connection, key: str, fetch_started_ns: int) -> bool:
+        horizon = conn.execute("SELECT horizon FROM totals WHERE id = 0").fetchone()[0]
+        if fetch_started_ns < horizon:
+            return True
+        row = conn.execute(
+            "SELECT 1 FROM tombstones WHERE key = ? AND at > ?", (key, fetch_started_ns)
+        ).fetchone()
+        if row is not None:
+            return True
+        cur = conn.execute("SELECT prefix FROM prefix_tombstones WHERE at > ?", (fetch_started_ns,))
+        return any(key.startswith(prefix) for (prefix,) in cur)
+
+    def delete(self, key: str) -> None:
+        """Remove ``key`` (file and index row) and record a tombstone for it.
+
+        Raises
+        ------
+        OSError, sqlite3.Error
+            If the entry could not be removed (invalidation must not fail silently).
+        """
+        hexdigest = _digest(key).hex()
+        with self._pending_lock:
+            self._pending.pop(key, None)
+        with self._db_lock:
+            conn = self._require_conn()
+            with self._txn(conn):
+                for kind in _KINDS:
+                    _unlink_missing_ok(self._file_path(hexdigest, kind))
+                if _sql_safe(key):
+                    conn.execute("DELETE FROM entries WHERE key = ?", (key,))
+                    conn.execute(
+                        "INSERT INTO tombstones(key, at) VALUES (?, ?) "
+                        "ON CONFLICT(key) DO UPDATE SET at = MAX(at, excluded.at)",
+                        (key, time.time_ns()),
+                    )
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Remove every entry whose key starts with ``prefix``; record a prefix tombstone.
+
+        Returns
+        -------
+        int
+            Number of entries removed.
+        """
+        if not _sql_safe(prefix):
+            return 0  # no stored key can contain a lone surrogate
+        upper = _prefix_upper(prefix)
+        with self._db_lock:
+            conn = self._require_conn()
+            with self._txn(conn):
+                if upper is None:
+                    cur = conn.execute("SELECT key, kind FROM entries WHERE key >= ?", (prefix,))
+                else:
+                    cur = conn.execute(
+                        "SELECT key, kind FROM entries WHERE key >= ? AND key < ?", (prefix, upper)
+                    )
+                rows = [(k, kind) for k, kind in cur.fetchall() if k.startswith(prefix)]
+                self._remove_rows(conn, ((k, kind, 0) for k, kind in rows))
+                conn.execute(
+                    "INSERT INTO prefix_tombstones(prefix, at) VALUES (?, ?) "
+                    "ON CONFLICT(prefix) DO UPDATE SET at = MAX(at, excluded.at)",
+                    (prefix, time.time_ns()),
+                )
+        with self._pending_lock:
+            for k, _kind in rows:
+                self._pending.pop(k, None)
+        return len(rows)
+
+    def _remove_rows(self, conn: sqlite3.Connection, rows: Iterable[tuple[str, str, int]]) -> int:
+        """Unlink the files of ``(key, kind, size)`` rows, then delete the rows (in a txn).
+
+        Files go first so that a visible file always has a row. A row whose file cannot be
+        unlinked (other than already gone) is kept. Returns the sum of sizes removed.
+        """
+        done: list[tuple[str]] = []
+        freed = 0
+        for key, kind, size in rows:
+            path = self._file_path(_digest(key).hex(), kind)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass  # another process (or a crash) removed it already
+            except OSError as exc:
+                self._warn_error(exc, f"removing {path}")
+                continue
+            done.append((key,))
+            freed += size
+        conn.executemany("DELETE FROM entries WHERE key = ?", done)
+        return freed
+
+    # ------------------------------------------------------------------ maintenance
+
+    def evict(self, target: int | None = None) -> int:
+        """Drop expired entries, then least-recently-used ones until usage <= ``target``.
+
+        Parameters
+        ----------
+        target : int, optional
+            Byte budget to reach; default :attr:`capacity`.
+
+        Returns
+        -------
+        int
+            Payload bytes freed (expired and evicted).
+        """
+        goal = self.capacity if target is None else max(0, int(target))
+        with self._db_lock:
+            conn = self._require_conn()
+            with self._txn(conn):
+                return self._evict_locked(conn, goal, time.time())
+
+    def _evict_locked(
+        self, conn: sqlite3.Connection, target: int, now: float, protect: str | None = None
+    ) -> int:
+        """Drop expired rows, then LRU rows (never ``protect``) until usage <= ``target``."""
+        self._flush_locked(conn)
+        expired = conn.execute(
+            "SELECT key, kind, size FROM entries WHERE expires < ?", (now,)
+        ).fetchall()
+        freed = self._remove_rows(conn, expired) if expired else 0
+        self.expirations += len(expired)
+        need = self._used_locked(conn) - target
+        if need <= 0:
+            return freed
+        victims: list[tuple[str, str, int]] = []
+        got = 0
+        cur = conn.execute("SELECT key, kind, size FROM entries ORDER BY last_access")
+        try:
+            while got < need:
+                batch = cur.fetchmany(256)
+                if not batch:
+                    break
+                for row in batch:
+                    if row[0] == protect:
+                        continue
+                    victims.append(row)
+                    got += row[2]
+                    if got >= need:
+                        break
+        finally:
+            cur.close()
+        evicted = self._remove_rows(conn, victims)
+        self.evictions += len(victims)
+        self.evicted_bytes += evicted
+        return freed + evicted
+
+    def drop_expired(self, now: float | None = None) -> int:
+        """Remove entries whose ``expires`` is before ``now`` (default ``time.time()``).
+
+        Returns
+        -------
+        int
+            Number of entries removed.
+        """
+        t = time.time() if now is None else now
+        with self._db_lock:
+            conn = self._require_conn()
+            with self._txn(conn):
+                rows = conn.execute(
+                    "SELECT key, kind, size FROM entries WHERE expires < ?", (t,)
+                ).fetchall()
+                self._remove_rows(conn, rows)
+            self.expirations += len(rows)
+        return len(rows)
+
+    def prune_tombstones(self, older_than_s: float = 3600) -> None:
+        """Forget tombstones older than ``older_than_s`` seconds.
+
+        ``put`` calls whose ``fetch_started_ns`` is older than the pruning horizon are refused
+        from then on, so pruning never lets a stale value in.
+        """
+        with self._db_lock:
+            conn = self._require_conn()
+            with self._txn(conn):
+                self._prune_locked(conn, older_than_s)
+
+    @staticmethod
+    def _prune_locked(conn: sqlite3.Connection, older_than_s: float) -> None:
+        cutoff = time.time_ns() - int(older_than_s * 1e9)
+        conn.execute("DELETE FROM tombstones WHERE at < ?", (cutoff,))
+        conn.execute("DELETE FROM prefix_tombstones WHERE at < ?", (cutoff,))
+        conn.execute("UPDATE totals SET horizon = MAX(horizon, ?) WHERE id = 0", (cutoff,))
+
+    def verify(self, repair: bool = False) -> dict[str, int]:
+        """Check every payload file against its header, checksum and the index.
+
+        Runs inside one write transaction (other writers wait), reading every payload.
+
+        Parameters
+        ----------
+        repair : bool
+            Delete damaged files and their rows, rows without file, files without row,
+            mismatched pairs and temp files older than 10 minutes; recompute the totals.
+
+        Returns
+        -------
+        dict
+            Counts: ``ok``, ``corrupt`` (damaged files), ``missing_files`` (rows without
+            file), ``orphan_files`` (valid files without row), ``mismatched`` (file and row
+            disagree on size or checksum), ``temp_files``, ``unknown_files``.
+        """
+        counts = dict.fromkeys(
+            (
+                "ok",
+                "corrupt",
+                "missing_files",
+                "orphan_files",
+                "mismatched",
+                "temp_files",
+                "unknown_files",
+            ),
+            0,
+        )
+        with self._db_lock:
+            conn = self._require_conn()
+            with self._txn(conn):
+                rows: dict[tuple[str, str], tuple[str, int, int]] = {}
+                for key, kind, size, checksum in conn.execute(
+                    "SELECT key, kind, size, checksum FROM entries"
+                ):
+                    rows[(_digest(key).hex(), kind)] = (key, size, checksum)
+                seen: set[tuple[str, str]] = set()
+                bad_keys: list[tuple[str]] = []
+                now = time.time()
+                for kind in _KINDS:
+                    sub, ext = _LAYOUT[kind]
+                    for bucket in _scandir(os.path.join(self._root, sub)):
+                        for entry in _scandir(bucket.path):
+                            name = entry.name
+                            if name.endswith(_TEMP_SUFFIX):
+                                counts["temp_files"] += 1
+                                if repair:
+                                    with contextlib.suppress(OSError):
+                                        if now - entry.stat().st_mtime > _STALE_TEMP_AGE_S:
+                                            os.unlink(entry.path)
+                                continue
+                            hexdigest = name[: -len(ext)] if name.endswith(ext) else ""
+                            if len(hexdigest) != 64 or not _is_hex(hexdigest):
+                                counts["unknown_files"] += 1
+                                continue
+                            problem, length, crc = _check_file(entry.path, hexdigest)
+                            row = None
+                            if entry.path == self._file_path(hexdigest, kind):
+                                row = rows.get((hexdigest, kind))
+                            # else: misplaced, never read by get(): an orphan
+                            if row is not None:
+                                seen.add((hexdigest, kind))
+                            if problem is not None:
+                                status = "corrupt"
+                            elif row is None:
+                                status = "orphan_files"
+                            elif (row[1], row[2]) != (length, crc):
+                                status = "mismatched"
+                            else:
+                                counts["ok"] += 1
+                                continue
+                            counts[status] += 1
+                            if repair:
+                                _unlink_quietly(entry.path)
+                                if row is not None:
+                                    bad_keys.append((row[0],))
+                for pair, row in rows.items():
+                    if pair not in seen:
+                        counts["missing_files"] += 1
+                        if repair:
+                            bad_keys.append((row[0],))
+                if repair:
+                    conn.executemany("DELETE FROM entries WHERE key = ?", bad_keys)
+                    conn.execute(
+                        "UPDATE totals SET used = (SELECT COALESCE(SUM(size), 0) FROM entries), "
+                        "count = (SELECT COUNT(*) FROM entries) WHERE id = 0"
+                    )
+        with self._pending_lock:
+            self.corruptions += counts["corrupt"]
+        return counts
+
+    # ------------------------------------------------------------------ introspection
+
+    def _used_locked(self, conn: sqlite3.Connection) -> int:
+        return int(conn.execute("SELECT used FROM totals WHERE id = 0").fetchone()[0])
+
+    def used_bytes(self) -> int:
+        """Total payload bytes in the index (all processes), i.e. ``SUM(size)``."""
+        with self._db_lock:
+            return self._used_locked(self._require_conn())
+
+    def __len__(self) -> int:
+        """Number of entries in the index (expired ones included until dropped)."""
+        with self._db_lock:
+            row = self._require_conn().execute("SELECT count FROM totals WHERE id = 0").fetchone()
+        return int(row[0])
+
+    def keys(self) -> list[str]:
+        """All keys in the index, sorted."""
+        with self._db_lock:
+            cur = self._require_conn().execute("SELECT key FROM entries ORDER BY key")
+            return [k for (k,) in cur.fetchall()]
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Index rows as dicts (pending access statistics are flushed first).
+
+        Keys: ``key``, ``namespace``, ``kind``, ``size``, ``created``, ``last_access``,
+        ``hits``, ``expires`` (None: never), ``checksum``.
+        """
+        self.flush()
+        with self._db_lock:
+            cur = self._require_conn().execute(
+                f"SELECT {', '.join(_ENTRY_COLUMNS)} FROM entries ORDER BY key"
+            )
+            return [dict(zip(_ENTRY_COLUMNS, row, strict=True)) for row in cur.fetchall()]
+
+    def close(self) -> None:
+        """Flush pending access statistics and close the index. Idempotent."""
+        if self._conn is None:
+            return
+        self._flush(blocking=True)
+        with self._db_lock:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                conn.close()
+
+    def __enter__(self) -> DiskTier:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._conn is None else f"capacity={self.capacity}"
+        return f"DiskTier({self._root!r}, {state})"
+
+
+_HEX_DIGITS: Final = frozenset("0123456789abcdef")
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in _HEX_DIGITS for c in text)
+
+
+def _check_file(path: str, hexdigest: str) -> tuple[str | None, int, int]:
+    """Verify a payload file completely; returns ``(problem, length, crc)``."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        return f"unreadable: {exc.strerror}", 0, 0
+    problem: str | None = None
+    length = crc = 0
+    try:
+        problem, length, crc, _expires = _read_header(
+            fd, bytes.fromhex(hexdigest), os.fstat(fd).st_size
+        )
+        if problem is None:
+            payload = _read_exact(fd, length)
+            if len(payload) != length:
+                problem = "truncated payload"
+            elif zlib.crc32(payload) != crc:
+                problem = "checksum mismatch"
+    except OSError as exc:
+        problem = f"unreadable: {exc.strerror}"
+    finally:
+        os.close(fd)
+    return problem, length, crc
+
+
+def _split_sql(script: str) -> list[str]:
+    """Split the schema script into statements (triggers contain inner semicolons)."""
+    statements: list[str] = []
+    current: list[str] = []
+    for line in script.strip().splitlines():
+        current.append(line)
+        joined = "\n".join(current).strip()
+        if sqlite3.complete_statement(joined):
+            statements.append(joined)
+            current = []
+    return statements

@@ -1,0 +1,261 @@
+"""The memory tier (L1): a byte-bounded LRU or segmented-LRU mapping of str to bytes."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from typing import Literal
+
+from pympler.asizeof import asizeof
+
+__all__ = ["MemoryTier"]
+
+
+class _Entry:
+    __slots__ = ("expires", "kind", "protected", "value")
+
+    def __init__(self, value: bytes, expires: float | None, kind: str) -> None:
+        self.value = value
+        self.expires = expires
+        self.kind = kind
+        self.protected = False
+
+
+def _measure_entry_overhead() -> int:
+    """Bytes of bookkeeping per entry (dict slot, key string, entry object), measured.
+
+    Payload bytes are excluded: they are counted exactly by ``len(value)``. The key
+    is sized as a typical cache key (a namespace plus a chunk path).
+    """
+    n = 256
+    d: OrderedDict[str, _Entry] = OrderedDict()
+    empty = asizeof(d)
+    payload = b""  # shared, so asizeof counts it once
+    for i in range(n):
+        d[f"s3://bucket/dataset.zarr/var/c/{i}/0/0"] = _Entry(payload, None, "chunk")
+    return max(1, (asizeof(d) - empty) // n)
+
+
+_ENTRY_OVERHEAD: int | None = None
+
+
+def entry_overhead() -> int:
+    """Measured bookkeeping bytes per memory-tier entry (computed once per process)."""
+    global _ENTRY_OVERHEAD
+    if _ENTRY_OVERHEAD is None:
+        _ENTRY_OVERHEAD = _measure_entry_overhead()
+    return _ENTRY_OVERHEAD
+
+
+class MemoryTier:
+    """A thread-safe, byte-bounded in-memory cache of ``bytes`` values.
+
+    The budget counts each payload's length plus a per-entry bookkeeping overhead
+    measured with ``pympler.asizeof`` (the dict slot, the key and the entry record),
+    so ``used_bytes() <= capacity`` bounds the real footprint, not only payloads.
+
+    Two eviction policies:
+
+    ``"lru"``
+        Plain least-recently-used.
+    ``"slru"``
+        Segmented LRU: new entries enter a *probation* segment; a second hit moves
+        an entry to the *protected* segment (80 % of the budget). Eviction takes
+        from probation first, so a single sequential scan cannot flush entries that
+        were used more than once.
+
+    Entries may carry an absolute expiry time (``time.time()`` seconds); an expired
+    entry is a miss and is dropped when seen.
+
+    All methods are thread-safe (one lock; no I/O is done under it).
+
+    Parameters
+    ----------
+    capacity
+        Budget in bytes (payloads + measured overhead). 0 stores nothing.
+    policy
+        ``"lru"`` or ``"slru"``.
+
+    Examples
+    --------
+    >>> tier = MemoryTier(1_000_000)
+    >>> tier.put("a", b"xyz")
+    True
+    >>> tier.get("a")
+    b'xyz'
+    >>> "b" in tier
+    False
+    """
+
+    def __init__(self, capacity: int, *, policy: Literal["lru", "slru"] = "lru") -> None:
+        if capacity < 0:
+            raise ValueError(f"capacity: expected bytes >= 0, got {capacity!r}")
+        if policy not in ("lru", "slru"):
+            raise ValueError(f"policy: expected 'lru' or 'slru', got {policy!r}")
+        self.capacity = capacity
+        self.policy = policy
+        self.entry_overhead = entry_overhead()
+        self._lock = threading.Lock()
+        # probation holds every entry under "lru"; under "slru" it holds entries seen once
+        self._probation: OrderedDict[str, _Entry] = OrderedDict()
+        self._protected: OrderedDict[str, _Entry] = OrderedDict()
+        self._protected_bytes = 0
+        self._protected_capacity = int(capacity * 0.8) if policy == "slru" else 0
+        self._used = 0
+        self.evictions = 0
+        self.evicted_bytes = 0
+
+    def _cost(self, value: bytes) -> int:
+        return len(value) + self.entry_overhead
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def get(self, key: str, now: float | None = None) -> bytes | None:
+        """Return the value of ``key`` and mark it recently used, or ``None``."""
+        with self._lock:
+            entry = self._probation.get(key)
+            segment = self._probation
+            if entry is None:
+                entry = self._protected.get(key)
+                segment = self._protected
+                if entry is None:
+                    return None
+            if entry.expires is not None and entry.expires <= (now or time.time()):
+                self._remove(key, entry)
+                return None
+            if segment is self._protected:
+                segment.move_to_end(key)
+            elif self._protected_capacity:
+                self._promote_locked(key, entry)
+            else:
+                segment.move_to_end(key)
+            return entry.value
+
+    def peek(self, key: str) -> bytes | None:
+        """Return the value of ``key`` without touching recency or expiry."""
+        with self._lock:
+            entry = self._probation.get(key) or self._protected.get(key)
+            return None if entry is None else entry.value
+
+    def __contains__(self, key: object) -> bool:
+        with self._lock:
+            return key in self._probation or key in self._protected
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._probation) + len(self._protected)
+
+    def keys(self) -> list[str]:
+        """Keys from least to most recently used (probation first)."""
+        with self._lock:
+            return [*self._probation, *self._protected]
+
+    def used_bytes(self) -> int:
+        """Payload bytes plus bookkeeping overhead of the entries held."""
+        return self._used
+
+    def payload_bytes(self) -> int:
+        """Payload bytes of the entries held."""
+        with self._lock:
+            return self._used - self.entry_overhead * (len(self._probation) + len(self._protected))
+
+    # -- writes --------------------------------------------------------------------------------
+
+    def put(self, key: str, value: bytes, *, expires: float | None = None, kind: str = "chunk") -> bool:
+        """Store ``value`` under ``key``; return False if it cannot fit at all."""
+        cost = self._cost(value)
+        with self._lock:
+            old = self._probation.get(key) or self._protected.get(key)
+            if old is not None:
+                self._remove(key, old)
+            if cost > self.capacity:
+                return False
+            entry = _Entry(value, expires, kind)
+            self._probation[key] = entry
+            self._used += cost
+            self._evict_locked()
+            return True
+
+    def promote(self, key: str) -> bool:
+        """Move ``key`` to the protected segment (SLRU) or to the MRU end (LRU)."""
+        with self._lock:
+            entry = self._probation.get(key)
+            if entry is None:
+                return key in self._protected
+            if self._protected_capacity:
+                self._promote_locked(key, entry)
+            else:
+                self._probation.move_to_end(key)
+            return True
+
+    def delete(self, key: str) -> bool:
+        """Drop ``key``; return whether it was present."""
+        with self._lock:
+            entry = self._probation.get(key) or self._protected.get(key)
+            if entry is None:
+                return False
+            self._remove(key, entry)
+            return True
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Drop every key starting with ``prefix``; return how many were dropped."""
+        with self._lock:
+            doomed = [k for k in (*self._probation, *self._protected) if k.startswith(prefix)]
+            for k in doomed:
+                entry = self._probation.get(k) or self._protected[k]
+                self._remove(k, entry)
+            return len(doomed)
+
+    def drop_expired(self, now: float | None = None) -> int:
+        """Drop expired entries; return how many."""
+        now = now or time.time()
+        with self._lock:
+            doomed = [
+                (k, e)
+                for seg in (self._probation, self._protected)
+                for k, e in seg.items()
+                if e.expires is not None and e.expires <= now
+            ]
+            for k, e in doomed:
+                self._remove(k, e)
+            return len(doomed)
+
+    def clear(self) -> None:
+        """Drop everything."""
+        with self._lock:
+            self._probation.clear()
+            self._protected.clear()
+            self._used = 0
+            self._protected_bytes = 0
+
+    # -- internals (lock held) -----------------------------------------------------------------
+
+    def _remove(self, key: str, entry: _Entry) -> None:
+        cost = self._cost(entry.value)
+        if entry.protected:
+            del self._protected[key]
+            self._protected_bytes -= cost
+        else:
+            del self._probation[key]
+        self._used -= cost
+
+    def _promote_locked(self, key: str, entry: _Entry) -> None:
+        del self._probation[key]
+        entry.protected = True
+        self._protected[key] = entry
+        self._protected_bytes += self._cost(entry.value)
+        # demote the protected segment's LRU entries back to probation's MRU end
+        while self._protected_bytes > self._protected_capacity and len(self._protected) > 1:
+            k, e = self._protected.popitem(last=False)
+            e.protected = False
+            self._protected_bytes -= self._cost(e.value)
+            self._probation[k] = e
+
+    def _evict_locked(self) -> None:
+        while self._used > self.capacity:
+            segment = self._probation if self._probation else self._protected
+            key, entry = next(iter(segment.items()))
+            self._remove(key, entry)
+            self.evictions += 1
+            self.evicted_bytes += len(entry.value)

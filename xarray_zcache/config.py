@@ -1,0 +1,394 @@
+"""One configuration object for the cache, read from dask config ``zcache.*``.
+
+The defaults live in ``zcache.yaml`` beside this module and are registered with
+``dask.config.update_defaults`` on import, so ``DASK_ZCACHE__MEMORY_SIZE=2GiB``
+and ``dask.config.set({"zcache.memory-size": "2GiB"})`` work as for any dask
+setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import pathlib
+from collections.abc import Mapping
+from typing import Any, Literal, Self
+
+import dask.config
+import yaml
+from dask.utils import format_bytes, parse_bytes, parse_timedelta
+
+__all__ = ["EVICTION_POLICIES", "CacheConfig", "default_disk_path"]
+
+EVICTION_POLICIES = ("lru", "slru")
+
+_YAML = pathlib.Path(__file__).with_name("zcache.yaml")
+with _YAML.open() as _f:
+    _DEFAULTS: dict[str, Any] = yaml.safe_load(_f)
+dask.config.update_defaults(_DEFAULTS)
+
+
+def default_disk_path() -> str:
+    """The default folder of the disk tier: ``$XDG_CACHE_HOME/xarray-zcache``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "xarray-zcache")
+
+
+def _size(field: str, value: object, *, allow_none: bool = False) -> int | None:
+    """Parse a size (int bytes or a string such as ``"2GB"``) or raise naming ``field``."""
+    if value is None and allow_none:
+        return None
+    allowed = "a non-negative int of bytes or a size string such as '512MiB' or '2GB'"
+    if isinstance(value, bool):
+        raise ValueError(f"{field}: invalid size {value!r}; expected {allowed}")
+    if isinstance(value, int | float):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{field}: invalid size {value!r}; expected {allowed}")
+        n = int(value)
+    elif isinstance(value, str):
+        try:
+            n = parse_bytes(value)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{field}: invalid size {value!r}; expected {allowed}") from exc
+    else:
+        raise ValueError(f"{field}: invalid size {value!r}; expected {allowed}")
+    if n < 0:
+        raise ValueError(f"{field}: invalid size {value!r}; expected {allowed}")
+    return n
+
+
+def _duration(field: str, value: object, *, allow_none: bool) -> float | None:
+    """Parse a duration (seconds or a string such as ``"5 minutes"``) or raise naming ``field``."""
+    allowed = "a non-negative number of seconds or a string such as '30s' or '5 minutes'"
+    if value is None:
+        if allow_none:
+            return None
+        raise ValueError(f"{field}: a duration is required; expected {allowed}")
+    if isinstance(value, bool):
+        raise ValueError(f"{field}: invalid duration {value!r}; expected {allowed}")
+    try:
+        seconds = parse_timedelta(value, default="seconds")  # type: ignore[arg-type]
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"{field}: invalid duration {value!r}; expected {allowed}") from exc
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{field}: invalid duration {value!r}; expected {allowed}")
+    return float(seconds)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """Settings of one cache (a memory tier over an optional disk tier).
+
+    Frozen and hashable, so it can key the process registry and travel inside a
+    pickled store. Every field is validated at construction: a bad value raises
+    ``ValueError`` naming the field and the allowed values. Build it from dask
+    config with ``CacheConfig.from_dask_config()`` (what ``CacheConfig()`` with
+    no arguments gives you) and refine it with the ``with_*`` builder methods,
+    which return new objects.
+
+    Parameters
+    ----------
+    name
+        Name of the cache. Stores whose configs share a name *and* settings share
+        one cache per process; on a Dask worker with the zcache plugin, the
+        plugin's cache of that name serves every store that names it.
+    memory_size
+        Byte budget of the memory tier (payloads plus measured bookkeeping).
+    disk_path
+        Folder of the disk tier, or ``None`` for a memory-only cache.
+    disk_size
+        Byte budget of the disk tier (payloads).
+    max_object_size
+        Objects larger than this are never cached.
+    metadata_ttl, chunk_ttl
+        Seconds a metadata / chunk entry stays valid; ``None``: forever.
+    listing_ttl
+        Seconds a listing (``list``, ``list_dir``, ``list_prefix``) stays valid.
+    negative_ttl
+        Seconds a "metadata key is missing" answer stays valid.
+    eviction_policy
+        ``"lru"`` or ``"slru"`` (segmented LRU, scan resistant).
+    promotion_threshold
+        Accesses per second at which a disk hit is promoted to memory
+        (0: always).
+    cache_on_write
+        Store written values in the cache (``True``) or only invalidate.
+    maintenance_interval
+        Seconds between maintenance passes.
+    write_queue_size
+        Bytes of pending background disk writes before back-pressure.
+    top_n
+        Number of hot keys tracked in stats.
+    per_worker
+        On a Dask cluster, give each worker its own subfolder of ``disk_path``.
+    report_interval
+        Seconds between worker stats reports to the scheduler.
+
+    Examples
+    --------
+    >>> cfg = CacheConfig().with_memory_size("100MB").with_disk_cache("/tmp/zc", "1GB")
+    >>> cfg.memory_size, cfg.disk_size
+    (100000000, 1000000000)
+    """
+
+    name: str = dataclasses.field(default_factory=lambda: _cfg("name"))
+    memory_size: int = dataclasses.field(default_factory=lambda: _cfg("memory-size"))
+    disk_path: str | None = dataclasses.field(default_factory=lambda: _default_disk_path_cfg())
+    disk_size: int = dataclasses.field(default_factory=lambda: _cfg("disk.size"))
+    max_object_size: int = dataclasses.field(default_factory=lambda: _cfg("max-object-size"))
+    metadata_ttl: float | None = dataclasses.field(default_factory=lambda: _cfg("ttl.metadata"))
+    chunk_ttl: float | None = dataclasses.field(default_factory=lambda: _cfg("ttl.chunks"))
+    listing_ttl: float = dataclasses.field(default_factory=lambda: _cfg("ttl.listing"))
+    negative_ttl: float = dataclasses.field(default_factory=lambda: _cfg("ttl.negative"))
+    eviction_policy: Literal["lru", "slru"] = dataclasses.field(
+        default_factory=lambda: _cfg("eviction-policy")
+    )
+    promotion_threshold: float = dataclasses.field(
+        default_factory=lambda: _cfg("promotion-threshold")
+    )
+    cache_on_write: bool = dataclasses.field(default_factory=lambda: _cfg("cache-on-write"))
+    maintenance_interval: float = dataclasses.field(
+        default_factory=lambda: _cfg("maintenance-interval")
+    )
+    write_queue_size: int = dataclasses.field(default_factory=lambda: _cfg("write-queue-size"))
+    top_n: int = dataclasses.field(default_factory=lambda: _cfg("top-n"))
+    per_worker: bool = dataclasses.field(default_factory=lambda: _cfg("distributed.per-worker"))
+    report_interval: float = dataclasses.field(
+        default_factory=lambda: _cfg("distributed.report-interval")
+    )
+
+    def __post_init__(self) -> None:
+        s = object.__setattr__
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"name: invalid cache name {self.name!r}; expected a non-empty str")
+        s(self, "memory_size", _size("memory_size", self.memory_size))
+        if self.disk_path is not None:
+            if not isinstance(self.disk_path, str | os.PathLike) or not str(self.disk_path):
+                raise ValueError(
+                    f"disk_path: invalid path {self.disk_path!r}; expected a folder path "
+                    "(str or os.PathLike) or None for a memory-only cache"
+                )
+            s(self, "disk_path", os.path.abspath(os.path.expanduser(os.fspath(self.disk_path))))
+        s(self, "disk_size", _size("disk_size", self.disk_size))
+        s(self, "max_object_size", _size("max_object_size", self.max_object_size))
+        s(self, "metadata_ttl", _duration("metadata_ttl", self.metadata_ttl, allow_none=True))
+        s(self, "chunk_ttl", _duration("chunk_ttl", self.chunk_ttl, allow_none=True))
+        s(self, "listing_ttl", _duration("listing_ttl", self.listing_ttl, allow_none=False))
+        s(self, "negative_ttl", _duration("negative_ttl", self.negative_ttl, allow_none=False))
+        if self.eviction_policy not in EVICTION_POLICIES:
+            raise ValueError(
+                f"eviction_policy: invalid policy {self.eviction_policy!r}; "
+                f"expected one of {', '.join(map(repr, EVICTION_POLICIES))}"
+            )
+        thr = self.promotion_threshold
+        if isinstance(thr, bool) or not isinstance(thr, int | float) or not thr >= 0:
+            raise ValueError(
+                f"promotion_threshold: invalid value {thr!r}; expected a number of "
+                "accesses per second >= 0 (0 promotes every disk hit)"
+            )
+        s(self, "promotion_threshold", float(thr))
+        for flag in ("cache_on_write", "per_worker"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag}: invalid value {getattr(self, flag)!r}; expected a bool")
+        interval = _duration("maintenance_interval", self.maintenance_interval, allow_none=False)
+        if not interval:
+            raise ValueError("maintenance_interval: must be > 0 seconds")
+        s(self, "maintenance_interval", interval)
+        s(self, "write_queue_size", _size("write_queue_size", self.write_queue_size))
+        if isinstance(self.top_n, bool) or not isinstance(self.top_n, int) or self.top_n < 0:
+            raise ValueError(f"top_n: invalid value {self.top_n!r}; expected an int >= 0")
+        report = _duration("report_interval", self.report_interval, allow_none=False)
+        if not report:
+            raise ValueError("report_interval: must be > 0 seconds")
+        s(self, "report_interval", report)
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_dask_config(cls, name: str | None = None) -> CacheConfig:
+        """Build the config from dask config ``zcache.*``.
+
+        Parameters
+        ----------
+        name
+            A named configuration under ``zcache.caches``; its keys override the
+            top-level ``zcache.*`` keys. ``None`` gives the top-level settings.
+
+        Raises
+        ------
+        ValueError
+            If ``name`` is not configured, or a configured value is invalid.
+        """
+        base: dict[str, Any] = dict(dask.config.get("zcache", default={}) or {})
+        caches = base.pop("caches", None) or {}
+        if name is not None and name != base.get("name", "default"):
+            if name not in caches:
+                known = ", ".join(map(repr, sorted(caches))) or "none configured"
+                raise ValueError(
+                    f"cache_config: unknown cache name {name!r}; expected a CacheConfig or one "
+                    f"of the names under dask config 'zcache.caches' ({known})"
+                )
+            base = _merge(base, {"name": name, **dict(caches[name] or {})})
+        return cls(**_kwargs_from_mapping(base))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CacheConfig:
+        """Inverse of `to_dict` (used to ship configs over msgpack)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - fields
+        if unknown:
+            raise ValueError(
+                f"unknown CacheConfig field(s) {sorted(unknown)}; expected some of {sorted(fields)}"
+            )
+        return cls(**dict(data))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of the settings (msgpack- and JSON-friendly)."""
+        return dataclasses.asdict(self)
+
+    # -- builders -----------------------------------------------------------------------------
+
+    def _replace(self, **changes: Any) -> Self:
+        return dataclasses.replace(self, **changes)
+
+    def with_name(self, name: str) -> Self:
+        """Return a copy with another cache ``name``."""
+        return self._replace(name=name)
+
+    def with_memory_size(self, size: int | str) -> Self:
+        """Return a copy whose memory tier holds ``size`` bytes (e.g. ``"512MB"``)."""
+        return self._replace(memory_size=size)
+
+    def with_disk_cache(self, path: str | os.PathLike[str], size: int | str | None = None) -> Self:
+        """Return a copy with a disk tier in folder ``path`` of ``size`` bytes."""
+        changes: dict[str, Any] = {"disk_path": os.fspath(path)}
+        if size is not None:
+            changes["disk_size"] = size
+        return self._replace(**changes)
+
+    def without_disk_cache(self) -> Self:
+        """Return a memory-only copy."""
+        return self._replace(disk_path=None)
+
+    def with_ttl(
+        self,
+        *,
+        metadata: float | str | None | Literal[False] = False,
+        chunks: float | str | None | Literal[False] = False,
+        listing: float | str | Literal[False] = False,
+        negative: float | str | Literal[False] = False,
+    ) -> Self:
+        """Return a copy with new time-to-live values (seconds or strings; ``None``: forever).
+
+        Only the given arguments change.
+        """
+        changes: dict[str, Any] = {}
+        for field, value in (
+            ("metadata_ttl", metadata),
+            ("chunk_ttl", chunks),
+            ("listing_ttl", listing),
+            ("negative_ttl", negative),
+        ):
+            if value is not False:
+                changes[field] = value
+        return self._replace(**changes)
+
+    def with_max_object_size(self, size: int | str) -> Self:
+        """Return a copy that never caches objects over ``size`` bytes."""
+        return self._replace(max_object_size=size)
+
+    def with_eviction_policy(self, policy: Literal["lru", "slru"]) -> Self:
+        """Return a copy with memory-tier eviction ``policy`` (``"lru"`` or ``"slru"``)."""
+        return self._replace(eviction_policy=policy)
+
+    def with_promotion_threshold(self, accesses_per_second: float) -> Self:
+        """Return a copy promoting disk hits at ``accesses_per_second`` (0: always)."""
+        return self._replace(promotion_threshold=accesses_per_second)
+
+    def with_cache_on_write(self, enabled: bool) -> Self:
+        """Return a copy that stores (``True``) or only invalidates (``False``) on writes."""
+        return self._replace(cache_on_write=enabled)
+
+    def __str__(self) -> str:
+        disk = (
+            f"disk={self.disk_path!r} ({format_bytes(self.disk_size)})"
+            if self.disk_path
+            else "disk=off"
+        )
+        return (
+            f"CacheConfig(name={self.name!r}, memory={format_bytes(self.memory_size)}, {disk}, "
+            f"policy={self.eviction_policy})"
+        )
+
+
+def _cfg(key: str) -> Any:
+    return dask.config.get(f"zcache.{key}")
+
+
+def _default_disk_path_cfg() -> str | None:
+    if not dask.config.get("zcache.disk.enabled", default=True):
+        return None
+    path = dask.config.get("zcache.disk.path", default=None)
+    return str(path) if path else default_disk_path()
+
+
+def _merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        k = k.replace("_", "-")
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+# dask config key -> CacheConfig field
+_FIELD_OF = {
+    "name": "name",
+    "memory-size": "memory_size",
+    "disk.size": "disk_size",
+    "max-object-size": "max_object_size",
+    "ttl.metadata": "metadata_ttl",
+    "ttl.chunks": "chunk_ttl",
+    "ttl.listing": "listing_ttl",
+    "ttl.negative": "negative_ttl",
+    "eviction-policy": "eviction_policy",
+    "promotion-threshold": "promotion_threshold",
+    "cache-on-write": "cache_on_write",
+    "maintenance-interval": "maintenance_interval",
+    "write-queue-size": "write_queue_size",
+    "top-n": "top_n",
+    "distributed.per-worker": "per_worker",
+    "distributed.report-interval": "report_interval",
+}
+
+
+def _flatten(m: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in m.items():
+        key = prefix + str(k).replace("_", "-")
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _kwargs_from_mapping(m: Mapping[str, Any]) -> dict[str, Any]:
+    flat = _flatten(m)
+    kwargs: dict[str, Any] = {}
+    for key, value in flat.items():
+        if key in _FIELD_OF:
+            kwargs[_FIELD_OF[key]] = value
+        elif key not in ("disk.path", "disk.enabled"):
+            raise ValueError(
+                f"zcache.{key}: unknown setting; expected one of "
+                f"{', '.join(sorted([*_FIELD_OF, 'disk.path', 'disk.enabled']))}"
+            )
+    if not flat.get("disk.enabled", True):
+        kwargs["disk_path"] = None
+    else:
+        kwargs["disk_path"] = flat.get("disk.path") or default_disk_path()
+    return kwargs
