@@ -43,7 +43,7 @@ from collections import Counter
 from collections.abc import Hashable, Iterator, Sequence
 from typing import Any
 
-import dask
+import dask.base
 import numpy as np
 import xarray as xr
 from dask.utils import format_bytes, parse_bytes
@@ -159,7 +159,7 @@ def _chunk_counts(ds: xr.Dataset, chunks: dict[str, int]) -> dict[str, int]:
 
 def write_sample_dataset(ds: xr.Dataset, url: str, storage_options: dict[str, Any]) -> None:
     """Write ``ds`` to ``url`` as zarr format 3, chunked by `SAMPLE_CHUNKS`."""
-    encoding = {
+    encoding: dict[str, dict[str, Any]] = {
         str(name): {"chunks": tuple(SAMPLE_CHUNKS[str(d)] for d in v.dims)}
         for name, v in ds.data_vars.items()
     }
@@ -174,7 +174,7 @@ def write_sample_dataset(ds: xr.Dataset, url: str, storage_options: dict[str, An
     )
 
 
-# -- one pass ---------------------------------------------------------------------------------------
+# -- one pass -------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -250,7 +250,9 @@ def analysis(ds: xr.Dataset) -> tuple[xr.Dataset, xr.DataArray]:
     sub = ds[names]
     keep = "time" if "time" in sub.dims else next(iter(sub[names[0]].dims), None)
     over = [d for d in sub.dims if d != keep] or list(sub.dims)
-    means, maximum = dask.compute(sub.mean(over), sub[names[0]].max())
+    means, maximum = dask.base.compute(  # type: ignore[no-untyped-call]
+        sub.mean(over), sub[names[0]].max()
+    )
     return means, maximum
 
 
@@ -306,7 +308,7 @@ def run_pass(name: str, spec: ReadSpec, cache: HybridCache) -> tuple[PassFigures
     return figures, result
 
 
-# -- the restart pass (a child process) ----------------------------------------------------------
+# -- the restart pass (a child process) -----------------------------------------------------------
 
 
 def _restart_child() -> int:
@@ -366,7 +368,9 @@ def format_table(rows: Sequence[PassFigures]) -> str:
     """The table of passes, one row each."""
 
     def line(cells: Sequence[str]) -> str:
-        return "  ".join(f"{c:{align}{w}}" for c, (_, w, align) in zip(cells, _COLUMNS, strict=True))
+        return "  ".join(
+            f"{c:{align}{w}}" for c, (_, w, align) in zip(cells, _COLUMNS, strict=True)
+        )
 
     out = [line([c[0] for c in _COLUMNS]), "  ".join("-" * w for _, w, _ in _COLUMNS)]
     for r in rows:
@@ -612,9 +616,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"  dataset          {DEMO_URL} (zarr format 3)",
                 f"                   {_describe(sample)}",
                 f"                   chunks {tuple(SAMPLE_CHUNKS.values())}: "
-                f"{len(counts)} x {max(counts.values())} = {sum(counts.values())} chunks "
-                f"(+ {len(sample.coords)} coordinate chunks), "
-                f"{format_bytes(sample.nbytes)} uncompressed",
+                f"{sum(counts.values())} chunks ({len(counts)} x {max(counts.values())}) "
+                f"+ {len(sample.coords)} coordinate chunks",
             )
             t0 = time.perf_counter()
             server.create_bucket(DEMO_BUCKET)
@@ -622,8 +625,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 write_sample_dataset(sample, DEMO_URL, server.storage_options())
             stored = int(server.filesystem().du(f"{DEMO_BUCKET}/{DEMO_PATH}"))
             _print(
-                f"                   written in {time.perf_counter() - t0:.1f} s, "
-                f"{format_bytes(stored)} stored"
+                f"                   {format_bytes(sample.nbytes)} uncompressed, "
+                f"{format_bytes(stored)} stored (written in {time.perf_counter() - t0:.1f} s)"
             )
             server.latency = args.latency
         else:
@@ -643,7 +646,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             # inspect with the plain zarr engine: the zcache passes start cold
             with _quiet_warnings():
                 peek = xr.open_dataset(
-                    args.url, engine="zarr", chunks={}, storage_options=spec.storage_options
+                    args.url,
+                    engine="zarr",
+                    chunks={},
+                    storage_options=spec.storage_options or None,
                 )
             if spec.variables:
                 peek = peek[spec.variables]
@@ -671,7 +677,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"  cache tiers      memory {format_bytes(config.memory_size)}, "
             f"disk {format_bytes(config.disk_size)}",
         )
-        if existing:
+        if existing and server is not None:
+            _print(
+                f"  note: the cache folder already holds {existing} entries from earlier runs; "
+                "they do not match (each run's server has a new address)"
+            )
+        elif existing:
             _print(
                 f"  note: the cache folder already holds {existing} entries: the cold pass "
                 "may be served partly from disk"
@@ -701,7 +712,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print("pass 3: restart (new Python process, same cache folder) ...")
         if server is not None:
             server.requests.reset()
-        record(*run_restart_pass(spec))
+        try:
+            record(*run_restart_pass(spec))
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            _print(f"FAILED: the restart pass did not complete: {exc}")
+            return EXIT_FAILED
 
         _print("", format_table(rows), "")
         notes = [
@@ -714,9 +729,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             _print("Requests other than chunk GETs after the cold pass:", *notes)
             if any(".zgroup" in o or ".zmetadata" in o for r in rows for o in r.other_requests):
                 _print(
-                    "  (.zgroup/.zattrs/.zmetadata -> 404: zarr probing for Zarr v2 metadata "
-                    "when opening; 'missing' answers are cached in memory only, so a new "
-                    "process asks again)"
+                    "  (.zgroup/.zattrs/.zmetadata -> 404: zarr probes for Zarr v2 metadata "
+                    "when opening;",
+                    "   'missing' answers are cached in memory only, so a new process asks again)",
                 )
             _print("")
         if server is None:
@@ -731,7 +746,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         cold, warm, restart = rows
         warm_saved = max(0, cold.chunk_requests - warm.chunk_requests)
-        restart_how = "served from disk" if restart.bytes_disk else "served from the cache"
+        if restart.chunk_requests:
+            restart_how = "read from S3 again"
+        elif restart.bytes_disk:
+            restart_how = "served from disk"
+        else:
+            restart_how = "served from the cache"
         speedup = cold.seconds / warm.seconds if warm.seconds > 0 else float("inf")
         _print(
             f"warm pass: {warm.chunk_requests} chunk requests to S3 ({warm_saved} saved), "
@@ -746,6 +766,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"FAILED: the {row.name} pass sent {row.chunk_requests} chunk request(s) "
                     "to S3; expected 0"
                 )
+                tier, size = (
+                    ("memory", config.memory_size)
+                    if row is warm
+                    else ("disk", config.disk_path and config.disk_size)
+                )
+                if cold.bytes_s3 > (size or 0):
+                    _print(
+                        f"  (the {tier} tier, {format_bytes(size or 0)}, is smaller than the "
+                        f"{format_bytes(cold.bytes_s3)} read: raise --{tier}-size)"
+                    )
                 status = EXIT_FAILED
         if not identical:
             _print("FAILED: the passes computed different results")

@@ -1,0 +1,221 @@
+"""Requests really sent to the (local, moto) S3 server when reading through zcache."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+from zarr.core.buffer import default_buffer_prototype
+from zarr.storage import FsspecStore
+
+from xarray_zcache import CacheConfig, CachedStore, get_cache
+from xarray_zcache.testing.s3server import LocalS3Server
+
+
+def _dataset() -> xr.Dataset:
+    rng = np.random.default_rng(0)
+    t2m = rng.normal(280, 10, size=(8, 16, 16)).astype("float32")
+    tp = rng.gamma(1.0, 1.0, size=(8, 16, 16)).astype("float32")
+    return xr.Dataset(
+        {
+            "t2m": (("time", "lat", "lon"), t2m, {"units": "K"}),
+            "tp": (("time", "lat", "lon"), tp, {"units": "mm"}),
+        },
+        coords={"time": np.arange(8), "lat": np.linspace(-80, 80, 16), "lon": np.arange(16.0)},
+    )
+
+
+def _write(url: str, opts: dict[str, Any], **kwargs: Any) -> xr.Dataset:
+    ds = _dataset()
+    encoding = {v: {"chunks": (2, 8, 8)} for v in ds.data_vars}
+    ds.to_zarr(url, storage_options=opts, zarr_format=3, encoding=encoding, **kwargs)
+    return ds
+
+
+@pytest.fixture
+def config(tmp_path: Any) -> CacheConfig:
+    return CacheConfig().with_memory_size("64MB").with_disk_cache(tmp_path / "cache", "256MB")
+
+
+def _read_all(url: str, opts: dict[str, Any], config: CacheConfig) -> xr.Dataset:
+    ds = xr.open_dataset(
+        url, engine="zcache", chunks={}, storage_options=opts, cache_config=config
+    )
+    return ds.compute()
+
+
+def test_second_read_sends_no_chunk_gets(
+    s3_server: LocalS3Server, s3_bucket: str, s3_options: dict[str, Any], config: CacheConfig
+) -> None:
+    url = f"s3://{s3_bucket}/era5.zarr"
+    expected = _write(url, s3_options)
+    log = s3_server.requests
+
+    before = log.chunk_gets(s3_bucket)
+    first = _read_all(url, s3_options, config)
+    cold_gets = log.chunk_gets(s3_bucket) - before
+    # 2 variables x 4 x 2 x 2 chunks, plus 3 coordinate arrays (1 chunk each)
+    assert cold_gets == 2 * 16 + 3
+    xr.testing.assert_identical(first, expected)
+
+    before = log.chunk_gets(s3_bucket)
+    total_before = log.count(bucket=s3_bucket)
+    second = _read_all(url, s3_options, config)
+    assert log.chunk_gets(s3_bucket) - before == 0
+    # metadata too comes from the cache within its TTL: the re-open is free
+    assert log.count(bucket=s3_bucket) - total_before == 0
+    xr.testing.assert_identical(second, expected)
+
+    stats = get_cache(config).stats()
+    assert stats.total_hits("chunk") >= cold_gets
+    assert stats.hit_rate("chunk") == pytest.approx(0.5, abs=0.01)
+    assert stats.requests_saved >= cold_gets
+
+
+def test_one_chunk_costs_one_request(
+    s3_server: LocalS3Server, s3_bucket: str, s3_options: dict[str, Any], config: CacheConfig
+) -> None:
+    url = f"s3://{s3_bucket}/era5.zarr"
+    _write(url, s3_options)
+    log = s3_server.requests
+    before_heads = log.heads(s3_bucket)
+    _read_all(url, s3_options, config)
+    assert log.heads(s3_bucket) - before_heads == 0  # no HEAD before each GET
+
+
+_CHILD = textwrap.dedent(
+    """
+    import json, sys
+    import xarray as xr
+    from xarray_zcache import CacheConfig, get_cache
+    url, opts, path = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+    cfg = CacheConfig().with_memory_size("64MB").with_disk_cache(path, "256MB")
+    ds = xr.open_dataset(url, engine="zcache", chunks={}, storage_options=opts, cache_config=cfg)
+    total = float(ds.t2m.sum().compute()) + float(ds.tp.sum().compute())
+    s = get_cache(cfg).stats()
+    print(json.dumps({"total": total, "disk_hits": s.total_hits("chunk", "disk"),
+                      "misses": s.total_misses("chunk")}))
+    """
+)
+
+
+def test_fresh_process_reads_chunks_from_disk(
+    s3_server: LocalS3Server,
+    s3_bucket: str,
+    s3_options: dict[str, Any],
+    config: CacheConfig,
+    tmp_path: Any,
+) -> None:
+    url = f"s3://{s3_bucket}/era5.zarr"
+    expected = _write(url, s3_options)
+    _read_all(url, s3_options, config)
+    get_cache(config).flush()  # what interpreter exit does for a short script
+
+    log = s3_server.requests
+    before = log.chunk_gets(s3_bucket)
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD, url, json.dumps(s3_options), str(config.disk_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert log.chunk_gets(s3_bucket) - before == 0
+    assert result["misses"] == 0
+    assert result["disk_hits"] == 2 * 16 + 3  # + the 3 coordinate arrays
+    want = float(expected.t2m.sum()) + float(expected.tp.sum())
+    assert result["total"] == pytest.approx(want, rel=1e-6)
+
+
+def test_script_exit_flushes_disk_tier(
+    s3_server: LocalS3Server, s3_bucket: str, s3_options: dict[str, Any], tmp_path: Any
+) -> None:
+    """A short script that never calls flush() still leaves its disk tier filled."""
+    url = f"s3://{s3_bucket}/era5.zarr"
+    _write(url, s3_options)
+    path = str(tmp_path / "cache")
+    args = [sys.executable, "-c", _CHILD, url, json.dumps(s3_options), path]
+    first = json.loads(subprocess.run(args, capture_output=True, text=True, check=True).stdout)
+    assert first["misses"] == 2 * 16 + 3
+    before = s3_server.requests.chunk_gets(s3_bucket)
+    second = json.loads(subprocess.run(args, capture_output=True, text=True, check=True).stdout)
+    assert second["misses"] == 0
+    assert s3_server.requests.chunk_gets(s3_bucket) - before == 0
+
+
+async def test_concurrent_misses_send_one_request(
+    s3_server: LocalS3Server, s3_bucket: str, s3_options: dict[str, Any], config: CacheConfig
+) -> None:
+    fs = s3_server.filesystem()
+    fs.pipe(f"{s3_bucket}/data/c/0", b"x" * 100_000)
+    s3_server.latency = 0.05  # keep the first request in flight while the others arrive
+    try:
+        inner = FsspecStore.from_url(f"s3://{s3_bucket}/data", storage_options=s3_options)
+        store = CachedStore(inner, config)
+        log = s3_server.requests
+        before = log.count("GET", bucket=s3_bucket, key_suffix="c/0")
+        proto = default_buffer_prototype()
+        results = await asyncio.gather(*(store.get("c/0", proto) for _ in range(16)))
+        assert log.count("GET", bucket=s3_bucket, key_suffix="c/0") - before == 1
+        assert all(r is not None and r.to_bytes() == b"x" * 100_000 for r in results)
+    finally:
+        s3_server.latency = 0.0
+
+
+def test_sharded_array_is_cached(
+    s3_server: LocalS3Server, s3_bucket: str, s3_options: dict[str, Any], config: CacheConfig
+) -> None:
+    inner = FsspecStore.from_url(f"s3://{s3_bucket}/sharded", storage_options=s3_options)
+    data = np.arange(64 * 64, dtype="int32").reshape(64, 64)
+    arr = zarr.create_array(inner, shape=(64, 64), chunks=(8, 8), shards=(32, 32), dtype="i4")
+    arr[:] = data
+    log = s3_server.requests
+
+    store = CachedStore(inner.with_read_only(True), config)
+    before = log.chunk_gets(s3_bucket)
+    cached = zarr.open_array(store, mode="r")
+    np.testing.assert_array_equal(cached[:], data)
+    np.testing.assert_array_equal(cached[3:20, 40:60], data[3:20, 40:60])
+    cold = log.chunk_gets(s3_bucket) - before
+    assert cold > 0
+
+    before = log.chunk_gets(s3_bucket)
+    np.testing.assert_array_equal(zarr.open_array(store, mode="r")[:], data)
+    np.testing.assert_array_equal(cached[3:20, 40:60], data[3:20, 40:60])
+    assert log.chunk_gets(s3_bucket) - before == 0
+
+
+def test_errors_from_s3_are_not_cached(
+    s3_server: LocalS3Server, s3_bucket: str, s3_options: dict[str, Any], config: CacheConfig
+) -> None:
+    """A bucket that does not exist yet: the error propagates, and is not remembered."""
+    name = s3_bucket + "-later"
+    inner = FsspecStore.from_url(f"s3://{name}/data", storage_options=s3_options)
+    store = CachedStore(inner, config)
+    proto = default_buffer_prototype()
+    from zarr.core.sync import sync
+
+    first = sync(_get_or_error(store, "c/0", proto))
+    s3_server.create_bucket(name)
+    s3_server.filesystem().pipe(f"{name}/data/c/0", b"now here")
+    second = sync(store.get("c/0", proto))
+    assert second is not None and second.to_bytes() == b"now here"
+    # whatever the first call saw (an error, or None for a missing bucket), no data was cached
+    assert first != "now here"
+
+
+async def _get_or_error(store: CachedStore, key: str, proto: Any) -> str | None:
+    try:
+        buf = await store.get(key, proto)
+    except Exception as exc:
+        return f"error: {type(exc).__name__}"
+    return None if buf is None else buf.to_bytes().decode()
