@@ -35,7 +35,9 @@ def store(request: Any, tmp_path: Any) -> CachedStore:
     else:
         server = request.getfixturevalue("s3_server")
         bucket = request.getfixturevalue("s3_bucket")
-        inner = FsspecStore.from_url(f"s3://{bucket}/data", storage_options=server.storage_options())
+        inner = FsspecStore.from_url(
+            f"s3://{bucket}/data", storage_options=server.storage_options()
+        )
     return CachedStore(inner, cfg)
 
 
@@ -131,12 +133,7 @@ def test_failed_write_leaves_no_stale_entry(tmp_path: Any) -> None:
 
 
 def test_cache_on_write_false_only_invalidates(tmp_path: Any) -> None:
-    cfg = (
-        CacheConfig()
-        .with_memory_size("16MB")
-        .without_disk_cache()
-        .with_cache_on_write(False)
-    )
+    cfg = CacheConfig().with_memory_size("16MB").without_disk_cache().with_cache_on_write(False)
     store = CachedStore(LocalStore(tmp_path / "data"), cfg)
     sync(store.set("c/0", B(b"v1")))
     assert store.namespace + "/c/0" not in store.cache.memory

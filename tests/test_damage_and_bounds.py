@@ -121,7 +121,7 @@ def test_memory_and_disk_stay_within_budget(tmp_path: Any) -> None:
 
 
 def test_cache_folder_is_private(tmp_path: Any) -> None:
-    store, _ = _filled(tmp_path)
+    _filled(tmp_path)
     assert (tmp_path / "cache").stat().st_mode & 0o777 == 0o700
     for p in (tmp_path / "cache").glob("*/*/*.cache"):
         assert p.stat().st_mode & 0o777 == 0o600

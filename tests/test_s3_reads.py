@@ -46,9 +46,7 @@ def config(tmp_path: Any) -> CacheConfig:
 
 
 def _read_all(url: str, opts: dict[str, Any], config: CacheConfig) -> xr.Dataset:
-    ds = xr.open_dataset(
-        url, engine="zcache", chunks={}, storage_options=opts, cache_config=config
-    )
+    ds = xr.open_dataset(url, engine="zcache", chunks={}, storage_options=opts, cache_config=config)
     return ds.compute()
 
 

@@ -63,7 +63,9 @@ class TestCachedLocalStore(_CachedStoreTests):
 
 class TestCachedFsspecStore(_CachedStoreTests):
     @pytest.fixture
-    def store_kwargs(self, s3_bucket: str, s3_options: dict[str, Any], tmp_path: Any) -> dict[str, Any]:
+    def store_kwargs(
+        self, s3_bucket: str, s3_options: dict[str, Any], tmp_path: Any
+    ) -> dict[str, Any]:
         inner = FsspecStore.from_url(f"s3://{s3_bucket}/root", storage_options=s3_options)
         return {"store": inner, "config": _config(tmp_path / "cache")}
 

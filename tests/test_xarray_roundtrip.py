@@ -24,15 +24,18 @@ import pytest
 
 pytest.importorskip("zarr")
 test_backends = pytest.importorskip("xarray.tests.test_backends")
+xarray_conftest = pytest.importorskip("xarray.tests.conftest")
 
 import zarr.storage  # noqa: E402
 
 from xarray_zcache import CacheConfig, CachedStore, get_cache  # noqa: E402
 
 ZarrBase: Any = test_backends.ZarrBase
-# xarray's ``default_zarr_format`` fixture (used by ZarrBase) lives in that module:
-# re-export it so pytest finds it for the classes below
+# fixtures ZarrBase uses, defined in that module and in xarray's tests/conftest.py (not a
+# conftest of ours): re-export them so pytest finds them for the classes below
 default_zarr_format = test_backends.default_zarr_format
+time_unit = xarray_conftest.time_unit
+use_dask = xarray_conftest.use_dask
 
 # test name -> why it fails for every store wrapper (evidence: it fails the same way
 # with a plain ``zarr.storage.WrapperStore(MemoryStore({}))``)

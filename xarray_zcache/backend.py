@@ -82,8 +82,9 @@ def open_store(
 
     Examples
     --------
-    >>> store = open_store("s3://bucket/era5.zarr", storage_options={"anon": True})  # doctest: +SKIP
-    >>> zarr.open_group(store, mode="r")  # doctest: +SKIP
+    >>> opts = {"anon": True}
+    >>> store = open_store("s3://bucket/era5.zarr", storage_options=opts)  # doctest: +SKIP
+    >>> group = zarr.open_group(store, mode="r")  # doctest: +SKIP
     """
     if isinstance(url_or_store, CachedStore):
         if storage_options:
@@ -158,7 +159,7 @@ class ZCacheBackendEntrypoint(BackendEntrypoint):
             read_only=mode == "r",
         )
         return ZarrBackendEntrypoint().open_dataset(
-            store,
+            store,  # type: ignore[arg-type]  # any zarr Store works
             mask_and_scale=mask_and_scale,
             decode_times=decode_times,
             concat_characters=concat_characters,
@@ -199,7 +200,7 @@ class ZCacheBackendEntrypoint(BackendEntrypoint):
             read_only=mode == "r",
         )
         return ZarrBackendEntrypoint().open_datatree(
-            store,
+            store,  # type: ignore[arg-type]  # any zarr Store works
             mask_and_scale=mask_and_scale,
             decode_times=decode_times,
             concat_characters=concat_characters,
@@ -238,7 +239,7 @@ class ZCacheBackendEntrypoint(BackendEntrypoint):
             read_only=mode == "r",
         )
         return ZarrBackendEntrypoint().open_groups_as_dict(
-            store,
+            store,  # type: ignore[arg-type]  # any zarr Store works
             mask_and_scale=mask_and_scale,
             decode_times=decode_times,
             concat_characters=concat_characters,

@@ -68,7 +68,7 @@ def _duration(field: str, value: object, *, allow_none: bool) -> float | None:
     if isinstance(value, bool):
         raise ValueError(f"{field}: invalid duration {value!r}; expected {allowed}")
     try:
-        seconds = parse_timedelta(value, default="seconds")  # type: ignore[arg-type]
+        seconds = parse_timedelta(value, default="seconds")  # type: ignore[call-overload]
     except (ValueError, TypeError, KeyError) as exc:
         raise ValueError(f"{field}: invalid duration {value!r}; expected {allowed}") from exc
     if seconds is None or not math.isfinite(seconds) or seconds < 0:
@@ -274,8 +274,8 @@ class CacheConfig:
     def with_ttl(
         self,
         *,
-        metadata: float | str | None | Literal[False] = False,
-        chunks: float | str | None | Literal[False] = False,
+        metadata: float | str | Literal[False] | None = False,
+        chunks: float | str | Literal[False] | None = False,
         listing: float | str | Literal[False] = False,
         negative: float | str | Literal[False] = False,
     ) -> Self:

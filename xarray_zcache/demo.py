@@ -395,7 +395,8 @@ def _describe(ds: xr.Dataset) -> str:
     dims = " x ".join(f"{d}={n}" for d, n in ds.sizes.items())
     names = ", ".join(map(str, ds.data_vars))
     dtypes = ", ".join(sorted({str(v.dtype) for v in ds.data_vars.values()}))
-    return f"{dims}; {len(ds.data_vars)} variables ({names}), {dtypes}"
+    n = len(ds.data_vars)
+    return f"{dims}; {n} variable{'' if n == 1 else 's'} ({names}), {dtypes}"
 
 
 def _dask_chunks(ds: xr.Dataset) -> int:
@@ -736,9 +737,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             _print("")
         if server is None:
             _print(
-                "S3 requests are the cache's own miss counts (reads sent to the store; "
-                "listings and existence checks are not counted): a remote server cannot be "
-                "asked.",
+                "S3 requests / chunk GETs: the cache's own miss counts (reads it sent to the "
+                "store), since",
+                "a remote server cannot be asked; listings and existence checks are not counted.",
                 "",
             )
         identical = all(_same(results[0], r) for r in results[1:])

@@ -124,6 +124,34 @@ _INFLIGHT: weakref.WeakKeyDictionary[
 ] = weakref.WeakKeyDictionary()
 
 
+# the stores bound to each cache, by namespace: lets a Dask worker warm keys on command
+_STORES: weakref.WeakKeyDictionary[HybridCache, dict[str, weakref.ref[CachedStore]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def warm_keys(cache: HybridCache, keys: Iterable[str]) -> int:
+    """Read cache keys (``namespace/key``) into ``cache`` through the stores bound to it.
+
+    Keys whose store is unknown in this process are skipped. Returns how many
+    keys were read. Runs the reads on zarr's event loop, where the stores live.
+    """
+    from zarr.core.sync import sync
+
+    stores = {ns: ref() for ns, ref in _STORES.get(cache, {}).items()}
+    n = 0
+    for ck in keys:
+        if _RANGE_SEP in ck or cache.contains(ck):
+            continue
+        for ns, store in stores.items():
+            if store is not None and ck.startswith(ns + "/"):
+                key = ck[len(ns) + 1 :]
+                await asyncio.to_thread(sync, store.get(key, default_buffer_prototype()))
+                n += 1
+                break
+    return n
+
+
 class CachedStore(Store):
     """A zarr store that serves reads of another store from a persistent hybrid cache.
 
@@ -256,6 +284,7 @@ class CachedStore(Store):
         if cache is None or cache.closed:
             cache = get_cache(self._config)
             self._bindings[address] = cache
+            _STORES.setdefault(cache, {})[self._namespace] = weakref.ref(self)
         return cache
 
     def stats(self) -> CacheStats:

@@ -7,7 +7,7 @@ import time
 from collections import OrderedDict
 from typing import Literal
 
-from pympler.asizeof import asizeof
+from pympler.asizeof import asizeof  # type: ignore[import-untyped]
 
 __all__ = ["MemoryTier"]
 
@@ -30,11 +30,12 @@ def _measure_entry_overhead() -> int:
     """
     n = 256
     d: OrderedDict[str, _Entry] = OrderedDict()
-    empty = asizeof(d)
+    empty: int = asizeof(d)  # type: ignore[no-untyped-call]
     payload = b""  # shared, so asizeof counts it once
     for i in range(n):
         d[f"s3://bucket/dataset.zarr/var/c/{i}/0/0"] = _Entry(payload, None, "chunk")
-    return max(1, (asizeof(d) - empty) // n)
+    full: int = asizeof(d)  # type: ignore[no-untyped-call]
+    return max(1, (full - empty) // n)
 
 
 _ENTRY_OVERHEAD: int | None = None
@@ -162,7 +163,9 @@ class MemoryTier:
 
     # -- writes --------------------------------------------------------------------------------
 
-    def put(self, key: str, value: bytes, *, expires: float | None = None, kind: str = "chunk") -> bool:
+    def put(
+        self, key: str, value: bytes, *, expires: float | None = None, kind: str = "chunk"
+    ) -> bool:
         """Store ``value`` under ``key``; return False if it cannot fit at all."""
         cost = self._cost(value)
         with self._lock:

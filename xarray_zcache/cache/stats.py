@@ -196,6 +196,19 @@ class CacheStats:
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in names}
         kwargs["hot_keys"] = [(str(k), int(c)) for k, c in kwargs.get("hot_keys", [])]
+        # msgpack (Dask's wire format) turns lists into tuples
+        if "fetch_latency_ms" in kwargs:
+            kwargs["fetch_latency_ms"] = [int(x) for x in kwargs["fetch_latency_ms"]]
+            if len(kwargs["fetch_latency_ms"]) != len(LATENCY_BUCKETS_MS):
+                raise ValueError("fetch_latency_ms: wrong number of buckets")
+        for name in ("hits", "hit_bytes"):
+            if name in kwargs:
+                kwargs[name] = {t: {k: int(v[k]) for k in KINDS} for t, v in kwargs[name].items()}
+        for name in ("misses", "miss_bytes"):
+            if name in kwargs:
+                kwargs[name] = {k: int(kwargs[name][k]) for k in KINDS}
+        if "evictions" in kwargs:
+            kwargs["evictions"] = {t: int(kwargs["evictions"][t]) for t in TIERS}
         return cls(**kwargs)
 
     def _rows(self) -> list[tuple[str, str]]:

@@ -1,0 +1,185 @@
+"""xarray-zcache on a Dask cluster: per-worker caches, a scheduler aggregator, client helpers.
+
+Examples
+--------
+>>> import xarray_zcache.distributed as zd
+>>> zd.install(client, CacheConfig().with_memory_size("1GB"))  # doctest: +SKIP
+>>> zd.cluster_stats(client)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+from typing import TYPE_CHECKING, Any
+
+from dask.utils import format_bytes
+
+from xarray_zcache.cache.stats import CacheStats
+from xarray_zcache.config import CacheConfig
+from xarray_zcache.distributed.scheduler import ZCacheSchedulerPlugin
+from xarray_zcache.distributed.worker import ZCacheWorkerPlugin
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from distributed import Client
+
+__all__ = [
+    "ClusterStats",
+    "ZCacheSchedulerPlugin",
+    "ZCacheWorkerPlugin",
+    "clear",
+    "cluster_stats",
+    "install",
+]
+
+
+def install(
+    client: Client,
+    config: CacheConfig | str | None = None,
+    *,
+    promotion_threshold: float = 1.0,
+    warm: bool = False,
+) -> None:
+    """Install zcache on a cluster: the scheduler aggregator and a cache on every worker.
+
+    Idempotent (installing again is a no-op), and workers that join later get a
+    cache too. Can be called before or after the workers start.
+
+    Parameters
+    ----------
+    client
+        A connected `distributed.Client`.
+    config
+        The workers' cache settings: a `CacheConfig`, a configured cache name, or
+        ``None`` for the defaults. Stores opened with a config of the same *name*
+        use the worker's cache on the workers.
+    promotion_threshold
+        Cluster-wide accesses/s at which a disk-held key is promoted to memory.
+    warm
+        Pre-warm keys hot on several workers on the others reading their array.
+    """
+    from xarray_zcache.registry import resolve_config
+
+    cfg = resolve_config(config)
+    client.register_plugin(ZCacheSchedulerPlugin(promotion_threshold=promotion_threshold, warm=warm))
+    client.register_plugin(ZCacheWorkerPlugin(cfg))
+
+
+@dataclasses.dataclass
+class ClusterStats:
+    """Figures of the whole cluster as the scheduler's aggregator last saw them."""
+
+    workers: dict[str, CacheStats]
+    names: dict[str, str]
+    total: CacheStats
+    hot_keys: list[dict[str, Any]]
+    decisions: list[dict[str, Any]]
+    rejected_reports: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ClusterStats:
+        return cls(
+            workers={w: CacheStats.from_dict(v) for w, v in d["workers"].items()},
+            names={w: str(v.get("name", "")) for w, v in d["workers"].items()},
+            total=CacheStats.from_dict(d["total"]),
+            hot_keys=list(d.get("hot_keys", [])),
+            decisions=list(d.get("decisions", [])),
+            rejected_reports=int(d.get("rejected_reports", 0)),
+        )
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """One row per worker plus a ``total`` row."""
+        import pandas as pd
+
+        def row(s: CacheStats) -> dict[str, Any]:
+            return {
+                "hit_rate": s.hit_rate(),
+                "hits_memory": s.total_hits(tier="memory"),
+                "hits_disk": s.total_hits(tier="disk"),
+                "misses": s.total_misses(),
+                "requests_saved": s.requests_saved,
+                "bytes_saved": s.bytes_saved,
+                "memory_used": s.memory_used,
+                "memory_capacity": s.memory_capacity,
+                "disk_used": s.disk_used,
+                "disk_capacity": s.disk_capacity,
+                "promotions": s.promotions,
+                "corruptions": s.corruptions,
+            }
+
+        rows = {w: row(s) for w, s in sorted(self.workers.items())}
+        rows["total"] = row(self.total)
+        return pd.DataFrame.from_dict(rows, orient="index")
+
+    def __str__(self) -> str:
+        t = self.total
+        lines = [
+            f"ClusterStats: {len(self.workers)} workers, hit rate {t.hit_rate():.1%}, "
+            f"{t.requests_saved} requests and {format_bytes(t.bytes_saved)} saved",
+        ]
+        for w, s in sorted(self.workers.items()):
+            lines.append(
+                f"  {w}: hit rate {s.hit_rate():.1%}, memory {format_bytes(s.memory_used)}, "
+                f"disk {format_bytes(s.disk_used)}"
+            )
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        table = self.to_dataframe()
+        for col in ("bytes_saved", "memory_used", "memory_capacity", "disk_used", "disk_capacity"):
+            table[col] = table[col].map(format_bytes)
+        table["hit_rate"] = table["hit_rate"].map("{:.1%}".format)
+        hot = "".join(
+            f"<tr><td>{h['count']}</td><td>{h['rate']:.2f}/s</td>"
+            f"<td><code>{html.escape(h['key'])}</code></td></tr>"
+            for h in self.hot_keys[:10]
+        )
+        return (
+            "<div><strong>xarray-zcache cluster</strong>"
+            + table.to_html()
+            + (f"<details><summary>hot keys</summary><table>{hot}</table></details>" if hot else "")
+            + "</div>"
+        )
+
+
+def cluster_stats(client: Client) -> ClusterStats:
+    """Per-worker and total cache figures from the scheduler's aggregator.
+
+    Raises
+    ------
+    RuntimeError
+        If the aggregator is not installed (see `install`).
+    """
+    raw = client.sync(client.scheduler.zcache_cluster_stats)
+    if raw is None:
+        raise RuntimeError(
+            "the scheduler has no zcache aggregator: call xarray_zcache.distributed.install(client)"
+        )
+    return ClusterStats.from_dict(raw)
+
+
+def decisions(client: Client, n: int = 100) -> list[dict[str, Any]]:
+    """The aggregator's most recent promotion / warm decisions."""
+    return list(client.sync(client.scheduler.zcache_decisions, n=n) or [])
+
+
+def _clear_worker_cache(dask_worker: Any, prefix: str) -> int:
+    from xarray_zcache.distributed.worker import worker_cache_state
+
+    state = worker_cache_state(dask_worker)
+    if state is None:
+        return 0
+    state.cache.clear(prefix)
+    state.cache.reset_stats()
+    return 1
+
+
+def clear(client: Client, prefix: str = "") -> int:
+    """Drop every cached entry (or those under ``prefix``) on every worker.
+
+    Returns the number of worker caches cleared. The disk tiers are shared by the
+    workers of a host, so their entries are gone for all of them.
+    """
+    results = client.run(_clear_worker_cache, prefix=prefix)
+    return sum(results.values())

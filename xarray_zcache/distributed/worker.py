@@ -1,0 +1,181 @@
+"""`ZCacheWorkerPlugin`: one cache per Dask worker, reporting to the scheduler."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import time
+from typing import TYPE_CHECKING, Any
+
+from distributed.diagnostics.plugin import WorkerPlugin
+from tornado.ioloop import PeriodicCallback
+
+from xarray_zcache.cache.hybrid import HybridCache
+from xarray_zcache.config import CacheConfig
+from xarray_zcache.registry import set_worker_cache
+
+if TYPE_CHECKING:
+    from distributed import Worker
+
+__all__ = ["ZCacheWorkerPlugin", "worker_config"]
+
+logger = logging.getLogger("xarray_zcache.distributed")
+
+REPORT_OP = "zcache_report"
+
+
+def worker_config(config: CacheConfig, worker_name: str) -> CacheConfig:
+    """The config a worker's cache uses: ``per_worker`` gives it its own disk subfolder."""
+    if config.disk_path is None or not config.per_worker:
+        return config
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", worker_name)[:100] or "worker"
+    return config.with_disk_cache(os.path.join(config.disk_path, f"worker-{safe}"))
+
+
+class _WorkerCache:
+    """What the plugin holds on one worker: the cache and its report loop."""
+
+    def __init__(self, worker: Worker, cache: HybridCache, config: CacheConfig) -> None:
+        self.worker = worker
+        self.cache = cache
+        self.config = config
+        self.callback: PeriodicCallback | None = None
+        self.warned_no_scheduler = False
+        self.reports_sent = 0
+        self.promotions_applied = 0
+        self.warms_applied = 0
+        self._reporting = False
+
+    def hot_keys_with_tier(self) -> list[list[Any]]:
+        """Top-N keys with their access counts and where they are held now."""
+        out: list[list[Any]] = []
+        for key, count in self.cache.hot_keys(self.config.top_n):
+            if key in self.cache.memory:
+                where = "memory"
+            elif self.cache.disk is not None and key in self.cache.disk:
+                where = "disk"
+            else:
+                where = "none"
+            out.append([key, count, where])
+        return out
+
+    def build_report(self) -> dict[str, Any]:
+        """The msgpack-able report: cumulative stats, hot keys, identity. O(top-N)."""
+        return {
+            "worker": self.worker.address,
+            "name": str(self.worker.name),
+            "host": self.worker.ip,
+            "time": time.time(),
+            "stats": self.cache.stats().to_dict(),
+            "hot": self.hot_keys_with_tier(),
+        }
+
+    async def report(self) -> None:
+        if self._reporting:  # a slow scheduler: skip rather than pile up reports
+            return
+        self._reporting = True
+        try:
+            payload = await asyncio.to_thread(self.build_report)
+            try:
+                reply = await self.worker.scheduler.zcache_report(report=payload)
+            except Exception as exc:  # scheduler gone or overloaded: try again next time
+                logger.debug("xarray-zcache: report to the scheduler failed: %s", exc)
+                return
+            self.reports_sent += 1
+            if reply is None:
+                if not self.warned_no_scheduler:
+                    logger.warning(
+                        "xarray-zcache: the scheduler has no zcache aggregator "
+                        "(ZCacheSchedulerPlugin); the worker cache works, but cluster "
+                        "stats and promotions are off. Use xarray_zcache.distributed.install()."
+                    )
+                    self.warned_no_scheduler = True
+                return
+            await self.apply(reply)
+        finally:
+            self._reporting = False
+
+    async def apply(self, reply: dict[str, Any]) -> None:
+        """Carry out the scheduler's commands: promote keys to memory, warm keys."""
+        promote = [str(k) for k in reply.get("promote", [])]
+        if promote:
+            self.promotions_applied += await asyncio.to_thread(self.cache.promote, promote)
+        warm = [str(k) for k in reply.get("warm", [])]
+        if warm:
+            from xarray_zcache.store import warm_keys
+
+            self.warms_applied += await warm_keys(self.cache, warm)
+
+    def start(self) -> None:
+        self.callback = PeriodicCallback(self.report, self.config.report_interval * 1000)
+        self.callback.start()
+
+    def stop(self) -> None:
+        if self.callback is not None:
+            self.callback.stop()
+            self.callback = None
+
+
+class ZCacheWorkerPlugin(WorkerPlugin):
+    """Give each Dask worker its own xarray-zcache cache, reporting to the scheduler.
+
+    On `setup` the worker gets a `HybridCache` built from ``config`` (its disk tier
+    shared by the workers of a host, or in a per-worker subfolder with
+    ``per_worker=True``), registered so that every `CachedStore` naming the cache
+    ``config.name`` binds to it when it runs on this worker. A periodic callback
+    sends cumulative stats and the top-N hot keys to the scheduler's
+    `ZCacheSchedulerPlugin` every ``report_interval`` and applies the promotions
+    and warm-ups the scheduler answers with. `teardown` flushes and closes.
+
+    The plugin is thin and picklable: it carries only the config; the cache and
+    callbacks are created in `setup`. Registering it twice is a no-op (``name``
+    and ``idempotent`` are class attributes).
+
+    Parameters
+    ----------
+    config
+        The cache settings of the workers (``None``: defaults from dask config).
+
+    Examples
+    --------
+    >>> client.register_plugin(ZCacheWorkerPlugin(CacheConfig().with_memory_size("1GB")))
+    ... # doctest: +SKIP
+    """
+
+    name = "zcache-worker"
+    idempotent = True
+
+    def __init__(self, config: CacheConfig | None = None) -> None:
+        self.config = config if config is not None else CacheConfig()
+
+    async def setup(self, worker: Worker) -> None:
+        existing = getattr(worker, "_zcache", None)
+        if existing is not None:  # set up twice on one worker: keep the first
+            return
+        cfg = worker_config(self.config, str(worker.name))
+        cache = await asyncio.to_thread(HybridCache, cfg)
+        cache.start_maintenance()
+        set_worker_cache(worker.address, cache, name=self.config.name)
+        state = _WorkerCache(worker, cache, cfg)
+        worker._zcache = state  # type: ignore[attr-defined]
+        state.start()
+
+    async def teardown(self, worker: Worker) -> None:
+        state: _WorkerCache | None = getattr(worker, "_zcache", None)
+        if state is None:
+            return
+        state.stop()
+        try:
+            await asyncio.wait_for(state.report(), timeout=5)  # last figures, best effort
+        except Exception:
+            pass
+        set_worker_cache(worker.address, None, name=self.config.name)
+        await asyncio.to_thread(state.cache.close)
+        worker._zcache = None  # type: ignore[attr-defined]
+
+
+def worker_cache_state(worker: Worker) -> _WorkerCache | None:
+    """The plugin's state on ``worker`` (``None`` without the plugin)."""
+    return getattr(worker, "_zcache", None)
