@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import multiprocessing.queues
+import multiprocessing.synchronize
 import os
 import pathlib
 import random
@@ -45,9 +47,7 @@ def is_valid_value(key: str, data: bytes) -> bool:
 
 
 def payload_files(root: pathlib.Path) -> list[pathlib.Path]:
-    return [
-        p for sub in ("chunks", "metadata") for p in (root / sub).rglob("*") if p.is_file()
-    ]
+    return [p for sub in ("chunks", "metadata") for p in (root / sub).rglob("*") if p.is_file()]
 
 
 def file_of(tier: DiskTier, key: str, kind: str = "chunk") -> pathlib.Path:
@@ -153,7 +153,9 @@ def test_modes(tmp_path: pathlib.Path) -> None:
         t.close()
 
 
-def test_path_expanded_and_resolved(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_path_expanded_and_resolved(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
     t = DiskTier("~/sub/../cache", 100)
     try:
@@ -463,19 +465,35 @@ def test_threads_share_one_tier(tier: DiskTier) -> None:
     assert report["ok"] == len(tier)
 
 
-def _process_worker(path: str, capacity: int, seed: int, n_ops: int) -> tuple[int, int, list[str]]:
-    """Random put/get/delete on overlapping keys; returns (hits, stored, bad keys)."""
+def _value_version(key: str, data: bytes) -> int:
+    return int(data[len(f"<{key}|") : data.find(b">")])
+
+
+def _process_worker(
+    path: str,
+    capacity: int,
+    seed: int,
+    n_ops: int,
+    barrier: multiprocessing.synchronize.Barrier,
+    results: multiprocessing.queues.Queue[tuple[int, int, int, list[str]]],
+) -> None:
+    """Random put/get/delete on overlapping keys; reports (hits, foreign hits, stored, errors).
+
+    Versions written by this process are ``seed * 10**6 + n``, so hits on values written by
+    the other process ("foreign hits") show that the two really share the folder.
+    """
     t = DiskTier(path, capacity)
     rng = random.Random(seed)
-    hits = stored = 0
+    hits = foreign = stored = 0
     bad: list[str] = []
+    barrier.wait(30)
     try:
-        for _ in range(n_ops):
+        for n in range(n_ops):
             key = f"k{rng.randrange(40)}"
             r = rng.random()
             if r < 0.5:
                 fetch = time.time_ns() - rng.randrange(0, 2_000_000)
-                value = make_value(key, rng.randrange(100_000))
+                value = make_value(key, seed * 10**6 + n)
                 kind = "metadata" if rng.random() < 0.2 else "chunk"
                 if t.put(key, value, kind=kind, fetch_started_ns=fetch):
                     stored += 1
@@ -488,13 +506,17 @@ def _process_worker(path: str, capacity: int, seed: int, n_ops: int) -> tuple[in
                     hits += 1
                     if not is_valid_value(key, got):
                         bad.append(f"{key}: {got[:40]!r}")
+                    elif _value_version(key, got) // 10**6 != seed:
+                        foreign += 1
             elif r < 0.98:
                 t.delete(key)
             else:
                 t.delete_prefix(f"k{rng.randrange(4)}")
+    except Exception as exc:  # report instead of dying silently
+        bad.append(repr(exc))
     finally:
         t.close()
-    return hits, stored, bad
+        results.put((hits, foreign, stored, bad))
 
 
 @pytest.mark.slow
@@ -503,13 +525,22 @@ def test_two_processes_share_one_folder(tmp_path: pathlib.Path) -> None:
     capacity = 15_000
     DiskTier(path, capacity).close()  # create the folder and schema up front
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(2) as pool:
-        results = pool.starmap(
-            _process_worker, [(path, capacity, seed, 2000) for seed in (1, 2)], chunksize=1
-        )
-    for hits, stored, bad in results:
+    barrier = ctx.Barrier(2)
+    results = ctx.Queue()
+    procs = [
+        ctx.Process(target=_process_worker, args=(path, capacity, seed, 2000, barrier, results))
+        for seed in (1, 2)
+    ]
+    for p in procs:
+        p.start()
+    reports = [results.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    for hits, _foreign, stored, bad in reports:
         assert bad == []
         assert hits > 50 and stored > 200
+    assert sum(foreign for _h, foreign, _s, _b in reports) > 0
     t = DiskTier(path, capacity)
     try:
         report = t.verify()

@@ -107,7 +107,9 @@ def store_namespace(store: Store) -> str:
         )
         endpoint = _strip_userinfo(str(endpoint)).rstrip("/")
         path = store.path.strip("/")
-        return f"{protocol}://{endpoint + '|' if endpoint else ''}{path}"
+        # endpoint before path: a store opened at a sub-path of another store gets the
+        # same cache keys for the same objects (so writes through either invalidate both)
+        return f"{protocol}+{endpoint}/{path}" if endpoint else f"{protocol}://{path}"
     if isinstance(store, MemoryStore):
         # a MemoryStore has no location: name it once, for its lifetime
         ns: str | None = getattr(store, "_zcache_namespace", None)

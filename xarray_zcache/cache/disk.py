@@ -311,8 +311,8 @@ class DiskTier:
     **Hit path without SQL.** ``put`` works in two transactions: the first checks tombstones,
     unlinks any previous file of the key, commits the new index row with a random token and
     evicts if the total exceeds the capacity (down to 90% of it; the new key is spared), so no
-    committed state ever exceeds the capacity; the second checks that the row still carries that token and only then ``os.replace``-s the
-    temp file into place. Deletion and eviction unlink files *before* deleting their rows, in
+    committed state ever exceeds the capacity; the second checks that the row still carries
+    that token and only then ``os.replace``-s the temp file into place. Deletion and eviction unlink files *before* deleting their rows, in
     the same transaction. Hence, between transactions, *a visible payload file always has a
     committed index row* (the converse need not hold: a crash can leave a row whose file is
     gone, which reads as a miss and is cleaned by eviction or :meth:`verify`). ``get`` therefore
