@@ -10,11 +10,11 @@ import os
 import pathlib
 import random
 import re
-import signal
 import sqlite3
 import stat
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -59,9 +59,9 @@ def file_of(tier: DiskTier, key: str, kind: str = "chunk") -> pathlib.Path:
 
 
 @pytest.fixture
-def tier(tmp_path: pathlib.Path) -> DiskTier:
+def tier(tmp_path: pathlib.Path) -> Iterator[DiskTier]:
     t = DiskTier(tmp_path / "cache", 1 << 20)
-    yield t  # type: ignore[misc]
+    yield t
     t.close()
 
 
@@ -310,7 +310,8 @@ def test_ttl_expiry(tier: DiskTier) -> None:
     assert tier.put("never", b"n")
     assert tier.get("short", now=now + 5) == b"s"
     assert tier.get("short", now=now + 20) is None
-    assert "short" not in tier.keys()
+    remaining = tier.keys()
+    assert "short" not in remaining
     assert not file_of(tier, "short").exists()
     assert tier.drop_expired(now=now + 2000) == 1
     assert tier.keys() == ["never"]
@@ -460,6 +461,7 @@ def test_threads_share_one_tier(tier: DiskTier) -> None:
     for th in threads:
         th.join()
     assert errors == []
+    assert tier.corruptions == 0
     report = tier.verify()
     assert report["corrupt"] == report["orphan_files"] == report["mismatched"] == 0
     assert report["ok"] == len(tier)
@@ -515,6 +517,8 @@ def _process_worker(
     except Exception as exc:  # report instead of dying silently
         bad.append(repr(exc))
     finally:
+        if t.corruptions:
+            bad.append(f"{t.corruptions} damaged files seen (torn write?)")
         t.close()
         results.put((hits, foreign, stored, bad))
 
@@ -549,7 +553,8 @@ def test_two_processes_share_one_folder(tmp_path: pathlib.Path) -> None:
         assert report["ok"] == len(t)
         assert t.used_bytes() <= capacity
         assert t.used_bytes() == sum(f.stat().st_size - HEADER_SIZE for f in payload_files(t.path))
-        for key in t.keys():
+        keys = t.keys()
+        for key in keys:
             got = t.get(key)
             assert got is not None and is_valid_value(key, got)
     finally:
@@ -584,7 +589,7 @@ def test_sigkill_never_leaves_visible_partial_entries(tmp_path: pathlib.Path) ->
             assert ready.wait(30)
             time.sleep(rng.uniform(0.0, 0.15))
         finally:
-            os.kill(proc.pid, signal.SIGKILL)
+            proc.kill()  # SIGKILL
             proc.join()
         t = DiskTier(path, 40_000)
         try:
@@ -595,7 +600,6 @@ def test_sigkill_never_leaves_visible_partial_entries(tmp_path: pathlib.Path) ->
             report = t.verify()
             # a crash may leave temp files and rows without file, never bad or orphan files
             assert report["corrupt"] == report["orphan_files"] == report["mismatched"] == 0
-            assert report["missing_files"] <= 1
             assert t.corruptions == 0
             t.verify(repair=True)
             assert t.verify()["missing_files"] == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -282,10 +283,8 @@ def test_worker_killed_mid_compute_gives_right_result(
 
         def kill() -> None:
             time.sleep(0.3)
-            try:
+            with contextlib.suppress(Exception):
                 c.run(os._exit, 1, workers=[victim], wait=False)
-            except Exception:
-                pass
 
         s3_server.latency = 0.05  # keep the compute running while the worker dies
         try:

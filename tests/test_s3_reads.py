@@ -74,7 +74,8 @@ def test_second_read_sends_no_chunk_gets(
 
     stats = get_cache(config).stats()
     assert stats.total_hits("chunk") >= cold_gets
-    assert stats.hit_rate("chunk") == pytest.approx(0.5, abs=0.01)
+    assert stats.total_misses("chunk") == cold_gets  # every request sent is a miss
+    assert stats.hit_rate("chunk") >= 0.5
     assert stats.requests_saved >= cold_gets
 
 
@@ -217,3 +218,45 @@ async def _get_or_error(store: CachedStore, key: str, proto: Any) -> str | None:
     except Exception as exc:
         return f"error: {type(exc).__name__}"
     return None if buf is None else buf.to_bytes().decode()
+
+
+def _long_dataset(url: str, opts: dict[str, Any]) -> None:
+    ds = xr.Dataset({"v": (("time", "x"), np.arange(64 * 100, dtype="f4").reshape(64, 100))})
+    ds.to_zarr(url, storage_options=opts, zarr_format=3, encoding={"v": {"chunks": (1, 100)}})
+
+
+def test_sequential_scan_reads_ahead_without_duplicate_requests(
+    s3_server: LocalS3Server, s3_bucket: str, s3_options: dict[str, Any], config: CacheConfig
+) -> None:
+    url = f"s3://{s3_bucket}/long.zarr"
+    _long_dataset(url, s3_options)
+    cfg = config.with_prefetch(16)
+    log = s3_server.requests
+    before = log.chunk_gets(s3_bucket)
+    s3_server.latency = 0.01
+    try:
+        ds = xr.open_dataset(
+            url, engine="zcache", chunks={}, storage_options=s3_options, cache_config=cfg
+        )
+        assert float(ds.v.sum().compute()) == float(np.arange(64 * 100, dtype="f4").sum())
+    finally:
+        s3_server.latency = 0.0
+    assert get_cache(cfg).stats().prefetches > 0
+    assert log.chunk_gets(s3_bucket) - before == 64  # each chunk fetched exactly once
+
+
+def test_scattered_reads_do_not_read_ahead(
+    s3_server: LocalS3Server, s3_bucket: str, s3_options: dict[str, Any], config: CacheConfig
+) -> None:
+    url = f"s3://{s3_bucket}/long.zarr"
+    _long_dataset(url, s3_options)
+    cfg = config.with_prefetch(16)
+    ds = xr.open_dataset(
+        url, engine="zcache", chunks={}, storage_options=s3_options, cache_config=cfg
+    )
+    log = s3_server.requests
+    before = log.chunk_gets(s3_bucket)
+    for t in (3, 40, 17, 60, 29, 8, 51):
+        ds.v.isel(time=t).compute()
+    assert get_cache(cfg).stats().prefetches == 0
+    assert log.chunk_gets(s3_bucket) - before == 7

@@ -45,6 +45,10 @@ def _inner_store(
         # s3fs sends a HEAD before each whole-object GET unless max_concurrency=1:
         # one request per chunk instead of two
         opts.setdefault("max_concurrency", 1)
+        # botocore's pool (10 by default) would cap reads in flight, read-ahead included
+        config_kwargs = dict(opts.get("config_kwargs") or {})
+        config_kwargs.setdefault("max_pool_connections", 64)
+        opts["config_kwargs"] = config_kwargs
     try:
         import fsspec
 

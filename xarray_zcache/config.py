@@ -117,7 +117,10 @@ class CacheConfig:
     maintenance_interval
         Seconds between maintenance passes.
     write_queue_size
-        Bytes of pending background disk writes before back-pressure.
+        Bytes of pending background disk writes; beyond it, disk writes are
+        dropped (the memory tier still holds the values).
+    prefetch_depth
+        Chunks read ahead of a detected sequential scan (0: off).
     top_n
         Number of hot keys tracked in stats.
     per_worker
@@ -152,6 +155,7 @@ class CacheConfig:
         default_factory=lambda: _cfg("maintenance-interval")
     )
     write_queue_size: int = dataclasses.field(default_factory=lambda: _cfg("write-queue-size"))
+    prefetch_depth: int = dataclasses.field(default_factory=lambda: _cfg("prefetch-depth"))
     top_n: int = dataclasses.field(default_factory=lambda: _cfg("top-n"))
     per_worker: bool = dataclasses.field(default_factory=lambda: _cfg("distributed.per-worker"))
     report_interval: float = dataclasses.field(
@@ -196,6 +200,11 @@ class CacheConfig:
             raise ValueError("maintenance_interval: must be > 0 seconds")
         s(self, "maintenance_interval", interval)
         s(self, "write_queue_size", _size("write_queue_size", self.write_queue_size))
+        depth = self.prefetch_depth
+        if isinstance(depth, bool) or not isinstance(depth, int) or not 0 <= depth <= 1024:
+            raise ValueError(
+                f"prefetch_depth: invalid value {depth!r}; expected an int from 0 (off) to 1024"
+            )
         if isinstance(self.top_n, bool) or not isinstance(self.top_n, int) or self.top_n < 0:
             raise ValueError(f"top_n: invalid value {self.top_n!r}; expected an int >= 0")
         report = _duration("report_interval", self.report_interval, allow_none=False)
@@ -306,6 +315,10 @@ class CacheConfig:
         """Return a copy promoting disk hits at ``accesses_per_second`` (0: always)."""
         return self._replace(promotion_threshold=accesses_per_second)
 
+    def with_prefetch(self, depth: int) -> Self:
+        """Return a copy reading ``depth`` chunks ahead of sequential scans (0: off)."""
+        return self._replace(prefetch_depth=depth)
+
     def with_cache_on_write(self, enabled: bool) -> Self:
         """Return a copy that stores (``True``) or only invalidates (``False``) on writes."""
         return self._replace(cache_on_write=enabled)
@@ -360,6 +373,7 @@ _FIELD_OF = {
     "maintenance-interval": "maintenance_interval",
     "write-queue-size": "write_queue_size",
     "top-n": "top_n",
+    "prefetch-depth": "prefetch_depth",
     "distributed.per-worker": "per_worker",
     "distributed.report-interval": "report_interval",
 }

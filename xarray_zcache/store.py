@@ -25,6 +25,7 @@ from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 from xarray_zcache.cache.hybrid import Fill, HybridCache
 from xarray_zcache.cache.stats import CacheStats
 from xarray_zcache.config import CacheConfig
+from xarray_zcache.prefetch import ScanPrefetcher
 from xarray_zcache.registry import current_worker_address, get_cache, resolve_config
 
 if TYPE_CHECKING:
@@ -230,6 +231,7 @@ class CachedStore(Store):
         self._config = resolve_config(config)
         self._namespace = namespace if namespace is not None else store_namespace(store)
         self._bindings: dict[str | None, HybridCache] = {}
+        self._prefetchers: dict[int, ScanPrefetcher] = {}
 
     # -- identity, pickling --------------------------------------------------------------------
 
@@ -271,6 +273,7 @@ class CachedStore(Store):
         self._config = state["config"]
         self._namespace = state["namespace"]
         self._bindings = {}
+        self._prefetchers = {}
 
     def __repr__(self) -> str:
         return f"CachedStore({self._store!r}, cache={self._config.name!r})"
@@ -422,6 +425,7 @@ class CachedStore(Store):
         prototype = prototype or default_buffer_prototype()
         cache = self.cache
         kind = key_kind(key)
+        pf = self._prefetcher() if kind == "chunk" and byte_range is None else None
         data = self._lookup_memory(cache, key, byte_range, kind)
         if data is None:
             if byte_range is None and kind == "metadata" and cache.is_negative(self._ck(key)):
@@ -429,10 +433,37 @@ class CachedStore(Store):
             if cache.disk is not None:
                 data = await asyncio.to_thread(self._lookup_disk, cache, key, byte_range, kind)
             if data is None:
+                if pf is not None:
+                    await pf.observe(key, miss=True)  # may start reading ahead
                 data = await self._fetch(cache, key, byte_range, kind)
                 if data is None:
                     return None
+            elif pf is not None and pf.active:
+                await pf.observe(key, miss=False)
+        elif pf is not None and pf.active:
+            await pf.observe(key, miss=False)
         return prototype.buffer.from_bytes(data)
+
+    def _prefetcher(self) -> ScanPrefetcher | None:
+        """The read-ahead of this store on the running event loop (None if disabled)."""
+        depth = self._config.prefetch_depth
+        if depth <= 0 or current_worker_address() is not None:
+            # on a Dask cluster the workers split the scan between them: one worker's
+            # read-ahead would fetch chunks that other workers are about to read
+            return None
+        loop = id(asyncio.get_running_loop())
+        pf = self._prefetchers.get(loop)
+        if pf is None:
+            pf = self._prefetchers[loop] = ScanPrefetcher(self, depth)
+        return pf
+
+    async def _prefetch(self, key: str) -> None:
+        """Read chunk ``key`` into the cache ahead of its reader (see `ScanPrefetcher`)."""
+        cache = self.cache
+        if cache.contains(self._ck(key)):
+            return
+        await self._fetch(cache, key, None, "chunk")
+        cache.record_prefetch()
 
     async def _fetch(
         self, cache: HybridCache, key: str, byte_range: ByteRequest | None, kind: str
@@ -449,6 +480,11 @@ class CachedStore(Store):
                 if not fut.cancelled():
                     raise  # we were cancelled ourselves
                 # the leader was cancelled: take over
+        # another fetch (a read-ahead, say) may have filled the entry while this caller
+        # looked on disk: check memory again before sending a request
+        again = self._lookup_memory(cache, key, byte_range, kind)
+        if again is not None:
+            return again
         fut = loop.create_future()
         inflight[slot] = fut
         fill = cache.begin(ek)

@@ -55,7 +55,9 @@ _KINDS: Final = ("chunk", "metadata")
 _SCHEMA_VERSION: Final = 1
 _BUSY_TIMEOUT_MS: Final = 30_000
 #: Busy timeout for opportunistic access-stat flushes triggered from the hit path.
-_OPPORTUNISTIC_BUSY_MS: Final = 20
+_OPPORTUNISTIC_BUSY_MS: Final = 0
+#: After an opportunistic flush found the index busy, wait this long before trying again.
+_FLUSH_RETRY_S: Final = 0.1
 _FLUSH_INTERVAL_S: Final = 1.0
 _FLUSH_MAX_PENDING: Final = 1000
 #: Pending access records kept when the index cannot be written; beyond that they are dropped.
@@ -283,7 +285,8 @@ class DiskTier:
     max_object_size : int or None
         Largest payload stored.
     corruptions : int
-        Damaged payload files detected (and removed) by this instance.
+        Damaged payload files removed by this instance (found by ``get`` or by
+        ``verify(repair=True)``).
     evictions : int
         Entries evicted for space by this instance.
     evicted_bytes : int
@@ -312,18 +315,21 @@ class DiskTier:
     unlinks any previous file of the key, commits the new index row with a random token and
     evicts if the total exceeds the capacity (down to 90% of it; the new key is spared), so no
     committed state ever exceeds the capacity; the second checks that the row still carries
-    that token and only then ``os.replace``-s the temp file into place. Deletion and eviction unlink files *before* deleting their rows, in
-    the same transaction. Hence, between transactions, *a visible payload file always has a
-    committed index row* (the converse need not hold: a crash can leave a row whose file is
-    gone, which reads as a miss and is cleaned by eviction or :meth:`verify`). ``get`` therefore
-    reads only the file: its header carries the key hash, length, CRC-32 and expiry, so the
-    bytes returned are always exactly what was stored for this key. A payload file without an
-    index row can only appear through outside tampering; ``get`` serves it if the header and
-    checksum verify (the bytes are correct for this key) and ``verify(repair=True)`` removes it.
+    that token and only then ``os.replace``-s the temp file into place. Deletion and eviction
+    unlink files *before* deleting their rows, in the same transaction. Hence, between
+    transactions, *a visible payload file always has a committed index row* (the converse
+    need not hold: a crash can leave a row whose file is gone, which reads as a miss and is
+    cleaned by eviction or :meth:`verify`). ``get`` therefore reads only the file: its header
+    carries the key hash, length, CRC-32 and expiry, so the bytes returned are always exactly
+    what was stored for this key. A payload file without an index row can only appear through
+    outside tampering; ``get`` serves it if the header and checksum verify (the bytes are
+    correct for this key) and ``verify(repair=True)`` removes it.
 
     **Crash safety.** Payloads are written to a temp file (``.<hash>.<pid>.<uuid>.tmp``) in the
     final folder and renamed atomically, so a reader never sees a half-written entry. A crash
     may leave temp files (never read; removed by ``verify(repair=True)``) and rows without file.
+
+    An instance must not be used across ``fork()``: open a new one in the child process.
 
     **Access statistics** (``last_access``, ``hits``) are kept in memory and written in batches:
     on :meth:`flush`, :meth:`close`, before eviction, about once a second while hits arrive, or
@@ -368,6 +374,7 @@ class DiskTier:
         self._pending_lock = threading.Lock()
         self._pending: dict[str, tuple[float, int]] = {}
         self._last_flush = time.monotonic()
+        self._flush_retry_at = 0.0
         self._warned: set[object] = set()
         self._stores = 0
         _prepare_folder(self.path)
@@ -577,9 +584,9 @@ class DiskTier:
                 self._pending[key] = (t, 1)
             else:
                 self._pending[key] = (t if t > rec[0] else rec[0], rec[1] + 1)
-            due = (
-                len(self._pending) >= _FLUSH_MAX_PENDING
-                or time.monotonic() - self._last_flush >= _FLUSH_INTERVAL_S
+            mono = time.monotonic()
+            due = mono - self._last_flush >= _FLUSH_INTERVAL_S or (
+                len(self._pending) >= _FLUSH_MAX_PENDING and mono >= self._flush_retry_at
             )
         if due:
             self._flush(blocking=False)
@@ -637,6 +644,7 @@ class DiskTier:
                     self._write_accesses(conn, batch)
             except sqlite3.Error as exc:
                 self._requeue(batch)
+                self._flush_retry_at = time.monotonic() + _FLUSH_RETRY_S
                 if blocking or not isinstance(exc, sqlite3.OperationalError):
                     self._warn_error(exc, "writing access statistics")
             finally:
@@ -1080,8 +1088,9 @@ class DiskTier:
                         "UPDATE totals SET used = (SELECT COALESCE(SUM(size), 0) FROM entries), "
                         "count = (SELECT COUNT(*) FROM entries) WHERE id = 0"
                     )
-        with self._pending_lock:
-            self.corruptions += counts["corrupt"]
+        if repair:
+            with self._pending_lock:
+                self.corruptions += counts["corrupt"]
         return counts
 
     # ------------------------------------------------------------------ introspection

@@ -172,6 +172,10 @@ class HybridCache:
         """Count a read that went to the inner store."""
         self._stats.miss(kind, nbytes, seconds, key)
 
+    def record_prefetch(self) -> None:
+        """Count a read-ahead fetch (it is also counted as a miss)."""
+        self._stats.add("prefetches")
+
     def record_error(self) -> None:
         """Count an error from the inner store (never cached)."""
         self._stats.add("inner_errors")

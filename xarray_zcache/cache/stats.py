@@ -80,6 +80,7 @@ class CacheStats:
     evictions: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(TIERS, 0))
     corruptions: int = 0
     promotions: int = 0
+    prefetches: int = 0
     disk_write_failures: int = 0
     not_admitted: int = 0
     fetch_latency_ms: list[int] = dataclasses.field(

@@ -30,6 +30,7 @@ __all__ = [
     "ZCacheWorkerPlugin",
     "clear",
     "cluster_stats",
+    "dashboard_link",
     "install",
 ]
 
@@ -62,7 +63,9 @@ def install(
     from xarray_zcache.registry import resolve_config
 
     cfg = resolve_config(config)
-    client.register_plugin(ZCacheSchedulerPlugin(promotion_threshold=promotion_threshold, warm=warm))
+    client.register_plugin(
+        ZCacheSchedulerPlugin(promotion_threshold=promotion_threshold, warm=warm)
+    )
     client.register_plugin(ZCacheWorkerPlugin(cfg))
 
 
@@ -137,10 +140,16 @@ class ClusterStats:
         )
         return (
             "<div><strong>xarray-zcache cluster</strong>"
-            + table.to_html()
+            + str(table.to_html())
             + (f"<details><summary>hot keys</summary><table>{hot}</table></details>" if hot else "")
             + "</div>"
         )
+
+
+def _scheduler_call(client: Client, op: str, **kwargs: Any) -> Any:
+    """Call a handler of the scheduler (``None`` if the scheduler does not have it)."""
+    scheduler: Any = client.scheduler
+    return client.sync(getattr(scheduler, op), **kwargs)  # type: ignore[no-untyped-call]
 
 
 def cluster_stats(client: Client) -> ClusterStats:
@@ -151,7 +160,7 @@ def cluster_stats(client: Client) -> ClusterStats:
     RuntimeError
         If the aggregator is not installed (see `install`).
     """
-    raw = client.sync(client.scheduler.zcache_cluster_stats)
+    raw = _scheduler_call(client, "zcache_cluster_stats")
     if raw is None:
         raise RuntimeError(
             "the scheduler has no zcache aggregator: call xarray_zcache.distributed.install(client)"
@@ -159,9 +168,59 @@ def cluster_stats(client: Client) -> ClusterStats:
     return ClusterStats.from_dict(raw)
 
 
+def dashboard_link(client: Client) -> str:
+    """The URL of the ``/zcache`` page on the cluster's Dask dashboard.
+
+    Built from ``client.dashboard_link`` (which ends in ``/status``, or in what the
+    ``distributed.dashboard.link`` setting says) and the path the scheduler
+    mounted the page at, so it respects the dashboard's ``http_prefix``. The
+    JSON for scripts is at ``dashboard_link(client) + "/api/stats.json"``.
+
+    Parameters
+    ----------
+    client
+        A client of a cluster with zcache installed (see `install`).
+
+    Returns
+    -------
+    str
+        E.g. ``"http://127.0.0.1:8787/zcache"``.
+
+    Raises
+    ------
+    RuntimeError
+        If the scheduler has no dashboard, or zcache is not installed on it.
+    """
+    from urllib.parse import urlsplit
+
+    from xarray_zcache.distributed.dashboard import page_path
+
+    try:
+        link = client.dashboard_link
+    except (KeyError, AttributeError, TypeError):
+        link = None
+    if not link:
+        raise RuntimeError("the scheduler has no dashboard (no HTTP server)")
+    path = client.run_on_scheduler(page_path)  # type: ignore[no-untyped-call]
+    if not path:
+        raise RuntimeError(
+            "the scheduler has no /zcache page: call xarray_zcache.distributed.install(client)"
+        )
+    base = str(link).split("?", 1)[0].split("#", 1)[0]
+    if base.endswith("/status"):
+        base = base[: -len("status")]
+    elif not base.endswith("/"):
+        base += "/"
+    # the page's path is "{http_prefix}zcache"; the link may already include the prefix
+    prefix = str(path)[: -len("zcache")]
+    if urlsplit(base).path.endswith(prefix):
+        return base + "zcache"
+    return base.rstrip("/") + str(path)
+
+
 def decisions(client: Client, n: int = 100) -> list[dict[str, Any]]:
     """The aggregator's most recent promotion / warm decisions."""
-    return list(client.sync(client.scheduler.zcache_decisions, n=n) or [])
+    return list(_scheduler_call(client, "zcache_decisions", n=n) or [])
 
 
 def _clear_worker_cache(dask_worker: Any, prefix: str) -> int:

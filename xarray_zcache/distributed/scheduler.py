@@ -38,7 +38,7 @@ def array_of(key: str) -> str:
 
 
 class _WorkerState:
-    __slots__ = ("hot", "host", "last_seen", "name", "rates", "stats", "time")
+    __slots__ = ("host", "hot", "last_seen", "name", "rates", "stats", "time")
 
     def __init__(self) -> None:
         self.stats = CacheStats()
@@ -115,11 +115,17 @@ class ZCacheSchedulerPlugin(SchedulerPlugin):
         self._last_point = 0.0
         for op in HANDLERS:
             scheduler.handlers[op] = getattr(self, op)
+        from xarray_zcache.distributed.dashboard import add_routes
+
+        add_routes(scheduler)  # the /zcache page and its JSON on the dashboard
 
     async def close(self) -> None:
         if self.scheduler is not None:
             for op in HANDLERS:
                 self.scheduler.handlers.pop(op, None)
+            from xarray_zcache.distributed.dashboard import remove_routes
+
+            remove_routes(self.scheduler)
 
     def remove_worker(
         self, scheduler: Scheduler, worker: str, *, stimulus_id: str, **kwargs: Any
@@ -150,7 +156,7 @@ class ZCacheSchedulerPlugin(SchedulerPlugin):
         self._shift_totals(state.stats, stats)
         rates: dict[str, float] = {}
         dt = t - state.time if state.time else 0.0
-        for key, count, tier in hot:
+        for key, count, _tier in hot:
             old = state.hot.get(key)
             if old is not None and dt > 0:
                 rates[key] = max(0.0, (count - old[0]) / dt)
@@ -222,7 +228,7 @@ class ZCacheSchedulerPlugin(SchedulerPlugin):
                 continue
             holders = [w for w, s in self.workers.items() if key in s.hot]
             for w in holders:
-                count, tier = self.workers[w].hot[key]
+                _count, tier = self.workers[w].hot[key]
                 done = self.promoted.setdefault(w, set())
                 if tier == "disk" and key not in done:
                     if len(done) > 10 * self.max_keys:

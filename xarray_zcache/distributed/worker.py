@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -167,10 +168,8 @@ class ZCacheWorkerPlugin(WorkerPlugin):
         if state is None:
             return
         state.stop()
-        try:
-            await asyncio.wait_for(state.report(), timeout=5)  # last figures, best effort
-        except Exception:
-            pass
+        with contextlib.suppress(Exception):  # last figures, best effort
+            await asyncio.wait_for(state.report(), timeout=5)
         set_worker_cache(worker.address, None, name=self.config.name)
         await asyncio.to_thread(state.cache.close)
         worker._zcache = None  # type: ignore[attr-defined]

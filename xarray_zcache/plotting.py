@@ -1,0 +1,789 @@
+"""Bokeh figures of a cluster's caches, for the ``/zcache`` dashboard page and for notebooks.
+
+Every function here takes plain data, the way the scheduler's aggregator
+(`~xarray_zcache.distributed.ZCacheSchedulerPlugin`) hands it out, and returns
+Bokeh models; nothing here does I/O. The two inputs are
+
+``stats``
+    the dict of ``ZCacheSchedulerPlugin.zcache_cluster_stats()``: ``workers``
+    (address -> ``name``, ``host`` and the `~xarray_zcache.cache.stats.CacheStats`
+    fields of ``CacheStats.to_dict()``), ``total`` (the same fields for the
+    cluster), ``hot_keys`` and ``decisions``;
+``series``
+    the aggregator's time series (``ZCacheSchedulerPlugin.series``): one dict per
+    point with ``time`` (epoch seconds), ``workers``, ``hit_rate``,
+    ``hits_memory``, ``hits_disk``, ``misses``, ``bytes_saved``,
+    ``requests_saved``, ``memory_used`` and ``disk_used``, cluster-wide and
+    cumulative.
+
+`source_data` turns them into the columns of every figure's data source (plain
+JSON-able lists). The figures read named `~bokeh.models.ColumnDataSource`
+objects (``zcache-<name>``), so a page can update them in place from
+`source_data` without rebuilding the layout; `layout_key` tells when it must
+rebuild instead (the set of workers changed).
+
+Examples
+--------
+>>> from bokeh.io import output_notebook, show  # doctest: +SKIP
+>>> from xarray_zcache import plotting
+>>> from xarray_zcache.distributed.dashboard import snapshot  # doctest: +SKIP
+>>> data = snapshot(client)  # doctest: +SKIP
+>>> show(plotting.dashboard(data["cluster"], data["series"]))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from bokeh.layouts import column, row
+from bokeh.models import (
+    ColumnDataSource,
+    DataRange1d,
+    FactorRange,
+    HoverTool,
+    LinearAxis,
+    NumeralTickFormatter,
+    Range1d,
+)
+from bokeh.models.layouts import LayoutDOM
+from bokeh.models.widgets.markups import Div
+from bokeh.models.widgets.tables import DataTable, NumberFormatter, TableColumn
+from bokeh.plotting import figure
+from dask.utils import format_bytes
+
+__all__ = [
+    "SOURCE_NAMES",
+    "bytes_saved_figure",
+    "capacity_figure",
+    "dashboard",
+    "decisions_table",
+    "figures",
+    "hit_rate_figure",
+    "hot_keys_table",
+    "layout_key",
+    "make_sources",
+    "source_data",
+    "summary",
+    "summary_text",
+    "tier_figure",
+    "worker_labels",
+]
+
+#: the data sources behind the figures; each is a ``ColumnDataSource`` named ``zcache-<name>``
+SOURCE_NAMES = ("series", "recent", "workers", "tiers", "hot_keys", "decisions")
+
+#: label of the cluster-wide row in the per-tier breakdown
+CLUSTER_LABEL = "cluster"
+#: the single row shown while no worker has reported yet
+NO_WORKERS_LABEL = "(no worker reports yet)"
+
+COLORS = {
+    "memory": "#2b83ba",
+    "disk": "#abdda4",
+    "miss": "#d7191c",
+    "capacity": "#e0e0e0",
+    "requests": "#fdae61",
+}
+
+WIDTH = 540  # one figure; two side by side make the page (and the notebook cell) 1080 wide
+FULL_WIDTH = 2 * WIDTH
+_TOOLS = "pan,wheel_zoom,box_zoom,reset,save"
+
+Stats = Mapping[str, Any]
+Series = Sequence[Mapping[str, Any]]
+Columns = dict[str, list[Any]]
+
+
+# -- data ----------------------------------------------------------------------------------------
+
+
+def _num(value: Any) -> float:
+    """A finite float (0.0 for missing, non-numeric or non-finite values)."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return x if math.isfinite(x) else 0.0
+
+
+def _int(value: Any) -> int:
+    return int(_num(value))
+
+
+def _hits(s: Mapping[str, Any], tier: str) -> int:
+    """Hits of one tier (all kinds) in a ``CacheStats.to_dict()`` dict."""
+    by_kind = (s.get("hits") or {}).get(tier) or {}
+    return sum(_int(v) for v in by_kind.values())
+
+
+def _misses(s: Mapping[str, Any]) -> int:
+    return sum(_int(v) for v in (s.get("misses") or {}).values())
+
+
+def worker_labels(stats: Stats) -> dict[str, str]:
+    """Short, unique display labels for the workers, by address.
+
+    A worker's name when it has one (``"worker 0"`` for LocalCluster's numeric
+    names), its address otherwise or when names collide.
+
+    Parameters
+    ----------
+    stats
+        The aggregator's cluster stats dict.
+
+    Returns
+    -------
+    dict
+        Worker address -> label, in address order.
+    """
+    workers: Mapping[str, Any] = stats.get("workers") or {}
+    labels: dict[str, str] = {}
+    for addr in sorted(workers):
+        name = str((workers[addr] or {}).get("name") or "")
+        if not name or name == addr:
+            labels[addr] = addr
+        else:
+            labels[addr] = f"worker {name}" if name.isdigit() else name
+    counts: dict[str, int] = {}
+    for label in labels.values():
+        counts[label] = counts.get(label, 0) + 1
+    return {a: (lab if counts[lab] == 1 else a) for a, lab in labels.items()}
+
+
+def summary(stats: Stats) -> dict[str, Any]:
+    """The cluster's headline figures.
+
+    Parameters
+    ----------
+    stats
+        The aggregator's cluster stats dict.
+
+    Returns
+    -------
+    dict
+        ``workers``, ``hit_rate`` (0..1), ``hits_memory``, ``hits_disk``,
+        ``misses``, ``requests_saved``, ``bytes_saved``, ``memory_used``,
+        ``memory_capacity``, ``disk_used``, ``disk_capacity``, ``disk_folders``,
+        ``decisions``. Disk figures count each disk folder once, even when several
+        workers of a host share it (and each reports it whole).
+    """
+    total: Mapping[str, Any] = stats.get("total") or {}
+    disk_used, disk_capacity, folders = _disk_folders(stats)
+    return {
+        "workers": len(stats.get("workers") or {}),
+        "hit_rate": _num(total.get("hit_rate")),
+        "hits_memory": _hits(total, "memory"),
+        "hits_disk": _hits(total, "disk"),
+        "misses": _misses(total),
+        "requests_saved": _int(total.get("requests_saved")),
+        "bytes_saved": _int(total.get("bytes_saved")),
+        "memory_used": _int(total.get("memory_used")),
+        "memory_capacity": _int(total.get("memory_capacity")),
+        "disk_used": disk_used,
+        "disk_capacity": disk_capacity,
+        "disk_folders": folders,
+        "decisions": len(stats.get("decisions") or []),
+    }
+
+
+def _disk_folders(stats: Stats) -> tuple[int, int, int]:
+    """Disk use and capacity counting each (host, folder) once, and the number of folders.
+
+    The workers of one host share a disk folder by default, and each reports the
+    whole folder: summing over workers would count it once per worker.
+    """
+    workers: Mapping[str, Any] = stats.get("workers") or {}
+    folders: dict[tuple[str, str], tuple[int, int]] = {}
+    for addr, s in workers.items():
+        s = s or {}
+        path = s.get("disk_path")
+        if not path and not _int(s.get("disk_capacity")):
+            continue
+        where = (str(s.get("host") or addr), str(path or addr))
+        used, cap = folders.get(where, (0, 0))
+        folders[where] = (
+            max(used, _int(s.get("disk_used"))),
+            max(cap, _int(s.get("disk_capacity"))),
+        )
+    return (
+        sum(u for u, _ in folders.values()),
+        sum(c for _, c in folders.values()),
+        len(folders),
+    )
+
+
+def summary_text(stats: Stats) -> str:
+    """One line of headline figures, e.g. ``"cluster hit rate: 50.0% | 2 workers | ..."``.
+
+    Parameters
+    ----------
+    stats
+        The aggregator's cluster stats dict.
+
+    Returns
+    -------
+    str
+        Plain text (not HTML-escaped).
+    """
+    s = summary(stats)
+    parts = [
+        f"cluster hit rate: {s['hit_rate']:.1%}",
+        f"{s['workers']} worker{'' if s['workers'] == 1 else 's'}",
+        f"{s['requests_saved']} requests and {format_bytes(s['bytes_saved'])} saved",
+        f"memory {format_bytes(s['memory_used'])} of {format_bytes(s['memory_capacity'])}",
+    ]
+    if s["disk_capacity"]:
+        n = s["disk_folders"]
+        parts.append(
+            f"disk {format_bytes(s['disk_used'])} of {format_bytes(s['disk_capacity'])} "
+            f"({n} folder{'' if n == 1 else 's'})"
+        )
+    return " | ".join(parts)
+
+
+def layout_key(stats: Stats) -> str:
+    """What the shape of the layout depends on: the workers' labels, in order.
+
+    A page built for one key can update its sources in place from `source_data`
+    while the key stays the same; when it changes, the layout must be rebuilt.
+    """
+    return "\n".join(worker_labels(stats).values())
+
+
+def _clock(t: Any) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(_num(t)))
+
+
+def _pct(used: int, capacity: int) -> float:
+    return used / capacity if capacity > 0 else 0.0
+
+
+def source_data(stats: Stats, series: Series) -> dict[str, Columns]:
+    """The columns of every figure's data source (plain, JSON-able lists).
+
+    Parameters
+    ----------
+    stats
+        The aggregator's cluster stats dict.
+    series
+        The aggregator's time series points, oldest first.
+
+    Returns
+    -------
+    dict
+        Source name (see `SOURCE_NAMES`) -> column name -> values. ``series``: the
+        cumulative cluster figures over time (``time`` in epoch milliseconds);
+        ``recent``: the hit rate between consecutive points that saw reads;
+        ``workers``: one row per worker (memory/disk use and capacity);
+        ``tiers``: one row per worker plus the cluster (hits by tier, misses);
+        ``hot_keys``: the cluster's hottest keys; ``decisions``: the latest
+        promotion/warm decisions, newest first.
+    """
+    points = list(series)
+    ser: Columns = {
+        k: []
+        for k in (
+            "time",
+            "hit_rate",
+            "hits_memory",
+            "hits_disk",
+            "misses",
+            "bytes_saved",
+            "bytes_saved_text",
+            "requests_saved",
+            "workers",
+        )
+    }
+    for p in points:
+        ser["time"].append(_num(p.get("time")) * 1000.0)
+        ser["hit_rate"].append(_num(p.get("hit_rate")))
+        for k in ("hits_memory", "hits_disk", "misses", "requests_saved", "workers"):
+            ser[k].append(_int(p.get(k)))
+        saved = _int(p.get("bytes_saved"))
+        ser["bytes_saved"].append(saved)
+        ser["bytes_saved_text"].append(format_bytes(saved))
+
+    recent: Columns = {"time": [], "hit_rate": [], "reads": []}
+    for i in range(1, len(points)):
+        a, b = points[i - 1], points[i]
+        hits = (_int(b.get("hits_memory")) + _int(b.get("hits_disk"))) - (
+            _int(a.get("hits_memory")) + _int(a.get("hits_disk"))
+        )
+        misses = _int(b.get("misses")) - _int(a.get("misses"))
+        if hits < 0 or misses < 0 or hits + misses == 0:
+            continue  # no reads in between, or counters went back (a worker left, a clear)
+        recent["time"].append(_num(b.get("time")) * 1000.0)
+        recent["hit_rate"].append(hits / (hits + misses))
+        recent["reads"].append(hits + misses)
+
+    labels = worker_labels(stats)
+    workers: Mapping[str, Any] = stats.get("workers") or {}
+    wcols: Columns = {
+        k: []
+        for k in (
+            "label",
+            "address",
+            "memory_used",
+            "memory_capacity",
+            "memory_pct",
+            "memory_text",
+            "disk_used",
+            "disk_capacity",
+            "disk_pct",
+            "disk_text",
+        )
+    }
+    tcols: Columns = {
+        k: [] for k in ("label", "memory", "disk", "miss", "negative", "hit_rate", "reads")
+    }
+
+    def add_tier_row(label: str, s: Mapping[str, Any]) -> None:
+        negative = _int(s.get("negative_hits"))
+        memory, disk, miss = _hits(s, "memory") + negative, _hits(s, "disk"), _misses(s)
+        tcols["label"].append(label)
+        tcols["memory"].append(memory)
+        tcols["disk"].append(disk)
+        tcols["miss"].append(miss)
+        tcols["negative"].append(negative)
+        tcols["hit_rate"].append(_num(s.get("hit_rate")))
+        tcols["reads"].append(memory + disk + miss)
+
+    for addr, label in labels.items():
+        s = workers[addr] or {}
+        wcols["label"].append(label)
+        wcols["address"].append(addr)
+        for tier in ("memory", "disk"):
+            used, cap = _int(s.get(f"{tier}_used")), _int(s.get(f"{tier}_capacity"))
+            wcols[f"{tier}_used"].append(used)
+            wcols[f"{tier}_capacity"].append(cap)
+            wcols[f"{tier}_pct"].append(_pct(used, cap))
+            wcols[f"{tier}_text"].append(
+                f"{format_bytes(used)} of {format_bytes(cap)}" if cap else format_bytes(used)
+            )
+        add_tier_row(label, s)
+    if not labels:
+        wcols["label"].append(NO_WORKERS_LABEL)
+        wcols["address"].append("")
+        for tier in ("memory", "disk"):
+            wcols[f"{tier}_used"].append(0)
+            wcols[f"{tier}_capacity"].append(0)
+            wcols[f"{tier}_pct"].append(0.0)
+            wcols[f"{tier}_text"].append("")
+    add_tier_row(CLUSTER_LABEL, stats.get("total") or {})
+
+    hot: Columns = {"key": [], "count": [], "rate": [], "workers": []}
+    for h in stats.get("hot_keys") or []:
+        holders: Mapping[str, Any] = h.get("workers") or {}
+        hot["key"].append(str(h.get("key", "")))
+        hot["count"].append(_int(h.get("count")))
+        hot["rate"].append(_num(h.get("rate")))
+        hot["workers"].append(
+            ", ".join(f"{labels.get(w, w)}: {tier}" for w, tier in sorted(holders.items()))
+        )
+
+    dec: Columns = {"time": [], "action": [], "worker": [], "key": [], "rate": []}
+    for d in reversed(list(stats.get("decisions") or [])):
+        w = str(d.get("worker", ""))
+        dec["time"].append(_clock(d.get("time")))
+        dec["action"].append(str(d.get("action", "")))
+        dec["worker"].append(labels.get(w, w))
+        dec["key"].append(str(d.get("key", "")))
+        dec["rate"].append(_num(d.get("rate")))
+
+    return {
+        "series": ser,
+        "recent": recent,
+        "workers": wcols,
+        "tiers": tcols,
+        "hot_keys": hot,
+        "decisions": dec,
+    }
+
+
+def make_sources(stats: Stats, series: Series) -> dict[str, ColumnDataSource]:
+    """Named data sources (``zcache-<name>``) holding `source_data`.
+
+    Parameters
+    ----------
+    stats
+        The aggregator's cluster stats dict.
+    series
+        The aggregator's time series points, oldest first.
+
+    Returns
+    -------
+    dict
+        Source name -> `~bokeh.models.ColumnDataSource`.
+    """
+    return {
+        name: ColumnDataSource(data=cols, name=f"zcache-{name}")
+        for name, cols in source_data(stats, series).items()
+    }
+
+
+# -- figures -------------------------------------------------------------------------------------
+
+
+def _bar_height(rows: int) -> int:
+    return max(150, 70 + 32 * rows)
+
+
+def hit_rate_figure(series: ColumnDataSource, recent: ColumnDataSource) -> figure:
+    """Cluster hit rate over time: cumulative (line) and per report interval (dots).
+
+    Parameters
+    ----------
+    series
+        The ``series`` source of `make_sources`.
+    recent
+        The ``recent`` source of `make_sources`.
+
+    Returns
+    -------
+    bokeh.plotting.figure
+    """
+    p = figure(
+        title="Cluster hit rate over time",
+        x_axis_type="datetime",
+        width=WIDTH,
+        height=300,
+        y_range=Range1d(start=0, end=1.05),
+        tools=_TOOLS,
+        name="zcache-hit-rate",
+    )
+    line = p.line(
+        "time", "hit_rate", source=series, line_width=2, color=COLORS["memory"], legend_label="all"
+    )
+    dots = p.scatter(
+        "time",
+        "hit_rate",
+        source=recent,
+        size=6,
+        color=COLORS["requests"],
+        legend_label="since previous point",
+    )
+    p.yaxis.formatter = NumeralTickFormatter(format="0%")
+    p.yaxis.axis_label = "reads served by the cache"
+    p.legend.location = "bottom_right"
+    p.legend.click_policy = "hide"
+    p.add_tools(
+        HoverTool(
+            renderers=[line],
+            tooltips=[("time", "@time{%H:%M:%S}"), ("hit rate", "@hit_rate{0.0%}")],
+            formatters={"@time": "datetime"},
+            mode="vline",
+        ),
+        HoverTool(
+            renderers=[dots],
+            tooltips=[("hit rate", "@hit_rate{0.0%}"), ("reads", "@reads")],
+        ),
+    )
+    return p
+
+
+def bytes_saved_figure(series: ColumnDataSource) -> figure:
+    """Bytes (left axis) and requests (right axis) the caches saved, over time.
+
+    Parameters
+    ----------
+    series
+        The ``series`` source of `make_sources`.
+
+    Returns
+    -------
+    bokeh.plotting.figure
+    """
+    p = figure(
+        title="Saved: bytes not downloaded, requests not sent",
+        x_axis_type="datetime",
+        width=WIDTH,
+        height=300,
+        tools=_TOOLS,
+        name="zcache-saved",
+    )
+    nbytes = p.line(
+        "time",
+        "bytes_saved",
+        source=series,
+        line_width=2,
+        color=COLORS["memory"],
+        legend_label="bytes",
+    )
+    p.y_range = DataRange1d(renderers=[nbytes], start=0)
+    requests_range = DataRange1d(start=0)
+    p.extra_y_ranges = {"requests": requests_range}
+    requests = p.line(
+        "time",
+        "requests_saved",
+        source=series,
+        line_width=2,
+        line_dash="dashed",
+        color=COLORS["requests"],
+        legend_label="requests",
+        y_range_name="requests",
+    )
+    requests_range.renderers = [requests]
+    p.yaxis.formatter = NumeralTickFormatter(format="0.0 b")
+    p.yaxis.axis_label = "bytes"
+    p.add_layout(LinearAxis(y_range_name="requests", axis_label="requests"), "right")
+    p.legend.location = "top_left"
+    p.add_tools(
+        HoverTool(
+            renderers=[nbytes],
+            tooltips=[
+                ("time", "@time{%H:%M:%S}"),
+                ("bytes saved", "@bytes_saved_text"),
+                ("requests saved", "@requests_saved"),
+            ],
+            formatters={"@time": "datetime"},
+            mode="vline",
+        )
+    )
+    return p
+
+
+def capacity_figure(workers: ColumnDataSource, tier: str) -> figure:
+    """Use vs capacity of one tier (``"memory"`` or ``"disk"``) on each worker.
+
+    Parameters
+    ----------
+    workers
+        The ``workers`` source of `make_sources`.
+    tier
+        ``"memory"`` or ``"disk"``.
+
+    Returns
+    -------
+    bokeh.plotting.figure
+    """
+    if tier not in ("memory", "disk"):
+        raise ValueError(f"tier must be 'memory' or 'disk', not {tier!r}")
+    labels = list(workers.data["label"])
+    p = figure(
+        title=f"{tier.capitalize()} tier: used / capacity per worker",
+        y_range=FactorRange(factors=list(reversed(labels))),
+        x_range=DataRange1d(start=0),
+        width=WIDTH,
+        height=_bar_height(len(labels)),
+        tools="save",
+        toolbar_location=None,
+        name=f"zcache-{tier}",
+    )
+    p.hbar(
+        y="label",
+        right=f"{tier}_capacity",
+        height=0.75,
+        source=workers,
+        color=COLORS["capacity"],
+        legend_label="capacity",
+    )
+    used = p.hbar(
+        y="label",
+        right=f"{tier}_used",
+        height=0.45,
+        source=workers,
+        color=COLORS[tier],
+        legend_label="used",
+    )
+    p.xaxis.formatter = NumeralTickFormatter(format="0.0 b")
+    p.legend.location = "bottom_right"
+    p.legend.orientation = "horizontal"
+    p.ygrid.grid_line_color = None
+    p.add_tools(
+        HoverTool(
+            renderers=[used],
+            tooltips=[
+                ("worker", "@address"),
+                (tier, f"@{tier}_text"),
+                ("full", f"@{tier}_pct{{0.0%}}"),
+            ],
+        )
+    )
+    return p
+
+
+def tier_figure(tiers: ColumnDataSource) -> figure:
+    """Where reads were served from, per worker and cluster-wide: memory, disk, or S3.
+
+    Parameters
+    ----------
+    tiers
+        The ``tiers`` source of `make_sources`.
+
+    Returns
+    -------
+    bokeh.plotting.figure
+    """
+    labels = list(tiers.data["label"])
+    p = figure(
+        title="Reads by tier: memory hits, disk hits, misses (sent to the store)",
+        y_range=FactorRange(factors=list(reversed(labels))),
+        x_range=DataRange1d(start=0),
+        width=WIDTH,
+        height=_bar_height(len(labels)) + 30,
+        tools="save",
+        toolbar_location=None,
+        name="zcache-tiers",
+    )
+    bars = p.hbar_stack(
+        ["memory", "disk", "miss"],
+        y="label",
+        height=0.7,
+        source=tiers,
+        color=[COLORS["memory"], COLORS["disk"], COLORS["miss"]],
+        legend_label=["memory hits", "disk hits", "misses"],
+    )
+    p.legend.location = "top_center"
+    p.legend.orientation = "horizontal"
+    p.add_layout(p.legend[0], "below")
+    p.ygrid.grid_line_color = None
+    p.xaxis.axis_label = "reads"
+    p.add_tools(
+        HoverTool(
+            renderers=list(bars),
+            tooltips=[
+                ("", "@label"),
+                ("memory hits", "@memory (@negative known-missing)"),
+                ("disk hits", "@disk"),
+                ("misses", "@miss"),
+                ("hit rate", "@hit_rate{0.0%}"),
+            ],
+        )
+    )
+    return p
+
+
+def hot_keys_table(hot_keys: ColumnDataSource) -> DataTable:
+    """The cluster's hottest keys: accesses, cluster access rate, and who holds them where.
+
+    Parameters
+    ----------
+    hot_keys
+        The ``hot_keys`` source of `make_sources`.
+
+    Returns
+    -------
+    bokeh.models.DataTable
+    """
+    return DataTable(
+        source=hot_keys,
+        columns=[
+            TableColumn(field="count", title="accesses", width=70),
+            TableColumn(
+                field="rate", title="rate (/s)", width=70, formatter=NumberFormatter(format="0.00")
+            ),
+            TableColumn(field="key", title="key", width=620),
+            TableColumn(field="workers", title="held by (tier)", width=300),
+        ],
+        width=FULL_WIDTH,
+        height=260,
+        index_position=None,
+        name="zcache-hot-keys-table",
+    )
+
+
+def decisions_table(decisions: ColumnDataSource) -> DataTable:
+    """The aggregator's latest promotion and warm decisions, newest first.
+
+    Parameters
+    ----------
+    decisions
+        The ``decisions`` source of `make_sources`.
+
+    Returns
+    -------
+    bokeh.models.DataTable
+    """
+    return DataTable(
+        source=decisions,
+        columns=[
+            TableColumn(field="time", title="time", width=70),
+            TableColumn(field="action", title="action", width=70),
+            TableColumn(field="worker", title="worker", width=200),
+            TableColumn(
+                field="rate",
+                title="cluster rate (/s)",
+                width=110,
+                formatter=NumberFormatter(format="0.00"),
+            ),
+            TableColumn(field="key", title="key", width=610),
+        ],
+        width=FULL_WIDTH,
+        height=220,
+        index_position=None,
+        name="zcache-decisions-table",
+    )
+
+
+def _heading(text: str) -> Div:
+    return Div(text=f"<h3 style='margin:12px 0 0 0'>{html.escape(text)}</h3>", width=FULL_WIDTH)
+
+
+def figures(stats: Stats, series: Series) -> dict[str, LayoutDOM]:
+    """Every figure and table, on shared data sources.
+
+    Parameters
+    ----------
+    stats
+        The aggregator's cluster stats dict.
+    series
+        The aggregator's time series points, oldest first.
+
+    Returns
+    -------
+    dict
+        ``hit_rate``, ``saved``, ``memory``, ``disk``, ``tiers``, ``hot_keys``,
+        ``decisions`` -> Bokeh model (show any of them on its own).
+    """
+    src = make_sources(stats, series)
+    return {
+        "hit_rate": hit_rate_figure(src["series"], src["recent"]),
+        "saved": bytes_saved_figure(src["series"]),
+        "memory": capacity_figure(src["workers"], "memory"),
+        "disk": capacity_figure(src["workers"], "disk"),
+        "tiers": tier_figure(src["tiers"]),
+        "hot_keys": hot_keys_table(src["hot_keys"]),
+        "decisions": decisions_table(src["decisions"]),
+    }
+
+
+def dashboard(stats: Stats, series: Series, *, with_summary: bool = True) -> LayoutDOM:
+    """The whole dashboard as one layout (what ``/zcache`` shows).
+
+    Parameters
+    ----------
+    stats
+        The aggregator's cluster stats dict.
+    series
+        The aggregator's time series points, oldest first.
+    with_summary
+        Start with a line of headline figures (`summary_text`); the web page shows
+        its own, as plain HTML, and leaves it out.
+
+    Returns
+    -------
+    bokeh.models.LayoutDOM
+    """
+    f = figures(stats, series)
+    parts: list[LayoutDOM] = []
+    if with_summary:
+        parts.append(
+            Div(
+                text=f"<b>{html.escape(summary_text(stats))}</b>",
+                width=FULL_WIDTH,
+                name="zcache-summary",
+            )
+        )
+    parts += [
+        row(f["hit_rate"], f["saved"]),
+        row(f["tiers"], column(f["memory"], f["disk"])),
+        _heading("Hot keys"),
+        f["hot_keys"],
+        _heading("Recent promotion decisions"),
+        f["decisions"],
+    ]
+    return column(*parts, name="zcache-dashboard")

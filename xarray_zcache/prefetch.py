@@ -1,0 +1,231 @@
+"""Sequential-scan detection and read-ahead for chunk keys of zarr arrays.
+
+A full read of an array (``ds.t2m.mean().compute()``) misses chunk after chunk in
+(roughly) C order; with S3's per-request latency the scan is bound by how many
+requests are in flight. When a run of misses of one array is clustered (not
+scattered like random access), `ScanPrefetcher` reads the next chunks ahead, with
+bounded concurrency, through the store's single-flight fetch: the reader's own
+request for a chunk then joins the fetch already in flight or hits the cache.
+Read-ahead never changes what a read returns; at most ``depth`` chunks past the end
+of what is read are fetched in vain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from xarray_zcache.store import CachedStore
+
+__all__ = ["ChunkGrid", "ScanPrefetcher"]
+
+logger = logging.getLogger("xarray_zcache.prefetch")
+
+
+@dataclass(frozen=True)
+class ChunkGrid:
+    """How an array's chunk keys map to chunk indices."""
+
+    array: str  # array path within the store ("" for a root array)
+    nchunks: tuple[int, ...]
+    prefix: str  # "c/" (v3 default encoding) or "" (v2 and v3 "v2" encoding)
+    separator: str
+
+    @property
+    def total(self) -> int:
+        n = 1
+        for d in self.nchunks:
+            n *= d
+        return n
+
+    def key(self, ordinal: int) -> str:
+        idx = []
+        for d in reversed(self.nchunks):
+            ordinal, i = divmod(ordinal, d)
+            idx.append(i)
+        body = self.separator.join(str(i) for i in reversed(idx)) if idx else "0"
+        base = f"{self.array}/" if self.array else ""
+        return f"{base}{self.prefix}{body}"
+
+    def ordinal(self, key: str) -> int | None:
+        base = f"{self.array}/" if self.array else ""
+        if not key.startswith(base + self.prefix):
+            return None
+        parts = key[len(base) + len(self.prefix) :].split(self.separator)
+        if len(parts) != len(self.nchunks):
+            return None
+        n = 0
+        try:
+            for part, d in zip(parts, self.nchunks, strict=True):
+                i = int(part)
+                if not 0 <= i < d:
+                    return None
+                n = n * d + i
+        except ValueError:
+            return None
+        return n
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def grid_from_metadata(array: str, doc: bytes, v2: bool) -> ChunkGrid | None:
+    """Parse an array's ``zarr.json`` (v3) or ``.zarray`` (v2) into its chunk grid."""
+    try:
+        meta = json.loads(doc)
+        if v2:
+            shape, chunks = meta["shape"], meta["chunks"]
+            sep = meta.get("dimension_separator") or "."
+            prefix = ""
+        else:
+            if meta.get("node_type") != "array":
+                return None
+            shape = meta["shape"]
+            grid = meta["chunk_grid"]
+            if grid.get("name") != "regular":
+                return None
+            chunks = grid["configuration"]["chunk_shape"]
+            enc = meta.get("chunk_key_encoding", {"name": "default"})
+            sep = enc.get("configuration", {}).get("separator") or (
+                "/" if enc.get("name") == "default" else "."
+            )
+            prefix = "c" + sep if enc.get("name") == "default" else ""
+        nchunks = tuple(_ceil_div(int(s), int(c)) for s, c in zip(shape, chunks, strict=True))
+    except (ValueError, KeyError, TypeError, ZeroDivisionError):
+        return None
+    if not nchunks or any(n <= 0 for n in nchunks):
+        return None
+    return ChunkGrid(array, nchunks, prefix, sep)
+
+
+def candidate_array(key: str) -> tuple[str, bool] | None:
+    """The array path a chunk key belongs to, and whether it looks like zarr v2."""
+    if key.startswith("c/") or key.startswith("c."):
+        return "", False
+    if "/c/" in key:
+        return key.rsplit("/c/", 1)[0], False
+    head, _, tail = key.rpartition("/")
+    if tail and all(p.isdigit() for p in tail.split(".")):
+        return head, True
+    return None
+
+
+@dataclass
+class _Scan:
+    grid: ChunkGrid
+    misses: deque[int] = field(default_factory=lambda: deque(maxlen=8))
+    scanning: bool = False
+    step: int = 1  # +1: ascending scan, -1: descending (dask often reduces back to front)
+    frontier: int = -1  # furthest ordinal scheduled so far, in the direction of the scan
+
+
+class ScanPrefetcher:
+    """Detects sequential scans of zarr arrays and reads ahead of them.
+
+    One per `CachedStore` (per process). Not thread-safe on its own: it is only
+    used from the store's event loop.
+
+    Parameters
+    ----------
+    store
+        The store whose misses are observed and through which chunks are read.
+    depth
+        How many chunks ahead of the current position to read (and the maximum
+        number of read-ahead requests in flight).
+    min_run
+        Misses of one array, clustered within ``4 * min_run`` chunks, that make a scan.
+    """
+
+    def __init__(self, store: CachedStore, depth: int = 16, min_run: int = 4) -> None:
+        self.store = store
+        self.depth = depth
+        self.min_run = min_run
+        self._scans: OrderedDict[str, _Scan | None] = OrderedDict()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._sem: asyncio.Semaphore | None = None
+        self.issued = 0
+        self._scanning: set[str] = set()
+
+    @property
+    def active(self) -> bool:
+        """Whether some array is being scanned (hits then matter too)."""
+        return bool(self._scanning)
+
+    async def _scan_for(self, array: str, v2: bool) -> _Scan | None:
+        if array in self._scans:
+            self._scans.move_to_end(array)
+            return self._scans[array]
+        name = ".zarray" if v2 else "zarr.json"
+        meta_key = f"{array}/{name}" if array else name
+        try:
+            buf = await self.store.get(meta_key)
+        except Exception:  # no metadata, no read-ahead
+            buf = None
+        grid = None if buf is None else grid_from_metadata(array, buf.to_bytes(), v2)
+        scan = None if grid is None else _Scan(grid)
+        self._scans[array] = scan
+        if len(self._scans) > 256:
+            self._scans.popitem(last=False)
+        return scan
+
+    async def observe(self, key: str, miss: bool) -> None:
+        """Record a read of chunk ``key`` (a miss or a hit); read ahead if it is a scan."""
+        where = candidate_array(key)
+        if where is None:
+            return
+        scan = await self._scan_for(*where)
+        if scan is None:
+            return
+        ordinal = scan.grid.ordinal(key)
+        if ordinal is None:
+            return
+        if miss and not scan.scanning:
+            scan.misses.append(ordinal)
+            recent = list(scan.misses)[-self.min_run :]
+            if len(recent) >= self.min_run and max(recent) - min(recent) < 4 * self.min_run:
+                ups = sum(b > a for a, b in itertools.pairwise(recent))
+                scan.step = 1 if 2 * ups >= len(recent) - 1 else -1
+                scan.frontier = ordinal
+                scan.scanning = True
+                self._scanning.add(scan.grid.array)
+        if scan.scanning and (scan.frontier - ordinal) * scan.step < self.depth // 2:
+            self._read_ahead(scan, ordinal)
+
+    def _read_ahead(self, scan: _Scan, ordinal: int) -> None:
+        if self._sem is None:
+            self._sem = asyncio.Semaphore(self.depth)
+        step = scan.step
+        last = scan.grid.total - 1 if step > 0 else 0
+        start = max(scan.frontier * step, ordinal * step) + 1  # in "step space"
+        stop = min((ordinal + step * self.depth) * step, last * step)
+        cache = self.store.cache
+        for m in range(start, stop + 1):
+            n = m * step
+            scan.frontier = n
+            key = scan.grid.key(n)
+            if cache.contains(self.store._ck(key)):
+                continue
+            task = asyncio.ensure_future(self._fetch(key))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        if scan.frontier == last:
+            # the end of the array: nothing more to read ahead
+            scan.scanning = False
+            scan.misses.clear()
+            self._scanning.discard(scan.grid.array)
+
+    async def _fetch(self, key: str) -> None:
+        assert self._sem is not None
+        async with self._sem:
+            try:
+                await self.store._prefetch(key)
+                self.issued += 1
+            except Exception as exc:  # read-ahead is best effort; errors are never cached
+                logger.debug("xarray-zcache: read-ahead of %r failed: %s", key, exc)
