@@ -45,6 +45,7 @@ napoleon_use_ivar = True
 napoleon_use_rtype = False
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
+# types of the documented parameters, and return types other than None
 autodoc_typehints_description_target = "documented_params"
 autodoc_class_signature = "mixed"
 autodoc_default_options = {"show-inheritance": False}

@@ -18,7 +18,7 @@ Bokeh models; nothing here does I/O. The two inputs are
 
 `source_data` turns them into the columns of every figure's data source (plain
 JSON-able lists). The figures read named `~bokeh.models.ColumnDataSource`
-objects (``zcache-<name>``), so a page can update them in place from
+objects (``zcache-source-<name>``), so a page can update them in place from
 `source_data` without rebuilding the layout; `layout_key` tells when it must
 rebuild instead (the set of workers changed).
 
@@ -73,7 +73,7 @@ __all__ = [
     "worker_labels",
 ]
 
-#: the data sources behind the figures; each is a ``ColumnDataSource`` named ``zcache-<name>``
+#: the data sources behind the figures (``ColumnDataSource`` objects named ``zcache-source-<name>``)
 SOURCE_NAMES = ("series", "recent", "workers", "tiers", "hot_keys", "decisions")
 
 #: label of the cluster-wide row in the per-tier breakdown
@@ -405,7 +405,7 @@ def source_data(stats: Stats, series: Series) -> dict[str, Columns]:
 
 
 def make_sources(stats: Stats, series: Series) -> dict[str, ColumnDataSource]:
-    """Named data sources (``zcache-<name>``) holding `source_data`.
+    """Named data sources (``zcache-source-<name>``) holding `source_data`.
 
     Parameters
     ----------
@@ -420,7 +420,7 @@ def make_sources(stats: Stats, series: Series) -> dict[str, ColumnDataSource]:
         Source name -> `~bokeh.models.ColumnDataSource`.
     """
     return {
-        name: ColumnDataSource(data=cols, name=f"zcache-{name}")
+        name: ColumnDataSource(data=cols, name=f"zcache-source-{name}")
         for name, cols in source_data(stats, series).items()
     }
 

@@ -31,7 +31,14 @@ from xarray_zcache.registry import current_worker_address, get_cache, resolve_co
 if TYPE_CHECKING:
     from types import TracebackType
 
-__all__ = ["METADATA_NAMES", "CachedStore", "SyncCachedStore", "key_kind", "store_namespace"]
+__all__ = [
+    "METADATA_NAMES",
+    "CachedStore",
+    "SyncCachedStore",
+    "array_of",
+    "key_kind",
+    "store_namespace",
+]
 
 METADATA_NAMES = frozenset({"zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata"})
 # separates a key from the byte range of a ranged entry; never part of a zarr key
@@ -43,6 +50,14 @@ _LIST_SEP = "\x01"
 def key_kind(key: str) -> str:
     """``"metadata"`` for zarr metadata documents, ``"chunk"`` for everything else."""
     return "metadata" if posixpath.basename(key) in METADATA_NAMES else "chunk"
+
+
+def array_of(cache_key: str) -> str:
+    """The zarr array a cache key belongs to: its path without the chunk-grid part."""
+    head = cache_key.split(_RANGE_SEP, 1)[0]
+    if "/c/" in head:  # zarr v3 default chunk key encoding
+        return head.rsplit("/c/", 1)[0]
+    return posixpath.dirname(head)
 
 
 def _check_byte_range(byte_range: object) -> None:
@@ -295,6 +310,13 @@ class CachedStore(Store):
     def stats(self) -> CacheStats:
         """Statistics of the cache this store uses (shared with other stores using it)."""
         return self.cache.stats()
+
+    def analytics(self) -> dict[str, Any]:
+        """Miss-ratio curves, sizing advice and per-array access patterns of recent reads.
+
+        See `HybridCache.analytics`; arrays are told apart by their zarr path.
+        """
+        return self.cache.analytics(group=array_of)
 
     def _ck(self, key: str) -> str:
         return f"{self._namespace}/{key}"

@@ -255,7 +255,7 @@ class ConfigTable(_ConfigDirective):
     """The table of every ``zcache.*`` key, from the shipped YAML."""
 
     def run(self) -> list[nodes.Node]:
-        path, settings = self.settings()
+        _path, settings = self.settings()
         fields = config_fields()
         sections = {s.path: s for s in settings if s.is_section}
         rows: list[list[nodes.entry]] = []
@@ -357,7 +357,7 @@ class CliHelp(SphinxDirective):
 
     has_content = False
     optional_arguments = 10
-    option_spec = {"optional": directives.flag}  # noqa: RUF012
+    option_spec = {"optional": directives.flag}
 
     def run(self) -> list[nodes.Node]:
         words = " ".join(self.arguments).split()
@@ -427,8 +427,67 @@ def _dataclass_signature(
     return None
 
 
+def _no_class_rtype(
+    app: Sphinx,
+    what: str,
+    name: str,
+    obj: Any,
+    options: Any,
+    signature: str | None,
+    return_annotation: str | None,
+) -> None:
+    """Drop the "return type" autodoc records for a class from its ``__new__`` annotation."""
+    if what != "class":
+        return
+    document = getattr(app.env, "current_document", None)
+    annotations = getattr(document, "autodoc_annotations", None)
+    if isinstance(annotations, dict):
+        annotations.get(name, {}).pop("return", None)
+
+
+def _resolve_short_names(
+    app: Sphinx, env: Any, node: Any, contnode: nodes.Element
+) -> nodes.Element | None:
+    """Link `HybridCache` in a docstring to the one documented object of that name.
+
+    Docstrings name objects without their module (`CachedStore`, `install`); the API
+    page documents them under their public paths (``xarray_zcache.CachedStore``). An
+    unresolved Python reference whose name matches exactly one documented object by
+    its last components is linked to it; anything else stays unresolved (plain code).
+    """
+    if node.get("refdomain") != "py":
+        return None
+    target = str(node.get("reftarget", "")).lstrip("~.")
+    if not target or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", target):
+        return None
+    objects = env.get_domain("py").objects
+    # one object may be known under two names (its public path and its canonical one)
+    found = {
+        (entry.docname, entry.node_id): name
+        for name, entry in objects.items()
+        if name == target or name.endswith("." + target)
+    }
+    if not found and target.startswith("xarray_zcache."):
+        # a private module path (xarray_zcache.registry.get_cache) of a public object
+        last = target.rsplit(".", 1)[1]
+        found = {
+            (entry.docname, entry.node_id): name
+            for name, entry in objects.items()
+            if name.startswith("xarray_zcache.") and name.endswith("." + last)
+        }
+    if len(found) != 1:
+        return None
+    from sphinx.util.nodes import make_refnode
+
+    ((docname, node_id), name), *_ = found.items()
+    return make_refnode(app.builder, node["refdoc"], docname, node_id, contnode, name)
+
+
 def setup(app: Sphinx) -> dict[str, Any]:
+    app.connect("missing-reference", _resolve_short_names)
     app.connect("autodoc-process-signature", _dataclass_signature)
+    # after sphinx.ext.autodoc.typehints records the annotations (default priority 500)
+    app.connect("autodoc-process-signature", _no_class_rtype, priority=900)
     app.add_directive("zcache-config-table", ConfigTable)
     app.add_directive("zcache-env-vars", EnvVars)
     app.add_directive("zcache-cli-help", CliHelp)

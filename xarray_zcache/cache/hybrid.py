@@ -8,9 +8,16 @@ import queue
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from xarray_zcache.cache.analytics import (
+    AccessTrace,
+    access_patterns,
+    miss_ratio_curve,
+    recommendation,
+)
 from xarray_zcache.cache.disk import DiskTier
 from xarray_zcache.cache.memory import MemoryTier
 from xarray_zcache.cache.policy import AccessRateTracker, Invalidations
@@ -86,6 +93,7 @@ class HybridCache:
                 config.disk_path, config.disk_size, max_object_size=config.max_object_size
             )
         self._stats = StatsRecorder(config.top_n)
+        self.trace = AccessTrace()
         self._rates = AccessRateTracker()
         self._inv = Invalidations()
         self._lock = threading.Lock()
@@ -126,6 +134,7 @@ class HybridCache:
                 return None
             value = pending[0]
         self._stats.hit("memory", kind, len(value), key)
+        self.trace.add(key, len(value))
         return value
 
     def lookup_disk(self, key: str, *, kind: str) -> bytes | None:
@@ -139,6 +148,7 @@ class HybridCache:
         if value is None:
             return None
         self._stats.hit("disk", kind, len(value), key)
+        self.trace.add(key, len(value))
         rate = self._rates.touch(key)
         threshold = self.config.promotion_threshold
         if threshold == 0 or rate >= threshold or key in self._forced_promotions:
@@ -171,6 +181,7 @@ class HybridCache:
     def record_miss(self, key: str, *, kind: str, nbytes: int, seconds: float) -> None:
         """Count a read that went to the inner store."""
         self._stats.miss(kind, nbytes, seconds, key)
+        self.trace.add(key, nbytes)
 
     def record_prefetch(self) -> None:
         """Count a read-ahead fetch (it is also counted as a miss)."""
@@ -439,9 +450,45 @@ class HybridCache:
         snap.evictions = evictions
         return snap
 
+    def analytics(self, group: Callable[[str], str] | None = None) -> dict[str, Any]:
+        """Miss-ratio curves, sizing recommendations and access patterns of recent reads.
+
+        Computed on demand from the last reads (`AccessTrace`), O(n log n): call it
+        from time to time, not per read.
+
+        Parameters
+        ----------
+        group
+            Maps a key to its group (e.g. its zarr array) for access patterns;
+            ``None`` skips them.
+
+        Returns
+        -------
+        dict
+            ``memory_curve`` / ``disk_curve``: estimated LRU hit rate at 0.5x, 1x, 2x
+            and 4x the tier's size (keys are the factors as strings); ``recommendations``:
+            one line per tier; ``patterns``: per group, sequential or random;
+            ``trace_length``: reads analysed.
+        """
+        trace = self.trace.snapshot()
+        factors = (0.5, 1.0, 2.0, 4.0)
+        out: dict[str, Any] = {"trace_length": len(trace), "recommendations": []}
+        tiers = [("memory", self.memory.capacity)]
+        if self.disk is not None:
+            tiers.append(("disk", self.disk.capacity))
+        for tier, cap in tiers:
+            caps = {f: int(cap * f) for f in factors}
+            curve = miss_ratio_curve(trace, caps.values())
+            out[f"{tier}_curve"] = {str(f): curve[c] for f, c in caps.items()}
+            if trace:
+                out["recommendations"].append(recommendation(curve, cap, tier))
+        out["patterns"] = access_patterns(trace, group) if group is not None else {}
+        return out
+
     def reset_stats(self) -> None:
         """Zero the counters (entries are kept)."""
         self._stats.reset()
+        self.trace.clear()
 
     def hot_keys(self, n: int | None = None) -> list[tuple[str, int]]:
         """The most accessed keys with their access counts."""

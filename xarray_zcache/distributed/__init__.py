@@ -79,6 +79,7 @@ class ClusterStats:
     hot_keys: list[dict[str, Any]]
     decisions: list[dict[str, Any]]
     rejected_reports: int = 0
+    analytics: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ClusterStats:
@@ -89,7 +90,16 @@ class ClusterStats:
             hot_keys=list(d.get("hot_keys", [])),
             decisions=list(d.get("decisions", [])),
             rejected_reports=int(d.get("rejected_reports", 0)),
+            analytics={w: dict(v.get("analytics") or {}) for w, v in d["workers"].items()},
         )
+
+    def recommendations(self) -> list[str]:
+        """Cache-size advice per worker from the miss-ratio curves of their recent reads."""
+        return [
+            f"{self.names.get(w) or w}: {line}"
+            for w, a in sorted(self.analytics.items())
+            for line in a.get("recommendations", [])
+        ]
 
     def to_dataframe(self) -> pd.DataFrame:
         """One row per worker plus a ``total`` row."""

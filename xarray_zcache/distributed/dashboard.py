@@ -169,6 +169,7 @@ _PAGE_TEMPLATE = """<!DOCTYPE html>
 <head>
 <meta charset="utf-8">
 <title>xarray-zcache | Dask</title>
+<link rel="icon" href="data:,">
 <style>
   body {{ font-family: system-ui, -apple-system, "Segoe UI", Helvetica, Arial, sans-serif;
          margin: 16px 24px; color: #222; }}
@@ -213,7 +214,7 @@ _PAGE_TEMPLATE = """<!DOCTYPE html>
         var docs = (window.Bokeh && window.Bokeh.documents) || [];
         if (docs.length > 0) {{
           Object.keys(d.sources).forEach(function (name) {{
-            var source = docs[0].get_model_by_name("zcache-" + name);
+            var source = docs[0].get_model_by_name("zcache-source-" + name);
             if (source) {{ source.data = d.sources[name]; }}
           }});
         }}

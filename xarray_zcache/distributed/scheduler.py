@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import posixpath
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -12,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from xarray_zcache.cache.stats import CacheStats
+from xarray_zcache.store import array_of
 
 if TYPE_CHECKING:
     from distributed import Scheduler
@@ -29,16 +29,8 @@ HANDLERS = (
 )
 
 
-def array_of(key: str) -> str:
-    """The array a cache key belongs to: its folder, without the chunk grid part."""
-    head = key.split("\x00", 1)[0]
-    if "/c/" in head:  # zarr v3 default chunk key encoding
-        return head.rsplit("/c/", 1)[0]
-    return posixpath.dirname(head)
-
-
 class _WorkerState:
-    __slots__ = ("host", "hot", "last_seen", "name", "rates", "stats", "time")
+    __slots__ = ("analytics", "host", "hot", "last_seen", "name", "rates", "stats", "time")
 
     def __init__(self) -> None:
         self.stats = CacheStats()
@@ -48,6 +40,7 @@ class _WorkerState:
         self.last_seen = 0.0
         self.name = ""
         self.host = ""
+        self.analytics: dict[str, Any] = {}
 
 
 class ZCacheSchedulerPlugin(SchedulerPlugin):
@@ -169,6 +162,9 @@ class ZCacheSchedulerPlugin(SchedulerPlugin):
         state.last_seen = time.time()
         state.name = str(report.get("name", ""))
         state.host = str(report.get("host", ""))
+        analytics = report.get("analytics")
+        if isinstance(analytics, dict):
+            state.analytics = analytics
         if self.warm:
             self.arrays[worker] = {array_of(k) for k in state.hot}
         self._decide(worker)
@@ -291,7 +287,13 @@ class ZCacheSchedulerPlugin(SchedulerPlugin):
         """Per-worker stats, totals, hot keys and recent decisions (msgpack-able)."""
         return {
             "workers": {
-                w: {"name": s.name, "host": s.host, "last_seen": s.last_seen, **s.stats.to_dict()}
+                w: {
+                    "name": s.name,
+                    "host": s.host,
+                    "last_seen": s.last_seen,
+                    "analytics": s.analytics,
+                    **s.stats.to_dict(),
+                }
                 for w, s in self.workers.items()
             },
             "total": self.totals.to_dict(),

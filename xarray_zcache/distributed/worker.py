@@ -62,9 +62,15 @@ class _WorkerCache:
             out.append([key, count, where])
         return out
 
+    ANALYTICS_EVERY = 15  # reports between two (O(n log n)) access analyses
+
     def build_report(self) -> dict[str, Any]:
-        """The msgpack-able report: cumulative stats, hot keys, identity. O(top-N)."""
-        return {
+        """The msgpack-able report: cumulative stats, hot keys, identity. O(top-N).
+
+        Every `ANALYTICS_EVERY` reports it also carries the cache's access analytics
+        (miss-ratio curve, sizing advice, per-array access patterns; capped).
+        """
+        report = {
             "worker": self.worker.address,
             "name": str(self.worker.name),
             "host": self.worker.ip,
@@ -72,6 +78,14 @@ class _WorkerCache:
             "stats": self.cache.stats().to_dict(),
             "hot": self.hot_keys_with_tier(),
         }
+        if self.reports_sent % self.ANALYTICS_EVERY == 0:
+            from xarray_zcache.store import array_of
+
+            analytics = self.cache.analytics(group=array_of)
+            patterns = sorted(analytics["patterns"].items(), key=lambda kv: -kv[1]["accesses"])
+            analytics["patterns"] = dict(patterns[:50])
+            report["analytics"] = analytics
+        return report
 
     async def report(self) -> None:
         if self._reporting:  # a slow scheduler: skip rather than pile up reports

@@ -1,0 +1,489 @@
+"""The ``/zcache`` page on the Dask dashboard: its JSON over plain HTTP, the page in a browser.
+
+The browser test drives Debian's ``chromium`` through ``chromedriver`` (selenium),
+headless, and saves a screenshot to ``test-artifacts/zcache-dashboard.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import dask
+import numpy as np
+import pytest
+import xarray as xr
+from distributed import Client, LocalCluster
+
+import xarray_zcache.distributed as zd
+from xarray_zcache import CacheConfig, plotting
+from xarray_zcache.distributed import dashboard
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+CHROME_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+)
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def _wait(cond: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not reached in {timeout:g} s")
+        time.sleep(0.1)
+
+
+def _get(url: str) -> tuple[int, str, str]:
+    """Status, content type and body of a GET (errors included)."""
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return r.status, r.headers.get("Content-Type", ""), r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers.get("Content-Type", ""), e.read().decode()
+
+
+def _get_json(url: str) -> Any:
+    status, ctype, body = _get(url)
+    assert status == 200, body
+    assert ctype.startswith("application/json")
+    return json.loads(body)
+
+
+def _write(url: str, opts: dict[str, Any]) -> None:
+    rng = np.random.default_rng(2)
+    ds = xr.Dataset(
+        {
+            "t2m": (("time", "lat", "lon"), rng.normal(280, 5, (16, 32, 32)).astype("f4")),
+            "tp": (("time", "lat", "lon"), rng.gamma(0.5, 1e-3, (16, 32, 32)).astype("f4")),
+        },
+        coords={"time": np.arange(16)},
+    )
+    chunks = {"chunks": (2, 16, 16)}
+    ds.to_zarr(url, storage_options=opts, zarr_format=3, encoding={"t2m": chunks, "tp": chunks})
+
+
+def _worker_own_totals(dask_worker: Any) -> tuple[int, int]:
+    from xarray_zcache.distributed.worker import worker_cache_state
+
+    state = worker_cache_state(dask_worker)
+    assert state is not None
+    s = state.cache.stats()
+    return s.total_hits(), s.total_misses()
+
+
+def _drop_memory_tier(dask_worker: Any) -> None:
+    from xarray_zcache.distributed.worker import worker_cache_state
+
+    state = worker_cache_state(dask_worker)
+    assert state is not None
+    state.cache.flush()
+    state.cache.memory.clear()
+
+
+def _settled(client: Client) -> bool:
+    """The aggregator saw the workers' final figures, and the time series has them too."""
+    own = client.run(_worker_own_totals)
+    stats = zd.cluster_stats(client)
+    if len(stats.workers) != len(own):
+        return False
+    for w, (hits, misses) in own.items():
+        s = stats.workers.get(w)
+        if s is None or s.total_hits() != hits or s.total_misses() != misses:
+            return False
+    series = client.sync(client.scheduler.zcache_timeseries, n=1)  # type: ignore[union-attr]
+    return bool(series) and series[-1]["misses"] == stats.total.total_misses()
+
+
+def _cluster(**scheduler_kwargs: Any) -> LocalCluster:
+    # tcp on loopback: the dashboard link then points at 127.0.0.1
+    return LocalCluster(
+        n_workers=2,
+        threads_per_worker=2,
+        processes=False,
+        protocol="tcp://",
+        host="127.0.0.1",
+        dashboard_address="127.0.0.1:0",
+        scheduler_kwargs=scheduler_kwargs or None,
+    )
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> CacheConfig:
+    cfg = CacheConfig().with_memory_size("64MB").with_disk_cache(tmp_path / "cache", "256MB")
+    # worker-local promotion off: disk hits stay on disk until the aggregator promotes them
+    cfg = cfg.with_name("dashboard-test").with_promotion_threshold(1e9)
+    return cfg._replace(report_interval=0.2)
+
+
+class Work:
+    """A cluster with zcache installed that read a dataset twice (second time from disk)."""
+
+    def __init__(self, client: Client, url: str, opts: dict[str, Any], config: CacheConfig) -> None:
+        self.client, self.url, self.opts, self.config = client, url, opts, config
+
+    def open(self) -> xr.Dataset:
+        return xr.open_dataset(
+            self.url,
+            engine="zcache",
+            chunks={},
+            storage_options=self.opts,
+            cache_config=self.config,
+        )
+
+    def link(self) -> str:
+        return zd.dashboard_link(self.client)
+
+
+@pytest.fixture
+def work(s3_bucket: str, s3_options: dict[str, Any], config: CacheConfig) -> Iterator[Work]:
+    url = f"s3://{s3_bucket}/era5.zarr"
+    _write(url, s3_options)
+    with _cluster() as cluster, Client(cluster) as client:
+        zd.install(client, config, promotion_threshold=0.5)
+        w = Work(client, url, s3_options, config)
+        ds = w.open()
+        ds.t2m.mean("time").compute()  # cold: every chunk from S3, into memory and disk
+        client.run(_drop_memory_tier)
+        ds.t2m.mean("time").compute()  # from disk: hot disk-only keys get promoted
+        ds.close()
+        _wait(lambda: _settled(client), what="the aggregator's figures settling")
+        yield w
+
+
+# -- plotting (no cluster) -------------------------------------------------------------------
+
+
+def _fake_stats() -> dict[str, Any]:
+    from xarray_zcache.cache.stats import CacheStats
+
+    a, b = CacheStats(), CacheStats()
+    a.hits["memory"]["chunk"], a.hits["disk"]["chunk"], a.misses["chunk"] = 6, 2, 2
+    b.hits["memory"]["chunk"], b.misses["chunk"], b.negative_hits = 1, 3, 1
+    for s, used in ((a, 100), (b, 300)):
+        s.memory_used, s.memory_capacity = used, 1000
+        s.disk_used, s.disk_capacity, s.disk_path = 5000, 10_000, "/cache"
+    total = a + b
+    return {
+        "workers": {
+            "tcp://127.0.0.1:1": {"name": "0", "host": "127.0.0.1", **a.to_dict()},
+            "tcp://127.0.0.1:2": {"name": "1", "host": "127.0.0.1", **b.to_dict()},
+        },
+        "total": total.to_dict(),
+        "hot_keys": [
+            {
+                "key": "s3://b/x.zarr/t/c/0",
+                "count": 5,
+                "rate": 1.5,
+                "workers": {"tcp://127.0.0.1:1": "disk"},
+            }
+        ],
+        "decisions": [
+            {
+                "time": 1.7e9,
+                "action": "promote",
+                "worker": "tcp://127.0.0.1:1",
+                "key": "k",
+                "rate": 2.0,
+            }
+        ],
+    }
+
+
+def test_plotting_from_plain_data() -> None:
+    from bokeh.embed import json_item
+
+    stats = _fake_stats()
+    series = [
+        {"time": 100.0, "hit_rate": 0.0, "hits_memory": 0, "hits_disk": 0, "misses": 4},
+        {"time": 101.0, "hit_rate": 0.5, "hits_memory": 3, "hits_disk": 1, "misses": 4},
+        {"time": 102.0, "hit_rate": 0.5, "hits_memory": 3, "hits_disk": 1, "misses": 4},  # idle
+        {"time": 103.0, "hit_rate": 0.0, "hits_memory": 0, "hits_disk": 0, "misses": 0},  # clear
+    ]
+    data = plotting.source_data(stats, series)
+    assert set(data) == set(plotting.SOURCE_NAMES)
+    for name, cols in data.items():  # every source is a proper table
+        assert len({len(v) for v in cols.values()}) == 1, name
+    json.dumps(data, allow_nan=False)
+    assert data["series"]["time"] == [100_000.0, 101_000.0, 102_000.0, 103_000.0]
+    assert data["recent"]["hit_rate"] == [1.0]  # only intervals that saw reads
+    assert data["workers"]["label"] == ["worker 0", "worker 1"]
+    assert data["tiers"]["label"] == ["worker 0", "worker 1", "cluster"]
+    assert data["tiers"]["memory"] == [6, 2, 8]  # the known-missing hit counts as memory
+    assert data["tiers"]["miss"] == [2, 3, 5]
+    assert data["hot_keys"]["workers"] == ["worker 0: disk"]
+    assert data["decisions"]["worker"] == ["worker 0"]
+
+    s = plotting.summary(stats)
+    assert s["hit_rate"] == pytest.approx(10 / 15)
+    assert (s["disk_used"], s["disk_folders"]) == (5000, 1)  # one shared folder, counted once
+    assert plotting.summary_text(stats).startswith("cluster hit rate: 66.7% | 2 workers")
+
+    layout = plotting.dashboard(stats, series)
+    json_item(layout)  # serializes
+    named = [m.name for m in layout.references() if m.name]
+    assert len(named) == len(set(named))  # BokehJS's get_model_by_name needs unique names
+    names = set(named)
+    assert {f"zcache-source-{n}" for n in plotting.SOURCE_NAMES} <= names
+    assert set(plotting.figures(stats, series)) == {
+        "hit_rate",
+        "saved",
+        "memory",
+        "disk",
+        "tiers",
+        "hot_keys",
+        "decisions",
+    }
+
+
+def test_plotting_with_no_data() -> None:
+    from bokeh.embed import json_item
+
+    empty: dict[str, Any] = {"workers": {}, "total": {}, "hot_keys": [], "decisions": []}
+    json_item(plotting.dashboard(empty, []))
+    assert plotting.summary_text(empty).startswith("cluster hit rate: 0.0% | 0 workers")
+    assert plotting.source_data(empty, [])["workers"]["label"] == [plotting.NO_WORKERS_LABEL]
+    with pytest.raises(ValueError, match="tier"):
+        plotting.capacity_figure(plotting.make_sources(empty, [])["workers"], "tape")
+
+
+def test_no_http_server_no_crash() -> None:
+    class Bare:
+        plugins: dict[str, Any] = {}
+
+    bare: Any = Bare()
+    assert dashboard.http_prefix(bare) is None
+    assert dashboard.add_routes(bare) is None
+    dashboard.remove_routes(bare)
+    assert dashboard.page_path(bare) is None
+
+
+# -- the JSON over plain HTTP --------------------------------------------------------------------
+
+
+def test_stats_json_matches_cluster_stats(work: Work, s3_options: dict[str, Any]) -> None:
+    link = work.link()
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+/zcache", link)
+    assert work.client.dashboard_link.removesuffix("/status") + "/zcache" == link
+
+    doc = _get_json(link + "/api/stats.json")
+    stats = zd.cluster_stats(work.client)
+    assert set(doc) >= {"time", "summary", "cluster", "series", "decisions"}
+    # the same figures as cluster_stats, per worker and in total
+    seen = zd.ClusterStats.from_dict(doc["cluster"])
+    assert seen.workers == stats.workers and seen.names == stats.names
+    assert seen.total == stats.total
+    assert [(h["key"], h["count"]) for h in seen.hot_keys] == [
+        (h["key"], h["count"]) for h in stats.hot_keys
+    ]
+    assert [d["key"] for d in seen.decisions] == [d["key"] for d in stats.decisions]
+    total = stats.total
+    assert total.total_misses("chunk") == 32 and total.total_hits("chunk", tier="disk") == 32
+    assert doc["summary"]["hit_rate"] == pytest.approx(total.hit_rate())
+    assert doc["summary"]["misses"] == total.total_misses()
+    assert doc["summary"]["bytes_saved"] == total.bytes_saved
+    assert doc["summary"]["requests_saved"] == total.requests_saved
+    assert doc["summary"]["workers"] == 2
+    assert doc["series"] and doc["series"][-1]["hit_rate"] == pytest.approx(total.hit_rate())
+    assert doc["decisions"] == doc["cluster"]["decisions"][-len(doc["decisions"]) :]
+    assert any(d["action"] == "promote" for d in doc["decisions"])
+
+    # limits
+    short = _get_json(link + "/api/stats.json?series=1&decisions=0")
+    assert len(short["series"]) == 1 and short["decisions"] == []
+    assert _get(link + "/api/stats.json?series=-1")[0] == 400
+    assert _get(link + "/api/stats.json?series=x")[0] == 400
+
+    # no credentials, ever: keys are dataset namespaces
+    status, _, body = _get(link + "/api/stats.json")
+    for secret in {str(s3_options["key"]), str(s3_options["secret"])}:
+        assert f'"{secret}"' not in body
+    assert "endpoint_url" not in body
+
+    # what the page refreshes from
+    src = _get_json(link + "/api/sources.json")
+    assert src["summary"] == plotting.summary_text(doc["cluster"])
+    assert src["summary"].startswith(f"cluster hit rate: {total.hit_rate():.1%} | 2 workers")
+    assert set(src["sources"]) == set(plotting.SOURCE_NAMES)
+
+    # the page itself, as plain HTML
+    status, ctype, page = _get(link)
+    assert status == 200 and ctype.startswith("text/html")
+    assert f"cluster hit rate: {total.hit_rate():.1%}" in page
+    assert "Bokeh" in page and "zcache-source-series" in page
+    assert _get(link + "/")[0] == 200
+    assert _get(link + "?refresh=nope")[0] == 400
+
+
+def test_routes_follow_the_plugin(work: Work) -> None:
+    link = work.link()
+    work.client.unregister_scheduler_plugin("zcache-scheduler")
+    status, _, body = _get(link + "/api/stats.json")
+    assert status == 503 and "install" in json.loads(body)["error"]
+    assert _get(link)[0] == 503
+    zd.install(work.client, work.config)  # a new aggregator: the page shows it
+    assert _get_json(link + "/api/stats.json")["cluster"]["workers"] is not None
+
+
+def test_http_prefix_is_respected(config: CacheConfig) -> None:
+    with _cluster(http_prefix="/dask/") as cluster, Client(cluster) as client:
+        zd.install(client, config)
+        port = re.search(r":(\d+)/", client.dashboard_link)
+        assert port
+        origin = f"http://127.0.0.1:{port.group(1)}"
+        # Dask's own link leaves the prefix out unless configured; ours has it
+        link = zd.dashboard_link(client)
+        assert link == origin + "/dask/zcache"
+        assert _get_json(link + "/api/stats.json")["summary"]["workers"] <= 2
+        assert _get(origin + "/zcache")[0] == 404
+        status, _, page = _get(link)
+        assert status == 200 and 'href="/dask/status"' in page
+        assert "/dask/zcache/api/sources.json" in page
+        # a link configured with the prefix is not doubled
+        with dask.config.set(
+            {"distributed.dashboard.link": "{scheme}://{host}:{port}/dask/status"}
+        ):
+            assert zd.dashboard_link(client) == link
+
+
+def test_dashboard_link_without_plugin_fails_clearly() -> None:
+    with (
+        _cluster() as cluster,
+        Client(cluster) as client,
+        pytest.raises(RuntimeError, match="install"),
+    ):
+        zd.dashboard_link(client)
+
+
+# -- the page in a real browser --------------------------------------------------------------
+
+
+def _chrome(tmp_path: Path) -> Any:
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        pytest.skip(
+            f"needs Debian's chromium and chromium-driver ({CHROMIUM}, {CHROMEDRIVER}): "
+            "apt-get install -y chromium chromium-driver"
+        )
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.skip("needs selenium (pip install selenium)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in CHROME_FLAGS:
+        options.add_argument(flag)
+    profile = tmp_path / "chromium-profile"
+    profile.mkdir()
+    options.add_argument(f"--user-data-dir={profile}")
+    options.add_argument("--window-size=1180,1400")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+
+
+# count rendered canvases, looking inside the shadow roots Bokeh renders into
+_CANVASES_JS = """
+let n = 0;
+const walk = (root) => {
+  for (const el of root.querySelectorAll('*')) {
+    if (el.tagName === 'CANVAS' && el.width > 0 && el.height > 0) n += 1;
+    if (el.shadowRoot) walk(el.shadowRoot);
+  }
+};
+walk(document);
+return n;
+"""
+
+_BOKEH_JS = """
+const docs = (window.Bokeh && window.Bokeh.documents) || [];
+if (docs.length === 0) return null;
+const doc = docs[0];
+const series = doc.get_model_by_name('zcache-source-series');
+const tiers = doc.get_model_by_name('zcache-source-tiers');
+const hits = series ? Array.from(series.data.hit_rate) : [];
+return {
+  roots: doc.roots().length,
+  rootDivs: document.querySelectorAll('[data-root-id]').length,
+  lastHitRate: hits.length ? hits[hits.length - 1] : null,
+  tierLabels: tiers ? Array.from(tiers.data.label) : [],
+  refreshes: window.zcacheRefreshes,
+};
+"""
+
+
+def _summary_hit_rate(driver: Any) -> float:
+    from selenium.webdriver.common.by import By
+
+    text = driver.find_element(By.ID, "zcache-summary").text
+    m = re.search(r"cluster hit rate: ([\d.]+)%", text)
+    assert m, text
+    return float(m.group(1))
+
+
+def test_page_renders_live_figures_in_a_browser(work: Work, tmp_path: Path) -> None:
+    driver = _chrome(tmp_path)
+    try:
+        stats = zd.cluster_stats(work.client)
+        link = work.link()
+        driver.set_page_load_timeout(60)
+        driver.get(link)
+        assert "xarray-zcache" in driver.title
+
+        # the figures rendered: a Bokeh root, and one canvas per plot (5 plots)
+        _wait(lambda: driver.execute_script(_BOKEH_JS) is not None, what="Bokeh document")
+        _wait(lambda: driver.execute_script(_CANVASES_JS) >= 5, what="Bokeh canvases")
+        info = driver.execute_script(_BOKEH_JS)
+        assert info["roots"] >= 1 and info["rootDivs"] >= 1
+        assert info["tierLabels"] == ["worker 0", "worker 1", "cluster"]
+        # the numbers shown are the live ones
+        assert _summary_hit_rate(driver) == pytest.approx(round(stats.total.hit_rate() * 100, 1))
+        assert info["lastHitRate"] == pytest.approx(stats.total.hit_rate())
+        logs = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
+        assert not logs, logs
+
+        # it refreshes itself, in place: more work shows up without a reload
+        driver.execute_script("window.zcacheMarker = 42;")
+        ds = work.open()
+        ds.tp.mean("time").compute()  # new variable: 32 more misses
+        ds.t2m.mean("time").compute()  # promoted and disk keys: hits
+        ds.close()
+        _wait(lambda: _settled(work.client), what="figures settling after more work")
+        after = zd.cluster_stats(work.client).total.hit_rate()
+        assert round(after * 100, 1) != round(stats.total.hit_rate() * 100, 1)
+        _wait(
+            lambda: _summary_hit_rate(driver) == pytest.approx(round(after * 100, 1)),
+            what="the page showing the new hit rate",
+        )
+        info = driver.execute_script(_BOKEH_JS)
+        assert info["lastHitRate"] == pytest.approx(after)
+        assert info["refreshes"] >= 1
+        assert driver.execute_script("return window.zcacheMarker;") == 42  # not reloaded
+
+        ARTIFACTS.mkdir(exist_ok=True)
+        shot = ARTIFACTS / "zcache-dashboard.png"
+        time.sleep(0.5)  # let the last repaint land
+        full_height = driver.execute_script("return document.body.scrollHeight")
+        driver.set_window_size(1180, max(900, int(full_height) + 40))
+        assert driver.save_screenshot(str(shot))
+        assert shot.stat().st_size > 20_000
+    finally:
+        driver.quit()
