@@ -120,6 +120,7 @@ def test_fresh_process_reads_chunks_from_disk(
 
     log = s3_server.requests
     before = log.chunk_gets(s3_bucket)
+    before_all = log.count(bucket=s3_bucket)
     out = subprocess.run(
         [sys.executable, "-c", _CHILD, url, json.dumps(s3_options), str(config.disk_path)],
         capture_output=True,
@@ -129,6 +130,8 @@ def test_fresh_process_reads_chunks_from_disk(
     )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert log.chunk_gets(s3_bucket) - before == 0
+    # metadata and "missing" answers (zarr's v2 probes) persist on disk too: no request at all
+    assert log.count(bucket=s3_bucket) - before_all == 0
     assert result["misses"] == 0
     assert result["disk_hits"] == 2 * 16 + 3  # + the 3 coordinate arrays
     want = float(expected.t2m.sum()) + float(expected.tp.sum())

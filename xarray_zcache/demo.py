@@ -26,13 +26,11 @@ cache's own miss counters.
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import dataclasses
 import json
 import logging
 import os
-import pickle
 import shutil
 import subprocess
 import sys
@@ -317,10 +315,15 @@ def _restart_child() -> int:
     cache = get_cache(spec.config())
     figures, result = run_pass("restart", spec, cache)
     cache.close()
-    payload = {
-        "figures": dataclasses.asdict(figures),
-        "result": base64.b64encode(pickle.dumps(result)).decode("ascii"),
-    }
+    # results travel as Zarr in a temporary folder (no pickle anywhere in this package)
+    out = tempfile.mkdtemp(prefix="zcache-demo-result-")
+    means, maximum = result
+    with _quiet_warnings():
+        means.to_zarr(os.path.join(out, "means.zarr"), zarr_format=3)
+        maximum.to_dataset(name=maximum.name or "max").to_zarr(
+            os.path.join(out, "max.zarr"), zarr_format=3
+        )
+    payload = {"figures": dataclasses.asdict(figures), "result": out}
     sys.stdout.write(_RESULT_MARKER + json.dumps(payload) + "\n")
     sys.stdout.flush()
     return EXIT_OK
@@ -342,9 +345,16 @@ def run_restart_pass(spec: ReadSpec, timeout: float = 600) -> tuple[PassFigures,
             payload = json.loads(line[len(_RESULT_MARKER) :])
             if proc.returncode != 0:
                 break
-            # our own child wrote this pickle, a moment ago, for us
-            result = pickle.loads(base64.b64decode(payload["result"]))
-            return PassFigures(**payload["figures"]), result
+            out = payload["result"]
+            try:
+                with _quiet_warnings():
+                    means = xr.open_zarr(os.path.join(out, "means.zarr")).load()
+                    maximum = next(
+                        iter(xr.open_zarr(os.path.join(out, "max.zarr")).load().values())
+                    )
+            finally:
+                shutil.rmtree(out, ignore_errors=True)
+            return PassFigures(**payload["figures"]), (means, maximum)
     raise RuntimeError(
         f"the restart process failed (exit status {proc.returncode}); its output:\n{proc.stdout}"
     )

@@ -432,7 +432,7 @@ class CachedStore(Store):
         cache.record_miss(fill.key, kind=kind, nbytes=len(data or b""), seconds=seconds)
         if data is None:
             if byte_range is None and kind == "metadata":
-                cache.set_negative(fill)
+                cache.set_negative(fill, self._namespace)
             return
         cache.fill(fill, data, kind=kind, namespace=self._namespace)
 

@@ -9,19 +9,27 @@ Layout under the cache folder (created with mode 0700)::
 ``hh`` is the first two hex digits of the SHA-256 of the key (UTF-8, ``surrogatepass``). File
 names are only ever the hash, so no key, however hostile, can name a path outside the folder.
 
-Every payload file starts with a fixed 64-byte header (:data:`HEADER`)::
+Every payload file starts with a fixed 72-byte header (:data:`HEADER`), followed by the key,
+the namespace and the payload::
 
-    magic b"ZCCH" | version u8 | 3 pad | length u64 | crc32 u32 | 4 pad | expires f64 | sha256(key)
+    magic b"ZCCH" | version u8 | flags u8 | namespace length u16 | payload length u64
+    | payload crc32 u32 | key length u32 | expires f64 | header crc32 u32 | 4 pad | sha256(key)
+    | key (UTF-8) | namespace (UTF-8) | payload
 
-followed by exactly ``length`` payload bytes. ``expires`` is ``inf`` when the entry never expires.
-Because the header carries the key hash, the length, the checksum and the expiry, a cache hit is
-served from the file alone, with no SQLite query (see :class:`DiskTier` for why that is sound).
+``expires`` is ``inf`` when the entry never expires. The header CRC-32 covers the fixed part
+(with the header CRC field zeroed), the key and the namespace, so a damaged length, expiry or key
+is detected like a damaged payload. Because the header carries the key, the length, the checksum
+and the expiry, a cache hit is served from the file alone, with no SQLite query (see
+:class:`DiskTier` for why that is sound), and a lost or damaged ``index.db`` can be rebuilt from
+the payload files (:meth:`DiskTier.rebuild_index`). Format version 1 (no key, no header CRC) is
+not read: such files are treated as damaged and dropped.
 Nothing is pickled.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import math
@@ -42,10 +50,17 @@ __all__ = ["FORMAT_VERSION", "HEADER", "MAGIC", "DiskTier"]
 logger = logging.getLogger("xarray_zcache.disk")
 
 MAGIC: Final = b"ZCCH"
-FORMAT_VERSION: Final = 1
-#: magic, version, (3 pad), payload length, crc32, (4 pad), expires, sha256(key): 64 bytes.
-HEADER: Final = struct.Struct("<4sB3xQI4xd32s")
+FORMAT_VERSION: Final = 2
+#: Fixed part of a payload header: magic, version, flags, namespace length, payload length,
+#: payload crc32, key length, expires, header crc32, (4 pad), sha256(key): 72 bytes. The key and
+#: the namespace follow it, then the payload.
+HEADER: Final = struct.Struct("<4sBBHQIIdI4x32s")
 _HEADER_SIZE: Final = HEADER.size
+#: Bytes read with the fixed header, so that a typical key and namespace come in the same call.
+_HEAD_READ: Final = _HEADER_SIZE + 440
+_MAX_NAMESPACE: Final = 0xFFFF
+#: SQLite primary result codes meaning "the database file is damaged" (not busy, full, I/O).
+_SQLITE_CORRUPT: Final = frozenset({11, 26})  # SQLITE_CORRUPT, SQLITE_NOTADB
 
 _LAYOUT: Final[dict[str, tuple[str, str]]] = {
     "chunk": ("chunks", ".cache"),
@@ -70,6 +85,13 @@ _AUTO_PRUNE_EVERY: Final = 4096
 #: ``verify(repair=True)`` removes temp files older than this (younger ones may be in flight).
 _STALE_TEMP_AGE_S: Final = 600.0
 _TEMP_SUFFIX: Final = ".tmp"
+_INDEX_NAME: Final = "index.db"
+#: Files SQLite keeps beside the index in WAL mode.
+_INDEX_SIDE_FILES: Final = ("-wal", "-shm")
+#: Lock file serializing the opening, rebuilding and replacing of ``index.db`` across processes.
+_LOCK_NAME: Final = "index.db.lock"
+#: A ``horizon`` (see ``prune_tombstones``) further in the future than this is damage: reset it.
+_HORIZON_SLACK_NS: Final = 86_400 * 10**9
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS entries(
@@ -176,14 +198,15 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[written:]
 
 
-def _read_exact(fd: int, size: int) -> bytes:
-    data = os.read(fd, size)
+def _pread_exact(fd: int, size: int, offset: int) -> bytes:
+    """Read ``size`` bytes at ``offset`` (fewer only at end of file)."""
+    data = os.pread(fd, size, offset)
     if len(data) == size or not data:
         return data
     parts = [data]
     got = len(data)
     while got < size:
-        more = os.read(fd, size - got)
+        more = os.pread(fd, size - got, offset + got)
         if not more:
             break
         parts.append(more)
@@ -191,25 +214,71 @@ def _read_exact(fd: int, size: int) -> bytes:
     return b"".join(parts)
 
 
-def _read_header(fd: int, digest: bytes, file_size: int) -> tuple[str | None, int, int, float]:
+def _pack_header(
+    key: bytes, namespace: bytes, length: int, crc: int, expires: float, digest: bytes
+) -> bytes:
+    """The header of a payload file: fixed part, key and namespace (see the module docstring)."""
+    if len(namespace) > _MAX_NAMESPACE:
+        namespace = b""  # only a label: not worth refusing the entry for
+    fields = [MAGIC, FORMAT_VERSION, 0, len(namespace), length, crc, len(key), expires, 0, digest]
+    fields[8] = zlib.crc32(namespace, zlib.crc32(key, zlib.crc32(HEADER.pack(*fields))))
+    return HEADER.pack(*fields) + key + namespace
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Header:
+    key: bytes
+    namespace: bytes
+    offset: int  # of the payload
+    length: int
+    crc: int
+    expires: float
+
+
+def _read_header(
+    fd: int, file_size: int, digest: bytes | None, key: bytes | None = None
+) -> tuple[str | None, _Header | None]:
     """Read and check a payload header.
 
-    Returns ``(problem, length, crc, expires)``; ``problem`` is None when the header is valid
-    for ``digest`` and consistent with the file size.
+    ``digest`` (and ``key``, if given) must match what the header records; with
+    ``digest=None`` the key hash is checked against the key stored in the header instead.
+    Returns ``(problem, header)``; ``problem`` is None when the header is intact, belongs to
+    the expected key and is consistent with the file size.
     """
-    raw = os.read(fd, _HEADER_SIZE)
-    if len(raw) != _HEADER_SIZE:
-        return "truncated header", 0, 0, math.inf
-    magic, version, length, crc, expires, key_hash = HEADER.unpack(raw)
+    head = os.pread(fd, min(file_size, _HEAD_READ), 0) if file_size > 0 else b""
+    if len(head) < _HEADER_SIZE:
+        return "truncated header", None
+    magic, version, flags, ns_len, length, crc, key_len, expires, hcrc, key_hash = (
+        HEADER.unpack_from(head)
+    )
     if magic != MAGIC:
-        return "bad magic", 0, 0, math.inf
+        return "bad magic", None
     if version != FORMAT_VERSION:
-        return f"unsupported format version {version}", 0, 0, math.inf
-    if key_hash != digest:
-        return "key hash mismatch", 0, 0, math.inf
-    if file_size != _HEADER_SIZE + length:
-        return "length mismatch", 0, 0, math.inf
-    return None, int(length), int(crc), float(expires)
+        return f"unsupported format version {version}", None
+    if digest is not None and key_hash != digest:
+        return "key hash mismatch", None
+    offset = _HEADER_SIZE + key_len + ns_len
+    if file_size != offset + length:
+        return "length mismatch", None
+    if len(head) < offset:
+        head += _pread_exact(fd, offset - len(head), len(head))
+        if len(head) < offset:
+            return "truncated header", None
+    stored_key = head[_HEADER_SIZE : _HEADER_SIZE + key_len]
+    namespace = head[_HEADER_SIZE + key_len : offset]
+    fixed = HEADER.pack(
+        magic, version, flags, ns_len, length, crc, key_len, expires, 0, key_hash
+    )
+    if zlib.crc32(namespace, zlib.crc32(stored_key, zlib.crc32(fixed))) != hcrc:
+        return "header checksum mismatch", None
+    if key is not None:
+        if stored_key != key:
+            return "key mismatch", None
+    elif hashlib.sha256(stored_key).digest() != key_hash:
+        return "key hash mismatch", None
+    if math.isnan(expires):
+        return "invalid expiry", None
+    return None, _Header(stored_key, namespace, offset, int(length), int(crc), float(expires))
 
 
 def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
@@ -395,7 +464,7 @@ class DiskTier:
         conn = sqlite3.connect(db_path, timeout=30, isolation_level=None, check_same_thread=False)
         try:
             conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            mode = _set_wal(conn)
             if str(mode).lower() != "wal":
                 logger.warning("disk cache index %s: WAL mode unavailable (%s)", db_path, mode)
             conn.execute("PRAGMA synchronous=NORMAL")
@@ -482,7 +551,8 @@ class DiskTier:
         """
         if self._conn is None:
             return None
-        digest = _digest(key)
+        key_bytes = key.encode("utf-8", "surrogatepass")
+        digest = hashlib.sha256(key_bytes).digest()
         hexdigest = digest.hex()
         t = time.time() if now is None else now
         for kind in _KINDS:
@@ -497,17 +567,17 @@ class DiskTier:
             payload = b""
             try:
                 st = os.fstat(fd)
-                problem, length, crc, expires = _read_header(fd, digest, st.st_size)
-                if problem is None:
-                    if expires < t:
+                problem, header = _read_header(fd, st.st_size, digest, key_bytes)
+                if header is not None:
+                    if header.expires < t:
                         os.close(fd)
                         fd = -1
                         self._discard(key, path, st, expired=True)
                         return None
-                    payload = _read_exact(fd, length)
-                    if len(payload) != length:
+                    payload = _pread_exact(fd, header.length, header.offset)
+                    if len(payload) != header.length:
                         problem = "truncated payload"
-                    elif zlib.crc32(payload) != crc:
+                    elif zlib.crc32(payload) != header.crc:
                         problem = "checksum mismatch"
             except OSError as exc:
                 self._warn_error(exc, f"reading {path}")
@@ -710,14 +780,17 @@ class DiskTier:
         if not (_sql_safe(key) and _sql_safe(namespace)):
             return False  # lone surrogates cannot be indexed
         write_ns = time.time_ns()
-        digest = _digest(key)
+        key_bytes = key.encode("utf-8")
+        digest = hashlib.sha256(key_bytes).digest()
         hexdigest = digest.hex()
         final = self._file_path(hexdigest, kind)
         folder = os.path.dirname(final)
         temp = os.path.join(folder, f".{hexdigest}.{os.getpid()}.{uuid.uuid4().hex}{_TEMP_SUFFIX}")
         checksum = zlib.crc32(value)
         expiry = math.inf if expires is None else float(expires)
-        header = HEADER.pack(MAGIC, FORMAT_VERSION, size, checksum, expiry, digest)
+        header = _pack_header(
+            key_bytes, namespace.encode("utf-8"), size, checksum, expiry, digest
+        )
         stored = False
         try:
             self._write_temp(folder, temp, header, value)
@@ -1152,33 +1225,53 @@ class DiskTier:
 _HEX_DIGITS: Final = frozenset("0123456789abcdef")
 
 
+def _set_wal(conn: sqlite3.Connection, timeout: float = 30.0) -> str:
+    """Switch to WAL, retrying while another connection holds the database lock.
+
+    Changing the journal mode needs an exclusive lock, and SQLite reports ``database
+    is locked`` at once (the busy handler is not consulted) when another process or
+    thread is setting up the same fresh index: Dask workers starting together do.
+    """
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        try:
+            return str(conn.execute("PRAGMA journal_mode=WAL").fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+
 def _is_hex(text: str) -> bool:
     return all(c in _HEX_DIGITS for c in text)
 
 
-def _check_file(path: str, hexdigest: str) -> tuple[str | None, int, int]:
-    """Verify a payload file completely; returns ``(problem, length, crc)``."""
+def _check_file(
+    path: str, hexdigest: str, *, payload: bool = True
+) -> tuple[str | None, _Header | None]:
+    """Verify a payload file: header always, payload checksum if ``payload``.
+
+    Returns ``(problem, header)``; ``header`` is None when the header itself is unusable.
+    """
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as exc:
-        return f"unreadable: {exc.strerror}", 0, 0
-    problem: str | None = None
-    length = crc = 0
+        return f"unreadable: {exc.strerror}", None
     try:
-        problem, length, crc, _expires = _read_header(
-            fd, bytes.fromhex(hexdigest), os.fstat(fd).st_size
-        )
-        if problem is None:
-            payload = _read_exact(fd, length)
-            if len(payload) != length:
+        problem, header = _read_header(fd, os.fstat(fd).st_size, bytes.fromhex(hexdigest))
+        if header is not None and payload:
+            data = _pread_exact(fd, header.length, header.offset)
+            if len(data) != header.length:
                 problem = "truncated payload"
-            elif zlib.crc32(payload) != crc:
+            elif zlib.crc32(data) != header.crc:
                 problem = "checksum mismatch"
     except OSError as exc:
-        problem = f"unreadable: {exc.strerror}"
+        return f"unreadable: {exc.strerror}", None
     finally:
         os.close(fd)
-    return problem, length, crc
+    return problem, header
 
 
 def _split_sql(script: str) -> list[str]:

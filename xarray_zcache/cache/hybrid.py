@@ -107,7 +107,6 @@ class HybridCache:
         self._closed = False
         self._stop = threading.Event()
         self._maintenance: threading.Thread | None = None
-        self._forced_promotions: set[str] = set()
         _LIVE.add(self)
 
     def __repr__(self) -> str:
@@ -151,8 +150,7 @@ class HybridCache:
         self.trace.add(key, len(value))
         rate = self._rates.touch(key)
         threshold = self.config.promotion_threshold
-        if threshold == 0 or rate >= threshold or key in self._forced_promotions:
-            self._forced_promotions.discard(key)
+        if threshold == 0 or rate >= threshold:
             self.memory.put(key, value, expires=self._expires(kind), kind=kind)
             self._stats.add("promotions")
         return value
@@ -269,9 +267,13 @@ class HybridCache:
             if old is not None:
                 self._pending_bytes -= len(old[0])
             self._negatives.pop(key, None)
+            negative = self._pending.pop(key + self.NEGATIVE_SUFFIX, None)
+            if negative is not None:
+                self._pending_bytes -= len(negative[0])
         self.memory.delete(key)
         if self.disk is not None:
             self.disk.delete(key)
+            self.disk.delete(key + self.NEGATIVE_SUFFIX)
         self._stats.add("invalidations")
 
     def invalidate_prefix(self, prefix: str) -> None:
@@ -293,27 +295,48 @@ class HybridCache:
 
     # -- negative entries and listings ---------------------------------------------------------
 
+    # negative entries are also kept on disk (an empty payload under key + this suffix),
+    # so a new process does not probe S3 again for the same missing metadata documents
+    NEGATIVE_SUFFIX = "\x00missing"
+
     def is_negative(self, key: str) -> bool:
         """Whether ``key`` is known missing (a fresh negative entry); counts a hit if so."""
         expires = self._negatives.get(key)
+        now = time.time()
+        if expires is None and self.disk is not None and self.config.negative_ttl > 0:
+            entry = self.disk.get(key + self.NEGATIVE_SUFFIX, now=now)
+            if entry is not None:  # (the disk tier drops it once expired)
+                expires = now + self.config.negative_ttl
+                with self._lock:
+                    self._negatives[key] = expires
         if expires is None:
             return False
-        if expires <= time.time():
+        if expires <= now:
             with self._lock:
                 self._negatives.pop(key, None)
             return False
         self._stats.negative_hit(key)
         return True
 
-    def set_negative(self, fill: Fill) -> None:
+    def set_negative(self, fill: Fill, namespace: str = "") -> None:
         """Remember that ``fill.key`` is missing for ``negative_ttl`` seconds."""
         ttl = self.config.negative_ttl
         if ttl <= 0 or not self._inv.unchanged(fill.key, fill.generation):
             return
+        expires = time.time() + ttl
         with self._lock:
             if len(self._negatives) > 100_000:
                 self._negatives.clear()
-            self._negatives[fill.key] = time.time() + ttl
+            self._negatives[fill.key] = expires
+        if self.disk is not None:
+            self._queue_disk_write(
+                fill.key + self.NEGATIVE_SUFFIX,
+                b"",
+                "metadata",
+                namespace,
+                expires,
+                fill.started_ns,
+            )
 
     def get_listing(self, key: str) -> tuple[str, ...] | None:
         """A cached listing under ``key``, or ``None`` if absent or expired."""
