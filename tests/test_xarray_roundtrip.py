@@ -96,7 +96,7 @@ class TestCachedMemoryStoreRoundtrip(ZarrBase):  # type: ignore[misc]
 @pytest.mark.slow
 @deselect(DESELECTED)
 class TestCachedLocalStoreRoundtrip(ZarrBase):  # type: ignore[misc]
-    """Round trips through a `CachedStore` with a disk tier over a `LocalStore`."""
+    """Round trips through a `CachedStore` over a `LocalStore`, reads served from disk."""
 
     @contextlib.contextmanager
     def create_zarr_target(self) -> Iterator[CachedStore]:
@@ -104,7 +104,9 @@ class TestCachedLocalStoreRoundtrip(ZarrBase):  # type: ignore[misc]
             tempfile.TemporaryDirectory(prefix="zcache-data-") as data,
             tempfile.TemporaryDirectory(prefix="zcache-disk-") as disk,
         ):
-            config = CacheConfig().with_memory_size("64MB").with_disk_cache(disk, "256MB")
+            # a memory tier too small to hold anything: every read past a write is served
+            # by the disk tier, which is what this class is here to exercise
+            config = CacheConfig().with_memory_size(1).with_disk_cache(disk, "256MB")
             # like xarray's TestZarrDirectoryStore: a path that does not exist yet
             inner = zarr.storage.LocalStore(os.path.join(data, "test.zarr"), read_only=False)
             try:

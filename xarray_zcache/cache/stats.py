@@ -176,6 +176,121 @@ class CacheStats:
     def __sub__(self, other: CacheStats) -> CacheStats:
         return self._combine(other, -1)
 
+    # -- compact wire form ---------------------------------------------------------------------
+
+    # every number, in a fixed order: what a Dask worker sends to the scheduler (small,
+    # fast to pack, and summable element by element)
+    VECTOR_FIELDS: tuple[str, ...] = (
+        *(f"hits.{t}.{k}" for t in TIERS for k in KINDS),
+        *(f"hit_bytes.{t}.{k}" for t in TIERS for k in KINDS),
+        *(f"misses.{k}" for k in KINDS),
+        *(f"miss_bytes.{k}" for k in KINDS),
+        "negative_hits",
+        "inner_errors",
+        "writes",
+        "write_bytes",
+        "invalidations",
+        *(f"evictions.{t}" for t in TIERS),
+        "corruptions",
+        "promotions",
+        "prefetches",
+        "disk_write_failures",
+        "not_admitted",
+        *(f"fetch_latency_ms.{i}" for i in range(len(LATENCY_BUCKETS_MS))),
+        "memory_used",
+        "memory_capacity",
+        "memory_entries",
+        "disk_used",
+        "disk_capacity",
+        "disk_entries",
+    )
+
+    def to_vector(self) -> list[int]:
+        """The numbers of `VECTOR_FIELDS`, in order (counters and summable gauges)."""
+        out: list[int] = []
+        for t in TIERS:
+            out += [self.hits[t][k] for k in KINDS]
+        for t in TIERS:
+            out += [self.hit_bytes[t][k] for k in KINDS]
+        out += [self.misses[k] for k in KINDS]
+        out += [self.miss_bytes[k] for k in KINDS]
+        out += [
+            self.negative_hits,
+            self.inner_errors,
+            self.writes,
+            self.write_bytes,
+            self.invalidations,
+        ]
+        out += [self.evictions[t] for t in TIERS]
+        out += [
+            self.corruptions,
+            self.promotions,
+            self.prefetches,
+            self.disk_write_failures,
+            self.not_admitted,
+        ]
+        out += list(self.fetch_latency_ms)
+        out += [
+            self.memory_used,
+            self.memory_capacity,
+            self.memory_entries,
+            self.disk_used,
+            self.disk_capacity,
+            self.disk_entries,
+        ]
+        return out
+
+    @classmethod
+    def from_vector(cls, vec: list[int] | tuple[int, ...]) -> CacheStats:
+        """Inverse of `to_vector`.
+
+        Raises
+        ------
+        ValueError
+            If ``vec`` is not a sequence of ``len(VECTOR_FIELDS)`` numbers.
+        """
+        if len(vec) != len(cls.VECTOR_FIELDS) or not all(
+            isinstance(x, int | float) and not isinstance(x, bool) for x in vec
+        ):
+            raise ValueError(
+                f"stats vector: expected {len(cls.VECTOR_FIELDS)} numbers, got {len(vec)} items"
+            )
+        it = iter(vec)
+        s = cls()
+        for t in TIERS:
+            for k in KINDS:
+                s.hits[t][k] = int(next(it))
+        for t in TIERS:
+            for k in KINDS:
+                s.hit_bytes[t][k] = int(next(it))
+        for k in KINDS:
+            s.misses[k] = int(next(it))
+        for k in KINDS:
+            s.miss_bytes[k] = int(next(it))
+        for name in ("negative_hits", "inner_errors", "writes", "write_bytes", "invalidations"):
+            setattr(s, name, int(next(it)))
+        for t in TIERS:
+            s.evictions[t] = int(next(it))
+        for name in (
+            "corruptions",
+            "promotions",
+            "prefetches",
+            "disk_write_failures",
+            "not_admitted",
+        ):
+            setattr(s, name, int(next(it)))
+        s.fetch_latency_ms = [int(next(it)) for _ in LATENCY_BUCKETS_MS]
+        for name in (
+            "memory_used",
+            "memory_capacity",
+            "memory_entries",
+            "disk_used",
+            "disk_capacity",
+            "disk_entries",
+        ):
+            setattr(s, name, int(next(it)))
+        return s
+
     # -- export --------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 import time
@@ -29,35 +30,48 @@ HANDLERS = (
 )
 
 
+_N = len(CacheStats.VECTOR_FIELDS)
+# positions of the summable gauges in the vector (the rest are counters)
+_MEMORY_USED = CacheStats.VECTOR_FIELDS.index("memory_used")
+_DISK_USED = CacheStats.VECTOR_FIELDS.index("disk_used")
+
+
 class _WorkerState:
-    __slots__ = ("analytics", "host", "hot", "last_seen", "name", "rates", "stats", "time")
+    __slots__ = ("analytics", "arrays", "host", "hot", "last_seen", "name", "rates", "time", "vec")
 
     def __init__(self) -> None:
-        self.stats = CacheStats()
+        self.vec: list[int] = [0] * _N
         self.hot: dict[str, tuple[int, str]] = {}  # key -> (cumulative count, tier)
         self.rates: dict[str, float] = {}  # key -> accesses/s between the last two reports
+        self.arrays: set[str] = set()
         self.time = 0.0
         self.last_seen = 0.0
         self.name = ""
         self.host = ""
         self.analytics: dict[str, Any] = {}
 
+    @property
+    def stats(self) -> CacheStats:
+        return CacheStats.from_vector(self.vec)
+
 
 class ZCacheSchedulerPlugin(SchedulerPlugin):
     """Aggregate the zcache reports of all workers and decide cluster-wide promotions.
 
-    Workers (`ZCacheWorkerPlugin`) send their cumulative stats and top-N hot keys
-    every report interval. The aggregator keeps the latest snapshot per worker,
-    running cluster totals, a bounded time series of cluster figures and a bounded
-    log of decisions. Each report costs O(top-N) work, and every structure is
-    capped, so it scales to hundreds of workers.
+    Workers (`ZCacheWorkerPlugin`) send their cumulative counters (a flat vector, see
+    `CacheStats.to_vector`) and top-N hot keys every report interval. The aggregator
+    keeps the latest state per worker, running cluster totals, per-key cluster access
+    rates and holders, a bounded time series of cluster figures and a bounded log of
+    decisions. A report costs O(top-N) work whatever the number of workers, and
+    every structure is capped, so it scales to hundreds of workers (see
+    ``benchmarks/aggregator.py``).
 
     Decisions: a key whose cluster-wide access rate (summed over workers) reaches
     ``promotion_threshold`` accesses/s is promoted to memory on the workers that
     hold it on disk only; with ``warm=True``, a key hot on at least two workers is
-    also pre-warmed on the other workers that read the same array. Commands ride
-    on the reply to the next report of each worker, so they arrive within one
-    report interval.
+    also pre-warmed on the other workers that read the same array. A worker's
+    commands are decided when it reports and ride on the reply to that report, so
+    they reach it within one report interval of the key getting hot.
 
     Handlers for clients: ``zcache_cluster_stats``, ``zcache_worker_stats``,
     ``zcache_decisions``, ``zcache_timeseries``.
@@ -69,12 +83,11 @@ class ZCacheSchedulerPlugin(SchedulerPlugin):
     warm
         Pre-warm keys hot on several workers on the others reading their array.
     history
-        Points kept in the time series (one per report interval of any worker, at
-        most one per second).
+        Points kept in the time series (at most one per second).
     max_decisions
         Entries kept in the decision log.
     max_keys
-        Hot keys kept per worker (reports beyond this are truncated).
+        Hot keys taken per report (reports beyond this are truncated).
     """
 
     name = "zcache-scheduler"
@@ -98,12 +111,14 @@ class ZCacheSchedulerPlugin(SchedulerPlugin):
     async def start(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
         self.workers: dict[str, _WorkerState] = {}
-        self.totals = CacheStats()
+        self._totals: list[int] = [0] * _N
         self.series: deque[dict[str, Any]] = deque(maxlen=self.history)
         self.decisions: deque[dict[str, Any]] = deque(maxlen=self.max_decisions)
         self.pending: dict[str, dict[str, set[str]]] = {}  # worker -> {"promote"|"warm": keys}
-        self.promoted: dict[str, set[str]] = {}  # worker -> keys already promoted there
-        self.arrays: dict[str, set[str]] = {}  # worker -> arrays it reads (from hot keys)
+        self.done: dict[str, set[str]] = {}  # worker -> keys already promoted/warmed there
+        self.key_rate: dict[str, float] = {}  # key -> cluster accesses/s
+        self.key_holders: dict[str, dict[str, str]] = {}  # key -> {worker: tier}
+        self.hot_now: list[str] = []  # the cluster's hottest keys (refreshed each second)
         self.rejected = 0
         self._last_point = 0.0
         for op in HANDLERS:
@@ -120,23 +135,28 @@ class ZCacheSchedulerPlugin(SchedulerPlugin):
 
             remove_routes(self.scheduler)
 
+    @property
+    def totals(self) -> CacheStats:
+        """Cluster totals (counters and memory/disk use summed over workers)."""
+        return CacheStats.from_vector(self._totals)
+
     def remove_worker(
         self, scheduler: Scheduler, worker: str, *, stimulus_id: str, **kwargs: Any
     ) -> None:
         state = self.workers.pop(worker, None)
         if state is not None:
-            self._shift_totals(state.stats, CacheStats())
+            self._totals = [a - b for a, b in zip(self._totals, state.vec, strict=True)]
+            self._set_hot(worker, state, {}, {})
             self._add_point(time.time(), force=True)
         self.pending.pop(worker, None)
-        self.promoted.pop(worker, None)
-        self.arrays.pop(worker, None)
+        self.done.pop(worker, None)
 
     # -- worker reports ------------------------------------------------------------------------
 
     def zcache_report(self, report: dict[str, Any]) -> dict[str, Any]:
         """Take one worker's report; answer with the commands waiting for it."""
         try:
-            worker, stats, hot, t = self._parse(report)
+            worker, vec, hot, t = self._parse(report)
         except (KeyError, TypeError, ValueError) as exc:
             self.rejected += 1
             logger.warning("xarray-zcache: rejected a malformed worker report: %s", exc)
@@ -146,18 +166,23 @@ class ZCacheSchedulerPlugin(SchedulerPlugin):
         state = self.workers.get(worker)
         if state is None:
             state = self.workers[worker] = _WorkerState()
-        self._shift_totals(state.stats, stats)
-        rates: dict[str, float] = {}
+        totals = self._totals
+        old = state.vec
+        for i in range(_N):
+            totals[i] += vec[i] - old[i]
+        state.vec = vec
         dt = t - state.time if state.time else 0.0
-        for key, count, _tier in hot:
-            old = state.hot.get(key)
-            if old is not None and dt > 0:
-                rates[key] = max(0.0, (count - old[0]) / dt)
+        old_hot, old_rates = state.hot, state.rates
+        new_hot: dict[str, tuple[int, str]] = {}
+        new_rates: dict[str, float] = {}
+        for key, count, tier in hot:
+            new_hot[key] = (count, tier)
+            prev = old_hot.get(key)
+            if prev is not None and dt > 0:
+                new_rates[key] = (count - prev[0]) / dt if count > prev[0] else 0.0
             else:
-                rates[key] = state.rates.get(key, 0.0)
-        state.stats = stats
-        state.hot = {key: (count, tier) for key, count, tier in hot}
-        state.rates = rates
+                new_rates[key] = old_rates.get(key, 0.0)
+        self._set_hot(worker, state, new_hot, new_rates)
         state.time = t
         state.last_seen = time.time()
         state.name = str(report.get("name", ""))
@@ -165,47 +190,63 @@ class ZCacheSchedulerPlugin(SchedulerPlugin):
         analytics = report.get("analytics")
         if isinstance(analytics, dict):
             state.analytics = analytics
-        if self.warm:
-            self.arrays[worker] = {array_of(k) for k in state.hot}
-        self._decide(worker)
+        self._decide(worker, state)
         self._add_point(time.time())
         commands = self.pending.pop(worker, None) or {}
         return {k: sorted(v) for k, v in commands.items()}
 
-    _SUMMED_GAUGES = (
-        "memory_used",
-        "memory_capacity",
-        "memory_entries",
-        "disk_used",
-        "disk_capacity",
-        "disk_entries",
-    )
-
-    def _shift_totals(self, old: CacheStats, new: CacheStats) -> None:
-        """Totals += new - old, for counters and summed gauges alike. O(1) in workers."""
-        totals = self.totals + (new - old)
-        for g in self._SUMMED_GAUGES:
-            setattr(totals, g, getattr(self.totals, g) + getattr(new, g) - getattr(old, g))
-        totals.hot_keys = []
-        totals.disk_path = None
-        self.totals = totals
+    def _set_hot(
+        self,
+        worker: str,
+        state: _WorkerState,
+        hot: dict[str, tuple[int, str]],
+        rates: dict[str, float],
+    ) -> None:
+        """Replace a worker's hot keys, keeping per-key cluster rates and holders in step."""
+        key_rate, holders = self.key_rate, self.key_holders
+        old_rates, old_hot = state.rates, state.hot
+        for key in old_rates.keys() - hot.keys():  # keys no longer hot here
+            h = holders.get(key)
+            if h is not None:
+                h.pop(worker, None)
+            if h:
+                key_rate[key] = key_rate.get(key, 0.0) - old_rates[key]
+            else:
+                key_rate.pop(key, None)
+                holders.pop(key, None)
+        for key, (_count, tier) in hot.items():
+            delta = rates[key] - old_rates.get(key, 0.0)
+            if delta or key not in key_rate:
+                key_rate[key] = key_rate.get(key, 0.0) + delta
+            prev = old_hot.get(key)
+            if prev is None or prev[1] != tier:
+                h = holders.get(key)
+                if h is None:
+                    holders[key] = {worker: tier}
+                else:
+                    h[worker] = tier
+        state.hot = hot
+        state.rates = rates
+        if self.warm:
+            state.arrays = {array_of(k) for k in hot}
 
     def _parse(
         self, report: dict[str, Any]
-    ) -> tuple[str, CacheStats, list[tuple[str, int, str]], float]:
+    ) -> tuple[str, list[int], list[tuple[str, int, str]], float]:
         if not isinstance(report, dict):
             raise TypeError(f"report must be a dict, got {type(report).__name__}")
         worker = report["worker"]
         if not isinstance(worker, str) or not worker:
             raise ValueError("report['worker'] must be a worker address")
         raw = report["stats"]
-        if not isinstance(raw, dict):
-            raise TypeError("report['stats'] must be a dict")
-        stats = CacheStats.from_dict(raw)
-        if not isinstance(stats.hits, dict) or set(stats.hits) != {"memory", "disk"}:
-            raise ValueError("report['stats']['hits'] must have 'memory' and 'disk'")
+        if not isinstance(raw, list | tuple) or len(raw) != _N:
+            raise ValueError(f"report['stats'] must be a list of {_N} numbers")
+        vec = list(raw)
+        for x in vec:
+            if not isinstance(x, int) or isinstance(x, bool):
+                raise ValueError("report['stats'] must hold integers only")
         hot: list[tuple[str, int, str]] = []
-        for item in list(report.get("hot", []))[: self.max_keys]:
+        for item in list(report.get("hot", ()))[: self.max_keys]:
             key, count, tier = item
             if not isinstance(key, str) or not isinstance(count, int):
                 raise TypeError("report['hot'] items must be [key: str, count: int, tier: str]")
@@ -213,32 +254,32 @@ class ZCacheSchedulerPlugin(SchedulerPlugin):
         t = float(report.get("time", time.time()))
         if not math.isfinite(t):
             raise ValueError("report['time'] must be finite")
-        return worker, stats, hot, t
+        return worker, vec, hot, t
 
-    def _decide(self, reporter: str) -> None:
-        """Promotion and warm decisions for the keys the reporting worker just sent."""
-        state = self.workers[reporter]
-        for key in state.hot:
-            rate = self.cluster_rate(key)
-            if rate < self.promotion_threshold:
+    def _decide(self, worker: str, state: _WorkerState) -> None:
+        """Commands for the reporting worker only: O(top-N) per report.
+
+        Every worker holding a hot key reports within one interval, and is then
+        told to promote it: promotion reaches all holders without scanning them.
+        """
+        # remember decisions only for keys still hot here (bounded by top-N)
+        done = self.done.get(worker, set()) & state.hot.keys()
+        self.done[worker] = done
+        for key, (_count, tier) in state.hot.items():
+            if tier != "disk" or key in done:
                 continue
-            holders = [w for w, s in self.workers.items() if key in s.hot]
-            for w in holders:
-                _count, tier = self.workers[w].hot[key]
-                done = self.promoted.setdefault(w, set())
-                if tier == "disk" and key not in done:
-                    if len(done) > 10 * self.max_keys:
-                        done.clear()
+            rate = self.key_rate.get(key, 0.0)
+            if rate >= self.promotion_threshold:
+                done.add(key)
+                self._command(worker, "promote", key, rate)
+        if self.warm:
+            for key in self.hot_now:
+                holders = self.key_holders.get(key, {})
+                if worker in holders or key in done or len(holders) < 2:
+                    continue
+                if array_of(key) in state.arrays:
                     done.add(key)
-                    self._command(w, "promote", key, rate)
-            if self.warm and len(holders) >= 2:
-                arr = array_of(key)
-                for w, arrays in self.arrays.items():
-                    if w not in holders and arr in arrays:
-                        done = self.promoted.setdefault(w, set())
-                        if key not in done:
-                            done.add(key)
-                            self._command(w, "warm", key, rate)
+                    self._command(worker, "warm", key, self.key_rate.get(key, 0.0))
 
     def _command(self, worker: str, action: str, key: str, rate: float) -> None:
         self.pending.setdefault(worker, {}).setdefault(action, set()).add(key)
@@ -248,12 +289,19 @@ class ZCacheSchedulerPlugin(SchedulerPlugin):
 
     def cluster_rate(self, key: str) -> float:
         """Accesses per second of ``key`` summed over the workers reporting it hot."""
-        return sum(s.rates.get(key, 0.0) for s in self.workers.values())
+        return self.key_rate.get(key, 0.0)
 
     def _add_point(self, now: float, force: bool = False) -> None:
         if not force and now - self._last_point < 1.0:
             return
         self._last_point = now
+        # the cluster's hottest keys, for warm decisions (once a second, not per report)
+        rates = self.key_rate
+        self.hot_now = [
+            k
+            for k in heapq.nlargest(100, rates, key=rates.__getitem__)
+            if rates[k] >= self.promotion_threshold
+        ]
         t = self.totals
         self.series.append(
             {
@@ -285,18 +333,18 @@ class ZCacheSchedulerPlugin(SchedulerPlugin):
 
     def zcache_cluster_stats(self) -> dict[str, Any]:
         """Per-worker stats, totals, hot keys and recent decisions (msgpack-able)."""
+        workers: dict[str, Any] = {}
+        for w, s in self.workers.items():
+            d = s.stats.to_dict()
+            d.update(name=s.name, host=s.host, last_seen=s.last_seen, analytics=s.analytics)
+            d["hot_keys"] = [
+                [k, c] for k, (c, _) in sorted(s.hot.items(), key=lambda kv: -kv[1][0])
+            ]
+            workers[w] = d
+        total = self.totals.to_dict()
         return {
-            "workers": {
-                w: {
-                    "name": s.name,
-                    "host": s.host,
-                    "last_seen": s.last_seen,
-                    "analytics": s.analytics,
-                    **s.stats.to_dict(),
-                }
-                for w, s in self.workers.items()
-            },
-            "total": self.totals.to_dict(),
+            "workers": workers,
+            "total": total,
             "hot_keys": self.hot_keys(),
             "decisions": list(self.decisions)[-50:],
             "rejected_reports": self.rejected,

@@ -75,7 +75,7 @@ class _WorkerCache:
             "name": str(self.worker.name),
             "host": self.worker.ip,
             "time": time.time(),
-            "stats": self.cache.stats().to_dict(),
+            "stats": self.cache.stats().to_vector(),
             "hot": self.hot_keys_with_tier(),
         }
         if self.reports_sent % self.ANALYTICS_EVERY == 0:
