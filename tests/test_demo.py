@@ -25,6 +25,23 @@ def test_demo_runs_cold_warm_restart() -> None:
     assert "FAILED" not in proc.stdout, output
 
 
+@pytest.mark.slow
+def test_demo_on_a_cluster() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "xarray_zcache.demo", "--latency", "0", "--workers", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    assert "every worker restarted" in proc.stdout, output
+    assert "Per worker" in proc.stdout and "total" in proc.stdout, output
+    assert "Promotion decisions" in proc.stdout, output
+    assert "results identical across passes: yes" in proc.stdout, output
+
+
 def test_demo_help() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "xarray_zcache.demo", "--help"],

@@ -127,6 +127,8 @@ def test_second_compute_sends_no_chunk_gets(
     assert stats.total.total_misses("chunk") == 32
     assert stats.total.total_hits("chunk") == 32
     assert stats.total.memory_used == sum(s.memory_used for s in stats.workers.values())
+    # the workers share one disk folder on this host: it is counted once
+    assert 0 < stats.total.disk_used <= max(s.disk_used for s in stats.workers.values())
     frame = stats.to_dataframe()
     assert list(frame.index)[-1] == "total" and frame.loc["total", "misses"] >= 32
     assert "xarray-zcache cluster" in stats._repr_html_()

@@ -47,6 +47,7 @@ import xarray as xr
 from dask.utils import format_bytes, parse_bytes
 
 from xarray_zcache.cache.hybrid import HybridCache
+from xarray_zcache.cache.stats import CacheStats
 from xarray_zcache.config import CacheConfig
 from xarray_zcache.registry import get_cache
 
@@ -195,6 +196,7 @@ class ReadSpec:
             .with_disk_cache(self.cache_dir, self.disk_size)
             .with_ttl(chunks=None)
             .with_promotion_threshold(0)
+            ._replace(report_interval=0.5)
         )
 
 
@@ -358,6 +360,80 @@ def run_restart_pass(spec: ReadSpec, timeout: float = 600) -> tuple[PassFigures,
     raise RuntimeError(
         f"the restart process failed (exit status {proc.returncode}); its output:\n{proc.stdout}"
     )
+
+
+# -- on a Dask cluster (--workers N) -------------------------------------------------------------
+
+
+def _cluster_totals(client: Any, settle: float) -> CacheStats:
+    """Cluster totals from the aggregator, after the workers' next report."""
+    import xarray_zcache.distributed as zd
+
+    time.sleep(settle)
+    return zd.cluster_stats(client).total
+
+
+def run_cluster_pass(
+    name: str, spec: ReadSpec, client: Any, settle: float
+) -> tuple[PassFigures, Any]:
+    """One pass computed on the cluster; figures from the aggregator's totals."""
+    before = _cluster_totals(client, settle)
+    t0 = time.perf_counter()
+    with _quiet_warnings():
+        ds = open_selected(spec)
+        try:
+            result = analysis(ds)
+        finally:
+            ds.close()
+    seconds = time.perf_counter() - t0
+    d = _cluster_totals(client, settle) - before
+    figures = PassFigures(
+        name=name,
+        seconds=seconds,
+        requests=d.requests_sent,
+        chunk_requests=d.misses["chunk"],
+        bytes_s3=sum(d.miss_bytes.values()),
+        bytes_memory=sum(d.hit_bytes["memory"].values()),
+        bytes_disk=sum(d.hit_bytes["disk"].values()),
+        hit_rate=d.hit_rate(),
+        chunk_hits=d.total_hits(kind="chunk"),
+    )
+    return figures, result
+
+
+def print_cluster_report(client: Any) -> None:
+    """Per-worker figures and the aggregator's promotion decisions."""
+    import xarray_zcache.distributed as zd
+
+    stats = zd.cluster_stats(client)
+    frame = stats.to_dataframe()
+    for col in ("bytes_saved", "memory_used", "disk_used"):
+        frame[col] = frame[col].map(format_bytes)
+    frame["hit_rate"] = frame["hit_rate"].map("{:.1%}".format)
+    cols = [
+        "hit_rate",
+        "hits_memory",
+        "hits_disk",
+        "misses",
+        "bytes_saved",
+        "memory_used",
+        "disk_used",
+        "promotions",
+    ]
+    _print("Per worker (since the restart) and cluster total:", frame[cols].to_string(), "")
+    decisions = zd.decisions(client, n=10)
+    if decisions:
+        _print(f"Promotion decisions (last {len(decisions)}):")
+        for d in decisions:
+            _print(f"  {d['action']:<8} on {d['worker']}: {d['key']} ({d['rate']:.1f} reads/s)")
+    else:
+        _print(
+            "Promotion decisions: none (no key was read often enough from disk: every chunk is "
+            "read once per pass)"
+        )
+    for line in stats.recommendations():
+        _print(f"  advice: {line}")
+    _print("")
 
 
 # -- output ---------------------------------------------------------------------------------------
@@ -529,6 +605,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="disk tier size (default: 2GiB)",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help=(
+            "run the passes on a local Dask cluster of N worker processes with the zcache "
+            "plugin (the third pass then restarts the workers instead of this process)"
+        ),
+    )
     remote = parser.add_argument_group(
         "reading a real dataset instead (no local server, nothing is written)"
     )
@@ -606,6 +692,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     server: Any = None
     cache: HybridCache | None = None
+    stack = contextlib.ExitStack()
     try:
         if args.url is None:
             from xarray_zcache.testing.s3server import LocalS3Server
@@ -712,24 +799,54 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows.append(figures)
             results.append(result)
 
+        client: Any = None
+        if args.workers:
+            from distributed import Client, LocalCluster
+
+            import xarray_zcache.distributed as zd
+
+            cluster = LocalCluster(  # type: ignore[no-untyped-call]
+                n_workers=args.workers, threads_per_worker=2, dashboard_address=":0"
+            )
+            client = Client(cluster)  # type: ignore[no-untyped-call]
+            stack.callback(cluster.close)
+            stack.callback(client.close)
+            zd.install(client, config)
+            _print(
+                f"  dask cluster     {args.workers} workers, dashboard {client.dashboard_link}", ""
+            )
+        settle = 2.5 * config.report_interval
+
         for name in ("cold", "warm"):
             _print(f"pass {len(rows) + 1}: {name} ...")
             if server is not None:
                 server.requests.reset()
-            record(*run_pass(name, spec, cache))
+            if client is not None:
+                record(*run_cluster_pass(name, spec, client, settle))
+            else:
+                record(*run_pass(name, spec, cache))
 
-        # the restart process must find every chunk of passes 1-2 on disk
-        cache.flush()
-        _print("pass 3: restart (new Python process, same cache folder) ...")
-        if server is not None:
-            server.requests.reset()
-        try:
-            record(*run_restart_pass(spec))
-        except (RuntimeError, subprocess.TimeoutExpired) as exc:
-            _print(f"FAILED: the restart pass did not complete: {exc}")
-            return EXIT_FAILED
+        if client is not None:
+            _print("pass 3: restart (every worker restarted, same cache folder) ...")
+            client.restart_workers(list(client.scheduler_info()["workers"]))
+            if server is not None:
+                server.requests.reset()
+            record(*run_cluster_pass("restart", spec, client, settle))
+        else:
+            # the restart process must find every chunk of passes 1-2 on disk
+            cache.flush()
+            _print("pass 3: restart (new Python process, same cache folder) ...")
+            if server is not None:
+                server.requests.reset()
+            try:
+                record(*run_restart_pass(spec))
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                _print(f"FAILED: the restart pass did not complete: {exc}")
+                return EXIT_FAILED
 
         _print("", format_table(rows), "")
+        if client is not None:
+            print_cluster_report(client)
         notes = [
             f"  {r.name}: {r.requests - r.chunk_requests} other request(s): "
             + ", ".join(r.other_requests)
@@ -793,6 +910,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             status = EXIT_FAILED
         return status
     finally:
+        stack.close()
         if cache is not None:
             cache.close()
         if server is not None:

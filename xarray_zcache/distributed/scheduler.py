@@ -37,7 +37,18 @@ _DISK_USED = CacheStats.VECTOR_FIELDS.index("disk_used")
 
 
 class _WorkerState:
-    __slots__ = ("analytics", "arrays", "host", "hot", "last_seen", "name", "rates", "time", "vec")
+    __slots__ = (
+        "analytics",
+        "arrays",
+        "disk_path",
+        "host",
+        "hot",
+        "last_seen",
+        "name",
+        "rates",
+        "time",
+        "vec",
+    )
 
     def __init__(self) -> None:
         self.vec: list[int] = [0] * _N
@@ -48,6 +59,7 @@ class _WorkerState:
         self.last_seen = 0.0
         self.name = ""
         self.host = ""
+        self.disk_path: str | None = None
         self.analytics: dict[str, Any] = {}
 
     @property
@@ -137,8 +149,22 @@ class ZCacheSchedulerPlugin(SchedulerPlugin):
 
     @property
     def totals(self) -> CacheStats:
-        """Cluster totals (counters and memory/disk use summed over workers)."""
-        return CacheStats.from_vector(self._totals)
+        """Cluster totals: counters and memory use summed over workers, disk use over disks.
+
+        The workers of a host share one disk folder by default: its use is counted
+        once per (host, folder), not once per worker. O(workers).
+        """
+        t = CacheStats.from_vector(self._totals)
+        disks: dict[tuple[str, str], tuple[int, int, int]] = {}
+        for s in self.workers.values():
+            if s.disk_path is not None:
+                v = s.vec
+                disks[(s.host, s.disk_path)] = (v[_DISK_USED], v[_DISK_USED + 1], v[_DISK_USED + 2])
+        if disks:
+            t.disk_used = sum(d[0] for d in disks.values())
+            t.disk_capacity = sum(d[1] for d in disks.values())
+            t.disk_entries = sum(d[2] for d in disks.values())
+        return t
 
     def remove_worker(
         self, scheduler: Scheduler, worker: str, *, stimulus_id: str, **kwargs: Any
@@ -187,6 +213,8 @@ class ZCacheSchedulerPlugin(SchedulerPlugin):
         state.last_seen = time.time()
         state.name = str(report.get("name", ""))
         state.host = str(report.get("host", ""))
+        disk_path = report.get("disk_path")
+        state.disk_path = disk_path if isinstance(disk_path, str) else None
         analytics = report.get("analytics")
         if isinstance(analytics, dict):
             state.analytics = analytics

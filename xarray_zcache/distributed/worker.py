@@ -76,6 +76,7 @@ class _WorkerCache:
             "host": self.worker.ip,
             "time": time.time(),
             "stats": self.cache.stats().to_vector(),
+            "disk_path": None if self.cache.disk is None else str(self.cache.disk.path),
             "hot": self.hot_keys_with_tier(),
         }
         if self.reports_sent % self.ANALYTICS_EVERY == 0:
