@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint typecheck format bench stress docs clean venv
+.PHONY: demo test quicktest lint typecheck format bench stress docs clean venv
 
 venv: $(STAMP)
 
@@ -20,9 +20,17 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m xarray_zcache.demo $(DEMO_ARGS)
 
-## test: lint, type-check and run the test suite
-test: $(STAMP) lint typecheck
+## test: lint, type-check, build the docs and run the test suite
+test: $(STAMP) lint typecheck docs
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+## quicktest: the suite without the slow tests (xarray round trips, demo, notebook)
+quicktest: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+## docs: build the documentation (warnings are errors)
+docs: $(STAMP)
+	$(VENV)/bin/sphinx-build -q -W --keep-going -E -b html docs docs/_build/html
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -39,4 +47,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info docs/_build

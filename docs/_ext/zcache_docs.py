@@ -372,14 +372,19 @@ class CliHelp(SphinxDirective):
         if importlib.util.find_spec("xarray_zcache.cli") is None:
             return [
                 self._note(
-                    "The zcache command (xarray_zcache/cli.py) is not part of this build, so "
-                    f"the output of {shown} cannot be shown here."
+                    "The ",
+                    nodes.literal("zcache", "zcache"),
+                    " command (",
+                    nodes.literal("xarray_zcache/cli.py", "xarray_zcache/cli.py"),
+                    ") is not part of this build, so the output of ",
+                    nodes.literal(shown, shown),
+                    " cannot be shown here.",
                 )
             ]
         env = {**os.environ, "COLUMNS": "90", "NO_COLOR": "1", "TERM": "dumb"}
         try:
             proc = subprocess.run(
-                [sys.executable, "-c", _HELP_RUNNER, *words, "--help"],
+                [sys.executable, "-P", "-c", _HELP_RUNNER, *words, "--help"],
                 capture_output=True,
                 text=True,
                 timeout=120,
@@ -392,7 +397,13 @@ class CliHelp(SphinxDirective):
             output, failed, detail = "", True, str(exc)
         if failed:
             if "optional" in self.options:
-                return [self._note(f"{shown} is not available in this build ({detail}).")]
+                return [
+                    self._note(
+                        nodes.literal(shown, shown),
+                        " is not available in this build: ",
+                        nodes.literal(detail, detail),
+                    )
+                ]
             logger.warning(
                 "zcache-cli-help: %r failed: %s",
                 shown,
@@ -406,9 +417,12 @@ class CliHelp(SphinxDirective):
         return [block]
 
     @staticmethod
-    def _note(text: str) -> nodes.Node:
+    def _note(*parts: str | nodes.Node) -> nodes.Node:
+        """A note; command lines go in as literals (no smart dashes in ``--help``)."""
         note = nodes.note()
-        note += nodes.paragraph(text, text)
+        note += nodes.paragraph(
+            "", "", *(nodes.Text(p) if isinstance(p, str) else p for p in parts)
+        )
         return note
 
 
