@@ -613,7 +613,8 @@ class CachedStore(Store):
         ck = self._ck(key)
         cache.invalidate(ck)
         cache.invalidate_prefix(ck + _RANGE_SEP)
-        cache.drop_listings(self._namespace + "/")
+        # every listing: another store may be opened at a parent or child path of this one
+        cache.drop_listings("")
 
     def _after_write(self, cache: HybridCache, key: str, value: Buffer, fill: Fill) -> None:
         """Invalidate ``key`` after the wrapped store took a new value, then cache it."""
@@ -691,7 +692,7 @@ class CachedStore(Store):
         if prefix and not prefix.endswith("/"):
             prefix += "/"
         cache.invalidate_prefix(self._ck(prefix))
-        cache.drop_listings(self._namespace + "/")
+        cache.drop_listings("")
 
 
 class SyncCachedStore(CachedStore):

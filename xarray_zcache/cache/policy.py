@@ -88,6 +88,9 @@ class Invalidations:
         self._gen: dict[str, int] = {}
         self._prefix_seq = 0
         self._prefixes: list[tuple[int, str]] = []
+        # when too many prefix invalidations pile up while fetches stay in flight, they
+        # collapse into "everything before this sequence number is stale" (bounded, safe)
+        self._stale_before = 0
 
     def begin(self, key: str) -> tuple[int, int]:
         with self._lock:
@@ -115,10 +118,13 @@ class Invalidations:
             if self._inflight:
                 self._prefix_seq += 1
                 self._prefixes.append((self._prefix_seq, prefix))
+                if len(self._prefixes) > 1000:
+                    self._prefixes.clear()
+                    self._stale_before = self._prefix_seq
 
     def unchanged(self, key: str, token: tuple[int, int], own: int = 0) -> bool:
         gen0, seq0 = token
         with self._lock:
-            if self._gen.get(key, 0) != gen0 + own:
+            if self._gen.get(key, 0) != gen0 + own or seq0 < self._stale_before:
                 return False
             return not any(seq > seq0 and key.startswith(p) for seq, p in self._prefixes)
