@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test quicktest lint typecheck format bench stress docs clean venv
+.PHONY: demo test quicktest system-deps lint typecheck format bench stress docs clean venv
 
 venv: $(STAMP)
 
@@ -21,8 +21,17 @@ demo: $(STAMP)
 	$(PY) -m xarray_zcache.demo $(DEMO_ARGS)
 
 ## test: lint, type-check, build the docs and run the test suite
-test: $(STAMP) lint typecheck docs
+test: $(STAMP) system-deps lint typecheck docs
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+## system-deps: a headless browser for the dashboard test (Debian packages; needs root,
+## otherwise that one test is skipped with the reason)
+system-deps:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "Installing chromium and chromium-driver (dashboard browser test)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else echo "note: no chromium/chromedriver and no root: the dashboard browser test will be skipped"; fi
 
 ## quicktest: the suite without the slow tests (xarray round trips, demo, notebook)
 quicktest: $(STAMP)

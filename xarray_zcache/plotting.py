@@ -48,6 +48,7 @@ from bokeh.models import (
     LinearAxis,
     NumeralTickFormatter,
     Range1d,
+    Text,
 )
 from bokeh.models.layouts import LayoutDOM
 from bokeh.models.widgets.markups import Div
@@ -66,6 +67,7 @@ __all__ = [
     "hot_keys_table",
     "layout_key",
     "make_sources",
+    "panel",
     "source_data",
     "summary",
     "summary_text",
@@ -138,12 +140,18 @@ def worker_labels(stats: Stats) -> dict[str, str]:
     Returns
     -------
     dict
-        Worker address -> label, in address order.
+        Worker address -> label, in name order (numeric names by value).
     """
     workers: Mapping[str, Any] = stats.get("workers") or {}
+    names = {a: str((workers[a] or {}).get("name") or "") for a in workers}
+
+    def order(addr: str) -> tuple[int, int, str, str]:
+        name = names[addr]
+        return (0, int(name), "", addr) if name.isdigit() else (1, 0, name, addr)
+
     labels: dict[str, str] = {}
-    for addr in sorted(workers):
-        name = str((workers[addr] or {}).get("name") or "")
+    for addr in sorted(workers, key=order):
+        name = names[addr]
         if not name or name == addr:
             labels[addr] = addr
         else:
@@ -169,7 +177,9 @@ def summary(stats: Stats) -> dict[str, Any]:
         ``misses``, ``requests_saved``, ``bytes_saved``, ``memory_used``,
         ``memory_capacity``, ``disk_used``, ``disk_capacity``, ``disk_folders``,
         ``decisions``. Disk figures count each disk folder once, even when several
-        workers of a host share it (and each reports it whole).
+        workers of a host share it (and each reports it whole), when the reports
+        say which folder each worker uses (``disk_path``; ``disk_folders`` is
+        ``None`` otherwise, and the figures are the plain sums).
     """
     total: Mapping[str, Any] = stats.get("total") or {}
     disk_used, disk_capacity, folders = _disk_folders(stats)
@@ -190,20 +200,25 @@ def summary(stats: Stats) -> dict[str, Any]:
     }
 
 
-def _disk_folders(stats: Stats) -> tuple[int, int, int]:
+def _disk_folders(stats: Stats) -> tuple[int, int, int | None]:
     """Disk use and capacity counting each (host, folder) once, and the number of folders.
 
     The workers of one host share a disk folder by default, and each reports the
-    whole folder: summing over workers would count it once per worker.
+    whole folder: summing over workers would count it once per worker. When the
+    workers' reports don't say which folder they use (no ``disk_path``), the
+    cluster totals are returned as they are, and the number of folders as ``None``.
     """
+    total: Mapping[str, Any] = stats.get("total") or {}
     workers: Mapping[str, Any] = stats.get("workers") or {}
     folders: dict[tuple[str, str], tuple[int, int]] = {}
     for addr, s in workers.items():
         s = s or {}
         path = s.get("disk_path")
-        if not path and not _int(s.get("disk_capacity")):
-            continue
-        where = (str(s.get("host") or addr), str(path or addr))
+        if not path:
+            if _int(s.get("disk_capacity")):
+                return _int(total.get("disk_used")), _int(total.get("disk_capacity")), None
+            continue  # no disk tier
+        where = (str(s.get("host") or addr), str(path))
         used, cap = folders.get(where, (0, 0))
         folders[where] = (
             max(used, _int(s.get("disk_used"))),
@@ -238,9 +253,9 @@ def summary_text(stats: Stats) -> str:
     ]
     if s["disk_capacity"]:
         n = s["disk_folders"]
+        folders = "" if n is None else f" ({n} folder{'' if n == 1 else 's'})"
         parts.append(
-            f"disk {format_bytes(s['disk_used'])} of {format_bytes(s['disk_capacity'])} "
-            f"({n} folder{'' if n == 1 else 's'})"
+            f"disk {format_bytes(s['disk_used'])} of {format_bytes(s['disk_capacity'])}{folders}"
         )
     return " | ".join(parts)
 
@@ -260,6 +275,10 @@ def _clock(t: Any) -> str:
 
 def _pct(used: int, capacity: int) -> float:
     return used / capacity if capacity > 0 else 0.0
+
+
+def _pct_text(fraction: float) -> str:
+    return "<0.1%" if 0 < fraction < 0.001 else f"{fraction:.1%}"
 
 
 def source_data(stats: Stats, series: Series) -> dict[str, Columns]:
@@ -362,7 +381,9 @@ def source_data(stats: Stats, series: Series) -> dict[str, Columns]:
             wcols[f"{tier}_capacity"].append(cap)
             wcols[f"{tier}_pct"].append(_pct(used, cap))
             wcols[f"{tier}_text"].append(
-                f"{format_bytes(used)} of {format_bytes(cap)}" if cap else format_bytes(used)
+                f"{format_bytes(used)} of {format_bytes(cap)} ({_pct_text(_pct(used, cap))})"
+                if cap
+                else f"{format_bytes(used)} (no {tier} tier)"
             )
         add_tier_row(label, s)
     if not labels:
@@ -468,7 +489,7 @@ def hit_rate_figure(series: ColumnDataSource, recent: ColumnDataSource) -> figur
     )
     p.yaxis.formatter = NumeralTickFormatter(format="0%")
     p.yaxis.axis_label = "reads served by the cache"
-    p.legend.location = "bottom_right"
+    p.legend.location = "top_left"
     p.legend.click_policy = "hide"
     p.add_tools(
         HoverTool(
@@ -563,8 +584,9 @@ def capacity_figure(workers: ColumnDataSource, tier: str) -> figure:
     if tier not in ("memory", "disk"):
         raise ValueError(f"tier must be 'memory' or 'disk', not {tier!r}")
     labels = list(workers.data["label"])
+    shade = "blue" if tier == "memory" else "green"
     p = figure(
-        title=f"{tier.capitalize()} tier: used / capacity per worker",
+        title=f"{tier.capitalize()} tier per worker: used ({shade}) of capacity (grey)",
         y_range=FactorRange(factors=list(reversed(labels))),
         x_range=DataRange1d(start=0),
         width=WIDTH,
@@ -579,7 +601,6 @@ def capacity_figure(workers: ColumnDataSource, tier: str) -> figure:
         height=0.75,
         source=workers,
         color=COLORS["capacity"],
-        legend_label="capacity",
     )
     used = p.hbar(
         y="label",
@@ -587,11 +608,20 @@ def capacity_figure(workers: ColumnDataSource, tier: str) -> figure:
         height=0.45,
         source=workers,
         color=COLORS[tier],
-        legend_label="used",
     )
+    words = Text(  # the figures in words: a few kB in a GB tier is no visible bar
+        x=0,
+        y="label",
+        text=f"{tier}_text",
+        x_offset=6,
+        text_baseline="middle",
+        text_font_size="12px",
+        text_color="#222222",
+        background_fill_color="white",
+        background_fill_alpha=0.75,
+    )
+    p.add_glyph(workers, words)
     p.xaxis.formatter = NumeralTickFormatter(format="0.0 b")
-    p.legend.location = "bottom_right"
-    p.legend.orientation = "horizontal"
     p.ygrid.grid_line_color = None
     p.add_tools(
         HoverTool(
@@ -737,7 +767,8 @@ def figures(stats: Stats, series: Series) -> dict[str, LayoutDOM]:
     -------
     dict
         ``hit_rate``, ``saved``, ``memory``, ``disk``, ``tiers``, ``hot_keys``,
-        ``decisions`` -> Bokeh model (show any of them on its own).
+        ``decisions`` -> Bokeh model. They share data sources: show them
+        together (in one layout), or use `panel` for one on its own.
     """
     src = make_sources(stats, series)
     return {
@@ -749,6 +780,42 @@ def figures(stats: Stats, series: Series) -> dict[str, LayoutDOM]:
         "hot_keys": hot_keys_table(src["hot_keys"]),
         "decisions": decisions_table(src["decisions"]),
     }
+
+
+def panel(name: str, stats: Stats, series: Series) -> LayoutDOM:
+    """One figure or table of `figures`, on data sources of its own.
+
+    Bokeh models belong to one document at a time, so figures sharing data
+    sources can't be shown separately (``bokeh.io.show`` each in a notebook
+    cell); panels can.
+
+    Parameters
+    ----------
+    name
+        ``"hit_rate"``, ``"saved"``, ``"memory"``, ``"disk"``, ``"tiers"``,
+        ``"hot_keys"`` or ``"decisions"``.
+    stats
+        The aggregator's cluster stats dict.
+    series
+        The aggregator's time series points, oldest first.
+
+    Returns
+    -------
+    bokeh.models.LayoutDOM
+    """
+    builders: dict[str, Any] = {
+        "hit_rate": lambda s: hit_rate_figure(s["series"], s["recent"]),
+        "saved": lambda s: bytes_saved_figure(s["series"]),
+        "memory": lambda s: capacity_figure(s["workers"], "memory"),
+        "disk": lambda s: capacity_figure(s["workers"], "disk"),
+        "tiers": lambda s: tier_figure(s["tiers"]),
+        "hot_keys": lambda s: hot_keys_table(s["hot_keys"]),
+        "decisions": lambda s: decisions_table(s["decisions"]),
+    }
+    if name not in builders:
+        raise ValueError(f"unknown panel {name!r}; expected one of {sorted(builders)}")
+    built: LayoutDOM = builders[name](make_sources(stats, series))
+    return built
 
 
 def dashboard(stats: Stats, series: Series, *, with_summary: bool = True) -> LayoutDOM:
