@@ -16,9 +16,12 @@ import asyncio
 import itertools
 import json
 import logging
+import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 if TYPE_CHECKING:
     from xarray_zcache.store import CachedStore
@@ -26,6 +29,8 @@ if TYPE_CHECKING:
 __all__ = ["ChunkGrid", "ScanPrefetcher"]
 
 logger = logging.getLogger("xarray_zcache.prefetch")
+
+_MAX_TRACKED = 1 << 24  # chunks per array whose first read is remembered (1 byte each)
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,7 @@ class ChunkGrid:
     nchunks: tuple[int, ...]
     prefix: str  # "c/" (v3 default encoding) or "" (v2 and v3 "v2" encoding)
     separator: str
+    chunk_nbytes: int = 0  # uncompressed size of a chunk: an upper bound of what is stored
 
     @property
     def total(self) -> int:
@@ -98,11 +104,17 @@ def grid_from_metadata(array: str, doc: bytes, v2: bool) -> ChunkGrid | None:
             )
             prefix = "c" + sep if enc.get("name") == "default" else ""
         nchunks = tuple(_ceil_div(int(s), int(c)) for s, c in zip(shape, chunks, strict=True))
+        dtype = meta.get("dtype") if v2 else meta.get("data_type")
+        try:
+            itemsize = np.dtype(dtype).itemsize if isinstance(dtype, str) else 8
+        except TypeError:
+            itemsize = 8
+        nbytes = itemsize * math.prod(int(c) for c in chunks)
     except (ValueError, KeyError, TypeError, ZeroDivisionError):
         return None
     if not nchunks or any(n <= 0 for n in nchunks):
         return None
-    return ChunkGrid(array, nchunks, prefix, sep)
+    return ChunkGrid(array, nchunks, prefix, sep, nbytes)
 
 
 def candidate_array(key: str) -> tuple[str, bool] | None:
@@ -124,6 +136,9 @@ class _Scan:
     scanning: bool = False
     step: int = 1  # +1: ascending scan, -1: descending (dask often reduces back to front)
     frontier: int = -1  # furthest ordinal scheduled so far, in the direction of the scan
+    # chunks already read once: a miss on one of them is a re-read (an eviction), which
+    # says nothing about a scan: random reads of a hot set must not look like one
+    seen: bytearray | None = None
 
 
 class ScanPrefetcher:
@@ -170,6 +185,8 @@ class ScanPrefetcher:
             buf = None
         grid = None if buf is None else grid_from_metadata(array, buf.to_bytes(), v2)
         scan = None if grid is None else _Scan(grid)
+        if scan is not None and scan.grid.total <= _MAX_TRACKED:
+            scan.seen = bytearray(scan.grid.total)
         self._scans[array] = scan
         if len(self._scans) > 256:
             self._scans.popitem(last=False)
@@ -187,6 +204,11 @@ class ScanPrefetcher:
         if ordinal is None:
             return
         if miss and not scan.scanning:
+            if scan.seen is not None:
+                if scan.seen[ordinal]:
+                    scan.misses.clear()  # a re-read: not a scan
+                    return
+                scan.seen[ordinal] = 1
             scan.misses.append(ordinal)
             recent = list(scan.misses)[-self.min_run :]
             if len(recent) >= self.min_run and max(recent) - min(recent) < 4 * self.min_run:
@@ -201,14 +223,23 @@ class ScanPrefetcher:
     def _read_ahead(self, scan: _Scan, ordinal: int) -> None:
         if self._sem is None:
             self._sem = asyncio.Semaphore(self.depth)
+        cache = self.store.cache
+        # read no further ahead than a quarter of the memory tier holds: read-ahead
+        # must not evict what is about to be used
+        depth = self.depth
+        if scan.grid.chunk_nbytes:
+            depth = min(depth, cache.memory.capacity // (4 * scan.grid.chunk_nbytes))
+        if depth < 2:
+            return
         step = scan.step
         last = scan.grid.total - 1 if step > 0 else 0
         start = max(scan.frontier * step, ordinal * step) + 1  # in "step space"
-        stop = min((ordinal + step * self.depth) * step, last * step)
-        cache = self.store.cache
+        stop = min((ordinal + step * depth) * step, last * step)
         for m in range(start, stop + 1):
             n = m * step
             scan.frontier = n
+            if scan.seen is not None:
+                scan.seen[n] = 1
             key = scan.grid.key(n)
             if cache.contains(self.store._ck(key)):
                 continue

@@ -22,6 +22,7 @@ from zarr.abc.store import (
 )
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 
+from xarray_zcache.cache.disk import DiskTier
 from xarray_zcache.cache.hybrid import Fill, HybridCache
 from xarray_zcache.cache.stats import CacheStats
 from xarray_zcache.config import CacheConfig
@@ -49,7 +50,7 @@ _LIST_SEP = "\x01"
 
 def key_kind(key: str) -> str:
     """``"metadata"`` for zarr metadata documents, ``"chunk"`` for everything else."""
-    return "metadata" if posixpath.basename(key) in METADATA_NAMES else "chunk"
+    return "metadata" if key.rpartition("/")[2] in METADATA_NAMES else "chunk"
 
 
 def array_of(cache_key: str) -> str:
@@ -415,6 +416,15 @@ class CachedStore(Store):
             return cache.lookup_disk(ck + _RANGE_SEP + _range_suffix(byte_range), kind=kind)
         return None
 
+    def _maybe_on_disk(self, disk: DiskTier, key: str, byte_range: ByteRequest | None) -> bool:
+        # a stat or two in the event loop spares the cold path a thread hop per miss
+        ck = self._ck(key)
+        if disk.might_contain(ck):
+            return True
+        return byte_range is not None and disk.might_contain(
+            ck + _RANGE_SEP + _range_suffix(byte_range)
+        )
+
     def _entry_key(self, key: str, byte_range: ByteRequest | None) -> str:
         ck = self._ck(key)
         return ck if byte_range is None else ck + _RANGE_SEP + _range_suffix(byte_range)
@@ -447,21 +457,25 @@ class CachedStore(Store):
         prototype = prototype or default_buffer_prototype()
         cache = self.cache
         kind = key_kind(key)
-        pf = self._prefetcher() if kind == "chunk" and byte_range is None else None
         data = self._lookup_memory(cache, key, byte_range, kind)
+        if data is not None:
+            # the hit path: only a scan in progress needs to hear about hits
+            if self._prefetchers and kind == "chunk" and byte_range is None:
+                pf = self._prefetcher()
+                if pf is not None and pf.active:
+                    await pf.observe(key, miss=False)
+            return prototype.buffer.from_bytes(data)
+        if byte_range is None and kind == "metadata" and cache.is_negative(self._ck(key)):
+            return None
+        pf = self._prefetcher() if kind == "chunk" and byte_range is None else None
+        if cache.disk is not None and self._maybe_on_disk(cache.disk, key, byte_range):
+            data = await asyncio.to_thread(self._lookup_disk, cache, key, byte_range, kind)
         if data is None:
-            if byte_range is None and kind == "metadata" and cache.is_negative(self._ck(key)):
-                return None
-            if cache.disk is not None:
-                data = await asyncio.to_thread(self._lookup_disk, cache, key, byte_range, kind)
+            if pf is not None:
+                await pf.observe(key, miss=True)  # may start reading ahead
+            data = await self._fetch(cache, key, byte_range, kind)
             if data is None:
-                if pf is not None:
-                    await pf.observe(key, miss=True)  # may start reading ahead
-                data = await self._fetch(cache, key, byte_range, kind)
-                if data is None:
-                    return None
-            elif pf is not None and pf.active:
-                await pf.observe(key, miss=False)
+                return None
         elif pf is not None and pf.active:
             await pf.observe(key, miss=False)
         return prototype.buffer.from_bytes(data)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import logging
 import math
@@ -42,12 +43,19 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Iterable, Iterator
-from typing import Any, Final
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Final, TypeVar
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = ["FORMAT_VERSION", "HEADER", "MAGIC", "DiskTier"]
 
 logger = logging.getLogger("xarray_zcache.disk")
+
+_T = TypeVar("_T")
 
 MAGIC: Final = b"ZCCH"
 FORMAT_VERSION: Final = 2
@@ -67,7 +75,7 @@ _LAYOUT: Final[dict[str, tuple[str, str]]] = {
     "metadata": ("metadata", ".meta"),
 }
 _KINDS: Final = ("chunk", "metadata")
-_SCHEMA_VERSION: Final = 1
+_SCHEMA_VERSION: Final = 2  # 2: payload format 2
 _BUSY_TIMEOUT_MS: Final = 30_000
 #: Busy timeout for opportunistic access-stat flushes triggered from the hit path.
 _OPPORTUNISTIC_BUSY_MS: Final = 0
@@ -92,6 +100,8 @@ _INDEX_SIDE_FILES: Final = ("-wal", "-shm")
 _LOCK_NAME: Final = "index.db.lock"
 #: A ``horizon`` (see ``prune_tombstones``) further in the future than this is damage: reset it.
 _HORIZON_SLACK_NS: Final = 86_400 * 10**9
+#: While the index cannot be opened (disk full...), try again at most this often.
+_REOPEN_INTERVAL_S: Final = 5.0
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS entries(
@@ -181,6 +191,48 @@ def _prefix_upper(prefix: str) -> str | None:
     return None
 
 
+def _is_corruption(exc: BaseException) -> bool:
+    """Whether an SQLite error says the database file is damaged (not busy, full or I/O)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return (code & 0xFF) in _SQLITE_CORRUPT
+    text = str(exc).lower()
+    return "malformed" in text or "not a database" in text
+
+
+class _IndexUnavailable(OSError):
+    """The index cannot be used now (disk full, I/O error): the tier runs without it."""
+
+
+_RESOURCE_ERRNOS: Final = frozenset(
+    e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EIO, errno.EROFS) if e
+)
+#: SQLITE_BUSY, SQLITE_LOCKED, SQLITE_IOERR, SQLITE_CANTOPEN, SQLITE_FULL
+_SQLITE_RESOURCE: Final = frozenset({5, 6, 10, 13, 14})
+
+
+def _is_resource_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a disk-full, I/O or lock-timeout error (the tier can wait it out)."""
+    if isinstance(exc, _IndexUnavailable):
+        return True
+    if isinstance(exc, sqlite3.OperationalError):
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code is not None:
+            return (code & 0xFF) in _SQLITE_RESOURCE
+        text = str(exc).lower()
+        return "full" in text or "disk i/o" in text or "locked" in text
+    return isinstance(exc, OSError) and exc.errno in _RESOURCE_ERRNOS
+
+
+def _file_id(path: str) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of ``path``, None if missing."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _unlink_missing_ok(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
@@ -266,9 +318,7 @@ def _read_header(
             return "truncated header", None
     stored_key = head[_HEADER_SIZE : _HEADER_SIZE + key_len]
     namespace = head[_HEADER_SIZE + key_len : offset]
-    fixed = HEADER.pack(
-        magic, version, flags, ns_len, length, crc, key_len, expires, 0, key_hash
-    )
+    fixed = HEADER.pack(magic, version, flags, ns_len, length, crc, key_len, expires, 0, key_hash)
     if zlib.crc32(namespace, zlib.crc32(stored_key, zlib.crc32(fixed))) != hcrc:
         return "header checksum mismatch", None
     if key is not None:
@@ -447,12 +497,85 @@ class DiskTier:
         self._warned: set[object] = set()
         self._stores = 0
         _prepare_folder(self.path)
-        self._conn: sqlite3.Connection | None = self._connect()
+        self._db_path = os.path.join(self._root, _INDEX_NAME)
+        self._lock_path = os.path.join(self._root, _LOCK_NAME)
+        self._db_id: tuple[int, int] | None = None
+        self.index_rebuilds = 0
+        self.last_rebuild: dict[str, int] = {}
+        self._conn: sqlite3.Connection | None = None
+        self._closed = False
+        self._retry_at = 0.0
+        # invalidations that could not be recorded in the index (disk full, I/O error, index
+        # unavailable): key or prefix -> time.time_ns(); recorded before any later write
+        self._owed_keys: dict[str, int] = {}
+        self._owed_prefixes: dict[str, int] = {}
+        try:
+            with self._db_lock, self._folder_lock():
+                self._conn = self._open_index_locked()
+        except (OSError, sqlite3.OperationalError) as exc:
+            if isinstance(exc, PermissionError) or not _is_resource_error(exc):
+                raise
+            self._go_offline(exc)
 
-    # ------------------------------------------------------------------ setup / plumbing
+    # ------------------------------------------------------------------ the index file
 
-    def _connect(self) -> sqlite3.Connection:
-        db_path = os.path.join(self._root, "index.db")
+    @contextlib.contextmanager
+    def _folder_lock(self) -> Iterator[None]:
+        """Exclusive lock (``flock`` on ``index.db.lock``) for opening or replacing the index.
+
+        Serializes, across processes, the steps SQLite cannot protect: creating
+        ``index.db``, removing a damaged one with its ``-wal``/``-shm`` files, and closing a
+        connection to an index that was replaced. Never held while waiting for SQLite locks
+        held by others, and never nested.
+        """
+        if fcntl is None:  # pragma: no cover - not POSIX
+            yield
+            return
+        try:
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            logger.debug("disk cache %s: no folder lock (%s)", self._root, exc)
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _open_index_locked(self) -> sqlite3.Connection:
+        """Open ``index.db``, creating it, or replacing it if damaged (folder lock held).
+
+        A new index (the file was missing, empty, damaged, or of an older schema) is filled
+        from the payload files' headers (:meth:`rebuild_index`).
+        """
+        if not os.path.exists(self._db_path):
+            # -wal/-shm left by a deleted index: SQLite would replay that WAL into the new one
+            self._remove_index_files()
+        for attempt in (0, 1):
+            conn: sqlite3.Connection | None = None
+            try:
+                conn, created = self._connect()
+                if created and self._has_payload_files():
+                    self._rebuild_rows(conn)
+                else:
+                    self._check_totals(conn)
+            except sqlite3.DatabaseError as exc:
+                if conn is not None:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.close()
+                if attempt or not _is_corruption(exc):
+                    raise
+                self._note_index_damage(exc, "opening the index")
+                self._remove_index_files()
+                continue
+            self._db_id = _file_id(self._db_path)
+            return conn
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _connect(self) -> tuple[sqlite3.Connection, bool]:
+        """Connect to ``index.db`` and create the schema if needed; returns ``(conn, created)``."""
+        db_path = self._db_path
         try:
             # Pre-create the (empty = valid) database so it gets mode 0600; SQLite gives its
             # -wal and -shm files the same mode.
@@ -462,9 +585,10 @@ class DiskTier:
                 f"disk cache index {db_path} is not writable: {exc.strerror}"
             ) from exc
         conn = sqlite3.connect(db_path, timeout=30, isolation_level=None, check_same_thread=False)
+        created = False
         try:
             conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
-            mode = _set_wal(conn)
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 logger.warning("disk cache index %s: WAL mode unavailable (%s)", db_path, mode)
             conn.execute("PRAGMA synchronous=NORMAL")
@@ -476,13 +600,178 @@ class DiskTier:
                         f"this xarray-zcache supports ({_SCHEMA_VERSION})"
                     )
                 if version < _SCHEMA_VERSION:
+                    created = True
+                    if version > 0:  # an older layout: its payload files are unreadable now
+                        for table in ("entries", "tombstones", "prefix_tombstones", "totals"):
+                            conn.execute(f"DROP TABLE IF EXISTS {table}")
                     for statement in _split_sql(_SCHEMA):
                         conn.execute(statement)
                     conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
         except BaseException:
-            conn.close()
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
             raise
-        return conn
+        return conn, created
+
+    def _remove_index_files(self) -> None:
+        for suffix in ("", *_INDEX_SIDE_FILES):
+            _unlink_missing_ok(self._db_path + suffix)
+
+    def _has_payload_files(self) -> bool:
+        for kind in _KINDS:
+            sub, ext = _LAYOUT[kind]
+            for bucket in _scandir(os.path.join(self._root, sub)):
+                if any(e.name.endswith(ext) for e in _scandir(bucket.path)):
+                    return True
+        return False
+
+    def _check_totals(self, conn: sqlite3.Connection) -> None:
+        """Repair the ``totals`` row if it is missing or its horizon lies in the future."""
+        row = conn.execute("SELECT horizon FROM totals WHERE id = 0").fetchone()
+        now_ns = time.time_ns()
+        if row is not None and row[0] <= now_ns + _HORIZON_SLACK_NS:
+            return
+        with self._txn(conn):
+            conn.execute(
+                "INSERT INTO totals(id, used, count, horizon) VALUES (0, 0, 0, ?) "
+                "ON CONFLICT(id) DO UPDATE SET horizon = excluded.horizon",
+                (now_ns,),
+            )
+            self._recount_locked(conn)
+
+    @staticmethod
+    def _recount_locked(conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "UPDATE totals SET used = (SELECT COALESCE(SUM(size), 0) FROM entries), "
+            "count = (SELECT COUNT(*) FROM entries) WHERE id = 0"
+        )
+
+    def _note_index_damage(self, exc: BaseException, action: str) -> None:
+        with self._pending_lock:
+            self.corruptions += 1
+        self._warn_once(
+            "index-damaged",
+            "disk cache %s: the index is damaged (%s, while %s); rebuilding it from the "
+            "payload files (further index damage logged at debug level)",
+            self._root,
+            exc,
+            action,
+        )
+
+    def _close_conn(self, conn: sqlite3.Connection) -> None:
+        """Close ``conn`` (folder lock held), protecting the files of a newer index.
+
+        When the last connection to a database closes, SQLite deletes its ``-wal`` and
+        ``-shm`` files *by name*. If ``index.db`` was deleted or replaced meanwhile, those
+        names belong to the new index: move them aside while closing.
+        """
+        moved: list[tuple[str, str]] = []
+        if self._db_id is not None and _file_id(self._db_path) != self._db_id:
+            for suffix in _INDEX_SIDE_FILES:
+                src = self._db_path + suffix
+                dst = f"{src}.{uuid.uuid4().hex}.hold"
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(src, dst)
+                    moved.append((src, dst))
+        try:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+        finally:
+            for src, dst in moved:
+                with contextlib.suppress(OSError):
+                    os.rename(dst, src)
+
+    def _reopen_locked(self, reason: str) -> sqlite3.Connection:
+        """Drop our connection and open the index found at the path now (``_db_lock`` held)."""
+        with self._folder_lock():
+            old, self._conn = self._conn, None
+            if old is not None:
+                self._close_conn(old)
+            self._warn_once("index-replaced", "disk cache %s: %s; reopening it", self._root, reason)
+            return self._open_or_go_offline()
+
+    def _open_or_go_offline(self) -> sqlite3.Connection:
+        """``_open_index_locked``; on disk full or I/O errors, go offline and raise."""
+        try:
+            self._conn = self._open_index_locked()
+        except (OSError, sqlite3.OperationalError) as exc:
+            if isinstance(exc, PermissionError) or not _is_resource_error(exc):
+                raise
+            self._go_offline(exc)
+            raise _IndexUnavailable(str(exc)) from exc
+        return self._conn
+
+    def _go_offline(self, exc: BaseException) -> None:
+        """Run without the index until it can be opened again (``_conn`` stays None).
+
+        Hits are still served from the self-checking payload files; nothing is stored;
+        deletes unlink the files and are recorded in the index once it is back.
+        """
+        self._conn = None
+        self._retry_at = time.monotonic() + _REOPEN_INTERVAL_S
+        self._warn_once(
+            "offline",
+            "disk cache %s: the index cannot be opened (%s); storing nothing on disk until "
+            "it can (memory and the source still serve every read)",
+            self._root,
+            exc,
+        )
+
+    def _recover_locked(
+        self, exc: sqlite3.DatabaseError, action: str, failed: sqlite3.Connection | None = None
+    ) -> sqlite3.Connection:
+        """Replace a damaged index by one rebuilt from the payload files (``_db_lock`` held).
+
+        If another thread or process replaced it already, just switch to the new one.
+        """
+        current = self._conn
+        if current is None:
+            return self._require_conn()
+        if failed is not None and failed is not current:
+            return current  # another thread recovered meanwhile
+        with self._folder_lock():
+            self._conn = None
+            if _file_id(self._db_path) == self._db_id:
+                self._note_index_damage(exc, action)
+                with contextlib.suppress(sqlite3.Error):
+                    current.close()
+                self._remove_index_files()
+            else:
+                self._close_conn(current)
+            return self._open_or_go_offline()
+
+    def _read_index(self, action: str, op: Callable[[sqlite3.Connection], _T], default: _T) -> _T:
+        """`_with_index` for queries: ``default`` while the index is unavailable."""
+        try:
+            return self._with_index(action, op)
+        except (OSError, sqlite3.OperationalError) as exc:
+            if not _is_resource_error(exc):
+                raise
+            return default
+
+    def _maintain(self, action: str, op: Callable[[sqlite3.Connection], int | None]) -> int:
+        """`_with_index` for maintenance: 0 and a warning if the index cannot be written."""
+        try:
+            return self._with_index(action, op) or 0
+        except (OSError, sqlite3.OperationalError) as exc:
+            if not _is_resource_error(exc):
+                raise
+            if not isinstance(exc, _IndexUnavailable):
+                self._warn_error(exc, action)
+            return 0
+
+    def _with_index(self, action: str, op: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run ``op(conn)`` holding ``_db_lock``; if the index turns out damaged, rebuild it
+        from the payload files and run ``op`` once more."""
+        with self._db_lock:
+            conn = self._require_conn()
+            try:
+                return op(conn)
+            except sqlite3.DatabaseError as exc:
+                if not _is_corruption(exc):
+                    raise
+                conn = self._recover_locked(exc, action, conn)
+            return op(conn)
 
     @staticmethod
     @contextlib.contextmanager
@@ -494,18 +783,63 @@ class DiskTier:
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
-                conn.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
             raise
 
     def _require_conn(self) -> sqlite3.Connection:
+        """The open connection (``_db_lock`` held); reopens if ``index.db`` was replaced.
+
+        Raises
+        ------
+        RuntimeError
+            If the tier is closed.
+        _IndexUnavailable
+            If the index cannot be opened (disk full, I/O error); retried every few seconds.
+        """
+        if self._closed:
+            raise RuntimeError(f"DiskTier at {self._root} is closed")
         conn = self._conn
         if conn is None:
-            raise RuntimeError(f"DiskTier at {self._root} is closed")
+            if time.monotonic() < self._retry_at:
+                raise _IndexUnavailable(f"disk cache index {self._db_path} is unavailable")
+            with self._folder_lock():
+                conn = self._open_or_go_offline()
+            logger.info("disk cache %s: the index is available again", self._root)
+        elif _file_id(self._db_path) != self._db_id:
+            conn = self._reopen_locked("the index file was deleted or replaced")
         return conn
+
+    def _settle_owed_locked(self, conn: sqlite3.Connection) -> None:
+        """Record the invalidations owed to the index (``_db_lock`` held; own transaction)."""
+        if not (self._owed_keys or self._owed_prefixes):
+            return
+        keys, prefixes = dict(self._owed_keys), dict(self._owed_prefixes)
+        with self._txn(conn):
+            for key in keys:
+                self._delete_locked(conn, key)
+            for prefix in prefixes:
+                self._delete_prefix_locked(conn, prefix)
+        for key in keys:
+            self._owed_keys.pop(key, None)
+        for prefix in prefixes:
+            self._owed_prefixes.pop(prefix, None)
 
     def _file_path(self, hexdigest: str, kind: str) -> str:
         sub, ext = _LAYOUT[kind]
         return os.path.join(self._root, sub, hexdigest[:2], hexdigest + ext)
+
+    def might_contain(self, key: str) -> bool:
+        """Cheap pre-check for `get`: whether a payload file exists for ``key``.
+
+        One hash and a ``stat`` per kind, no open, no SQL: lets async callers skip a
+        thread hop for keys that are certainly not on disk. ``True`` does not promise a
+        hit (the file may be expired or damaged; `get` decides).
+        """
+        if self._closed:
+            return False
+        hexdigest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+        return any(os.path.exists(self._file_path(hexdigest, kind)) for kind in _KINDS)
 
     def _warn_once(self, tag: object, message: str, *args: object) -> None:
         if tag in self._warned:
@@ -549,8 +883,10 @@ class DiskTier:
             missing/damaged file (which is deleted and counted in :attr:`corruptions`).
             Never raises for damaged files.
         """
-        if self._conn is None:
+        if self._closed:
             return None
+        if (self._owed_keys or self._owed_prefixes) and self._owes(key):
+            return None  # invalidated while the index was unwritable: not trusted until recorded
         key_bytes = key.encode("utf-8", "surrogatepass")
         digest = hashlib.sha256(key_bytes).digest()
         hexdigest = digest.hex()
@@ -592,6 +928,10 @@ class DiskTier:
             return payload
         return None
 
+    def _owes(self, key: str) -> bool:
+        with self._db_lock:
+            return key in self._owed_keys or any(key.startswith(p) for p in self._owed_prefixes)
+
     def read_range(self, key: str, start: int, stop: int) -> bytes | None:
         """Return ``payload[start:stop]`` for ``key`` (Python slice semantics), or None on a miss.
 
@@ -604,12 +944,13 @@ class DiskTier:
         """Whether the index holds a non-expired entry for ``key`` (no file access)."""
         if not isinstance(key, str) or not _sql_safe(key):
             return False
-        with self._db_lock:
-            row = (
-                self._require_conn()
-                .execute("SELECT expires FROM entries WHERE key = ?", (key,))
-                .fetchone()
-            )
+        row = self._read_index(
+            "looking up a key",
+            lambda conn: conn.execute(
+                "SELECT expires FROM entries WHERE key = ?", (key,)
+            ).fetchone(),
+            None,
+        )
         return row is not None and (row[0] is None or row[0] >= time.time())
 
     def _corrupt(self, key: str, path: str, st: os.stat_result, problem: str) -> None:
@@ -627,25 +968,31 @@ class DiskTier:
 
     def _discard(self, key: str, path: str, st: os.stat_result, *, expired: bool) -> None:
         """Remove the entry of ``key`` if ``path`` is still the file that was read."""
-        with self._db_lock:
-            conn = self._conn
-            if conn is None:
-                return
-            try:
-                with self._txn(conn):
-                    try:
-                        current = os.stat(path)
-                    except FileNotFoundError:
-                        return  # already removed or being replaced by another writer
-                    if not _same_file(current, st):
-                        return  # replaced by a newer value meanwhile
+
+        def remove(conn: sqlite3.Connection) -> None:
+            with self._txn(conn):
+                try:
+                    current = os.stat(path)
+                except FileNotFoundError:
+                    return  # already removed or being replaced by another writer
+                if not _same_file(current, st):
+                    return  # replaced by a newer value meanwhile
+                os.unlink(path)
+                if _sql_safe(key):
+                    cur = conn.execute("DELETE FROM entries WHERE key = ?", (key,))
+                    if expired and cur.rowcount:
+                        self.expirations += 1
+
+        if self._closed:
+            return
+        try:
+            self._with_index("removing a damaged or expired entry", remove)
+        except _IndexUnavailable:
+            with contextlib.suppress(OSError):  # the row, if any, is dropped later
+                if _same_file(os.stat(path), st):
                     os.unlink(path)
-                    if _sql_safe(key):
-                        cur = conn.execute("DELETE FROM entries WHERE key = ?", (key,))
-                        if expired and cur.rowcount:
-                            self.expirations += 1
-            except (OSError, sqlite3.Error) as exc:
-                self._warn_error(exc, f"removing {path}")
+        except (OSError, sqlite3.Error, RuntimeError) as exc:
+            self._warn_error(exc, f"removing {path}")
 
     def _record_access(self, key: str, t: float) -> None:
         with self._pending_lock:
@@ -701,25 +1048,40 @@ class DiskTier:
         elif not self._db_lock.acquire(blocking=False):
             return  # another thread is writing; try again on a later hit
         try:
-            conn = self._conn
-            if conn is None:
+            if self._closed:
                 return
             batch = self._take_pending()
             if not batch:
                 return
-            if not blocking:
-                conn.execute(f"PRAGMA busy_timeout={_OPPORTUNISTIC_BUSY_MS}")
+            conn: sqlite3.Connection | None = None
             try:
+                conn = self._require_conn()
+                if not blocking:
+                    conn.execute(f"PRAGMA busy_timeout={_OPPORTUNISTIC_BUSY_MS}")
                 with self._txn(conn):
                     self._write_accesses(conn, batch)
             except sqlite3.Error as exc:
+                if (
+                    conn is not None
+                    and isinstance(exc, sqlite3.DatabaseError)
+                    and _is_corruption(exc)
+                ):
+                    # access statistics of a damaged index are not worth keeping
+                    with contextlib.suppress(sqlite3.Error, OSError, RuntimeError):
+                        self._recover_locked(exc, "writing access statistics", conn)
+                    return
                 self._requeue(batch)
                 self._flush_retry_at = time.monotonic() + _FLUSH_RETRY_S
                 if blocking or not isinstance(exc, sqlite3.OperationalError):
                     self._warn_error(exc, "writing access statistics")
+            except _IndexUnavailable:
+                pass  # statistics are dropped while the index is unavailable
+            except (OSError, RuntimeError) as exc:
+                self._warn_error(exc, "writing access statistics")
             finally:
-                if not blocking:
-                    conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+                if not blocking and conn is not None and conn is self._conn:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
         finally:
             self._db_lock.release()
 
@@ -773,7 +1135,7 @@ class DiskTier:
         if expires is not None and math.isnan(expires):
             raise ValueError("expires must be a time in seconds, not NaN")
         size = memoryview(value).nbytes
-        if self._conn is None or self.capacity <= 0 or size > self.capacity:
+        if self._closed or self.capacity <= 0 or size > self.capacity:
             return False
         if self.max_object_size is not None and size > self.max_object_size:
             return False
@@ -788,9 +1150,7 @@ class DiskTier:
         temp = os.path.join(folder, f".{hexdigest}.{os.getpid()}.{uuid.uuid4().hex}{_TEMP_SUFFIX}")
         checksum = zlib.crc32(value)
         expiry = math.inf if expires is None else float(expires)
-        header = _pack_header(
-            key_bytes, namespace.encode("utf-8"), size, checksum, expiry, digest
-        )
+        header = _pack_header(key_bytes, namespace.encode("utf-8"), size, checksum, expiry, digest)
         stored = False
         try:
             self._write_temp(folder, temp, header, value)
@@ -846,47 +1206,85 @@ class DiskTier:
         token = int.from_bytes(os.urandom(8), "little") >> 2
         now = write_ns / 1e9
         with self._db_lock:
-            conn = self._conn
-            if conn is None:
-                return False
-            # Transaction 1: staleness check, drop the old files, commit the new row and
-            # enforce capacity (so that no committed state exceeds it, even between the two).
-            with self._txn(conn):
-                if fetch_started_ns is not None:
-                    if self._is_stale(conn, key, fetch_started_ns):
-                        self.stale_rejections += 1
-                        return False
-                else:
-                    conn.execute(
-                        "INSERT INTO tombstones(key, at) VALUES (?, ?) "
-                        "ON CONFLICT(key) DO UPDATE SET at = MAX(at, excluded.at)",
-                        (key, write_ns),
-                    )
-                for other in _KINDS:
-                    _unlink_missing_ok(self._file_path(hexdigest, other))
-                conn.execute(
-                    _UPSERT, (key, namespace, kind, size, now, now, expires, checksum, token)
+            conn = self._require_conn()
+            try:
+                self._settle_owed_locked(conn)  # never store after an unrecorded invalidation
+                return self._install_locked(
+                    conn,
+                    key,
+                    hexdigest,
+                    kind,
+                    namespace,
+                    size,
+                    checksum,
+                    expires,
+                    temp,
+                    final,
+                    fetch_started_ns,
+                    write_ns,
+                    token,
+                    now,
                 )
-                if self._used_locked(conn) > self.capacity:
-                    target = int(self.capacity * _EVICT_LOW_WATER)
-                    self._evict_locked(conn, target, time.time(), protect=key)
-                self._stores += 1
-                if self._stores % _AUTO_PRUNE_EVERY == 0:
-                    self._prune_locked(conn, _TOMBSTONE_TTL_S)
-            # Transaction 2: install the file if the row is still ours.
-            replace_error: OSError | None = None
-            with self._txn(conn):
-                row = conn.execute("SELECT token FROM entries WHERE key = ?", (key,)).fetchone()
-                if row is None or row[0] != token:
-                    return False  # deleted, evicted or overwritten meanwhile
-                try:
-                    os.replace(temp, final)
-                except OSError as exc:
-                    replace_error = exc
-                    conn.execute("DELETE FROM entries WHERE key = ? AND token = ?", (key, token))
-            if replace_error is not None:
-                raise replace_error
-            return True
+            except sqlite3.DatabaseError as exc:
+                if not _is_corruption(exc):
+                    raise
+                # the file of this put may or may not be in place: the rebuilt index says
+                self._recover_locked(exc, "storing an entry", conn)
+                return False
+
+    def _install_locked(
+        self,
+        conn: sqlite3.Connection,
+        key: str,
+        hexdigest: str,
+        kind: str,
+        namespace: str,
+        size: int,
+        checksum: int,
+        expires: float | None,
+        temp: str,
+        final: str,
+        fetch_started_ns: int | None,
+        write_ns: int,
+        token: int,
+        now: float,
+    ) -> bool:
+        # Transaction 1: staleness check, drop the old files, commit the new row and
+        # enforce capacity (so that no committed state exceeds it, even between the two).
+        with self._txn(conn):
+            if fetch_started_ns is not None:
+                if self._is_stale(conn, key, fetch_started_ns):
+                    self.stale_rejections += 1
+                    return False
+            else:
+                conn.execute(
+                    "INSERT INTO tombstones(key, at) VALUES (?, ?) "
+                    "ON CONFLICT(key) DO UPDATE SET at = MAX(at, excluded.at)",
+                    (key, write_ns),
+                )
+            for other in _KINDS:
+                _unlink_missing_ok(self._file_path(hexdigest, other))
+            conn.execute(_UPSERT, (key, namespace, kind, size, now, now, expires, checksum, token))
+            if self._used_locked(conn) > self.capacity:
+                target = int(self.capacity * _EVICT_LOW_WATER)
+                self._evict_locked(conn, target, time.time(), protect=key)
+            self._stores += 1
+            if self._stores % _AUTO_PRUNE_EVERY == 0:
+                self._prune_locked(conn, _TOMBSTONE_TTL_S)
+        # Transaction 2: install the file if the row is still ours.
+        replace_error: OSError | None = None
+        with self._txn(conn):
+            row = conn.execute("SELECT token FROM entries WHERE key = ?", (key,)).fetchone()
+            if row is None or row[0] != token:
+                return False  # deleted, evicted or overwritten meanwhile
+            try:
+                os.replace(temp, final)
+            except OSError as exc:
+                replace_error = exc
+                conn.execute("DELETE FROM entries WHERE key = ? AND token = ?", (key, token))
+        if replace_error is not None:
+            raise replace_error
+        return True
 
     @staticmethod
     def _is_stale(conn: sqlite3.Connection, key: str, fetch_started_ns: int) -> bool:
@@ -904,58 +1302,99 @@ class DiskTier:
     def delete(self, key: str) -> None:
         """Remove ``key`` (file and index row) and record a tombstone for it.
 
+        If the index cannot be written (disk full, I/O error, lock timeout, index
+        unavailable), the files are still unlinked, a warning is logged once, and the
+        tombstone is recorded before any later write of this tier: nothing stale is served
+        or stored by this process meanwhile.
+
         Raises
         ------
-        OSError, sqlite3.Error
-            If the entry could not be removed (invalidation must not fail silently).
+        RuntimeError
+            If the tier is closed.
         """
-        hexdigest = _digest(key).hex()
         with self._pending_lock:
             self._pending.pop(key, None)
-        with self._db_lock:
-            conn = self._require_conn()
+
+        def remove(conn: sqlite3.Connection) -> None:
+            self._settle_owed_locked(conn)
             with self._txn(conn):
-                for kind in _KINDS:
-                    _unlink_missing_ok(self._file_path(hexdigest, kind))
-                if _sql_safe(key):
-                    conn.execute("DELETE FROM entries WHERE key = ?", (key,))
-                    conn.execute(
-                        "INSERT INTO tombstones(key, at) VALUES (?, ?) "
-                        "ON CONFLICT(key) DO UPDATE SET at = MAX(at, excluded.at)",
-                        (key, time.time_ns()),
-                    )
+                self._delete_locked(conn, key)
+
+        try:
+            self._with_index("deleting an entry", remove)
+        except (OSError, sqlite3.OperationalError) as exc:
+            if not _is_resource_error(exc):
+                raise
+            self._unlink_key_files(key)
+            with self._db_lock:
+                self._owed_keys[key] = time.time_ns()
+            self._warn_error(exc, "recording an invalidation (it will be recorded later)")
+
+    def _delete_locked(self, conn: sqlite3.Connection, key: str) -> None:
+        """Unlink the files of ``key``, delete its row, record a tombstone (in a txn)."""
+        self._unlink_key_files(key)
+        if _sql_safe(key):
+            conn.execute("DELETE FROM entries WHERE key = ?", (key,))
+            conn.execute(
+                "INSERT INTO tombstones(key, at) VALUES (?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET at = MAX(at, excluded.at)",
+                (key, time.time_ns()),
+            )
+
+    def _unlink_key_files(self, key: str) -> None:
+        hexdigest = _digest(key).hex()
+        for kind in _KINDS:
+            _unlink_missing_ok(self._file_path(hexdigest, kind))
 
     def delete_prefix(self, prefix: str) -> int:
         """Remove every entry whose key starts with ``prefix``; record a prefix tombstone.
 
+        If the index cannot be written, the removal is done (and recorded) before any later
+        write of this tier, and this process serves no entry under ``prefix`` meanwhile.
+
         Returns
         -------
         int
-            Number of entries removed.
+            Number of entries removed (0 when the removal had to be postponed).
         """
         if not _sql_safe(prefix):
             return 0  # no stored key can contain a lone surrogate
-        upper = _prefix_upper(prefix)
-        with self._db_lock:
-            conn = self._require_conn()
+
+        def remove(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+            self._settle_owed_locked(conn)
             with self._txn(conn):
-                if upper is None:
-                    cur = conn.execute("SELECT key, kind FROM entries WHERE key >= ?", (prefix,))
-                else:
-                    cur = conn.execute(
-                        "SELECT key, kind FROM entries WHERE key >= ? AND key < ?", (prefix, upper)
-                    )
-                rows = [(k, kind) for k, kind in cur.fetchall() if k.startswith(prefix)]
-                self._remove_rows(conn, ((k, kind, 0) for k, kind in rows))
-                conn.execute(
-                    "INSERT INTO prefix_tombstones(prefix, at) VALUES (?, ?) "
-                    "ON CONFLICT(prefix) DO UPDATE SET at = MAX(at, excluded.at)",
-                    (prefix, time.time_ns()),
-                )
+                return self._delete_prefix_locked(conn, prefix)
+
+        try:
+            rows = self._with_index("deleting entries", remove)
+        except (OSError, sqlite3.OperationalError) as exc:
+            if not _is_resource_error(exc):
+                raise
+            with self._db_lock:
+                self._owed_prefixes[prefix] = time.time_ns()
+            self._warn_error(exc, "recording an invalidation (it will be recorded later)")
+            return 0
         with self._pending_lock:
             for k, _kind in rows:
                 self._pending.pop(k, None)
         return len(rows)
+
+    def _delete_prefix_locked(self, conn: sqlite3.Connection, prefix: str) -> list[tuple[str, str]]:
+        upper = _prefix_upper(prefix)
+        if upper is None:
+            cur = conn.execute("SELECT key, kind FROM entries WHERE key >= ?", (prefix,))
+        else:
+            cur = conn.execute(
+                "SELECT key, kind FROM entries WHERE key >= ? AND key < ?", (prefix, upper)
+            )
+        rows = [(k, kind) for k, kind in cur.fetchall() if k.startswith(prefix)]
+        self._remove_rows(conn, ((k, kind, 0) for k, kind in rows))
+        conn.execute(
+            "INSERT INTO prefix_tombstones(prefix, at) VALUES (?, ?) "
+            "ON CONFLICT(prefix) DO UPDATE SET at = MAX(at, excluded.at)",
+            (prefix, time.time_ns()),
+        )
+        return rows
 
     def _remove_rows(self, conn: sqlite3.Connection, rows: Iterable[tuple[str, str, int]]) -> int:
         """Unlink the files of ``(key, kind, size)`` rows, then delete the rows (in a txn).
@@ -995,10 +1434,12 @@ class DiskTier:
             Payload bytes freed (expired and evicted).
         """
         goal = self.capacity if target is None else max(0, int(target))
-        with self._db_lock:
-            conn = self._require_conn()
+
+        def evict(conn: sqlite3.Connection) -> int:
             with self._txn(conn):
                 return self._evict_locked(conn, goal, time.time())
+
+        return self._maintain("evicting", evict)
 
     def _evict_locked(
         self, conn: sqlite3.Connection, target: int, now: float, protect: str | None = None
@@ -1044,15 +1485,17 @@ class DiskTier:
             Number of entries removed.
         """
         t = time.time() if now is None else now
-        with self._db_lock:
-            conn = self._require_conn()
+
+        def drop(conn: sqlite3.Connection) -> int:
             with self._txn(conn):
                 rows = conn.execute(
                     "SELECT key, kind, size FROM entries WHERE expires < ?", (t,)
                 ).fetchall()
                 self._remove_rows(conn, rows)
             self.expirations += len(rows)
-        return len(rows)
+            return len(rows)
+
+        return self._maintain("dropping expired entries", drop)
 
     def prune_tombstones(self, older_than_s: float = 3600) -> None:
         """Forget tombstones older than ``older_than_s`` seconds.
@@ -1060,10 +1503,12 @@ class DiskTier:
         ``put`` calls whose ``fetch_started_ns`` is older than the pruning horizon are refused
         from then on, so pruning never lets a stale value in.
         """
-        with self._db_lock:
-            conn = self._require_conn()
+
+        def prune(conn: sqlite3.Connection) -> None:
             with self._txn(conn):
                 self._prune_locked(conn, older_than_s)
+
+        self._maintain("pruning tombstones", prune)
 
     @staticmethod
     def _prune_locked(conn: sqlite3.Connection, older_than_s: float) -> None:
@@ -1073,22 +1518,25 @@ class DiskTier:
         conn.execute("UPDATE totals SET horizon = MAX(horizon, ?) WHERE id = 0", (cutoff,))
 
     def verify(self, repair: bool = False) -> dict[str, int]:
-        """Check every payload file against its header, checksum and the index.
+        """Check the index, and every payload file against its header, checksum and the index.
 
         Runs inside one write transaction (other writers wait), reading every payload.
 
         Parameters
         ----------
         repair : bool
-            Delete damaged files and their rows, rows without file, files without row,
-            mismatched pairs and temp files older than 10 minutes; recompute the totals.
+            Rebuild a damaged index from the payload headers (:meth:`rebuild_index`); delete
+            damaged files and their rows, rows without file, files without row, mismatched
+            pairs and temp files older than 10 minutes; recompute the totals.
 
         Returns
         -------
         dict
             Counts: ``ok``, ``corrupt`` (damaged files), ``missing_files`` (rows without
             file), ``orphan_files`` (valid files without row), ``mismatched`` (file and row
-            disagree on size or checksum), ``temp_files``, ``unknown_files``.
+            disagree on size or checksum), ``temp_files``, ``unknown_files``, and
+            ``index_damaged`` (1 if SQLite's ``quick_check`` failed: without ``repair`` the
+            rows are then not compared with the files).
         """
         counts = dict.fromkeys(
             (
@@ -1099,72 +1547,220 @@ class DiskTier:
                 "mismatched",
                 "temp_files",
                 "unknown_files",
+                "index_damaged",
             ),
             0,
         )
         with self._db_lock:
             conn = self._require_conn()
-            with self._txn(conn):
-                rows: dict[tuple[str, str], tuple[str, int, int]] = {}
-                for key, kind, size, checksum in conn.execute(
-                    "SELECT key, kind, size, checksum FROM entries"
-                ):
-                    rows[(_digest(key).hex(), kind)] = (key, size, checksum)
-                seen: set[tuple[str, str]] = set()
-                bad_keys: list[tuple[str]] = []
-                now = time.time()
-                for kind in _KINDS:
-                    sub, ext = _LAYOUT[kind]
-                    for bucket in _scandir(os.path.join(self._root, sub)):
-                        for entry in _scandir(bucket.path):
-                            name = entry.name
-                            if name.endswith(_TEMP_SUFFIX):
-                                counts["temp_files"] += 1
-                                if repair:
-                                    with contextlib.suppress(OSError):
-                                        if now - entry.stat().st_mtime > _STALE_TEMP_AGE_S:
-                                            os.unlink(entry.path)
-                                continue
-                            hexdigest = name[: -len(ext)] if name.endswith(ext) else ""
-                            if len(hexdigest) != 64 or not _is_hex(hexdigest):
-                                counts["unknown_files"] += 1
-                                continue
-                            problem, length, crc = _check_file(entry.path, hexdigest)
-                            row = None
-                            if entry.path == self._file_path(hexdigest, kind):
-                                row = rows.get((hexdigest, kind))
-                            # else: misplaced, never read by get(): an orphan
-                            if row is not None:
-                                seen.add((hexdigest, kind))
-                            if problem is not None:
-                                status = "corrupt"
-                            elif row is None:
-                                status = "orphan_files"
-                            elif (row[1], row[2]) != (length, crc):
-                                status = "mismatched"
-                            else:
-                                counts["ok"] += 1
-                                continue
-                            counts[status] += 1
-                            if repair:
-                                _unlink_quietly(entry.path)
-                                if row is not None:
-                                    bad_keys.append((row[0],))
-                for pair, row in rows.items():
-                    if pair not in seen:
-                        counts["missing_files"] += 1
-                        if repair:
-                            bad_keys.append((row[0],))
+            try:
+                damaged = conn.execute("PRAGMA quick_check").fetchall() != [("ok",)]
+                error: sqlite3.DatabaseError | None = None
+            except sqlite3.DatabaseError as exc:
+                if not _is_corruption(exc):
+                    raise
+                damaged, error = True, exc
+            if damaged:
+                counts["index_damaged"] = 1
                 if repair:
-                    conn.executemany("DELETE FROM entries WHERE key = ?", bad_keys)
-                    conn.execute(
-                        "UPDATE totals SET used = (SELECT COALESCE(SUM(size), 0) FROM entries), "
-                        "count = (SELECT COUNT(*) FROM entries) WHERE id = 0"
+                    conn = self._recover_locked(
+                        error or sqlite3.DatabaseError("quick_check failed"), "verifying", conn
                     )
+            if damaged and not repair:
+                self._verify_files(None, counts, repair=False)
+            else:
+                with self._txn(conn):
+                    self._verify_files(conn, counts, repair=repair)
         if repair:
             with self._pending_lock:
                 self.corruptions += counts["corrupt"]
         return counts
+
+    def _verify_files(
+        self, conn: sqlite3.Connection | None, counts: dict[str, int], *, repair: bool
+    ) -> None:
+        """The file pass of `verify` (in a transaction; ``conn=None``: files only)."""
+        rows: dict[tuple[str, str], tuple[str, int, int]] = {}
+        if conn is not None:
+            for key, kind, size, checksum in conn.execute(
+                "SELECT key, kind, size, checksum FROM entries"
+            ):
+                rows[(_digest(key).hex(), kind)] = (key, size, checksum)
+        seen: set[tuple[str, str]] = set()
+        bad_keys: list[tuple[str]] = []
+        now = time.time()
+        for kind in _KINDS:
+            sub, ext = _LAYOUT[kind]
+            for bucket in _scandir(os.path.join(self._root, sub)):
+                for entry in _scandir(bucket.path):
+                    name = entry.name
+                    if name.endswith(_TEMP_SUFFIX):
+                        counts["temp_files"] += 1
+                        if repair:
+                            with contextlib.suppress(OSError):
+                                if now - entry.stat().st_mtime > _STALE_TEMP_AGE_S:
+                                    os.unlink(entry.path)
+                        continue
+                    hexdigest = name[: -len(ext)] if name.endswith(ext) else ""
+                    if len(hexdigest) != 64 or not _is_hex(hexdigest):
+                        counts["unknown_files"] += 1
+                        continue
+                    problem, header = _check_file(entry.path, hexdigest)
+                    row = None
+                    if entry.path == self._file_path(hexdigest, kind):
+                        row = rows.get((hexdigest, kind))
+                    # else: misplaced, never read by get(): an orphan
+                    if row is not None:
+                        seen.add((hexdigest, kind))
+                    if problem is not None or header is None:
+                        status = "corrupt"
+                    elif conn is None:
+                        counts["ok"] += 1
+                        continue
+                    elif row is None:
+                        status = "orphan_files"
+                    elif (row[1], row[2]) != (header.length, header.crc):
+                        status = "mismatched"
+                    else:
+                        counts["ok"] += 1
+                        continue
+                    counts[status] += 1
+                    if repair:
+                        _unlink_quietly(entry.path)
+                        if row is not None:
+                            bad_keys.append((row[0],))
+        if conn is None:
+            return
+        for pair, row in rows.items():
+            if pair not in seen:
+                counts["missing_files"] += 1
+                if repair:
+                    bad_keys.append((row[0],))
+        if repair:
+            conn.executemany("DELETE FROM entries WHERE key = ?", bad_keys)
+            self._recount_locked(conn)
+            conn.execute(
+                "UPDATE totals SET horizon = ? WHERE id = 0 AND horizon > ?",
+                (time.time_ns(), time.time_ns() + _HORIZON_SLACK_NS),
+            )
+
+    def rebuild_index(self) -> dict[str, int]:
+        """Replace ``index.db`` by a new index built from the payload files' headers.
+
+        Each payload file records its key, namespace, length, checksums and expiry, so the
+        entries survive the loss of the index; their hit counts and tombstones do not. Files
+        whose header is damaged, and expired ones, are removed (payload checksums are
+        verified later, when the entries are read). Pending fills whose fetch started before
+        the rebuild are refused, since the tombstones that would judge them are gone.
+
+        Used at open when ``index.db`` is missing, empty or unreadable, when SQLite reports
+        the index damaged during an operation, and by ``verify(repair=True)``.
+
+        Returns
+        -------
+        dict
+            Counts: ``indexed``, ``corrupt``, ``expired``, ``duplicates``, ``old_format``,
+            ``temp_files``, ``unknown_files``.
+        """
+        with self._db_lock:
+            current = self._require_conn()
+            with self._folder_lock():
+                self._conn = None
+                with contextlib.suppress(sqlite3.Error):
+                    current.close()
+                self._remove_index_files()
+                self.last_rebuild = {}
+                self._conn = self._open_index_locked()
+            return dict(self.last_rebuild)
+
+    def _rebuild_rows(self, conn: sqlite3.Connection) -> None:
+        """Fill the (new, empty) index ``conn`` from the payload files (folder lock held)."""
+        counts = dict.fromkeys(
+            (
+                "indexed",
+                "corrupt",
+                "expired",
+                "duplicates",
+                "old_format",
+                "temp_files",
+                "unknown_files",
+            ),
+            0,
+        )
+        now = time.time()
+        found: dict[str, tuple[float, str, str, _Header]] = {}
+        for kind in _KINDS:
+            sub, ext = _LAYOUT[kind]
+            for bucket in _scandir(os.path.join(self._root, sub)):
+                for entry in _scandir(bucket.path):
+                    name = entry.name
+                    if name.endswith(_TEMP_SUFFIX):
+                        counts["temp_files"] += 1
+                        with contextlib.suppress(OSError):
+                            if now - entry.stat().st_mtime > _STALE_TEMP_AGE_S:
+                                os.unlink(entry.path)
+                        continue
+                    hexdigest = name[: -len(ext)] if name.endswith(ext) else ""
+                    if len(hexdigest) != 64 or not _is_hex(hexdigest):
+                        counts["unknown_files"] += 1
+                        continue
+                    problem, header = _check_file(entry.path, hexdigest, payload=False)
+                    key = None
+                    if header is not None and entry.path == self._file_path(hexdigest, kind):
+                        with contextlib.suppress(UnicodeDecodeError):
+                            key = header.key.decode("utf-8")
+                    if problem is not None or header is None or key is None:
+                        if problem is not None and problem.startswith("unsupported format"):
+                            counts["old_format"] += 1
+                        else:
+                            counts["corrupt"] += 1
+                        _unlink_quietly(entry.path)
+                        continue
+                    if header.expires < now:
+                        counts["expired"] += 1
+                        _unlink_quietly(entry.path)
+                        continue
+                    try:
+                        mtime = entry.stat().st_mtime
+                    except OSError:
+                        continue
+                    previous = found.get(key)
+                    if previous is not None:  # one key in both folders: keep the newer file
+                        counts["duplicates"] += 1
+                        if previous[0] > mtime:
+                            _unlink_quietly(entry.path)
+                            continue
+                        _unlink_quietly(previous[2])
+                    found[key] = (mtime, kind, entry.path, header)
+        rows = [
+            (
+                key,
+                header.namespace.decode("utf-8", "replace"),
+                kind,
+                header.length,
+                mtime,
+                mtime,
+                None if math.isinf(header.expires) else header.expires,
+                header.crc,
+                0,
+            )
+            for key, (mtime, kind, _path, header) in found.items()
+        ]
+        with self._txn(conn):
+            conn.execute("DELETE FROM entries")
+            conn.executemany(_UPSERT, rows)
+            self._recount_locked(conn)
+            # the tombstones are lost: refuse every fill whose fetch started before now
+            conn.execute(
+                "UPDATE totals SET horizon = MAX(horizon, ?) WHERE id = 0", (time.time_ns(),)
+            )
+            if self._used_locked(conn) > self.capacity:
+                self._evict_locked(conn, int(self.capacity * _EVICT_LOW_WATER), now)
+        counts["indexed"] = len(rows)
+        self.index_rebuilds += 1
+        self.corruptions += counts["corrupt"]
+        self.last_rebuild = counts
+        logger.info("disk cache %s: index rebuilt from payload files: %s", self._root, counts)
 
     # ------------------------------------------------------------------ introspection
 
@@ -1173,20 +1769,26 @@ class DiskTier:
 
     def used_bytes(self) -> int:
         """Total payload bytes in the index (all processes), i.e. ``SUM(size)``."""
-        with self._db_lock:
-            return self._used_locked(self._require_conn())
+        return self._read_index("reading the totals", self._used_locked, 0)
 
     def __len__(self) -> int:
         """Number of entries in the index (expired ones included until dropped)."""
-        with self._db_lock:
-            row = self._require_conn().execute("SELECT count FROM totals WHERE id = 0").fetchone()
+        row = self._read_index(
+            "reading the totals",
+            lambda conn: conn.execute("SELECT count FROM totals WHERE id = 0").fetchone(),
+            (0,),
+        )
         return int(row[0])
 
     def keys(self) -> list[str]:
         """All keys in the index, sorted."""
-        with self._db_lock:
-            cur = self._require_conn().execute("SELECT key FROM entries ORDER BY key")
-            return [k for (k,) in cur.fetchall()]
+        return self._read_index(
+            "listing keys",
+            lambda conn: [
+                k for (k,) in conn.execute("SELECT key FROM entries ORDER BY key").fetchall()
+            ],
+            [],
+        )
 
     def entries(self) -> list[dict[str, Any]]:
         """Index rows as dicts (pending access statistics are flushed first).
@@ -1195,21 +1797,30 @@ class DiskTier:
         ``hits``, ``expires`` (None: never), ``checksum``.
         """
         self.flush()
-        with self._db_lock:
-            cur = self._require_conn().execute(
-                f"SELECT {', '.join(_ENTRY_COLUMNS)} FROM entries ORDER BY key"
-            )
-            return [dict(zip(_ENTRY_COLUMNS, row, strict=True)) for row in cur.fetchall()]
+        query = f"SELECT {', '.join(_ENTRY_COLUMNS)} FROM entries ORDER BY key"
+        return self._read_index(
+            "listing entries",
+            lambda conn: [
+                dict(zip(_ENTRY_COLUMNS, row, strict=True))
+                for row in conn.execute(query).fetchall()
+            ],
+            [],
+        )
 
     def close(self) -> None:
         """Flush pending access statistics and close the index. Idempotent."""
-        if self._conn is None:
+        if self._closed:
             return
         self._flush(blocking=True)
         with self._db_lock:
+            if self._owed_keys or self._owed_prefixes:
+                with contextlib.suppress(OSError, sqlite3.Error, RuntimeError):
+                    self._settle_owed_locked(self._require_conn())
+            self._closed = True
             conn, self._conn = self._conn, None
             if conn is not None:
-                conn.close()
+                with self._folder_lock():
+                    self._close_conn(conn)
 
     def __enter__(self) -> DiskTier:
         return self
@@ -1218,7 +1829,7 @@ class DiskTier:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._conn is None else f"capacity={self.capacity}"
+        state = "closed" if self._closed else f"capacity={self.capacity}"
         return f"DiskTier({self._root!r}, {state})"
 
 
