@@ -229,8 +229,8 @@ class ScanPrefetcher:
         depth = self.depth
         if scan.grid.chunk_nbytes:
             depth = min(depth, cache.memory.capacity // (4 * scan.grid.chunk_nbytes))
-        if depth < 2:
-            return
+        if depth < 2 or cache.disk_backlog > 0.5:
+            return  # (and never outrun the disk writer: its queue would drop writes)
         step = scan.step
         last = scan.grid.total - 1 if step > 0 else 0
         start = max(scan.frontier * step, ordinal * step) + 1  # in "step space"

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from dask.utils import format_bytes
+
 from xarray_zcache.cache.analytics import (
     AccessTrace,
     access_patterns,
@@ -102,6 +104,7 @@ class HybridCache:
         # background disk writes: key -> (value, kind, namespace, expires, started_ns)
         self._pending: dict[str, tuple[bytes, str, str, float | None, int]] = {}
         self._pending_bytes = 0
+        self._warned_queue_full = False
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._writer: threading.Thread | None = None
         self._closed = False
@@ -216,9 +219,17 @@ class HybridCache:
         with self._lock:
             if self._closed:
                 return
-            if self._pending_bytes + len(value) > self.config.write_queue_size:
+            if self._pending and self._pending_bytes + len(value) > self.config.write_queue_size:
                 # never block a reader on the disk: drop this write, memory still has it
+                # (an empty queue takes any admitted object, however large)
                 self._stats.add("disk_write_failures")
+                if not self._warned_queue_full:
+                    self._warned_queue_full = True
+                    logger.warning(
+                        "xarray-zcache: the background disk writer is behind (%s queued); "
+                        "dropping disk writes until it catches up (raise zcache.write-queue-size)",
+                        format_bytes(self._pending_bytes),
+                    )
                 return
             old = self._pending.get(key)
             if old is not None:
@@ -440,6 +451,11 @@ class HybridCache:
         if self.disk is not None:
             self.disk.close()
         _LIVE.discard(self)
+
+    @property
+    def disk_backlog(self) -> float:
+        """Fraction of ``write_queue_size`` waiting for the background disk writer."""
+        return self._pending_bytes / max(1, self.config.write_queue_size)
 
     @property
     def closed(self) -> bool:
