@@ -60,7 +60,8 @@ def _report(worker: int, t: int, rng: random.Random, n_arrays: int) -> dict[str,
     hot = []
     for j in range(20):
         arr = rng.randrange(n_arrays)
-        key = f"s3://era5-bucket/reanalysis/single-levels.zarr/var{arr}/c/{(worker * 7 + j) % 500}/0/0"
+        chunk = (worker * 7 + j) % 500
+        key = f"s3://era5-bucket/reanalysis/single-levels.zarr/var{arr}/c/{chunk}/0/0"
         hot.append([key, t * (20 - j) + rng.randint(0, 5), rng.choice(["memory", "disk"])])
     report: dict[str, Any] = {
         "worker": f"tcp://10.0.{worker // 250}.{worker % 250}:40000",
@@ -102,7 +103,8 @@ async def main(argv: list[str] | None = None) -> None:
     # scheduler's work, only unpacking and handling them is
     print(f"{args.workers} simulated workers, one report each per simulated second")
     print(
-        f"{'round':>6} {'cpu s/round':>12} {'core share':>11} {'aggregator MiB':>15} {'decisions':>10}"
+        f"{'round':>6} {'cpu s/round':>12} {'core share':>11} {'aggregator MiB':>15} "
+        f"{'decisions':>10}"
     )
     shares = []
     for t in range(1, args.seconds + 1):

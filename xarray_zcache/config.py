@@ -21,7 +21,7 @@ from dask.utils import format_bytes, parse_bytes, parse_timedelta
 
 __all__ = ["EVICTION_POLICIES", "CacheConfig", "default_disk_path"]
 
-EVICTION_POLICIES = ("lru", "slru")
+EVICTION_POLICIES = ("lru", "slru", "tinylfu")
 
 _YAML = pathlib.Path(__file__).with_name("zcache.yaml")
 with _YAML.open() as _f:
@@ -108,7 +108,8 @@ class CacheConfig:
     negative_ttl
         Seconds a "metadata key is missing" answer stays valid.
     eviction_policy
-        ``"lru"`` or ``"slru"`` (segmented LRU, scan resistant).
+        ``"lru"``, ``"slru"`` (segmented LRU, scan resistant) or ``"tinylfu"``
+        (segmented LRU with frequency-based admission: best under skewed access).
     promotion_threshold
         Accesses per second at which a disk hit is promoted to memory
         (0: always).
@@ -144,7 +145,7 @@ class CacheConfig:
     chunk_ttl: float | None = dataclasses.field(default_factory=lambda: _cfg("ttl.chunks"))
     listing_ttl: float = dataclasses.field(default_factory=lambda: _cfg("ttl.listing"))
     negative_ttl: float = dataclasses.field(default_factory=lambda: _cfg("ttl.negative"))
-    eviction_policy: Literal["lru", "slru"] = dataclasses.field(
+    eviction_policy: Literal["lru", "slru", "tinylfu"] = dataclasses.field(
         default_factory=lambda: _cfg("eviction-policy")
     )
     promotion_threshold: float = dataclasses.field(
@@ -307,8 +308,8 @@ class CacheConfig:
         """Return a copy that never caches objects over ``size`` bytes."""
         return self._replace(max_object_size=size)
 
-    def with_eviction_policy(self, policy: Literal["lru", "slru"]) -> Self:
-        """Return a copy with memory-tier eviction ``policy`` (``"lru"`` or ``"slru"``)."""
+    def with_eviction_policy(self, policy: Literal["lru", "slru", "tinylfu"]) -> Self:
+        """Return a copy with memory-tier ``policy``: ``"lru"``, ``"slru"`` or ``"tinylfu"``."""
         return self._replace(eviction_policy=policy)
 
     def with_promotion_threshold(self, accesses_per_second: float) -> Self:
