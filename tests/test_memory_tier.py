@@ -100,7 +100,6 @@ def test_thread_safe(policy: str) -> None:
         t.join()
     assert not errors
     assert tier.used_bytes() <= tier.capacity
-    assert (
-        tier.used_bytes()
-        == sum(len(tier.peek(k) or b"") for k in tier.keys()) + len(tier) * tier.entry_overhead
-    )
+    held = tier.keys()
+    payload = sum(len(tier.peek(k) or b"") for k in held)
+    assert tier.used_bytes() == payload + len(held) * tier.entry_overhead
