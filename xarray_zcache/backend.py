@@ -113,6 +113,23 @@ def open_store(
     return CachedStore(_inner_store(url_or_store, storage_options, read_only), config)
 
 
+def _delegate(
+    method: str,
+    filename_or_obj: Any,
+    storage_options: Mapping[str, Any] | None,
+    cache_config: CacheConfig | str | None,
+    **kwargs: Any,
+) -> Any:
+    """Open the cached store, then let xarray's own zarr backend do the rest."""
+    store = open_store(
+        filename_or_obj,
+        storage_options=storage_options,
+        cache_config=cache_config,
+        read_only=kwargs.get("mode", "r") == "r",
+    )
+    return getattr(ZarrBackendEntrypoint(), method)(store, **kwargs)
+
+
 class ZCacheBackendEntrypoint(BackendEntrypoint):
     """Open Zarr data through a persistent, cluster-aware cache.
 
@@ -156,14 +173,11 @@ class ZCacheBackendEntrypoint(BackendEntrypoint):
         cache_members: bool = True,
         cache_config: CacheConfig | str | None = None,
     ) -> xr.Dataset:
-        store = open_store(
+        result: xr.Dataset = _delegate(
+            "open_dataset",
             filename_or_obj,
-            storage_options=storage_options,
-            cache_config=cache_config,
-            read_only=mode == "r",
-        )
-        return ZarrBackendEntrypoint().open_dataset(
-            store,  # type: ignore[arg-type]  # any zarr Store works
+            storage_options,
+            cache_config,
             mask_and_scale=mask_and_scale,
             decode_times=decode_times,
             concat_characters=concat_characters,
@@ -178,6 +192,7 @@ class ZCacheBackendEntrypoint(BackendEntrypoint):
             use_zarr_fill_value_as_mask=use_zarr_fill_value_as_mask,
             cache_members=cache_members,
         )
+        return result
 
     def open_datatree(  # type: ignore[override]
         self,
@@ -197,14 +212,11 @@ class ZCacheBackendEntrypoint(BackendEntrypoint):
         zarr_format: int | None = None,
         cache_config: CacheConfig | str | None = None,
     ) -> xr.DataTree:
-        store = open_store(
+        result: xr.DataTree = _delegate(
+            "open_datatree",
             filename_or_obj,
-            storage_options=storage_options,
-            cache_config=cache_config,
-            read_only=mode == "r",
-        )
-        return ZarrBackendEntrypoint().open_datatree(
-            store,  # type: ignore[arg-type]  # any zarr Store works
+            storage_options,
+            cache_config,
             mask_and_scale=mask_and_scale,
             decode_times=decode_times,
             concat_characters=concat_characters,
@@ -217,6 +229,7 @@ class ZCacheBackendEntrypoint(BackendEntrypoint):
             consolidated=consolidated,
             zarr_format=zarr_format,
         )
+        return result
 
     def open_groups_as_dict(  # type: ignore[override]
         self,
@@ -236,14 +249,11 @@ class ZCacheBackendEntrypoint(BackendEntrypoint):
         zarr_format: int | None = None,
         cache_config: CacheConfig | str | None = None,
     ) -> dict[str, xr.Dataset]:
-        store = open_store(
+        result: dict[str, xr.Dataset] = _delegate(
+            "open_groups_as_dict",
             filename_or_obj,
-            storage_options=storage_options,
-            cache_config=cache_config,
-            read_only=mode == "r",
-        )
-        return ZarrBackendEntrypoint().open_groups_as_dict(
-            store,  # type: ignore[arg-type]  # any zarr Store works
+            storage_options,
+            cache_config,
             mask_and_scale=mask_and_scale,
             decode_times=decode_times,
             concat_characters=concat_characters,
@@ -256,3 +266,4 @@ class ZCacheBackendEntrypoint(BackendEntrypoint):
             consolidated=consolidated,
             zarr_format=zarr_format,
         )
+        return result

@@ -8,7 +8,7 @@ import posixpath
 import time
 import uuid
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import urlsplit
 
@@ -394,27 +394,31 @@ class CachedStore(Store):
 
     # -- reads ---------------------------------------------------------------------------------
 
-    def _lookup_memory(
-        self, cache: HybridCache, key: str, byte_range: ByteRequest | None, kind: str
+    def _lookup(
+        self,
+        tier_lookup: Callable[..., bytes | None],
+        key: str,
+        byte_range: ByteRequest | None,
+        kind: str,
     ) -> bytes | None:
+        """A read from one tier: the whole object (sliced), else the cached range."""
         ck = self._ck(key)
-        whole = cache.lookup_memory(ck, kind=kind)
+        whole = tier_lookup(ck, kind=kind)
         if whole is not None:
             return _slice(whole, byte_range)
         if byte_range is not None:
-            return cache.lookup_memory(ck + _RANGE_SEP + _range_suffix(byte_range), kind=kind)
+            return tier_lookup(ck + _RANGE_SEP + _range_suffix(byte_range), kind=kind)
         return None
+
+    def _lookup_memory(
+        self, cache: HybridCache, key: str, byte_range: ByteRequest | None, kind: str
+    ) -> bytes | None:
+        return self._lookup(cache.lookup_memory, key, byte_range, kind)
 
     def _lookup_disk(
         self, cache: HybridCache, key: str, byte_range: ByteRequest | None, kind: str
     ) -> bytes | None:
-        ck = self._ck(key)
-        whole = cache.lookup_disk(ck, kind=kind)
-        if whole is not None:
-            return _slice(whole, byte_range)
-        if byte_range is not None:
-            return cache.lookup_disk(ck + _RANGE_SEP + _range_suffix(byte_range), kind=kind)
-        return None
+        return self._lookup(cache.lookup_disk, key, byte_range, kind)
 
     def _maybe_on_disk(self, disk: DiskTier, key: str, byte_range: ByteRequest | None) -> bool:
         # a stat or two in the event loop spares the cold path a thread hop per miss

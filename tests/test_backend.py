@@ -1,0 +1,107 @@
+"""The ``zcache`` engine: URLs and stores, zarr formats 2 and 3, groups, datatree, options."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+from xarray_zcache import CacheConfig, get_cache
+from xarray_zcache.backend import ZCacheBackendEntrypoint, open_store
+from xarray_zcache.testing.s3server import LocalS3Server
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture
+def config(tmp_path: Any) -> CacheConfig:
+    return CacheConfig().with_memory_size("32MB").with_disk_cache(tmp_path / "cache", "64MB")
+
+
+def _ds() -> xr.Dataset:
+    return xr.Dataset(
+        {"t": (("time", "x"), np.arange(40.0).reshape(8, 5)), "q": (("x",), np.ones(5))},
+        coords={"time": np.arange(8)},
+        attrs={"title": "sample"},
+    )
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+@pytest.mark.parametrize("consolidated", [True, False])
+def test_local_formats(
+    tmp_path: Any, config: CacheConfig, zarr_format: int, consolidated: bool
+) -> None:
+    path = tmp_path / "d.zarr"
+    _ds().to_zarr(path, zarr_format=zarr_format, consolidated=consolidated)
+    for url in (str(path), f"file://{path}", f"zcache::{path}"):
+        ds = xr.open_dataset(url, engine="zcache", cache_config=config, chunks={})
+        xr.testing.assert_identical(ds.load(), _ds())
+    assert get_cache(config).stats().total_hits() > 0
+
+
+def test_s3_groups_datatree_and_options(
+    s3_server: LocalS3Server, s3_bucket: str, s3_options: dict[str, Any], config: CacheConfig
+) -> None:
+    url = f"s3://{s3_bucket}/tree.zarr"
+    _ds().to_zarr(url, storage_options=s3_options, group="a", zarr_format=3)
+    child = _ds().isel(time=slice(0, 2)).rename(time="step", x="y")  # a tree must align
+    child.to_zarr(url, storage_options=s3_options, group="a/b", zarr_format=3)
+    ds = xr.open_dataset(
+        url,
+        engine="zcache",
+        group="a/b",
+        storage_options=s3_options,
+        cache_config=config,
+        drop_variables=["q"],
+    )
+    assert set(ds.data_vars) == {"t"} and ds.sizes["step"] == 2
+    tree = xr.open_datatree(url, engine="zcache", storage_options=s3_options, cache_config=config)
+    assert tree["a/b"].ds.sizes["step"] == 2
+    xr.testing.assert_identical(tree["a"].to_dataset().load(), _ds())
+    groups = ZCacheBackendEntrypoint().open_groups_as_dict(
+        url, storage_options=s3_options, cache_config=config
+    )
+    assert "/a/b" in groups
+
+
+def test_sharded_dataset_through_engine(
+    s3_server: LocalS3Server, s3_bucket: str, s3_options: dict[str, Any], config: CacheConfig
+) -> None:
+    url = f"s3://{s3_bucket}/sharded.zarr"
+    ds = xr.Dataset({"v": (("y", "x"), np.arange(64 * 64, dtype="i4").reshape(64, 64))})
+    ds.to_zarr(
+        url,
+        storage_options=s3_options,
+        zarr_format=3,
+        encoding={"v": {"chunks": (8, 8), "shards": (32, 32)}},
+    )
+    opened = xr.open_dataset(url, engine="zcache", storage_options=s3_options, cache_config=config)
+    np.testing.assert_array_equal(opened.v.values, ds.v.values)
+    before = s3_server.requests.chunk_gets(s3_bucket)
+    again = xr.open_dataset(url, engine="zcache", storage_options=s3_options, cache_config=config)
+    np.testing.assert_array_equal(again.v.values, ds.v.values)
+    assert s3_server.requests.chunk_gets(s3_bucket) - before == 0
+
+
+def test_store_object_and_named_config(tmp_path: Any) -> None:
+    import dask.config
+
+    path = tmp_path / "d.zarr"
+    _ds().to_zarr(path, zarr_format=3)
+    store = zarr.storage.LocalStore(path, read_only=True)
+    caches = {"mine": {"memory-size": "8MB", "disk": {"path": str(tmp_path / "c"), "size": "8MB"}}}
+    with dask.config.set({"zcache.caches": caches}):
+        ds = xr.open_dataset(store, engine="zcache", cache_config="mine")
+        xr.testing.assert_identical(ds.load(), _ds())
+        cached = open_store(store, cache_config="mine")
+        assert cached.config.name == "mine" and cached.config.memory_size == 8_000_000
+
+
+def test_guess_can_open_only_the_prefix() -> None:
+    entry = ZCacheBackendEntrypoint()
+    assert entry.guess_can_open("zcache::s3://bucket/x.zarr")
+    assert not entry.guess_can_open("s3://bucket/x.zarr")
+    assert not entry.guess_can_open("/tmp/x.zarr")
