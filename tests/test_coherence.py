@@ -92,11 +92,14 @@ def test_missing_metadata_then_created_is_found(store: CachedStore) -> None:
     assert _get(store, "new/zarr.json") == b'{"a": 1}'
 
 
-def test_missing_chunk_created_by_another_writer_is_found(store: CachedStore) -> None:
-    """Missing chunks are never remembered: the next read asks again."""
+def test_missing_chunk_is_remembered_until_written(store: CachedStore) -> None:
+    """zarr leaves all-fill chunks unwritten: their absence is cached like data."""
     assert _get(store, "c/9") is None
-    sync(store.inner.set("c/9", B(b"late")))
-    assert _get(store, "c/9") == b"late"
+    before = store.stats().negative_hits
+    assert _get(store, "c/9") is None  # served by the negative entry: no request
+    assert store.stats().negative_hits == before + 1
+    sync(store.set("c/9", B(b"now")))  # a write through zcache is seen at once
+    assert _get(store, "c/9") == b"now"
 
 
 def test_other_writer_seen_after_ttl(tmp_path: Any) -> None:

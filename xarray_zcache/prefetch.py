@@ -19,7 +19,7 @@ import logging
 import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -82,10 +82,10 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def grid_from_metadata(array: str, doc: bytes, v2: bool) -> ChunkGrid | None:
+def grid_from_metadata(array: str, doc: bytes | dict[str, Any], v2: bool) -> ChunkGrid | None:
     """Parse an array's ``zarr.json`` (v3) or ``.zarray`` (v2) into its chunk grid."""
     try:
-        meta = json.loads(doc)
+        meta = json.loads(doc) if isinstance(doc, bytes) else doc
         if v2:
             shape, chunks = meta["shape"], meta["chunks"]
             sep = meta.get("dimension_separator") or "."
@@ -115,6 +115,19 @@ def grid_from_metadata(array: str, doc: bytes, v2: bool) -> ChunkGrid | None:
     if not nchunks or any(n <= 0 for n in nchunks):
         return None
     return ChunkGrid(array, nchunks, prefix, sep, nbytes)
+
+
+def consolidated_entry(doc: bytes, relative: str, v2: bool) -> dict[str, Any] | None:
+    """An array's metadata from a group's consolidated metadata, if it is there."""
+    try:
+        meta = json.loads(doc)
+        if v2:
+            entry = meta["metadata"].get(f"{relative}/.zarray")
+        else:
+            entry = (meta.get("consolidated_metadata") or {}).get("metadata", {}).get(relative)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return entry if isinstance(entry, dict) else None
 
 
 def candidate_array(key: str) -> tuple[str, bool] | None:
@@ -173,17 +186,35 @@ class ScanPrefetcher:
         """Whether some array is being scanned (hits then matter too)."""
         return bool(self._scanning)
 
+    def _grid(self, array: str, v2: bool) -> ChunkGrid | None:
+        """The array's chunk grid from metadata already in the cache (never a request).
+
+        zarr has read the array's metadata before its chunks: either its own
+        document or the consolidated metadata of a group above it.
+        """
+        cached = self.store._cached
+        own = cached(f"{array}/.zarray" if v2 else f"{array}/zarr.json" if array else "zarr.json")
+        if own is not None:
+            return grid_from_metadata(array, own, v2)
+        parts = array.split("/") if array else []
+        for i in range(len(parts) - 1, -1, -1):
+            group = "/".join(parts[:i])
+            doc = (
+                cached(f"{group}/.zmetadata" if group else ".zmetadata")
+                if v2
+                else cached(f"{group}/zarr.json" if group else "zarr.json")
+            )
+            if doc is not None:
+                entry = consolidated_entry(doc, "/".join(parts[i:]), v2)
+                if entry is not None:
+                    return grid_from_metadata(array, entry, v2)
+        return None
+
     async def _scan_for(self, array: str, v2: bool) -> _Scan | None:
         if array in self._scans:
             self._scans.move_to_end(array)
             return self._scans[array]
-        name = ".zarray" if v2 else "zarr.json"
-        meta_key = f"{array}/{name}" if array else name
-        try:
-            buf = await self.store.get(meta_key)
-        except Exception:  # no metadata, no read-ahead
-            buf = None
-        grid = None if buf is None else grid_from_metadata(array, buf.to_bytes(), v2)
+        grid = self._grid(array, v2)
         scan = None if grid is None else _Scan(grid)
         if scan is not None and scan.grid.total <= _MAX_TRACKED:
             scan.seen = bytearray(scan.grid.total)

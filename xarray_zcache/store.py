@@ -180,8 +180,9 @@ class CachedStore(Store):
     `get_sync`. A ranged read is served from a cached whole object when there is
     one; otherwise it is cached under its range. Concurrent misses of one key
     send one request to the wrapped store ("single flight"). Errors from the
-    wrapped store propagate unchanged and are never cached; a missing key is
-    remembered (briefly) only for metadata documents.
+    wrapped store propagate unchanged and are never cached; a missing key (a
+    metadata probe, or a chunk zarr left unwritten because it holds only the fill
+    value) is remembered for ``negative_ttl`` seconds.
 
     Writes (`set`, `set_if_not_exists`, `_set_many`) go to the wrapped store
     first, then update (or, with ``cache_on_write=False``, only invalidate) the
@@ -420,6 +421,15 @@ class CachedStore(Store):
     ) -> bytes | None:
         return self._lookup(cache.lookup_disk, key, byte_range, kind)
 
+    def _cached(self, key: str) -> bytes | None:
+        """Whole value of ``key`` if the cache holds it (no request, no stats)."""
+        cache = self.cache
+        ck = self._ck(key)
+        value = cache.memory.peek(ck)
+        if value is None and cache.disk is not None and cache.disk.might_contain(ck):
+            value = cache.disk.get(ck)
+        return value
+
     def _maybe_on_disk(self, disk: DiskTier, key: str, byte_range: ByteRequest | None) -> bool:
         # a stat or two in the event loop spares the cold path a thread hop per miss
         ck = self._ck(key)
@@ -445,7 +455,7 @@ class CachedStore(Store):
     ) -> None:
         cache.record_miss(fill.key, kind=kind, nbytes=len(data or b""), seconds=seconds)
         if data is None:
-            if byte_range is None and kind == "metadata":
+            if byte_range is None:  # zarr leaves all-fill chunks unwritten: remember that too
                 cache.set_negative(fill, self._namespace)
             return
         cache.fill(fill, data, kind=kind, namespace=self._namespace)
@@ -469,7 +479,7 @@ class CachedStore(Store):
                 if pf is not None and pf.active:
                     await pf.observe(key, miss=False)
             return prototype.buffer.from_bytes(data)
-        if byte_range is None and kind == "metadata" and cache.is_negative(self._ck(key)):
+        if byte_range is None and cache.is_negative(self._ck(key)):
             return None
         pf = self._prefetcher() if kind == "chunk" and byte_range is None else None
         if cache.disk is not None and self._maybe_on_disk(cache.disk, key, byte_range):
@@ -574,7 +584,7 @@ class CachedStore(Store):
         ck = self._ck(key)
         if ck in cache.memory:
             return True
-        if key_kind(key) == "metadata" and cache.is_negative(ck):
+        if cache.is_negative(ck):
             return False
         return await self._store.exists(key)
 
@@ -740,7 +750,7 @@ class SyncCachedStore(CachedStore):
         kind = key_kind(key)
         data = self._lookup_memory(cache, key, byte_range, kind)
         if data is None:
-            if byte_range is None and kind == "metadata" and cache.is_negative(self._ck(key)):
+            if byte_range is None and cache.is_negative(self._ck(key)):
                 return None
             data = self._lookup_disk(cache, key, byte_range, kind)
         if data is None:

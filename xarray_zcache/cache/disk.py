@@ -100,6 +100,8 @@ _INDEX_SIDE_FILES: Final = ("-wal", "-shm")
 _LOCK_NAME: Final = "index.db.lock"
 #: A ``horizon`` (see ``prune_tombstones``) further in the future than this is damage: reset it.
 _HORIZON_SLACK_NS: Final = 86_400 * 10**9
+_WAL_CHECKPOINT_PAGES: Final = 256
+_WAL_SIZE_LIMIT: Final = 1 << 20
 #: While the index cannot be opened (disk full...), try again at most this often.
 _REOPEN_INTERVAL_S: Final = 5.0
 
@@ -191,13 +193,42 @@ def _prefix_upper(prefix: str) -> str | None:
     return None
 
 
+class _SchemaDamaged(sqlite3.DatabaseError):
+    """The index's schema is not the one this module creates (outside damage)."""
+
+
 def _is_corruption(exc: BaseException) -> bool:
-    """Whether an SQLite error says the database file is damaged (not busy, full or I/O)."""
+    """Whether an SQLite error says the database file is damaged (not busy, full or I/O).
+
+    Besides SQLite's own verdicts, "no such table/column" counts: the statements here are
+    fixed, so that only happens when damage altered the stored schema.
+    """
+    if isinstance(exc, _SchemaDamaged):
+        return True
+    text = str(exc).lower()
+    if text.startswith(("no such table", "no such column")):
+        return True
     code = getattr(exc, "sqlite_errorcode", None)
     if code is not None:
         return (code & 0xFF) in _SQLITE_CORRUPT
-    text = str(exc).lower()
     return "malformed" in text or "not a database" in text
+
+
+_EXPECTED_SCHEMA: list[tuple[str, str, str, str | None]] | None = None
+
+
+def _schema_of(conn: sqlite3.Connection) -> list[tuple[str, str, str, str | None]]:
+    return sorted(conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master").fetchall())
+
+
+def _expected_schema() -> list[tuple[str, str, str, str | None]]:
+    global _EXPECTED_SCHEMA
+    if _EXPECTED_SCHEMA is None:
+        with contextlib.closing(sqlite3.connect(":memory:")) as mem:
+            for statement in _split_sql(_SCHEMA):
+                mem.execute(statement)
+            _EXPECTED_SCHEMA = _schema_of(mem)
+    return _EXPECTED_SCHEMA
 
 
 class _IndexUnavailable(OSError):
@@ -222,6 +253,13 @@ def _is_resource_error(exc: BaseException) -> bool:
         text = str(exc).lower()
         return "full" in text or "disk i/o" in text or "locked" in text
     return isinstance(exc, OSError) and exc.errno in _RESOURCE_ERRNOS
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, sqlite3.OperationalError):
+        code = getattr(exc, "sqlite_errorcode", None)
+        return (code & 0xFF) == 13 if code is not None else "full" in str(exc).lower()
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1))
 
 
 def _file_id(path: str) -> tuple[int, int] | None:
@@ -331,6 +369,32 @@ def _read_header(
     return None, _Header(stored_key, namespace, offset, int(length), int(crc), float(expires))
 
 
+def _stale_temp(entry: os.DirEntry[str], now: float) -> bool:
+    """Whether a temp file is abandoned: its writer (pid in the name) is dead, or it is old.
+
+    Temp files are named ``.<hash>.<pid>.<uuid>.tmp``; the folder is shared by the processes
+    of one host, so a pid that does not exist here means a writer that died (a crash).
+    """
+    try:
+        if now - entry.stat().st_mtime > _STALE_TEMP_AGE_S:
+            return True
+    except OSError:
+        return False
+    parts = entry.name.split(".")
+    if len(parts) != 5 or not parts[2].isdigit():
+        return False
+    pid = int(parts[2])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # exists (another user's) or cannot tell
+    return False
+
+
 def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
     return (a.st_dev, a.st_ino, a.st_size, a.st_mtime_ns, a.st_ctime_ns) == (
         b.st_dev,
@@ -404,8 +468,12 @@ class DiskTier:
     max_object_size : int or None
         Largest payload stored.
     corruptions : int
-        Damaged payload files removed by this instance (found by ``get`` or by
-        ``verify(repair=True)``).
+        Damage found by this instance: damaged payload files removed (by ``get``,
+        ``verify(repair=True)`` or a rebuild of the index), and damaged indexes replaced.
+    index_rebuilds : int
+        Times this instance rebuilt ``index.db`` from the payload files.
+    last_rebuild : dict
+        Counts of the last rebuild (see :meth:`rebuild_index`), empty if none.
     evictions : int
         Entries evicted for space by this instance.
     evicted_bytes : int
@@ -439,14 +507,29 @@ class DiskTier:
     transactions, *a visible payload file always has a committed index row* (the converse
     need not hold: a crash can leave a row whose file is gone, which reads as a miss and is
     cleaned by eviction or :meth:`verify`). ``get`` therefore reads only the file: its header
-    carries the key hash, length, CRC-32 and expiry, so the bytes returned are always exactly
-    what was stored for this key. A payload file without an index row can only appear through
+    carries the key, length, CRC-32s (of the payload, and of the header with key and
+    namespace) and expiry, so the bytes returned are always exactly what was stored for this
+    key. A payload file without an index row can only appear through
     outside tampering; ``get`` serves it if the header and checksum verify (the bytes are
     correct for this key) and ``verify(repair=True)`` removes it.
 
     **Crash safety.** Payloads are written to a temp file (``.<hash>.<pid>.<uuid>.tmp``) in the
     final folder and renamed atomically, so a reader never sees a half-written entry. A crash
-    may leave temp files (never read; removed by ``verify(repair=True)``) and rows without file.
+    may leave temp files (never read; removed by ``verify(repair=True)`` once their process is
+    gone) and rows without file.
+
+    **A lost or damaged index** is rebuilt from the payload headers (:meth:`rebuild_index`):
+    at open when ``index.db`` is missing, empty, unreadable or of an older schema; whenever
+    SQLite reports it damaged (or it yields an altered schema or impossible rows) during an
+    operation, which is then retried; and by ``verify(repair=True)``. An instance notices
+    when ``index.db`` is deleted or replaced under it and reopens it.
+
+    **Disk full, I/O errors.** ``put`` never raises for them: on ENOSPC it evicts least
+    recently used entries and checkpoints the (bounded) WAL, then retries once. An
+    invalidation (``delete``, ``delete_prefix``) that cannot be recorded still unlinks the
+    key's files; it is recorded before any later write, and ``get`` serves nothing it covers
+    meanwhile. If the index cannot even be opened, the tier runs without it (hits from the
+    self-checking files, nothing stored) and retries every few seconds.
 
     An instance must not be used across ``fork()``: open a new one in the child process.
 
@@ -559,8 +642,13 @@ class DiskTier:
                 if created and self._has_payload_files():
                     self._rebuild_rows(conn)
                 else:
+                    if not created and _schema_of(conn) != _expected_schema():
+                        raise _SchemaDamaged("the index schema was altered")
                     self._check_totals(conn)
-            except sqlite3.DatabaseError as exc:
+            except (sqlite3.DatabaseError, TypeError, ValueError) as exc:
+                # (undecodable text or values of impossible types in the file: damage too)
+                if not isinstance(exc, sqlite3.DatabaseError):
+                    exc = _SchemaDamaged(repr(exc))
                 if conn is not None:
                     with contextlib.suppress(sqlite3.Error):
                         conn.close()
@@ -592,6 +680,10 @@ class DiskTier:
             if str(mode).lower() != "wal":
                 logger.warning("disk cache index %s: WAL mode unavailable (%s)", db_path, mode)
             conn.execute("PRAGMA synchronous=NORMAL")
+            # bound the WAL (SQLite lets it grow to ~4 MiB between checkpoints and never
+            # shrinks it): it shares the filesystem with the payloads
+            conn.execute(f"PRAGMA wal_autocheckpoint={_WAL_CHECKPOINT_PAGES}")
+            conn.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
             with self._txn(conn):
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
                 if version > _SCHEMA_VERSION:
@@ -627,9 +719,13 @@ class DiskTier:
 
     def _check_totals(self, conn: sqlite3.Connection) -> None:
         """Repair the ``totals`` row if it is missing or its horizon lies in the future."""
-        row = conn.execute("SELECT horizon FROM totals WHERE id = 0").fetchone()
+        row = conn.execute("SELECT horizon, used, count FROM totals WHERE id = 0").fetchone()
         now_ns = time.time_ns()
-        if row is not None and row[0] <= now_ns + _HORIZON_SLACK_NS:
+        if (
+            row is not None
+            and all(isinstance(v, int) and v >= 0 for v in row)
+            and row[0] <= now_ns + _HORIZON_SLACK_NS
+        ):
             return
         with self._txn(conn):
             conn.execute(
@@ -771,6 +867,8 @@ class DiskTier:
                 if not _is_corruption(exc):
                     raise
                 conn = self._recover_locked(exc, action, conn)
+            except (TypeError, ValueError) as exc:  # rows of impossible types: damage
+                conn = self._recover_locked(_SchemaDamaged(repr(exc)), action, conn)
             return op(conn)
 
     @staticmethod
@@ -1060,7 +1158,9 @@ class DiskTier:
                     conn.execute(f"PRAGMA busy_timeout={_OPPORTUNISTIC_BUSY_MS}")
                 with self._txn(conn):
                     self._write_accesses(conn, batch)
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, TypeError, ValueError) as exc:
+                if not isinstance(exc, sqlite3.Error):
+                    exc = _SchemaDamaged(repr(exc))
                 if (
                     conn is not None
                     and isinstance(exc, sqlite3.DatabaseError)
@@ -1153,26 +1253,80 @@ class DiskTier:
         header = _pack_header(key_bytes, namespace.encode("utf-8"), size, checksum, expiry, digest)
         stored = False
         try:
-            self._write_temp(folder, temp, header, value)
-            stored = self._install(
-                key,
-                hexdigest,
-                kind,
-                namespace,
-                size,
-                checksum,
-                expires,
-                temp,
-                final,
-                fetch_started_ns,
-                write_ns,
-            )
+            for attempt in (0, 1):
+                try:
+                    self._write_temp(folder, temp, header, value)
+                    stored = self._install(
+                        key,
+                        hexdigest,
+                        kind,
+                        namespace,
+                        size,
+                        checksum,
+                        expires,
+                        temp,
+                        final,
+                        fetch_started_ns,
+                        write_ns,
+                    )
+                    break
+                except (OSError, sqlite3.OperationalError) as exc:
+                    # the filesystem is full (perhaps of other data): the cache gives way
+                    if attempt or not _is_disk_full(exc):
+                        raise
+                    self._warn_once(
+                        "disk-full",
+                        "disk cache %s: the filesystem is full (%s); evicting entries to make "
+                        "room (entries that still do not fit are not stored on disk)",
+                        self._root,
+                        exc,
+                    )
+                    if not self._make_room(2 * len(header) + size):
+                        raise
+                    _unlink_quietly(temp)
         except (OSError, sqlite3.Error) as exc:
             self._warn_error(exc, f"storing {final}")
         finally:
             if not stored:
                 _unlink_quietly(temp)
         return stored
+
+    def _make_room(self, nbytes: int) -> bool:
+        """Evict least recently used entries worth about ``2 * nbytes`` (the disk is full),
+        then checkpoint and truncate the WAL.
+
+        Files are unlinked before the index is updated, so space is freed even if the index
+        cannot be written now (rows without file are allowed and cleaned later). Returns
+        whether anything was freed.
+        """
+        try:
+            with self._db_lock:
+                conn = self._require_conn()
+                rows = conn.execute(
+                    "SELECT key, kind, size FROM entries ORDER BY last_access LIMIT 1024"
+                ).fetchall()
+                victims, got = [], 0
+                for row in rows:
+                    if got >= 2 * nbytes:
+                        break
+                    victims.append(row)
+                    got += row[2]
+                if victims:
+                    try:
+                        with self._txn(conn):
+                            self._remove_rows(conn, victims)
+                    except sqlite3.OperationalError:
+                        pass  # the files are gone; their rows go at the next eviction or verify
+                    self.evictions += len(victims)
+                    self.evicted_bytes += got
+                wal = self._db_path + "-wal"
+                before = os.path.getsize(wal) if os.path.exists(wal) else 0
+                with contextlib.suppress(sqlite3.OperationalError):
+                    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                after = os.path.getsize(wal) if os.path.exists(wal) else 0
+                return bool(victims) or after < before
+        except (OSError, sqlite3.Error, TypeError, ValueError):
+            return False
 
     @staticmethod
     def _write_temp(folder: str, temp: str, header: bytes, value: bytes) -> None:
@@ -1230,6 +1384,9 @@ class DiskTier:
                     raise
                 # the file of this put may or may not be in place: the rebuilt index says
                 self._recover_locked(exc, "storing an entry", conn)
+                return False
+            except (TypeError, ValueError) as exc:  # rows of impossible types: damage
+                self._recover_locked(_SchemaDamaged(repr(exc)), "storing an entry", conn)
                 return False
 
     def _install_locked(
@@ -1527,7 +1684,8 @@ class DiskTier:
         repair : bool
             Rebuild a damaged index from the payload headers (:meth:`rebuild_index`); delete
             damaged files and their rows, rows without file, files without row, mismatched
-            pairs and temp files older than 10 minutes; recompute the totals.
+            pairs and abandoned temp files (older than 10 minutes, or left by a process that
+            no longer exists); recompute the totals.
 
         Returns
         -------
@@ -1535,7 +1693,7 @@ class DiskTier:
             Counts: ``ok``, ``corrupt`` (damaged files), ``missing_files`` (rows without
             file), ``orphan_files`` (valid files without row), ``mismatched`` (file and row
             disagree on size or checksum), ``temp_files``, ``unknown_files``, and
-            ``index_damaged`` (1 if SQLite's ``quick_check`` failed: without ``repair`` the
+            ``index_damaged`` (1 if SQLite's ``integrity_check`` failed: without ``repair`` the
             rows are then not compared with the files).
         """
         counts = dict.fromkeys(
@@ -1553,24 +1711,43 @@ class DiskTier:
         )
         with self._db_lock:
             conn = self._require_conn()
+            error: sqlite3.DatabaseError | None = None
             try:
-                damaged = conn.execute("PRAGMA quick_check").fetchall() != [("ok",)]
-                error: sqlite3.DatabaseError | None = None
+                damaged = conn.execute("PRAGMA integrity_check").fetchall() != [("ok",)]
             except sqlite3.DatabaseError as exc:
                 if not _is_corruption(exc):
                     raise
                 damaged, error = True, exc
+            except (TypeError, ValueError) as exc:
+                damaged, error = True, _SchemaDamaged(repr(exc))
             if damaged:
                 counts["index_damaged"] = 1
                 if repair:
                     conn = self._recover_locked(
-                        error or sqlite3.DatabaseError("quick_check failed"), "verifying", conn
+                        error or sqlite3.DatabaseError("integrity_check failed"), "verifying", conn
                     )
             if damaged and not repair:
                 self._verify_files(None, counts, repair=False)
             else:
-                with self._txn(conn):
-                    self._verify_files(conn, counts, repair=repair)
+                snapshot = dict(counts)
+                try:
+                    with self._txn(conn):
+                        self._verify_files(conn, counts, repair=repair)
+                except (sqlite3.DatabaseError, TypeError, ValueError) as exc:
+                    # damage SQLite's integrity check does not see (undecodable text...)
+                    if isinstance(exc, sqlite3.DatabaseError) and not _is_corruption(exc):
+                        raise
+                    counts.clear()
+                    counts.update(snapshot, index_damaged=1)
+                    if not repair:
+                        self._verify_files(None, counts, repair=False)
+                    else:
+                        damage = exc if isinstance(exc, sqlite3.DatabaseError) else None
+                        conn = self._recover_locked(
+                            damage or _SchemaDamaged(repr(exc)), "verifying", conn
+                        )
+                        with self._txn(conn):
+                            self._verify_files(conn, counts, repair=True)
         if repair:
             with self._pending_lock:
                 self.corruptions += counts["corrupt"]
@@ -1596,10 +1773,8 @@ class DiskTier:
                     name = entry.name
                     if name.endswith(_TEMP_SUFFIX):
                         counts["temp_files"] += 1
-                        if repair:
-                            with contextlib.suppress(OSError):
-                                if now - entry.stat().st_mtime > _STALE_TEMP_AGE_S:
-                                    os.unlink(entry.path)
+                        if repair and _stale_temp(entry, now):
+                            _unlink_quietly(entry.path)
                         continue
                     hexdigest = name[: -len(ext)] if name.endswith(ext) else ""
                     if len(hexdigest) != 64 or not _is_hex(hexdigest):
@@ -1696,9 +1871,8 @@ class DiskTier:
                     name = entry.name
                     if name.endswith(_TEMP_SUFFIX):
                         counts["temp_files"] += 1
-                        with contextlib.suppress(OSError):
-                            if now - entry.stat().st_mtime > _STALE_TEMP_AGE_S:
-                                os.unlink(entry.path)
+                        if _stale_temp(entry, now):
+                            _unlink_quietly(entry.path)
                         continue
                     hexdigest = name[: -len(ext)] if name.endswith(ext) else ""
                     if len(hexdigest) != 64 or not _is_hex(hexdigest):
@@ -1765,7 +1939,10 @@ class DiskTier:
     # ------------------------------------------------------------------ introspection
 
     def _used_locked(self, conn: sqlite3.Connection) -> int:
-        return int(conn.execute("SELECT used FROM totals WHERE id = 0").fetchone()[0])
+        row = conn.execute("SELECT used FROM totals WHERE id = 0").fetchone()
+        if row is None or not isinstance(row[0], int):
+            raise _SchemaDamaged("the totals row is damaged")
+        return row[0]
 
     def used_bytes(self) -> int:
         """Total payload bytes in the index (all processes), i.e. ``SUM(size)``."""
