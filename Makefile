@@ -52,8 +52,11 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+## bench: the benchmark suite (BENCH_ARGS=--quick for a short run); results in docs/benchmarks.md
 bench: $(STAMP)
+	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
+	$(PY) benchmarks/aggregator.py --workers 1000 --seconds 30
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info docs/_build

@@ -17,7 +17,6 @@ import time
 from typing import Any
 
 import numpy as np
-
 from common import PROBE, VAR, Settings, quiet, request_counts
 
 
@@ -61,15 +60,15 @@ def run_cluster(s: Settings, server: Any, workdir: str, data: np.ndarray) -> dic
     import cloudpickle
     import xarray as xr
     from distributed import Client, LocalCluster
+    from readers import zcache_config
 
     import xarray_zcache.distributed as zd
-    from readers import zcache_config
     from xarray_zcache import CacheConfig
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     cfg_dict = zcache_config("bench-cluster", os.path.join(workdir, "cluster-zcache"))
     cfg = CacheConfig.from_dict(cfg_dict)
-    so = server.default_storage_options()
+    so = server.default_storage_options("cluster")
     expect = data.mean(axis=(1, 2))
     out: dict[str, Any] = {"workers": s.cluster_workers, "threads_per_worker": s.cluster_threads}
     t0 = time.perf_counter()

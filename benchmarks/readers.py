@@ -24,6 +24,8 @@ class Reader:
     spec: dict[str, Any]
     restartable: bool = False  # has a persistent tier: measured again in a fresh process
     bound: bool = False  # an upper bound (data already local): no S3 requests at all
+    reopen: bool = True  # measure the re-opens (skipped for pass-through readers)
+    open: Callable[[], Any] | None = dataclasses.field(default=None, repr=False)
 
 
 def opener(spec: dict[str, Any]) -> Callable[[], Any]:
@@ -82,7 +84,9 @@ def opener(spec: dict[str, Any]) -> Callable[[], Any]:
         from zarr.storage import LocalStore
 
         def open_() -> Any:
-            return xr.open_dataset(LocalStore(spec["path"], read_only=True), engine="zarr", chunks={})
+            return xr.open_dataset(
+                LocalStore(spec["path"], read_only=True), engine="zarr", chunks={}
+            )
 
         return open_
     if kind == "memorystore":
@@ -142,19 +146,19 @@ def build_readers(
     import os
 
     url = s.url()
-    so_default = server.default_storage_options()
-    so_mc1 = server.storage_options()
+    so_default = server.default_storage_options
+    so_mc1 = server.storage_options
     d = lambda name: os.path.join(workdir, name)  # noqa: E731
     readers = [
         Reader(
             "nocache_default",
             'engine="zarr" over s3fs, no cache',
-            {"type": "zarr", "url": url, "so": so_default},
+            {"type": "zarr", "url": url, "so": so_default("nocache_default")},
         ),
         Reader(
             "nocache_mc1",
             "same, s3fs max_concurrency=1",
-            {"type": "zarr", "url": url, "so": so_mc1},
+            {"type": "zarr", "url": url, "so": so_mc1("nocache_mc1")},
         ),
         Reader(
             "simplecache",
@@ -163,7 +167,7 @@ def build_readers(
                 "type": "fsspec_cache",
                 "protocol": "simplecache",
                 "url": url,
-                "so": so_default,
+                "so": so_default("simplecache"),
                 "cache_dir": d("simplecache"),
             },
             restartable=True,
@@ -179,16 +183,22 @@ def build_readers(
                         "type": "fsspec_cache",
                         "protocol": proto,
                         "url": url,
-                        "so": so_default,
+                        "so": so_default(proto),
                         "cache_dir": d(proto),
                     },
+                    reopen=False,  # never hits with zarr 3: re-opens as without a cache
                 )
             )
     readers += [
         Reader(
             "cachestore_mem",
             "zarr CacheStore (MemoryStore cache)",
-            {"type": "cachestore", "cache": "memory", "url": url, "so": so_default},
+            {
+                "type": "cachestore",
+                "cache": "memory",
+                "url": url,
+                "so": so_default("cachestore_mem"),
+            },
         ),
         Reader(
             "cachestore_local",
@@ -197,7 +207,7 @@ def build_readers(
                 "type": "cachestore",
                 "cache": "local",
                 "url": url,
-                "so": so_default,
+                "so": so_default("cachestore_local"),
                 "cache_dir": d("cachestore"),
             },
             restartable=True,
@@ -205,14 +215,22 @@ def build_readers(
         Reader(
             "zcache_mem",
             "xarray-zcache, memory only",
-            {"type": "zcache", "url": url, "so": so_default,
-             "config": zcache_config("bench-mem", None)},
+            {
+                "type": "zcache",
+                "url": url,
+                "so": so_default("zcache_mem"),
+                "config": zcache_config("bench-mem", None),
+            },
         ),
         Reader(
             "zcache_disk",
             "xarray-zcache, memory + disk",
-            {"type": "zcache", "url": url, "so": so_default,
-             "config": zcache_config("bench-disk", d("zcache"))},
+            {
+                "type": "zcache",
+                "url": url,
+                "so": so_default("zcache_disk"),
+                "config": zcache_config("bench-disk", d("zcache")),
+            },
             restartable=True,
         ),
         Reader(

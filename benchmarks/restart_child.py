@@ -39,8 +39,14 @@ def _warm_up(threads: int) -> None:
 
 
 def main() -> int:
-    from common import Settings, analysis, expected_result, make_dataset, quiet
-    from common import silence_unclosed_sessions
+    from common import (
+        Settings,
+        analysis,
+        expected_result,
+        make_dataset,
+        quiet,
+        silence_unclosed_sessions,
+    )
     from readers import opener
 
     silence_unclosed_sessions()

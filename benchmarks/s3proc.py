@@ -15,6 +15,7 @@ connections, concurrent requests overlap) and costs no extra hop.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import threading
 from collections.abc import Iterator
@@ -113,39 +114,44 @@ class S3Process:
         finally:
             self.latency = old
 
-    def storage_options(self, **extra: Any) -> dict[str, Any]:
-        """s3fs options, as `LocalS3Server.storage_options` (``max_concurrency=1``)."""
+    def storage_options(self, tag: str = "", **extra: Any) -> dict[str, Any]:
+        """s3fs options with ``max_concurrency=1`` (one GET per chunk, no HEAD).
+
+        Unlike `LocalS3Server.storage_options` there is no ``skip_instance_cache``:
+        re-opening a dataset reuses fsspec's cached filesystem (and its S3 client),
+        as it does for a user. ``tag`` (in botocore's ``user_agent_extra``) gives
+        each reader its own cached filesystem, so that no reader profits from
+        another's s3fs listing cache.
+        """
+        s3cfg: dict[str, Any] = {"addressing_style": "path"}
         opts: dict[str, Any] = {
             "endpoint_url": self.endpoint_url,
             "key": "testing",
             "secret": "testing",
             "max_concurrency": 1,
-            "skip_instance_cache": True,
-            "config_kwargs": {"s3": {"addressing_style": "path"}},
+            "config_kwargs": {"s3": s3cfg, **({"user_agent_extra": tag} if tag else {})},
         }
         opts.update(extra)
         return opts
 
-    def default_storage_options(self) -> dict[str, Any]:
+    def default_storage_options(self, tag: str = "") -> dict[str, Any]:
         """s3fs options as a user would pass them: s3fs' own ``max_concurrency`` default."""
-        opts = self.storage_options()
+        opts = self.storage_options(tag)
         del opts["max_concurrency"]
         return opts
 
     def filesystem(self, **extra: Any) -> Any:
         import s3fs
 
-        return s3fs.S3FileSystem(**self.storage_options(**extra))
+        return s3fs.S3FileSystem(**self.storage_options(skip_instance_cache=True, **extra))
 
     def create_bucket(self, name: str) -> None:
         self.filesystem().call_s3("create_bucket", Bucket=name)
 
     def stop(self) -> None:
         if self._proc.is_alive():
-            try:
+            with contextlib.suppress(EOFError, OSError):
                 self._call("stop")
-            except (EOFError, OSError, BrokenPipeError):
-                pass
             self._proc.join(timeout=10)
         if self._proc.is_alive():
             self._proc.kill()
