@@ -1094,9 +1094,10 @@ def _cmd_warm(args: argparse.Namespace) -> int:
     _check_source(url)
     folder = _warm_folder(str(raw_path))
 
+    from xarray_zcache._quiet import silence_unclosed_sessions
     from xarray_zcache.backend import open_store
 
-    _silence_unclosed_sessions()
+    silence_unclosed_sessions()
     try:
         store = open_store(url, storage_options=storage_options or None, cache_config=config)
     except (ValueError, TypeError) as exc:
@@ -1292,23 +1293,6 @@ def _warn(message: str) -> None:
 
 def _error(message: str) -> None:
     print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
-
-
-class _UnclosedSessionFilter(logging.Filter):
-    """Drop aiohttp's "Unclosed client session/connector" reports at interpreter exit.
-
-    s3fs registers no finalizer for the asynchronous filesystems zarr's ``FsspecStore``
-    builds, so their sessions are reported as unclosed when collected: harmless, noisy.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(("Unclosed client session", "Unclosed connector"))
-
-
-def _silence_unclosed_sessions() -> None:
-    log = logging.getLogger("asyncio")
-    if not any(isinstance(f, _UnclosedSessionFilter) for f in log.filters):
-        log.addFilter(_UnclosedSessionFilter())
 
 
 @contextlib.contextmanager

@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -46,6 +45,7 @@ import numpy as np
 import xarray as xr
 from dask.utils import format_bytes, parse_bytes
 
+from xarray_zcache._quiet import silence_unclosed_sessions
 from xarray_zcache.cache.hybrid import HybridCache
 from xarray_zcache.cache.stats import CacheStats
 from xarray_zcache.config import CacheConfig
@@ -254,24 +254,6 @@ def analysis(ds: xr.Dataset) -> tuple[xr.Dataset, xr.DataArray]:
         sub.mean(over), sub[names[0]].max()
     )
     return means, maximum
-
-
-class _UnclosedSessionFilter(logging.Filter):
-    """Drop aiohttp's "Unclosed client session/connector" reports.
-
-    s3fs registers no finalizer for *asynchronous* filesystems (the kind zarr's
-    ``FsspecStore`` builds), so their aiohttp sessions are reported as unclosed
-    when collected, typically at interpreter exit. Harmless here, and noisy.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(("Unclosed client session", "Unclosed connector"))
-
-
-def _silence_unclosed_sessions() -> None:
-    log = logging.getLogger("asyncio")
-    if not any(isinstance(f, _UnclosedSessionFilter) for f in log.filters):
-        log.addFilter(_UnclosedSessionFilter())
 
 
 @contextlib.contextmanager
@@ -678,7 +660,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; return the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    _silence_unclosed_sessions()
+    silence_unclosed_sessions()
     if args.restart_pass:
         return _restart_child()
     if args.url is None and (args.storage_option or args.variables or args.isel):
