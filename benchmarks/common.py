@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import statistics
 import time
 import warnings
@@ -148,18 +147,6 @@ def analysis(ds: Any, threads: int) -> np.ndarray:
 
     with dask.config.set(scheduler="threads", num_workers=threads):
         return np.asarray(ds[VAR].mean(("y", "x")).compute().values)
-
-
-class _UnclosedFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(("Unclosed client session", "Unclosed connector"))
-
-
-def silence_unclosed_sessions() -> None:
-    """s3fs' async filesystems have no finalizer: aiohttp reports their sessions at exit."""
-    log = logging.getLogger("asyncio")
-    if not any(isinstance(f, _UnclosedFilter) for f in log.filters):
-        log.addFilter(_UnclosedFilter())
 
 
 @contextlib.contextmanager
