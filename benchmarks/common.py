@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from xarray_zcache._quiet import silence_unclosed_sessions  # noqa: F401 (used by run.py)
+
 BUCKET = "zcache-bench"
 DATASET = "dataset.zarr"  # the main dataset (one variable, "t2m")
 SHARDED = "sharded.zarr"  # the same data, sharded
