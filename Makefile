@@ -60,3 +60,7 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info docs/_build
+
+## stress: the reliability scenarios of make test, run longer (counts as flags: STRESS_ARGS, see --help)
+stress: $(STAMP)
+	$(PY) benchmarks/stress.py $(STRESS_ARGS)

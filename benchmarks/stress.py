@@ -183,7 +183,12 @@ def main(argv: list[str] | None = None) -> int:
         run(
             "known-crash-points",
             lambda d: _sum(
-                faults.crash_at(d / p, p) for p in ("after_inner_write", "after_inner_delete")
+                faults.crash_at(d / p, p)
+                for p in (
+                    "after_inner_write",
+                    "after_inner_delete",
+                    "after_inner_write_of_missing_key",
+                )
             ),
             known=True,
         )
@@ -252,7 +257,8 @@ def render(rows: list[tuple[faults.ScenarioResult, bool]], args: argparse.Namesp
         f"`python benchmarks/stress.py --seed {args.seed} --crash-rounds {args.crash_rounds} "
         f"--corruption-rounds {args.corruption_rounds} --stress-ops {args.stress_ops} "
         f"--stress-runs {args.stress_runs} --stateful-examples {args.stateful_examples} "
-        f"--s3-cases {args.s3_cases} --disk-full-rounds {args.disk_full_rounds}` on "
+        f"--s3-cases {args.s3_cases} --disk-full-rounds {args.disk_full_rounds}"
+        f"{' --known-faults' if args.known_faults else ''}` on "
         f"{platform.system()} {platform.release()}, Python {platform.python_version()}, "
         f"{cpu} CPUs, {time.strftime('%Y-%m-%d')}.",
     ]

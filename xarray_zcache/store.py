@@ -645,16 +645,24 @@ class CachedStore(Store):
         cache.drop_listings("")
 
     def _after_write(self, cache: HybridCache, key: str, value: Buffer, fill: Fill) -> None:
-        """Invalidate ``key`` after the wrapped store took a new value, then cache it."""
+        """Invalidate ``key`` after the wrapped store took a new value, then cache it.
+
+        The written value goes to this process's memory tier only: the generation
+        counters order the writers of this process, but nothing orders writers in
+        other processes sharing the disk tier (their values may reach the wrapped
+        store in the other order). The next read from disk fetches what the store holds.
+        """
         self._invalidate(cache, key)
         data = value.to_bytes()
         cache.record_write(len(data))
         if self._config.cache_on_write:
-            # the disk tier refuses fills that started before the last invalidation:
-            # this fill "starts" now, after ours
-            fresh = Fill(fill.key, fill.generation, time.time_ns())
             cache.fill(
-                fresh, data, kind=key_kind(key), namespace=self._namespace, own_invalidations=1
+                fill,
+                data,
+                kind=key_kind(key),
+                namespace=self._namespace,
+                own_invalidations=1,
+                disk=False,
             )
 
     async def set(self, key: str, value: Buffer) -> None:
@@ -666,6 +674,9 @@ class CachedStore(Store):
                 f"{type(value)} instead."
             )
         cache = self.cache
+        # before the write too: a crash between the write and the invalidation after it
+        # must not leave the old value (or a negative entry) in the persistent disk tier
+        self._invalidate(cache, key)
         fill = cache.begin(self._ck(key))
         try:
             await self._store.set(key, value)
@@ -682,6 +693,7 @@ class CachedStore(Store):
         # docstring inherited
         self._check_writable()
         cache = self.cache
+        self._invalidate(cache, key)
         try:
             await self._store.set_if_not_exists(key, value)
         finally:
@@ -694,6 +706,7 @@ class CachedStore(Store):
     async def delete(self, key: str) -> None:
         # docstring inherited
         self._check_writable()
+        self._invalidate(self.cache, key)
         try:
             await self._store.delete(key)
         finally:
@@ -702,6 +715,7 @@ class CachedStore(Store):
     async def delete_dir(self, prefix: str) -> None:
         # docstring inherited
         self._check_writable()
+        self._invalidate_dir(prefix)
         try:
             await self._store.delete_dir(prefix)
         finally:
@@ -710,6 +724,7 @@ class CachedStore(Store):
     async def clear(self) -> None:
         # docstring inherited
         self._check_writable()
+        self._invalidate_dir("")
         try:
             await self._store.clear()
         finally:
@@ -774,6 +789,7 @@ class SyncCachedStore(CachedStore):
         self._check_writable()
         setter = self._store.set_sync  # type: ignore[attr-defined]
         cache = self.cache
+        self._invalidate(cache, key)  # before the write too (see `set`)
         fill = cache.begin(self._ck(key))
         try:
             setter(key, value)
@@ -789,6 +805,7 @@ class SyncCachedStore(CachedStore):
         """Synchronous `delete` (only when the wrapped store supports synchronous I/O)."""
         self._check_writable()
         deleter = self._store.delete_sync  # type: ignore[attr-defined]
+        self._invalidate(self.cache, key)  # before the delete too (see `set`)
         try:
             deleter(key)
         finally:

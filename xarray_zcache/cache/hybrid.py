@@ -95,6 +95,7 @@ class HybridCache:
                 config.disk_path, config.disk_size, max_object_size=config.max_object_size
             )
         self._stats = StatsRecorder(config.top_n)
+        self._corruptions_base = 0
         self.trace = AccessTrace()
         self._rates = AccessRateTracker()
         self._inv = Invalidations()
@@ -143,10 +144,7 @@ class HybridCache:
         """Return ``key`` from disk (checksum verified), recording a hit; promote per policy."""
         if self.disk is None:
             return None
-        corrupt_before = self.disk.corruptions
         value = self.disk.get(key)
-        if self.disk.corruptions != corrupt_before:
-            self._stats.add("corruptions", self.disk.corruptions - corrupt_before)
         if value is None:
             return None
         self._stats.hit("disk", kind, len(value), key)
@@ -193,13 +191,22 @@ class HybridCache:
         self._stats.add("inner_errors")
 
     def fill(
-        self, fill: Fill, value: bytes, *, kind: str, namespace: str, own_invalidations: int = 0
+        self,
+        fill: Fill,
+        value: bytes,
+        *,
+        kind: str,
+        namespace: str,
+        own_invalidations: int = 0,
+        disk: bool = True,
     ) -> bool:
         """Admit ``value`` fetched for ``fill.key``; return whether it was admitted.
 
         Refused when the object is over ``max_object_size``, or when the key was
         invalidated while the fetch was in flight (other than ``own_invalidations``
         by the caller itself: a write invalidates before and after sending).
+        ``disk=False`` admits to memory only (values written through this process:
+        other processes sharing the disk tier may have written the key since).
         """
         key = fill.key
         if len(value) > self.config.max_object_size:
@@ -209,7 +216,7 @@ class HybridCache:
             return False
         expires = self._expires(kind)
         self.memory.put(key, value, expires=expires, kind=kind)
-        if self.disk is not None:
+        if self.disk is not None and disk:
             self._queue_disk_write(key, value, kind, namespace, expires, fill.started_ns)
         return True
 
@@ -487,6 +494,10 @@ class HybridCache:
             evictions["disk"] = self.disk.evictions
         snap = self._stats.snapshot(**gauges)
         snap.evictions = evictions
+        if self.disk is not None:
+            # everything the disk tier found damaged: payload files (on reads, promotions,
+            # verify) and the index (at open, on writes)
+            snap.corruptions += self.disk.corruptions - self._corruptions_base
         return snap
 
     def analytics(self, group: Callable[[str], str] | None = None) -> dict[str, Any]:
@@ -527,6 +538,7 @@ class HybridCache:
     def reset_stats(self) -> None:
         """Zero the counters (entries are kept)."""
         self._stats.reset()
+        self._corruptions_base = self.disk.corruptions if self.disk is not None else 0
         self.trace.clear()
 
     def hot_keys(self, n: int | None = None) -> list[tuple[str, int]]:
