@@ -264,6 +264,21 @@ def _quiet_warnings() -> Iterator[None]:
         yield
 
 
+def _figures(name: str, seconds: float, d: CacheStats) -> PassFigures:
+    """One row of the table from the cache counters of a pass (a `CacheStats` delta)."""
+    return PassFigures(
+        name=name,
+        seconds=seconds,
+        requests=d.requests_sent,
+        chunk_requests=d.misses["chunk"],
+        bytes_s3=sum(d.miss_bytes.values()),
+        bytes_memory=sum(d.hit_bytes["memory"].values()),
+        bytes_disk=sum(d.hit_bytes["disk"].values()),
+        hit_rate=d.hit_rate(),
+        chunk_hits=d.total_hits(kind="chunk"),
+    )
+
+
 def run_pass(name: str, spec: ReadSpec, cache: HybridCache) -> tuple[PassFigures, Any]:
     """Open, compute and time one pass; figures come from the cache's own counters."""
     before = cache.stats()
@@ -276,18 +291,7 @@ def run_pass(name: str, spec: ReadSpec, cache: HybridCache) -> tuple[PassFigures
             ds.close()
     seconds = time.perf_counter() - t0
     d = cache.stats() - before
-    figures = PassFigures(
-        name=name,
-        seconds=seconds,
-        requests=d.requests_sent,
-        chunk_requests=d.misses["chunk"],
-        bytes_s3=sum(d.miss_bytes.values()),
-        bytes_memory=sum(d.hit_bytes["memory"].values()),
-        bytes_disk=sum(d.hit_bytes["disk"].values()),
-        hit_rate=d.hit_rate(),
-        chunk_hits=d.total_hits(kind="chunk"),
-    )
-    return figures, result
+    return _figures(name, seconds, d), result
 
 
 # -- the restart pass (a child process) -----------------------------------------------------------
@@ -369,18 +373,7 @@ def run_cluster_pass(
             ds.close()
     seconds = time.perf_counter() - t0
     d = _cluster_totals(client, settle) - before
-    figures = PassFigures(
-        name=name,
-        seconds=seconds,
-        requests=d.requests_sent,
-        chunk_requests=d.misses["chunk"],
-        bytes_s3=sum(d.miss_bytes.values()),
-        bytes_memory=sum(d.hit_bytes["memory"].values()),
-        bytes_disk=sum(d.hit_bytes["disk"].values()),
-        hit_rate=d.hit_rate(),
-        chunk_hits=d.total_hits(kind="chunk"),
-    )
-    return figures, result
+    return _figures(name, seconds, d), result
 
 
 def print_cluster_report(client: Any) -> None:
