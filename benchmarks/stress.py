@@ -12,7 +12,7 @@ Examples
     python benchmarks/stress.py                       # the default, a few minutes
     python benchmarks/stress.py --crash-rounds 500 --stress-ops 5000 --out table.md
     python benchmarks/stress.py --only crash,s3 --seed 7
-    python benchmarks/stress.py --known-faults        # also the scenarios of open faults
+    python benchmarks/stress.py --known-faults        # also the scenarios of the last faults fixed
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--known-faults",
         action="store_true",
-        help="also run the scenarios of faults not fixed yet (writes through the cache "
+        help="also run the scenarios of the faults fixed last (writes through the cache "
         "killed mid-way; several processes writing one key)",
     )
     p.add_argument("--out", type=pathlib.Path, help="write the markdown table here too")
@@ -250,7 +250,7 @@ def render(rows: list[tuple[faults.ScenarioResult, bool]], args: argparse.Namesp
     out = [head] + [line(r) for r, known in rows if not known]
     known = [line(r) for r, k in rows if k]
     if known:
-        out += ["", "Known faults, not fixed yet (see *Open faults*):", "", head, *known]
+        out += ["", "Scenarios of the faults fixed last (see *Faults found and fixed*):", "", head, *known]
     cpu = os.cpu_count()
     out += [
         "",
