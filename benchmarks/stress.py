@@ -250,7 +250,13 @@ def render(rows: list[tuple[faults.ScenarioResult, bool]], args: argparse.Namesp
     out = [head] + [line(r) for r, known in rows if not known]
     known = [line(r) for r, k in rows if k]
     if known:
-        out += ["", "Scenarios of the faults fixed last (see *Faults found and fixed*):", "", head, *known]
+        out += [
+            "",
+            "Scenarios of the faults fixed last (see *Faults found and fixed*):",
+            "",
+            head,
+            *known,
+        ]
     cpu = os.cpu_count()
     out += [
         "",
