@@ -279,9 +279,8 @@ def _figures(name: str, seconds: float, d: CacheStats) -> PassFigures:
     )
 
 
-def run_pass(name: str, spec: ReadSpec, cache: HybridCache) -> tuple[PassFigures, Any]:
-    """Open, compute and time one pass; figures come from the cache's own counters."""
-    before = cache.stats()
+def _timed_analysis(spec: ReadSpec) -> tuple[float, Any]:
+    """Open the dataset, run `analysis`, close it; return the wall time and the result."""
     t0 = time.perf_counter()
     with _quiet_warnings():
         ds = open_selected(spec)
@@ -289,7 +288,13 @@ def run_pass(name: str, spec: ReadSpec, cache: HybridCache) -> tuple[PassFigures
             result = analysis(ds)
         finally:
             ds.close()
-    seconds = time.perf_counter() - t0
+    return time.perf_counter() - t0, result
+
+
+def run_pass(name: str, spec: ReadSpec, cache: HybridCache) -> tuple[PassFigures, Any]:
+    """Open, compute and time one pass; figures come from the cache's own counters."""
+    before = cache.stats()
+    seconds, result = _timed_analysis(spec)
     d = cache.stats() - before
     return _figures(name, seconds, d), result
 
@@ -364,14 +369,7 @@ def run_cluster_pass(
 ) -> tuple[PassFigures, Any]:
     """One pass computed on the cluster; figures from the aggregator's totals."""
     before = _cluster_totals(client, settle)
-    t0 = time.perf_counter()
-    with _quiet_warnings():
-        ds = open_selected(spec)
-        try:
-            result = analysis(ds)
-        finally:
-            ds.close()
-    seconds = time.perf_counter() - t0
+    seconds, result = _timed_analysis(spec)
     d = _cluster_totals(client, settle) - before
     return _figures(name, seconds, d), result
 
