@@ -235,7 +235,7 @@ def entry_bookkeeping(n: int = 2000) -> dict[str, Any]:
     from pympler.asizeof import asizeof
 
     from xarray_zcache import CacheConfig
-    from xarray_zcache.cache.hybrid import HybridCache
+    from xarray_zcache.cache.hybrid import HybridCache, Read
     from xarray_zcache.cache.memory import MemoryTier, entry_overhead
 
     payload = b"x" * 64  # one shared object: counted once by asizeof
@@ -251,10 +251,8 @@ def entry_bookkeeping(n: int = 2000) -> dict[str, Any]:
     cache = HybridCache(CacheConfig().with_memory_size(1 << 40).without_disk_cache())
     empty = asizeof(cache)
     for i, k in enumerate(keys):
-        fill = cache.begin(k)
-        cache.fill(fill, payload, kind="chunk", namespace="ns")
-        cache.end(fill)
-        cache.lookup_memory(fmt.format(i), kind="chunk")  # a fresh string, like _ck()
+        cache.put(k, payload, kind="chunk", namespace="ns")
+        cache.get_or_load_sync(Read(fmt.format(i), "chunk"), lambda: None)  # a fresh string
     per_cache = (asizeof(cache) - empty) / n
     out: dict[str, Any] = {
         "entries": n,

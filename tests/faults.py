@@ -856,7 +856,7 @@ def _crash_at_child(data: str, cache_dir: str, point: str) -> None:  # pragma: n
         store.delete_sync(key)
     elif point == "before_replace":
         os.replace = die  # type: ignore[assignment]  # DiskTier.put: between its transactions
-        store.cache.disk.put("other", b"x" * 1000)
+        store.cache.disk_tier.put("other", b"x" * 1000)
     elif point == "mid_temp_write":
         real_write = os.write
         calls = []
@@ -868,7 +868,7 @@ def _crash_at_child(data: str, cache_dir: str, point: str) -> None:  # pragma: n
             return real_write(fd, data)
 
         os.write = write_then_die  # type: ignore[assignment]
-        store.cache.disk.put("other", b"x" * 1000)
+        store.cache.disk_tier.put("other", b"x" * 1000)
     elif point == "mid_eviction":
         real_unlink = os.unlink
         calls = []
@@ -880,7 +880,7 @@ def _crash_at_child(data: str, cache_dir: str, point: str) -> None:  # pragma: n
                 die()
 
         os.unlink = unlink_then_die  # type: ignore[assignment]
-        store.cache.disk.evict(0)
+        store.cache.disk_tier.evict(0)
     raise SystemExit(f"crash point {point!r} not reached")
 
 
@@ -1036,7 +1036,7 @@ def run_corruption_rounds(
             if restart:
                 live = cached(data, cache_dir, _unique("live"))
             else:
-                live.cache.memory.clear()  # make the live store read its (damaged) disk tier
+                live.cache.memory_tier.clear()  # make the live store read its (damaged) disk tier
             fresh = cached(data, cache_dir, _unique("fresh"))
             try:
                 compare_all(live, reference, keys, result, f"{kind} (live)")
@@ -1050,7 +1050,7 @@ def run_corruption_rounds(
                         result.errors_to_user += 1
                         result.note(f"{kind}: set raised {type(exc).__name__}: {exc}")
                         continue
-                    live.cache.memory.clear()
+                    live.cache.memory_tier.clear()
                     got = live.get_sync(key)
                     if got is None or got.to_bytes() != value:
                         result.wrong += 1
@@ -1219,12 +1219,15 @@ def _stress_worker(
                 counts["errors"] += 1
                 note(f"{type(exc).__name__}: {exc}")
             if n % 25 == 0:
-                if cache.memory.used_bytes() > cache.memory.capacity:
+                if cache.memory_tier.used_bytes() > cache.memory_tier.capacity:
                     counts["bounds"] += 1
-                    note(f"memory {cache.memory.used_bytes()} > {cache.memory.capacity}")
-                if cache.disk is not None and cache.disk.used_bytes() > cache.disk.capacity:
+                    note(f"memory {cache.memory_tier.used_bytes()} > {cache.memory_tier.capacity}")
+                if (
+                    cache.disk_tier is not None
+                    and cache.disk_tier.used_bytes() > cache.disk_tier.capacity
+                ):
                     counts["bounds"] += 1
-                    note(f"disk {cache.disk.used_bytes()} > {cache.disk.capacity}")
+                    note(f"disk {cache.disk_tier.used_bytes()} > {cache.disk_tier.capacity}")
 
     workers = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
     for w in workers:
@@ -1376,14 +1379,14 @@ def _cached_entries(store: Any, key: str) -> list[str]:
     cache = store.cache
     ck = f"{store.namespace}/{key}"
     mine = lambda k: k == ck or k.startswith(ck + "\0")  # noqa: E731
-    in_memory = cache.memory.keys()
+    in_memory = cache.memory_tier.keys()
     found = [f"memory:{k!r}" for k in in_memory if mine(k)]
     found += [f"pending:{k!r}" for k in list(cache._pending) if mine(k)]
     if ck in cache._negatives:
         found.append("negative entry")
-    if cache.disk is not None:
+    if cache.disk_tier is not None:
         cache.flush()
-        on_disk = cache.disk.keys()
+        on_disk = cache.disk_tier.keys()
         found += [f"disk:{k!r}" for k in on_disk if mine(k)]
     return found
 
@@ -1604,11 +1607,11 @@ def run_disk_full_rounds(
                         result.note(f"round {r}: temp files left: {len(left)}")
                     # the disk tier stores again
                     probe = f"{store.namespace}/{order[-1]}"
-                    store.cache.memory.clear()
+                    store.cache.memory_tier.clear()
                     store.cache.invalidate(probe)
                     store.get_sync(order[-1])
                     store.cache.flush()
-                    if store.cache.disk is None or probe not in store.cache.disk:
+                    if store.cache.disk_tier is None or probe not in store.cache.disk_tier:
                         result.violations += 1
                         result.note(f"round {r}: the disk tier did not recover")
                 except Exception as exc:

@@ -60,7 +60,7 @@ def test_store_analytics_end_to_end(tmp_path: Any) -> None:
     store = CachedStore(MemoryStore(), cfg)
     for i in range(40):
         sync(store.set(f"t2m/c/{i}/0", cpu.Buffer.from_bytes(bytes(4000))))
-    store.cache.memory.clear()
+    store.cache.memory_tier.clear()
     for _ in range(3):
         for i in range(40):
             sync(store.get(f"t2m/c/{i}/0"))

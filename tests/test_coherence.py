@@ -57,8 +57,8 @@ def test_ranged_entries_invalidated_by_write(store: CachedStore) -> None:
     rng = zarr.abc.store.RangeByteRequest(2, 5)
     assert _get(store, "k", rng) == b"234"
     sync(store.set("k", B(b"abcdefghij")))
-    store.cache.memory.delete(store.namespace + "/k")  # force the ranged path again
-    store.cache.disk.delete(store.namespace + "/k")  # type: ignore[union-attr]
+    store.cache.memory_tier.delete(store.namespace + "/k")  # force the ranged path again
+    store.cache.disk_tier.delete(store.namespace + "/k")  # type: ignore[union-attr]
     assert _get(store, "k", rng) == b"cde"
 
 
@@ -139,7 +139,7 @@ def test_cache_on_write_false_only_invalidates(tmp_path: Any) -> None:
     cfg = CacheConfig().with_memory_size("16MB").without_disk_cache().with_cache_on_write(False)
     store = CachedStore(LocalStore(tmp_path / "data"), cfg)
     sync(store.set("c/0", B(b"v1")))
-    assert store.namespace + "/c/0" not in store.cache.memory
+    assert store.namespace + "/c/0" not in store.cache.memory_tier
     assert _get(store, "c/0") == b"v1"
 
 

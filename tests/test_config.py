@@ -136,6 +136,6 @@ def test_bad_input_loses_nothing_cached(tmp_path: Any) -> None:
         cfg.with_memory_size("huge")
     with pytest.raises(TypeError, match="Unexpected byte_range"):
         sync(store.get("c/0", default_buffer_prototype(), (0, 1)))  # type: ignore[arg-type]
-    assert store.namespace + "/c/0" in store.cache.memory
+    assert store.namespace + "/c/0" in store.cache.memory_tier
     buf = sync(store.get("c/0", default_buffer_prototype()))
     assert buf is not None and buf.to_bytes() == b"kept"

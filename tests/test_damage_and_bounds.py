@@ -95,22 +95,18 @@ def test_memory_and_disk_stay_within_budget(tmp_path: Any) -> None:
         written = 0
         for i in range(400):  # ~20 MB: 10x the disk budget, 20x memory
             size = rng.randint(10_000, 100_000)
-            fill = cache.begin(f"ns/k{i}")
-            cache.fill(fill, os.urandom(size), kind="chunk", namespace="ns")
-            cache.end(fill)
+            cache.put(f"ns/k{i}", os.urandom(size), kind="chunk", namespace="ns")
             written += size
-            assert cache.memory.used_bytes() <= cfg.memory_size
+            assert cache.memory_tier.used_bytes() <= cfg.memory_size
             if i % 50 == 0:
                 cache.flush()
-                assert cache.disk is not None and cache.disk.used_bytes() <= cfg.disk_size
+                assert cache.disk_tier is not None and cache.disk_tier.used_bytes() <= cfg.disk_size
         assert written > 10 * cfg.disk_size
-        big = cache.begin("ns/big")
-        assert not cache.fill(big, b"x" * 400_000, kind="chunk", namespace="ns")
-        cache.end(big)
+        assert not cache.put("ns/big", b"x" * 400_000, kind="chunk", namespace="ns")
         cache.flush()
-        assert "ns/big" not in cache.memory
-        assert cache.disk is not None and "ns/big" not in cache.disk
-        assert cache.disk.used_bytes() <= cfg.disk_size
+        assert "ns/big" not in cache.memory_tier
+        assert cache.disk_tier is not None and "ns/big" not in cache.disk_tier
+        assert cache.disk_tier.used_bytes() <= cfg.disk_size
         on_disk = sum(p.stat().st_size for p in (tmp_path / "cache").glob("*/*/*.cache"))
         assert on_disk <= cfg.disk_size * 1.05  # payload files (+ small headers)
         stats = cache.stats()

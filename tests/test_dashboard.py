@@ -97,7 +97,7 @@ def _drop_memory_tier(dask_worker: Any) -> None:
     state = worker_cache_state(dask_worker)
     assert state is not None
     state.cache.flush()
-    state.cache.memory.clear()
+    state.cache.memory_tier.clear()
 
 
 def _settled(client: Client) -> bool:

@@ -66,7 +66,7 @@ def _worker_memory_keys(dask_worker: Any) -> list[str]:
     from xarray_zcache.distributed.worker import worker_cache_state
 
     state = worker_cache_state(dask_worker)
-    return [] if state is None else state.cache.memory.keys()
+    return [] if state is None else state.cache.memory_tier.keys()
 
 
 def _worker_stats(dask_worker: Any) -> dict[str, Any]:
@@ -245,7 +245,7 @@ def test_hot_keys_are_promoted_cold_keys_are_not(
         ds = _open(url, s3_options, cfg)
         ds.t2m.sum().compute()  # every chunk fetched once: on disk and in memory
         c.run(lambda dask_worker: dask_worker._zcache.cache.flush())
-        c.run(lambda dask_worker: dask_worker._zcache.cache.memory.clear())  # now on disk only
+        c.run(lambda dask_worker: dask_worker._zcache.cache.memory_tier.clear())  # now on disk only
         hot = ds.t2m.isel(time=slice(0, 2), lat=slice(0, 16), lon=slice(0, 16))  # one chunk
         deadline = time.monotonic() + 20
         promoted = False

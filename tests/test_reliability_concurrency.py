@@ -174,15 +174,15 @@ class CacheVsReference(RuleBasedStateMachine):
         self.store.cache.close()
         self.store = self._open()
 
-    @precondition(lambda self: self.store.cache.disk is not None)
+    @precondition(lambda self: self.store.cache.disk_tier is not None)
     @rule()
     def clear_memory(self) -> None:
-        self.store.cache.memory.clear()
+        self.store.cache.memory_tier.clear()
 
     @invariant()
     def memory_within_budget(self) -> None:
         cache = self.store.cache
-        assert cache.memory.used_bytes() <= cache.memory.capacity
+        assert cache.memory_tier.used_bytes() <= cache.memory_tier.capacity
 
     def teardown(self) -> None:
         self.store.cache.close()
@@ -240,7 +240,7 @@ def test_threads_of_one_process_writing_the_same_keys(tmp_path: pathlib.Path) ->
     store.cache.flush()
     result = faults.ScenarioResult("threads")
     for check in (store, faults.cached(tmp_path / "data", tmp_path / "cache", "fresh")):
-        check.cache.memory.clear()
+        check.cache.memory_tier.clear()
         faults.compare_all(check, faults.local_store(tmp_path / "data"), keys, result, "x")
     result.assert_clean()
 

@@ -145,7 +145,7 @@ def test_damaged_index_is_counted_in_stats(tmp_path: pathlib.Path) -> None:
     result = faults.ScenarioResult("index")
     faults.compare_all(reader, faults.local_store(tmp_path / "data"), keys, result, "x")
     result.assert_clean()
-    assert reader.cache.disk.corruptions == 1  # the tier saw it...
+    assert reader.cache.disk_tier.corruptions == 1  # the tier saw it...
     assert reader.stats().corruptions >= 1  # ...the user's stats do not
     reader.cache.close()
 

@@ -68,7 +68,7 @@ def test_index_deleted_while_stopped_is_rebuilt_from_payload_headers(
     tmp_path: pathlib.Path, side_files: str
 ) -> None:
     store, keys = _filled_store(tmp_path)
-    entries = {e["key"]: e for e in store.cache.disk.entries()}
+    entries = {e["key"]: e for e in store.cache.disk_tier.entries()}
     store.cache.close()
     (tmp_path / "cache" / "index.db").unlink()
     if side_files == "deleted":
@@ -82,12 +82,12 @@ def test_index_deleted_while_stopped_is_rebuilt_from_payload_headers(
     stats = reader.stats()
     assert stats.total_misses() == 0  # every read served by the rebuilt disk tier
     assert stats.total_hits(tier="disk") >= len(keys)
-    rebuilt = {e["key"]: e for e in reader.cache.disk.entries()}
+    rebuilt = {e["key"]: e for e in reader.cache.disk_tier.entries()}
     assert rebuilt.keys() == entries.keys()
     for key, entry in entries.items():
         for field in ("namespace", "kind", "size", "checksum", "expires"):
             assert rebuilt[key][field] == entry[field], (key, field)
-    assert reader.cache.disk.last_rebuild["indexed"] == len(keys)
+    assert reader.cache.disk_tier.last_rebuild["indexed"] == len(keys)
     reader.cache.close()
     assert _verify_clean(tmp_path)
 
@@ -98,7 +98,7 @@ def test_index_deleted_while_running_keeps_working(tmp_path: pathlib.Path) -> No
     for name in ("index.db", "index.db-wal", "index.db-shm"):
         (tmp_path / "cache" / name).unlink(missing_ok=True)
     result = faults.ScenarioResult("index deleted")
-    store.cache.memory.clear()
+    store.cache.memory_tier.clear()
     faults.compare_all(store, reference, keys, result, "live")
     for i, key in enumerate(keys[:5]):  # writes and deletes through the store still work
         store.set_sync(key, faults.buf(faults.make_value(key, 100 + i)))
@@ -106,7 +106,7 @@ def test_index_deleted_while_running_keeps_working(tmp_path: pathlib.Path) -> No
     store.cache.flush()
     other = _reader(tmp_path)  # another process opening the folder meanwhile
     faults.compare_all(other, reference, keys, result, "other")
-    store.cache.memory.clear()
+    store.cache.memory_tier.clear()
     faults.compare_all(store, reference, keys, result, "live again")
     result.assert_clean()
     other.cache.close()
@@ -133,7 +133,7 @@ def test_unreadable_index_at_open_is_rebuilt(tmp_path: pathlib.Path, damage: str
     result = faults.ScenarioResult(damage)
     faults.compare_all(reader, faults.local_store(tmp_path / "data"), keys, result, damage)
     result.assert_clean()
-    assert len(reader.cache.disk) == len(keys)  # every entry is back
+    assert len(reader.cache.disk_tier) == len(keys)  # every entry is back
     assert reader.stats().total_misses() == 0
     reader.cache.close()
     assert _verify_clean(tmp_path)

@@ -67,11 +67,11 @@ def test_new_cache_on_a_full_filesystem(
         assert any("cannot be opened" in r.getMessage() for r in caplog.records)
         assert store.stats().total_misses() >= len(keys)  # served by memory and the store
         filler.unlink()
-        store.cache.memory.clear()
+        store.cache.memory_tier.clear()
         faults.compare_all(store, reference, keys, result, "room again")
         store.cache.flush()
         result.assert_clean()
-        disk = store.cache.disk
+        disk = store.cache.disk_tier
         assert disk is not None and f"{store.namespace}/{keys[2]}" in disk  # storing again
         store.cache.close()
 
@@ -119,7 +119,7 @@ def test_memory_tier_within_budget_under_10x_workload(policy: str) -> None:
         .with_prefetch(0)
     )
     store = CachedStore(inner, cfg)
-    tier = store.cache.memory
+    tier = store.cache.memory_tier
     over: list[int] = []
     stop = threading.Event()
 

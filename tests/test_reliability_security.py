@@ -90,19 +90,17 @@ def test_hostile_keys_never_leave_the_cache_folder(tmp_path: pathlib.Path, umask
         for i, key in enumerate(HOSTILE_KEYS):
             value = f"value {i}".encode()
             sync(store.set(key, cpu.Buffer.from_bytes(value)))
-            store.cache.memory.clear()
+            store.cache.memory_tier.clear()
             got = sync(store.get(key, P))
             assert got is not None and got.to_bytes() == value, key
         store.cache.flush()
         # through the cache below the store too: any str, even lone surrogates
         cache: HybridCache = store.cache
         for key in [*HOSTILE_KEYS, "\udcff/lone-surrogate"]:
-            fill = cache.begin(key)
-            cache.fill(fill, b"raw", kind="chunk", namespace="../../ns")
-            cache.end(fill)
+            cache.put(key, b"raw", kind="chunk", namespace="../../ns")
         cache.flush()
         for i, key in enumerate(HOSTILE_KEYS):
-            assert cache.disk is not None and cache.disk.get(key) == b"raw"
+            assert cache.disk_tier is not None and cache.disk_tier.get(key) == b"raw"
             assert sync(store.get(key, P)).to_bytes() == f"value {i}".encode()  # type: ignore[union-attr]
         assert _tree(tmp_path) - _tree(cache_dir) == outside_before | {cache_dir}
         assert not any(p.exists() for p in escape)

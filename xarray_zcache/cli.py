@@ -1122,7 +1122,10 @@ def _warm(
     from xarray_zcache.registry import get_cache, registered_caches
 
     created_folder = not folder.exists()
-    preexisting = any(c.config == config for c in registered_caches())
+    preexisting = any(
+        c.settings.name == config.name and c.settings.disk_path == config.disk_path
+        for c in registered_caches()
+    )
     try:
         cache = get_cache(config)
     except (OSError, sqlite3.Error, RuntimeError) as exc:

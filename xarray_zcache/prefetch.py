@@ -19,18 +19,31 @@ import logging
 import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from xarray_zcache.store import CachedStore
-
-__all__ = ["ChunkGrid", "ScanPrefetcher"]
+__all__ = ["ChunkGrid", "ReadAheadTarget", "ScanPrefetcher"]
 
 logger = logging.getLogger("xarray_zcache.prefetch")
 
 _MAX_TRACKED = 1 << 24  # chunks per array whose first read is remembered (1 byte each)
+
+
+class ReadAheadTarget(Protocol):
+    """What the read-ahead needs of a store (`CachedStore` provides it)."""
+
+    def peek(self, key: str) -> bytes | None:
+        """The cached bytes of zarr key ``key`` (no request, no stats), or ``None``."""
+
+    def is_cached(self, key: str) -> bool:
+        """Whether the whole object ``key`` is cached."""
+
+    def read_ahead_budget(self) -> tuple[int, float]:
+        """(memory tier capacity in bytes, disk-writer backlog as a fraction)."""
+
+    async def read_ahead(self, key: str) -> None:
+        """Read chunk ``key`` into the cache (a request sent; no reader waits)."""
 
 
 @dataclass(frozen=True)
@@ -171,7 +184,7 @@ class ScanPrefetcher:
         Misses of one array, clustered within ``4 * min_run`` chunks, that make a scan.
     """
 
-    def __init__(self, store: CachedStore, depth: int = 16, min_run: int = 4) -> None:
+    def __init__(self, store: ReadAheadTarget, depth: int = 16, min_run: int = 4) -> None:
         self.store = store
         self.depth = depth
         self.min_run = min_run
@@ -192,7 +205,7 @@ class ScanPrefetcher:
         zarr has read the array's metadata before its chunks: either its own
         document or the consolidated metadata of a group above it.
         """
-        cached = self.store._cached
+        cached = self.store.peek
         own = cached(f"{array}/.zarray" if v2 else f"{array}/zarr.json" if array else "zarr.json")
         if own is not None:
             return grid_from_metadata(array, own, v2)
@@ -254,13 +267,13 @@ class ScanPrefetcher:
     def _read_ahead(self, scan: _Scan, ordinal: int) -> None:
         if self._sem is None:
             self._sem = asyncio.Semaphore(self.depth)
-        cache = self.store.cache
+        capacity, backlog = self.store.read_ahead_budget()
         # read no further ahead than a quarter of the memory tier holds: read-ahead
         # must not evict what is about to be used
         depth = self.depth
         if scan.grid.chunk_nbytes:
-            depth = min(depth, cache.memory.capacity // (4 * scan.grid.chunk_nbytes))
-        if depth < 2 or cache.disk_backlog > 0.5:
+            depth = min(depth, capacity // (4 * scan.grid.chunk_nbytes))
+        if depth < 2 or backlog > 0.5:
             return  # (and never outrun the disk writer: its queue would drop writes)
         step = scan.step
         last = scan.grid.total - 1 if step > 0 else 0
@@ -272,7 +285,7 @@ class ScanPrefetcher:
             if scan.seen is not None:
                 scan.seen[n] = 1
             key = scan.grid.key(n)
-            if cache.contains(self.store._ck(key)):
+            if self.store.is_cached(key):
                 continue
             task = asyncio.ensure_future(self._fetch(key))
             self._tasks.add(task)
@@ -287,7 +300,7 @@ class ScanPrefetcher:
         assert self._sem is not None
         async with self._sem:
             try:
-                await self.store._prefetch(key)
+                await self.store.read_ahead(key)
                 self.issued += 1
             except Exception as exc:  # read-ahead is best effort; errors are never cached
                 logger.debug("xarray-zcache: read-ahead of %r failed: %s", key, exc)

@@ -1,34 +1,49 @@
 """The caches of this process: one `HybridCache` per configuration (and per Dask worker).
 
-A `CachedStore` never carries cache contents: it carries a `CacheConfig` and asks
-`get_cache` for the cache of the process (or of the Dask worker) it runs in. On a
-worker where the zcache worker plugin installed a cache under a name, every store
-naming that cache uses it. In-process clusters (``processes=False``) share module
-globals, so caches are keyed by worker address too.
+A `CachedStore` never carries cache contents: it carries a `CacheConfig` and binds,
+at its first call, to the cache of the process (or of the Dask worker) it runs in.
+On a worker where the zcache worker plugin installed a cache under a name, every
+store naming that cache uses it. In-process clusters (``processes=False``) share
+module globals, so plugin caches are keyed by worker address.
+
+Caches no store uses any more ("idle") are closed once more than `MAX_IDLE` of
+them pile up, oldest first, so a process that opens many configurations keeps
+a bounded number of threads and file descriptors.
 """
 
 from __future__ import annotations
 
 import sys
 import threading
+import weakref
+from collections.abc import Iterator
 from typing import Any
 
 from xarray_zcache.cache.hybrid import HybridCache
 from xarray_zcache.config import CacheConfig
 
 __all__ = [
+    "MAX_IDLE",
+    "bind_cache",
     "current_worker_address",
     "get_cache",
+    "on_dask_worker",
     "registered_caches",
+    "release_cache",
     "resolve_config",
     "set_worker_cache",
+    "stores_of",
 ]
 
+MAX_IDLE = 4
+
 _lock = threading.Lock()
-# (worker address or None, config) -> cache created on demand
-_caches: dict[tuple[str | None, CacheConfig], HybridCache] = {}
+# config -> cache created on demand (insertion order: oldest first)
+_caches: dict[CacheConfig, HybridCache] = {}
 # (worker address, cache name) -> cache installed by the worker plugin
 _worker_caches: dict[tuple[str, str], HybridCache] = {}
+# the stores bound to each cache (weakly): a cache with none is idle
+_users: weakref.WeakKeyDictionary[HybridCache, weakref.WeakSet[Any]] = weakref.WeakKeyDictionary()
 
 
 def resolve_config(config: CacheConfig | str | None) -> CacheConfig:
@@ -45,13 +60,54 @@ def resolve_config(config: CacheConfig | str | None) -> CacheConfig:
     )
 
 
-def current_worker_address() -> str | None:
-    """Address of the Dask worker running the current task, or ``None``."""
-    worker_mod: Any = sys.modules.get("distributed.worker")
-    if worker_mod is None:  # distributed never imported: not on a worker
+def _worker() -> Any:
+    """The Dask worker running the current task (public `get_worker`), or ``None``."""
+    if "distributed.worker" not in sys.modules:  # never imported: not on a worker
         return None
-    worker = worker_mod._worker_cvar.get(None)
+    from distributed import get_worker
+
+    try:
+        return get_worker()
+    except ValueError:
+        return None
+
+
+def on_dask_worker() -> bool:
+    """Whether the caller runs inside a task on a Dask worker."""
+    return _worker() is not None
+
+
+def current_worker_address() -> str | None:
+    """Address of the Dask worker running the current task, when the zcache plugin runs there.
+
+    Only workers with the zcache plugin have a cache of their own; elsewhere stores
+    use the process's cache, and this costs nothing.
+    """
+    if not _worker_caches:
+        return None
+    worker = _worker()
     return None if worker is None else str(worker.address)
+
+
+def _process_cache(cfg: CacheConfig) -> HybridCache:
+    with _lock:
+        cache = _caches.get(cfg)
+        if cache is not None and not cache.closed:
+            return cache
+        cache = HybridCache(cfg)
+        cache.start_maintenance()
+        _caches[cfg] = cache
+        idle = [c for c in _caches.values() if c is not cache and not _users.get(c)]
+    for old in idle[: max(0, len(idle) - MAX_IDLE)]:
+        _forget(old)
+    return cache
+
+
+def _forget(cache: HybridCache) -> None:
+    with _lock:
+        for k in [k for k, c in _caches.items() if c is cache]:
+            del _caches[k]
+    cache.close()
 
 
 def get_cache(config: CacheConfig | str | None = None) -> HybridCache:
@@ -67,17 +123,46 @@ def get_cache(config: CacheConfig | str | None = None) -> HybridCache:
     """
     cfg = resolve_config(config)
     address = current_worker_address()
+    if address is not None:
+        installed = _worker_caches.get((address, cfg.name))
+        if installed is not None and not installed.closed:
+            return installed
+    return _process_cache(cfg)
+
+
+def bind_cache(
+    store: Any, config: CacheConfig, bindings: dict[str | None, HybridCache]
+) -> HybridCache:
+    """The cache ``store`` uses here, remembered in ``bindings`` (per worker address)."""
+    address = current_worker_address()
+    cache = bindings.get(address)
+    if cache is None or cache.closed:
+        cache = get_cache(config)
+        bindings[address] = cache
+        with _lock:
+            users = _users.get(cache)
+            if users is None:
+                users = _users[cache] = weakref.WeakSet()
+            users.add(store)
+    return cache
+
+
+def release_cache(store: Any, cache: HybridCache) -> None:
+    """``store`` no longer uses ``cache`` (it was closed)."""
     with _lock:
-        if address is not None:
-            installed = _worker_caches.get((address, cfg.name))
-            if installed is not None and not installed.closed:
-                return installed
-        cache = _caches.get((address, cfg))
-        if cache is None or cache.closed:
-            cache = HybridCache(cfg)
-            cache.start_maintenance()
-            _caches[(address, cfg)] = cache
-        return cache
+        users = _users.get(cache)
+        if users is not None:
+            users.discard(store)
+        idle = [c for c in _caches.values() if not _users.get(c)]
+    for old in idle[: max(0, len(idle) - MAX_IDLE)]:
+        _forget(old)
+
+
+def stores_of(cache: HybridCache) -> Iterator[Any]:
+    """The live stores bound to ``cache``."""
+    with _lock:
+        users = list(_users.get(cache) or ())
+    yield from users
 
 
 def set_worker_cache(address: str, cache: HybridCache | None, name: str | None = None) -> None:
@@ -87,7 +172,7 @@ def set_worker_cache(address: str, cache: HybridCache | None, name: str | None =
             if name is not None:
                 _worker_caches.pop((address, name), None)
             return
-        _worker_caches[(address, name or cache.config.name)] = cache
+        _worker_caches[(address, name or cache.settings.name)] = cache
 
 
 def registered_caches() -> list[HybridCache]:

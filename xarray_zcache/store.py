@@ -1,16 +1,18 @@
-"""`CachedStore`: a zarr v3 `Store` that reads through a `HybridCache`."""
+"""`CachedStore`: a zarr v3 `Store` that reads through a `HybridCache`.
+
+The store only maps zarr keys and byte ranges to cache reads (`xarray_zcache.keys`);
+the read protocol — tiers, single flight, admission, invalidation — belongs to
+`HybridCache.get_or_load` and its write/delete counterparts.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import posixpath
-import time
-import uuid
+import builtins
+import functools
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from typing import TYPE_CHECKING, Any, Self
-from urllib.parse import urlsplit
 
 from zarr.abc.store import (
     ByteRequest,
@@ -22,43 +24,41 @@ from zarr.abc.store import (
 )
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 
-from xarray_zcache.cache.disk import DiskTier
-from xarray_zcache.cache.hybrid import Fill, HybridCache
+from xarray_zcache.cache.hybrid import HybridCache
+from xarray_zcache.cache.request import PART_SEP, Read
 from xarray_zcache.cache.stats import CacheStats
 from xarray_zcache.config import CacheConfig
+from xarray_zcache.keys import (
+    array_of,
+    cut,
+    entry_key,
+    is_plain_range,
+    key_kind,
+    listing_key,
+    range_key,
+    store_namespace,
+    unescape,
+)
 from xarray_zcache.prefetch import ScanPrefetcher
-from xarray_zcache.registry import current_worker_address, get_cache, resolve_config
+from xarray_zcache.registry import (
+    bind_cache,
+    on_dask_worker,
+    release_cache,
+    resolve_config,
+    stores_of,
+)
 
 if TYPE_CHECKING:
     from types import TracebackType
 
 __all__ = [
-    "METADATA_NAMES",
     "CachedStore",
     "SyncCachedStore",
     "array_of",
     "key_kind",
     "store_namespace",
+    "warm_keys",
 ]
-
-METADATA_NAMES = frozenset({"zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata"})
-# separates a key from the byte range of a ranged entry; never part of a zarr key
-_RANGE_SEP = "\x00"
-# prefix of listing entries, separated from the namespace by a character keys never hold
-_LIST_SEP = "\x01"
-
-
-def key_kind(key: str) -> str:
-    """``"metadata"`` for zarr metadata documents, ``"chunk"`` for everything else."""
-    return "metadata" if key.rpartition("/")[2] in METADATA_NAMES else "chunk"
-
-
-def array_of(cache_key: str) -> str:
-    """The zarr array a cache key belongs to: its path without the chunk-grid part."""
-    head = cache_key.split(_RANGE_SEP, 1)[0]
-    if "/c/" in head:  # zarr v3 default chunk key encoding
-        return head.rsplit("/c/", 1)[0]
-    return posixpath.dirname(head)
 
 
 def _check_byte_range(byte_range: object) -> None:
@@ -68,103 +68,27 @@ def _check_byte_range(byte_range: object) -> None:
         raise TypeError(f"Unexpected byte_range, got {byte_range}.")
 
 
-def _range_suffix(byte_range: ByteRequest) -> str:
-    if isinstance(byte_range, RangeByteRequest):
-        return f"r{byte_range.start}-{byte_range.end}"
-    if isinstance(byte_range, OffsetByteRequest):
-        return f"o{byte_range.offset}"
-    return f"s{byte_range.suffix}"
-
-
-def _slice(data: bytes, byte_range: ByteRequest | None) -> bytes:
-    """Apply ``byte_range`` to a whole object, with zarr's semantics."""
-    if byte_range is None:
-        return data
-    if isinstance(byte_range, RangeByteRequest):
-        return data[byte_range.start : byte_range.end]
-    if isinstance(byte_range, OffsetByteRequest):
-        return data[byte_range.offset :]
-    return data[max(0, len(data) - byte_range.suffix) :]
-
-
-def _strip_userinfo(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        if parts.port:
-            host = f"{host}:{parts.port}"
-        return parts._replace(netloc=host).geturl()
-    return url
-
-
-def store_namespace(store: Store) -> str:
-    """A canonical, credential-free name of the data a store points at.
-
-    Two stores over the same data get the same namespace (so they share cache
-    entries, also across processes through the disk tier); stores over different
-    data never do. Built from the protocol, endpoint and path; never from ``id()``
-    (ids are reused, which would serve one dataset's bytes for another).
-    """
-    from zarr.storage import FsspecStore, LocalStore, MemoryStore
-
-    if isinstance(store, CachedStore):
-        return store.namespace
-    inner = getattr(store, "_store", None)
-    if isinstance(inner, Store):  # a WrapperStore: the data is the wrapped store's
-        return store_namespace(inner)
-    if isinstance(store, LocalStore):
-        return "file://" + os.path.realpath(os.fspath(store.root))
-    if isinstance(store, FsspecStore):
-        fs = store.fs
-        protocol = fs.protocol[0] if isinstance(fs.protocol, tuple | list) else fs.protocol
-        endpoint = (
-            getattr(fs, "endpoint_url", None)
-            or (getattr(fs, "client_kwargs", None) or {}).get("endpoint_url")
-            or ""
-        )
-        endpoint = _strip_userinfo(str(endpoint)).rstrip("/")
-        path = store.path.strip("/")
-        # endpoint before path: a store opened at a sub-path of another store gets the
-        # same cache keys for the same objects (so writes through either invalidate both)
-        return f"{protocol}+{endpoint}/{path}" if endpoint else f"{protocol}://{path}"
-    if isinstance(store, MemoryStore):
-        # a MemoryStore has no location: name it once, for its lifetime
-        ns: str | None = getattr(store, "_zcache_namespace", None)
-        if ns is None:
-            ns = f"memory://{uuid.uuid4().hex}"
-            store._zcache_namespace = ns  # type: ignore[attr-defined]
-        return ns
-    return f"{type(store).__module__}.{type(store).__qualname__}:{_strip_userinfo(str(store))}"
-
-
-# single flight: (event loop, cache key) -> the future of the fetch in flight, per cache
-_INFLIGHT: weakref.WeakKeyDictionary[
-    HybridCache, dict[tuple[int, str], asyncio.Future[bytes | None]]
-] = weakref.WeakKeyDictionary()
-
-
-# the stores bound to each cache, by namespace: lets a Dask worker warm keys on command
-_STORES: weakref.WeakKeyDictionary[HybridCache, dict[str, weakref.ref[CachedStore]]] = (
-    weakref.WeakKeyDictionary()
-)
+def _bytes(buf: Buffer | None) -> bytes | None:
+    return None if buf is None else buf.to_bytes()
 
 
 async def warm_keys(cache: HybridCache, keys: Iterable[str]) -> int:
     """Read cache keys (``namespace/key``) into ``cache`` through the stores bound to it.
 
-    Keys whose store is unknown in this process are skipped. Returns how many
-    keys were read. Runs the reads on zarr's event loop, where the stores live.
+    Keys whose store is unknown in this process are skipped. Returns how many keys
+    were read. Runs the reads on zarr's event loop, where the stores live.
     """
     from zarr.core.sync import sync
 
-    stores = {ns: ref() for ns, ref in _STORES.get(cache, {}).items()}
+    stores = list(stores_of(cache))
     n = 0
     for ck in keys:
-        if _RANGE_SEP in ck or cache.contains(ck):
+        if PART_SEP in ck or cache.contains(ck):
             continue
-        for ns, store in stores.items():
-            if store is not None and ck.startswith(ns + "/"):
-                key = ck[len(ns) + 1 :]
+        for store in stores:
+            ns = store.namespace + "/"
+            if ck.startswith(ns):
+                key = unescape(ck[len(ns) :])
                 await asyncio.to_thread(sync, store.get(key, default_buffer_prototype()))
                 n += 1
                 break
@@ -247,8 +171,15 @@ class CachedStore(Store):
         self._store = store
         self._config = resolve_config(config)
         self._namespace = namespace if namespace is not None else store_namespace(store)
+        self._init_local()
+
+    def _init_local(self) -> None:
+        # per process: the cache bound per Dask worker (None: not on a worker), the
+        # read-ahead per event loop (held weakly: short-lived loops leave nothing)
         self._bindings: dict[str | None, HybridCache] = {}
-        self._prefetchers: dict[int, ScanPrefetcher] = {}
+        self._prefetchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ScanPrefetcher] = (
+            weakref.WeakKeyDictionary()
+        )
 
     # -- identity, pickling --------------------------------------------------------------------
 
@@ -289,8 +220,7 @@ class CachedStore(Store):
         self._store = state["store"]
         self._config = state["config"]
         self._namespace = state["namespace"]
-        self._bindings = {}
-        self._prefetchers = {}
+        self._init_local()
 
     def __repr__(self) -> str:
         return f"CachedStore({self._store!r}, cache={self._config.name!r})"
@@ -301,13 +231,7 @@ class CachedStore(Store):
     @property
     def cache(self) -> HybridCache:
         """The cache this store uses here (this process, or this Dask worker)."""
-        address = current_worker_address()
-        cache = self._bindings.get(address)
-        if cache is None or cache.closed:
-            cache = get_cache(self._config)
-            self._bindings[address] = cache
-            _STORES.setdefault(cache, {})[self._namespace] = weakref.ref(self)
-        return cache
+        return bind_cache(self, self._config, self._bindings)
 
     def stats(self) -> CacheStats:
         """Statistics of the cache this store uses (shared with other stores using it)."""
@@ -320,8 +244,27 @@ class CachedStore(Store):
         """
         return self.cache.analytics(group=array_of)
 
+    # -- keys ----------------------------------------------------------------------------------
+
     def _ck(self, key: str) -> str:
-        return f"{self._namespace}/{key}"
+        return entry_key(self._namespace, key)
+
+    def _read(self, key: str, byte_range: ByteRequest | None, *, prefetch: bool = False) -> Read:
+        ck = self._ck(key)
+        if byte_range is None:
+            return Read(ck, key_kind(key), self._namespace, prefetch=prefetch)
+        return Read(
+            range_key(ck, byte_range),
+            key_kind(key),
+            self._namespace,
+            whole=ck,
+            cut=functools.partial(cut, byte_range),
+        )
+
+    def _object_keys(self, key: str) -> list[str]:
+        """Cache keys that hold ``key`` or a part of it (ranges, negative entries)."""
+        ck = self._ck(key)
+        return [ck, ck + PART_SEP]
 
     # -- open/close, read-only -----------------------------------------------------------------
 
@@ -369,7 +312,11 @@ class CachedStore(Store):
         self.close()
 
     def close(self) -> None:
+        """Close the wrapped store and let the cache go if no other store uses it."""
         self._store.close()
+        for cache in self._bindings.values():
+            release_cache(self, cache)
+        self._bindings.clear()
 
     # -- capabilities --------------------------------------------------------------------------
 
@@ -395,71 +342,6 @@ class CachedStore(Store):
 
     # -- reads ---------------------------------------------------------------------------------
 
-    def _lookup(
-        self,
-        tier_lookup: Callable[..., bytes | None],
-        key: str,
-        byte_range: ByteRequest | None,
-        kind: str,
-    ) -> bytes | None:
-        """A read from one tier: the whole object (sliced), else the cached range."""
-        ck = self._ck(key)
-        whole = tier_lookup(ck, kind=kind)
-        if whole is not None:
-            return _slice(whole, byte_range)
-        if byte_range is not None:
-            return tier_lookup(ck + _RANGE_SEP + _range_suffix(byte_range), kind=kind)
-        return None
-
-    def _lookup_memory(
-        self, cache: HybridCache, key: str, byte_range: ByteRequest | None, kind: str
-    ) -> bytes | None:
-        return self._lookup(cache.lookup_memory, key, byte_range, kind)
-
-    def _lookup_disk(
-        self, cache: HybridCache, key: str, byte_range: ByteRequest | None, kind: str
-    ) -> bytes | None:
-        return self._lookup(cache.lookup_disk, key, byte_range, kind)
-
-    def _cached(self, key: str) -> bytes | None:
-        """Whole value of ``key`` if the cache holds it (no request, no stats)."""
-        cache = self.cache
-        ck = self._ck(key)
-        value = cache.memory.peek(ck)
-        if value is None and cache.disk is not None and cache.disk.might_contain(ck):
-            value = cache.disk.get(ck)
-        return value
-
-    def _maybe_on_disk(self, disk: DiskTier, key: str, byte_range: ByteRequest | None) -> bool:
-        # a stat or two in the event loop spares the cold path a thread hop per miss
-        ck = self._ck(key)
-        if disk.might_contain(ck):
-            return True
-        return byte_range is not None and disk.might_contain(
-            ck + _RANGE_SEP + _range_suffix(byte_range)
-        )
-
-    def _entry_key(self, key: str, byte_range: ByteRequest | None) -> str:
-        ck = self._ck(key)
-        return ck if byte_range is None else ck + _RANGE_SEP + _range_suffix(byte_range)
-
-    def _admit(
-        self,
-        cache: HybridCache,
-        fill: Fill,
-        key: str,
-        byte_range: ByteRequest | None,
-        data: bytes | None,
-        kind: str,
-        seconds: float,
-    ) -> None:
-        cache.record_miss(fill.key, kind=kind, nbytes=len(data or b""), seconds=seconds)
-        if data is None:
-            if byte_range is None:  # zarr leaves all-fill chunks unwritten: remember that too
-                cache.set_negative(fill, self._namespace)
-            return
-        cache.fill(fill, data, kind=kind, namespace=self._namespace)
-
     async def get(
         self,
         key: str,
@@ -470,94 +352,65 @@ class CachedStore(Store):
         _check_byte_range(byte_range)
         prototype = prototype or default_buffer_prototype()
         cache = self.cache
-        kind = key_kind(key)
-        data = self._lookup_memory(cache, key, byte_range, kind)
-        if data is not None:
-            # the hit path: only a scan in progress needs to hear about hits
-            if self._prefetchers and kind == "chunk" and byte_range is None:
-                pf = self._prefetcher()
-                if pf is not None and pf.active:
-                    await pf.observe(key, miss=False)
-            return prototype.buffer.from_bytes(data)
-        if byte_range is None and cache.is_negative(self._ck(key)):
-            return None
-        pf = self._prefetcher() if kind == "chunk" and byte_range is None else None
-        if cache.disk is not None and self._maybe_on_disk(cache.disk, key, byte_range):
-            data = await asyncio.to_thread(self._lookup_disk, cache, key, byte_range, kind)
-        if data is None:
+        if not is_plain_range(byte_range):
+            # odd ranges are answered by the wrapped store itself, uncached (see keys.py)
+            return await cache.load_uncached(
+                self._read(key, byte_range),
+                lambda: self._store.get(key, prototype, byte_range),
+            )
+        read = self._read(key, byte_range)
+        pf = self._prefetcher() if byte_range is None and read.kind == "chunk" else None
+        missed = False
+
+        async def load() -> bytes | None:
+            nonlocal missed
+            missed = True
             if pf is not None:
                 await pf.observe(key, miss=True)  # may start reading ahead
-            data = await self._fetch(cache, key, byte_range, kind)
-            if data is None:
-                return None
-        elif pf is not None and pf.active:
+            return _bytes(await self._store.get(key, default_buffer_prototype(), byte_range))
+
+        data = await cache.get_or_load(read, load)
+        if pf is not None and not missed and pf.active:
             await pf.observe(key, miss=False)
-        return prototype.buffer.from_bytes(data)
+        return None if data is None else prototype.buffer.from_bytes(data)
 
     def _prefetcher(self) -> ScanPrefetcher | None:
         """The read-ahead of this store on the running event loop (None if disabled)."""
         depth = self._config.prefetch_depth
-        if depth <= 0 or current_worker_address() is not None:
-            # on a Dask cluster the workers split the scan between them: one worker's
-            # read-ahead would fetch chunks that other workers are about to read
+        if depth <= 0:
             return None
-        loop = id(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
         pf = self._prefetchers.get(loop)
         if pf is None:
+            if on_dask_worker():
+                # on a Dask cluster the workers split the scan between them: one worker's
+                # read-ahead would fetch chunks that other workers are about to read
+                return None
             pf = self._prefetchers[loop] = ScanPrefetcher(self, depth)
         return pf
 
-    async def _prefetch(self, key: str) -> None:
-        """Read chunk ``key`` into the cache ahead of its reader (see `ScanPrefetcher`)."""
-        cache = self.cache
-        if cache.contains(self._ck(key)):
-            return
-        await self._fetch(cache, key, None, "chunk")
-        cache.record_prefetch()
+    # -- what the read-ahead needs (`prefetch.ReadAheadTarget`) ----------------------------------
 
-    async def _fetch(
-        self, cache: HybridCache, key: str, byte_range: ByteRequest | None, kind: str
-    ) -> bytes | None:
-        """Fetch from the wrapped store, one request per key however many callers wait."""
-        ek = self._entry_key(key, byte_range)
-        loop = asyncio.get_running_loop()
-        inflight = _INFLIGHT.setdefault(cache, {})
-        slot = (id(loop), ek)
-        while (fut := inflight.get(slot)) is not None:
-            try:
-                return await asyncio.shield(fut)
-            except asyncio.CancelledError:
-                if not fut.cancelled():
-                    raise  # we were cancelled ourselves
-                # the leader was cancelled: take over
-        # another fetch (a read-ahead, say) may have filled the entry while this caller
-        # looked on disk: check memory again before sending a request
-        again = self._lookup_memory(cache, key, byte_range, kind)
-        if again is not None:
-            return again
-        fut = loop.create_future()
-        inflight[slot] = fut
-        fill = cache.begin(ek)
-        t0 = time.perf_counter()
-        try:
-            buf = await self._store.get(key, default_buffer_prototype(), byte_range)
-            data = None if buf is None else buf.to_bytes()
-            self._admit(cache, fill, key, byte_range, data, kind, time.perf_counter() - t0)
-        except asyncio.CancelledError:
-            fut.cancel()
-            raise
-        except BaseException as exc:
-            cache.record_error()
-            fut.set_exception(exc)
-            fut.exception()  # mark retrieved: waiters, if any, re-raise it themselves
-            raise
-        else:
-            fut.set_result(data)
-            return data
-        finally:
-            cache.end(fill)
-            if inflight.get(slot) is fut:
-                del inflight[slot]
+    def peek(self, key: str) -> bytes | None:
+        """The cached bytes of ``key`` (no request, no stats), or ``None``."""
+        return self.cache.peek(self._ck(key))
+
+    def is_cached(self, key: str) -> bool:
+        """Whether the whole object ``key`` is cached (no request, no stats)."""
+        return self.cache.contains(self._ck(key))
+
+    def read_ahead_budget(self) -> tuple[int, float]:
+        """(memory tier capacity in bytes, disk-writer backlog as a fraction)."""
+        cache = self.cache
+        return cache.memory_tier.capacity, cache.disk_backlog
+
+    async def read_ahead(self, key: str) -> None:
+        """Read chunk ``key`` into the cache ahead of its reader (a request sent, no hit)."""
+
+        async def load() -> bytes | None:
+            return _bytes(await self._store.get(key, default_buffer_prototype()))
+
+        await self.cache.get_or_load(self._read(key, None, prefetch=True), load)
 
     async def get_partial_values(
         self,
@@ -582,16 +435,15 @@ class CachedStore(Store):
         # docstring inherited
         cache = self.cache
         ck = self._ck(key)
-        if ck in cache.memory:
-            return True
-        if cache.is_negative(ck):
+        if cache.known_missing(ck):
             return False
+        if cache.contains(ck):
+            return True
         return await self._store.exists(key)
 
     async def getsize(self, key: str) -> int:
         # docstring inherited
-        cache = self.cache
-        data = cache.memory.peek(self._ck(key))
+        data = self.cache.peek(self._ck(key))
         if data is not None:
             return len(data)
         return await self._store.getsize(key)
@@ -614,7 +466,7 @@ class CachedStore(Store):
         self, op: str, prefix: str, source: AsyncIterator[str]
     ) -> AsyncIterator[str]:
         cache = self.cache
-        lk = f"{self._namespace}/{_LIST_SEP}{op}{_LIST_SEP}{prefix}"
+        lk = listing_key(self._namespace, op, prefix)
         names = cache.get_listing(lk)
         if names is None:
             generation = cache.listing_generation()
@@ -637,68 +489,32 @@ class CachedStore(Store):
 
     # -- writes --------------------------------------------------------------------------------
 
-    def _invalidate(self, cache: HybridCache, key: str) -> None:
-        ck = self._ck(key)
-        cache.invalidate(ck)
-        cache.invalidate_prefix(ck + _RANGE_SEP)
-        # every listing: another store may be opened at a parent or child path of this one
-        cache.drop_listings("")
-
-    def _after_write(self, cache: HybridCache, key: str, value: Buffer, fill: Fill) -> None:
-        """Invalidate ``key`` after the wrapped store took a new value, then cache it.
-
-        The written value goes to this process's memory tier only: the generation
-        counters order the writers of this process, but nothing orders writers in
-        other processes sharing the disk tier (their values may reach the wrapped
-        store in the other order). The next read from disk fetches what the store holds.
-        """
-        self._invalidate(cache, key)
-        data = value.to_bytes()
-        cache.record_write(len(data))
-        if self._config.cache_on_write:
-            cache.fill(
-                fill,
-                data,
-                kind=key_kind(key),
-                namespace=self._namespace,
-                own_invalidations=1,
-                disk=False,
-            )
-
-    async def set(self, key: str, value: Buffer) -> None:
-        # docstring inherited
-        self._check_writable()
+    def _value_bytes(self, value: Buffer) -> bytes:
         if not isinstance(value, Buffer):
             raise TypeError(
                 f"CachedStore.set(): `value` must be a Buffer instance. Got an instance of "
                 f"{type(value)} instead."
             )
-        cache = self.cache
-        # before the write too: a crash between the write and the invalidation after it
-        # must not leave the old value (or a negative entry) in the persistent disk tier
-        self._invalidate(cache, key)
-        fill = cache.begin(self._ck(key))
-        try:
-            await self._store.set(key, value)
-        except BaseException:
-            # the wrapped store may or may not hold the new value: cache neither
-            self._invalidate(cache, key)
-            raise
-        else:
-            self._after_write(cache, key, value, fill)
-        finally:
-            cache.end(fill)
+        return value.to_bytes()
+
+    async def set(self, key: str, value: Buffer) -> None:
+        # docstring inherited
+        self._check_writable()
+        data = self._value_bytes(value)
+        await self.cache.write_through(
+            self._read(key, None),
+            data,
+            lambda: self._store.set(key, value),
+            keep=self._config.cache_on_write,
+        )
 
     async def set_if_not_exists(self, key: str, value: Buffer) -> None:
         # docstring inherited
         self._check_writable()
-        cache = self.cache
-        self._invalidate(cache, key)
-        try:
-            await self._store.set_if_not_exists(key, value)
-        finally:
-            # we cannot tell whether our value or an existing one won: cache neither
-            self._invalidate(cache, key)
+        # we cannot tell whether our value or an existing one won: cache neither
+        await self.cache.invalidating(
+            self._object_keys(key), lambda: self._store.set_if_not_exists(key, value)
+        )
 
     async def _set_many(self, values: Iterable[tuple[str, Buffer]]) -> None:
         await asyncio.gather(*(self.set(k, v) for k, v in values))
@@ -706,36 +522,27 @@ class CachedStore(Store):
     async def delete(self, key: str) -> None:
         # docstring inherited
         self._check_writable()
-        self._invalidate(self.cache, key)
-        try:
-            await self._store.delete(key)
-        finally:
-            self._invalidate(self.cache, key)
+        await self.cache.invalidating(self._object_keys(key), lambda: self._store.delete(key))
+
+    def _dir_keys(self, prefix: str) -> builtins.list[str]:
+        """What ``delete_dir(prefix)`` may remove: everything under ``prefix/`` and, on
+        object stores (FsspecStore), the object named exactly ``prefix``."""
+        prefix = prefix.rstrip("/")
+        if not prefix:
+            return [self._namespace + "/"]
+        return [self._ck(prefix) + "/", *self._object_keys(prefix)]
 
     async def delete_dir(self, prefix: str) -> None:
         # docstring inherited
         self._check_writable()
-        self._invalidate_dir(prefix)
-        try:
-            await self._store.delete_dir(prefix)
-        finally:
-            self._invalidate_dir(prefix)
+        await self.cache.invalidating(
+            self._dir_keys(prefix), lambda: self._store.delete_dir(prefix)
+        )
 
     async def clear(self) -> None:
         # docstring inherited
         self._check_writable()
-        self._invalidate_dir("")
-        try:
-            await self._store.clear()
-        finally:
-            self._invalidate_dir("")
-
-    def _invalidate_dir(self, prefix: str) -> None:
-        cache = self.cache
-        if prefix and not prefix.endswith("/"):
-            prefix += "/"
-        cache.invalidate_prefix(self._ck(prefix))
-        cache.drop_listings("")
+        await self.cache.invalidating(self._dir_keys(""), self._store.clear)
 
 
 class SyncCachedStore(CachedStore):
@@ -755,58 +562,40 @@ class SyncCachedStore(CachedStore):
     ) -> Buffer | None:
         """Synchronous `get` (only when the wrapped store supports synchronous I/O).
 
-        Hits are served without an event loop; misses call the wrapped store's
-        ``get_sync`` (no single flight across threads on this path).
+        The same read protocol as `get` (`HybridCache.get_or_load_sync`), without
+        single flight across threads.
         """
         _check_byte_range(byte_range)
         prototype = prototype or default_buffer_prototype()
         getter = self._store.get_sync  # type: ignore[attr-defined]
         cache = self.cache
-        kind = key_kind(key)
-        data = self._lookup_memory(cache, key, byte_range, kind)
-        if data is None:
-            if byte_range is None and cache.is_negative(self._ck(key)):
-                return None
-            data = self._lookup_disk(cache, key, byte_range, kind)
-        if data is None:
-            fill = cache.begin(self._entry_key(key, byte_range))
-            t0 = time.perf_counter()
-            try:
-                buf = getter(key, prototype=default_buffer_prototype(), byte_range=byte_range)
-                data = None if buf is None else buf.to_bytes()
-                self._admit(cache, fill, key, byte_range, data, kind, time.perf_counter() - t0)
-            except BaseException:
-                cache.record_error()
-                raise
-            finally:
-                cache.end(fill)
-            if data is None:
-                return None
-        return prototype.buffer.from_bytes(data)
+        if not is_plain_range(byte_range):
+            return cache.load_uncached_sync(  # type: ignore[no-any-return]
+                self._read(key, byte_range),
+                lambda: getter(key, prototype=prototype, byte_range=byte_range),
+            )
+        data = cache.get_or_load_sync(
+            self._read(key, byte_range),
+            lambda: _bytes(
+                getter(key, prototype=default_buffer_prototype(), byte_range=byte_range)
+            ),
+        )
+        return None if data is None else prototype.buffer.from_bytes(data)
 
     def set_sync(self, key: str, value: Buffer) -> None:
         """Synchronous `set` (only when the wrapped store supports synchronous I/O)."""
         self._check_writable()
         setter = self._store.set_sync  # type: ignore[attr-defined]
-        cache = self.cache
-        self._invalidate(cache, key)  # before the write too (see `set`)
-        fill = cache.begin(self._ck(key))
-        try:
-            setter(key, value)
-        except BaseException:
-            self._invalidate(cache, key)
-            raise
-        else:
-            self._after_write(cache, key, value, fill)
-        finally:
-            cache.end(fill)
+        data = self._value_bytes(value)
+        self.cache.write_through_sync(
+            self._read(key, None),
+            data,
+            lambda: setter(key, value),
+            keep=self._config.cache_on_write,
+        )
 
     def delete_sync(self, key: str) -> None:
         """Synchronous `delete` (only when the wrapped store supports synchronous I/O)."""
         self._check_writable()
         deleter = self._store.delete_sync  # type: ignore[attr-defined]
-        self._invalidate(self.cache, key)  # before the delete too (see `set`)
-        try:
-            deleter(key)
-        finally:
-            self._invalidate(self.cache, key)
+        self.cache.invalidating_sync(self._object_keys(key), lambda: deleter(key))

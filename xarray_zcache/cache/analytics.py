@@ -18,7 +18,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 
-from dask.utils import format_bytes
+from xarray_zcache.cache.units import format_bytes
 
 __all__ = ["AccessTrace", "access_patterns", "miss_ratio_curve", "recommendation"]
 

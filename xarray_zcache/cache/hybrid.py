@@ -1,34 +1,50 @@
-"""The hybrid cache: a memory tier (L1) over a persistent disk tier (L2)."""
+"""The hybrid cache: one owner of the read protocol over a memory tier and a disk tier.
+
+Every read goes through `HybridCache.get_or_load` (or `get_or_load_sync`)::
+
+    memory (whole object, then the part) → pending disk writes → negative entries
+      → disk (in a thread; negative entries there too) → [shared tiers] → load()
+
+with single flight per key and event loop, and one admission rule for every tier:
+a value is admitted only if its key was not invalidated since the read began
+(`_admit`, under the admission lock that `invalidate` also takes). Writes go
+through `write_through`/`write_through_sync`, deletes through `delete_through`:
+invalidate, write, invalidate again, and (optionally) admit what was written to
+memory. New steps (a peer tier, a validation step) plug in with `add_shared_tier`
+without touching the callers.
+
+The cache knows nothing about zarr: keys are opaque strings; ``kind`` is a label
+(``"metadata"`` or ``"chunk"``) that selects a TTL and a stats bucket.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import atexit
+import errno
 import logging
-import queue
 import threading
 import time
 import weakref
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Awaitable, Callable, Sized
+from typing import Any, Protocol, TypeVar
 
-from dask.utils import format_bytes
-
-from xarray_zcache.cache.analytics import (
-    AccessTrace,
-    access_patterns,
-    miss_ratio_curve,
-    recommendation,
-)
 from xarray_zcache.cache.disk import DiskTier
+from xarray_zcache.cache.flight import SingleFlight
+from xarray_zcache.cache.maintenance import schedule
 from xarray_zcache.cache.memory import MemoryTier
+from xarray_zcache.cache.negatives import NEGATIVE_SUFFIX, Listings, NegativeEntries
 from xarray_zcache.cache.policy import AccessRateTracker, Invalidations
-from xarray_zcache.cache.stats import CacheStats, StatsRecorder
-from xarray_zcache.config import CacheConfig
+from xarray_zcache.cache.reporting import CacheReporting
+from xarray_zcache.cache.request import PART_SEP, Read
+from xarray_zcache.cache.settings import CacheSettings
+from xarray_zcache.cache.writer import DiskWriter, PendingWrite
 
-__all__ = ["Fill", "HybridCache"]
+__all__ = ["HybridCache", "Read", "SharedTier"]
 
 logger = logging.getLogger("xarray_zcache.cache")
+
+_T = TypeVar("_T")
 
 _LIVE: weakref.WeakSet[HybridCache] = weakref.WeakSet()
 
@@ -43,504 +59,634 @@ def _flush_all_at_exit() -> None:
             logger.exception("xarray-zcache: flushing the cache at exit failed")
 
 
-@dataclass(frozen=True, slots=True)
-class Fill:
-    """Token of one in-flight fetch (or write) of ``key``, from `HybridCache.begin`."""
-
-    key: str
-    generation: tuple[int, int]
-    started_ns: int
+def live_caches() -> list[HybridCache]:
+    """Every open cache of this process."""
+    return [c for c in list(_LIVE) if not c.closed]
 
 
-class HybridCache:
+class SharedTier(Protocol):
+    """A tier after the disk tier, shared with other processes (e.g. a peer owner)."""
+
+    name: str
+
+    async def lookup(self, read: Read) -> bytes | None:
+        """The bytes of ``read.key`` if this tier has (or can fetch) them, else ``None``."""
+
+
+class _Entry:  # TEMPORARY until DiskTier.get_entry lands
+    def __init__(self, value: bytes, kind: str, expires: float | None) -> None:
+        self.value, self.kind, self.expires = value, kind, expires
+
+
+def _get_entry(disk: DiskTier, key: str, kind: str, now: float | None = None) -> Any:
+    getter = getattr(disk, "get_entry", None)
+    if getter is not None:
+        return getter(key, now=now)
+    value = disk.get(key, now=now)
+    return None if value is None else _Entry(value, kind, None)
+
+
+_OFFLINE_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _open_disk(settings: CacheSettings) -> DiskTier | None:
+    """The disk tier, or ``None`` (memory only, with a warning) on a read-only folder."""
+    if settings.disk_path is None or settings.disk_size <= 0:
+        return None
+    try:
+        return DiskTier(
+            settings.disk_path, settings.disk_size, max_object_size=settings.max_object_size
+        )
+    except OSError as exc:
+        if exc.errno in _OFFLINE_ERRNOS:
+            logger.warning(
+                "xarray-zcache: the cache folder %s (disk_path) cannot be written (%s); "
+                "caching in memory only",
+                settings.disk_path,
+                exc.strerror or exc,
+            )
+            return None
+        raise OSError(
+            exc.errno,
+            f"xarray-zcache: cannot use the cache folder {settings.disk_path} (disk_path): "
+            f"{exc.strerror or exc}",
+        ) from exc
+
+
+class HybridCache(CacheReporting):
     """A memory tier over an optional persistent disk tier, mapping str keys to bytes.
 
-    Reads look in memory, then in the not-yet-written background disk writes, then
-    on disk (a disk hit is promoted to memory per ``promotion_threshold``). Fills
-    after a miss go to memory at once and to disk in a background thread, so the
-    caller is not slowed down by disk writes; `flush` waits for them and runs at
-    `close` and at interpreter exit. A fill that raced with an invalidation of its
-    key (a write or delete through the cache) is dropped, here and on disk (where
-    the check also covers other processes sharing the folder).
-
-    The cache knows nothing about zarr: keys are opaque strings, and ``kind`` is a
-    label (``"metadata"`` or ``"chunk"``) that selects a TTL and a stats bucket.
-
-    All methods are thread-safe. Disk reads and SQLite work happen in the calling
-    thread: async callers should run `lookup_disk` in a worker thread.
+    Fills after a miss go to memory at once and to disk in a background thread;
+    `flush` waits for them and runs at `close` and at interpreter exit. All
+    methods are thread-safe; disk reads of the async path run in a worker thread.
 
     Parameters
     ----------
-    config
-        The settings (sizes, TTLs, policies, disk folder).
+    settings
+        A `CacheSettings`, or any object with the same attributes (a `CacheConfig`).
 
     Examples
     --------
-    >>> from xarray_zcache.config import CacheConfig
-    >>> cache = HybridCache(CacheConfig().with_memory_size("10MB").without_disk_cache())
-    >>> fill = cache.begin("ns/a")
-    >>> cache.fill(fill, b"abc", kind="chunk", namespace="ns")
-    True
-    >>> cache.end(fill)
-    >>> cache.lookup_memory("ns/a", kind="chunk")
+    >>> cache = HybridCache(CacheSettings(memory_size=10_000_000))
+    >>> cache.get_or_load_sync(Read("ns/a", "chunk"), lambda: b"abc")
     b'abc'
+    >>> cache.stats().requests_sent, cache.get_or_load_sync(Read("ns/a", "chunk"), lambda: b"")
+    (1, b'abc')
     """
 
-    def __init__(self, config: CacheConfig) -> None:
-        self.config = config
-        self.memory = MemoryTier(config.memory_size, policy=config.eviction_policy)
-        self.disk: DiskTier | None = None
-        if config.disk_path is not None and config.disk_size > 0:
-            self.disk = DiskTier(
-                config.disk_path, config.disk_size, max_object_size=config.max_object_size
-            )
-        self._stats = StatsRecorder(config.top_n)
-        self._corruptions_base = 0
-        self.trace = AccessTrace()
+    def __init__(self, settings: Any) -> None:
+        self.settings = CacheSettings.of(settings)
+        s = self.settings
+        self._memory = MemoryTier(s.memory_size, policy=s.eviction_policy)  # type: ignore[arg-type]
+        self._disk = _open_disk(s)
+        super().__init__(s.top_n)
+        self._writer = (
+            None
+            if self._disk is None
+            else DiskWriter(self._disk, s.write_queue_size, self._count_dropped_write)
+        )
+        self._negatives = NegativeEntries(s.negative_ttl, self._disk)
+        self._listings = Listings(s.listing_ttl)
         self._rates = AccessRateTracker()
         self._inv = Invalidations()
-        self._lock = threading.Lock()
-        self._negatives: dict[str, float] = {}
-        self._listings: dict[str, tuple[float, tuple[str, ...]]] = {}
-        # background disk writes: key -> (value, kind, namespace, expires, started_ns)
-        self._pending: dict[str, tuple[bytes, str, str, float | None, int]] = {}
-        self._pending_bytes = 0
-        self._warned_queue_full = False
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self._writer: threading.Thread | None = None
+        self._flights = SingleFlight()
+        self._shared: list[SharedTier] = []
+        # one lock orders admissions against invalidations: check-then-put is atomic
+        self._admit_lock = threading.Lock()
         self._closed = False
-        self._stop = threading.Event()
-        self._maintenance: threading.Thread | None = None
         _LIVE.add(self)
 
     def __repr__(self) -> str:
-        return f"<HybridCache {self.config}>"
+        return f"<HybridCache {self.settings.name!r} {self._disk.path if self._disk else 'memory'}>"
 
-    # -- expiry --------------------------------------------------------------------------------
+    @property
+    def config(self) -> CacheSettings:
+        """The settings (kept under this name for callers of the first release)."""
+        return self.settings
 
-    def ttl(self, kind: str) -> float | None:
-        """Time to live of entries of ``kind`` in seconds (``None``: forever)."""
-        return self.config.metadata_ttl if kind == "metadata" else self.config.chunk_ttl
+    @property
+    def disk_tier(self) -> DiskTier | None:
+        """The disk tier, for inspection by tools and tests (reads go through `get_or_load`)."""
+        return self._disk
+
+    @property
+    def memory_tier(self) -> MemoryTier:
+        """The memory tier, for inspection by tools and tests."""
+        return self._memory
+
+    @property
+    def maintenance_interval(self) -> float:
+        return self.settings.maintenance_interval
+
+    def add_shared_tier(self, tier: SharedTier) -> None:
+        """Ask ``tier`` after memory and disk, before loading from the source."""
+        self._shared.append(tier)
 
     def _expires(self, kind: str) -> float | None:
-        ttl = self.ttl(kind)
+        ttl = self.settings.ttl(kind)
         return None if ttl is None else time.time() + ttl
 
-    # -- reads ---------------------------------------------------------------------------------
+    # -- the read protocol ---------------------------------------------------------------------
 
-    def lookup_memory(self, key: str, *, kind: str) -> bytes | None:
-        """Return ``key`` from memory or from a pending disk write, recording a hit."""
-        value = self.memory.get(key)
-        if value is None:
-            pending = self._pending.get(key)
-            if pending is None:
-                return None
-            value = pending[0]
-        self._stats.hit("memory", kind, len(value), key)
-        self.trace.add(key, len(value))
+    def _from_memory(self, read: Read) -> bytes | None:
+        """Memory, then pending disk writes: the whole object (cut), then the entry itself."""
+        if read.whole is not None and read.cut is not None:
+            whole = self._memory.get(read.whole)
+            if whole is None and self._writer is not None:
+                whole = self._writer.pending(read.whole)
+            if whole is not None:
+                part = read.cut(whole)
+                if part is not None:
+                    return part
+        value = self._memory.get(read.key)
+        if value is None and self._writer is not None:
+            value = self._writer.pending(read.key)
         return value
 
-    def lookup_disk(self, key: str, *, kind: str) -> bytes | None:
-        """Return ``key`` from disk (checksum verified), recording a hit; promote per policy."""
-        if self.disk is None:
-            return None
-        value = self.disk.get(key)
-        if value is None:
-            return None
-        self._stats.hit("disk", kind, len(value), key)
-        self.trace.add(key, len(value))
-        rate = self._rates.touch(key)
-        threshold = self.config.promotion_threshold
-        if threshold == 0 or rate >= threshold:
-            self.memory.put(key, value, expires=self._expires(kind), kind=kind)
-            self._stats.add("promotions")
-        return value
+    def _may_be_on_disk(self, read: Read) -> bool:
+        """A ``stat`` or two in the caller's thread spares a cold miss the thread hop."""
+        disk = self._disk
+        if disk is None:
+            return False
+        return (
+            disk.might_contain(read.key)
+            or (read.whole is not None and disk.might_contain(read.whole))
+            or self._negatives.maybe_on_disk(read.object_key)
+        )
 
-    def lookup(self, key: str, *, kind: str) -> bytes | None:
-        """`lookup_memory`, then `lookup_disk`."""
-        value = self.lookup_memory(key, kind=kind)
-        return value if value is not None else self.lookup_disk(key, kind=kind)
+    def _from_disk(self, read: Read) -> tuple[bytes | None, bool]:
+        """Disk step (blocking I/O): ``(value, known_missing)``; promotes per policy."""
+        assert self._disk is not None
+        now = time.time()
+        if self._negatives.on_disk(read.object_key, now):
+            return None, True
+        keys = [read.key] if read.whole is None else [read.whole, read.key]
+        for key in keys:
+            token = self._inv.begin(key)
+            try:
+                entry = _get_entry(self._disk, key, read.kind, now)
+                if entry is None:
+                    continue
+                value = entry.value
+                if key is read.whole:
+                    assert read.cut is not None
+                    part = read.cut(value)
+                    if part is None:
+                        continue
+                else:
+                    part = value
+                # a promotion is an admission: dropped if the key was invalidated since
+                # this read began (a write completed meanwhile)
+                if (
+                    not read.prefetch
+                    and self._wants_promotion(key)
+                    and self._admit(key, token, value, entry.kind, disk=False, ex=entry.expires)
+                ):
+                    self._stats.add("promotions")
+                return part, False
+            finally:
+                self._inv.end(key)
+        return None, False
 
-    def contains(self, key: str) -> bool:
-        """Whether ``key`` is cached in any tier (no stats, no recency change)."""
-        if key in self.memory or key in self._pending:
-            return True
-        return self.disk is not None and key in self.disk
+    def _wants_promotion(self, key: str) -> bool:
+        threshold = self.settings.promotion_threshold
+        return threshold == 0 or self._rates.touch(key) >= threshold
 
-    # -- misses and fills ----------------------------------------------------------------------
+    def _known_missing(self, read: Read) -> bool:
+        return self._negatives.in_memory(read.object_key, time.time())
 
-    def begin(self, key: str) -> Fill:
-        """Register a fetch (or write) of ``key`` about to start; pair with `end`."""
-        return Fill(key, self._inv.begin(key), time.time_ns())
+    async def get_or_load(
+        self, read: Read, load: Callable[[], Awaitable[bytes | None]]
+    ) -> bytes | None:
+        """The bytes of ``read``: from a tier, else from ``load()`` (then admitted).
 
-    def end(self, fill: Fill) -> None:
-        """Unregister the fetch of `begin`."""
-        self._inv.end(fill.key)
-
-    def record_miss(self, key: str, *, kind: str, nbytes: int, seconds: float) -> None:
-        """Count a read that went to the inner store."""
-        self._stats.miss(kind, nbytes, seconds, key)
-        self.trace.add(key, nbytes)
-
-    def record_prefetch(self) -> None:
-        """Count a read-ahead fetch (it is also counted as a miss)."""
-        self._stats.add("prefetches")
-
-    def record_error(self) -> None:
-        """Count an error from the inner store (never cached)."""
-        self._stats.add("inner_errors")
-
-    def fill(
-        self,
-        fill: Fill,
-        value: bytes,
-        *,
-        kind: str,
-        namespace: str,
-        own_invalidations: int = 0,
-        disk: bool = True,
-    ) -> bool:
-        """Admit ``value`` fetched for ``fill.key``; return whether it was admitted.
-
-        Refused when the object is over ``max_object_size``, or when the key was
-        invalidated while the fetch was in flight (other than ``own_invalidations``
-        by the caller itself: a write invalidates before and after sending).
-        ``disk=False`` admits to memory only (values written through this process:
-        other processes sharing the disk tier may have written the key since).
+        ``load`` returns ``None`` for a missing object (remembered as a negative
+        entry); its exceptions propagate unchanged and nothing is cached.
         """
-        key = fill.key
-        if len(value) > self.config.max_object_size:
+        value = self._from_memory(read)
+        if value is not None:
+            self._count_hit("memory", read, value)
+            return value
+        if self._known_missing(read):
+            self._count_negative(read)
+            return None
+        if self._may_be_on_disk(read):
+            value, missing = await asyncio.to_thread(self._from_disk, read)
+            if missing:
+                self._count_negative(read)
+                return None
+            if value is not None:
+                self._count_hit("disk", read, value)
+                return value
+        return await self._load_once(read, load)
+
+    async def _load_once(
+        self, read: Read, load: Callable[[], Awaitable[bytes | None]]
+    ) -> bytes | None:
+        """Single flight: one load per key and loop, joined only while still valid."""
+        while (fut := self._flights.joinable(read.key, self._inv.unchanged)) is not None:
+            try:
+                return await asyncio.shield(fut)
+            except asyncio.CancelledError:
+                if not fut.cancelled():
+                    raise  # we were cancelled ourselves
+                # the leader was cancelled: take over
+        # another load (a read-ahead) may have filled the entry while we looked on disk
+        value = self._from_memory(read)
+        if value is not None:
+            self._count_hit("memory", read, value)
+            return value
+        token = self._inv.begin(read.key)
+        flight = self._flights.start(read.key, token)
+        try:
+            value = await self._load_and_admit(read, token, load)
+        except asyncio.CancelledError:
+            flight.future.cancel()
+            raise
+        except BaseException as exc:
+            flight.future.set_exception(exc)
+            flight.future.exception()  # retrieved: waiters re-raise it themselves
+            raise
+        else:
+            flight.future.set_result(value)
+            return value
+        finally:
+            self._flights.finish(read.key, flight)
+            self._inv.end(read.key)
+
+    async def _load_and_admit(
+        self, read: Read, token: tuple[int, int], load: Callable[[], Awaitable[bytes | None]]
+    ) -> bytes | None:
+        started_ns = time.time_ns()
+        for tier in self._shared:
+            value = await tier.lookup(read)
+            if value is not None:
+                self._count_hit(tier.name, read, value)
+                self._admit(read.key, token, value, read.kind, read=read, started_ns=started_ns)
+                return value
+        t0 = time.perf_counter()
+        try:
+            value = await load()
+        except BaseException:
+            self._stats.add("inner_errors")
+            raise
+        self._after_load(read, token, value, time.perf_counter() - t0, started_ns)
+        return value
+
+    async def load_uncached(self, read: Read, load: Callable[[], Awaitable[_T]]) -> _T:
+        """A request the cache passes on unanswered (e.g. an odd byte range): counted as sent."""
+        t0 = time.perf_counter()
+        try:
+            value = await load()
+        except BaseException:
+            self._stats.add("inner_errors")
+            raise
+        self._count_miss(
+            read, len(value) if isinstance(value, Sized) else 0, time.perf_counter() - t0
+        )
+        return value
+
+    def load_uncached_sync(self, read: Read, load: Callable[[], _T]) -> _T:
+        """`load_uncached` for synchronous callers."""
+        t0 = time.perf_counter()
+        try:
+            value = load()
+        except BaseException:
+            self._stats.add("inner_errors")
+            raise
+        self._count_miss(
+            read, len(value) if isinstance(value, Sized) else 0, time.perf_counter() - t0
+        )
+        return value
+
+    def get_or_load_sync(self, read: Read, load: Callable[[], bytes | None]) -> bytes | None:
+        """`get_or_load` for synchronous callers (no event loop, no single flight)."""
+        value = self._from_memory(read)
+        if value is not None:
+            self._count_hit("memory", read, value)
+            return value
+        if self._known_missing(read):
+            self._count_negative(read)
+            return None
+        if self._may_be_on_disk(read):
+            value, missing = self._from_disk(read)
+            if missing:
+                self._count_negative(read)
+                return None
+            if value is not None:
+                self._count_hit("disk", read, value)
+                return value
+        token = self._inv.begin(read.key)
+        started_ns = time.time_ns()
+        t0 = time.perf_counter()
+        try:
+            value = load()
+        except BaseException:
+            self._stats.add("inner_errors")
+            self._inv.end(read.key)
+            raise
+        try:
+            self._after_load(read, token, value, time.perf_counter() - t0, started_ns)
+        finally:
+            self._inv.end(read.key)
+        return value
+
+    def _after_load(
+        self,
+        read: Read,
+        token: tuple[int, int],
+        value: bytes | None,
+        seconds: float,
+        started_ns: int,
+    ) -> None:
+        self._count_miss(read, len(value or b""), seconds)
+        if value is None:
+            if read.whole is None:  # zarr leaves all-fill chunks unwritten: remember that too
+                self._remember_missing(read, token, started_ns)
+            return
+        self._admit(read.key, token, value, read.kind, read=read, started_ns=started_ns)
+
+    # -- admission -----------------------------------------------------------------------------
+
+    def _admit(
+        self,
+        key: str,
+        token: tuple[int, int],
+        value: bytes,
+        kind: str,
+        *,
+        read: Read | None = None,
+        started_ns: int = 0,
+        own: int = 0,
+        disk: bool = True,
+        ex: float | bool | None = False,
+    ) -> bool:
+        """Admit ``value`` for ``key`` unless the key was invalidated since ``token``.
+
+        ``own``: invalidations by the caller itself (a write invalidates before and
+        after sending). ``disk=False``: memory only. ``ex``: the expiry to keep
+        (a promotion keeps the disk entry's), default from the kind's TTL.
+        """
+        if len(value) > self.settings.max_object_size:
             self._stats.add("not_admitted")
             return False
-        if not self._inv.unchanged(key, fill.generation, own_invalidations):
-            return False
-        expires = self._expires(kind)
-        self.memory.put(key, value, expires=expires, kind=kind)
-        if self.disk is not None and disk:
-            self._queue_disk_write(key, value, kind, namespace, expires, fill.started_ns)
+        expires = self._expires(kind) if ex is False else ex
+        assert not isinstance(expires, bool)
+        with self._admit_lock:
+            if self._closed or not self._inv.unchanged(key, token, own):
+                return False
+            self._memory.put(key, value, expires=expires, kind=kind)
+            if read is not None and read.prefetch:
+                self._prefetched.add(key)
+            if disk and self._writer is not None:
+                namespace = read.namespace if read is not None else ""
+                self._writer.submit(PendingWrite(key, value, kind, namespace, expires, started_ns))
         return True
 
-    def _queue_disk_write(
-        self, key: str, value: bytes, kind: str, namespace: str, expires: float | None, t0: int
-    ) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            if self._pending and self._pending_bytes + len(value) > self.config.write_queue_size:
-                # never block a reader on the disk: drop this write, memory still has it
-                # (an empty queue takes any admitted object, however large)
-                self._stats.add("disk_write_failures")
-                if not self._warned_queue_full:
-                    self._warned_queue_full = True
-                    logger.warning(
-                        "xarray-zcache: the background disk writer is behind (%s queued); "
-                        "dropping disk writes until it catches up (raise zcache.write-queue-size)",
-                        format_bytes(self._pending_bytes),
-                    )
-                return
-            old = self._pending.get(key)
-            if old is not None:
-                self._pending_bytes -= len(old[0])
-            self._pending[key] = (value, kind, namespace, expires, t0)
-            self._pending_bytes += len(value)
-            if self._writer is None:
-                self._writer = threading.Thread(
-                    target=self._write_loop, name="zcache-disk-writer", daemon=True
-                )
-                self._writer.start()
-        self._queue.put(key)
+    def put(self, key: str, value: bytes, *, kind: str, namespace: str = "") -> bool:
+        """Admit ``value`` under ``key`` (memory now, disk in the background); False if refused."""
+        token = self._inv.begin(key)
+        try:
+            return self._admit(
+                key, token, value, kind, read=Read(key, kind, namespace), started_ns=time.time_ns()
+            )
+        finally:
+            self._inv.end(key)
 
-    def _write_loop(self) -> None:
-        assert self.disk is not None
-        while True:
-            key = self._queue.get()
-            try:
-                if key is None:
-                    return
-                item = self._pending.get(key)
-                if item is None:
-                    continue  # invalidated, or already written by an earlier queue entry
-                value, kind, namespace, expires, t0 = item
-                ok = self.disk.put(
-                    key, value, namespace=namespace, kind=kind, expires=expires, fetch_started_ns=t0
-                )
-                if not ok and len(value) <= self.disk.capacity:
-                    self._stats.add("disk_write_failures")
-                with self._lock:
-                    if self._pending.get(key) is item:
-                        del self._pending[key]
-                        self._pending_bytes -= len(value)
-            except Exception:
-                logger.exception("xarray-zcache: background disk write of %r failed", key)
-            finally:
-                self._queue.task_done()
-
-    # -- writes through the cache --------------------------------------------------------------
-
-    def invalidate(self, key: str) -> None:
-        """Drop ``key`` from every tier (a write or delete of it went through)."""
-        self._inv.bump(key)
-        with self._lock:
-            old = self._pending.pop(key, None)
-            if old is not None:
-                self._pending_bytes -= len(old[0])
-            self._negatives.pop(key, None)
-            negative = self._pending.pop(key + self.NEGATIVE_SUFFIX, None)
-            if negative is not None:
-                self._pending_bytes -= len(negative[0])
-        self.memory.delete(key)
-        if self.disk is not None:
-            self.disk.delete(key)
-            self.disk.delete(key + self.NEGATIVE_SUFFIX)
-        self._stats.add("invalidations")
-
-    def invalidate_prefix(self, prefix: str) -> None:
-        """Drop every key starting with ``prefix`` from every tier."""
-        self._inv.bump_prefix(prefix)
-        with self._lock:
-            for k in [k for k in self._pending if k.startswith(prefix)]:
-                self._pending_bytes -= len(self._pending.pop(k)[0])
-            for k in [k for k in self._negatives if k.startswith(prefix)]:
-                del self._negatives[k]
-        self.memory.delete_prefix(prefix)
-        if self.disk is not None:
-            self.disk.delete_prefix(prefix)
-        self._stats.add("invalidations")
-
-    def record_write(self, nbytes: int) -> None:
-        """Count a write that went through the cache."""
-        self._stats.write(nbytes)
-
-    # -- negative entries and listings ---------------------------------------------------------
-
-    # negative entries are also kept on disk (an empty payload under key + this suffix),
-    # so a new process does not probe S3 again for the same missing metadata documents
-    NEGATIVE_SUFFIX = "\x00missing"
-
-    def is_negative(self, key: str) -> bool:
-        """Whether ``key`` is known missing (a fresh negative entry); counts a hit if so."""
-        expires = self._negatives.get(key)
-        now = time.time()
-        if expires is None and self.disk is not None and self.config.negative_ttl > 0:
-            entry = self.disk.get(key + self.NEGATIVE_SUFFIX, now=now)
-            if entry is not None:  # (the disk tier drops it once expired)
-                expires = now + self.config.negative_ttl
-                with self._lock:
-                    self._negatives[key] = expires
-        if expires is None:
-            return False
-        if expires <= now:
-            with self._lock:
-                self._negatives.pop(key, None)
-            return False
-        self._stats.negative_hit(key)
-        return True
-
-    def set_negative(self, fill: Fill, namespace: str = "") -> None:
-        """Remember that ``fill.key`` is missing for ``negative_ttl`` seconds."""
-        ttl = self.config.negative_ttl
-        if ttl <= 0 or not self._inv.unchanged(fill.key, fill.generation):
+    def _remember_missing(self, read: Read, token: tuple[int, int], started_ns: int) -> None:
+        ttl = self.settings.negative_ttl
+        if ttl <= 0:
             return
         expires = time.time() + ttl
-        with self._lock:
-            if len(self._negatives) > 100_000:
-                self._negatives.clear()
-            self._negatives[fill.key] = expires
-        if self.disk is not None:
-            self._queue_disk_write(
-                fill.key + self.NEGATIVE_SUFFIX,
-                b"",
-                "metadata",
-                namespace,
-                expires,
-                fill.started_ns,
-            )
+        with self._admit_lock:
+            if self._closed or not self._inv.unchanged(read.key, token):
+                return
+            self._negatives.add(read.key, expires)
+            if self._writer is not None:
+                self._writer.submit(
+                    PendingWrite(
+                        read.key + NEGATIVE_SUFFIX,
+                        b"",
+                        "metadata",
+                        read.namespace,
+                        expires,
+                        started_ns,
+                    )
+                )
+
+    def _count_dropped_write(self) -> None:
+        self._stats.add("disk_write_failures")
+
+    # -- writes and deletes --------------------------------------------------------------------
+
+    async def write_through(
+        self, read: Read, value: bytes, write: Callable[[], Awaitable[None]], *, keep: bool
+    ) -> None:
+        """Run ``write()`` (the source's write of ``value`` to ``read.key``) through the cache.
+
+        Invalidates before the write (a crash between the write and the
+        invalidation after it must not leave the old value on disk) and after it;
+        on success admits ``value`` to memory if ``keep`` (memory only: nothing
+        orders writers in other processes sharing the disk tier).
+        """
+        self._drop_all([read.key, read.key + PART_SEP])
+        token = self._inv.begin(read.key)
+        try:
+            await write()
+        except BaseException:
+            self._drop_all([read.key, read.key + PART_SEP])  # source may hold either: cache neither
+            raise
+        else:
+            self._after_write(read, token, value, keep)
+        finally:
+            self._inv.end(read.key)
+
+    def write_through_sync(
+        self, read: Read, value: bytes, write: Callable[[], None], *, keep: bool
+    ) -> None:
+        """`write_through` for synchronous callers."""
+        self._drop_all([read.key, read.key + PART_SEP])
+        token = self._inv.begin(read.key)
+        try:
+            write()
+        except BaseException:
+            self._drop_all([read.key, read.key + PART_SEP])
+            raise
+        else:
+            self._after_write(read, token, value, keep)
+        finally:
+            self._inv.end(read.key)
+
+    def _after_write(self, read: Read, token: tuple[int, int], value: bytes, keep: bool) -> None:
+        self._drop_all([read.key, read.key + PART_SEP])
+        self._stats.write(len(value))
+        if keep:
+            self._admit(read.key, token, value, read.kind, own=1, disk=False)
+
+    # -- invalidation --------------------------------------------------------------------------
+
+    def invalidate(self, key: str, *, prefix: bool = False) -> None:
+        """Drop ``key`` (or every key starting with it) from every cache of this process.
+
+        Every cache of the process: two configs over the same data are two caches,
+        and a write through one must not leave the other serving the old bytes.
+        """
+        for cache in live_caches():
+            cache._invalidate_here(key, prefix)
+
+    def _invalidate_here(self, key: str, prefix: bool) -> None:
+        with self._admit_lock:
+            if prefix:
+                self._inv.bump_prefix(key)
+                self._memory.delete_prefix(key)
+                self._negatives.discard_prefix(key)
+                if self._writer is not None:
+                    self._writer.discard_prefix(key)
+            else:
+                self._inv.bump(key)
+                self._memory.delete(key)
+                self._negatives.discard(key)
+                if self._writer is not None:
+                    self._writer.discard(key)
+                    self._writer.discard(key + NEGATIVE_SUFFIX)
+            self._prefetched.discard(key)
+        if self._disk is not None:
+            if prefix:
+                self._disk.delete_prefix(key)
+            else:
+                self._disk.delete(key)
+                self._disk.delete(key + NEGATIVE_SUFFIX)
+        self._stats.add("invalidations")
+
+    async def invalidating(self, keys: list[str], op: Callable[[], Awaitable[None]]) -> None:
+        """Run ``op()`` (a delete, or a write whose result is unknown) through the cache.
+
+        ``keys`` are invalidated before and after it (a key ending in ``"/"`` or
+        ``PART_SEP`` is a prefix), in every cache of the process, and listings dropped.
+        """
+        self._drop_all(keys)
+        try:
+            await op()
+        finally:
+            self._drop_all(keys)
+
+    def invalidating_sync(self, keys: list[str], op: Callable[[], None]) -> None:
+        """`invalidating` for synchronous callers."""
+        self._drop_all(keys)
+        try:
+            op()
+        finally:
+            self._drop_all(keys)
+
+    def _drop_all(self, keys: list[str]) -> None:
+        for key in keys:
+            self.invalidate(key, prefix=key.endswith(("/", PART_SEP)))
+        for cache in live_caches():
+            cache._listings.drop("")
+
+    def clear(self, prefix: str = "") -> None:
+        """Drop every entry (or every entry whose key starts with ``prefix``) here."""
+        self._invalidate_here(prefix, True)
+        self._listings.drop(prefix)
+
+    # -- side tables: listings, lookups without stats ------------------------------------------
 
     def get_listing(self, key: str) -> tuple[str, ...] | None:
         """A cached listing under ``key``, or ``None`` if absent or expired."""
-        item = self._listings.get(key)
-        if item is None or item[0] <= time.time():
-            return None
-        return item[1]
+        return self._listings.get(key)
 
     def put_listing(self, key: str, names: tuple[str, ...], generation: int) -> None:
         """Cache a listing taken when `listing_generation` was ``generation``."""
-        ttl = self.config.listing_ttl
-        if ttl <= 0:
-            return
-        with self._lock:
-            if generation != self._listing_gen:
-                return  # a write went through while listing: the result may be stale
-            if len(self._listings) > 10_000:
-                self._listings.clear()
-            self._listings[key] = (time.time() + ttl, names)
-
-    _listing_gen = 0
+        self._listings.put(key, names, generation)
 
     def listing_generation(self) -> int:
-        """Counter bumped by `drop_listings`; pass it back to `put_listing`."""
-        return self._listing_gen
+        return self._listings.generation
 
-    def drop_listings(self, prefix: str) -> None:
-        """Forget listings whose key starts with ``prefix`` (a write went through)."""
-        with self._lock:
-            self._listing_gen += 1
-            for k in [k for k in self._listings if k.startswith(prefix)]:
-                del self._listings[k]
+    def peek(self, key: str) -> bytes | None:
+        """The cached value of ``key`` from any tier, without stats or recency changes."""
+        value = self._memory.peek(key)
+        if value is None and self._writer is not None:
+            value = self._writer.pending(key)
+        if value is None and self._disk is not None and self._disk.might_contain(key):
+            value = self._disk.get(key)
+        return value
+
+    def contains(self, key: str) -> bool:
+        """Whether ``key`` is cached in any tier (no stats, no recency change)."""
+        if key in self._memory or (self._writer is not None and key in self._writer):
+            return True
+        return self._disk is not None and key in self._disk
+
+    def known_missing(self, key: str) -> bool:
+        """Whether a fresh negative entry says ``key`` is missing (memory only, no stats)."""
+        return self._negatives.in_memory(key, time.time())
 
     # -- cluster hooks -------------------------------------------------------------------------
 
     def promote(self, keys: list[str]) -> int:
-        """Promote ``keys`` held on disk to memory now; return how many were promoted."""
+        """Promote ``keys`` held on disk to memory now (kind and expiry kept); return how many."""
+        if self._disk is None:
+            return 0
         n = 0
         for key in keys:
-            if key in self.memory or self.disk is None:
+            if key in self._memory:
                 continue
-            value = self.disk.get(key)
-            if value is not None:
-                self.memory.put(key, value, kind="chunk")
-                self._stats.add("promotions")
-                n += 1
+            token = self._inv.begin(key)
+            try:
+                entry = _get_entry(self._disk, key, "chunk")
+                if entry is not None and self._admit(
+                    key, token, entry.value, entry.kind, disk=False, ex=entry.expires
+                ):
+                    self._stats.add("promotions")
+                    n += 1
+            finally:
+                self._inv.end(key)
         return n
 
-    # -- maintenance ---------------------------------------------------------------------------
+    # -- lifecycle -----------------------------------------------------------------------------
 
     def start_maintenance(self) -> None:
-        """Start the periodic maintenance thread (idempotent)."""
-        with self._lock:
-            if self._maintenance is not None or self._closed:
-                return
-            self._maintenance = threading.Thread(
-                target=self._maintenance_loop, name="zcache-maintenance", daemon=True
-            )
-            self._maintenance.start()
-
-    def _maintenance_loop(self) -> None:
-        while not self._stop.wait(self.config.maintenance_interval):
-            try:
-                self.maintain()
-            except Exception:
-                logger.exception("xarray-zcache: cache maintenance failed")
+        """Run `maintain` periodically on the process's maintenance thread."""
+        if not self._closed:
+            schedule(self)
 
     def maintain(self) -> None:
         """Drop expired entries, enforce sizes, flush access statistics."""
         now = time.time()
-        self.memory.drop_expired(now)
-        with self._lock:
-            for k in [k for k, t in self._negatives.items() if t <= now]:
-                del self._negatives[k]
-            for k in [k for k, (t, _) in self._listings.items() if t <= now]:
-                del self._listings[k]
-        if self.disk is not None:
-            self.disk.drop_expired(now)
-            self.disk.evict()
-            self.disk.prune_tombstones()
-            self.disk.flush()
+        self._memory.drop_expired(now)
+        self._negatives.sweep(now)
+        self._listings.sweep(now)
+        if self._disk is not None:
+            self._disk.drop_expired(now)
+            self._disk.evict()
+            self._disk.prune_tombstones()
+            self._disk.flush()
 
     def flush(self) -> None:
         """Wait for background disk writes and persist access statistics."""
         if self._writer is not None:
-            self._queue.join()
-        if self.disk is not None:
-            self.disk.flush()
+            self._writer.flush()
+        if self._disk is not None:
+            self._disk.flush()
 
     def close(self) -> None:
-        """Flush, stop the background threads and close the disk index. Idempotent."""
+        """Flush, stop the disk writer and close the disk index. Idempotent."""
         if self._closed:
             return
-        self.flush()
-        with self._lock:
-            self._closed = True
-        self._stop.set()
         if self._writer is not None:
-            self._queue.put(None)
-            self._writer.join(timeout=10)
-        if self.disk is not None:
-            self.disk.close()
+            self._writer.close()
+        with self._admit_lock:
+            self._closed = True
+        if self._disk is not None:
+            self._disk.flush()
+            self._disk.close()
         _LIVE.discard(self)
 
     @property
     def disk_backlog(self) -> float:
         """Fraction of ``write_queue_size`` waiting for the background disk writer."""
-        return self._pending_bytes / max(1, self.config.write_queue_size)
+        return 0.0 if self._writer is None else self._writer.backlog
 
     @property
     def closed(self) -> bool:
         return self._closed
-
-    def clear(self, prefix: str = "") -> None:
-        """Drop every entry (or every entry whose key starts with ``prefix``)."""
-        self.invalidate_prefix(prefix)
-        self.drop_listings(prefix)
-
-    # -- stats ---------------------------------------------------------------------------------
-
-    def stats(self) -> CacheStats:
-        """A snapshot of counters and gauges."""
-        gauges: dict[str, Any] = {
-            "memory_used": self.memory.used_bytes(),
-            "memory_capacity": self.memory.capacity,
-            "memory_entries": len(self.memory),
-            "memory_entry_overhead": self.memory.entry_overhead,
-        }
-        evictions = {"memory": self.memory.evictions, "disk": 0}
-        if self.disk is not None:
-            gauges.update(
-                disk_used=self.disk.used_bytes(),
-                disk_capacity=self.disk.capacity,
-                disk_entries=len(self.disk),
-                disk_path=str(self.disk.path),
-            )
-            evictions["disk"] = self.disk.evictions
-        snap = self._stats.snapshot(**gauges)
-        snap.evictions = evictions
-        if self.disk is not None:
-            # everything the disk tier found damaged: payload files (on reads, promotions,
-            # verify) and the index (at open, on writes)
-            snap.corruptions += self.disk.corruptions - self._corruptions_base
-        return snap
-
-    def analytics(self, group: Callable[[str], str] | None = None) -> dict[str, Any]:
-        """Miss-ratio curves, sizing recommendations and access patterns of recent reads.
-
-        Computed on demand from the last reads (`AccessTrace`), O(n log n): call it
-        from time to time, not per read.
-
-        Parameters
-        ----------
-        group
-            Maps a key to its group (e.g. its zarr array) for access patterns;
-            ``None`` skips them.
-
-        Returns
-        -------
-        dict
-            ``memory_curve`` / ``disk_curve``: estimated LRU hit rate at 0.5x, 1x, 2x
-            and 4x the tier's size (keys are the factors as strings); ``recommendations``:
-            one line per tier; ``patterns``: per group, sequential or random;
-            ``trace_length``: reads analysed.
-        """
-        trace = self.trace.snapshot()
-        factors = (0.5, 1.0, 2.0, 4.0)
-        out: dict[str, Any] = {"trace_length": len(trace), "recommendations": []}
-        tiers = [("memory", self.memory.capacity)]
-        if self.disk is not None:
-            tiers.append(("disk", self.disk.capacity))
-        for tier, cap in tiers:
-            caps = {f: int(cap * f) for f in factors}
-            curve = miss_ratio_curve(trace, caps.values())
-            out[f"{tier}_curve"] = {str(f): curve[c] for f, c in caps.items()}
-            if trace:
-                out["recommendations"].append(recommendation(curve, cap, tier))
-        out["patterns"] = access_patterns(trace, group) if group is not None else {}
-        return out
-
-    def reset_stats(self) -> None:
-        """Zero the counters (entries are kept)."""
-        self._stats.reset()
-        self._corruptions_base = self.disk.corruptions if self.disk is not None else 0
-        self.trace.clear()
-
-    def hot_keys(self, n: int | None = None) -> list[tuple[str, int]]:
-        """The most accessed keys with their access counts."""
-        return self._stats.hot_keys(n)

@@ -10,7 +10,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from dask.utils import format_bytes
+from xarray_zcache.cache.units import format_bytes
 
 __all__ = ["KINDS", "TIERS", "CacheStats", "HotKeys", "StatsRecorder"]
 
@@ -81,6 +81,7 @@ class CacheStats:
     corruptions: int = 0
     promotions: int = 0
     prefetches: int = 0
+    prefetch_hits: int = 0
     disk_write_failures: int = 0
     not_admitted: int = 0
     fetch_latency_ms: list[int] = dataclasses.field(
@@ -112,17 +113,23 @@ class CacheStats:
         return sum(self.misses[k] for k in kinds)
 
     def hit_rate(self, kind: str | None = None) -> float:
-        """Fraction of reads served by the cache (0.0 when there were none)."""
-        hits = self.total_hits(kind)
+        """Fraction of requests the cache saved: saved / (saved + sent); 0.0 with neither.
+
+        A read served from an entry that a read-ahead fetched saved no request
+        (the read-ahead sent it): it counts in neither the numerator nor as a miss.
+        """
+        saved = self.total_hits(kind)
+        if kind in (None, "chunk"):
+            saved -= self.prefetch_hits
         if kind in (None, "metadata"):
-            hits += self.negative_hits
-        total = hits + self.total_misses(kind)
-        return hits / total if total else 0.0
+            saved += self.negative_hits
+        total = saved + self.total_misses(kind)
+        return saved / total if total else 0.0
 
     @property
     def requests_saved(self) -> int:
-        """Requests not sent to the inner store thanks to the cache."""
-        return self.total_hits() + self.negative_hits
+        """Requests not sent to the inner store thanks to the cache (read-ahead hits excluded)."""
+        return self.total_hits() - self.prefetch_hits + self.negative_hits
 
     @property
     def bytes_saved(self) -> int:
@@ -196,6 +203,7 @@ class CacheStats:
         "prefetches",
         "disk_write_failures",
         "not_admitted",
+        "prefetch_hits",
         *(f"fetch_latency_ms.{i}" for i in range(len(LATENCY_BUCKETS_MS))),
         "memory_used",
         "memory_capacity",
@@ -228,6 +236,7 @@ class CacheStats:
             self.prefetches,
             self.disk_write_failures,
             self.not_admitted,
+            self.prefetch_hits,
         ]
         out += list(self.fetch_latency_ms)
         out += [
@@ -277,6 +286,7 @@ class CacheStats:
             "prefetches",
             "disk_write_failures",
             "not_admitted",
+            "prefetch_hits",
         ):
             setattr(s, name, int(next(it)))
         s.fetch_latency_ms = [int(next(it)) for _ in LATENCY_BUCKETS_MS]
@@ -413,12 +423,14 @@ class StatsRecorder:
             self._s.negative_hits += 1
             self._hot.add(key)
 
-    def miss(self, kind: str, nbytes: int, seconds: float, key: str) -> None:
+    def miss(self, kind: str, nbytes: int, seconds: float, key: str | None) -> None:
+        """A request sent to the source; ``key=None``: no reader asked (a read-ahead)."""
         ms = seconds * 1000
         with self._lock:
             self._s.misses[kind] += 1
             self._s.miss_bytes[kind] += nbytes
-            self._hot.add(key)
+            if key is not None:
+                self._hot.add(key)
             for i, bound in enumerate(LATENCY_BUCKETS_MS):
                 if ms <= bound:
                     self._s.fetch_latency_ms[i] += 1

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from xarray_zcache.cache.stats import CacheStats
-from xarray_zcache.store import array_of
+from xarray_zcache.keys import array_of
 
 if TYPE_CHECKING:
     from distributed import Scheduler

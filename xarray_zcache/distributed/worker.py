@@ -53,9 +53,9 @@ class _WorkerCache:
         """Top-N keys with their access counts and where they are held now."""
         out: list[list[Any]] = []
         for key, count in self.cache.hot_keys(self.config.top_n):
-            if key in self.cache.memory:
+            if key in self.cache.memory_tier:
                 where = "memory"
-            elif self.cache.disk is not None and key in self.cache.disk:
+            elif self.cache.disk_tier is not None and key in self.cache.disk_tier:
                 where = "disk"
             else:
                 where = "none"
@@ -76,11 +76,11 @@ class _WorkerCache:
             "host": self.worker.ip,
             "time": time.time(),
             "stats": self.cache.stats().to_vector(),
-            "disk_path": None if self.cache.disk is None else str(self.cache.disk.path),
+            "disk_path": None if self.cache.disk_tier is None else str(self.cache.disk_tier.path),
             "hot": self.hot_keys_with_tier(),
         }
         if self.reports_sent % self.ANALYTICS_EVERY == 0:
-            from xarray_zcache.store import array_of
+            from xarray_zcache.keys import array_of
 
             analytics = self.cache.analytics(group=array_of)
             patterns = sorted(analytics["patterns"].items(), key=lambda kv: -kv[1]["accesses"])

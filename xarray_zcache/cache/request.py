@@ -1,0 +1,50 @@
+"""`Read`: what a caller asks of the cache, and how a miss is loaded."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+__all__ = ["PART_SEP", "Read"]
+
+# a part of an object (a byte range, a negative entry) is cached under
+# ``object key + PART_SEP + ...``: invalidating ``key`` and the prefix ``key + PART_SEP``
+# drops the object with all its parts. Callers keep PART_SEP out of object keys.
+PART_SEP = "\x00"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Read:
+    """One read through `HybridCache.get_or_load`.
+
+    Parameters
+    ----------
+    key
+        The cache key of the entry that holds the answer.
+    kind
+        ``"metadata"`` or ``"chunk"``: selects the TTL and the stats bucket.
+    namespace
+        Recorded with the entry on disk (bulk operations and statistics).
+    whole
+        For a part of an object (a byte range): the cache key of the whole object,
+        which serves the read when cached and ``cut`` accepts it.
+    cut
+        ``whole bytes -> part`` or ``None`` when the part cannot be cut from them
+        (then the part's own entry, or the loader, answers).
+    prefetch
+        A read-ahead: its load is a request sent (a miss) but no reader waits, so
+        it does not count as an access; a later hit on what it filled counts as a
+        prefetch hit, not as a request saved.
+    """
+
+    key: str
+    kind: str
+    namespace: str = ""
+    whole: str | None = None
+    cut: Callable[[bytes], bytes | None] | None = None
+    prefetch: bool = False
+
+    @property
+    def object_key(self) -> str:
+        """The key of the object the read is part of (negative entries are per object)."""
+        return self.whole if self.whole is not None else self.key

@@ -1,0 +1,46 @@
+"""The settings a `HybridCache` runs with: a plain dataclass, no dask config behind it.
+
+`xarray_zcache.config.CacheConfig` (which reads dask config) converts to this with
+`CacheSettings.of`; the cache itself never imports dask.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+__all__ = ["CacheSettings"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CacheSettings:
+    """What one cache needs to know; validated by whoever builds it (`CacheConfig`).
+
+    Sizes are bytes, durations seconds; ``None`` TTLs mean "forever".
+    """
+
+    name: str = "default"
+    memory_size: int = 256 * 2**20
+    disk_path: str | None = None
+    disk_size: int = 0
+    max_object_size: int = 64 * 2**20
+    metadata_ttl: float | None = 300.0
+    chunk_ttl: float | None = None
+    listing_ttl: float = 60.0
+    negative_ttl: float = 300.0
+    eviction_policy: str = "lru"
+    promotion_threshold: float = 0.0
+    maintenance_interval: float = 60.0
+    write_queue_size: int = 256 * 2**20
+    top_n: int = 20
+
+    @classmethod
+    def of(cls, config: Any) -> CacheSettings:
+        """The settings of any object with the same attribute names (a `CacheConfig`)."""
+        if isinstance(config, cls):
+            return config
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
+
+    def ttl(self, kind: str) -> float | None:
+        """Time to live of entries of ``kind`` (``"metadata"`` or ``"chunk"``)."""
+        return self.metadata_ttl if kind == "metadata" else self.chunk_ttl

@@ -1,0 +1,152 @@
+"""The background disk writer: fills reach the disk tier without slowing the reader."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from xarray_zcache.cache.units import format_bytes
+
+if TYPE_CHECKING:
+    from xarray_zcache.cache.disk import DiskTier
+
+__all__ = ["DiskWriter", "PendingWrite"]
+
+logger = logging.getLogger("xarray_zcache.cache")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PendingWrite:
+    """A value admitted to the cache, waiting to be written to the disk tier."""
+
+    key: str
+    value: bytes
+    kind: str
+    namespace: str
+    expires: float | None
+    started_ns: int  # when the fetch began: the disk tier drops it if invalidated since
+
+
+class DiskWriter:
+    """A bounded queue of disk writes and the thread that performs them.
+
+    Until written, a value stays readable here (`pending`), so a read between the
+    admission and the write does not miss. The queue is bounded in bytes: when it
+    is full, writes are dropped (the memory tier still holds the value) and
+    counted through ``on_drop``. `flush` waits for the queue; `close` stops the
+    thread. One lock guards the pending map; the disk write runs outside it.
+    """
+
+    def __init__(self, disk: DiskTier, limit: int, on_drop: Callable[[], None]) -> None:
+        self._disk = disk
+        self._limit = limit
+        self._on_drop = on_drop
+        self._lock = threading.Lock()
+        self._pending: dict[str, PendingWrite] = {}
+        self._bytes = 0
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._warned_full = False
+
+    @property
+    def backlog(self) -> float:
+        """Fraction of the byte limit waiting to be written."""
+        return self._bytes / max(1, self._limit)
+
+    def pending(self, key: str) -> bytes | None:
+        """The value waiting to be written under ``key``, if any."""
+        item = self._pending.get(key)
+        return None if item is None else item.value
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._pending
+
+    def submit(self, item: PendingWrite) -> bool:
+        """Queue ``item``; return False if it was dropped (queue full or closed)."""
+        with self._lock:
+            if self._closed:
+                return False
+            if self._pending and self._bytes + len(item.value) > self._limit:
+                # never block a reader on the disk: drop this write, memory still has it
+                # (an empty queue takes any admitted object, however large)
+                if not self._warned_full:
+                    self._warned_full = True
+                    logger.warning(
+                        "xarray-zcache: the background disk writer is behind (%s queued); "
+                        "dropping disk writes until it catches up (raise zcache.write-queue-size)",
+                        format_bytes(self._bytes),
+                    )
+                self._on_drop()
+                return False
+            old = self._pending.get(item.key)
+            if old is not None:
+                self._bytes -= len(old.value)
+            self._pending[item.key] = item
+            self._bytes += len(item.value)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="zcache-disk-writer", daemon=True
+                )
+                self._thread.start()
+        self._queue.put(item.key)
+        return True
+
+    def discard(self, key: str) -> None:
+        """Forget the pending write of ``key`` (it was invalidated)."""
+        with self._lock:
+            old = self._pending.pop(key, None)
+            if old is not None:
+                self._bytes -= len(old.value)
+
+    def discard_prefix(self, prefix: str) -> None:
+        """Forget the pending writes of every key starting with ``prefix``."""
+        with self._lock:
+            for k in [k for k in self._pending if k.startswith(prefix)]:
+                self._bytes -= len(self._pending.pop(k).value)
+
+    def _run(self) -> None:
+        while True:
+            key = self._queue.get()
+            try:
+                if key is None:
+                    return
+                item = self._pending.get(key)
+                if item is None:
+                    continue  # invalidated, or written by an earlier queue entry
+                ok = self._disk.put(
+                    item.key,
+                    item.value,
+                    namespace=item.namespace,
+                    kind=item.kind,
+                    expires=item.expires,
+                    fetch_started_ns=item.started_ns,
+                )
+                if not ok and len(item.value) <= self._disk.capacity:
+                    self._on_drop()
+                with self._lock:
+                    if self._pending.get(key) is item:
+                        del self._pending[key]
+                        self._bytes -= len(item.value)
+            except Exception:
+                logger.exception("xarray-zcache: background disk write of %r failed", key)
+            finally:
+                self._queue.task_done()
+
+    def flush(self) -> None:
+        """Wait until every queued write is done."""
+        if self._thread is not None:
+            self._queue.join()
+
+    def close(self) -> None:
+        """Flush, then stop the thread; later submissions are dropped."""
+        self.flush()
+        with self._lock:
+            self._closed = True
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout=10)

@@ -1,0 +1,224 @@
+"""The cache-key format: one module owns how zarr keys, byte ranges and stores become cache keys.
+
+A cache key is ``"{namespace}/{escaped zarr key}"``, plus ``"\\x00{range}"`` for an entry
+that holds one byte range of an object. The encoding is injective: zarr accepts any
+character in a key (NUL included), so the characters the cache uses as separators
+(``\\x00``, ``\\x01``) and the escape character (``%``) are percent-escaped in the key
+part. No zarr key can then be read as a range of another key, as a negative entry
+(``HybridCache`` appends ``"\\x00missing"``) or as a listing.
+
+This module imports no zarr at import time (the scheduler uses `array_of` and
+`key_kind`); `store_namespace` imports zarr's store classes when called.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from xarray_zcache.cache.request import PART_SEP
+
+if TYPE_CHECKING:
+    from zarr.abc.store import ByteRequest, Store
+
+__all__ = [
+    "LIST_SEP",
+    "METADATA_NAMES",
+    "RANGE_SEP",
+    "array_of",
+    "cut",
+    "entry_key",
+    "escape",
+    "is_plain_range",
+    "key_kind",
+    "listing_key",
+    "range_key",
+    "store_namespace",
+    "unescape",
+]
+
+METADATA_NAMES = frozenset({"zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata"})
+# separates a key from the byte range of a ranged entry; escaped inside keys
+RANGE_SEP = PART_SEP
+# separates the parts of a listing entry's key; escaped inside keys
+LIST_SEP = "\x01"
+
+_ESCAPES = str.maketrans({"%": "%25", "\x00": "%00", "\x01": "%01"})
+
+
+def escape(key: str) -> str:
+    """``key`` with ``%``, NUL and ``\\x01`` percent-escaped (identity for ordinary keys)."""
+    if "%" in key or "\x00" in key or "\x01" in key:
+        return key.translate(_ESCAPES)
+    return key
+
+
+def unescape(part: str) -> str:
+    """Inverse of `escape`."""
+    if "%" not in part:
+        return part
+    return part.replace("%01", "\x01").replace("%00", "\x00").replace("%25", "%")
+
+
+def key_kind(key: str) -> str:
+    """``"metadata"`` for zarr metadata documents, ``"chunk"`` for everything else."""
+    return "metadata" if key.rpartition("/")[2] in METADATA_NAMES else "chunk"
+
+
+def entry_key(namespace: str, key: str) -> str:
+    """The cache key of the whole object ``key`` of the store named ``namespace``."""
+    return f"{namespace}/{escape(key)}"
+
+
+def is_plain_range(byte_range: ByteRequest | None) -> bool:
+    """Whether ``byte_range`` is one the cache serves: a non-empty, well-formed range.
+
+    Odd requests (an empty or reversed range, a negative offset, a zero suffix)
+    are answered differently by different stores (an error, ``b""``, the whole
+    object): the cache passes them to the wrapped store and caches nothing, so
+    that the answer is always the wrapped store's own.
+    """
+    if byte_range is None:
+        return True
+    if hasattr(byte_range, "end"):
+        return 0 <= byte_range.start < byte_range.end  # type: ignore[union-attr]
+    if hasattr(byte_range, "offset"):
+        return byte_range.offset >= 0  # type: ignore[union-attr]
+    return byte_range.suffix > 0  # type: ignore[union-attr]
+
+
+def range_key(ck: str, byte_range: ByteRequest) -> str:
+    """The cache key of the entry holding ``byte_range`` of the object cached as ``ck``."""
+    if hasattr(byte_range, "end"):
+        return f"{ck}{RANGE_SEP}r{byte_range.start}-{byte_range.end}"  # type: ignore[union-attr]
+    if hasattr(byte_range, "offset"):
+        return f"{ck}{RANGE_SEP}o{byte_range.offset}"  # type: ignore[union-attr]
+    return f"{ck}{RANGE_SEP}s{byte_range.suffix}"  # type: ignore[union-attr]
+
+
+def cut(byte_range: ByteRequest, whole: bytes) -> bytes | None:
+    """``byte_range`` of the whole object ``whole``, or ``None`` if it is not inside it.
+
+    Only ranges that lie within the object are cut from it (a store may answer a
+    range past the end with an error or a short read): the others are read from
+    the wrapped store, so a hit answers exactly as the wrapped store would.
+    """
+    n = len(whole)
+    if hasattr(byte_range, "end"):
+        start, end = byte_range.start, byte_range.end  # type: ignore[union-attr]
+        return whole[start:end] if end <= n else None
+    if hasattr(byte_range, "offset"):
+        offset = byte_range.offset  # type: ignore[union-attr]
+        return whole[offset:] if offset < n else None
+    suffix = byte_range.suffix  # type: ignore[union-attr]
+    return whole[n - suffix :] if suffix <= n else None
+
+
+def listing_key(namespace: str, op: str, prefix: str) -> str:
+    """The cache key of a listing (``op`` is ``list``, ``prefix`` or ``dir``)."""
+    return f"{namespace}/{LIST_SEP}{op}{LIST_SEP}{escape(prefix)}"
+
+
+def array_of(cache_key: str) -> str:
+    """The zarr array a cache key belongs to: its path without the chunk-grid part."""
+    head = cache_key.split(RANGE_SEP, 1)[0]
+    if "/c/" in head:  # zarr v3 default chunk key encoding
+        return head.rsplit("/c/", 1)[0]
+    return posixpath.dirname(head)
+
+
+# -- namespaces --------------------------------------------------------------------------------
+
+
+def _strip_userinfo(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        return parts._replace(netloc=host).geturl()
+    return url
+
+
+def _configured_s3_endpoint(fs: Any) -> str:
+    """The endpoint botocore would use for ``fs`` when none is given in its options.
+
+    ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` and the profile's ``endpoint_url``
+    (also under ``services``) redirect S3 clients to another service: two such
+    services must never share cache entries, so their endpoint is part of the
+    namespace. Returns ``""`` for AWS itself (bucket names are global there).
+    """
+    try:
+        import botocore.session
+        from botocore.configprovider import ConfiguredEndpointProvider
+    except ImportError:  # pragma: no cover - botocore moved its private provider
+        return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+    profile = getattr(fs, "profile", None) or None
+    try:
+        session = botocore.session.Session(profile=profile)
+        if session.get_config_variable("ignore_configured_endpoint_urls"):
+            return ""
+        provider = ConfiguredEndpointProvider(
+            full_config=session.full_config,
+            scoped_config=session.get_scoped_config(),
+            client_name="s3",
+        )
+        return str(provider.provide() or "")
+    except Exception as exc:  # a broken profile: refuse to guess
+        raise ValueError(
+            f"cannot tell which S3 endpoint profile {profile!r} points at ({exc}); pass "
+            "storage_options={'endpoint_url': ...} or a namespace= to CachedStore"
+        ) from exc
+
+
+def _fsspec_endpoint(fs: Any) -> str:
+    explicit = (
+        getattr(fs, "endpoint_url", None)
+        or (getattr(fs, "client_kwargs", None) or {}).get("endpoint_url")
+        or ""
+    )
+    if not explicit and type(fs).__module__.startswith("s3fs"):
+        explicit = _configured_s3_endpoint(fs)
+    return _strip_userinfo(str(explicit)).rstrip("/")
+
+
+def store_namespace(store: Store) -> str:
+    """A canonical, credential-free name of the data a store points at.
+
+    Two stores over the same data get the same namespace (so they share cache
+    entries, also across processes through the disk tier); stores over different
+    data never do. Built from the protocol, the endpoint (also one configured
+    outside the store's options, through the environment or an AWS profile) and
+    the path; never from ``id()`` (ids are reused, which would serve one dataset's
+    bytes for another).
+    """
+    from zarr.abc.store import Store as StoreABC
+    from zarr.storage import FsspecStore, LocalStore, MemoryStore
+
+    own: str | None = getattr(store, "namespace", None)
+    if isinstance(own, str) and getattr(store, "inner", None) is not None:
+        return own  # a CachedStore
+    inner = getattr(store, "_store", None)
+    if isinstance(inner, StoreABC):  # a WrapperStore: the data is the wrapped store's
+        return store_namespace(inner)
+    if isinstance(store, LocalStore):
+        return "file://" + os.path.realpath(os.fspath(store.root))
+    if isinstance(store, FsspecStore):
+        fs = store.fs
+        protocol = fs.protocol[0] if isinstance(fs.protocol, tuple | list) else fs.protocol
+        endpoint = _fsspec_endpoint(fs)
+        path = store.path.strip("/")
+        # endpoint before path: a store opened at a sub-path of another store gets the
+        # same cache keys for the same objects (so writes through either invalidate both)
+        return f"{protocol}+{endpoint}/{path}" if endpoint else f"{protocol}://{path}"
+    if isinstance(store, MemoryStore):
+        # a MemoryStore has no location: name it once, for its lifetime
+        ns: str | None = getattr(store, "_zcache_namespace", None)
+        if ns is None:
+            ns = f"memory://{uuid.uuid4().hex}"
+            store._zcache_namespace = ns  # type: ignore[attr-defined]
+        return ns
+    return f"{type(store).__module__}.{type(store).__qualname__}:{_strip_userinfo(str(store))}"
