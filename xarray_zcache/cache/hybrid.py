@@ -154,6 +154,8 @@ class HybridCache(CacheReporting):
         # one lock orders admissions against invalidations: check-then-put is atomic
         self._admit_lock = threading.Lock()
         self._closed = False
+        # named test points ("disk-read", "admit"): called with the key; see tests
+        self.hooks: dict[str, Callable[[str], None]] = {}
         _LIVE.add(self)
 
     def __repr__(self) -> str:
@@ -227,6 +229,8 @@ class HybridCache(CacheReporting):
                 entry = _get_entry(self._disk, key, read.kind, now)
                 if entry is None:
                     continue
+                if self.hooks:
+                    self._hook("disk-read", key)
                 value = entry.value
                 if key is read.whole:
                     assert read.cut is not None
@@ -247,6 +251,11 @@ class HybridCache(CacheReporting):
             finally:
                 self._inv.end(key)
         return None, False
+
+    def _hook(self, name: str, key: str) -> None:
+        hook = self.hooks.get(name)
+        if hook is not None:
+            hook(key)
 
     def _wants_promotion(self, key: str) -> bool:
         threshold = self.settings.promotion_threshold
@@ -435,6 +444,8 @@ class HybridCache(CacheReporting):
         with self._admit_lock:
             if self._closed or not self._inv.unchanged(key, token, own):
                 return False
+            if self.hooks:
+                self._hook("admit", key)
             self._memory.put(key, value, expires=expires, kind=kind)
             if read is not None and read.prefetch:
                 self._prefetched.add(key)
