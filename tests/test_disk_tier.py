@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import multiprocessing.queues
@@ -441,6 +442,118 @@ def test_delete_prefix_with_sql_wildcards(tier: DiskTier) -> None:
     assert tier.get("axb/1") == b"axb/1"
     assert tier.delete_prefix("") == 4
     assert len(tier) == 0 and payload_files(tier.path) == []
+
+
+def test_get_entry_keeps_kind_expiry_and_namespace(tier: DiskTier) -> None:
+    expires = time.time() + 3600
+    assert tier.put("c", b"chunk", namespace="s3://b", expires=expires)
+    assert tier.put("m", b"{}", kind="metadata")
+    entry = tier.get_entry("c")
+    assert entry is not None
+    assert (entry.value, entry.kind, entry.expires, entry.namespace) == (
+        b"chunk",
+        "chunk",
+        expires,
+        "s3://b",
+    )
+    meta = tier.get_entry("m")
+    assert meta is not None and (meta.value, meta.kind, meta.expires) == (b"{}", "metadata", None)
+    assert tier.get_entry("missing") is None
+    # same rules as get: expired entries are misses (and removed), damage is a miss
+    assert tier.get_entry("c", now=expires + 1) is None and "c" not in tier
+    f = file_of(tier, "m", "metadata")
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0xFF
+    f.write_bytes(bytes(data))
+    assert tier.get_entry("m") is None and tier.corruptions == 1
+    tier.flush()
+
+
+def test_summary_groups_by_namespace_and_kind(tier: DiskTier) -> None:
+    assert tier.summary() == []
+    assert tier.put("a/1", b"x" * 10, namespace="a")
+    assert tier.put("a/2", b"x" * 5, namespace="a")
+    assert tier.put("a/zarr.json", b"{}", namespace="a", kind="metadata")
+    assert tier.put("b/1", b"y" * 7, namespace="b")
+    assert tier.put("none", b"z")
+    assert tier.summary() == [
+        {"namespace": "", "kind": "chunk", "entries": 1, "bytes": 1},
+        {"namespace": "a", "kind": "chunk", "entries": 2, "bytes": 15},
+        {"namespace": "a", "kind": "metadata", "entries": 1, "bytes": 2},
+        {"namespace": "b", "kind": "chunk", "entries": 1, "bytes": 7},
+    ]
+    assert sum(r["bytes"] for r in tier.summary()) == tier.used_bytes()
+
+
+def test_delete_namespace(tier: DiskTier) -> None:
+    fetch = time.time_ns()
+    assert tier.put("a/1", b"1", namespace="a")
+    assert tier.put("a/zarr.json", b"{}", namespace="a", kind="metadata")
+    assert tier.put("b/1", b"2", namespace="b")
+    assert tier.get("a/1") == b"1"  # a pending access record, dropped with the entry
+    assert tier.delete_namespace("a") == 2
+    assert tier.delete_namespace("a") == 0 and tier.delete_namespace("nope") == 0
+    assert tier.keys() == ["b/1"] and tier.get("a/1") is None
+    assert len(payload_files(tier.path)) == 1
+    # the removed keys got tombstones: fills fetched before the removal are stale
+    assert not tier.put("a/1", b"stale", namespace="a", fetch_started_ns=fetch)
+    assert tier.put("a/1", b"new", namespace="a", fetch_started_ns=time.time_ns())
+    assert tier.verify() == {**tier.verify(), "ok": 2}
+
+
+def test_disk_package_imports_only_the_standard_library() -> None:
+    """The disk tier stands alone: no zarr, dask, xarray, distributed or numpy."""
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parent.parent / "xarray_zcache"
+    code = f"""
+import sys, types
+parents = (("xarray_zcache", {str(root)!r}), ("xarray_zcache.cache", {str(root / "cache")!r}))
+for name, path in parents:
+    module = types.ModuleType(name)  # the parents, without running their __init__
+    module.__path__ = [path]
+    sys.modules[name] = module
+import xarray_zcache.cache.disk
+loaded = {{m.split(".")[0] for m in sys.modules}}
+print(",".join(sorted({{"zarr", "dask", "xarray", "distributed", "numpy"}} & loaded)))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == ""
+
+
+def test_crash_hooks_name_the_points_of_a_put(tmp_path: pathlib.Path) -> None:
+    from xarray_zcache.cache.disk import hooks
+
+    tier = DiskTier(tmp_path / "cache", 1 << 20)
+    seen: list[str] = []
+
+    def fail(*_args: object) -> None:
+        raise OSError(5, "injected")
+
+    try:
+        with pytest.raises(ValueError, match="point must be one of"):
+            hooks.register("nowhere", fail)
+        points = ["after-header-write", "after-temp-write", "before-replace", "after-replace"]
+        with contextlib.ExitStack() as stack:
+            for point in points:
+                stack.enter_context(hooks.registered(point, lambda *a, p=point: seen.append(p)))
+            assert tier.put("k", b"v")
+        assert seen == points
+        # a failure right before the rename, like a crash there: nothing visible and no temp
+        # file; the committed row has no file (a miss, which verify reports and repairs)
+        with hooks.registered("before-replace", fail):
+            assert not tier.put("k2", b"v2")
+        assert tier.get("k2") is None and tier.get("k") == b"v"
+        assert [p.name for p in payload_files(tier.path)] == [file_of(tier, "k").name]
+        assert tier.verify()["missing_files"] == 1
+        tier.verify(repair=True)
+        assert "k2" not in tier and tier.verify()["ok"] == 1
+    finally:
+        hooks.clear()
+        tier.close()
 
 
 # --------------------------------------------------------------------------- concurrency

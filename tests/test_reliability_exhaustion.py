@@ -26,6 +26,7 @@ from zarr.storage import MemoryStore
 
 from xarray_zcache import CacheConfig, CachedStore
 from xarray_zcache.cache import disk as disk_module
+from xarray_zcache.cache.disk import index as disk_index
 
 P = default_buffer_prototype()
 
@@ -45,7 +46,7 @@ def test_new_cache_on_a_full_filesystem(
     tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """No room even for the index: the tier runs without it (warning), then comes back."""
-    monkeypatch.setattr(disk_module, "_REOPEN_INTERVAL_S", 0.0)
+    monkeypatch.setattr(disk_index, "REOPEN_INTERVAL_S", 0.0)
     keys = faults.dataset_keys(10)
     reference = faults.local_store(tmp_path / "data")
     for key in keys:

@@ -1,0 +1,22 @@
+"""Persistent on-disk (L2) tier of the cache: payload files plus a SQLite index.
+
+Layout under the cache folder (created with mode 0700)::
+
+    <path>/chunks/<hh>/<sha256hex>.cache     payloads of kind "chunk"
+    <path>/metadata/<hh>/<sha256hex>.meta    payloads of kind "metadata"
+    <path>/index.db                          SQLite index (WAL mode)
+
+One module per job: :mod:`.format` (the payload file format), :mod:`.folder` (the folder),
+:mod:`.schema` and :mod:`.index` (the SQLite index and its recovery), :mod:`.rows` (row
+operations), :mod:`.writes` (the two transactions of ``put``), :mod:`.access` (hit
+statistics), :mod:`.scan` and :mod:`.check` (``verify``, ``rebuild_index``), :mod:`.reads` and
+:mod:`.tier` (:class:`DiskTier`), :mod:`.hooks` (named points for fault tests). Only the
+standard library is imported.
+"""
+
+from xarray_zcache.cache.disk import hooks
+from xarray_zcache.cache.disk.entry import DiskEntry, PutRequest
+from xarray_zcache.cache.disk.format import FORMAT_VERSION, HEADER, MAGIC
+from xarray_zcache.cache.disk.tier import DiskTier
+
+__all__ = ["FORMAT_VERSION", "HEADER", "MAGIC", "DiskEntry", "DiskTier", "PutRequest", "hooks"]

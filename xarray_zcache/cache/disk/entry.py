@@ -1,0 +1,87 @@
+"""Records passed between the parts of the disk tier instead of long argument lists."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import zlib
+
+from xarray_zcache.cache.disk.format import KINDS, digest, pack_header, payload_path, temp_path
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DiskEntry:
+    """A verified entry read from the disk tier (see ``DiskTier.get_entry``)."""
+
+    value: bytes
+    kind: str
+    #: absolute expiry (seconds since the epoch); None: never expires
+    expires: float | None
+    namespace: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PutRequest:
+    """One ``put``: what goes in the index row and where the payload file goes."""
+
+    key: str
+    namespace: str
+    kind: str
+    size: int
+    checksum: int
+    expires: float | None
+    #: ``time.time_ns()`` when the value was fetched; None: an authoritative write
+    fetch_started_ns: int | None
+    #: ``time.time_ns()`` of the ``put`` (the tombstone time of an authoritative write)
+    write_ns: int
+    hexdigest: str
+    final: str
+    #: the key's payload paths of every kind (``final`` among them)
+    paths: tuple[str, ...]
+    temp: str
+    #: file header (fixed part, key, namespace); the payload follows it
+    header: bytes
+    #: random; the row carries it between the two transactions of ``put`` (see writes.py)
+    token: int
+
+    @classmethod
+    def build(
+        cls,
+        root: str,
+        key: str,
+        value: bytes | memoryview,
+        *,
+        namespace: str,
+        kind: str,
+        expires: float | None,
+        fetch_started_ns: int | None,
+        write_ns: int,
+    ) -> PutRequest:
+        """The request for ``value`` (key and namespace must be encodable as UTF-8)."""
+        key_bytes = key.encode("utf-8")
+        key_digest = digest(key)
+        hexdigest = key_digest.hex()
+        size = memoryview(value).nbytes
+        checksum = zlib.crc32(value)
+        expiry = math.inf if expires is None else float(expires)
+        header = pack_header(
+            key_bytes, namespace.encode("utf-8"), size, checksum, expiry, key_digest
+        )
+        final = payload_path(root, hexdigest, kind)
+        return cls(
+            key=key,
+            namespace=namespace,
+            kind=kind,
+            size=size,
+            checksum=checksum,
+            expires=expires,
+            fetch_started_ns=fetch_started_ns,
+            write_ns=write_ns,
+            hexdigest=hexdigest,
+            final=final,
+            paths=tuple(payload_path(root, hexdigest, k) for k in KINDS),
+            temp=temp_path(final, hexdigest),
+            header=header,
+            token=int.from_bytes(os.urandom(8), "little") >> 2,
+        )

@@ -1,0 +1,322 @@
+"""The core of a disk tier: its state, the read path (no SQL) and access statistics."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import pathlib
+import sqlite3
+import threading
+import time
+from typing import Final
+
+from xarray_zcache.cache.disk import check, rows
+from xarray_zcache.cache.disk.access import AccessLog
+from xarray_zcache.cache.disk.entry import DiskEntry
+from xarray_zcache.cache.disk.folder import prepare_folder, same_file
+from xarray_zcache.cache.disk.format import (
+    KINDS,
+    payload_path,
+    read_header,
+    read_payload,
+)
+from xarray_zcache.cache.disk.index import Index, Recovered
+from xarray_zcache.cache.disk.log import Warner, logger
+from xarray_zcache.cache.disk.schema import (
+    BUSY_TIMEOUT_MS,
+    IndexUnavailable,
+    txn,
+)
+
+#: After an eviction triggered by ``put``, usage is brought down to this fraction of capacity.
+EVICT_LOW_WATER: Final = 0.9
+#: Tombstones older than this are pruned automatically every ``AUTO_PRUNE_EVERY`` stores.
+TOMBSTONE_TTL_S: Final = 3600.0
+AUTO_PRUNE_EVERY: Final = 4096
+#: Busy timeout for opportunistic access-stat flushes triggered from the hit path.
+_OPPORTUNISTIC_BUSY_MS: Final = 0
+
+
+class TierCore:
+    """State, reads and access statistics of a :class:`~.tier.DiskTier` (see there)."""
+
+    path: pathlib.Path
+    capacity: int
+    max_object_size: int | None
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        capacity: int,
+        *,
+        max_object_size: int | None = None,
+    ) -> None:
+        if capacity < 0:
+            raise ValueError(f"capacity must be >= 0, got {capacity}")
+        if max_object_size is not None and max_object_size < 0:
+            raise ValueError(f"max_object_size must be >= 0 or None, got {max_object_size}")
+        self.path = pathlib.Path(os.fspath(path)).expanduser().resolve()
+        self.capacity = int(capacity)
+        self.max_object_size = None if max_object_size is None else int(max_object_size)
+        self.corruptions = 0
+        self.evictions = 0
+        self.evicted_bytes = 0
+        self.expirations = 0
+        self.stale_rejections = 0
+        self.index_rebuilds = 0
+        self.last_rebuild: dict[str, int] = {}
+        self._root = str(self.path)
+        self._counter_lock = threading.Lock()
+        self._access = AccessLog()
+        self._warn = Warner(self._root)
+        self._stores = 0
+        # Invalidations that could not be recorded in the index (disk full, I/O error, index
+        # unavailable): key or prefix -> time.time_ns(). Guarded by the index lock; recorded
+        # before any later write, and ``get`` serves nothing they cover meanwhile.
+        self._owed_keys: dict[str, int] = {}
+        self._owed_prefixes: dict[str, int] = {}
+        prepare_folder(self.path)
+        self._index = Index(self._root, self._warn, fill=self._fill, on_damage=self._count_damage)
+        self._index.start()
+
+    @property
+    def _conn(self) -> sqlite3.Connection | None:
+        """The SQLite connection (for tests that poke at it)."""
+        return self._index.conn
+
+    @property
+    def _closed(self) -> bool:
+        return self._index.closed
+
+    def _count_damage(self, n: int = 1) -> None:
+        with self._counter_lock:
+            self.corruptions += n
+
+    def _fill(self, conn: sqlite3.Connection) -> None:
+        """Fill a new index from the payload files (``Index`` calls this; folder lock held)."""
+
+        def shrink(conn: sqlite3.Connection, now: float) -> None:
+            self._evict_locked(conn, int(self.capacity * EVICT_LOW_WATER), now)
+
+        counts = check.fill_from_files(conn, self._root, self.capacity, shrink)
+        self.index_rebuilds += 1
+        self._count_damage(counts["corrupt"])
+        self.last_rebuild = counts
+        logger.info("disk cache %s: index rebuilt from payload files: %s", self._root, counts)
+
+    def _evict_locked(
+        self, conn: sqlite3.Connection, target: int, now: float, protect: str | None = None
+    ) -> int:
+        """Drop expired rows, then LRU rows (never ``protect``) until usage <= ``target``
+        (in a transaction; pending access statistics are written first, for the LRU order)."""
+        batch = self._access.take()
+        if batch:
+            AccessLog.write(conn, batch)
+        freed = rows.evict(conn, self._root, target, now, self._warn.error, protect)
+        self.expirations += freed.expired
+        self.evictions += freed.evicted
+        self.evicted_bytes += freed.evicted_bytes
+        return freed.bytes
+
+    def _settle_owed_locked(self, conn: sqlite3.Connection) -> None:
+        """Record the invalidations owed to the index (index lock held; own transaction)."""
+        if not (self._owed_keys or self._owed_prefixes):
+            return
+        keys, prefixes = dict(self._owed_keys), dict(self._owed_prefixes)
+        with txn(conn):
+            for key in keys:
+                rows.delete_key(conn, self._root, key)
+            for prefix in prefixes:
+                rows.delete_prefix(conn, self._root, prefix, self._warn.error)
+        for key in keys:
+            self._owed_keys.pop(key, None)
+        for prefix in prefixes:
+            self._owed_prefixes.pop(prefix, None)
+
+    def _owes(self, key: str) -> bool:
+        with self._index.lock:
+            return key in self._owed_keys or any(key.startswith(p) for p in self._owed_prefixes)
+
+    # ------------------------------------------------------------------ reads
+
+    def might_contain(self, key: str) -> bool:
+        """Cheap pre-check for `get`: whether a payload file exists for ``key``.
+
+        One hash and a ``stat`` per kind, no open, no SQL. ``True`` does not promise a hit
+        (the file may be expired or damaged; `get` decides).
+        """
+        if self._closed:
+            return False
+        hexdigest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+        return any(os.path.exists(payload_path(self._root, hexdigest, k)) for k in KINDS)
+
+    def get(self, key: str, *, now: float | None = None) -> bytes | None:
+        """Return the payload stored for ``key``, or None (see :meth:`get_entry`)."""
+        entry = self.get_entry(key, now=now)
+        return None if entry is None else entry.value
+
+    def get_entry(self, key: str, *, now: float | None = None) -> DiskEntry | None:
+        """Return the entry stored for ``key`` (value, kind, expiry, namespace), or None.
+
+        The file alone is read, no SQL: a visible payload file always has a committed row
+        (:mod:`.rows`), and its header carries the key, length, CRC-32s and expiry, so the
+        bytes returned are exactly what was stored for this key. A file without row can only
+        come from outside tampering; it is served if it verifies, and ``verify`` removes it.
+
+        Parameters
+        ----------
+        key : str
+            Cache key.
+        now : float, optional
+            Current time (seconds since the epoch) for the expiry check and the recorded
+            access; default ``time.time()``.
+
+        Returns
+        -------
+        DiskEntry or None
+            None on a miss, an expired entry (which is then deleted) or a damaged file
+            (which is deleted and counted in :attr:`corruptions`). Never raises for them.
+        """
+        if self._closed:
+            return None
+        if (self._owed_keys or self._owed_prefixes) and self._owes(key):
+            return None  # invalidated while the index was unwritable: not trusted until recorded
+        key_bytes = key.encode("utf-8", "surrogatepass")
+        key_digest = hashlib.sha256(key_bytes).digest()
+        hexdigest = key_digest.hex()
+        t = time.time() if now is None else now
+        for kind in KINDS:
+            path = payload_path(self._root, hexdigest, kind)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                self._warn.error(exc, f"opening {path}")
+                return None
+            payload = b""
+            try:
+                st = os.fstat(fd)
+                problem, header = read_header(fd, st.st_size, key_digest, key_bytes)
+                if header is not None and header.expires >= t:
+                    problem, payload = read_payload(fd, header)
+            except OSError as exc:
+                self._warn.error(exc, f"reading {path}")
+                return None
+            finally:
+                os.close(fd)
+            if header is not None and header.expires < t:
+                self._discard(key, path, st, expired=True)
+                return None
+            if problem is not None or header is None:
+                self._corrupt(key, path, st, problem or "unreadable header")
+                return None
+            if self._access.record(key, t):
+                self._flush(blocking=False)
+            expires = None if math.isinf(header.expires) else header.expires
+            return DiskEntry(payload, kind, expires, header.namespace.decode("utf-8", "replace"))
+        return None
+
+    def read_range(self, key: str, start: int, stop: int) -> bytes | None:
+        """Return ``payload[start:stop]`` for ``key``, or None on a miss (whole payload read
+        so that its checksum can be verified)."""
+        data = self.get(key)
+        return None if data is None else data[start:stop]
+
+    def __contains__(self, key: object) -> bool:
+        """Whether the index holds a non-expired entry for ``key`` (no file access)."""
+        if not isinstance(key, str) or not rows.sql_safe(key):
+            return False
+        row = self._index.read(
+            "looking up a key",
+            lambda conn: conn.execute(
+                "SELECT expires FROM entries WHERE key = ?", (key,)
+            ).fetchone(),
+            None,
+        )
+        return row is not None and (row[0] is None or row[0] >= time.time())
+
+    def _corrupt(self, key: str, path: str, st: os.stat_result, problem: str) -> None:
+        self._count_damage()
+        self._warn.once(
+            "corrupt",
+            "disk cache %s: damaged payload file %s (%s); removed and treated as a miss "
+            "(further damaged files logged at debug level)",
+            self._root,
+            path,
+            problem,
+        )
+        self._discard(key, path, st, expired=False)
+
+    def _discard(self, key: str, path: str, st: os.stat_result, *, expired: bool) -> None:
+        """Remove the entry of ``key`` if ``path`` is still the file that was read."""
+
+        def remove(conn: sqlite3.Connection) -> None:
+            with txn(conn):
+                try:
+                    current = os.stat(path)
+                except FileNotFoundError:
+                    return  # already removed or being replaced by another writer
+                if not same_file(current, st):
+                    return  # replaced by a newer value meanwhile
+                os.unlink(path)
+                if rows.sql_safe(key):
+                    cur = conn.execute("DELETE FROM entries WHERE key = ?", (key,))
+                    if expired and cur.rowcount:
+                        self.expirations += 1
+
+        if self._closed:
+            return
+        try:
+            self._index.run("removing a damaged or expired entry", remove)
+        except IndexUnavailable:
+            with contextlib.suppress(OSError):  # the row, if any, is dropped later
+                if same_file(os.stat(path), st):
+                    os.unlink(path)
+        except (OSError, sqlite3.Error, RuntimeError) as exc:
+            self._warn.error(exc, f"removing {path}")
+
+    # ------------------------------------------------------------------ access statistics
+
+    def flush(self) -> None:
+        """Write pending access statistics (last access, hit counts) to the index."""
+        self._flush(blocking=True)
+
+    def _flush(self, *, blocking: bool) -> None:
+        lock = self._index.lock
+        if blocking:
+            lock.acquire()
+        elif not lock.acquire(blocking=False):
+            return  # another thread is writing; try again on a later hit
+        try:
+            if self._closed:
+                return
+            batch = self._access.take()
+            if not batch:
+                return
+
+            def write(conn: sqlite3.Connection) -> None:
+                if not blocking:
+                    conn.execute(f"PRAGMA busy_timeout={_OPPORTUNISTIC_BUSY_MS}")
+                try:
+                    with txn(conn):
+                        AccessLog.write(conn, batch)
+                finally:
+                    if not blocking:
+                        with contextlib.suppress(sqlite3.Error):
+                            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+
+            try:
+                self._index.run_locked("writing access statistics", write, retry=False)
+            except (Recovered, IndexUnavailable):
+                pass  # statistics of a damaged or unavailable index are not worth keeping
+            except sqlite3.Error as exc:
+                self._access.requeue(batch)
+                if blocking or not isinstance(exc, sqlite3.OperationalError):
+                    self._warn.error(exc, "writing access statistics")
+            except (OSError, RuntimeError) as exc:
+                self._warn.error(exc, "writing access statistics")
+        finally:
+            lock.release()

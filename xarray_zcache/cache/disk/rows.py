@@ -1,0 +1,274 @@
+"""Operations on the index rows, each run inside the caller's ``BEGIN IMMEDIATE`` transaction.
+
+**The index row is the authority.** Every change to payload files (install or unlink)
+happens inside a write transaction, and files are unlinked *before* their rows are deleted,
+so that between transactions a visible payload file always has a committed row (the
+converse need not hold: a crash can leave a row whose file is gone, which reads as a miss
+and is cleaned by eviction or ``verify``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Final
+
+from xarray_zcache.cache.disk import hooks
+from xarray_zcache.cache.disk.folder import unlink_missing_ok
+from xarray_zcache.cache.disk.format import KINDS, digest, payload_path
+from xarray_zcache.cache.disk.schema import SchemaDamaged
+
+#: A ``horizon`` (see ``prune``) further in the future than this is damage: reset it.
+HORIZON_SLACK_NS: Final = 86_400 * 10**9
+
+UPSERT: Final = """
+INSERT INTO entries(key, namespace, kind, size, created, last_access, hits, expires, checksum,
+                    token)
+VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?)
+ON CONFLICT(key) DO UPDATE SET
+    namespace = excluded.namespace, kind = excluded.kind, size = excluded.size,
+    created = excluded.created, last_access = excluded.last_access, expires = excluded.expires,
+    checksum = excluded.checksum, token = excluded.token
+"""
+
+#: Called with ``(exc, action)`` when a file cannot be removed.
+OnError = Callable[[BaseException, str], None]
+Row = tuple[str, str, int]  # key, kind, size
+
+
+def sql_safe(text: str) -> bool:
+    """Whether ``text`` can be stored in SQLite (lone surrogates cannot be encoded as UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def prefix_upper(prefix: str) -> str | None:
+    """Smallest string greater than every string starting with ``prefix`` (None: unbounded)."""
+    chars = list(prefix)
+    while chars:
+        code = ord(chars[-1])
+        if code >= 0x10FFFF:
+            chars.pop()
+            continue
+        code += 1
+        if 0xD800 <= code <= 0xDFFF:  # surrogates cannot occur in stored keys: skip them
+            code = 0xE000
+        chars[-1] = chr(code)
+        return "".join(chars)
+    return None
+
+
+def used(conn: sqlite3.Connection) -> int:
+    row = conn.execute("SELECT used FROM totals WHERE id = 0").fetchone()
+    if row is None or not isinstance(row[0], int):
+        raise SchemaDamaged("the totals row is damaged")
+    return row[0]
+
+
+def recount(conn: sqlite3.Connection) -> None:
+    conn.execute(
+        "UPDATE totals SET used = (SELECT COALESCE(SUM(size), 0) FROM entries), "
+        "count = (SELECT COUNT(*) FROM entries) WHERE id = 0"
+    )
+
+
+def totals_ok(conn: sqlite3.Connection) -> bool:
+    """Whether the ``totals`` row exists, is sane, and its horizon is not in the future."""
+    row = conn.execute("SELECT horizon, used, count FROM totals WHERE id = 0").fetchone()
+    return (
+        row is not None
+        and all(isinstance(v, int) and v >= 0 for v in row)
+        and row[0] <= time.time_ns() + HORIZON_SLACK_NS
+    )
+
+
+def reset_totals(conn: sqlite3.Connection) -> None:
+    """Recreate the ``totals`` row; fetches started before now count as stale."""
+    conn.execute(
+        "INSERT INTO totals(id, used, count, horizon) VALUES (0, 0, 0, ?) "
+        "ON CONFLICT(id) DO UPDATE SET horizon = excluded.horizon",
+        (time.time_ns(),),
+    )
+    recount(conn)
+
+
+def tombstone(conn: sqlite3.Connection, key: str, at: int) -> None:
+    conn.execute(
+        "INSERT INTO tombstones(key, at) VALUES (?, ?) "
+        "ON CONFLICT(key) DO UPDATE SET at = MAX(at, excluded.at)",
+        (key, at),
+    )
+
+
+def is_stale(conn: sqlite3.Connection, key: str, fetch_started_ns: int) -> bool:
+    """Whether a value fetched at ``fetch_started_ns`` is older than a recorded write/delete.
+
+    Tombstones vs stale fills from other processes: a fill (a value read from the source)
+    races with writes and deletes of the same key in any process of the host. Writes and
+    deletes leave a tombstone (key or prefix, with time); a fill whose fetch started before
+    the latest tombstone covering its key, or before the pruning horizon, is refused.
+    """
+    horizon = conn.execute("SELECT horizon FROM totals WHERE id = 0").fetchone()[0]
+    if fetch_started_ns < horizon:
+        return True
+    row = conn.execute(
+        "SELECT 1 FROM tombstones WHERE key = ? AND at > ?", (key, fetch_started_ns)
+    ).fetchone()
+    if row is not None:
+        return True
+    cur = conn.execute("SELECT prefix FROM prefix_tombstones WHERE at > ?", (fetch_started_ns,))
+    return any(key.startswith(prefix) for (prefix,) in cur)
+
+
+def prune(conn: sqlite3.Connection, older_than_s: float) -> None:
+    """Forget old tombstones; fetches started before the cutoff are refused from now on."""
+    cutoff = time.time_ns() - int(older_than_s * 1e9)
+    conn.execute("DELETE FROM tombstones WHERE at < ?", (cutoff,))
+    conn.execute("DELETE FROM prefix_tombstones WHERE at < ?", (cutoff,))
+    conn.execute("UPDATE totals SET horizon = MAX(horizon, ?) WHERE id = 0", (cutoff,))
+
+
+def unlink_key_files(root: str, key: str) -> None:
+    hexdigest = digest(key).hex()
+    for kind in KINDS:
+        unlink_missing_ok(payload_path(root, hexdigest, kind))
+
+
+def delete_key(conn: sqlite3.Connection, root: str, key: str) -> None:
+    """Unlink the files of ``key``, delete its row, record a tombstone."""
+    unlink_key_files(root, key)
+    if sql_safe(key):
+        conn.execute("DELETE FROM entries WHERE key = ?", (key,))
+        tombstone(conn, key, time.time_ns())
+
+
+def remove_rows(conn: sqlite3.Connection, root: str, rows: Iterable[Row], on_error: OnError) -> int:
+    """Unlink the files of ``(key, kind, size)`` rows, then delete the rows.
+
+    Files go first so that a visible file always has a row. A row whose file cannot be
+    unlinked (other than already gone) is kept. Returns the sum of sizes removed.
+    """
+    done: list[tuple[str]] = []
+    freed = 0
+    for key, kind, size in rows:
+        path = payload_path(root, digest(key).hex(), kind)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass  # another process (or a crash) removed it already
+        except OSError as exc:
+            on_error(exc, f"removing {path}")
+            continue
+        hooks.fire("after-unlink", path)
+        done.append((key,))
+        freed += size
+    conn.executemany("DELETE FROM entries WHERE key = ?", done)
+    return freed
+
+
+def delete_prefix(conn: sqlite3.Connection, root: str, prefix: str, on_error: OnError) -> list[str]:
+    """Remove the entries whose key starts with ``prefix``; record a prefix tombstone."""
+    upper = prefix_upper(prefix)
+    if upper is None:
+        cur = conn.execute("SELECT key, kind FROM entries WHERE key >= ?", (prefix,))
+    else:
+        cur = conn.execute(
+            "SELECT key, kind FROM entries WHERE key >= ? AND key < ?", (prefix, upper)
+        )
+    rows = [(k, kind, 0) for k, kind in cur.fetchall() if k.startswith(prefix)]
+    remove_rows(conn, root, rows, on_error)
+    conn.execute(
+        "INSERT INTO prefix_tombstones(prefix, at) VALUES (?, ?) "
+        "ON CONFLICT(prefix) DO UPDATE SET at = MAX(at, excluded.at)",
+        (prefix, time.time_ns()),
+    )
+    return [k for k, _kind, _size in rows]
+
+
+def delete_namespace(
+    conn: sqlite3.Connection, root: str, namespace: str, on_error: OnError
+) -> list[str]:
+    """Remove the entries of ``namespace`` and record a tombstone for each of their keys."""
+    rows = conn.execute(
+        "SELECT key, kind, size FROM entries WHERE namespace = ?", (namespace,)
+    ).fetchall()
+    remove_rows(conn, root, rows, on_error)
+    now_ns = time.time_ns()
+    conn.executemany(
+        "INSERT INTO tombstones(key, at) VALUES (?, ?) "
+        "ON CONFLICT(key) DO UPDATE SET at = MAX(at, excluded.at)",
+        [(key, now_ns) for key, _kind, _size in rows],
+    )
+    return [key for key, _kind, _size in rows]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Freed:
+    """What an eviction removed."""
+
+    expired: int = 0
+    expired_bytes: int = 0
+    evicted: int = 0
+    evicted_bytes: int = 0
+
+    @property
+    def bytes(self) -> int:
+        return self.expired_bytes + self.evicted_bytes
+
+
+def drop_expired(conn: sqlite3.Connection, root: str, now: float, on_error: OnError) -> Freed:
+    rows = conn.execute("SELECT key, kind, size FROM entries WHERE expires < ?", (now,)).fetchall()
+    freed = remove_rows(conn, root, rows, on_error) if rows else 0
+    return Freed(expired=len(rows), expired_bytes=freed)
+
+
+def evict(
+    conn: sqlite3.Connection,
+    root: str,
+    target: int,
+    now: float,
+    on_error: OnError,
+    protect: str | None = None,
+) -> Freed:
+    """Drop expired rows, then LRU rows (never ``protect``) until usage <= ``target``."""
+    expired = drop_expired(conn, root, now, on_error)
+    need = used(conn) - target
+    if need <= 0:
+        return expired
+    victims: list[Row] = []
+    got = 0
+    cur = conn.execute("SELECT key, kind, size FROM entries ORDER BY last_access")
+    try:
+        while got < need:
+            batch = cur.fetchmany(256)
+            if not batch:
+                break
+            for row in batch:
+                if row[0] == protect:
+                    continue
+                victims.append(row)
+                got += row[2]
+                if got >= need:
+                    break
+    finally:
+        cur.close()
+    evicted = remove_rows(conn, root, victims, on_error)
+    return dataclasses.replace(expired, evicted=len(victims), evicted_bytes=evicted)
+
+
+def summary(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    """Entries and bytes per ``(namespace, kind)``, computed by SQLite (one ``GROUP BY``)."""
+    cur = conn.execute(
+        "SELECT namespace, kind, COUNT(*), COALESCE(SUM(size), 0) FROM entries "
+        "GROUP BY namespace, kind ORDER BY namespace, kind"
+    )
+    return [
+        {"namespace": ns, "kind": kind, "entries": int(n), "bytes": int(size)}
+        for ns, kind, n, size in cur.fetchall()
+    ]

@@ -1,0 +1,238 @@
+"""The SQLite index: schema, connecting (WAL), transactions, and what an error means."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import sqlite3
+from collections.abc import Iterator
+from typing import Final
+
+logger = logging.getLogger("xarray_zcache.disk")
+
+INDEX_NAME: Final = "index.db"
+#: Files SQLite keeps beside the index in WAL mode.
+INDEX_SIDE_FILES: Final = ("-wal", "-shm")
+#: Lock file serializing the opening, rebuilding and replacing of ``index.db`` across processes.
+LOCK_NAME: Final = "index.db.lock"
+SCHEMA_VERSION: Final = 2  # 2: payload format 2
+BUSY_TIMEOUT_MS: Final = 30_000
+_WAL_CHECKPOINT_PAGES: Final = 256
+_WAL_SIZE_LIMIT: Final = 1 << 20
+
+SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS entries(
+    key TEXT PRIMARY KEY,
+    namespace TEXT NOT NULL DEFAULT '',
+    kind TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    created REAL NOT NULL,
+    last_access REAL NOT NULL,
+    hits INTEGER NOT NULL DEFAULT 0,
+    expires REAL NULL,
+    checksum INTEGER NOT NULL,
+    token INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS entries_last_access ON entries(last_access);
+CREATE INDEX IF NOT EXISTS entries_expires ON entries(expires) WHERE expires IS NOT NULL;
+CREATE TABLE IF NOT EXISTS tombstones(key TEXT PRIMARY KEY, at INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS tombstones_at ON tombstones(at);
+CREATE TABLE IF NOT EXISTS prefix_tombstones(prefix TEXT PRIMARY KEY, at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS totals(
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    used INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    horizon INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO totals(id, used, count, horizon) VALUES (0, 0, 0, 0);
+CREATE TRIGGER IF NOT EXISTS entries_after_insert AFTER INSERT ON entries BEGIN
+    UPDATE totals SET used = used + NEW.size, count = count + 1 WHERE id = 0;
+END;
+CREATE TRIGGER IF NOT EXISTS entries_after_delete AFTER DELETE ON entries BEGIN
+    UPDATE totals SET used = used - OLD.size, count = count - 1 WHERE id = 0;
+END;
+CREATE TRIGGER IF NOT EXISTS entries_after_update_size AFTER UPDATE OF size ON entries BEGIN
+    UPDATE totals SET used = used + NEW.size - OLD.size WHERE id = 0;
+END;
+"""
+
+ENTRY_COLUMNS: Final = (
+    "key",
+    "namespace",
+    "kind",
+    "size",
+    "created",
+    "last_access",
+    "hits",
+    "expires",
+    "checksum",
+)
+
+#: SQLite primary result codes meaning "the database file is damaged" (not busy, full, I/O).
+_SQLITE_CORRUPT: Final = frozenset({11, 26})  # SQLITE_CORRUPT, SQLITE_NOTADB
+#: SQLITE_BUSY, SQLITE_LOCKED, SQLITE_IOERR, SQLITE_CANTOPEN, SQLITE_FULL
+_SQLITE_RESOURCE: Final = frozenset({5, 6, 10, 13, 14})
+_RESOURCE_ERRNOS: Final = frozenset(
+    e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EIO, errno.EROFS) if e
+)
+
+
+class SchemaDamaged(sqlite3.DatabaseError):
+    """The index's schema or rows are not what this package writes (outside damage)."""
+
+
+class IndexUnavailable(OSError):
+    """The index cannot be used now (disk full, I/O error): the tier runs without it."""
+
+
+def is_corruption(exc: BaseException) -> bool:
+    """Whether an SQLite error says the database file is damaged (not busy, full or I/O).
+
+    Besides SQLite's own verdicts, "no such table/column" counts: the statements here are
+    fixed, so that only happens when damage altered the stored schema.
+    """
+    if isinstance(exc, SchemaDamaged):
+        return True
+    text = str(exc).lower()
+    if text.startswith(("no such table", "no such column")):
+        return True
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return (code & 0xFF) in _SQLITE_CORRUPT
+    return "malformed" in text or "not a database" in text
+
+
+def as_damage(exc: BaseException) -> sqlite3.DatabaseError | None:
+    """``exc`` as index damage, or None if it is not damage.
+
+    Rows of impossible types or undecodable text (``TypeError``, ``ValueError`` while using
+    them) are damage too.
+    """
+    if isinstance(exc, sqlite3.DatabaseError):
+        return exc if is_corruption(exc) else None
+    if isinstance(exc, (TypeError, ValueError)):
+        return SchemaDamaged(repr(exc))
+    return None
+
+
+def is_resource_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a disk-full, I/O or lock-timeout error (the tier can wait it out)."""
+    if isinstance(exc, IndexUnavailable):
+        return True
+    if isinstance(exc, sqlite3.OperationalError):
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code is not None:
+            return (code & 0xFF) in _SQLITE_RESOURCE
+        text = str(exc).lower()
+        return "full" in text or "disk i/o" in text or "locked" in text
+    return isinstance(exc, OSError) and exc.errno in _RESOURCE_ERRNOS
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, sqlite3.OperationalError):
+        code = getattr(exc, "sqlite_errorcode", None)
+        return (code & 0xFF) == 13 if code is not None else "full" in str(exc).lower()
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1))
+
+
+def split_sql(script: str) -> list[str]:
+    """Split the schema script into statements (triggers contain inner semicolons)."""
+    statements: list[str] = []
+    current: list[str] = []
+    for line in script.strip().splitlines():
+        current.append(line)
+        joined = "\n".join(current).strip()
+        if sqlite3.complete_statement(joined):
+            statements.append(joined)
+            current = []
+    return statements
+
+
+def schema_of(conn: sqlite3.Connection) -> list[tuple[str, str, str, str | None]]:
+    return sorted(conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master").fetchall())
+
+
+_EXPECTED: list[list[tuple[str, str, str, str | None]]] = []
+
+
+def expected_schema() -> list[tuple[str, str, str, str | None]]:
+    """What :func:`schema_of` returns for an index created by :func:`connect`."""
+    if not _EXPECTED:
+        with contextlib.closing(sqlite3.connect(":memory:")) as mem:
+            for statement in split_sql(SCHEMA):
+                mem.execute(statement)
+            _EXPECTED.append(schema_of(mem))
+    return _EXPECTED[0]
+
+
+@contextlib.contextmanager
+def txn(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on error).
+
+    ``IMMEDIATE`` takes the database write lock at once: every change to payload files made
+    inside such a transaction is serialized with those of other processes.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        raise
+
+
+def connect(db_path: str) -> tuple[sqlite3.Connection, bool]:
+    """Connect to ``db_path`` (WAL) and create the schema if needed; ``(conn, created)``.
+
+    ``created`` is True when the index was new, or of an older schema (its tables are dropped:
+    the payload files of an older layout are unreadable now).
+
+    Raises
+    ------
+    RuntimeError
+        If the index was written by a newer version (schema version too high).
+    """
+    try:
+        # Pre-create the (empty = valid) database so it gets mode 0600; SQLite gives its
+        # -wal and -shm files the same mode.
+        os.close(os.open(db_path, os.O_RDWR | os.O_CREAT, 0o600))
+    except PermissionError as exc:
+        raise PermissionError(
+            f"disk cache index {db_path} is not writable: {exc.strerror}"
+        ) from exc
+    conn = sqlite3.connect(db_path, timeout=30, isolation_level=None, check_same_thread=False)
+    created = False
+    try:
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            logger.warning("disk cache index %s: WAL mode unavailable (%s)", db_path, mode)
+        conn.execute("PRAGMA synchronous=NORMAL")
+        # bound the WAL (SQLite lets it grow to ~4 MiB between checkpoints and never
+        # shrinks it): it shares the filesystem with the payloads
+        conn.execute(f"PRAGMA wal_autocheckpoint={_WAL_CHECKPOINT_PAGES}")
+        conn.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
+        with txn(conn):
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"disk cache index {db_path} has schema version {version}, newer than "
+                    f"this xarray-zcache supports ({SCHEMA_VERSION})"
+                )
+            if version < SCHEMA_VERSION:
+                created = True
+                if version > 0:  # an older layout: its payload files are unreadable now
+                    for table in ("entries", "tombstones", "prefix_tombstones", "totals"):
+                        conn.execute(f"DROP TABLE IF EXISTS {table}")
+                for statement in split_sql(SCHEMA):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.close()
+        raise
+    return conn, created

@@ -1,0 +1,141 @@
+"""The two transactions of ``put``, and making room when the filesystem is full.
+
+**Crash safety.** The payload is first written completely to a temp file beside its final
+name (:func:`~xarray_zcache.cache.disk.format.write_temp`); only :func:`place_file` renames it
+into place, atomically. A reader therefore never sees a half-written entry; a crash leaves at
+most a temp file (never read; removed by ``verify(repair=True)`` once its process is gone)
+and a row without file (a miss, cleaned by eviction or ``verify``).
+
+**Why two transactions.** Transaction 1 (:func:`commit_row`) checks tombstones, unlinks any
+previous file of the key, commits the new row with a random token, and evicts if the total
+exceeds the capacity, so that no committed state ever exceeds it. Transaction 2
+(:func:`place_file`) renames the temp file into place only if the row still carries that
+token: a delete, eviction or newer write of the key, by any process, in between wins. Both
+run under the database write lock, so a visible payload file always has a committed row
+(the invariant ``get`` relies on to read files without SQL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import sqlite3
+from collections.abc import Callable
+from typing import Final
+
+from xarray_zcache.cache.disk import hooks, rows
+from xarray_zcache.cache.disk.entry import PutRequest
+from xarray_zcache.cache.disk.folder import unlink_missing_ok
+from xarray_zcache.cache.disk.schema import txn
+
+#: How many least recently used rows ``make_room`` considers at most.
+_ROOM_CANDIDATES: Final = 1024
+
+
+def commit_row(
+    conn: sqlite3.Connection,
+    req: PutRequest,
+    *,
+    capacity: int,
+    make_space: Callable[[sqlite3.Connection], None],
+) -> bool:
+    """Transaction 1: refuse a stale fill, drop the old files, commit the row with its token.
+
+    ``make_space(conn)`` is called (in the transaction) when the total exceeds ``capacity``.
+    Returns False if the fill is stale.
+    """
+    with txn(conn):
+        if req.fetch_started_ns is not None:
+            if rows.is_stale(conn, req.key, req.fetch_started_ns):
+                return False
+        else:
+            # an authoritative write: older in-flight fetches of the key must be refused
+            rows.tombstone(conn, req.key, req.write_ns)
+        for path in req.paths:  # the key's file of either kind: the new row owns the key
+            unlink_missing_ok(path)
+        now = req.write_ns / 1e9
+        conn.execute(
+            rows.UPSERT,
+            (
+                req.key,
+                req.namespace,
+                req.kind,
+                req.size,
+                now,
+                now,
+                req.expires,
+                req.checksum,
+                req.token,
+            ),
+        )
+        if rows.used(conn) > capacity:
+            make_space(conn)
+    return True
+
+
+def place_file(conn: sqlite3.Connection, req: PutRequest) -> bool:
+    """Transaction 2: rename the temp file into place if the row is still ours.
+
+    Returns False if the row was deleted, evicted or overwritten meanwhile. If the rename
+    fails, the row is deleted (no row may promise a file that will not come) and the error
+    raised.
+    """
+    replace_error: OSError | None = None
+    with txn(conn):
+        row = conn.execute("SELECT token FROM entries WHERE key = ?", (req.key,)).fetchone()
+        if row is None or row[0] != req.token:
+            return False  # deleted, evicted or overwritten meanwhile
+        hooks.fire("before-replace", req.temp, req.final)
+        try:
+            os.replace(req.temp, req.final)
+        except OSError as exc:
+            replace_error = exc
+            conn.execute("DELETE FROM entries WHERE key = ? AND token = ?", (req.key, req.token))
+        else:
+            hooks.fire("after-replace", req.final)
+    if replace_error is not None:
+        raise replace_error
+    return True
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Room:
+    """What :func:`make_room` did."""
+
+    evicted: int
+    evicted_bytes: int
+    wal_shrunk: bool
+
+
+def make_room(
+    conn: sqlite3.Connection, root: str, db_path: str, nbytes: int, on_error: rows.OnError
+) -> Room:
+    """Evict least recently used entries worth about ``2 * nbytes`` (the disk is full),
+    then checkpoint and truncate the WAL.
+
+    Files are unlinked before the index is updated, so space is freed even if the index
+    cannot be written now (rows without file are allowed and cleaned later).
+    """
+    candidates = conn.execute(
+        f"SELECT key, kind, size FROM entries ORDER BY last_access LIMIT {_ROOM_CANDIDATES}"
+    ).fetchall()
+    victims: list[rows.Row] = []
+    got = 0
+    for row in candidates:
+        if got >= 2 * nbytes:
+            break
+        victims.append(row)
+        got += row[2]
+    if victims:
+        try:
+            with txn(conn):
+                rows.remove_rows(conn, root, victims, on_error)
+        except sqlite3.OperationalError:
+            pass  # the files are gone; their rows go at the next eviction or verify
+    wal = db_path + "-wal"
+    before = os.path.getsize(wal) if os.path.exists(wal) else 0
+    with contextlib.suppress(sqlite3.OperationalError):
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    after = os.path.getsize(wal) if os.path.exists(wal) else 0
+    return Room(len(victims), got, after < before)
