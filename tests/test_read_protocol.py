@@ -201,6 +201,8 @@ def _top_level_imports(path: Path, package: str) -> set[str]:
             continue
         for sub in [node] if not isinstance(node, ast.Try) else node.body:
             if isinstance(sub, ast.ImportFrom) and sub.module and sub.module.startswith(package):
+                # "from pkg import submodule" depends on the submodule
+                out.update(f"{sub.module}.{a.name}" for a in sub.names)
                 out.add(sub.module)
             elif isinstance(sub, ast.Import):
                 out.update(a.name for a in sub.names if a.name.startswith(package))
@@ -215,9 +217,15 @@ def test_no_import_cycles_in_the_package() -> None:
         parts = p.relative_to(root.parent).with_suffix("").parts
         name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         graph[name] = _top_level_imports(p, "xarray_zcache")
-    # a module's import also imports its parent packages
     for name in list(graph):
-        graph[name] = {d for d in graph[name] if d in graph and d != name}
+        deps = {d for d in graph[name] if d in graph and d != name}
+        # "from pkg import submodule" (the package being a parent of the importer, or
+        # the name a submodule) is resolved by Python without running pkg again
+        graph[name] = {
+            d
+            for d in deps
+            if not (name.startswith(d + ".") or any(e.startswith(d + ".") for e in deps))
+        }
     state: dict[str, int] = {}
     stack: list[str] = []
 

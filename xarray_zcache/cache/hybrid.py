@@ -73,19 +73,6 @@ class SharedTier(Protocol):
         """The bytes of ``read.key`` if this tier has (or can fetch) them, else ``None``."""
 
 
-class _Entry:  # TEMPORARY until DiskTier.get_entry lands
-    def __init__(self, value: bytes, kind: str, expires: float | None) -> None:
-        self.value, self.kind, self.expires = value, kind, expires
-
-
-def _get_entry(disk: DiskTier, key: str, kind: str, now: float | None = None) -> Any:
-    getter = getattr(disk, "get_entry", None)
-    if getter is not None:
-        return getter(key, now=now)
-    value = disk.get(key, now=now)
-    return None if value is None else _Entry(value, kind, None)
-
-
 _OFFLINE_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
@@ -226,7 +213,7 @@ class HybridCache(CacheReporting):
         for key in keys:
             token = self._inv.begin(key)
             try:
-                entry = _get_entry(self._disk, key, read.kind, now)
+                entry = self._disk.get_entry(key, now=now)
                 if entry is None:
                     continue
                 if self.hooks:
@@ -644,7 +631,7 @@ class HybridCache(CacheReporting):
                 continue
             token = self._inv.begin(key)
             try:
-                entry = _get_entry(self._disk, key, "chunk")
+                entry = self._disk.get_entry(key)
                 if entry is not None and self._admit(
                     key, token, entry.value, entry.kind, disk=False, ex=entry.expires
                 ):
