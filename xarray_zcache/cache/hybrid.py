@@ -20,15 +20,13 @@ The cache knows nothing about zarr: keys are opaque strings; ``kind`` is a label
 from __future__ import annotations
 
 import asyncio
-import atexit
-import errno
 import logging
 import threading
 import time
-import weakref
 from collections.abc import Awaitable, Callable, Sized
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
+from xarray_zcache.cache.coherence import _LIVE, Coherence
 from xarray_zcache.cache.disk import DiskTier
 from xarray_zcache.cache.flight import SingleFlight
 from xarray_zcache.cache.maintenance import schedule
@@ -36,8 +34,9 @@ from xarray_zcache.cache.memory import MemoryTier
 from xarray_zcache.cache.negatives import NEGATIVE_SUFFIX, Listings, NegativeEntries
 from xarray_zcache.cache.policy import AccessRateTracker, Invalidations
 from xarray_zcache.cache.reporting import CacheReporting
-from xarray_zcache.cache.request import PART_SEP, Read
+from xarray_zcache.cache.request import Read
 from xarray_zcache.cache.settings import CacheSettings
+from xarray_zcache.cache.tiers import SharedTier, open_disk
 from xarray_zcache.cache.writer import DiskWriter, PendingWrite
 
 __all__ = ["HybridCache", "Read", "SharedTier"]
@@ -46,61 +45,8 @@ logger = logging.getLogger("xarray_zcache.cache")
 
 _T = TypeVar("_T")
 
-_LIVE: weakref.WeakSet[HybridCache] = weakref.WeakSet()
 
-
-@atexit.register
-def _flush_all_at_exit() -> None:
-    # a short script must still leave its disk tier filled for the next process
-    for cache in list(_LIVE):
-        try:
-            cache.close()
-        except Exception:  # pragma: no cover - best effort at exit
-            logger.exception("xarray-zcache: flushing the cache at exit failed")
-
-
-def live_caches() -> list[HybridCache]:
-    """Every open cache of this process."""
-    return [c for c in list(_LIVE) if not c.closed]
-
-
-class SharedTier(Protocol):
-    """A tier after the disk tier, shared with other processes (e.g. a peer owner)."""
-
-    name: str
-
-    async def lookup(self, read: Read) -> bytes | None:
-        """The bytes of ``read.key`` if this tier has (or can fetch) them, else ``None``."""
-
-
-_OFFLINE_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
-
-
-def _open_disk(settings: CacheSettings) -> DiskTier | None:
-    """The disk tier, or ``None`` (memory only, with a warning) on a read-only folder."""
-    if settings.disk_path is None or settings.disk_size <= 0:
-        return None
-    try:
-        return DiskTier(
-            settings.disk_path, settings.disk_size, max_object_size=settings.max_object_size
-        )
-    except OSError as exc:
-        if exc.errno in _OFFLINE_ERRNOS:
-            logger.warning(
-                "xarray-zcache: the cache folder %s (disk_path) cannot be written (%s); "
-                "caching in memory only",
-                settings.disk_path,
-                exc.strerror or exc,
-            )
-            return None
-        raise OSError(
-            exc.errno,
-            f"xarray-zcache: cannot use the cache folder {settings.disk_path} (disk_path): "
-            f"{exc.strerror or exc}",
-        ) from exc
-
-
-class HybridCache(CacheReporting):
+class HybridCache(CacheReporting, Coherence):
     """A memory tier over an optional persistent disk tier, mapping str keys to bytes.
 
     Fills after a miss go to memory at once and to disk in a background thread;
@@ -125,7 +71,7 @@ class HybridCache(CacheReporting):
         self.settings = CacheSettings.of(settings)
         s = self.settings
         self._memory = MemoryTier(s.memory_size, policy=s.eviction_policy)  # type: ignore[arg-type]
-        self._disk = _open_disk(s)
+        self._disk = open_disk(s)
         super().__init__(s.top_n)
         self._writer = (
             None
@@ -474,118 +420,6 @@ class HybridCache(CacheReporting):
 
     def _count_dropped_write(self) -> None:
         self._stats.add("disk_write_failures")
-
-    # -- writes and deletes --------------------------------------------------------------------
-
-    async def write_through(
-        self, read: Read, value: bytes, write: Callable[[], Awaitable[None]], *, keep: bool
-    ) -> None:
-        """Run ``write()`` (the source's write of ``value`` to ``read.key``) through the cache.
-
-        Invalidates before the write (a crash between the write and the
-        invalidation after it must not leave the old value on disk) and after it;
-        on success admits ``value`` to memory if ``keep`` (memory only: nothing
-        orders writers in other processes sharing the disk tier).
-        """
-        self._drop_all([read.key, read.key + PART_SEP])
-        token = self._inv.begin(read.key)
-        try:
-            await write()
-        except BaseException:
-            self._drop_all([read.key, read.key + PART_SEP])  # source may hold either: cache neither
-            raise
-        else:
-            self._after_write(read, token, value, keep)
-        finally:
-            self._inv.end(read.key)
-
-    def write_through_sync(
-        self, read: Read, value: bytes, write: Callable[[], None], *, keep: bool
-    ) -> None:
-        """`write_through` for synchronous callers."""
-        self._drop_all([read.key, read.key + PART_SEP])
-        token = self._inv.begin(read.key)
-        try:
-            write()
-        except BaseException:
-            self._drop_all([read.key, read.key + PART_SEP])
-            raise
-        else:
-            self._after_write(read, token, value, keep)
-        finally:
-            self._inv.end(read.key)
-
-    def _after_write(self, read: Read, token: tuple[int, int], value: bytes, keep: bool) -> None:
-        self._drop_all([read.key, read.key + PART_SEP])
-        self._stats.write(len(value))
-        if keep:
-            self._admit(read.key, token, value, read.kind, own=1, disk=False)
-
-    # -- invalidation --------------------------------------------------------------------------
-
-    def invalidate(self, key: str, *, prefix: bool = False) -> None:
-        """Drop ``key`` (or every key starting with it) from every cache of this process.
-
-        Every cache of the process: two configs over the same data are two caches,
-        and a write through one must not leave the other serving the old bytes.
-        """
-        for cache in live_caches():
-            cache._invalidate_here(key, prefix)
-
-    def _invalidate_here(self, key: str, prefix: bool) -> None:
-        with self._admit_lock:
-            if prefix:
-                self._inv.bump_prefix(key)
-                self._memory.delete_prefix(key)
-                self._negatives.discard_prefix(key)
-                if self._writer is not None:
-                    self._writer.discard_prefix(key)
-            else:
-                self._inv.bump(key)
-                self._memory.delete(key)
-                self._negatives.discard(key)
-                if self._writer is not None:
-                    self._writer.discard(key)
-                    self._writer.discard(key + NEGATIVE_SUFFIX)
-            self._prefetched.discard(key)
-        if self._disk is not None:
-            if prefix:
-                self._disk.delete_prefix(key)
-            else:
-                self._disk.delete(key)
-                self._disk.delete(key + NEGATIVE_SUFFIX)
-        self._stats.add("invalidations")
-
-    async def invalidating(self, keys: list[str], op: Callable[[], Awaitable[None]]) -> None:
-        """Run ``op()`` (a delete, or a write whose result is unknown) through the cache.
-
-        ``keys`` are invalidated before and after it (a key ending in ``"/"`` or
-        ``PART_SEP`` is a prefix), in every cache of the process, and listings dropped.
-        """
-        self._drop_all(keys)
-        try:
-            await op()
-        finally:
-            self._drop_all(keys)
-
-    def invalidating_sync(self, keys: list[str], op: Callable[[], None]) -> None:
-        """`invalidating` for synchronous callers."""
-        self._drop_all(keys)
-        try:
-            op()
-        finally:
-            self._drop_all(keys)
-
-    def _drop_all(self, keys: list[str]) -> None:
-        for key in keys:
-            self.invalidate(key, prefix=key.endswith(("/", PART_SEP)))
-        for cache in live_caches():
-            cache._listings.drop("")
-
-    def clear(self, prefix: str = "") -> None:
-        """Drop every entry (or every entry whose key starts with ``prefix``) here."""
-        self._invalidate_here(prefix, True)
-        self._listings.drop(prefix)
 
     # -- side tables: listings, lookups without stats ------------------------------------------
 

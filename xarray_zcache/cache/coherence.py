@@ -1,0 +1,193 @@
+"""Writes, deletes and invalidation through the cache: one rule, every cache of the process.
+
+A write or delete invalidates before and after the source's write (a crash
+between the two must not leave the old value on disk), in every open cache of
+the process (two configs over one dataset are two caches), and drops listings.
+`HybridCache` inherits this; it also keeps the process-wide set of open caches,
+flushed at interpreter exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from xarray_zcache.cache.negatives import NEGATIVE_SUFFIX, Listings, NegativeEntries
+from xarray_zcache.cache.policy import Invalidations
+from xarray_zcache.cache.request import PART_SEP, Read
+from xarray_zcache.cache.stats import StatsRecorder
+
+if TYPE_CHECKING:
+    from xarray_zcache.cache.disk import DiskTier
+    from xarray_zcache.cache.memory import MemoryTier
+    from xarray_zcache.cache.writer import DiskWriter
+
+__all__ = ["Coherence", "live_caches"]
+
+logger = logging.getLogger("xarray_zcache.cache")
+
+_LIVE: weakref.WeakSet[Coherence] = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_all_at_exit() -> None:
+    # a short script must still leave its disk tier filled for the next process
+    for cache in list(_LIVE):
+        try:
+            cache.close()
+        except Exception:  # pragma: no cover - best effort at exit
+            logger.exception("xarray-zcache: flushing the cache at exit failed")
+
+
+def live_caches() -> list[Coherence]:
+    """Every open cache of this process."""
+    return [c for c in list(_LIVE) if not c.closed]
+
+
+class Coherence:
+    """The write and invalidation half of `HybridCache` (state is the cache's)."""
+
+    _memory: MemoryTier
+    _disk: DiskTier | None
+    _writer: DiskWriter | None
+    _negatives: NegativeEntries
+    _listings: Listings
+    _inv: Invalidations
+    _admit_lock: threading.Lock
+    _prefetched: set[str]
+    _stats: StatsRecorder
+
+    @property
+    def closed(self) -> bool:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def _admit(
+        self,
+        key: str,
+        token: tuple[int, int],
+        value: bytes,
+        kind: str,
+        *,
+        own: int = 0,
+        disk: bool = True,
+    ) -> bool:
+        raise NotImplementedError
+
+    # -- writes and deletes --------------------------------------------------------------------
+
+    async def write_through(
+        self, read: Read, value: bytes, write: Callable[[], Awaitable[None]], *, keep: bool
+    ) -> None:
+        """Run ``write()`` (the source's write of ``value`` to ``read.key``) through the cache.
+
+        Invalidates before the write (a crash between the write and the
+        invalidation after it must not leave the old value on disk) and after it;
+        on success admits ``value`` to memory if ``keep`` (memory only: nothing
+        orders writers in other processes sharing the disk tier).
+        """
+        self._drop_all([read.key, read.key + PART_SEP])
+        token = self._inv.begin(read.key)
+        try:
+            await write()
+        except BaseException:
+            self._drop_all([read.key, read.key + PART_SEP])  # source may hold either: cache neither
+            raise
+        else:
+            self._after_write(read, token, value, keep)
+        finally:
+            self._inv.end(read.key)
+
+    def write_through_sync(
+        self, read: Read, value: bytes, write: Callable[[], None], *, keep: bool
+    ) -> None:
+        """`write_through` for synchronous callers."""
+        self._drop_all([read.key, read.key + PART_SEP])
+        token = self._inv.begin(read.key)
+        try:
+            write()
+        except BaseException:
+            self._drop_all([read.key, read.key + PART_SEP])
+            raise
+        else:
+            self._after_write(read, token, value, keep)
+        finally:
+            self._inv.end(read.key)
+
+    def _after_write(self, read: Read, token: tuple[int, int], value: bytes, keep: bool) -> None:
+        self._drop_all([read.key, read.key + PART_SEP])
+        self._stats.write(len(value))
+        if keep:
+            self._admit(read.key, token, value, read.kind, own=1, disk=False)
+
+    # -- invalidation --------------------------------------------------------------------------
+
+    def invalidate(self, key: str, *, prefix: bool = False) -> None:
+        """Drop ``key`` (or every key starting with it) from every cache of this process.
+
+        Every cache of the process: two configs over the same data are two caches,
+        and a write through one must not leave the other serving the old bytes.
+        """
+        for cache in live_caches():
+            cache._invalidate_here(key, prefix)
+
+    def _invalidate_here(self, key: str, prefix: bool) -> None:
+        with self._admit_lock:
+            if prefix:
+                self._inv.bump_prefix(key)
+                self._memory.delete_prefix(key)
+                self._negatives.discard_prefix(key)
+                if self._writer is not None:
+                    self._writer.discard_prefix(key)
+            else:
+                self._inv.bump(key)
+                self._memory.delete(key)
+                self._negatives.discard(key)
+                if self._writer is not None:
+                    self._writer.discard(key)
+                    self._writer.discard(key + NEGATIVE_SUFFIX)
+            self._prefetched.discard(key)
+        if self._disk is not None:
+            if prefix:
+                self._disk.delete_prefix(key)
+            else:
+                self._disk.delete(key)
+                self._disk.delete(key + NEGATIVE_SUFFIX)
+        self._stats.add("invalidations")
+
+    async def invalidating(self, keys: list[str], op: Callable[[], Awaitable[None]]) -> None:
+        """Run ``op()`` (a delete, or a write whose result is unknown) through the cache.
+
+        ``keys`` are invalidated before and after it (a key ending in ``"/"`` or
+        ``PART_SEP`` is a prefix), in every cache of the process, and listings dropped.
+        """
+        self._drop_all(keys)
+        try:
+            await op()
+        finally:
+            self._drop_all(keys)
+
+    def invalidating_sync(self, keys: list[str], op: Callable[[], None]) -> None:
+        """`invalidating` for synchronous callers."""
+        self._drop_all(keys)
+        try:
+            op()
+        finally:
+            self._drop_all(keys)
+
+    def _drop_all(self, keys: list[str]) -> None:
+        for key in keys:
+            self.invalidate(key, prefix=key.endswith(("/", PART_SEP)))
+        for cache in live_caches():
+            cache._listings.drop("")
+
+    def clear(self, prefix: str = "") -> None:
+        """Drop every entry (or every entry whose key starts with ``prefix``) here."""
+        self._invalidate_here(prefix, True)
+        self._listings.drop(prefix)

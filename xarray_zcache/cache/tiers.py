@@ -1,0 +1,51 @@
+"""Opening the tiers: the disk tier, or memory only when its folder is read-only."""
+
+from __future__ import annotations
+
+import errno
+import logging
+from typing import Protocol
+
+from xarray_zcache.cache.disk import DiskTier
+from xarray_zcache.cache.request import Read
+from xarray_zcache.cache.settings import CacheSettings
+
+__all__ = ["SharedTier", "open_disk"]
+
+logger = logging.getLogger("xarray_zcache.cache")
+
+
+class SharedTier(Protocol):
+    """A tier after the disk tier, shared with other processes (e.g. a peer owner)."""
+
+    name: str
+
+    async def lookup(self, read: Read) -> bytes | None:
+        """The bytes of ``read.key`` if this tier has (or can fetch) them, else ``None``."""
+
+
+_OFFLINE_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def open_disk(settings: CacheSettings) -> DiskTier | None:
+    """The disk tier, or ``None`` (memory only, with a warning) on a read-only folder."""
+    if settings.disk_path is None or settings.disk_size <= 0:
+        return None
+    try:
+        return DiskTier(
+            settings.disk_path, settings.disk_size, max_object_size=settings.max_object_size
+        )
+    except OSError as exc:
+        if exc.errno in _OFFLINE_ERRNOS:
+            logger.warning(
+                "xarray-zcache: the cache folder %s (disk_path) cannot be written (%s); "
+                "caching in memory only",
+                settings.disk_path,
+                exc.strerror or exc,
+            )
+            return None
+        raise OSError(
+            exc.errno,
+            f"xarray-zcache: cannot use the cache folder {settings.disk_path} (disk_path): "
+            f"{exc.strerror or exc}",
+        ) from exc
