@@ -39,16 +39,16 @@ pytestmark = pytest.mark.filterwarnings("ignore::zarr.errors.UnstableSpecificati
 POLICIES = ("lru", "slru", "tinylfu")
 
 _STORE_SETTINGS = settings(
-    max_examples=25,
-    stateful_step_count=30,
+    max_examples=20,
+    stateful_step_count=25,
     deadline=None,
     database=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 _HIERARCHY_SETTINGS = settings(
-    max_examples=12,
-    stateful_step_count=15,
+    max_examples=10,
+    stateful_step_count=12,
     deadline=None,
     database=None,
     derandomize=True,
@@ -99,10 +99,11 @@ def _run(
 
 
 class _StoreMachineOverCache(ZarrStoreStateMachine):
-    """zarr's store machine; one `CachedStore` per example, the cache shared between them."""
+    """zarr's store machine; one `CachedStore` per example, the disk tier shared between them."""
 
     def teardown(self) -> None:
         self.store.store.close()
+        close_all()  # the next example starts like a new process: from the disk tier only
 
 
 class _HierarchyMachineOverCache(ZarrHierarchyStateMachine):
@@ -112,6 +113,9 @@ class _HierarchyMachineOverCache(ZarrHierarchyStateMachine):
     folders the model does not hold); the same holds for a `CachedStore` over one,
     so the check is skipped there too (with ``assume``, as zarr does).
     """
+
+    def teardown(self) -> None:
+        close_all()  # the next example starts like a new process: from the disk tier only
 
     @precondition(lambda self: bool(self.all_groups))
     @rule(data=st.data())
