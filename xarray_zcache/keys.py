@@ -32,6 +32,7 @@ __all__ = [
     "cut",
     "entry_key",
     "escape",
+    "file_key",
     "is_plain_range",
     "key_kind",
     "listing_key",
@@ -66,6 +67,17 @@ def unescape(part: str) -> str:
 def key_kind(key: str) -> str:
     """``"metadata"`` for zarr metadata documents, ``"chunk"`` for everything else."""
     return "metadata" if key.rpartition("/")[2] in METADATA_NAMES else "chunk"
+
+
+def file_key(key: str) -> str:
+    """The object a key names in a store of files (`LocalStore`): ``a/../b`` is ``b``.
+
+    Object stores take keys literally; a file system resolves ``.``, ``..`` and
+    repeated slashes, so two keys may name one file there and must share an entry.
+    """
+    if "/." in key or key.startswith(".") or "//" in key or key.endswith("/"):
+        return posixpath.normpath(key).lstrip("/")
+    return key
 
 
 def entry_key(namespace: str, key: str) -> str:

@@ -32,6 +32,7 @@ from xarray_zcache.keys import (
     array_of,
     cut,
     entry_key,
+    file_key,
     is_plain_range,
     key_kind,
     listing_key,
@@ -173,6 +174,11 @@ class CachedStore(Store):
         self._namespace = namespace if namespace is not None else store_namespace(store)
         self._init_local()
 
+    @property
+    def _files(self) -> bool:
+        """Whether the wrapped store is a tree of files (keys name paths, see `file_key`)."""
+        return self._namespace.startswith("file://")
+
     def _init_local(self) -> None:
         # per process: the cache bound per Dask worker (None: not on a worker), the
         # read-ahead per event loop (held weakly: short-lived loops leave nothing)
@@ -247,7 +253,7 @@ class CachedStore(Store):
     # -- keys ----------------------------------------------------------------------------------
 
     def _ck(self, key: str) -> str:
-        return entry_key(self._namespace, key)
+        return entry_key(self._namespace, file_key(key) if self._files else key)
 
     def _read(self, key: str, byte_range: ByteRequest | None, *, prefetch: bool = False) -> Read:
         ck = self._ck(key)
