@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from xarray.backends import BackendEntrypoint
 from xarray.backends.zarr import ZarrBackendEntrypoint
@@ -197,7 +197,7 @@ _NOT_CONSOLIDATED = (
 )
 
 
-def _probe_consolidated(store: CachedStore, zarr_format: int | None) -> bool | None:
+def _probe_consolidated(store: CachedStore, zarr_format: Literal[2, 3] | None) -> bool | None:
     """``consolidated=None`` done here, so that its warning points at the user's line.
 
     xarray's zarr backend tries consolidated metadata, falls back to the plain
