@@ -132,7 +132,9 @@ def test_unwritable_cache_folder_is_refused(tmp_path: Any) -> None:
 def test_disk_path_that_is_a_file_or_cannot_be_created(tmp_path: Any) -> None:
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    with pytest.raises(ValueError, match=r"disk_path: .*it is an existing file.*File exists"):
+    with pytest.raises(
+        ValueError, match=r"disk_path: .*it is an existing regular file.*File exists"
+    ):
         CacheConfig().with_disk_cache(a_file)
     with pytest.raises(
         ValueError, match=r"disk_path: cannot create the folder '/proc/zc'.*'/proc'"

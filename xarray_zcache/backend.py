@@ -241,6 +241,14 @@ class ZCacheBackendEntrypoint(BackendEntrypoint):
     ``cache_config=`` (a `CacheConfig` or the name of a configured cache): xarray
     keeps ``cache=`` for itself.
 
+    The first argument is what ``engine="zarr"`` takes: a local path, ``file://``,
+    any fsspec URL (``s3://``, ``gs://``, ``memory://``, ...), chained URLs included
+    (``simplecache::s3://bucket/x.zarr``, with ``storage_options`` nested per
+    protocol as fsspec expects: ``{"s3": {...}, "simplecache": {...}}``), or a zarr
+    Store. A leading ``zcache::`` is accepted for compatibility and stripped before
+    fsspec sees the URL (it is no fsspec protocol); it is the only form xarray's
+    engine guessing can attribute to this engine.
+
     Examples
     --------
     >>> ds = xr.open_dataset("s3://bucket/era5.zarr", engine="zcache", chunks={},

@@ -1171,7 +1171,10 @@ def _cmd_warm(args: argparse.Namespace) -> int:
         if args.memory_size is not None:
             config = config.with_memory_size(args.memory_size)
     except ValueError as exc:
-        raise CliError(str(exc)) from None
+        message = str(exc)
+        if args.cache is not None and message.startswith("disk_path: "):
+            message = f"--cache {args.cache}: {message.removeprefix('disk_path: ')}"
+        raise CliError(message) from None
     if config.disk_size <= 0:
         raise CliError("the disk tier size is 0 (zcache.disk.size); pass --cache-size SIZE")
     _check_source(url)

@@ -152,8 +152,9 @@ def _check_disk_folder(path: str) -> None:
         ) from None
     if mode is not None:
         if not stat.S_ISDIR(mode):
+            kind = "an existing regular file" if stat.S_ISREG(mode) else "an existing file"
             raise ValueError(
-                f"disk_path: cannot use the folder {path!r}: it is an existing file, not a "
+                f"disk_path: cannot use the folder {path!r}: it is {kind}, not a "
                 f"folder ({os.strerror(errno.EEXIST)}); {hint}"
             )
         return
