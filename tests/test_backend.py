@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -105,3 +106,85 @@ def test_guess_can_open_only_the_prefix() -> None:
     assert entry.guess_can_open("zcache::s3://bucket/x.zarr")
     assert not entry.guess_can_open("s3://bucket/x.zarr")
     assert not entry.guess_can_open("/tmp/x.zarr")
+
+
+def _chain_options(s3_options: dict[str, Any], tmp_path: Any) -> dict[str, Any]:
+    return {"s3": s3_options, "simplecache": {"cache_storage": str(tmp_path / "sc")}}
+
+
+@pytest.mark.parametrize("prefix", ["", "zcache::"])
+def test_chained_s3_url_opens_as_with_the_zarr_engine(
+    s3_server: LocalS3Server,
+    s3_bucket: str,
+    s3_options: dict[str, Any],
+    config: CacheConfig,
+    tmp_path: Any,
+    prefix: str,
+) -> None:
+    _ds().to_zarr(f"s3://{s3_bucket}/x.zarr", storage_options=s3_options, zarr_format=3)
+    url = f"simplecache::s3://{s3_bucket}/x.zarr"
+    options = _chain_options(s3_options, tmp_path)
+    expected = xr.open_dataset(url, engine="zarr", storage_options=options).load()
+    ds = xr.open_dataset(
+        prefix + url, engine="zcache", storage_options=options, cache_config=config
+    )
+    xr.testing.assert_identical(ds.load(), expected)
+    before = s3_server.requests.chunk_gets(s3_bucket)
+    again = xr.open_dataset(url, engine="zcache", storage_options=options, cache_config=config)
+    xr.testing.assert_identical(again.load(), expected)
+    assert s3_server.requests.chunk_gets(s3_bucket) == before  # served by the cache
+    # the s3 link of the chain gets the read tuning, the user's own values kept
+    store = open_store(prefix + url, storage_options=options, cache_config=config)
+    s3fs = store.inner.fs.fs  # type: ignore[attr-defined]
+    assert s3fs.max_concurrency == 1
+    assert s3fs.config_kwargs["max_pool_connections"] == 64
+    assert s3fs.config_kwargs["s3"] == s3_options["config_kwargs"]["s3"]
+    assert s3_bucket in store.namespace and s3_server.endpoint_url in store.namespace
+
+
+def test_plain_s3_url_keeps_its_tuning(
+    s3_bucket: str, s3_options: dict[str, Any], config: CacheConfig
+) -> None:
+    options = {k: v for k, v in s3_options.items() if k != "max_concurrency"}
+    store = open_store(f"s3://{s3_bucket}/x.zarr", storage_options=options, cache_config=config)
+    fs = store.inner.fs  # type: ignore[attr-defined]
+    assert fs.max_concurrency == 1 and fs.config_kwargs["max_pool_connections"] == 64
+    mine = {**options, "max_concurrency": 4, "config_kwargs": {"max_pool_connections": 8}}
+    store = open_store(
+        f"zcache::s3://{s3_bucket}/x.zarr", storage_options=mine, cache_config=config
+    )
+    fs = store.inner.fs  # type: ignore[attr-defined]
+    assert fs.max_concurrency == 4 and fs.config_kwargs["max_pool_connections"] == 8
+
+
+def test_memory_url_and_bad_chains(config: CacheConfig) -> None:
+    _ds().to_zarr("memory://zcache-test/m.zarr", zarr_format=3, mode="w")
+    ds = xr.open_dataset("memory://zcache-test/m.zarr", engine="zcache", cache_config=config)
+    xr.testing.assert_identical(ds.load(), _ds())
+    with pytest.raises(ValueError, match=r"unknown or unavailable URL scheme 'nosuch'"):
+        open_store("nosuch::s3://bucket/x.zarr", cache_config=config)
+    with pytest.raises(ValueError, match=r"storage_options\['s3'\]: expected a mapping"):
+        open_store("simplecache::s3://b/x.zarr", storage_options={"s3": 1}, cache_config=config)
+
+
+@pytest.mark.parametrize("opener", [xr.open_dataset, xr.open_datatree])
+def test_consolidated_metadata_warning_points_at_the_caller(
+    tmp_path: Any, config: CacheConfig, opener: Any
+) -> None:
+    path = tmp_path / "plain.zarr"
+    _ds().to_zarr(path, zarr_format=3, consolidated=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opened = opener(path, engine="zcache", cache_config=config)
+    found = [w for w in caught if "consolidated metadata" in str(w.message)]
+    assert len(found) == 1, [str(w.message) for w in caught]
+    assert found[0].category is RuntimeWarning
+    assert found[0].filename == __file__
+    assert "t" in (opened.data_vars if isinstance(opened, xr.Dataset) else opened.ds.data_vars)
+    # consolidated metadata present, or consolidated given: no warning
+    _ds().to_zarr(tmp_path / "cons.zarr", zarr_format=2, consolidated=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opener(tmp_path / "cons.zarr", engine="zcache", cache_config=config)
+        opener(path, engine="zcache", cache_config=config, consolidated=False)
+    assert not [w for w in caught if "consolidated metadata" in str(w.message)]

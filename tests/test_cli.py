@@ -474,6 +474,7 @@ PATH_COMMANDS = [
     ["clear"],
     ["clear", "--expired"],
     ["clear", "--namespace", "s3://b/x"],
+    ["clear", "--dry-run", "--json"],
     ["verify"],
     ["verify", "--repair"],
 ]
@@ -639,3 +640,127 @@ def test_console_script_runs(template: Template, cache_dir: Path, console_script
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert {n["namespace"] for n in data["namespaces"]} == {template.ns_a, template.ns_b}
+
+
+# -- the configured folder, --json, --dry-run, closed pipes --------------------------------------
+
+
+def test_path_defaults_to_the_configured_folder(
+    template: Template, cache_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = _entries(cache_dir)
+    with dask.config.set({"zcache.disk.path": str(cache_dir)}):
+        code, out, err = _run(capsys, "stats", "--json")
+        assert code == 0, err
+        assert json.loads(out)["path"] == str(cache_dir)
+        assert json.loads(out)["entries"] == len(rows)
+        code, out, err = _run(capsys, "verify")
+        assert code == 0, err
+        assert f"Disk cache {cache_dir}" in out and "Consistent" in out
+        code, out, err = _run(capsys, "clear", "--dry-run")
+        assert code == 0, err
+        assert f"Would remove {len(rows)} entries" in out and str(cache_dir) in out
+        assert _entries(cache_dir) == rows
+    # XDG_CACHE_HOME gives the default folder when zcache.disk.path is not set
+    home = tmp_path / "xdg"
+    shutil.copytree(cache_dir, home / "xarray-zcache")
+    env = {**os.environ, "XDG_CACHE_HOME": str(home)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "xarray_zcache.cli", "stats", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["path"] == str(home / "xarray-zcache")
+    # a configured folder that does not exist yet, or no disk tier at all: clear errors
+    with dask.config.set({"zcache.disk.path": str(tmp_path / "never")}):
+        code, _, err = _run(capsys, "stats")
+    assert code == 1 and "configured disk cache folder (zcache.disk.path) does not exist" in err
+    assert not (tmp_path / "never").exists()
+    with dask.config.set({"zcache.disk.enabled": False}):
+        code, _, err = _run(capsys, "clear")
+    assert code == 2 and "disables the disk tier" in err and "pass the disk cache folder" in err
+
+
+@pytest.mark.parametrize(
+    "which", [[], ["--expired"], ["--namespace", "NS_A"]], ids=["all", "expired", "namespace"]
+)
+def test_clear_dry_run_says_what_clear_removes_and_removes_nothing(
+    template: Template, cache_dir: Path, capsys: pytest.CaptureFixture[str], which: list[str]
+) -> None:
+    which = [template.ns_a if w == "NS_A" else w for w in which]
+    rows = _entries(cache_dir)
+    files = _payload_files(cache_dir)
+    code, out, err = _run(capsys, "clear", cache_dir, *which, "--dry-run")
+    assert code == 0, err
+    assert out.startswith("Would remove ") and "Dry run: nothing was removed." in out
+    code, out, err = _run(capsys, "clear", cache_dir, *which, "--dry-run", "--json")
+    assert code == 0, err
+    planned = json.loads(out)
+    assert planned["dry_run"] is True
+    assert _entries(cache_dir) == rows and _payload_files(cache_dir) == files
+
+    code, out, err = _run(capsys, "clear", cache_dir, *which, "--json")
+    assert code == 0, err
+    done = json.loads(out)
+    assert done["dry_run"] is False
+    assert {k: v for k, v in done.items() if k != "dry_run"} == {
+        k: v for k, v in planned.items() if k != "dry_run"
+    }
+    assert len(_entries(cache_dir)) == len(rows) - done["entries"] and done["entries"] > 0
+
+
+def test_every_subcommand_has_json(
+    tmp_path: Path, cache_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from xarray_zcache.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    assert isinstance(commands, dict) and set(commands) == {"stats", "clear", "warm", "verify"}
+    for name, sub in commands.items():
+        assert any("--json" in a.option_strings for a in sub._actions), name
+
+    for argv in (["stats"], ["verify"], ["clear", "--expired"]):
+        code, out, err = _run(capsys, argv[0], cache_dir, *argv[1:], "--json")
+        assert code == 0, err
+        assert json.loads(out)["path"] == str(cache_dir)
+
+    source = tmp_path / "local.zarr"
+    _write(str(source))
+    folder = tmp_path / "warm-cache"
+    code, out, err = _run(capsys, "warm", source, "--cache", folder, "-q", "--json")
+    assert code == 0, err
+    report = json.loads(out)  # stdout is JSON only: the progress lines went to stderr
+    assert report["path"] == str(folder) and report["chunk_misses"] == CHUNKS_PER_DATASET
+    assert report["disk_write_failures"] == 0 and report["disk_entries"] >= CHUNKS_PER_DATASET
+    assert "Created disk cache folder" in err and "Warming" in err
+
+
+def test_closed_pipe_exits_0(tmp_path: Path) -> None:
+    folder = tmp_path / "big"
+    with DiskTier(folder, 2**30) as tier:  # ~1 MB of --json output: more than a pipe holds
+        for i in range(1500):
+            tier.put(f"s3://bucket/d{i}.zarr/c/0", b"x" * 16, namespace=f"s3://bucket/d{i}.zarr")
+        tier.flush()
+    script = (
+        f"set -o pipefail; {sys.executable} -m xarray_zcache.cli stats {folder} --json | head -3"
+    )
+    proc = subprocess.run(
+        ["bash", "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == "{" and len(proc.stdout.splitlines()) == 3
+    assert "Traceback" not in proc.stderr and "Broken pipe" not in proc.stderr
+    # the whole output is indeed larger than the pipe's buffer
+    full = subprocess.run(
+        [sys.executable, "-m", "xarray_zcache.cli", "stats", str(folder), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert len(full.stdout) > 256 * 1024

@@ -117,15 +117,83 @@ def test_unwritable_cache_folder_is_refused(tmp_path: Any) -> None:
         blocker = tmp_path / "file"
         blocker.write_text("x")
         path = blocker / "cache"
+        reason = "Not a directory"
     else:
         ro = tmp_path / "ro"
         ro.mkdir(mode=0o500)
         path = ro / "cache"
-    cfg = CacheConfig().with_disk_cache(path, "1MB")
-    store = CachedStore(LocalStore(tmp_path / "data"), cfg)
-    with pytest.raises((PermissionError, NotADirectoryError, FileExistsError, OSError)) as info:
-        store.cache  # noqa: B018 - binding creates the cache
-    assert str(path.parent) in str(info.value) or str(path) in str(info.value)
+        reason = "Permission denied"
+    with pytest.raises(ValueError, match=r"disk_path: cannot create the folder") as info:
+        CacheConfig().with_disk_cache(path, "1MB")
+    assert str(path) in str(info.value) and reason in str(info.value)
+    assert not path.exists()
+
+
+def test_disk_path_that_is_a_file_or_cannot_be_created(tmp_path: Any) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(
+        ValueError, match=r"disk_path: .*it is an existing regular file.*File exists"
+    ):
+        CacheConfig().with_disk_cache(a_file)
+    with pytest.raises(
+        ValueError, match=r"disk_path: cannot create the folder '/proc/zc'.*'/proc'"
+    ):
+        CacheConfig().with_disk_cache("/proc/zc")
+    with (
+        dask.config.set({"zcache.disk.path": str(a_file)}),
+        pytest.raises(ValueError, match=r"dask config key 'zcache.disk.path': disk_path: "),
+    ):
+        CacheConfig.from_dask_config()
+    # nothing was created; a missing folder under a writable parent is fine (created later)
+    assert a_file.read_text() == "x" and not os.path.exists("/proc/zc")
+    later = tmp_path / "new" / "deeper"
+    assert CacheConfig().with_disk_cache(later).disk_path == str(later)
+    assert not later.parent.exists()
+
+
+def test_an_existing_folder_is_accepted_even_if_not_writable(tmp_path: Any) -> None:
+    # not writable: the cache falls back to memory when it binds (a read-only mount),
+    # which is no error at config time; /proc/sys (mode 0555) stands in for such a folder
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    assert CacheConfig().with_disk_cache(locked).disk_path == str(locked)
+    if os.path.isdir("/proc/sys"):
+        assert CacheConfig().with_disk_cache("/proc/sys").disk_path == "/proc/sys"
+
+
+def test_errors_name_the_dask_key_and_the_environment_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    env = {**os.environ, "DASK_ZCACHE__MEMORY_SIZE": "lots"}
+    code = "from xarray_zcache import CacheConfig; CacheConfig()"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 1
+    assert (
+        "ValueError: DASK_ZCACHE__MEMORY_SIZE (environment variable, dask config key "
+        "'zcache.memory-size'): memory_size: invalid size 'lots'"
+    ) in out.stderr
+    with (
+        dask.config.set({"zcache.ttl.metadata": "soon"}),
+        pytest.raises(ValueError, match=r"^dask config key 'zcache.ttl.metadata': metadata_ttl: "),
+    ):
+        CacheConfig()
+    caches = {"era5": {"memory-size": "huge"}}
+    with (
+        dask.config.set({"zcache.caches": caches}),
+        pytest.raises(ValueError, match=r"^dask config key 'zcache.caches.era5.memory-size': "),
+    ):
+        CacheConfig.from_dask_config("era5")
+    # the env var that set an unknown key is named too (dask reads it at import: set both)
+    monkeypatch.setenv("DASK_ZCACHE__MEMROY_SIZE", "1GB")
+    with (
+        dask.config.set({"zcache.memroy_size": "1GB"}),
+        pytest.raises(ValueError, match=r"^DASK_ZCACHE__MEMROY_SIZE \(environment variable\)"),
+    ):
+        CacheConfig.from_dask_config()
+    # a value passed directly is not blamed on the configuration
+    with pytest.raises(ValueError, match=r"^memory_size: invalid size 'lots'"):
+        CacheConfig().with_memory_size("lots")
 
 
 def test_bad_input_loses_nothing_cached(tmp_path: Any) -> None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from xarray.backends import BackendEntrypoint
 from xarray.backends.zarr import ZarrBackendEntrypoint
@@ -16,9 +17,49 @@ from xarray_zcache.store import CachedStore
 if TYPE_CHECKING:
     import xarray as xr
 
-__all__ = ["PREFIX", "ZCacheBackendEntrypoint", "open_store"]
+__all__ = ["PREFIX", "ZCacheBackendEntrypoint", "open_store", "strip_prefix"]
 
 PREFIX = "zcache::"
+
+#: s3fs protocols whose options get the read tuning of `_tune_s3`
+_S3_PROTOCOLS = ("s3", "s3a")
+
+
+def strip_prefix(url: str) -> str:
+    """``url`` without the ``zcache::`` prefix (not an fsspec protocol: fsspec must not see it)."""
+    return url[len(PREFIX) :] if url.startswith(PREFIX) else url
+
+
+def _tune_s3(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """s3fs options with the read tuning of the cache (the user's own values win)."""
+    opts = dict(options or {})
+    # s3fs sends a HEAD before each whole-object GET unless max_concurrency=1:
+    # one request per chunk instead of two
+    opts.setdefault("max_concurrency", 1)
+    # botocore's pool (10 by default) would cap reads in flight, read-ahead included
+    config_kwargs = dict(opts.get("config_kwargs") or {})
+    config_kwargs.setdefault("max_pool_connections", 64)
+    opts["config_kwargs"] = config_kwargs
+    return opts
+
+
+def _chain_protocols(text: str) -> list[str]:
+    """The fsspec protocol of each link of ``text`` (``a::b::c://...``), outermost first.
+
+    As `fsspec.core.url_to_fs` splits a chained URL: a bare word is a protocol
+    (``simplecache``), anything else a URL or path (``s3://b/x``, ``/data/x.zip``).
+    """
+    from fsspec.core import split_protocol
+
+    protocols = []
+    for bit in text.split("::"):
+        if "://" in bit:
+            protocols.append(split_protocol(bit)[0] or "file")
+        elif bit and bit.isidentifier() and bit.lower() == bit:
+            protocols.append(bit)
+        else:
+            protocols.append("file")
+    return protocols
 
 
 def _inner_store(
@@ -26,39 +67,46 @@ def _inner_store(
 ) -> Store:
     from zarr.storage import FsspecStore, LocalStore
 
-    text = os.fspath(url)
-    if text.startswith(PREFIX):
-        text = text[len(PREFIX) :]
+    text = strip_prefix(os.fspath(url))
     if not text:
         raise ValueError("filename_or_obj: empty path or URL")
-    if "://" not in text or text.startswith("file://"):
+    chained = "::" in text
+    if not chained and ("://" not in text or text.startswith("file://")):
         path = text.removeprefix("file://")
         if storage_options:
             raise ValueError(
-                "storage_options: only allowed with remote URLs (s3://, gs://, ...), "
-                f"not with the local path {path!r}"
+                "storage_options: only allowed with remote or chained URLs (s3://, gs://, "
+                f"simplecache::s3://, ...), not with the local path {path!r}"
             )
         return LocalStore(os.path.expanduser(path), read_only=read_only)
-    scheme = text.split("://", 1)[0]
-    opts = dict(storage_options or {})
-    if scheme in ("s3", "s3a"):
-        # s3fs sends a HEAD before each whole-object GET unless max_concurrency=1:
-        # one request per chunk instead of two
-        opts.setdefault("max_concurrency", 1)
-        # botocore's pool (10 by default) would cap reads in flight, read-ahead included
-        config_kwargs = dict(opts.get("config_kwargs") or {})
-        config_kwargs.setdefault("max_pool_connections", 64)
-        opts["config_kwargs"] = config_kwargs
-    try:
-        import fsspec
+    import fsspec
 
-        fsspec.get_filesystem_class(scheme)
-    except (ValueError, ImportError) as exc:
-        raise ValueError(
-            f"filename_or_obj: unknown or unavailable URL scheme {scheme!r} in {text!r}; "
-            "expected a local path, file://, s3://, gs://, az://, http(s):// or another "
-            f"installed fsspec protocol ({exc})"
-        ) from exc
+    protocols = _chain_protocols(text)
+    for scheme in protocols:
+        try:
+            fsspec.get_filesystem_class(scheme)
+        except (ValueError, ImportError) as exc:
+            raise ValueError(
+                f"filename_or_obj: unknown or unavailable URL scheme {scheme!r} in {text!r}; "
+                "expected a local path, file://, s3://, gs://, az://, http(s)://, another "
+                "installed fsspec protocol, or a chain of them such as simplecache::s3://... "
+                f"({exc})"
+            ) from exc
+    opts = dict(storage_options or {})
+    if not chained:
+        if protocols[0] in _S3_PROTOCOLS:
+            opts = _tune_s3(opts)
+    else:
+        # fsspec takes the options of each link of a chain under its protocol name
+        for scheme in protocols:
+            if scheme in _S3_PROTOCOLS:
+                given = opts.get(scheme)
+                if given is not None and not isinstance(given, Mapping):
+                    raise ValueError(
+                        f"storage_options[{scheme!r}]: expected a mapping of options for the "
+                        f"{scheme!r} link of {text!r}, got {type(given).__name__}"
+                    )
+                opts[scheme] = _tune_s3(given)
     return FsspecStore.from_url(text, storage_options=opts, read_only=read_only)
 
 
@@ -74,10 +122,15 @@ def open_store(
     Parameters
     ----------
     url_or_store
-        ``s3://bucket/data.zarr``, ``gs://...``, a local path, ``file://...``, any of
-        these prefixed with ``zcache::``, or a `zarr.abc.store.Store`.
+        ``s3://bucket/data.zarr``, ``gs://...``, any fsspec URL including chained
+        ones (``simplecache::s3://bucket/data.zarr``), a local path, ``file://...``,
+        any of these prefixed with ``zcache::`` (stripped before fsspec sees the URL),
+        or a `zarr.abc.store.Store`.
     storage_options
-        fsspec options for remote URLs (credentials, ``endpoint_url``, ...). Not
+        fsspec options for remote URLs (credentials, ``endpoint_url``, ...), as
+        `fsspec.url_to_fs` takes them: for a chained URL, nested per protocol
+        (``{"s3": {...}, "simplecache": {...}}``). For ``s3`` (plain or in a chain),
+        ``max_concurrency=1`` and a pool of 64 connections are set unless given. Not
         allowed with a Store object (pass them when building the store instead).
     cache_config
         A `CacheConfig`, the name of a configured cache, or ``None`` for defaults.
@@ -127,7 +180,55 @@ def _delegate(
         cache_config=cache_config,
         read_only=kwargs.get("mode", "r") == "r",
     )
+    if kwargs.get("consolidated") is None and kwargs.get("mode", "r") == "r":
+        kwargs["consolidated"] = _probe_consolidated(store, kwargs.get("zarr_format"))
     return getattr(ZarrBackendEntrypoint(), method)(store, **kwargs)
+
+
+_NOT_CONSOLIDATED = (
+    "Failed to open Zarr store with consolidated metadata, but successfully read with "
+    "non-consolidated metadata. This is typically much slower for opening a dataset. "
+    "To silence this warning, consider:\n"
+    "1. Consolidating metadata in this existing store with zarr.consolidate_metadata().\n"
+    "2. Explicitly setting consolidated=False, to avoid trying to read consolidate "
+    "metadata, or\n"
+    "3. Explicitly setting consolidated=True, to raise an error in this case instead of "
+    "falling back to try reading non-consolidated metadata."
+)
+
+
+def _probe_consolidated(store: CachedStore, zarr_format: Literal[2, 3] | None) -> bool | None:
+    """``consolidated=None`` done here, so that its warning points at the user's line.
+
+    xarray's zarr backend tries consolidated metadata, falls back to the plain
+    metadata and warns at the first frame outside xarray: here, inside this package.
+    So try the same first (the metadata read lands in the cache: xarray's read that
+    follows is a hit), warn at the caller's line, and tell xarray the answer:
+    ``False`` (no consolidated metadata), or ``None`` to let xarray do as usual
+    (consolidated metadata found, or the group cannot be opened: xarray's error).
+    """
+    import xarray
+    import zarr
+
+    if not getattr(store, "supports_consolidated_metadata", True):
+        return None
+    try:
+        zarr.open_consolidated(store, mode="r", zarr_format=zarr_format)
+        return None
+    except ValueError:
+        pass
+    except Exception:
+        return None
+    try:
+        zarr.open_group(store, mode="r", zarr_format=zarr_format, use_consolidated=False)
+    except Exception:
+        return None
+    here = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    theirs = os.path.dirname(os.path.abspath(xarray.__file__)) + os.sep
+    warnings.warn(
+        _NOT_CONSOLIDATED, RuntimeWarning, stacklevel=2, skip_file_prefixes=(here, theirs)
+    )
+    return False
 
 
 class ZCacheBackendEntrypoint(BackendEntrypoint):
@@ -140,6 +241,14 @@ class ZCacheBackendEntrypoint(BackendEntrypoint):
     ``cache_config=`` (a `CacheConfig` or the name of a configured cache): xarray
     keeps ``cache=`` for itself.
 
+    The first argument is what ``engine="zarr"`` takes: a local path, ``file://``,
+    any fsspec URL (``s3://``, ``gs://``, ``memory://``, ...), chained URLs included
+    (``simplecache::s3://bucket/x.zarr``, with ``storage_options`` nested per
+    protocol as fsspec expects: ``{"s3": {...}, "simplecache": {...}}``), or a zarr
+    Store. A leading ``zcache::`` is accepted for compatibility and stripped before
+    fsspec sees the URL (it is no fsspec protocol); it is the only form xarray's
+    engine guessing can attribute to this engine.
+
     Examples
     --------
     >>> ds = xr.open_dataset("s3://bucket/era5.zarr", engine="zcache", chunks={},
@@ -151,6 +260,7 @@ class ZCacheBackendEntrypoint(BackendEntrypoint):
     supports_groups = True
 
     def guess_can_open(self, filename_or_obj: Any) -> bool:
+        """Claim only ``zcache::...`` strings (any other URL: pass ``engine="zcache"``)."""
         return isinstance(filename_or_obj, str) and filename_or_obj.startswith(PREFIX)
 
     def open_dataset(  # type: ignore[override]

@@ -2,17 +2,23 @@
 
 Subcommands (``zcache SUBCOMMAND --help`` for each):
 
-``zcache stats PATH [--json] [--top N]``
+``zcache stats [PATH] [--json] [--top N]``
     What a disk cache folder holds: entries, bytes, per dataset namespace (with the
     chunk/metadata split and hit counts), oldest and newest entries, most hit entries,
     expired entries. Read from the SQLite index.
-``zcache clear PATH [--expired | --namespace NS]``
-    Remove every entry, only the expired ones, or only those of one namespace.
-``zcache warm URL [--variables V1,V2] [--cache PATH] ...``
+``zcache clear [PATH] [--expired | --namespace NS] [--dry-run] [--json]``
+    Remove every entry, only the expired ones, or only those of one namespace
+    (``--dry-run``: only say what would be removed).
+``zcache warm URL [--variables V1,V2] [--cache PATH] [--json] ...``
     Read a dataset through the ``zcache`` engine so that every chunk of the selected
     variables ends up in the disk tier.
-``zcache verify PATH [--repair] [--json]``
+``zcache verify [PATH] [--repair] [--json]``
     Check every payload file against its header, checksum and index row.
+
+PATH defaults to the configured disk cache folder (dask config ``zcache.disk.path``,
+by default ``$XDG_CACHE_HOME/xarray-zcache``). Every subcommand prints JSON with
+``--json``. A closed output pipe (``zcache stats --json | head``) ends the command
+quietly with status 0.
 
 Safety rules kept by every subcommand: a PATH that does not exist, is not a folder, or
 is a folder without an xarray-zcache index (``index.db``) is refused with an error and
@@ -204,17 +210,19 @@ examples:
   zcache warm s3://bucket/era5.zarr --variables t2m,tp --cache /scratch/zcache
   zcache verify ~/.cache/xarray-zcache --repair      # check every file, fix damage
 
-PATH is a disk cache folder: by default $XDG_CACHE_HOME/xarray-zcache
-(~/.cache/xarray-zcache), see the dask config key zcache.disk.path. The command never
-deletes anything outside that folder, and refuses a PATH that is not a cache folder.
+PATH is a disk cache folder; without PATH, the configured one: the dask config key
+zcache.disk.path (DASK_ZCACHE__DISK__PATH), by default $XDG_CACHE_HOME/xarray-zcache
+(~/.cache/xarray-zcache). The command never deletes anything outside that folder, and
+refuses a PATH that is not a cache folder. --json prints JSON on every subcommand.
 
-exit status: 0 success; 1 failure (damage found by verify and not repaired, a read
-failed during warm); 2 bad usage (bad path, URL, size or option).
+exit status: 0 success (also when the reader closes the output pipe early); 1 failure
+(damage found by verify and not repaired, a read failed during warm); 2 bad usage (bad
+path, URL, size or option).
 """
 
 _STATS_EPILOG = """\
 examples:
-  zcache stats ~/.cache/xarray-zcache
+  zcache stats                                       # the configured folder
   zcache stats /scratch/zcache --top 20
   zcache stats /scratch/zcache --json | jq '.namespaces[].namespace'
 
@@ -228,6 +236,7 @@ the epoch and sizes are bytes.
 _CLEAR_EPILOG = """\
 examples:
   zcache clear ~/.cache/xarray-zcache                # remove every entry
+  zcache clear --dry-run                             # what would go (configured folder)
   zcache clear ~/.cache/xarray-zcache --expired      # only entries past their TTL
   zcache clear /scratch/zcache --namespace s3://bucket/era5.zarr
 
@@ -245,6 +254,7 @@ examples:
       --storage-option endpoint_url=http://127.0.0.1:9000 \\
       --storage-option config_kwargs.s3.addressing_style=path
   zcache warm /data/local.zarr --cache /scratch/zcache
+  zcache warm simplecache::s3://bucket/data.zarr --storage-option s3.anon=true --json
 
 Every chunk of the selected variables and of their coordinates is read once through
 the cache (a cheap reduction per chunk: the data is never held in memory as a whole)
@@ -256,7 +266,7 @@ otherwise kept as strings; quote a string that looks like JSON: key='"123"'.
 
 _VERIFY_EPILOG = """\
 examples:
-  zcache verify ~/.cache/xarray-zcache
+  zcache verify                                      # the configured folder
   zcache verify ~/.cache/xarray-zcache --repair
   zcache verify /scratch/zcache --json
 
@@ -289,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands", required=True)
+    folder_help = f"the disk cache folder (default: {_default('disk.path')})"
+    json_help = "print JSON instead of text"
 
     stats = sub.add_parser(
         "stats",
@@ -301,8 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_STATS_EPILOG,
         formatter_class=_Formatter,
     )
-    stats.add_argument("path", metavar="PATH", help="the disk cache folder")
-    stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    stats.add_argument("path", metavar="PATH", nargs="?", help=folder_help)
+    stats.add_argument("--json", action="store_true", help=json_help)
     stats.add_argument(
         "--top",
         type=_top,
@@ -322,7 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_CLEAR_EPILOG,
         formatter_class=_Formatter,
     )
-    clear.add_argument("path", metavar="PATH", help="the disk cache folder")
+    clear.add_argument("path", metavar="PATH", nargs="?", help=folder_help)
+    clear.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="say what would be removed, remove nothing",
+    )
+    clear.add_argument("--json", action="store_true", help=json_help)
     which = clear.add_mutually_exclusive_group()
     which.add_argument(
         "--expired", action="store_true", help="remove only entries past their time to live"
@@ -392,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="chunks read at once (default: 8; fewer if chunks are large)",
     )
     warm.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    warm.add_argument(
+        "--json", action="store_true", help="print the summary as JSON (progress on stderr)"
+    )
     warm.set_defaults(func=_cmd_warm)
 
     verify = sub.add_parser(
@@ -405,11 +426,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_VERIFY_EPILOG,
         formatter_class=_Formatter,
     )
-    verify.add_argument("path", metavar="PATH", help="the disk cache folder")
+    verify.add_argument("path", metavar="PATH", nargs="?", help=folder_help)
     verify.add_argument(
         "--repair", action="store_true", help="remove what is damaged, then check again"
     )
-    verify.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    verify.add_argument("--json", action="store_true", help=json_help)
     verify.set_defaults(func=_cmd_verify)
     return parser
 
@@ -459,6 +480,30 @@ def _folder(raw: str) -> pathlib.Path:
             f"(holding {_INDEX}, chunks/ and metadata/)"
         )
     return path.resolve()
+
+
+def _path_arg(args: argparse.Namespace) -> str:
+    """The PATH argument, or the configured disk cache folder when it is left out."""
+    if args.path is not None:
+        return str(args.path)
+    import dask.config
+
+    from xarray_zcache.config import default_disk_path
+
+    if not dask.config.get("zcache.disk.enabled", default=True):
+        raise CliError(
+            "no PATH given and the configuration disables the disk tier "
+            "(zcache.disk.enabled: false): pass the disk cache folder PATH"
+        )
+    configured = dask.config.get("zcache.disk.path", default=None)
+    path = os.path.expanduser(str(configured)) if configured else default_disk_path()
+    if not os.path.lexists(path):
+        raise CliError(
+            f"{path}: no such folder: the configured disk cache folder (zcache.disk.path) "
+            "does not exist yet, nothing was cached there; pass PATH for another folder",
+            EXIT_FAILURE,
+        )
+    return path
 
 
 def _has_payload_dirs(folder: pathlib.Path) -> bool:
@@ -624,6 +669,11 @@ def _emit(text: str = "") -> None:
     print(text, flush=True)
 
 
+def _note(args: argparse.Namespace, text: str) -> None:
+    """A progress line: on stdout, or on stderr when stdout carries ``--json`` output."""
+    print(text, file=sys.stderr if getattr(args, "json", False) else sys.stdout, flush=True)
+
+
 # -- stats --------------------------------------------------------------------------------------
 
 
@@ -769,7 +819,7 @@ def _format_stats(s: Mapping[str, Any]) -> str:
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    folder = _cache_folder(args.path)
+    folder = _cache_folder(_path_arg(args))
     with _open_tier(folder) as tier:
         rows = tier.entries()
     summary = cache_summary(folder, rows, top=args.top, now=time.time())
@@ -780,29 +830,37 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 # -- clear --------------------------------------------------------------------------------------
 
 
-def _removed_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+def _by_namespace(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Entries and bytes per namespace, largest first."""
     by_ns: dict[str, list[int]] = {}
     for row in rows:
         counts = by_ns.setdefault(str(row["namespace"]), [0, 0])
         counts[0] += 1
         counts[1] += int(row["size"])
     order = sorted(by_ns.items(), key=lambda item: (-item[1][1], item[0]))
+    return [{"namespace": ns, "entries": n, "bytes": b} for ns, (n, b) in order]
+
+
+def _removed_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return [
-        f"  {_printable(ns) or '(none)'}: {_plural(n, 'entry', 'entries')}, {format_bytes(b)}"
-        for ns, (n, b) in order
+        f"  {_printable(g['namespace']) or '(none)'}: "
+        f"{_plural(g['entries'], 'entry', 'entries')}, {format_bytes(g['bytes'])}"
+        for g in _by_namespace(rows)
     ]
 
 
 def _cmd_clear(args: argparse.Namespace) -> int:
-    folder = _cache_folder(args.path)
+    folder = _cache_folder(_path_arg(args))
+    dry = bool(args.dry_run)
+    strays = 0
     with _open_tier(folder) as tier:
         rows = tier.entries()
         if args.expired:
             now = time.time()
             gone = [r for r in rows if r["expires"] is not None and r["expires"] < now]
-            removed = tier.drop_expired(now)
+            removed = len(gone) if dry else tier.drop_expired(now)
             what = "expired {entries}"
-            extra = ""
+            scope = "expired"
         elif args.namespace is not None:
             ns = args.namespace.rstrip("/") or args.namespace
             gone = [r for r in rows if r["namespace"] == ns]
@@ -815,7 +873,9 @@ def _cmd_clear(args: argparse.Namespace) -> int:
                 )
             prefix = ns + "/"
             shared = any(r["namespace"] != ns and str(r["key"]).startswith(prefix) for r in rows)
-            if shared:
+            if dry:
+                removed = len(gone)
+            elif shared:
                 # another namespace's keys start with this prefix (a dataset nested under
                 # this path): delete this namespace's keys one by one, not by prefix
                 for row in gone:
@@ -824,20 +884,39 @@ def _cmd_clear(args: argparse.Namespace) -> int:
             else:
                 removed = tier.delete_prefix(prefix)
             what = "{entries} of namespace " + _printable(ns)
-            extra = ""
+            scope = "namespace"
         else:
-            removed = tier.delete_prefix("")
             gone = rows
+            removed = len(rows) if dry else tier.delete_prefix("")
             what = "{entries}"
+            scope = "all"
             # payload files without an index row (a crash, tampering) and stale temp files
-            leftovers = tier.verify(repair=True)
+            leftovers = tier.verify(repair=not dry)
             strays = leftovers["orphan_files"] + leftovers["corrupt"]
-            extra = f" and {_plural(strays, 'stray payload file')}" if strays else ""
     total = sum(int(r["size"]) for r in gone)
+    if args.json:
+        report = {
+            "path": str(folder),
+            "dry_run": dry,
+            "scope": scope,
+            "namespace": args.namespace.rstrip("/") or args.namespace
+            if scope == "namespace"
+            else None,
+            "entries": removed,
+            "bytes": total,
+            "stray_files": strays,
+            "namespaces": _by_namespace(gone),
+        }
+        _emit(json.dumps(report, indent=2))
+        return 0
     what = what.replace("{entries}", "entry" if removed == 1 else "entries")
-    _emit(f"Removed {removed} {what} ({format_bytes(total)}){extra} from {folder}")
+    extra = f" and {_plural(strays, 'stray payload file')}" if strays else ""
+    verb = "Would remove" if dry else "Removed"
+    _emit(f"{verb} {removed} {what} ({format_bytes(total)}){extra} from {folder}")
     for line in _removed_lines(gone):
         _emit(line)
+    if dry:
+        _emit("Dry run: nothing was removed.")
     return 0
 
 
@@ -872,6 +951,7 @@ def _rebuilt_text(rebuilt: Mapping[str, int]) -> str:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    args.path = _path_arg(args)
     folder = _folder(args.path)
     problem = _index_problem(folder)
     index_state = "ok"
@@ -988,20 +1068,23 @@ class _Throttle:
 
 def _check_source(url: str) -> None:
     """Fail early (before touching any cache folder) on a bad URL or a missing local path."""
-    text = url.removeprefix("zcache::")
+    from xarray_zcache.backend import _chain_protocols, strip_prefix
+
+    text = strip_prefix(url)
     if not text:
         raise CliError("URL: empty; expected s3://bucket/path.zarr, gs://..., or a local path")
-    if "://" in text and not text.startswith("file://"):
-        scheme = text.split("://", 1)[0]
+    if "::" in text or ("://" in text and not text.startswith("file://")):
         import fsspec
 
-        try:
-            fsspec.get_filesystem_class(scheme)
-        except (ValueError, ImportError) as exc:
-            raise CliError(
-                f"URL {url!r}: unknown or unavailable URL scheme {scheme!r}; expected s3://, "
-                f"gs://, az://, http(s)://, file:// or a local path ({exc})"
-            ) from None
+        for scheme in _chain_protocols(text):
+            try:
+                fsspec.get_filesystem_class(scheme)
+            except (ValueError, ImportError) as exc:
+                raise CliError(
+                    f"URL {url!r}: unknown or unavailable URL scheme {scheme!r}; expected "
+                    "s3://, gs://, az://, http(s)://, file://, a local path, or a chain of "
+                    f"fsspec protocols such as simplecache::s3://... ({exc})"
+                ) from None
         return
     path = pathlib.Path(text.removeprefix("file://")).expanduser()
     if not path.exists():
@@ -1088,7 +1171,10 @@ def _cmd_warm(args: argparse.Namespace) -> int:
         if args.memory_size is not None:
             config = config.with_memory_size(args.memory_size)
     except ValueError as exc:
-        raise CliError(str(exc)) from None
+        message = str(exc)
+        if args.cache is not None and message.startswith("disk_path: "):
+            message = f"--cache {args.cache}: {message.removeprefix('disk_path: ')}"
+        raise CliError(message) from None
     if config.disk_size <= 0:
         raise CliError("the disk tier size is 0 (zcache.disk.size); pass --cache-size SIZE")
     _check_source(url)
@@ -1131,7 +1217,7 @@ def _warm(
     except (OSError, sqlite3.Error, RuntimeError) as exc:
         raise CliError(f"--cache {folder}: cannot open the disk cache: {exc}") from None
     if created_folder:
-        _emit(f"Created disk cache folder {folder}")
+        _note(args, f"Created disk cache folder {folder}")
     try:
         before = cache.stats()
         t0 = time.perf_counter()
@@ -1193,11 +1279,12 @@ def _warm(
                 )
                 parts.append(sizes.sum())
             n_blocks = sum(int(np.prod(a.numblocks)) for _n, a in arrays)
-            _emit(
+            _note(
+                args,
                 f"Warming {url}: {_plural(len(data_vars), 'variable')}"
                 f"{' (' + ', '.join(data_vars) + ')' if data_vars else ''}, "
                 f"{_plural(len(coords), 'coordinate')}, {_plural(n_blocks, 'chunk')} to read "
-                f"({_plural(threads, 'thread')})"
+                f"({_plural(threads, 'thread')})",
             )
             bar: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
             if not args.quiet:
@@ -1218,7 +1305,9 @@ def _warm(
         if not preexisting:
             cache.close()
     delta = after - before
-    return _warm_summary(url, store, folder, delta, after, elapsed, int(sum(decoded)))
+    return _warm_summary(
+        url, store, folder, delta, after, elapsed, int(sum(decoded)), as_json=args.json
+    )
 
 
 def _warm_summary(
@@ -1229,6 +1318,8 @@ def _warm_summary(
     after: Any,
     elapsed: float,
     decoded: int,
+    *,
+    as_json: bool = False,
 ) -> int:
     queue = int(store.config.write_queue_size)
     chunk_hits = delta.total_hits("chunk")
@@ -1260,10 +1351,34 @@ def _warm_summary(
             f"{format_bytes(after.disk_capacity)}",
         ),
     ]
-    width = max(len(k) for k, _ in rows)
-    _emit("Done:")
-    for key, value in rows:
-        _emit(f"  {key:<{width}}  {value}")
+    if as_json:
+        report = {
+            "url": url,
+            "namespace": str(store.namespace),
+            "path": str(folder),
+            "chunk_reads": reads,
+            "chunk_misses": chunk_misses,
+            "chunk_hits": chunk_hits,
+            "hit_rate": delta.hit_rate("chunk") if reads else None,
+            "metadata_reads": meta,
+            "bytes_fetched": fetched,
+            "bytes_served": served,
+            "array_bytes": decoded,
+            "seconds": elapsed,
+            "disk_entries": after.disk_entries,
+            "disk_used": after.disk_used,
+            "disk_capacity": after.disk_capacity,
+            "disk_evictions": delta.evictions["disk"],
+            "not_admitted": delta.not_admitted,
+            "corruptions": delta.corruptions,
+            "disk_write_failures": delta.disk_write_failures,
+        }
+        _emit(json.dumps(report, indent=2))
+    else:
+        width = max(len(k) for k, _ in rows)
+        _emit("Done:")
+        for key, value in rows:
+            _emit(f"  {key:<{width}}  {value}")
     if delta.evictions["disk"]:
         _warn(
             f"{delta.evictions['disk']} entries were evicted from the disk tier to make room: "
@@ -1326,8 +1441,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns
     -------
     int
-        The exit status: 0 on success, 1 on a failure, 2 on bad usage, 130 if
-        interrupted.
+        The exit status: 0 on success (also when the reader of the output closed
+        the pipe early), 1 on a failure, 2 on bad usage, 130 if interrupted.
 
     Examples
     --------
@@ -1350,12 +1465,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _error("interrupted")
         return EXIT_INTERRUPTED
-    except BrokenPipeError:  # e.g. `zcache stats PATH | head`: stop quietly
+    except BrokenPipeError:
+        # `zcache stats --json | head -3`: the reader has what it wanted, which is no
+        # failure (status 0, also under `set -o pipefail`); stop quietly
         with contextlib.suppress(OSError, ValueError):
             # the interpreter flushes stdout at exit: point it at /dev/null first
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
-        return EXIT_FAILURE
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover - python -m xarray_zcache.cli

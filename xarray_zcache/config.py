@@ -8,10 +8,13 @@ setting.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import errno
 import math
 import os
 import pathlib
+import stat
 from collections.abc import Mapping
 from typing import Any, Literal, Self
 
@@ -74,6 +77,119 @@ def _duration(field: str, value: object, *, allow_none: bool) -> float | None:
     if seconds is None or not math.isfinite(seconds) or seconds < 0:
         raise ValueError(f"{field}: invalid duration {value!r}; expected {allowed}")
     return float(seconds)
+
+
+def _interpret_env(text: str) -> object:
+    """An environment value as dask reads it (`dask.config.collect_env`)."""
+    try:
+        return ast.literal_eval(text)
+    except (SyntaxError, ValueError):
+        return text
+
+
+def _env_var_of(key: str, value: object) -> str | None:
+    """The ``DASK_*`` environment variable that set dask config ``key`` to ``value``, if any."""
+    want = key.lower().replace("_", "-")
+    for var, text in os.environ.items():
+        if not var.startswith("DASK_"):
+            continue
+        if var[5:].lower().replace("__", ".").replace("_", "-") != want:
+            continue
+        if _interpret_env(text) == value or text == value:
+            return var
+    return None
+
+
+def _origin(field: str, value: object, name: object) -> str | None:
+    """Where an invalid ``value`` of ``field`` came from, if from dask config or the environment.
+
+    ``"DASK_ZCACHE__MEMORY_SIZE (environment variable, dask config key 'zcache.memory-size')"``
+    or ``"dask config key 'zcache.memory-size'"``; ``None`` when the value was passed
+    directly (it differs from the configured one).
+    """
+    if field == "disk_path" and value == default_disk_path():
+        return "the default folder ($XDG_CACHE_HOME/xarray-zcache or ~/.cache/xarray-zcache)"
+    key = {f: k for k, f in _FIELD_OF.items()}.get(
+        field, "disk.path" if field == "disk_path" else ""
+    )
+    if not key:
+        return None
+    keys = [f"zcache.{key}"]
+    if isinstance(name, str) and name and "." not in name:
+        keys.insert(0, f"zcache.caches.{name}.{key}")
+    for dkey in keys:
+        configured = dask.config.get(dkey, default=_MISSING)
+        if configured is _MISSING or type(configured) is not type(value) or configured != value:
+            continue
+        env = _env_var_of(dkey, value)
+        if env is not None:
+            return f"{env} (environment variable, dask config key {dkey!r})"
+        return f"dask config key {dkey!r}"
+    return None
+
+
+_MISSING = object()
+
+
+def _check_disk_folder(path: str) -> None:
+    """Raise ``ValueError`` unless ``path`` is a folder or can be created as one.
+
+    Nothing is created: ``path`` must be an existing folder, or its nearest existing
+    parent a folder this process may write to. An existing folder that is not
+    writable (a read-only filesystem) passes: the cache falls back to memory then.
+    """
+    hint = (
+        "expected a folder for the disk tier (created if missing), or None for a "
+        "memory-only cache (without_disk_cache(), dask config zcache.disk.enabled: false)"
+    )
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        mode = None
+    except OSError as exc:
+        raise ValueError(
+            f"disk_path: cannot use the folder {path!r}: {exc.strerror}; {hint}"
+        ) from None
+    if mode is not None:
+        if not stat.S_ISDIR(mode):
+            kind = "an existing regular file" if stat.S_ISREG(mode) else "an existing file"
+            raise ValueError(
+                f"disk_path: cannot use the folder {path!r}: it is {kind}, not a "
+                f"folder ({os.strerror(errno.EEXIST)}); {hint}"
+            )
+        return
+    parent = os.path.dirname(path)
+    while True:
+        try:
+            mode = os.stat(parent).st_mode
+            break
+        except (FileNotFoundError, NotADirectoryError):
+            up = os.path.dirname(parent)
+            if up == parent:
+                return  # nothing exists up to the root: let the disk tier report it
+            parent = up
+        except OSError as exc:
+            raise ValueError(
+                f"disk_path: cannot create the folder {path!r}: cannot access {parent!r} "
+                f"({exc.strerror}); {hint}"
+            ) from None
+    if not stat.S_ISDIR(mode):
+        raise ValueError(
+            f"disk_path: cannot create the folder {path!r}: {parent!r} is a file, not a "
+            f"folder ({os.strerror(errno.ENOTDIR)}); {hint}"
+        )
+    # root passes access(2) everywhere but read-only mounts: also ask for a write bit, so
+    # that /proc or /sys (mode 0555, where mkdir fails) are refused
+    writable = os.access(parent, os.W_OK | os.X_OK)
+    if writable and os.geteuid() == 0 and not mode & 0o222:
+        writable = False
+    if not writable:
+        readonly = bool(os.statvfs(parent).f_flag & os.ST_RDONLY)
+        reason = os.strerror(errno.EROFS if readonly else errno.EACCES)
+        raise ValueError(
+            f"disk_path: cannot create the folder {path!r}: {parent!r} is not writable "
+            f"({reason}); {hint}"
+        )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -164,6 +280,16 @@ class CacheConfig:
     )
 
     def __post_init__(self) -> None:
+        try:
+            self._validate()
+        except ValueError as exc:
+            field = str(exc).split(":", 1)[0]
+            origin = _origin(field, getattr(self, field, None), self.name)
+            if origin is None:
+                raise
+            raise ValueError(f"{origin}: {exc}") from None
+
+    def _validate(self) -> None:
         s = object.__setattr__
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"name: invalid cache name {self.name!r}; expected a non-empty str")
@@ -174,7 +300,9 @@ class CacheConfig:
                     f"disk_path: invalid path {self.disk_path!r}; expected a folder path "
                     "(str or os.PathLike) or None for a memory-only cache"
                 )
-            s(self, "disk_path", os.path.abspath(os.path.expanduser(os.fspath(self.disk_path))))
+            folder = os.path.abspath(os.path.expanduser(os.fspath(self.disk_path)))
+            _check_disk_folder(folder)
+            s(self, "disk_path", folder)
         s(self, "disk_size", _size("disk_size", self.disk_size))
         s(self, "max_object_size", _size("max_object_size", self.max_object_size))
         s(self, "metadata_ttl", _duration("metadata_ttl", self.metadata_ttl, allow_none=True))
@@ -398,7 +526,9 @@ def _kwargs_from_mapping(m: Mapping[str, Any]) -> dict[str, Any]:
         if key in _FIELD_OF:
             kwargs[_FIELD_OF[key]] = value
         elif key not in ("disk.path", "disk.enabled"):
+            env = _env_var_of(f"zcache.{key}", value)
             raise ValueError(
+                f"{env + ' (environment variable), ' if env else ''}"
                 f"zcache.{key}: unknown setting; expected one of "
                 f"{', '.join(sorted([*_FIELD_OF, 'disk.path', 'disk.enabled']))}"
             )
