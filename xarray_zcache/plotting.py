@@ -668,7 +668,7 @@ def tier_figure(tiers: ColumnDataSource) -> figure:
     """
     labels = list(tiers.data["label"])
     p = figure(
-        title="Reads by tier: memory hits, disk hits, misses (sent to the store)",
+        title="Reads by tier (misses went to the store)",
         y_range=FactorRange(factors=list(reversed(labels))),
         x_range=DataRange1d(start=0),
         sizing_mode=SIZING,

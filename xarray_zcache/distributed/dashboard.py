@@ -251,6 +251,15 @@ _PAGE_TEMPLATE = """{% extends "base.html" %}
   "use strict";
   var config = {{ config }};
   document.title = "Dask: xarray-zcache";
+  // Dask's navigation bar is fixed on top and wraps on narrow windows: keep clear of it
+  var navbar = document.getElementById("myTopnav");
+  function clearNavbar() {
+    if (navbar) { document.body.style.paddingTop = (navbar.offsetHeight + 8) + "px"; }
+  }
+  clearNavbar();
+  window.addEventListener("resize", clearNavbar);
+  var here = document.querySelector("#myTopnav li a[href='" + config.page + "']");
+  if (here) { here.closest("li").classList.add("active"); }
   var layoutKey = config.layout_key;
   var status = document.getElementById("zcache-status");
   var summary = document.getElementById("zcache-summary");
@@ -407,6 +416,7 @@ def render_page(
         "layout_key": plotting.layout_key(cluster),
         "sources_url": base + "/api/sources.json",
         "refresh_ms": round(max(0.0, refresh) * 1000),
+        "page": PAGE,
     }
     when = time.strftime("%H:%M:%S")
     status = (
