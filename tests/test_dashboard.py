@@ -244,7 +244,7 @@ def test_plotting_from_plain_data() -> None:
     assert data["hot_keys"]["rate"] == [1.5] and data["hot_keys"]["peak"] == [4.0]
     assert data["decisions"]["worker"] == ["worker 0"]
     note = plotting.notes(stats)
-    assert "1 hottest key" in note["hot_keys"] and "2 times a second" in note["hot_keys"]
+    assert "1 hottest key" in note["hot_keys"] and "read 2/s or more" in note["hot_keys"]
     assert note["decisions"].startswith("The aggregator&#x27;s latest 1 decision")
 
     s = plotting.summary(stats)

@@ -42,6 +42,7 @@ from typing import Any, Final
 from bokeh.layouts import column, row
 from bokeh.models import (
     AdaptiveTicker,
+    BasicTicker,
     ColumnDataSource,
     CustomJSTickFormatter,
     DataRange1d,
@@ -87,7 +88,7 @@ SOURCE_NAMES = ("series", "recent", "workers", "tiers", "hot_keys", "decisions")
 #: label of the cluster-wide row in the per-tier breakdown
 CLUSTER_LABEL = "cluster"
 #: the single row shown while no worker has reported yet
-NO_WORKERS_LABEL = "(no worker reports yet)"
+NO_WORKERS_LABEL = "(no reports yet)"
 
 COLORS = {
     "memory": "#2b83ba",
@@ -566,6 +567,7 @@ def bytes_saved_figure(series: ColumnDataSource) -> figure:
     p.yaxis.axis_label = "bytes"
     requests_axis: Any = LinearAxis(y_range_name="requests", axis_label="requests")
     requests_axis.formatter = NumeralTickFormatter(format="0,0")
+    requests_axis.ticker = BasicTicker(min_interval=1)
     p.add_layout(requests_axis, "right")
     p.legend.location = "top_left"
     p.add_tools(
@@ -691,6 +693,7 @@ def tier_figure(tiers: ColumnDataSource) -> figure:
     p.add_layout(p.legend[0], "below")
     p.ygrid.grid_line_color = None
     p.xaxis.axis_label = "reads"
+    p.xaxis.ticker = BasicTicker(min_interval=1)  # whole reads
     p.xaxis.formatter = NumeralTickFormatter(format="0,0")
     p.add_tools(
         HoverTool(
@@ -802,7 +805,7 @@ def notes(stats: Stats) -> dict[str, str]:
     threshold = _num(stats.get("promotion_threshold")) or 1.0
     rule = (
         "the aggregator promotes a key a worker holds on disk only to memory once it is "
-        f"read {threshold:g} times a second across the cluster"
+        f"read {threshold:g}/s or more across the cluster"
     )
     hot = list(stats.get("hot_keys") or [])
     if hot:
@@ -917,6 +920,11 @@ def panel(name: str, stats: Stats, series: Series) -> LayoutDOM:
     return built
 
 
+def _row(*children: LayoutDOM) -> LayoutDOM:
+    """Side by side while there is room (`MIN_WIDTH` each), one under the other when not."""
+    return row(*children, sizing_mode=SIZING, styles={"flex-wrap": "wrap"})
+
+
 def dashboard(stats: Stats, series: Series, *, with_summary: bool = True) -> LayoutDOM:
     """The whole dashboard as one layout (what ``/zcache`` shows), as wide as its container.
 
@@ -945,8 +953,8 @@ def dashboard(stats: Stats, series: Series, *, with_summary: bool = True) -> Lay
             )
         )
     parts += [
-        row(f["hit_rate"], f["saved"], sizing_mode=SIZING),
-        row(f["tiers"], column(f["memory"], f["disk"], sizing_mode=SIZING), sizing_mode=SIZING),
+        _row(f["hit_rate"], f["saved"]),
+        _row(f["tiers"], column(f["memory"], f["disk"], sizing_mode=SIZING, min_width=MIN_WIDTH)),
         _heading("Hot keys"),
         f["hot_keys"],
         _heading("Promotion decisions"),
