@@ -1,28 +1,36 @@
 """The ``/zcache`` page on the Dask dashboard, and its JSON API.
 
-`add_routes` mounts three routes on the scheduler's running HTTP server (the one
+`add_routes` mounts four routes on the scheduler's running HTTP server (the one
 serving the Dask dashboard), under the dashboard's ``http_prefix``:
 
 ``{prefix}zcache``
-    A standalone HTML page (Bokeh, resources inlined: it works offline) with the
-    figures of `xarray_zcache.plotting` and a plain-text summary line. It
-    refreshes itself: a small script fetches ``api/sources.json`` every few
-    seconds (``?refresh=SECONDS``, ``0`` turns it off) and updates the figures'
-    data in place; it reloads the page when the set of workers changed.
+    A page in Dask's own template (``base.html``: its navigation bar, stylesheet
+    and Bokeh theme) with the figures of `xarray_zcache.plotting`, as wide as the
+    window, and a plain-text summary line. BokehJS comes from the dashboard's
+    Bokeh server (inlined when there is none). It refreshes itself: a small script
+    fetches ``api/sources.json`` every few seconds (``?refresh=SECONDS``, ``0``
+    turns it off) and updates the figures' data and the tables' notes in place;
+    it reloads the page when the set of workers changed. ``{prefix}zcache/``
+    redirects there (the page's links are relative, like Dask's).
 ``{prefix}zcache/api/stats.json``
     For scripts: the cluster stats (as ``cluster_stats`` sees them), the time
     series and the decision log. ``?series=N`` / ``?decisions=N`` keep only the
     last N points / decisions.
 ``{prefix}zcache/api/sources.json``
     What the page refreshes from: `xarray_zcache.plotting.source_data`, the
-    summary line and the layout key.
+    tables' `xarray_zcache.plotting.notes`, the summary line and the layout key.
 
 The scheduler plugin calls `add_routes` when it starts, so the page is there as
 soon as ``xarray_zcache.distributed.install(client)`` ran: no restart and no
-preload. The handlers look the plugin up on every request, so they always show
-the plugin currently installed (and answer 503 when none is). Nothing they
-return holds credentials: cache keys are dataset namespaces (``s3://bucket/...``)
-plus chunk keys, and the rest are counters.
+preload. `add_routes` also puts the page in the navigation of Dask's dashboard
+(`add_nav`): the bar and the "More..." menu of every Dask page are rendered, on each
+request, from lists distributed builds once per scheduler, so an entry added to them
+later shows from the next page load on.
+
+The handlers look the plugin up on every request, so they always show the plugin
+currently installed (and answer 503 when none is). Nothing they return holds
+credentials: cache keys are dataset namespaces (``s3://bucket/...``) plus chunk
+keys, and the rest are counters.
 """
 
 from __future__ import annotations
