@@ -1,7 +1,9 @@
 """The ``/zcache`` page on the Dask dashboard: its JSON over plain HTTP, the page in a browser.
 
 The browser test drives Debian's ``chromium`` through ``chromedriver`` (selenium),
-headless, and saves a screenshot to ``test-artifacts/zcache-dashboard.png``.
+headless: it reaches the page from Dask's own navigation bar, checks that nothing is
+cut off at 1,400 and 900 px, and saves screenshots to
+``test-artifacts/zcache-dashboard-1400.png`` and ``-900.png``.
 """
 
 from __future__ import annotations
@@ -111,7 +113,13 @@ def _settled(client: Client) -> bool:
         if s is None or s.total_hits() != hits or s.total_misses() != misses:
             return False
     series = client.sync(client.scheduler.zcache_timeseries, n=1)  # type: ignore[union-attr]
-    return bool(series) and series[-1]["misses"] == stats.total.total_misses()
+    # (a point is taken at most once a second: the last may predate another worker's report)
+    total = stats.total
+    return (
+        bool(series)
+        and series[-1]["misses"] == total.total_misses()
+        and series[-1]["hits_memory"] + series[-1]["hits_disk"] == total.total_hits()
+    )
 
 
 def _cluster(**scheduler_kwargs: Any) -> LocalCluster:
@@ -189,11 +197,13 @@ def _fake_stats() -> dict[str, Any]:
             "tcp://127.0.0.1:2": {"name": "1", "host": "127.0.0.1", **b.to_dict()},
         },
         "total": total.to_dict(),
+        "promotion_threshold": 2.0,
         "hot_keys": [
             {
                 "key": "s3://b/x.zarr/t/c/0",
                 "count": 5,
                 "rate": 1.5,
+                "peak_rate": 4.0,
                 "workers": {"tcp://127.0.0.1:1": "disk"},
             }
         ],
@@ -231,7 +241,11 @@ def test_plotting_from_plain_data() -> None:
     assert data["tiers"]["memory"] == [6, 2, 8]  # the known-missing hit counts as memory
     assert data["tiers"]["miss"] == [2, 3, 5]
     assert data["hot_keys"]["workers"] == ["worker 0: disk"]
+    assert data["hot_keys"]["rate"] == [1.5] and data["hot_keys"]["peak"] == [4.0]
     assert data["decisions"]["worker"] == ["worker 0"]
+    note = plotting.notes(stats)
+    assert "1 hottest key" in note["hot_keys"] and "read 2/s or more" in note["hot_keys"]
+    assert note["decisions"].startswith("The aggregator&#x27;s latest 1 decision")
 
     s = plotting.summary(stats)
     assert s["hit_rate"] == pytest.approx(10 / 15)
@@ -268,8 +282,43 @@ def test_plotting_with_no_data() -> None:
     json_item(plotting.dashboard(empty, []))
     assert plotting.summary_text(empty).startswith("cluster hit rate: 0.0% | 0 workers")
     assert plotting.source_data(empty, [])["workers"]["label"] == [plotting.NO_WORKERS_LABEL]
+    note = plotting.notes(empty)
+    assert note["hot_keys"].startswith("None yet")
+    assert note["decisions"].startswith("None yet: the aggregator promotes")
+    # promotions counted by the workers, but no decision of the aggregator: said so
+    counted = {**empty, "total": {"promotions": 3}}
+    assert "counted 3 promotions" in plotting.notes(counted)["decisions"]
+    # the empty tables are hidden, the notes say why
+    tables = {
+        m.name: m
+        for m in plotting.dashboard(empty, []).references()
+        if m.name in {"zcache-table-hot_keys", "zcache-table-decisions"}
+    }
+    assert len(tables) == 2 and not any(t.visible for t in tables.values())
     with pytest.raises(ValueError, match="tier"):
         plotting.capacity_figure(plotting.make_sources(empty, [])["workers"], "tape")
+
+
+def test_worker_labels_one_name_each() -> None:
+    labels = dashboard.worker_labels(
+        {
+            "tcp://10.0.0.5:1": {"name": "1"},
+            "tcp://10.0.0.5:2": {"name": "0"},
+            "tcp://10.0.0.6:3": {"name": "tcp://10.0.0.6:3"},  # named by its address
+            "tcp://10.0.0.7:4": {"name": "gpu"},
+            "tcp://10.0.0.7:5": {"name": "gpu"},  # names collide
+            "tls://10.0.0.8:6": {},
+        }
+    )
+    assert labels == {
+        "tcp://10.0.0.5:2": "worker 0",
+        "tcp://10.0.0.5:1": "worker 1",
+        "tcp://10.0.0.7:4": "10.0.0.7:4",
+        "tcp://10.0.0.7:5": "10.0.0.7:5",
+        "tcp://10.0.0.6:3": "10.0.0.6:3",
+        "tls://10.0.0.8:6": "10.0.0.8:6",
+    }
+    assert list(labels)[:2] == ["tcp://10.0.0.5:2", "tcp://10.0.0.5:1"]
 
 
 def test_panels_show_one_by_one() -> None:
@@ -326,6 +375,12 @@ def test_stats_json_matches_cluster_stats(work: Work, s3_options: dict[str, Any]
     assert doc["series"] and doc["series"][-1]["hit_rate"] == pytest.approx(total.hit_rate())
     assert doc["decisions"] == doc["cluster"]["decisions"][-len(doc["decisions"]) :]
     assert any(d["action"] == "promote" for d in doc["decisions"])
+    # the keys' read rates: "now" is 0 once reading stopped, the peak is what promoted them
+    hot = doc["cluster"]["hot_keys"]
+    assert hot and all(h["peak_rate"] >= h["rate"] >= 0 for h in hot)
+    promoted = {d["key"] for d in doc["decisions"] if d["action"] == "promote"}
+    assert all(h["peak_rate"] >= 0.5 for h in hot if h["key"] in promoted)
+    assert max(h["peak_rate"] for h in hot) > 0
 
     # limits
     short = _get_json(link + "/api/stats.json?series=1&decisions=0")
@@ -344,13 +399,22 @@ def test_stats_json_matches_cluster_stats(work: Work, s3_options: dict[str, Any]
     assert src["summary"] == plotting.summary_text(doc["cluster"])
     assert src["summary"].startswith(f"cluster hit rate: {total.hit_rate():.1%} | 2 workers")
     assert set(src["sources"]) == set(plotting.SOURCE_NAMES)
+    assert src["notes"] == plotting.notes(doc["cluster"])
+    assert max(src["sources"]["hot_keys"]["peak"]) > 0
 
     # the page itself, as plain HTML
     status, ctype, page = _get(link)
     assert status == 200 and ctype.startswith("text/html")
     assert f"cluster hit rate: {total.hit_rate():.1%}" in page
     assert "Bokeh" in page and "zcache-source-series" in page
-    assert _get(link + "/")[0] == 200
+    # in Dask's template: its navigation bar (with the page in it) and stylesheet
+    assert 'id="myTopnav"' in page and 'href="statics/css/base.css"' in page
+    assert 'href="zcache"' in page and 'href="status"' in page
+    # and in the navigation of Dask's own pages, though the plugin came after the scheduler
+    status, _, dask_page = _get(work.client.dashboard_link)
+    assert status == 200 and 'href="zcache"' in dask_page
+    assert ">xarray-zcache</a>" in dask_page  # the "More..." menu too
+    assert _get(link + "/")[0] == 200  # redirected to the page (its links are relative)
     assert _get(link + "?refresh=nope")[0] == 400
 
 
@@ -376,7 +440,10 @@ def test_http_prefix_is_respected(config: CacheConfig) -> None:
         assert _get_json(link + "/api/stats.json")["summary"]["workers"] <= 2
         assert _get(origin + "/zcache")[0] == 404
         status, _, page = _get(link)
-        assert status == 200 and 'href="/dask/status"' in page
+        assert status == 200 and 'href="zcache"' in page  # relative: /dask/zcache
+        assert 'src="/dask/static/js/bokeh' in page  # BokehJS from Dask's Bokeh server
+        status, _, dask_page = _get(origin + "/dask/status")
+        assert status == 200 and 'href="zcache"' in dask_page
         assert "/dask/zcache/api/sources.json" in page
         # a link configured with the prefix is not doubled
         with dask.config.set(
@@ -459,26 +526,113 @@ def _summary_hit_rate(driver: Any) -> float:
     return float(m.group(1))
 
 
+# the tick labels a byte axis would draw, asked of the page's own BokehJS models
+_BYTE_TICKS_JS = """
+const doc = window.Bokeh.documents[0];
+const axis = doc.get_model_by_name('zcache-memory').below[0];
+const out = [];
+for (const hi of arguments[0]) {
+  const major = axis.ticker.get_ticks(0, hi, null, NaN).major;
+  out.push(axis.formatter.doFormat(major, {loc: 0}));
+}
+return out;
+"""
+
+# what sticks out of the viewport, looking inside the shadow roots Bokeh renders into
+_OVERFLOW_JS = """
+const width = window.innerWidth;
+let worst = 0;
+const walk = (root) => {
+  for (const el of root.querySelectorAll('*')) {
+    const r = el.getBoundingClientRect();
+    if (r.width > 0 && r.height > 0) worst = Math.max(worst, r.right);
+    if (el.shadowRoot) walk(el.shadowRoot);
+  }
+};
+walk(document);
+const head = document.querySelector('.zcache-head').getBoundingClientRect();
+return {
+  headTop: head.top,
+  navBottom: document.getElementById('myTopnav').getBoundingClientRect().bottom,
+  innerWidth: width,
+  scrollWidth: Math.max(document.body.scrollWidth, document.documentElement.scrollWidth),
+  rightmost: worst,
+  scrollHeight: document.documentElement.scrollHeight,
+};
+"""
+
+_TABLES_JS = """
+const doc = window.Bokeh.documents[0];
+const out = {};
+for (const name of ['hot_keys', 'decisions']) {
+  out[name] = {
+    visible: doc.get_model_by_name('zcache-table-' + name).visible,
+    note: doc.get_model_by_name('zcache-note-' + name).text,
+  };
+}
+const hot = doc.get_model_by_name('zcache-source-hot_keys');
+out.peak = Math.max(...Array.from(hot.data.peak));
+return out;
+"""
+
+
+def _viewport(driver: Any, width: int, height: int) -> None:
+    driver.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+    )
+
+
+def _rendered(driver: Any) -> None:
+    _wait(lambda: driver.execute_script(_BOKEH_JS) is not None, what="Bokeh document")
+    _wait(lambda: driver.execute_script(_CANVASES_JS) >= 5, what="Bokeh canvases")
+
+
 def test_page_renders_live_figures_in_a_browser(work: Work, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
     driver = _chrome(tmp_path)
     try:
         stats = zd.cluster_stats(work.client)
         link = work.link()
         driver.set_page_load_timeout(60)
-        driver.get(link)
+        _viewport(driver, 1400, 1000)
+
+        # reached from Dask's own navigation bar (the plugin was installed after the scheduler
+        # started): the status page links to it, and the link leads to it
+        driver.get(work.client.dashboard_link)
+        nav = driver.find_elements(By.CSS_SELECTOR, "#myTopnav a[href='zcache']")
+        assert nav and nav[0].text.strip() == "Zcache"
+        nav[0].click()
+        _wait(lambda: driver.current_url == link, what="the link in Dask's navigation")
         assert "xarray-zcache" in driver.title
 
         # the figures rendered: a Bokeh root, and one canvas per plot (5 plots)
-        _wait(lambda: driver.execute_script(_BOKEH_JS) is not None, what="Bokeh document")
-        _wait(lambda: driver.execute_script(_CANVASES_JS) >= 5, what="Bokeh canvases")
+        _rendered(driver)
         info = driver.execute_script(_BOKEH_JS)
         assert info["roots"] >= 1 and info["rootDivs"] >= 1
         assert info["tierLabels"] == ["worker 0", "worker 1", "cluster"]
+        # in Dask's template: its navigation bar, with this page in it
+        assert driver.find_elements(By.CSS_SELECTOR, "#myTopnav a[href='zcache']")
+        assert driver.find_elements(By.CSS_SELECTOR, "#myTopnav a[href='status']")
         # the numbers shown are the live ones
         assert _summary_hit_rate(driver) == pytest.approx(round(stats.total.hit_rate() * 100, 1))
         assert info["lastHitRate"] == pytest.approx(stats.total.hit_rate())
         logs = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
         assert not logs, logs
+
+        # byte axes tick at round binary values
+        mib = 1 << 20
+        assert driver.execute_script(_BYTE_TICKS_JS, [6.5 * mib, 300 * mib]) == [
+            ["0", "1 MiB", "2 MiB", "3 MiB", "4 MiB", "5 MiB", "6 MiB"],
+            ["0", "64 MiB", "128 MiB", "192 MiB", "256 MiB"],
+        ]
+        # the tables: shown, with what they mean; read rates from the aggregator's data
+        tables = driver.execute_script(_TABLES_JS)
+        assert tables["hot_keys"]["visible"] and tables["decisions"]["visible"]
+        assert "hottest keys" in tables["hot_keys"]["note"]
+        assert "latest" in tables["decisions"]["note"]
+        assert tables["peak"] > 0
 
         # it refreshes itself, in place: more work shows up without a reload
         driver.execute_script("window.zcacheMarker = 42;")
@@ -502,12 +656,22 @@ def test_page_renders_live_figures_in_a_browser(work: Work, tmp_path: Path) -> N
         assert info["refreshes"] >= 1
         assert driver.execute_script("return window.zcacheMarker;") == 42  # not reloaded
 
+        # nothing cut off, wide or narrow; a screenshot of the whole page at each width
         ARTIFACTS.mkdir(exist_ok=True)
-        shot = ARTIFACTS / "zcache-dashboard.png"
-        time.sleep(0.5)  # let the last repaint land
-        full_height = driver.execute_script("return document.body.scrollHeight")
-        driver.set_window_size(1180, max(900, int(full_height) + 40))
-        assert driver.save_screenshot(str(shot))
-        assert shot.stat().st_size > 20_000
+        for width in (1400, 900):
+            _viewport(driver, width, 1000)
+            driver.get(link)
+            _rendered(driver)
+            time.sleep(1.0)  # let the layout settle and the last repaint land
+            seen = driver.execute_script(_OVERFLOW_JS)
+            assert seen["innerWidth"] == width
+            assert seen["scrollWidth"] <= seen["innerWidth"], seen
+            assert seen["rightmost"] <= seen["innerWidth"] + 0.5, seen
+            assert seen["headTop"] >= seen["navBottom"], seen  # not under Dask's navigation
+            _viewport(driver, width, max(1000, int(seen["scrollHeight"])))
+            time.sleep(0.5)
+            shot = ARTIFACTS / f"zcache-dashboard-{width}.png"
+            assert driver.save_screenshot(str(shot))
+            assert shot.stat().st_size > 20_000
     finally:
         driver.quit()

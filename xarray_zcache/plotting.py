@@ -37,11 +37,14 @@ import html
 import math
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 from bokeh.layouts import column, row
 from bokeh.models import (
+    AdaptiveTicker,
+    BasicTicker,
     ColumnDataSource,
+    CustomJSTickFormatter,
     DataRange1d,
     FactorRange,
     HoverTool,
@@ -56,8 +59,11 @@ from bokeh.models.widgets.tables import DataTable, NumberFormatter, TableColumn
 from bokeh.plotting import figure
 from dask.utils import format_bytes
 
+from xarray_zcache.distributed.dashboard import worker_labels as _worker_labels
+
 __all__ = [
     "SOURCE_NAMES",
+    "bytes_axis",
     "bytes_saved_figure",
     "capacity_figure",
     "dashboard",
@@ -67,6 +73,7 @@ __all__ = [
     "hot_keys_table",
     "layout_key",
     "make_sources",
+    "notes",
     "panel",
     "source_data",
     "summary",
@@ -81,7 +88,7 @@ SOURCE_NAMES = ("series", "recent", "workers", "tiers", "hot_keys", "decisions")
 #: label of the cluster-wide row in the per-tier breakdown
 CLUSTER_LABEL = "cluster"
 #: the single row shown while no worker has reported yet
-NO_WORKERS_LABEL = "(no worker reports yet)"
+NO_WORKERS_LABEL = "(no reports yet)"
 
 COLORS = {
     "memory": "#2b83ba",
@@ -91,8 +98,10 @@ COLORS = {
     "requests": "#fdae61",
 }
 
-WIDTH = 540  # one figure; two side by side make the page (and the notebook cell) 1080 wide
-FULL_WIDTH = 2 * WIDTH
+#: figures stretch to the width of the page (or notebook cell); this is the least they take
+MIN_WIDTH = 360
+#: every figure and table follows the width of its container
+SIZING: Final = "stretch_width"
 _TOOLS = "pan,wheel_zoom,box_zoom,reset,save"
 
 Stats = Mapping[str, Any]
@@ -127,39 +136,11 @@ def _misses(s: Mapping[str, Any]) -> int:
 
 
 def worker_labels(stats: Stats) -> dict[str, str]:
-    """Short, unique display labels for the workers, by address.
+    """One short, unique display label per worker, by address: used in every figure and table.
 
-    A worker's name when it has one (``"worker 0"`` for LocalCluster's numeric
-    names), its address otherwise or when names collide.
-
-    Parameters
-    ----------
-    stats
-        The aggregator's cluster stats dict.
-
-    Returns
-    -------
-    dict
-        Worker address -> label, in name order (numeric names by value).
+    See `xarray_zcache.distributed.dashboard.worker_labels` (this is the same function).
     """
-    workers: Mapping[str, Any] = stats.get("workers") or {}
-    names = {a: str((workers[a] or {}).get("name") or "") for a in workers}
-
-    def order(addr: str) -> tuple[int, int, str, str]:
-        name = names[addr]
-        return (0, int(name), "", addr) if name.isdigit() else (1, 0, name, addr)
-
-    labels: dict[str, str] = {}
-    for addr in sorted(workers, key=order):
-        name = names[addr]
-        if not name or name == addr:
-            labels[addr] = addr
-        else:
-            labels[addr] = f"worker {name}" if name.isdigit() else name
-    counts: dict[str, int] = {}
-    for label in labels.values():
-        counts[label] = counts.get(label, 0) + 1
-    return {a: (lab if counts[lab] == 1 else a) for a, lab in labels.items()}
+    return _worker_labels(stats.get("workers") or {})
 
 
 def summary(stats: Stats) -> dict[str, Any]:
@@ -299,8 +280,10 @@ def source_data(stats: Stats, series: Series) -> dict[str, Columns]:
         ``recent``: the hit rate between consecutive points that saw reads;
         ``workers``: one row per worker (memory/disk use and capacity);
         ``tiers``: one row per worker plus the cluster (hits by tier, misses);
-        ``hot_keys``: the cluster's hottest keys; ``decisions``: the latest
-        promotion/warm decisions, newest first.
+        ``hot_keys``: the cluster's hottest keys (``rate``: reads/s across the
+        cluster in the workers' latest report interval, ``peak``: the highest
+        such rate the aggregator saw); ``decisions``: the latest promotion/warm
+        decisions, newest first. Workers are named by `worker_labels` everywhere.
     """
     points = list(series)
     ser: Columns = {
@@ -396,12 +379,14 @@ def source_data(stats: Stats, series: Series) -> dict[str, Columns]:
             wcols[f"{tier}_text"].append("")
     add_tier_row(CLUSTER_LABEL, stats.get("total") or {})
 
-    hot: Columns = {"key": [], "count": [], "rate": [], "workers": []}
+    hot: Columns = {"key": [], "count": [], "rate": [], "peak": [], "workers": []}
     for h in stats.get("hot_keys") or []:
         holders: Mapping[str, Any] = h.get("workers") or {}
         hot["key"].append(str(h.get("key", "")))
         hot["count"].append(_int(h.get("count")))
-        hot["rate"].append(_num(h.get("rate")))
+        rate = _num(h.get("rate"))
+        hot["rate"].append(rate)
+        hot["peak"].append(max(rate, _num(h.get("peak_rate"))))
         hot["workers"].append(
             ", ".join(f"{labels.get(w, w)}: {tier}" for w, tier in sorted(holders.items()))
         )
@@ -448,6 +433,34 @@ def make_sources(stats: Stats, series: Series) -> dict[str, ColumnDataSource]:
 
 # -- figures -------------------------------------------------------------------------------------
 
+#: byte axes tick at round binary values: 1, 2, 4 ... 512 times a power of 1024
+#: (0, 2 MiB, 4 MiB, 6 MiB; 0, 128 MiB, 256 MiB), never at 1.9 or 190.7 MiB
+BINARY_TICKS: dict[str, Any] = {
+    "base": 1024,
+    "mantissas": [1, 2, 4, 8, 16, 32, 64, 128, 256, 512],
+    "min_interval": 1,
+}
+
+# each tick in the largest binary unit it reaches: 0, 512 KiB, 1 MiB, 1.5 MiB
+_BYTES_JS = """
+const units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+if (tick === 0) { return "0"; }
+let i = 0;
+while (i < units.length - 1 && Math.abs(tick) >= Math.pow(1024, i + 1)) { i += 1; }
+const value = Math.round((tick / Math.pow(1024, i)) * 100) / 100;
+return String(value) + " " + units[i];
+"""
+
+
+def bytes_axis(axis: Any) -> None:
+    """Make ``axis`` (a Bokeh axis, or a splattable list of them) a byte axis with binary ticks.
+
+    Ticks fall at round binary values (`BINARY_TICKS`) and read ``0``, ``2 MiB``,
+    ``4 MiB``...; ``1.5 GiB`` when a tick is not a whole number of its unit.
+    """
+    axis.ticker = AdaptiveTicker(**BINARY_TICKS)
+    axis.formatter = CustomJSTickFormatter(code=_BYTES_JS)
+
 
 def _bar_height(rows: int) -> int:
     return max(150, 70 + 32 * rows)
@@ -470,7 +483,8 @@ def hit_rate_figure(series: ColumnDataSource, recent: ColumnDataSource) -> figur
     p = figure(
         title="Cluster hit rate over time",
         x_axis_type="datetime",
-        width=WIDTH,
+        sizing_mode=SIZING,
+        min_width=MIN_WIDTH,
         height=300,
         y_range=Range1d(start=0, end=1.05),
         tools=_TOOLS,
@@ -521,7 +535,8 @@ def bytes_saved_figure(series: ColumnDataSource) -> figure:
     p = figure(
         title="Saved: bytes not downloaded, requests not sent",
         x_axis_type="datetime",
-        width=WIDTH,
+        sizing_mode=SIZING,
+        min_width=MIN_WIDTH,
         height=300,
         tools=_TOOLS,
         name="zcache-saved",
@@ -548,9 +563,12 @@ def bytes_saved_figure(series: ColumnDataSource) -> figure:
         y_range_name="requests",
     )
     requests_range.renderers = [requests]
-    p.yaxis.formatter = NumeralTickFormatter(format="0.0 b")
+    bytes_axis(p.yaxis)
     p.yaxis.axis_label = "bytes"
-    p.add_layout(LinearAxis(y_range_name="requests", axis_label="requests"), "right")
+    requests_axis: Any = LinearAxis(y_range_name="requests", axis_label="requests")
+    requests_axis.formatter = NumeralTickFormatter(format="0,0")
+    requests_axis.ticker = BasicTicker(min_interval=1)
+    p.add_layout(requests_axis, "right")
     p.legend.location = "top_left"
     p.add_tools(
         HoverTool(
@@ -589,7 +607,8 @@ def capacity_figure(workers: ColumnDataSource, tier: str) -> figure:
         title=f"{tier.capitalize()} tier per worker: used ({shade}) of capacity (grey)",
         y_range=FactorRange(factors=list(reversed(labels))),
         x_range=DataRange1d(start=0),
-        width=WIDTH,
+        sizing_mode=SIZING,
+        min_width=MIN_WIDTH,
         height=_bar_height(len(labels)),
         tools="save",
         toolbar_location=None,
@@ -621,13 +640,14 @@ def capacity_figure(workers: ColumnDataSource, tier: str) -> figure:
         background_fill_alpha=0.75,
     )
     p.add_glyph(workers, words)
-    p.xaxis.formatter = NumeralTickFormatter(format="0.0 b")
+    bytes_axis(p.xaxis)
     p.ygrid.grid_line_color = None
     p.add_tools(
         HoverTool(
             renderers=[used],
             tooltips=[
-                ("worker", "@address"),
+                ("worker", "@label"),
+                ("address", "@address"),
                 (tier, f"@{tier}_text"),
                 ("full", f"@{tier}_pct{{0.0%}}"),
             ],
@@ -650,10 +670,11 @@ def tier_figure(tiers: ColumnDataSource) -> figure:
     """
     labels = list(tiers.data["label"])
     p = figure(
-        title="Reads by tier: memory hits, disk hits, misses (sent to the store)",
+        title="Reads by tier (misses went to the store)",
         y_range=FactorRange(factors=list(reversed(labels))),
         x_range=DataRange1d(start=0),
-        width=WIDTH,
+        sizing_mode=SIZING,
+        min_width=MIN_WIDTH,
         height=_bar_height(len(labels)) + 30,
         tools="save",
         toolbar_location=None,
@@ -672,6 +693,8 @@ def tier_figure(tiers: ColumnDataSource) -> figure:
     p.add_layout(p.legend[0], "below")
     p.ygrid.grid_line_color = None
     p.xaxis.axis_label = "reads"
+    p.xaxis.ticker = BasicTicker(min_interval=1)  # whole reads
+    p.xaxis.formatter = NumeralTickFormatter(format="0,0")
     p.add_tools(
         HoverTool(
             renderers=list(bars),
@@ -687,8 +710,12 @@ def tier_figure(tiers: ColumnDataSource) -> figure:
     return p
 
 
+#: the tables, and the note above each (``zcache-table-<name>``, ``zcache-note-<name>``)
+TABLE_NAMES = ("hot_keys", "decisions")
+
+
 def hot_keys_table(hot_keys: ColumnDataSource) -> DataTable:
-    """The cluster's hottest keys: accesses, cluster access rate, and who holds them where.
+    """The cluster's hottest keys: reads, cluster read rate now and at peak, who holds them where.
 
     Parameters
     ----------
@@ -698,21 +725,25 @@ def hot_keys_table(hot_keys: ColumnDataSource) -> DataTable:
     Returns
     -------
     bokeh.models.DataTable
+        Hidden while there are no hot keys (`notes` says so instead).
     """
+    rate = NumberFormatter(format="0.00")
     return DataTable(
         source=hot_keys,
         columns=[
-            TableColumn(field="count", title="accesses", width=70),
-            TableColumn(
-                field="rate", title="rate (/s)", width=70, formatter=NumberFormatter(format="0.00")
-            ),
-            TableColumn(field="key", title="key", width=620),
-            TableColumn(field="workers", title="held by (tier)", width=300),
+            TableColumn(field="count", title="reads", width=60),
+            TableColumn(field="rate", title="rate now (/s)", width=90, formatter=rate),
+            TableColumn(field="peak", title="peak (/s)", width=80, formatter=rate),
+            TableColumn(field="key", title="key", width=560),
+            TableColumn(field="workers", title="held by (tier)", width=260),
         ],
-        width=FULL_WIDTH,
+        sizing_mode=SIZING,
+        min_width=MIN_WIDTH,
+        autosize_mode="fit_columns",
         height=260,
         index_position=None,
-        name="zcache-hot-keys-table",
+        visible=bool(hot_keys.data["key"]),
+        name="zcache-table-hot_keys",
     )
 
 
@@ -727,30 +758,100 @@ def decisions_table(decisions: ColumnDataSource) -> DataTable:
     Returns
     -------
     bokeh.models.DataTable
+        Hidden while the aggregator made no decision (`notes` says so instead).
     """
     return DataTable(
         source=decisions,
         columns=[
             TableColumn(field="time", title="time", width=70),
             TableColumn(field="action", title="action", width=70),
-            TableColumn(field="worker", title="worker", width=200),
+            TableColumn(field="worker", title="worker", width=150),
             TableColumn(
                 field="rate",
                 title="cluster rate (/s)",
                 width=110,
                 formatter=NumberFormatter(format="0.00"),
             ),
-            TableColumn(field="key", title="key", width=610),
+            TableColumn(field="key", title="key", width=600),
         ],
-        width=FULL_WIDTH,
+        sizing_mode=SIZING,
+        min_width=MIN_WIDTH,
+        autosize_mode="fit_columns",
         height=220,
         index_position=None,
-        name="zcache-decisions-table",
+        visible=bool(decisions.data["key"]),
+        name="zcache-table-decisions",
+    )
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def notes(stats: Stats) -> dict[str, str]:
+    """What each table shows, in words, or why it is empty (HTML-escaped text).
+
+    Parameters
+    ----------
+    stats
+        The aggregator's cluster stats dict.
+
+    Returns
+    -------
+    dict
+        ``hot_keys`` and ``decisions`` -> the text of the note above that table
+        (``zcache-note-<name>``).
+    """
+    threshold = _num(stats.get("promotion_threshold")) or 1.0
+    rule = (
+        "the aggregator promotes a key a worker holds on disk only to memory once it is "
+        f"read {threshold:g}/s or more across the cluster"
+    )
+    hot = list(stats.get("hot_keys") or [])
+    if hot:
+        hot_note = (
+            f"The {_plural(len(hot), 'hottest key')}, by reads summed over the workers. "
+            "Rate now: reads per second across the cluster in the workers' latest report "
+            "interval (0 once reading stops); peak: the highest such rate seen. "
+            f"{rule[0].upper()}{rule[1:]}."
+        )
+    else:
+        hot_note = "None yet: no worker has reported a read through its cache."
+    decisions = list(stats.get("decisions") or [])
+    promotions = _int((stats.get("total") or {}).get("promotions"))
+    if decisions:
+        dec_note = (
+            f"The aggregator's latest {_plural(len(decisions), 'decision')}, newest first; "
+            f"{rule}. The workers' caches counted {_plural(promotions, 'promotion')} in all "
+            "(these and their own)."
+        )
+    elif promotions:
+        dec_note = (
+            "No decision of the aggregator yet, but the workers' caches counted "
+            f"{_plural(promotions, 'promotion')} (disk to memory) of their own, for keys hot on "
+            "one worker (its promotion threshold): those are counted, not listed here. "
+            f"Cluster-wide, {rule}."
+        )
+    else:
+        dec_note = f"None yet: {rule}."
+    return {"hot_keys": html.escape(hot_note), "decisions": html.escape(dec_note)}
+
+
+def _note(name: str, text: str) -> Div:
+    return Div(
+        text=text,
+        sizing_mode=SIZING,
+        styles={"color": "#444", "font-size": "13px"},
+        name=f"zcache-note-{name}",
     )
 
 
 def _heading(text: str) -> Div:
-    return Div(text=f"<h3 style='margin:12px 0 0 0'>{html.escape(text)}</h3>", width=FULL_WIDTH)
+    return Div(text=f"<h3 style='margin:12px 0 0 0'>{html.escape(text)}</h3>", sizing_mode=SIZING)
+
+
+def _with_note(name: str, table: DataTable, stats: Stats) -> LayoutDOM:
+    return column(_note(name, notes(stats)[name]), table, sizing_mode=SIZING)
 
 
 def figures(stats: Stats, series: Series) -> dict[str, LayoutDOM]:
@@ -767,8 +868,9 @@ def figures(stats: Stats, series: Series) -> dict[str, LayoutDOM]:
     -------
     dict
         ``hit_rate``, ``saved``, ``memory``, ``disk``, ``tiers``, ``hot_keys``,
-        ``decisions`` -> Bokeh model. They share data sources: show them
-        together (in one layout), or use `panel` for one on its own.
+        ``decisions`` -> Bokeh model (the two tables with their `notes` above
+        them). They share data sources: show them together (in one layout), or
+        use `panel` for one on its own.
     """
     src = make_sources(stats, series)
     return {
@@ -777,8 +879,8 @@ def figures(stats: Stats, series: Series) -> dict[str, LayoutDOM]:
         "memory": capacity_figure(src["workers"], "memory"),
         "disk": capacity_figure(src["workers"], "disk"),
         "tiers": tier_figure(src["tiers"]),
-        "hot_keys": hot_keys_table(src["hot_keys"]),
-        "decisions": decisions_table(src["decisions"]),
+        "hot_keys": _with_note("hot_keys", hot_keys_table(src["hot_keys"]), stats),
+        "decisions": _with_note("decisions", decisions_table(src["decisions"]), stats),
     }
 
 
@@ -809,8 +911,8 @@ def panel(name: str, stats: Stats, series: Series) -> LayoutDOM:
         "memory": lambda s: capacity_figure(s["workers"], "memory"),
         "disk": lambda s: capacity_figure(s["workers"], "disk"),
         "tiers": lambda s: tier_figure(s["tiers"]),
-        "hot_keys": lambda s: hot_keys_table(s["hot_keys"]),
-        "decisions": lambda s: decisions_table(s["decisions"]),
+        "hot_keys": lambda s: _with_note("hot_keys", hot_keys_table(s["hot_keys"]), stats),
+        "decisions": lambda s: _with_note("decisions", decisions_table(s["decisions"]), stats),
     }
     if name not in builders:
         raise ValueError(f"unknown panel {name!r}; expected one of {sorted(builders)}")
@@ -818,8 +920,13 @@ def panel(name: str, stats: Stats, series: Series) -> LayoutDOM:
     return built
 
 
+def _row(*children: LayoutDOM) -> LayoutDOM:
+    """Side by side while there is room (`MIN_WIDTH` each), one under the other when not."""
+    return row(*children, sizing_mode=SIZING, styles={"flex-wrap": "wrap"})
+
+
 def dashboard(stats: Stats, series: Series, *, with_summary: bool = True) -> LayoutDOM:
-    """The whole dashboard as one layout (what ``/zcache`` shows).
+    """The whole dashboard as one layout (what ``/zcache`` shows), as wide as its container.
 
     Parameters
     ----------
@@ -841,16 +948,16 @@ def dashboard(stats: Stats, series: Series, *, with_summary: bool = True) -> Lay
         parts.append(
             Div(
                 text=f"<b>{html.escape(summary_text(stats))}</b>",
-                width=FULL_WIDTH,
+                sizing_mode=SIZING,
                 name="zcache-summary",
             )
         )
     parts += [
-        row(f["hit_rate"], f["saved"]),
-        row(f["tiers"], column(f["memory"], f["disk"])),
+        _row(f["hit_rate"], f["saved"]),
+        _row(f["tiers"], column(f["memory"], f["disk"], sizing_mode=SIZING, min_width=MIN_WIDTH)),
         _heading("Hot keys"),
         f["hot_keys"],
-        _heading("Recent promotion decisions"),
+        _heading("Promotion decisions"),
         f["decisions"],
     ]
-    return column(*parts, name="zcache-dashboard")
+    return column(*parts, sizing_mode=SIZING, name="zcache-dashboard")

@@ -138,13 +138,22 @@ class ClusterStats:
             )
         return "\n".join(lines)
 
+    def labels(self) -> dict[str, str]:
+        """Worker address -> its display label, the same as on the ``/zcache`` page."""
+        from xarray_zcache.distributed.dashboard import worker_labels
+
+        return worker_labels({w: self.names.get(w, "") for w in self.workers})
+
     def _repr_html_(self) -> str:
         table = self.to_dataframe()
+        labels = self.labels()
+        table.index = [labels.get(w, w) for w in table.index]  # named as on the /zcache page
         for col in ("bytes_saved", "memory_used", "memory_capacity", "disk_used", "disk_capacity"):
             table[col] = table[col].map(format_bytes)
         table["hit_rate"] = table["hit_rate"].map("{:.1%}".format)
         hot = "".join(
-            f"<tr><td>{h['count']}</td><td>{h['rate']:.2f}/s</td>"
+            f"<tr><td>{h['count']}</td><td>{h['rate']:.2f}/s now, "
+            f"{max(h['rate'], h.get('peak_rate', 0.0)):.2f}/s peak</td>"
             f"<td><code>{html.escape(h['key'])}</code></td></tr>"
             for h in self.hot_keys[:10]
         )

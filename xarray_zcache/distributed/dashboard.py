@@ -1,28 +1,36 @@
 """The ``/zcache`` page on the Dask dashboard, and its JSON API.
 
-`add_routes` mounts three routes on the scheduler's running HTTP server (the one
+`add_routes` mounts four routes on the scheduler's running HTTP server (the one
 serving the Dask dashboard), under the dashboard's ``http_prefix``:
 
 ``{prefix}zcache``
-    A standalone HTML page (Bokeh, resources inlined: it works offline) with the
-    figures of `xarray_zcache.plotting` and a plain-text summary line. It
-    refreshes itself: a small script fetches ``api/sources.json`` every few
-    seconds (``?refresh=SECONDS``, ``0`` turns it off) and updates the figures'
-    data in place; it reloads the page when the set of workers changed.
+    A page in Dask's own template (``base.html``: its navigation bar, stylesheet
+    and Bokeh theme) with the figures of `xarray_zcache.plotting`, as wide as the
+    window, and a plain-text summary line. BokehJS comes from the dashboard's
+    Bokeh server (inlined when there is none). It refreshes itself: a small script
+    fetches ``api/sources.json`` every few seconds (``?refresh=SECONDS``, ``0``
+    turns it off) and updates the figures' data and the tables' notes in place;
+    it reloads the page when the set of workers changed. ``{prefix}zcache/``
+    redirects there (the page's links are relative, like Dask's).
 ``{prefix}zcache/api/stats.json``
     For scripts: the cluster stats (as ``cluster_stats`` sees them), the time
     series and the decision log. ``?series=N`` / ``?decisions=N`` keep only the
     last N points / decisions.
 ``{prefix}zcache/api/sources.json``
     What the page refreshes from: `xarray_zcache.plotting.source_data`, the
-    summary line and the layout key.
+    tables' `xarray_zcache.plotting.notes`, the summary line and the layout key.
 
 The scheduler plugin calls `add_routes` when it starts, so the page is there as
 soon as ``xarray_zcache.distributed.install(client)`` ran: no restart and no
-preload. The handlers look the plugin up on every request, so they always show
-the plugin currently installed (and answer 503 when none is). Nothing they
-return holds credentials: cache keys are dataset namespaces (``s3://bucket/...``)
-plus chunk keys, and the rest are counters.
+preload. `add_routes` also puts the page in the navigation of Dask's dashboard
+(`add_nav`): the bar and the "More..." menu of every Dask page are rendered, on each
+request, from lists distributed builds once per scheduler, so an entry added to them
+later shows from the next page load on.
+
+The handlers look the plugin up on every request, so they always show the plugin
+currently installed (and answer 503 when none is). Nothing they return holds
+credentials: cache keys are dataset namespaces (``s3://bucket/...``) plus chunk
+keys, and the rest are counters.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from tornado import web
@@ -43,13 +52,17 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PAGE",
+    "add_nav",
     "add_routes",
     "build_payload",
     "http_prefix",
+    "nav_variables",
     "page_path",
+    "remove_nav",
     "remove_routes",
     "render_page",
     "snapshot",
+    "worker_labels",
 ]
 
 logger = logging.getLogger("xarray_zcache.distributed")
@@ -64,6 +77,56 @@ MAX_DECISIONS = 50
 
 
 # -- data ----------------------------------------------------------------------------------------
+
+
+def short_address(address: str) -> str:
+    """``"tcp://10.0.0.5:40123"`` -> ``"10.0.0.5:40123"`` (the address without its protocol)."""
+    return address.split("://", 1)[-1]
+
+
+def worker_labels(workers: Mapping[str, Any]) -> dict[str, str]:
+    """One short, unique display label per worker, by address.
+
+    The same label names a worker everywhere: in the figures, in the tables of the
+    page and of the notebook. It is the worker's name when it has one
+    (``"worker 0"`` for the numeric names of LocalCluster and most deployments),
+    else its address without the protocol (``"10.0.0.5:40123"``); workers whose
+    names collide get their short address.
+
+    Parameters
+    ----------
+    workers
+        Worker address -> a dict with the worker's ``name`` (the ``workers`` of the
+        aggregator's cluster stats), or -> the name itself.
+
+    Returns
+    -------
+    dict
+        Worker address -> label, in name order (numeric names by value).
+    """
+    names: dict[str, str] = {}
+    for addr, w in workers.items():
+        name = w.get("name") if isinstance(w, Mapping) else w
+        names[addr] = "" if name is None else str(name)
+
+    def order(addr: str) -> tuple[int, int, str, str]:
+        name = names[addr]
+        return (0, int(name), "", addr) if name.isdigit() else (1, 0, name, addr)
+
+    labels: dict[str, str] = {}
+    for addr in sorted(names, key=order):
+        name = names[addr]
+        if not name or name == addr:
+            labels[addr] = short_address(addr)
+        else:
+            labels[addr] = f"worker {name}" if name.isdigit() else name
+    counts: dict[str, int] = {}
+    for label in labels.values():
+        counts[label] = counts.get(label, 0) + 1
+    out = {a: (lab if counts[lab] == 1 else short_address(a)) for a, lab in labels.items()}
+    if len(set(out.values())) < len(out):  # short addresses collide (different protocols)
+        out = {a: (lab if counts[lab] == 1 else a) for a, lab in labels.items()}
+    return out
 
 
 def jsonable(obj: Any) -> Any:
@@ -164,82 +227,144 @@ def snapshot(client: Client) -> dict[str, Any]:
 
 # -- the page ------------------------------------------------------------------------------------
 
-_PAGE_TEMPLATE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>xarray-zcache | Dask</title>
-<link rel="icon" href="data:,">
+#: the page's own template: Dask's ``base.html`` (its navigation bar, stylesheet and icon)
+#: around the figures, a summary line and the script that refreshes them
+_PAGE_TEMPLATE = """{% extends "base.html" %}
+{% block js_resources %}{{ bokeh_js }}{% endblock %}
+{% block extra_resources %}
 <style>
-  body {{ font-family: system-ui, -apple-system, "Segoe UI", Helvetica, Arial, sans-serif;
-         margin: 16px 24px; color: #222; }}
-  header {{ display: flex; align-items: baseline; gap: 24px; flex-wrap: wrap; }}
-  h1 {{ font-size: 20px; margin: 0; }}
-  #zcache-summary {{ font-size: 15px; margin: 8px 0 4px 0; font-weight: 600; }}
-  #zcache-status {{ font-size: 12px; color: #666; margin-bottom: 12px; }}
-  #zcache-status.stale {{ color: #b00; }}
-  a {{ color: #2b6cb0; }}
+  .zcache-page { padding: 0 6px; color: #222; }
+  .zcache-head { display: flex; align-items: baseline; gap: 8px 24px; flex-wrap: wrap;
+                 margin: 8px 0 0 0; }
+  .zcache-head h1 { font-size: 18px; margin: 0; font-weight: 600; }
+  .zcache-head a { font-size: 13px; color: #2b6cb0; }
+  #zcache-summary { font-size: 14px; margin: 8px 0 2px 0; font-weight: 600; }
+  #zcache-status { font-size: 12px; color: #666; margin-bottom: 8px; }
+  #zcache-status.stale { color: #b00; }
 </style>
-{resources}
-</head>
-<body>
-<header>
+{% endblock %}
+{% block content %}
+<div class="zcache-page">
+<div class="zcache-head">
   <h1>xarray-zcache: the cluster's caches</h1>
-  <a href="{status_url}">Dask dashboard</a>
-  <a href="{json_url}">stats.json</a>
-</header>
-<p id="zcache-summary">{summary}</p>
-<div id="zcache-status">{status}</div>
-{div}
-{script}
+  <a href="{{ json_url }}">stats.json</a>
+</div>
+<p id="zcache-summary">{{ summary }}</p>
+<div id="zcache-status">{{ status }}</div>
+{{ plot_div }}
+{{ plot_script }}
+</div>
 <script>
-(function () {{
+(function () {
   "use strict";
-  var config = {config};
+  var config = {{ config }};
+  document.title = "Dask: xarray-zcache";
+  // Dask's navigation bar is fixed on top and wraps on narrow windows: keep clear of it
+  var navbar = document.getElementById("myTopnav");
+  function clearNavbar() {
+    if (navbar) { document.body.style.paddingTop = (navbar.offsetHeight + 8) + "px"; }
+  }
+  clearNavbar();
+  window.addEventListener("resize", clearNavbar);
+  var here = document.querySelector("#myTopnav li a[href='" + config.page + "']");
+  if (here) { here.closest("li").classList.add("active"); }
   var layoutKey = config.layout_key;
   var status = document.getElementById("zcache-status");
   var summary = document.getElementById("zcache-summary");
   window.zcacheRefreshes = 0;
-  if (!(config.refresh_ms > 0)) {{ return; }}
-  function schedule() {{ window.setTimeout(tick, config.refresh_ms); }}
-  function tick() {{
-    fetch(config.sources_url, {{cache: "no-store"}})
-      .then(function (r) {{
-        if (!r.ok) {{ throw new Error("HTTP " + r.status); }}
+  if (!(config.refresh_ms > 0)) { return; }
+  function schedule() { window.setTimeout(tick, config.refresh_ms); }
+  function update(doc, d) {
+    Object.keys(d.sources).forEach(function (name) {
+      var source = doc.get_model_by_name("zcache-source-" + name);
+      if (source) { source.data = d.sources[name]; }
+    });
+    Object.keys(d.notes || {}).forEach(function (name) {
+      var note = doc.get_model_by_name("zcache-note-" + name);
+      if (note && note.text !== d.notes[name]) { note.text = d.notes[name]; }
+      var table = doc.get_model_by_name("zcache-table-" + name);
+      var rows = (d.sources[name] && d.sources[name].key) || [];
+      if (table && table.visible !== rows.length > 0) { table.visible = rows.length > 0; }
+    });
+  }
+  function tick() {
+    fetch(config.sources_url, {cache: "no-store"})
+      .then(function (r) {
+        if (!r.ok) { throw new Error("HTTP " + r.status); }
         return r.json();
-      }})
-      .then(function (d) {{
-        if (d.layout_key !== layoutKey) {{ window.location.reload(); return; }}
+      })
+      .then(function (d) {
+        if (d.layout_key !== layoutKey) { window.location.reload(); return; }
         summary.textContent = d.summary;
         var docs = (window.Bokeh && window.Bokeh.documents) || [];
-        if (docs.length > 0) {{
-          Object.keys(d.sources).forEach(function (name) {{
-            var source = docs[0].get_model_by_name("zcache-source-" + name);
-            if (source) {{ source.data = d.sources[name]; }}
-          }});
-        }}
+        if (docs.length > 0) { update(docs[0], d); }
         window.zcacheRefreshes += 1;
         status.textContent = "updated " + new Date().toLocaleTimeString()
           + " (every " + config.refresh_ms / 1000 + " s)";
         status.className = "";
         schedule();
-      }})
-      .catch(function (e) {{
+      })
+      .catch(function (e) {
         status.textContent = "no answer from the scheduler (" + e.message + "), retrying";
         status.className = "stale";
         schedule();
-      }});
-  }}
+      });
+  }
   schedule();
-}})();
+})();
 </script>
-</body>
-</html>
+{% endblock %}
 """
+
+#: the entry of the page in the "More..." menu of Dask's navigation bar
+NAV_PLOT = {"url": PAGE, "name": "xarray-zcache"}
+#: Dask's navigation without a dashboard to take it from (`render_page` with ``nav=None``)
+DEFAULT_NAV: dict[str, Any] = {
+    "pages": ["status", "workers", "tasks", "system", "profile", "graph", "groups", PAGE, "info"],
+    "plots": [NAV_PLOT],
+    "jupyter": False,
+}
+
+
+def _template() -> Any:
+    """The page's Jinja template, extending the ``base.html`` of Dask's dashboard."""
+    global _TEMPLATE
+    if _TEMPLATE is None:
+        import os
+
+        import distributed.http
+        import jinja2
+
+        dask_templates = os.path.join(os.path.dirname(distributed.http.__file__), "templates")
+        env = jinja2.Environment(
+            loader=jinja2.ChoiceLoader(
+                [
+                    jinja2.DictLoader({"zcache.html": _PAGE_TEMPLATE}),
+                    jinja2.FileSystemLoader(dask_templates),
+                ]
+            ),
+            autoescape=False,  # every variable is escaped (or is Bokeh's markup) already
+        )
+        _TEMPLATE = env.get_template("zcache.html")
+    return _TEMPLATE
+
+
+_TEMPLATE: Any = None
+
+
+def _theme() -> Any:
+    """Dask's Bokeh theme (transparent plot backgrounds, no Bokeh logo), if it can be found."""
+    import os
+
+    import distributed.dashboard
+    from bokeh.themes import Theme
+
+    path = os.path.join(os.path.dirname(distributed.dashboard.__file__), "theme.yaml")
+    return Theme(filename=path) if os.path.exists(path) else None
 
 
 def _resources() -> str:
-    """Bokeh's JavaScript, inlined (computed once per process: it is a few MB)."""
+    """Bokeh's JavaScript and CSS, inlined (computed once per process: it is a few MB)."""
     global _RESOURCES
     if _RESOURCES is None:
         from bokeh.resources import Resources
@@ -258,8 +383,10 @@ def render_page(
     *,
     prefix: str = "/",
     refresh: float = DEFAULT_REFRESH,
+    nav: Mapping[str, Any] | None = None,
+    resources: str | None = None,
 ) -> str:
-    """The HTML of the ``/zcache`` page.
+    """The HTML of the ``/zcache`` page: Dask's header and navigation, then the figures.
 
     Parameters
     ----------
@@ -271,11 +398,18 @@ def render_page(
         The dashboard's HTTP prefix (``"/"`` or ``"/some/prefix/"``).
     refresh
         Seconds between two refreshes of the figures (``0``: never).
+    nav
+        The template variables of Dask's dashboard (``pages``, ``plots``,
+        ``jupyter``): what its navigation bar shows. `DEFAULT_NAV` by default.
+    resources
+        The HTML loading BokehJS (e.g. from the Bokeh server of Dask's dashboard);
+        inlined by default, so the page also works without one.
 
     Returns
     -------
     str
-        A standalone HTML document.
+        An HTML document. Its links to Dask's pages and statics are relative: it
+        must be served at ``{prefix}zcache`` (no trailing slash).
     """
     import html
 
@@ -284,27 +418,33 @@ def render_page(
     from xarray_zcache import plotting
 
     layout = plotting.dashboard(cluster, series, with_summary=False)
-    script, div = components(layout)
+    script, div = components(layout, theme=_theme())
     base = prefix + PAGE
     config = {
         "layout_key": plotting.layout_key(cluster),
         "sources_url": base + "/api/sources.json",
         "refresh_ms": round(max(0.0, refresh) * 1000),
+        "page": PAGE,
     }
     when = time.strftime("%H:%M:%S")
     status = (
         f"as of {when}; updates every {refresh:g} s" if refresh > 0 else f"as of {when} (static)"
     )
-    return _PAGE_TEMPLATE.format(
-        resources=_resources(),
-        status_url=html.escape(prefix + "status"),
+    variables = {**DEFAULT_NAV, **(nav or {})}
+    page: str = _template().render(
+        pages=[str(p) for p in variables.get("pages") or []],
+        plots=list(variables.get("plots") or []),
+        jupyter=bool(variables.get("jupyter")),
+        bokeh_js=_resources() if resources is None else resources,
+        bokeh_css="",
         json_url=html.escape(base + "/api/stats.json"),
         summary=html.escape(plotting.summary_text(cluster)),
         status=html.escape(status),
-        div=div,
-        script=script,
+        plot_div=div,
+        plot_script=script,
         config=_dumps(config),
     )
+    return page
 
 
 # -- handlers ------------------------------------------------------------------------------------
@@ -385,6 +525,7 @@ class SourcesJSONHandler(_Handler):
                     "layout_key": plotting.layout_key(cluster),
                     "summary": plotting.summary_text(cluster),
                     "sources": plotting.source_data(cluster, list(plugin.series)),
+                    "notes": plotting.notes(cluster),
                 }
             )
 
@@ -416,15 +557,123 @@ class PageHandler(_Handler):
             return
         cluster = jsonable(plugin.zcache_cluster_stats())
         series = jsonable(list(plugin.series))
+        nav = nav_variables(self.scheduler)
+        resources = _server_resources(self.scheduler)
         # building and serializing the figures takes ~0.1 s: not on the scheduler's event loop
         page = await asyncio.to_thread(
-            render_page, cluster, series, prefix=self.prefix, refresh=refresh
+            render_page,
+            cluster,
+            series,
+            prefix=self.prefix,
+            refresh=refresh,
+            nav=None if nav is None else dict(nav),
+            resources=resources,
         )
         self.set_header("Content-Type", "text/html; charset=UTF-8")
         self.finish(page)
 
 
-_HANDLERS: tuple[type[_Handler], ...] = (PageHandler, StatsJSONHandler, SourcesJSONHandler)
+class SlashHandler(_Handler):
+    """``GET {prefix}zcache/``: to ``{prefix}zcache`` (the page's links are relative to it)."""
+
+    def get(self) -> None:
+        self.redirect(self.prefix + PAGE)
+
+
+_HANDLERS: tuple[type[_Handler], ...] = (
+    PageHandler,
+    StatsJSONHandler,
+    SourcesJSONHandler,
+    SlashHandler,
+)
+
+
+# -- Dask's navigation ---------------------------------------------------------------------------
+
+
+def _bokeh_server(scheduler: Scheduler) -> Any | None:
+    """The Bokeh server application of Dask's dashboard, if the scheduler runs one."""
+    app = getattr(scheduler, "http_application", None)
+    for sub in getattr(app, "applications", []):
+        if hasattr(sub, "app_paths") and callable(getattr(sub, "resources", None)):
+            return sub
+    return None
+
+
+def _server_resources(scheduler: Scheduler) -> str | None:
+    """``<script>`` tags loading BokehJS from the dashboard's Bokeh server (``None``: none)."""
+    server = _bokeh_server(scheduler)
+    if server is None:
+        return None
+    try:
+        from bokeh.resources import Resources
+
+        res = server.resources()
+        if not isinstance(res, Resources) or res.mode not in ("server", "server-dev"):
+            return None
+        return str(res.render_js()) + str(res.render_css())
+    except Exception:  # an unexpected Bokeh: inline resources work all the same
+        logger.debug("xarray-zcache: no Bokeh server resources", exc_info=True)
+        return None
+
+
+def nav_variables(scheduler: Scheduler) -> dict[str, Any] | None:
+    """The template variables Dask's dashboard pages render their navigation bar from.
+
+    Distributed builds them once per scheduler (``distributed.dashboard.scheduler.
+    template_variables``, memoized) and hands every page of the dashboard the same
+    ``pages`` and ``plots`` lists; pages render their template on every request. So
+    an entry added to those lists shows in the navigation of every page from the
+    next load on, whenever it is added: also after the scheduler started, which
+    is when ``install(client)`` registers the plugin.
+
+    Returns
+    -------
+    dict or None
+        That very dict (mutable), or ``None`` when the scheduler has no dashboard.
+    """
+    if _bokeh_server(scheduler) is None:
+        return None
+    try:
+        from distributed.dashboard.scheduler import template_variables
+    except ImportError:
+        return None
+    variables = template_variables(scheduler)
+    return variables if isinstance(variables, dict) else None
+
+
+def add_nav(scheduler: Scheduler) -> bool:
+    """Add the page to Dask's navigation bar (before "Info") and its "More..." menu.
+
+    Returns
+    -------
+    bool
+        Whether the dashboard's navigation has the page now.
+    """
+    variables = nav_variables(scheduler)
+    if variables is None:
+        return False
+    pages, plots = variables.get("pages"), variables.get("plots")
+    if isinstance(pages, list) and PAGE not in pages:
+        pages.insert(pages.index("info") if "info" in pages else len(pages), PAGE)
+    if isinstance(plots, list) and not any(
+        isinstance(p, dict) and p.get("url") == PAGE for p in plots
+    ):
+        plots.append(dict(NAV_PLOT))
+        plots.sort(key=lambda p: str(p.get("name", "")).lower() if isinstance(p, dict) else "")
+    return isinstance(pages, list) and PAGE in pages
+
+
+def remove_nav(scheduler: Scheduler) -> None:
+    """Take the page out of Dask's navigation again (no-op if it is not in)."""
+    variables = nav_variables(scheduler)
+    if variables is None:
+        return
+    pages, plots = variables.get("pages"), variables.get("plots")
+    if isinstance(pages, list):
+        pages[:] = [p for p in pages if p != PAGE]
+    if isinstance(plots, list):
+        plots[:] = [p for p in plots if not (isinstance(p, dict) and p.get("url") == PAGE)]
 
 
 # -- mounting ------------------------------------------------------------------------------------
@@ -499,7 +748,8 @@ def add_routes(scheduler: Scheduler) -> str | None:
         app.add_handlers(
             r".*$",
             [
-                (base + "/?", PageHandler, kwargs),
+                (base, PageHandler, kwargs),
+                (base + "/", SlashHandler, kwargs),
                 (base + "/api/stats.json", StatsJSONHandler, kwargs),
                 (base + "/api/sources.json", SourcesJSONHandler, kwargs),
             ],
@@ -507,6 +757,10 @@ def add_routes(scheduler: Scheduler) -> str | None:
     except Exception:  # never let the dashboard break the plugin
         logger.exception("xarray-zcache: could not add the /zcache page to the dashboard")
         return None
+    try:
+        add_nav(scheduler)
+    except Exception:  # the page works without its entry in the navigation
+        logger.exception("xarray-zcache: could not add the page to the dashboard's navigation")
     return base
 
 
@@ -517,6 +771,10 @@ def remove_routes(scheduler: Scheduler) -> None:
     if router is None:
         return
     router.rules[:] = [r for r in router.rules if not _is_ours(r)]
+    try:
+        remove_nav(scheduler)
+    except Exception:
+        logger.exception("xarray-zcache: could not take the page out of the navigation")
 
 
 def page_path(dask_scheduler: Scheduler) -> str | None:

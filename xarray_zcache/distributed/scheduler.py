@@ -129,6 +129,7 @@ class ZCacheSchedulerPlugin(SchedulerPlugin):
         self.pending: dict[str, dict[str, set[str]]] = {}  # worker -> {"promote"|"warm": keys}
         self.done: dict[str, set[str]] = {}  # worker -> keys already promoted/warmed there
         self.key_rate: dict[str, float] = {}  # key -> cluster accesses/s
+        self.key_peak: dict[str, float] = {}  # key -> highest cluster accesses/s seen
         self.key_holders: dict[str, dict[str, str]] = {}  # key -> {worker: tier}
         self.hot_now: list[str] = []  # the cluster's hottest keys (refreshed each second)
         self.rejected = 0
@@ -242,10 +243,13 @@ class ZCacheSchedulerPlugin(SchedulerPlugin):
             else:
                 key_rate.pop(key, None)
                 holders.pop(key, None)
+                self.key_peak.pop(key, None)
         for key, (_count, tier) in hot.items():
             delta = rates[key] - old_rates.get(key, 0.0)
             if delta or key not in key_rate:
                 key_rate[key] = key_rate.get(key, 0.0) + delta
+                if key_rate[key] > self.key_peak.get(key, 0.0):
+                    self.key_peak[key] = key_rate[key]
             prev = old_hot.get(key)
             if prev is None or prev[1] != tier:
                 h = holders.get(key)
@@ -349,7 +353,7 @@ class ZCacheSchedulerPlugin(SchedulerPlugin):
     # -- client queries ------------------------------------------------------------------------
 
     def hot_keys(self, n: int = 20) -> list[dict[str, Any]]:
-        """Cluster-wide hot keys: summed counts, cluster rate, and holders by tier."""
+        """Cluster-wide hot keys: summed counts, cluster rate (now and peak), holders by tier."""
         merged: dict[str, dict[str, Any]] = {}
         for w, s in self.workers.items():
             for key, (count, tier) in s.hot.items():
@@ -357,7 +361,10 @@ class ZCacheSchedulerPlugin(SchedulerPlugin):
                 m["count"] += count
                 m["rate"] += s.rates.get(key, 0.0)
                 m["workers"][w] = tier
-        return sorted(merged.values(), key=lambda m: -m["count"])[:n]
+        top = sorted(merged.values(), key=lambda m: -m["count"])[:n]
+        for m in top:
+            m["peak_rate"] = max(m["rate"], self.key_peak.get(m["key"], 0.0))
+        return top
 
     def zcache_cluster_stats(self) -> dict[str, Any]:
         """Per-worker stats, totals, hot keys and recent decisions (msgpack-able)."""
