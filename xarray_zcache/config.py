@@ -244,6 +244,11 @@ class CacheConfig:
         On a Dask cluster, give each worker its own subfolder of ``disk_path``.
     report_interval
         Seconds between worker stats reports to the scheduler.
+    peer_reads
+        On a Dask cluster with the zcache plugin, a miss asks the key's owning cache
+        host before the source (the cluster acts as one cache).
+    peer_timeout
+        Seconds a worker waits for a peer's answer before reading the source itself.
 
     Examples
     --------
@@ -277,6 +282,10 @@ class CacheConfig:
     per_worker: bool = dataclasses.field(default_factory=lambda: _cfg("distributed.per-worker"))
     report_interval: float = dataclasses.field(
         default_factory=lambda: _cfg("distributed.report-interval")
+    )
+    peer_reads: bool = dataclasses.field(default_factory=lambda: _cfg("distributed.peer-reads"))
+    peer_timeout: float = dataclasses.field(
+        default_factory=lambda: _cfg("distributed.peer-timeout")
     )
 
     def __post_init__(self) -> None:
@@ -321,7 +330,7 @@ class CacheConfig:
                 "accesses per second >= 0 (0 promotes every disk hit)"
             )
         s(self, "promotion_threshold", float(thr))
-        for flag in ("cache_on_write", "per_worker"):
+        for flag in ("cache_on_write", "per_worker", "peer_reads"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag}: invalid value {getattr(self, flag)!r}; expected a bool")
         interval = _duration("maintenance_interval", self.maintenance_interval, allow_none=False)
@@ -340,6 +349,10 @@ class CacheConfig:
         if not report:
             raise ValueError("report_interval: must be > 0 seconds")
         s(self, "report_interval", report)
+        peer = _duration("peer_timeout", self.peer_timeout, allow_none=False)
+        if not peer:
+            raise ValueError("peer_timeout: must be > 0 seconds")
+        s(self, "peer_timeout", peer)
 
     # -- construction -------------------------------------------------------------------------
 
@@ -448,6 +461,12 @@ class CacheConfig:
         """Return a copy reading ``depth`` chunks ahead of sequential scans (0: off)."""
         return self._replace(prefetch_depth=depth)
 
+    def with_peer_reads(self, enabled: bool, timeout: float | str | None = None) -> Self:
+        """Return a copy with peer reads between the workers on (or off), and their timeout."""
+        if timeout is None:
+            return self._replace(peer_reads=enabled)
+        return self._replace(peer_reads=enabled, peer_timeout=timeout)
+
     def with_cache_on_write(self, enabled: bool) -> Self:
         """Return a copy that stores (``True``) or only invalidates (``False``) on writes."""
         return self._replace(cache_on_write=enabled)
@@ -505,6 +524,8 @@ _FIELD_OF = {
     "prefetch-depth": "prefetch_depth",
     "distributed.per-worker": "per_worker",
     "distributed.report-interval": "report_interval",
+    "distributed.peer-reads": "peer_reads",
+    "distributed.peer-timeout": "peer_timeout",
 }
 
 

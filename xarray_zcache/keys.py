@@ -29,6 +29,7 @@ __all__ = [
     "METADATA_NAMES",
     "RANGE_SEP",
     "array_of",
+    "byte_request",
     "cut",
     "entry_key",
     "escape",
@@ -36,6 +37,7 @@ __all__ = [
     "is_plain_range",
     "key_kind",
     "listing_key",
+    "parse_entry_key",
     "range_key",
     "store_namespace",
     "unescape",
@@ -127,6 +129,42 @@ def cut(byte_range: ByteRequest, whole: bytes) -> bytes | None:
         return whole[offset:] if offset < n else None
     suffix = byte_range.suffix  # type: ignore[union-attr]
     return whole[n - suffix :] if suffix <= n else None
+
+
+def parse_entry_key(namespace: str, ck: str) -> tuple[str, tuple[str, int, int]] | None:
+    """Inverse of `entry_key` (+ `range_key`): ``(zarr key, range)`` or ``None``.
+
+    ``range`` is ``("", 0, 0)`` for a whole object, ``("r", start, end)``,
+    ``("o", offset, 0)`` or ``("s", suffix, 0)``; see `byte_request`.
+    """
+    if not ck.startswith(namespace + "/"):
+        return None
+    body, sep, spec = ck[len(namespace) + 1 :].partition(RANGE_SEP)
+    if not sep:
+        return unescape(body), ("", 0, 0)
+    try:
+        if spec[:1] == "r":
+            a, b = spec[1:].split("-", 1)
+            return unescape(body), ("r", int(a), int(b))
+        if spec[:1] in ("o", "s"):
+            return unescape(body), (spec[0], int(spec[1:]), 0)
+    except ValueError:
+        return None
+    return None
+
+
+def byte_request(spec: tuple[str, int, int]) -> ByteRequest | None:
+    """The zarr `ByteRequest` of a range from `parse_entry_key`."""
+    from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
+
+    kind, a, b = spec
+    if kind == "r":
+        return RangeByteRequest(a, b)
+    if kind == "o":
+        return OffsetByteRequest(a)
+    if kind == "s":
+        return SuffixByteRequest(a)
+    return None
 
 
 def listing_key(namespace: str, op: str, prefix: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import dataclasses
 import functools
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable
@@ -30,12 +31,14 @@ from xarray_zcache.cache.stats import CacheStats
 from xarray_zcache.config import CacheConfig
 from xarray_zcache.keys import (
     array_of,
+    byte_request,
     cut,
     entry_key,
     file_key,
     is_plain_range,
     key_kind,
     listing_key,
+    parse_entry_key,
     range_key,
     store_namespace,
     unescape,
@@ -394,6 +397,33 @@ class CachedStore(Store):
                 return None
             pf = self._prefetchers[loop] = ScanPrefetcher(self, depth)
         return pf
+
+    # -- serving the cluster: this worker owns a key another worker missed ----------------------
+
+    async def serve_peer(self, cache: HybridCache, ck: str) -> tuple[bytes | None, bool]:
+        """Read cache key ``ck`` of this store for a peer through ``cache``.
+
+        Returns ``(bytes or None if missing, saved)``; ``saved`` is False when the
+        source was read for it. Never asks other peers (``for_peer``), so two
+        workers with different views of the membership cannot ping-pong.
+        """
+        parsed = parse_entry_key(self._namespace, ck)
+        if parsed is None:
+            raise ValueError(f"not a key of {self._namespace}: {ck!r}")
+        key, spec = parsed
+        byte_range = byte_request(spec)
+        if not is_plain_range(byte_range):
+            raise ValueError(f"not a cacheable range: {ck!r}")
+        read = dataclasses.replace(self._read(key, byte_range), for_peer=True)
+        loaded = False
+
+        async def load() -> bytes | None:
+            nonlocal loaded
+            loaded = True
+            return _bytes(await self._store.get(key, default_buffer_prototype(), byte_range))
+
+        data = await cache.get_or_load(read, load)
+        return data, not loaded
 
     # -- what the read-ahead needs (`prefetch.ReadAheadTarget`) ----------------------------------
 

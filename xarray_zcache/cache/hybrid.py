@@ -260,12 +260,20 @@ class HybridCache(CacheReporting, Coherence):
         self, read: Read, token: tuple[int, int], load: Callable[[], Awaitable[bytes | None]]
     ) -> bytes | None:
         started_ns = time.time_ns()
-        for tier in self._shared:
-            value = await tier.lookup(read)
-            if value is not None:
-                self._count_hit(tier.name, read, value)
-                self._admit(read.key, token, value, read.kind, read=read, started_ns=started_ns)
-                return value
+        if not read.for_peer:
+            for tier in self._shared:
+                answer = await tier.lookup(read)
+                if answer is None:
+                    continue
+                if answer.saved:
+                    self._count_hit(tier.name, read, answer.value)
+                else:
+                    self._stats.add("peer_loads")
+                # the owner keeps the cluster's copy on disk: a replica here is kept in
+                # memory only, and only for keys read often enough (hot data replicated)
+                if self._wants_promotion(read.key):
+                    self._admit(read.key, token, answer.value, read.kind, disk=False)
+                return answer.value
         t0 = time.perf_counter()
         try:
             value = await load()

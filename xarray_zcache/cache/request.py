@@ -35,6 +35,10 @@ class Read:
         A read-ahead: its load is a request sent (a miss) but no reader waits, so
         it does not count as an access; a later hit on what it filled counts as a
         prefetch hit, not as a request saved.
+    for_peer
+        A read on behalf of another cache of the cluster (this cache owns the key):
+        never asks the shared tiers again (no loops between peers), and counts as
+        served to a peer, not as a reader's hit.
     """
 
     key: str
@@ -43,6 +47,7 @@ class Read:
     whole: str | None = None
     cut: Callable[[bytes], bytes | None] | None = None
     prefetch: bool = False
+    for_peer: bool = False
 
     @property
     def object_key(self) -> str:

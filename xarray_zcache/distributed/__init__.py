@@ -67,6 +67,25 @@ def install(
         ZCacheSchedulerPlugin(promotion_threshold=promotion_threshold, warm=warm)
     )
     client.register_plugin(ZCacheWorkerPlugin(cfg))
+    _announce_writes_from(client)
+
+
+def _announce_writes_from(client: Client) -> None:
+    """Writes through zcache in this (client) process reach the workers' caches at once."""
+    import asyncio
+
+    from xarray_zcache.cache.coherence import add_invalidation_listener
+
+    scheduler: Any = client.scheduler
+    loop: Any = client.loop
+    if scheduler is None or loop is None:
+        return
+
+    def announce(keys: list[tuple[str, bool]]) -> Any:
+        coro = scheduler.zcache_invalidate(keys=[list(k) for k in keys], origin=None)
+        return asyncio.run_coroutine_threadsafe(coro, loop.asyncio_loop)
+
+    add_invalidation_listener(f"dask-scheduler {scheduler.address}", announce)
 
 
 @dataclasses.dataclass
