@@ -86,27 +86,37 @@ def test_cold_warm_restart_passes_match_the_server(
         .with_prefetch(prefetch)
     )
 
-    def read(engine: str) -> Callable[[], Any]:
+    # the same code path with a cache that keeps nothing: every read is sent
+    nothing = (
+        CacheConfig()
+        .with_name("acct-nothing")
+        .with_memory_size(0)
+        .without_disk_cache()
+        .with_prefetch(0)
+        .with_ttl(listing=0, negative=0)
+    )
+
+    def read(config: CacheConfig) -> Callable[[], Any]:
         def run() -> Any:
-            kw: dict[str, Any] = {"cache_config": cfg} if engine == "zcache" else {}
             with xr.open_dataset(
-                url, engine=engine, chunks={}, storage_options=s3_options, **kw
+                url, engine="zcache", chunks={}, storage_options=s3_options, cache_config=config
             ) as ds:
                 # one chunk after the other, as a scan reads them
                 return [float(ds.t[i].sum()) for i in range(16)]
 
         return run
 
-    uncached = _uncached_gets(s3_server, s3_bucket, read("zarr"))
-    cold = _check_pass(s3_server, s3_bucket, cfg, read("zcache"), uncached)
+    uncached = _uncached_gets(s3_server, s3_bucket, read(nothing))
+    assert get_cache(nothing).stats().requests_saved == 0
+    cold = _check_pass(s3_server, s3_bucket, cfg, read(cfg), uncached)
     assert cold.requests_sent >= 16  # every chunk came from S3 once
     if prefetch:
         assert cold.prefetches > 0 and cold.prefetch_hits > 0
-    warm = _check_pass(s3_server, s3_bucket, cfg, read("zcache"), uncached)
+    warm = _check_pass(s3_server, s3_bucket, cfg, read(cfg), uncached)
     assert warm.requests_sent == 0 and warm.requests_saved == uncached
     get_cache(cfg).flush()
     close_all()  # a restart: the memory tier is gone, the disk tier stays
-    restart = _check_pass(s3_server, s3_bucket, cfg, read("zcache"), uncached)
+    restart = _check_pass(s3_server, s3_bucket, cfg, read(cfg), uncached)
     assert restart.requests_sent == 0 and restart.total_hits(tier="disk") > 0
 
 

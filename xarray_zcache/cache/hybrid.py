@@ -228,11 +228,19 @@ class HybridCache(CacheReporting, Coherence):
         """Single flight: one load per key and loop, joined only while still valid."""
         while (fut := self._flights.joinable(read.key, self._inv.unchanged)) is not None:
             try:
-                return await asyncio.shield(fut)
+                value = await asyncio.shield(fut)
             except asyncio.CancelledError:
                 if not fut.cancelled():
                     raise  # we were cancelled ourselves
                 # the leader was cancelled: take over
+                continue
+            # joined another load: this read sent nothing (a hit on a read-ahead's fill
+            # if a read-ahead led, which `_count_hit` tells from `_prefetched`)
+            if value is None:
+                self._count_negative(read)
+            else:
+                self._count_hit("memory", read, value)
+            return value
         # another load (a read-ahead) may have filled the entry while we looked on disk
         value = self._from_memory(read)
         if value is not None:
