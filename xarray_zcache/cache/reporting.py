@@ -11,7 +11,7 @@ from xarray_zcache.cache.analytics import (
     miss_ratio_curve,
     recommendation,
 )
-from xarray_zcache.cache.stats import CacheStats, StatsRecorder
+from xarray_zcache.cache.stats import TIERS, CacheStats, StatsRecorder
 
 if TYPE_CHECKING:
     from xarray_zcache.cache.disk import DiskTier
@@ -81,7 +81,8 @@ class CacheReporting:
             "memory_entries": len(self._memory),
             "memory_entry_overhead": self._memory.entry_overhead,
         }
-        evictions = {"memory": self._memory.evictions, "disk": 0}
+        evictions = dict.fromkeys(TIERS, 0)
+        evictions["memory"] = self._memory.evictions
         if self._disk is not None:
             gauges.update(
                 disk_used=self._disk.used_bytes(),

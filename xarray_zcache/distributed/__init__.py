@@ -68,6 +68,33 @@ def install(
     )
     client.register_plugin(ZCacheWorkerPlugin(cfg))
     _announce_writes_from(client)
+    if cfg.peer_reads:
+        _wait_for_membership(client)
+
+
+def _wait_for_membership(client: Client, timeout: float = 10.0) -> None:
+    """Wait until every worker knows the scheduler's current cache hosts (pushes are async)."""
+    import time
+
+    def scheduler_version(dask_scheduler: Any) -> int:
+        plugin = dask_scheduler.plugins.get(ZCacheSchedulerPlugin.name)
+        return -1 if plugin is None else int(plugin.directory.membership.version)
+
+    def worker_version(dask_worker: Any) -> int:
+        from xarray_zcache.distributed.worker import worker_cache_state
+
+        state = worker_cache_state(dask_worker)
+        if state is None or state.peer is None:
+            return -1
+        return int(state.peer.membership.version)
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        want = client.run_on_scheduler(scheduler_version)
+        have = client.run(worker_version)
+        if want >= 0 and all(v >= want for v in have.values()):
+            return
+        time.sleep(0.05)
 
 
 def _announce_writes_from(client: Client) -> None:

@@ -23,7 +23,7 @@ import pickle
 import threading
 import time
 import zlib
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from xarray_zcache.cache.tiers import SharedAnswer
@@ -37,12 +37,13 @@ if TYPE_CHECKING:
     from xarray_zcache.cache.request import Read
     from xarray_zcache.store import CachedStore
 
-__all__ = ["MAX_ASKS", "MAX_SERVING", "PeerServer", "PeerTier"]
+__all__ = ["FIRST_ASK_TIMEOUT", "MAX_ASKS", "MAX_SERVING", "PeerServer", "PeerTier"]
 
 logger = logging.getLogger("xarray_zcache.distributed")
 
 MAX_ASKS = 32  # asks in flight from one worker to one owner; beyond: read the source
 MAX_SERVING = 64  # reads in flight for peers on one owner; beyond: "busy"
+FIRST_ASK_TIMEOUT = 10.0  # seconds for an owner's first read of a dataset (client set-up)
 
 
 def _store_for(cache: HybridCache, namespace: str) -> CachedStore | None:
@@ -67,6 +68,7 @@ class PeerTier:
         self._asking: dict[str, int] = {}
         # owners known to hold a store for a namespace (else the store travels along)
         self._told: set[tuple[str, str]] = set()
+        self.fallback_reasons: Counter[str] = Counter()  # why asks fell back (diagnostics)
 
     def update(self, membership: Membership) -> None:
         """Take ``membership`` if it is newer than the one held."""
@@ -108,19 +110,22 @@ class PeerTier:
         stats = self.cache._stats
         if not self._acquire(addr):
             stats.add("peer_fallbacks")  # the owner is busy with our asks: read the source
+            self.fallback_reasons["too many asks"] += 1
             return None
         t0 = time.perf_counter()
         try:
             reply = await self._ask(addr, read)
         except Exception as exc:  # gone, slow, refused: the source answers instead
             logger.debug("xarray-zcache: asking %s for %r failed: %r", addr, read.key, exc)
-            reply = None
+            reply = {"status": type(exc).__name__}
         finally:
             self._release(addr)
             stats.peer_answer(time.perf_counter() - t0)
         answer = self._check(reply, read)
         if answer is None:
             stats.add("peer_fallbacks")
+            status = reply.get("status") if isinstance(reply, dict) else None
+            self.fallback_reasons[str(status if status != "ok" else "damaged")] += 1
         return answer
 
     @staticmethod
@@ -140,8 +145,12 @@ class PeerTier:
     async def _ask(self, addr: str, read: Read) -> Any:
         loop = self.worker.loop.asyncio_loop  # type: ignore[attr-defined]
         fut = asyncio.run_coroutine_threadsafe(self._send(addr, read), loop)
+        # the first ask of a dataset makes the owner set up its client for the source
+        # (a session, credentials): allow for that once, then hold the owner to the timeout
+        first = (addr, read.namespace) not in self._told
+        timeout = max(self.timeout, FIRST_ASK_TIMEOUT) if first else self.timeout
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(fut), self.timeout)
+            return await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
         finally:
             fut.cancel()
 
