@@ -361,6 +361,7 @@ class ZCacheSchedulerPlugin(SchedulerPlugin):
                 "hit_rate": t.hit_rate(),
                 "hits_memory": t.total_hits(tier="memory"),
                 "hits_disk": t.total_hits(tier="disk"),
+                "hits_peer": t.total_hits(tier="peer"),
                 "misses": t.total_misses(),
                 "bytes_saved": t.bytes_saved,
                 "requests_saved": t.requests_saved,
