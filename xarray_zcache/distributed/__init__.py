@@ -90,7 +90,7 @@ def _wait_for_membership(client: Client, timeout: float = 10.0) -> None:
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        want = client.run_on_scheduler(scheduler_version)
+        want = client.run_on_scheduler(scheduler_version)  # type: ignore[no-untyped-call]
         have = client.run(worker_version)
         if want >= 0 and all(v >= want for v in have.values()):
             return
