@@ -424,6 +424,7 @@ class CacheConfig:
 
     def with_ttl(
         self,
+        ttl: float | str | Literal[False] | None = False,
         *,
         metadata: float | str | Literal[False] | None = False,
         chunks: float | str | Literal[False] | None = False,
@@ -432,8 +433,23 @@ class CacheConfig:
     ) -> Self:
         """Return a copy with new time-to-live values (seconds or strings; ``None``: forever).
 
-        Only the given arguments change.
+        ``with_ttl(3600)`` sets every kind at once (metadata, chunks, listings and
+        negative entries); keywords set one kind each and win over ``ttl``. Only the
+        given arguments change. ``None`` (forever) is refused for listings and
+        negative entries, which always expire.
+
+        Examples
+        --------
+        >>> cfg = CacheConfig().with_ttl(5)
+        >>> cfg.metadata_ttl, cfg.chunk_ttl, cfg.listing_ttl, cfg.negative_ttl
+        (5.0, 5.0, 5.0, 5.0)
         """
+        if ttl is not False:
+            metadata = ttl if metadata is False else metadata
+            chunks = ttl if chunks is False else chunks
+            if ttl is not None:
+                listing = ttl if listing is False else listing
+                negative = ttl if negative is False else negative
         changes: dict[str, Any] = {}
         for field, value in (
             ("metadata_ttl", metadata),

@@ -31,6 +31,7 @@ __all__ = [
     "array_of",
     "byte_request",
     "cut",
+    "digest_key",
     "entry_key",
     "escape",
     "file_key",
@@ -40,6 +41,7 @@ __all__ = [
     "parse_entry_key",
     "range_key",
     "store_namespace",
+    "tree_metadata",
     "unescape",
 ]
 
@@ -49,12 +51,14 @@ RANGE_SEP = PART_SEP
 # separates the parts of a listing entry's key; escaped inside keys
 LIST_SEP = "\x01"
 
-_ESCAPES = str.maketrans({"%": "%25", "\x00": "%00", "\x01": "%01"})
+_ESCAPES = str.maketrans({"%": "%25", "\x00": "%00", "\x01": "%01", "\x02": "%02"})
+# prefix of the per-document digests of array metadata (see `digest_key`); escaped in keys
+DIGEST_SEP = "\x02"
 
 
 def escape(key: str) -> str:
     """``key`` with ``%``, NUL and ``\\x01`` percent-escaped (identity for ordinary keys)."""
-    if "%" in key or "\x00" in key or "\x01" in key:
+    if "%" in key or "\x00" in key or "\x01" in key or "\x02" in key:
         return key.translate(_ESCAPES)
     return key
 
@@ -63,7 +67,12 @@ def unescape(part: str) -> str:
     """Inverse of `escape`."""
     if "%" not in part:
         return part
-    return part.replace("%01", "\x01").replace("%00", "\x00").replace("%25", "%")
+    return (
+        part.replace("%02", "\x02")
+        .replace("%01", "\x01")
+        .replace("%00", "\x00")
+        .replace("%25", "%")
+    )
 
 
 def key_kind(key: str) -> str:
@@ -164,6 +173,44 @@ def byte_request(spec: tuple[str, int, int]) -> ByteRequest | None:
         return OffsetByteRequest(a)
     if kind == "s":
         return SuffixByteRequest(a)
+    return None
+
+
+def digest_key(namespace: str, key: str) -> str:
+    """Where the digest of the metadata document ``key`` last read from the store is kept.
+
+    Not under the array's prefix (invalidating the array keeps it) and not a part
+    of the document's entry (expiring the document keeps it).
+    """
+    return f"{namespace}/{DIGEST_SEP}v/{escape(key)}"
+
+
+def tree_metadata(key: str, data: bytes | None) -> str | None:
+    """The prefix whose entries a change of metadata document ``key`` makes stale, or None.
+
+    An array's ``zarr.json`` / ``.zarray`` (shape, chunk grid, codecs, fill value
+    decide what its chunk bytes mean): the array's folder. A group document with
+    consolidated metadata (it describes the arrays below it): the group's folder.
+    Other documents (attributes, plain groups): None.
+    """
+    import json
+
+    head, _, name = key.rpartition("/")
+    prefix = f"{head}/" if head else ""
+    if name == ".zarray" or name == ".zmetadata":
+        return prefix
+    if name != "zarr.json":
+        return None
+    if data is None:
+        return prefix  # the node is gone
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return prefix
+    if not isinstance(doc, dict):
+        return prefix
+    if doc.get("node_type") == "array" or doc.get("consolidated_metadata"):
+        return prefix
     return None
 
 
