@@ -184,8 +184,11 @@ def _check_disk_folder(path: str) -> None:
     if writable and os.geteuid() == 0 and not mode & 0o222:
         writable = False
     if not writable:
-        readonly = bool(os.statvfs(parent).f_flag & os.ST_RDONLY)
-        reason = os.strerror(errno.EROFS if readonly else errno.EACCES)
+        if os.statvfs(parent).f_flag & os.ST_RDONLY:
+            # a read-only file system: the data stays readable, the cache works in memory
+            # only (with a warning naming the folder) when it is first used
+            return
+        reason = os.strerror(errno.EACCES)
         raise ValueError(
             f"disk_path: cannot create the folder {path!r}: {parent!r} is not writable "
             f"({reason}); {hint}"
