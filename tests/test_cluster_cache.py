@@ -244,6 +244,7 @@ def test_a_killed_owner_costs_only_its_share(
     ds = _open(url, s3_options, cfg)
     xr.testing.assert_allclose(ds.t.mean("time").compute(), expected.t.mean("time"))
     victim = sorted(client.scheduler_info()["workers"])[0]
+
     async def die() -> None:
         os._exit(1)
 
@@ -286,3 +287,32 @@ def test_membership_moves_only_the_keys_of_who_came_or_went() -> None:
     moved = m4.moved(gone, keys)
     assert all(m4.owner(k) == "h2" for k in moved)  # only the leaver's keys
     assert Membership.from_msg(gone.to_msg()) == gone
+
+
+def test_cluster_figures_match_the_server(
+    client: Client,
+    s3_server: LocalS3Server,
+    s3_bucket: str,
+    s3_options: dict[str, Any],
+    tmp_path: Any,
+) -> None:
+    """Summed over the workers and the client, requests sent equal the server's GETs."""
+    from xarray_zcache import get_cache
+    from xarray_zcache.cache.stats import CacheStats
+
+    url = f"s3://{s3_bucket}/era5.zarr"
+    expected = _write(url, s3_options)
+    cfg = _config(tmp_path)
+    zd.install(client, cfg)
+
+    def total() -> CacheStats:
+        stats = [CacheStats.from_dict(s) for s in client.run(_worker_stats).values()]
+        return sum(stats[1:], stats[0]) + get_cache(cfg).stats()
+
+    log = s3_server.requests
+    for work in (lambda d: d.t.mean("time"), lambda d: d.t.max(["lat", "lon"])):
+        before, gets = total(), log.count("GET", bucket=s3_bucket, key_prefix="")
+        ds = _open(url, s3_options, cfg)
+        xr.testing.assert_allclose(work(ds).compute(), work(expected))
+        d = total() - before
+        assert d.requests_sent == log.count("GET", bucket=s3_bucket, key_prefix="") - gets
