@@ -6,6 +6,7 @@ Real `LocalCluster`s (worker processes), real local S3, one disk folder per work
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -316,3 +317,16 @@ def test_cluster_figures_match_the_server(
         xr.testing.assert_allclose(work(ds).compute(), work(expected))
         d = total() - before
         assert d.requests_sent == log.count("GET", bucket=s3_bucket, key_prefix="") - gets
+
+
+def test_cluster_stats_before_install_names_the_cause_without_dask_tracebacks(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with (
+        LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as cluster,
+        Client(cluster) as c,
+    ):
+        with caplog.at_level(logging.ERROR), pytest.raises(RuntimeError, match="install"):
+            zd.cluster_stats(c)
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]

@@ -214,8 +214,18 @@ class ClusterStats:
         )
 
 
+def _has_handler(dask_scheduler: Any, op: str = "") -> bool:
+    return op in dask_scheduler.handlers
+
+
 def _scheduler_call(client: Client, op: str, **kwargs: Any) -> Any:
-    """Call a handler of the scheduler (``None`` if the scheduler does not have it)."""
+    """Call a handler of the scheduler (``None`` if the scheduler does not have it).
+
+    Asks first whether the handler exists: calling a missing one makes the scheduler
+    log a ``KeyError`` traceback, which blames Dask for a missing `install`.
+    """
+    if not client.run_on_scheduler(_has_handler, op=op):  # type: ignore[no-untyped-call]
+        return None
     scheduler: Any = client.scheduler
     return client.sync(getattr(scheduler, op), **kwargs)  # type: ignore[no-untyped-call]
 
