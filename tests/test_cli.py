@@ -466,6 +466,37 @@ def test_warm_a_local_dataset_with_a_slow_disk_and_a_tiny_write_queue(
     assert sum(r["kind"] == "chunk" for r in rows) == CHUNKS_PER_DATASET
 
 
+def test_warm_with_many_threads_waits_for_the_disk_instead_of_dropping_writes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = tmp_path / "local.zarr"
+    rng = np.random.default_rng(1)
+    data = rng.normal(size=(64, 16, 16)).astype("float32")  # 128 chunks of 512 bytes: 64 kB
+    xr.Dataset({"v": (("t", "y", "x"), data)}).to_zarr(
+        source, zarr_format=3, encoding={"v": {"chunks": (2, 8, 8)}}
+    )
+    folder = tmp_path / "cache"
+    put = DiskTier.put
+
+    def slow_put(self: DiskTier, *args: Any, **kwargs: Any) -> bool:
+        time.sleep(0.02)  # a disk much slower than the source: the backlog builds up
+        return put(self, *args, **kwargs)
+
+    monkeypatch.setattr(DiskTier, "put", slow_put)
+    # 24 kB of queue for 64 kB of chunks: reading flat out would overflow it (the cache then
+    # drops disk writes); warm waits for the disk writer instead, with several readers
+    with dask.config.set({"zcache.write-queue-size": "24kB"}):
+        code, out, err = _run(
+            capsys, "warm", source, "--cache", folder, "-q", "--json", "--threads", "8"
+        )
+    assert code == 0, err
+    assert "(2 threads)" in err
+    report = json.loads(out)
+    assert report["disk_write_failures"] == 0
+    assert report["chunk_misses"] == 128
+    assert sum(r["kind"] == "chunk" for r in _entries(folder)) == 128
+
+
 # -- bad input ----------------------------------------------------------------------------------
 
 PATH_COMMANDS = [

@@ -485,6 +485,101 @@ def test_summary_groups_by_namespace_and_kind(tier: DiskTier) -> None:
     assert sum(r["bytes"] for r in tier.summary()) == tier.used_bytes()
 
 
+def test_usage_sums_hits_expiry_and_times_by_sql(tier: DiskTier) -> None:
+    now = time.time()
+    assert tier.usage(now) == []
+    assert tier.put("a/1", b"x" * 10, namespace="a")
+    assert tier.put("a/2", b"x" * 5, namespace="a", expires=now - 1)
+    assert tier.put("a/zarr.json", b"{}", namespace="a", kind="metadata", expires=now + 60)
+    assert tier.put("b/1", b"y" * 7, namespace="b")
+    for _ in range(3):
+        assert tier.get("a/1") == b"x" * 10  # pending access records: flushed by usage()
+    assert tier.get("b/1") == b"y" * 7
+    rows = {(r["namespace"], r["kind"]): r for r in tier.usage(now)}
+    assert list(rows) == [("a", "chunk"), ("a", "metadata"), ("b", "chunk")]
+    a = rows["a", "chunk"]
+    assert (a["entries"], a["bytes"], a["hits"]) == (2, 15, 3)
+    assert (a["expired"], a["expired_bytes"]) == (1, 5)
+    assert a["oldest_created"] <= a["newest_created"] <= a["last_access"]
+    assert rows["a", "metadata"]["expired"] == 0 and rows["b", "chunk"]["hits"] == 1
+    entries = tier.entries()
+    assert sum(r["hits"] for r in rows.values()) == sum(e["hits"] for e in entries)
+    # the same grouping and totals as summary()
+    assert [
+        {k: r[k] for k in ("namespace", "kind", "entries", "bytes")} for r in rows.values()
+    ] == (tier.summary())
+
+
+def test_top_entries_orders_by_sql(tier: DiskTier) -> None:
+    for i, hits in enumerate([0, 2, 5, 2]):
+        assert tier.put(f"k{i}", b"v", namespace="n")
+        for _ in range(hits):
+            assert tier.get(f"k{i}") == b"v"
+        time.sleep(0.01)  # distinct creation times
+    hot = tier.top_entries(3, "hits")
+    assert [(r["key"], r["hits"]) for r in hot] == [("k2", 5), ("k3", 2), ("k1", 2)]
+    assert set(hot[0]) == set(tier.entries()[0])
+    assert [r["key"] for r in tier.top_entries(10, "hits")] == ["k2", "k3", "k1"]  # no 0 hits
+    assert [r["key"] for r in tier.top_entries(1, "oldest")] == ["k0"]
+    assert [r["key"] for r in tier.top_entries(2, "newest")] == ["k3", "k2"]
+    assert tier.top_entries(0) == []
+    with pytest.raises(ValueError, match="by must be one of 'hits', 'oldest', 'newest'"):
+        tier.top_entries(1, "size")  # type: ignore[arg-type]
+
+
+def test_probe_and_open_existing_create_nothing(tmp_path: pathlib.Path) -> None:
+    from xarray_zcache.cache.disk.tier import NotACacheFolder
+
+    with pytest.raises(FileNotFoundError):
+        DiskTier.probe(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError):
+        DiskTier.open_existing(tmp_path / "missing")
+    assert not (tmp_path / "missing").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError):
+        DiskTier.probe(tmp_path / "file")
+
+    plain = tmp_path / "plain"
+    (plain / "chunks").mkdir(parents=True)
+    found = DiskTier.probe(plain)
+    assert (found.state, found.detail, found.layout) == ("missing", "no index.db in it", False)
+    assert not found.recoverable
+    with pytest.raises(NotACacheFolder, match=r"no index\.db") as err:
+        DiskTier.open_existing(plain, rebuild=True)
+    assert err.value.folder == found
+    assert sorted(p.name for p in plain.iterdir()) == ["chunks"]
+
+    other = tmp_path / "app"
+    other.mkdir()
+    with contextlib.closing(sqlite3.connect(other / "index.db")) as conn:
+        conn.execute("CREATE TABLE things(x)")
+    assert DiskTier.probe(other).state == "foreign"
+
+    folder = tmp_path / "cache"
+    with DiskTier(folder, 1 << 20) as t:
+        assert t.put("k", b"v", namespace="n")
+    assert DiskTier.probe(folder).ok
+    with DiskTier.open_existing(folder) as t:
+        assert t.capacity > 1 << 40 and t.keys() == ["k"]
+
+    (folder / "index.db").unlink()
+    for side in ("index.db-wal", "index.db-shm"):
+        (folder / side).unlink(missing_ok=True)
+    lost = DiskTier.probe(folder)
+    assert lost.state == "missing" and lost.layout and lost.recoverable
+    with pytest.raises(NotACacheFolder):
+        DiskTier.open_existing(folder)
+    assert not (folder / "index.db").exists()
+    with DiskTier.open_existing(folder, rebuild=True) as t:  # rebuilt from the payload files
+        assert t.keys() == ["k"] and t.last_rebuild["indexed"] == 1
+
+    (folder / "index.db").write_bytes(b"garbage" * 100)
+    for side in ("index.db-wal", "index.db-shm"):
+        (folder / side).unlink(missing_ok=True)
+    damaged = DiskTier.probe(folder)
+    assert damaged.state == "damaged" and damaged.recoverable
+
+
 def test_delete_namespace(tier: DiskTier) -> None:
     fetch = time.time_ns()
     assert tier.put("a/1", b"1", namespace="a")
