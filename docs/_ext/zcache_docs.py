@@ -362,20 +362,20 @@ class CliHelp(SphinxDirective):
     def run(self) -> list[nodes.Node]:
         words = " ".join(self.arguments).split()
         shown = " ".join(["zcache", *words, "--help"])
-        # rebuild this page when cli.py appears, changes or goes away
+        # rebuild this page when the cli package appears, changes or goes away
         package = importlib.util.find_spec("xarray_zcache")
         if package is not None and package.origin is not None:
             folder = Path(package.origin).parent
             self.env.note_dependency(str(folder))
-            if (folder / "cli.py").exists():
-                self.env.note_dependency(str(folder / "cli.py"))
+            for module in sorted((folder / "cli").glob("*.py")):
+                self.env.note_dependency(str(module))
         if importlib.util.find_spec("xarray_zcache.cli") is None:
             return [
                 self._note(
                     "The ",
                     nodes.literal("zcache", "zcache"),
                     " command (",
-                    nodes.literal("xarray_zcache/cli.py", "xarray_zcache/cli.py"),
+                    nodes.literal("xarray_zcache/cli/", "xarray_zcache/cli/"),
                     ") is not part of this build, so the output of ",
                     nodes.literal(shown, shown),
                     " cannot be shown here.",

@@ -9,20 +9,19 @@ transactions of ``put``), :mod:`.access` (hit statistics), :mod:`.scan` and :mod
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
-import pathlib
 import sqlite3
 import sys
 import time
-from typing import Any, Literal
 
 from xarray_zcache.cache.disk import check, rows, writes
 from xarray_zcache.cache.disk.entry import PutRequest
 from xarray_zcache.cache.disk.folder import unlink_quietly
 from xarray_zcache.cache.disk.format import LAYOUT, write_temp
 from xarray_zcache.cache.disk.index import Recovered
+from xarray_zcache.cache.disk.inspect import TierInspection
+from xarray_zcache.cache.disk.probe import FolderState, NotACacheFolder, probe_folder
 from xarray_zcache.cache.disk.reads import (
     AUTO_PRUNE_EVERY,
     EVICT_LOW_WATER,
@@ -30,8 +29,6 @@ from xarray_zcache.cache.disk.reads import (
     TierCore,
 )
 from xarray_zcache.cache.disk.schema import (
-    ENTRY_COLUMNS,
-    INDEX_NAME,
     is_disk_full,
     is_resource_error,
     txn,
@@ -40,88 +37,7 @@ from xarray_zcache.cache.disk.schema import (
 __all__ = ["DiskTier", "FolderState", "NotACacheFolder"]
 
 
-@dataclasses.dataclass(frozen=True)
-class FolderState:
-    """What a folder holds, as :meth:`DiskTier.probe` finds it (nothing created or changed).
-
-    Attributes
-    ----------
-    state : {"ok", "missing", "damaged", "inaccessible", "foreign"}
-        ``ok``: an index a tier opens as it is; ``missing``: no ``index.db``; ``damaged``:
-        ``index.db`` is not readable as SQLite; ``inaccessible``: SQLite cannot open or read
-        it (permissions, locks); ``foreign``: something else (another application's data).
-    detail : str
-        Why, for people (``"no index.db in it"``...); empty when ``ok``.
-    layout : bool
-        Whether ``chunks/`` and ``metadata/`` are laid out as a disk tier makes them (only
-        two-hex-digit bucket folders in them): a lost or damaged index of such a folder can
-        be rebuilt from its payload files.
-    """
-
-    state: str
-    detail: str
-    layout: bool
-
-    @property
-    def ok(self) -> bool:
-        return self.state == "ok"
-
-    @property
-    def recoverable(self) -> bool:
-        """Whether the index is lost or damaged in a folder laid out as a disk cache."""
-        return self.state in ("missing", "damaged") and self.layout
-
-
-class NotACacheFolder(ValueError):
-    """:meth:`DiskTier.open_existing` found no usable disk cache (see :attr:`folder`)."""
-
-    def __init__(self, path: str, folder: FolderState) -> None:
-        super().__init__(f"{path}: {folder.detail}")
-        self.folder = folder
-
-
-def _payload_layout(root: str) -> bool:
-    for sub, _ext in LAYOUT.values():
-        folder = os.path.join(root, sub)
-        if os.path.islink(folder) or not os.path.isdir(folder):
-            return False
-        try:
-            with os.scandir(folder) as it:
-                names = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
-        except OSError:
-            return False
-        for name, is_dir in names:
-            if not (is_dir and len(name) == 2 and all(c in "0123456789abcdef" for c in name)):
-                return False
-    return True
-
-
-def _probe_index(db: str, layout: bool) -> tuple[str, str]:
-    if not os.path.exists(db):
-        return "missing", f"no {INDEX_NAME} in it"
-    if not os.path.isfile(db):
-        return "foreign", f"{INDEX_NAME} is not a regular file"
-    if os.path.getsize(db) == 0:  # created by a tier an instant before its schema
-        if layout:
-            return "ok", ""
-        return "foreign", f"{INDEX_NAME} is empty and there are no chunks/ or metadata/ folders"
-    try:
-        uri = pathlib.Path(db).absolute().as_uri() + "?mode=ro"
-        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=30)) as conn:
-            tables = {
-                name
-                for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
-            }
-    except sqlite3.OperationalError as exc:  # cannot open or read (permissions, locks...)
-        return "inaccessible", f"cannot read {INDEX_NAME}: {exc}"
-    except sqlite3.DatabaseError as exc:  # not a database, malformed
-        return "damaged", f"{INDEX_NAME} is unreadable ({exc})"
-    if not {"entries", "totals"} <= tables:
-        return "foreign", f"{INDEX_NAME} is an SQLite database without the tables of a zcache index"
-    return "ok", ""
-
-
-class DiskTier(TierCore):
+class DiskTier(TierCore, TierInspection):
     """Persistent, size-bounded, multi-process-safe mapping of ``str`` keys to ``bytes``.
 
     Payloads are files named by the SHA-256 of their key (:mod:`.format`); an SQLite index
@@ -181,13 +97,7 @@ class DiskTier(TierCore):
         FileNotFoundError, NotADirectoryError
             If ``path`` does not exist, or is not a folder.
         """
-        root = os.path.expanduser(os.fspath(path))
-        os.stat(root)  # FileNotFoundError, PermissionError
-        if not os.path.isdir(root):
-            raise NotADirectoryError(f"{root} is not a folder")
-        layout = _payload_layout(root)
-        state, detail = _probe_index(os.path.join(root, INDEX_NAME), layout)
-        return FolderState(state, detail, layout)
+        return probe_folder(path)
 
     @classmethod
     def open_existing(
@@ -532,120 +442,6 @@ class DiskTier(TierCore):
         return dict(self.last_rebuild)
 
     # ------------------------------------------------------------------ introspection
-
-    def used_bytes(self) -> int:
-        """Total payload bytes in the index (all processes), i.e. ``SUM(size)``."""
-        return self._index.read("reading the totals", rows.used, 0)
-
-    def __len__(self) -> int:
-        """Number of entries in the index (expired ones included until dropped)."""
-        row = self._index.read(
-            "reading the totals",
-            lambda conn: conn.execute("SELECT count FROM totals WHERE id = 0").fetchone(),
-            (0,),
-        )
-        return int(row[0])
-
-    def keys(self) -> list[str]:
-        """All keys in the index, sorted."""
-        return self._index.read(
-            "listing keys",
-            lambda conn: [
-                k for (k,) in conn.execute("SELECT key FROM entries ORDER BY key").fetchall()
-            ],
-            [],
-        )
-
-    def entries(self) -> list[dict[str, Any]]:
-        """Index rows as dicts (pending access statistics are flushed first).
-
-        Keys: ``key``, ``namespace``, ``kind``, ``size``, ``created``, ``last_access``,
-        ``hits``, ``expires`` (None: never), ``checksum``.
-        """
-        self.flush()
-        query = f"SELECT {', '.join(ENTRY_COLUMNS)} FROM entries ORDER BY key"
-        return self._index.read(
-            "listing entries",
-            lambda conn: [
-                dict(zip(ENTRY_COLUMNS, row, strict=True)) for row in conn.execute(query).fetchall()
-            ],
-            [],
-        )
-
-    def summary(self) -> list[dict[str, Any]]:
-        """Entries and payload bytes per ``(namespace, kind)``, computed by one SQL
-        ``GROUP BY``.
-
-        Returns
-        -------
-        list of dict
-            Keys ``namespace``, ``kind``, ``entries``, ``bytes``; sorted by namespace and kind.
-            Empty while the index is unavailable.
-        """
-        return self._index.read("summarizing entries", rows.summary, [])
-
-    def usage(self, now: float | None = None) -> list[dict[str, Any]]:
-        """:meth:`summary` with hit counts, expired entries and times, by one SQL ``GROUP BY``.
-
-        Pending access statistics are flushed first.
-
-        Parameters
-        ----------
-        now : float, optional
-            Entries whose ``expires`` is before ``now`` (default ``time.time()``) are expired.
-
-        Returns
-        -------
-        list of dict
-            Per ``(namespace, kind)``, sorted: ``namespace``, ``kind``, ``entries``, ``bytes``,
-            ``hits``, ``expired``, ``expired_bytes``, ``oldest_created``, ``newest_created``,
-            ``last_access``. Empty while the index is unavailable.
-        """
-        t = time.time() if now is None else now
-        self.flush()
-        late = "expires IS NOT NULL AND expires < :now"
-        query = (
-            "SELECT namespace, kind, COUNT(*), COALESCE(SUM(size), 0), COALESCE(SUM(hits), 0), "
-            f"COALESCE(SUM({late}), 0), COALESCE(SUM(CASE WHEN {late} THEN size END), 0), "
-            "MIN(created), MAX(created), MAX(last_access) "
-            "FROM entries GROUP BY namespace, kind ORDER BY namespace, kind"
-        )
-        names = ("namespace", "kind", "entries", "bytes", "hits", "expired", "expired_bytes")
-        times = ("oldest_created", "newest_created", "last_access")
-        return self._index.read(
-            "summarizing entries",
-            lambda conn: [
-                dict(zip(names + times, row, strict=True))
-                for row in conn.execute(query, {"now": t}).fetchall()
-            ],
-            [],
-        )
-
-    def top_entries(
-        self, n: int, by: Literal["hits", "oldest", "newest"] = "hits"
-    ) -> list[dict[str, Any]]:
-        """The first ``n`` index rows (as in :meth:`entries`) in one order, by SQL.
-
-        ``by="hits"``: entries hit at least once, most hit first (then most recently used);
-        ``"oldest"``/``"newest"``: by creation time. Ties are broken by key.
-        """
-        orders = {
-            "hits": "WHERE hits > 0 ORDER BY hits DESC, last_access DESC, key",
-            "oldest": "ORDER BY created, key",
-            "newest": "ORDER BY created DESC, key",
-        }
-        if by not in orders:
-            raise ValueError(f"by must be one of {', '.join(map(repr, orders))}, got {by!r}")
-        self.flush()
-        query = f"SELECT {', '.join(ENTRY_COLUMNS)} FROM entries {orders[by]} LIMIT ?"
-        return self._index.read(
-            "listing entries",
-            lambda conn: [
-                dict(zip(ENTRY_COLUMNS, row, strict=True))
-                for row in conn.execute(query, (max(0, int(n)),)).fetchall()
-            ],
-            [],
-        )
 
     def close(self) -> None:
         """Flush pending access statistics and close the index. Idempotent."""
