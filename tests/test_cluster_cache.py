@@ -36,7 +36,11 @@ def _write(url: str, opts: dict[str, Any]) -> xr.Dataset:
 
 def _config(tmp_path: Any, *, per_worker: bool = True) -> CacheConfig:
     cfg = CacheConfig().with_memory_size("64MB").with_disk_cache(tmp_path / "cache", "256MB")
-    return cfg.with_name("one-cache")._replace(per_worker=per_worker, report_interval=0.5)
+    # exact request counts: a busy test machine must not turn slow peer answers into
+    # fallbacks (the failure tests set their own, short timeouts)
+    return cfg.with_name("one-cache")._replace(
+        per_worker=per_worker, report_interval=0.5, peer_timeout=20.0
+    )
 
 
 @pytest.fixture
