@@ -382,7 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache-size",
         type=_size,
         metavar="SIZE",
-        help=f"disk tier capacity, e.g. 200GB (default: {_default('disk.size')})",
+        help="disk tier capacity, e.g. 200GB (default: the size recorded in the folder, "
+        f"else {_default('disk.size')})",
     )
     warm.add_argument(
         "--memory-size",
@@ -726,9 +727,13 @@ def cache_summary(
         JSON-friendly summary; sizes in bytes, times in seconds since the epoch.
     """
     summary: dict[str, Any] = {"path": str(folder), **_group(rows, now)}
-    capacity = _configured_capacity(folder)
+    from xarray_zcache.cache.disk.folder import recorded_disk_size  # the folder's own record
+
+    capacity, source = recorded_disk_size(folder), "recorded in the folder"
+    if capacity is None:
+        capacity, source = _configured_capacity(folder), "zcache.disk.size"
     if capacity is not None:
-        summary["capacity"] = capacity
+        summary["capacity"], summary["capacity_source"] = capacity, source
     if rows:
         oldest = min(rows, key=lambda r: float(r["created"]))
         newest = max(rows, key=lambda r: float(r["created"]))
@@ -777,7 +782,8 @@ def _format_stats(s: Mapping[str, Any]) -> str:
     if "capacity" in s:
         cap = int(s["capacity"])
         used = f"{100 * s['bytes'] / cap:.1f}% used" if cap else "disk tier disabled"
-        rows.append(("capacity", f"{format_bytes(cap)} (zcache.disk.size; {used})"))
+        source = s.get("capacity_source", "zcache.disk.size")
+        rows.append(("capacity", f"{format_bytes(cap)} ({source}; {used})"))
     rows.append(("hits", str(s["hits"])))
     expired = s["expired"]
     text = f"{expired['entries']} entries, {format_bytes(expired['bytes'])}"
@@ -1167,7 +1173,12 @@ def _cmd_warm(args: argparse.Namespace) -> int:
     try:
         # no read-ahead: it would fetch past the disk write back-pressure of _Throttle;
         # the reader threads give the concurrency instead
-        config = base.with_disk_cache(raw_path, args.cache_size).with_prefetch(0)
+        from xarray_zcache.cache.disk.folder import recorded_disk_size  # the folder's own record
+
+        size = args.cache_size
+        if size is None:  # the size the folder was last opened with, else zcache.disk.size
+            size = recorded_disk_size(os.path.expanduser(raw_path))
+        config = base.with_disk_cache(raw_path, size).with_prefetch(0)
         if args.memory_size is not None:
             config = config.with_memory_size(args.memory_size)
     except ValueError as exc:

@@ -26,6 +26,7 @@ import zlib
 from collections import Counter, OrderedDict
 from typing import TYPE_CHECKING, Any
 
+from xarray_zcache.cache.logs import events
 from xarray_zcache.cache.tiers import SharedAnswer
 from xarray_zcache.distributed.membership import Membership
 from xarray_zcache.registry import stores_of
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 __all__ = ["FIRST_ASK_TIMEOUT", "MAX_ASKS", "MAX_SERVING", "PeerServer", "PeerTier"]
 
 logger = logging.getLogger("xarray_zcache.distributed")
+_events = events("xarray_zcache.distributed")
 
 MAX_ASKS = 32  # asks in flight from one worker to one owner; beyond: read the source
 MAX_SERVING = 64  # reads in flight for peers on one owner; beyond: "busy"
@@ -111,7 +113,20 @@ class PeerTier:
         if not self._acquire(addr):
             stats.add("peer_fallbacks")  # the owner is busy with our asks: read the source
             self.fallback_reasons["too many asks"] += 1
+            _events.debug(
+                "peer fallback",
+                "xarray-zcache: %r: owner %s is busy with our asks; reading the source",
+                read.key,
+                addr,
+            )
             return None
+        _events.debug(
+            "peer ask",
+            "xarray-zcache: asking %s (owner %s) for %r",
+            addr,
+            self.membership.owner(read.object_key),
+            read.key,
+        )
         t0 = time.perf_counter()
         try:
             reply = await self._ask(addr, read)
@@ -126,6 +141,22 @@ class PeerTier:
             stats.add("peer_fallbacks")
             status = reply.get("status") if isinstance(reply, dict) else None
             self.fallback_reasons[str(status if status != "ok" else "damaged")] += 1
+            _events.debug(
+                "peer fallback",
+                "xarray-zcache: %r: no answer from %s (%s); reading the source",
+                read.key,
+                addr,
+                status,
+            )
+        else:
+            _events.debug(
+                "peer answer",
+                "xarray-zcache: %s answered %r (%d bytes, %s)",
+                addr,
+                read.key,
+                len(answer.value),
+                "from its cache" if answer.saved else "read from the source",
+            )
         return answer
 
     @staticmethod
@@ -189,9 +220,13 @@ class PeerServer:
         self, key: str = "", namespace: str = "", store: bytes | None = None, **_: Any
     ) -> dict[str, Any]:
         if self.serving >= MAX_SERVING:
+            _events.debug("peer serve", "xarray-zcache: busy: refused a peer's ask for %r", key)
             return {"status": "busy"}
         s = self._store(namespace, store)
         if s is None:
+            _events.debug(
+                "peer serve", "xarray-zcache: no store for namespace %r of %r", namespace, key
+            )
             return {"status": "unknown-store"}
         from zarr.core.sync import _get_loop
 
@@ -200,9 +235,18 @@ class PeerServer:
             fut = asyncio.run_coroutine_threadsafe(s.serve_peer(self.cache, key), _get_loop())
             data, saved = await asyncio.wrap_future(fut)
         except Exception as exc:
+            _events.debug("peer serve", "xarray-zcache: reading %r for a peer failed: %r", key, exc)
             return {"status": "error", "error": repr(exc)[:500]}
         finally:
             self.serving -= 1
+        _events.debug(
+            "peer serve",
+            "xarray-zcache: answered a peer's ask for %r: %s",
+            key,
+            "missing"
+            if data is None
+            else f"{len(data)} bytes{'' if saved else ' from the source'}",
+        )
         if data is None:
             return {"status": "missing"}
         return {
