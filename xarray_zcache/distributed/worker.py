@@ -246,13 +246,18 @@ def _sized(cfg: CacheConfig, worker: Worker) -> CacheConfig:
     """``cfg`` with the memory tier sized for ``worker`` (`worker_memory_size`), logged."""
     manager = getattr(worker, "memory_manager", None)
     limit = getattr(manager, "memory_limit", None)
-    size, warning = worker_memory_size(cfg, str(worker.name), limit)
+    who = (
+        str(worker.name)
+        if str(worker.name) == worker.address
+        else f"{worker.name} ({worker.address})"
+    )
+    size, warning = worker_memory_size(cfg, who, limit)
     if warning is not None:
         logger.warning("%s", warning)
     logger.info(
         "xarray-zcache: worker %s: memory tier %s (zcache.memory-size %s, "
         "zcache.distributed.memory-fraction %s, worker memory_limit %s)",
-        worker.name,
+        who,
         format_bytes(size),
         format_bytes(cfg.memory_size),
         cfg.memory_fraction,
