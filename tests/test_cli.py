@@ -150,7 +150,7 @@ def test_stats_table_and_json(
     assert template.ns_a in out and template.ns_b in out
     assert f"{CHUNKS_PER_DATASET} expired" in out  # dataset b's chunks
     assert "Most hit entries" in out
-    assert "capacity" not in out  # not recorded in the folder, not the configured default
+    assert "244.14 MiB (recorded in the folder; " in out  # the size the folder was opened with
 
     code, out, err = _run(capsys, "stats", cache_dir, "--json", "--top", "5")
     assert code == 0, err
@@ -158,7 +158,7 @@ def test_stats_table_and_json(
     assert data["path"] == str(cache_dir)
     assert data["entries"] == len(rows)
     assert data["bytes"] == sum(r["size"] for r in rows)
-    assert "capacity" not in data
+    assert data["capacity"] == 256 * 10**6
     kinds = data["kinds"]
     assert kinds["chunk"]["entries"] == 2 * CHUNKS_PER_DATASET
     assert kinds["chunk"]["entries"] + kinds["metadata"]["entries"] == len(rows)
@@ -190,6 +190,7 @@ def test_stats_table_and_json(
 def test_stats_shows_capacity_of_the_configured_folder(
     cache_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    (cache_dir / "settings.json").unlink()  # no record of its own (an older folder)
     with dask.config.set({"zcache.disk.path": str(cache_dir), "zcache.disk.size": "1GB"}):
         code, out, err = _run(capsys, "stats", cache_dir, "--json")
         assert code == 0, err

@@ -32,7 +32,7 @@ from xarray_zcache.testing.s3server import LocalS3Server
 
 P = default_buffer_prototype()
 PAYLOAD_NAME = re.compile(r"^[0-9a-f]{64}\.(cache|meta)$")
-ROOT_FILES = {"index.db", "index.db-wal", "index.db-shm", "index.db.lock"}
+ROOT_FILES = {"index.db", "index.db-wal", "index.db-shm", "index.db.lock", "settings.json"}
 
 HOSTILE_KEYS = [
     "../../etc/passwd",

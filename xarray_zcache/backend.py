@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
@@ -166,6 +167,10 @@ def open_store(
     from xarray_zcache.registry import resolve_config
 
     config = resolve_config(cache_config)
+    shown = re.sub(r"//[^/@]*@", "//", os.fspath(url_or_store))  # no user:password@ in logs
+    logging.getLogger("xarray_zcache.store").debug(
+        "xarray-zcache: opening %s with %s", shown, config
+    )
     return CachedStore(_inner_store(url_or_store, storage_options, read_only), config)
 
 

@@ -252,6 +252,10 @@ class CacheConfig:
         host before the source (the cluster acts as one cache).
     peer_timeout
         Seconds a worker waits for a peer's answer before reading the source itself.
+    memory_fraction
+        On a Dask worker with the zcache plugin, the memory tier holds at most this
+        fraction of the worker's ``memory_limit`` (``min(memory_size, fraction x
+        memory_limit)``); ``None``: ``memory_size`` as is.
 
     Examples
     --------
@@ -289,6 +293,9 @@ class CacheConfig:
     peer_reads: bool = dataclasses.field(default_factory=lambda: _cfg("distributed.peer-reads"))
     peer_timeout: float = dataclasses.field(
         default_factory=lambda: _cfg("distributed.peer-timeout")
+    )
+    memory_fraction: float | None = dataclasses.field(
+        default_factory=lambda: _cfg("distributed.memory-fraction")
     )
 
     def __post_init__(self) -> None:
@@ -356,6 +363,14 @@ class CacheConfig:
         if not peer:
             raise ValueError("peer_timeout: must be > 0 seconds")
         s(self, "peer_timeout", peer)
+        frac = self.memory_fraction
+        if frac is not None:
+            if isinstance(frac, bool) or not isinstance(frac, int | float) or not 0 < frac <= 1:
+                raise ValueError(
+                    f"memory_fraction: invalid value {frac!r}; expected a fraction of the "
+                    "Dask worker's memory_limit in (0, 1], or None to use memory_size as is"
+                )
+            s(self, "memory_fraction", float(frac))
 
     # -- construction -------------------------------------------------------------------------
 
@@ -545,6 +560,7 @@ _FIELD_OF = {
     "distributed.report-interval": "report_interval",
     "distributed.peer-reads": "peer_reads",
     "distributed.peer-timeout": "peer_timeout",
+    "distributed.memory-fraction": "memory_fraction",
 }
 
 

@@ -18,6 +18,7 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from xarray_zcache.cache.logs import events
 from xarray_zcache.cache.negatives import NEGATIVE_SUFFIX, Listings, NegativeEntries
 from xarray_zcache.cache.policy import Invalidations
 from xarray_zcache.cache.request import PART_SEP, Read
@@ -37,6 +38,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger("xarray_zcache.cache")
+_events = events("xarray_zcache.cache")
 
 _LIVE: weakref.WeakSet[Coherence] = weakref.WeakSet()
 
@@ -247,6 +249,13 @@ class Coherence:
                 self._disk.delete(key)
                 self._disk.delete(key + NEGATIVE_SUFFIX)
         self._stats.add("invalidations")
+        _events.debug(
+            "invalidation",
+            "xarray-zcache: invalidated %s%r in %r",
+            "every key under " if prefix else "",
+            key,
+            self,
+        )
 
     async def invalidating(self, keys: list[str], op: Callable[[], Awaitable[None]]) -> None:
         """Run ``op()`` (a delete, or a write whose result is unknown) through the cache.

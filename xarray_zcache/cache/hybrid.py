@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 from xarray_zcache.cache.coherence import _LIVE, Coherence
 from xarray_zcache.cache.disk import DiskTier
 from xarray_zcache.cache.flight import SingleFlight
+from xarray_zcache.cache.logs import log_created
 from xarray_zcache.cache.maintenance import schedule
 from xarray_zcache.cache.memory import MemoryTier
 from xarray_zcache.cache.negatives import NEGATIVE_SUFFIX, Listings, NegativeEntries
@@ -90,6 +91,7 @@ class HybridCache(CacheReporting, Coherence):
         # named test points ("disk-read", "admit"): called with the key; see tests
         self.hooks: dict[str, Callable[[str], None]] = {}
         _LIVE.add(self)
+        log_created(s, self._disk)
 
     def __repr__(self) -> str:
         return f"<HybridCache {self.settings.name!r} {self._disk.path if self._disk else 'memory'}>"

@@ -8,6 +8,8 @@ import time
 import weakref
 from typing import Protocol
 
+from xarray_zcache.cache.logs import flush_suppressed
+
 __all__ = ["Maintained", "schedule"]
 
 logger = logging.getLogger("xarray_zcache.cache")
@@ -61,6 +63,7 @@ def _run() -> None:
                 c.maintain()
             except Exception:
                 logger.exception("xarray-zcache: cache maintenance failed")
+        flush_suppressed()
         del ready
         with _lock:
             _wake.wait(timeout=max(0.05, wait))

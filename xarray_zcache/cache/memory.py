@@ -9,7 +9,11 @@ from typing import Literal
 
 from pympler.asizeof import asizeof  # type: ignore[import-untyped]
 
+from xarray_zcache.cache.logs import events
+
 __all__ = ["MemoryTier"]
+
+_events = events("xarray_zcache.cache")
 
 
 class _Entry:
@@ -333,3 +337,9 @@ class MemoryTier:
             self._remove(key, entry)
             self.evictions += 1
             self.evicted_bytes += len(entry.value)
+            _events.debug(
+                "eviction",
+                "xarray-zcache: evicted %r from memory (%d bytes)",
+                key,
+                len(entry.value),
+            )

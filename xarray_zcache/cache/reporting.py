@@ -11,6 +11,7 @@ from xarray_zcache.cache.analytics import (
     miss_ratio_curve,
     recommendation,
 )
+from xarray_zcache.cache.logs import events
 from xarray_zcache.cache.stats import TIERS, CacheStats, StatsRecorder
 
 if TYPE_CHECKING:
@@ -19,6 +20,8 @@ if TYPE_CHECKING:
     from xarray_zcache.cache.request import Read
 
 __all__ = ["CacheReporting"]
+
+_events = events("xarray_zcache.cache")
 
 
 class CacheReporting:
@@ -45,6 +48,8 @@ class CacheReporting:
     def _count_hit(self, tier: str, read: Read, value: bytes) -> None:
         if read.prefetch:
             return  # a read-ahead finding the key cached: nothing sent, nothing served
+        if tier != "memory":
+            _events.debug(f"{tier} hit", "xarray-zcache: %s hit %r", tier, read.key)
         if read.for_peer:
             self._stats.add("peer_served")
             self._stats.add("peer_served_bytes", len(value))
@@ -60,6 +65,16 @@ class CacheReporting:
             self._stats.negative_hit(read.key)
 
     def _count_miss(self, read: Read, nbytes: int, seconds: float) -> None:
+        why = "read-ahead" if read.prefetch else "peer read" if read.for_peer else "miss"
+        _events.debug(
+            why,
+            "xarray-zcache: %s %r (%s): fetched %d bytes from the source in %.1f ms",
+            why,
+            read.key,
+            read.kind,
+            nbytes,
+            seconds * 1e3,
+        )
         if read.for_peer:
             self._stats.miss(read.kind, nbytes, seconds, None)  # sent; the asker counts the read
         elif read.prefetch:

@@ -8,6 +8,7 @@ import logging
 from typing import Protocol
 
 from xarray_zcache.cache.disk import DiskTier
+from xarray_zcache.cache.disk.folder import record_settings
 from xarray_zcache.cache.request import Read
 from xarray_zcache.cache.settings import CacheSettings
 
@@ -50,7 +51,7 @@ def open_disk(settings: CacheSettings) -> DiskTier | None:
     if settings.disk_path is None or settings.disk_size <= 0:
         return None
     try:
-        return DiskTier(
+        disk = DiskTier(
             settings.disk_path, settings.disk_size, max_object_size=settings.max_object_size
         )
     except OSError as exc:
@@ -67,3 +68,6 @@ def open_disk(settings: CacheSettings) -> DiskTier | None:
             f"xarray-zcache: cannot use the cache folder {settings.disk_path} (disk_path): "
             f"{exc.strerror or exc}",
         ) from exc
+    # the folder remembers its size: `zcache stats` and `zcache warm` report it
+    record_settings(disk.path, disk_size=disk.capacity, max_object_size=settings.max_object_size)
+    return disk

@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from xarray_zcache.cache.logs import events
 from xarray_zcache.cache.units import format_bytes
 
 if TYPE_CHECKING:
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
 __all__ = ["DiskWriter", "PendingWrite"]
 
 logger = logging.getLogger("xarray_zcache.cache")
+_events = events("xarray_zcache.cache")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -128,6 +130,13 @@ class DiskWriter:
                 )
                 if not ok and len(item.value) <= self._disk.capacity:
                     self._on_drop()
+                _events.debug(
+                    "disk fill",
+                    "xarray-zcache: %s %r on disk (%d bytes)",
+                    "filled" if ok else "did not store",
+                    item.key,
+                    len(item.value),
+                )
                 with self._lock:
                     if self._pending.get(key) is item:
                         del self._pending[key]

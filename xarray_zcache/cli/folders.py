@@ -109,19 +109,27 @@ def open_tier(path: pathlib.Path, *, rebuild: bool = False) -> Iterator[DiskTier
         tier.close()
 
 
-def recorded_capacity(path: pathlib.Path) -> int | None:
-    """The capacity the folder is used with, if known: ``zcache.disk.size`` when ``path`` is
-    the configured default disk folder, else None (the folder does not record it)."""
+def recorded_capacity(path: pathlib.Path) -> tuple[int | None, str]:
+    """The capacity the folder is used with and where that figure comes from.
+
+    The folder's own record (``settings.json``, written by the disk tier when it
+    opens) first; else ``zcache.disk.size`` when ``path`` is the configured default
+    disk folder; else ``(None, "")``.
+    """
+    from xarray_zcache.cache.disk.folder import recorded_disk_size
     from xarray_zcache.config import CacheConfig
 
+    recorded = recorded_disk_size(path)
+    if recorded is not None:
+        return recorded, "recorded in the folder"
     try:
         config = CacheConfig()
     except ValueError:
-        return None
+        return None, ""
     if config.disk_path is None:
-        return None
+        return None, ""
     try:
         same = pathlib.Path(config.disk_path).resolve() == path
     except OSError:
-        return None
-    return config.disk_size if same else None
+        return None, ""
+    return (config.disk_size, "zcache.disk.size") if same else (None, "")

@@ -221,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache-size",
         type=options.size,
         metavar="SIZE",
-        help=f"disk tier capacity, e.g. 200GB (default: {_default('disk.size')})",
+        help="disk tier capacity, e.g. 200GB (default: the size recorded in the folder, "
+        f"else {_default('disk.size')})",
     )
     warm.add_argument(
         "--memory-size",

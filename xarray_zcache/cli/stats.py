@@ -75,9 +75,9 @@ def cache_summary(path: pathlib.Path, *, top: int = 10, now: float | None = None
         hot = tier.top_entries(top, "hits") if top else []
         ends = [tier.top_entries(1, by) for by in ("oldest", "newest")] if usage else []
     summary: dict[str, Any] = {"path": str(path), **group_usage(usage)}
-    capacity = recorded_capacity(path)
+    capacity, source = recorded_capacity(path)
     if capacity is not None:
-        summary["capacity"] = capacity
+        summary["capacity"], summary["capacity_source"] = capacity, source
     if ends and ends[0] and ends[1]:
         summary["oldest_key"] = ends[0][0]["key"]
         summary["newest_key"] = ends[1][0]["key"]
@@ -108,7 +108,8 @@ def format_stats(s: Mapping[str, Any]) -> str:
     if "capacity" in s:
         cap = int(s["capacity"])
         used = f"{100 * s['bytes'] / cap:.1f}% used" if cap else "disk tier disabled"
-        rows.append(("capacity", f"{format_bytes(cap)} (zcache.disk.size; {used})"))
+        source = s.get("capacity_source", "zcache.disk.size")
+        rows.append(("capacity", f"{format_bytes(cap)} ({source}; {used})"))
     rows.append(("hits", str(s["hits"])))
     expired = s["expired"]
     text = f"{expired['entries']} entries, {format_bytes(expired['bytes'])}"

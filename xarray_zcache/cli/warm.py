@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import pathlib
 import sqlite3
 import sys
@@ -139,7 +140,12 @@ def _config(args: argparse.Namespace) -> tuple[CacheConfig, pathlib.Path]:
         )
     try:
         # no read-ahead: it would read past the back-pressure; reader threads give concurrency
-        config = base.with_disk_cache(raw, args.cache_size).with_prefetch(0)
+        size = args.cache_size
+        if size is None:  # the size the folder was last opened with, else zcache.disk.size
+            from xarray_zcache.cache.disk.folder import recorded_disk_size
+
+            size = recorded_disk_size(os.path.expanduser(raw))
+        config = base.with_disk_cache(raw, size).with_prefetch(0)
         if args.memory_size is not None:
             config = config.with_memory_size(args.memory_size)
     except ValueError as exc:

@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import pickle
 import threading
 import time
 import zlib
 from collections import Counter, OrderedDict
 from typing import TYPE_CHECKING, Any
 
+from distributed.protocol import to_serialize
+
+from xarray_zcache.cache.logs import events
 from xarray_zcache.cache.tiers import SharedAnswer
 from xarray_zcache.distributed.membership import Membership
 from xarray_zcache.registry import stores_of
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
 __all__ = ["FIRST_ASK_TIMEOUT", "MAX_ASKS", "MAX_SERVING", "PeerServer", "PeerTier"]
 
 logger = logging.getLogger("xarray_zcache.distributed")
+_events = events("xarray_zcache.distributed")
 
 MAX_ASKS = 32  # asks in flight from one worker to one owner; beyond: read the source
 MAX_SERVING = 64  # reads in flight for peers on one owner; beyond: "busy"
@@ -111,7 +114,20 @@ class PeerTier:
         if not self._acquire(addr):
             stats.add("peer_fallbacks")  # the owner is busy with our asks: read the source
             self.fallback_reasons["too many asks"] += 1
+            _events.debug(
+                "peer fallback",
+                "xarray-zcache: %r: owner %s is busy with our asks; reading the source",
+                read.key,
+                addr,
+            )
             return None
+        _events.debug(
+            "peer ask",
+            "xarray-zcache: asking %s (owner %s) for %r",
+            addr,
+            self.membership.owner(read.object_key),
+            read.key,
+        )
         t0 = time.perf_counter()
         try:
             reply = await self._ask(addr, read)
@@ -126,6 +142,22 @@ class PeerTier:
             stats.add("peer_fallbacks")
             status = reply.get("status") if isinstance(reply, dict) else None
             self.fallback_reasons[str(status if status != "ok" else "damaged")] += 1
+            _events.debug(
+                "peer fallback",
+                "xarray-zcache: %r: no answer from %s (%s); reading the source",
+                read.key,
+                addr,
+                status,
+            )
+        else:
+            _events.debug(
+                "peer answer",
+                "xarray-zcache: %s answered %r (%d bytes, %s)",
+                addr,
+                read.key,
+                len(answer.value),
+                "from its cache" if answer.saved else "read from the source",
+            )
         return answer
 
     @staticmethod
@@ -159,7 +191,8 @@ class PeerTier:
         if (addr, read.namespace) not in self._told:
             store = _store_for(self.cache, read.namespace)
             if store is not None:
-                msg["store"] = pickle.dumps(store)  # its wrapped store and config, no data
+                # its wrapped store and config, never data: serialized by Dask's comms
+                msg["store"] = to_serialize(store)  # type: ignore[no-untyped-call]
         reply = await self.worker.rpc(addr).zcache_get(**msg)
         if isinstance(reply, dict) and reply.get("status") != "unknown-store":
             self._told.add((addr, read.namespace))
@@ -174,24 +207,29 @@ class PeerServer:
         self.serving = 0
         self._stores: OrderedDict[str, CachedStore] = OrderedDict()  # received from askers
 
-    def _store(self, namespace: str, pickled: bytes | None) -> CachedStore | None:
+    def _store(self, namespace: str, sent: Any) -> CachedStore | None:
+        from xarray_zcache.store import CachedStore
+
         store = _store_for(self.cache, namespace) or self._stores.get(namespace)
-        if store is None and pickled is not None:
-            store = pickle.loads(pickled)  # a CachedStore from a worker of this cluster
-            if getattr(store, "namespace", None) != namespace:
+        if store is None and isinstance(sent, CachedStore):  # from a worker of this cluster
+            if sent.namespace != namespace:
                 return None
-            self._stores[namespace] = store
+            store = self._stores[namespace] = sent
             if len(self._stores) > 256:
                 self._stores.popitem(last=False)
         return store
 
     async def handle_get(
-        self, key: str = "", namespace: str = "", store: bytes | None = None, **_: Any
+        self, key: str = "", namespace: str = "", store: Any = None, **_: Any
     ) -> dict[str, Any]:
         if self.serving >= MAX_SERVING:
+            _events.debug("peer serve", "xarray-zcache: busy: refused a peer's ask for %r", key)
             return {"status": "busy"}
         s = self._store(namespace, store)
         if s is None:
+            _events.debug(
+                "peer serve", "xarray-zcache: no store for namespace %r of %r", namespace, key
+            )
             return {"status": "unknown-store"}
         from zarr.core.sync import _get_loop
 
@@ -200,9 +238,18 @@ class PeerServer:
             fut = asyncio.run_coroutine_threadsafe(s.serve_peer(self.cache, key), _get_loop())
             data, saved = await asyncio.wrap_future(fut)
         except Exception as exc:
+            _events.debug("peer serve", "xarray-zcache: reading %r for a peer failed: %r", key, exc)
             return {"status": "error", "error": repr(exc)[:500]}
         finally:
             self.serving -= 1
+        _events.debug(
+            "peer serve",
+            "xarray-zcache: answered a peer's ask for %r: %s",
+            key,
+            "missing"
+            if data is None
+            else f"{len(data)} bytes{'' if saved else ' from the source'}",
+        )
         if data is None:
             return {"status": "missing"}
         return {

@@ -11,6 +11,7 @@ import re
 import time
 from typing import TYPE_CHECKING, Any
 
+from dask.utils import format_bytes
 from distributed.diagnostics.plugin import WorkerPlugin
 from tornado.ioloop import PeriodicCallback
 
@@ -28,11 +29,15 @@ from xarray_zcache.registry import set_worker_cache
 if TYPE_CHECKING:
     from distributed import Worker
 
-__all__ = ["ZCacheWorkerPlugin", "worker_config"]
+__all__ = ["SAFE_MEMORY_SHARE", "ZCacheWorkerPlugin", "worker_config", "worker_memory_size"]
 
 logger = logging.getLogger("xarray_zcache.distributed")
 
 REPORT_OP = "zcache_report"
+
+#: A memory tier above this share of its worker's memory_limit gets a warning: with Dask's
+#: own data, it would push the worker past its spill (0.6) and pause (0.8) thresholds.
+SAFE_MEMORY_SHARE = 0.25
 
 
 def worker_config(config: CacheConfig, worker_name: str) -> CacheConfig:
@@ -41,6 +46,33 @@ def worker_config(config: CacheConfig, worker_name: str) -> CacheConfig:
         return config
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", worker_name)[:100] or "worker"
     return config.with_disk_cache(os.path.join(config.disk_path, f"worker-{safe}"))
+
+
+def worker_memory_size(
+    config: CacheConfig, worker_name: str, memory_limit: int | None
+) -> tuple[int, str | None]:
+    """The memory tier size of a worker with ``memory_limit`` bytes, and a warning if unsafe.
+
+    ``min(memory_size, memory_fraction x memory_limit)``; ``memory_size`` as is when
+    ``memory_fraction`` is ``None`` or the worker has no memory limit. The warning
+    (or ``None``) is for a tier over `SAFE_MEMORY_SHARE` of ``memory_limit``.
+    """
+    size = config.memory_size
+    if not memory_limit or memory_limit <= 0:
+        return size, None
+    if config.memory_fraction is not None:
+        size = min(size, int(config.memory_fraction * memory_limit))
+    if size <= SAFE_MEMORY_SHARE * memory_limit:
+        return size, None
+    warning = (
+        f"xarray-zcache: worker {worker_name}: the memory tier of cache {config.name!r} "
+        f"({format_bytes(size)}) is {100 * size / memory_limit:.0f}% of the worker's "
+        f"memory_limit ({format_bytes(memory_limit)}), over the safe {SAFE_MEMORY_SHARE:.0%}: "
+        "with the worker's own data it may push the worker past Dask's spill and pause "
+        "thresholds. Lower zcache.memory-size, or set zcache.distributed.memory-fraction "
+        "(e.g. 0.1) to size the tier from each worker's memory_limit"
+    )
+    return size, warning
 
 
 class _WorkerCache:
@@ -184,7 +216,7 @@ class ZCacheWorkerPlugin(WorkerPlugin):
         existing = getattr(worker, "_zcache", None)
         if existing is not None:  # set up twice on one worker: keep the first
             return
-        cfg = worker_config(self.config, str(worker.name))
+        cfg = _sized(worker_config(self.config, str(worker.name)), worker)
         cache = await asyncio.to_thread(HybridCache, cfg)
         cache.start_maintenance()
         set_worker_cache(worker.address, cache, name=self.config.name)
@@ -208,6 +240,30 @@ class ZCacheWorkerPlugin(WorkerPlugin):
             worker.handlers.pop(op, None)
         await asyncio.to_thread(state.cache.close)
         worker._zcache = None  # type: ignore[attr-defined]
+
+
+def _sized(cfg: CacheConfig, worker: Worker) -> CacheConfig:
+    """``cfg`` with the memory tier sized for ``worker`` (`worker_memory_size`), logged."""
+    manager = getattr(worker, "memory_manager", None)
+    limit = getattr(manager, "memory_limit", None)
+    who = (
+        str(worker.name)
+        if str(worker.name) == worker.address
+        else f"{worker.name} ({worker.address})"
+    )
+    size, warning = worker_memory_size(cfg, who, limit)
+    if warning is not None:
+        logger.warning("%s", warning)
+    logger.info(
+        "xarray-zcache: worker %s: memory tier %s (zcache.memory-size %s, "
+        "zcache.distributed.memory-fraction %s, worker memory_limit %s)",
+        who,
+        format_bytes(size),
+        format_bytes(cfg.memory_size),
+        cfg.memory_fraction,
+        format_bytes(limit) if limit else "none",
+    )
+    return cfg if size == cfg.memory_size else cfg.with_memory_size(size)
 
 
 def _listener_name(worker: Worker) -> str:

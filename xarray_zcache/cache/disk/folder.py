@@ -1,14 +1,17 @@
-"""The cache folder: preparing it (mode 0700, owner, writable), its lock, small file helpers."""
+"""The cache folder: preparing it (mode 0700, owner, writable), its lock, its recorded
+settings (``settings.json``), small file helpers."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import pathlib
 import stat
+import threading
 from collections.abc import Iterator
-from typing import Final
+from typing import Any, Final
 
 from xarray_zcache.cache.disk.format import LAYOUT
 
@@ -21,6 +24,47 @@ logger = logging.getLogger("xarray_zcache.disk")
 
 #: ``verify(repair=True)`` removes temp files older than this (younger ones may be in flight).
 STALE_TEMP_AGE_S: Final = 600.0
+
+#: The folder's own record of the settings it was last opened with (JSON, never pickle).
+SETTINGS_FILE: Final = "settings.json"
+
+
+def record_settings(path: str | os.PathLike[str], **settings: Any) -> None:
+    """Remember ``settings`` (e.g. ``disk_size``) in ``path/settings.json``.
+
+    Written atomically (a temp file renamed over it), only when they changed, so
+    tools such as ``zcache stats`` report the size the cache runs with rather than
+    whatever the current configuration says. Best effort: an error is logged at
+    DEBUG, never raised (a read-only folder still serves reads).
+    """
+    if recorded_settings(path) == settings:
+        return
+    final = os.path.join(os.fspath(path), SETTINGS_FILE)
+    temp = f"{final}.{os.getpid()}.{threading.get_ident()}.tmp"
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "w", encoding="utf-8") as f:
+            json.dump(settings, f, indent=1, sort_keys=True)
+        os.replace(temp, final)
+    except OSError as exc:
+        unlink_quietly(temp)
+        logger.debug("disk cache %s: cannot record its settings (%s)", path, exc)
+
+
+def recorded_settings(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The settings ``path/settings.json`` records; empty if none (or unreadable)."""
+    try:
+        with open(os.path.join(os.fspath(path), SETTINGS_FILE), encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def recorded_disk_size(path: str | os.PathLike[str]) -> int | None:
+    """The disk tier size the folder was last opened with, or ``None`` if not recorded."""
+    size = recorded_settings(path).get("disk_size")
+    return size if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else None
 
 
 def prepare_folder(path: pathlib.Path) -> None:

@@ -29,6 +29,9 @@ from xarray_zcache.cache.disk.schema import (
     IndexUnavailable,
     txn,
 )
+from xarray_zcache.cache.logs import events
+
+_events = events("xarray_zcache.disk")
 
 #: After an eviction triggered by ``put``, usage is brought down to this fraction of capacity.
 EVICT_LOW_WATER: Final = 0.9
@@ -118,6 +121,15 @@ class TierCore:
         self.expirations += freed.expired
         self.evictions += freed.evicted
         self.evicted_bytes += freed.evicted_bytes
+        if freed.evicted or freed.expired:
+            _events.debug(
+                "disk eviction",
+                "disk cache %s: evicted %d entries (%d bytes), dropped %d expired",
+                self._root,
+                freed.evicted,
+                freed.evicted_bytes,
+                freed.expired,
+            )
         return freed.bytes
 
     def _settle_owed_locked(self, conn: sqlite3.Connection) -> None:
