@@ -16,7 +16,6 @@ import shutil
 import threading
 import time
 
-import faults
 import pytest
 from pympler.asizeof import asizeof
 from zarr.abc.store import RangeByteRequest
@@ -27,6 +26,7 @@ from zarr.storage import MemoryStore
 from xarray_zcache import CacheConfig, CachedStore
 from xarray_zcache.cache import disk as disk_module
 from xarray_zcache.cache.disk import index as disk_index
+from xarray_zcache.testing import faults
 
 P = default_buffer_prototype()
 
