@@ -35,7 +35,7 @@ def run_disk_full_rounds(
     """
     result = ScenarioResult(
         "disk tier's filesystem full"
-        + (" (ENOSPC injected at every payload write)" if force_injection else " (1 MiB tmpfs)")
+        + (" (ENOSPC injected at every write)" if force_injection else " (1 MiB tmpfs)")
     )
     rng = random.Random(seed)
     keys = dataset_keys(40)
