@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from collections.abc import Iterable, Mapping
@@ -12,12 +13,14 @@ from xarray.backends.zarr import ZarrBackendEntrypoint
 from zarr.abc.store import Store
 
 from xarray_zcache.config import CacheConfig
-from xarray_zcache.store import CachedStore
+from xarray_zcache.store import RECHECK_MISSING, CachedStore
 
 if TYPE_CHECKING:
     import xarray as xr
 
 __all__ = ["PREFIX", "ZCacheBackendEntrypoint", "open_store", "strip_prefix"]
+
+logger = logging.getLogger("xarray_zcache.backend")
 
 PREFIX = "zcache::"
 
@@ -182,7 +185,29 @@ def _delegate(
     )
     if kwargs.get("consolidated") is None and kwargs.get("mode", "r") == "r":
         kwargs["consolidated"] = _probe_consolidated(store, kwargs.get("zarr_format"))
-    return getattr(ZarrBackendEntrypoint(), method)(store, **kwargs)
+    cache = store.cache
+    remembered = cache.stats().negative_hits
+    try:
+        return getattr(ZarrBackendEntrypoint(), method)(store, **kwargs)
+    except Exception as exc:
+        if cache.stats().negative_hits == remembered:
+            raise  # no remembered miss was involved
+        # the open failed on a key remembered missing: it may exist now (created by
+        # another writer since): ask the store once more before raising
+        token = RECHECK_MISSING.set(True)
+        try:
+            result = getattr(ZarrBackendEntrypoint(), method)(store, **kwargs)
+        except Exception:
+            raise exc from None
+        finally:
+            RECHECK_MISSING.reset(token)
+        logger.info(
+            "xarray-zcache: %s was remembered as missing in the cache (%s) but exists now; "
+            "re-checked and opened",
+            filename_or_obj,
+            store.namespace,
+        )
+        return result
 
 
 _NOT_CONSOLIDATED = (

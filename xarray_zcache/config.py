@@ -184,8 +184,11 @@ def _check_disk_folder(path: str) -> None:
     if writable and os.geteuid() == 0 and not mode & 0o222:
         writable = False
     if not writable:
-        readonly = bool(os.statvfs(parent).f_flag & os.ST_RDONLY)
-        reason = os.strerror(errno.EROFS if readonly else errno.EACCES)
+        if os.statvfs(parent).f_flag & os.ST_RDONLY:
+            # a read-only file system: the data stays readable, the cache works in memory
+            # only (with a warning naming the folder) when it is first used
+            return
+        reason = os.strerror(errno.EACCES)
         raise ValueError(
             f"disk_path: cannot create the folder {path!r}: {parent!r} is not writable "
             f"({reason}); {hint}"
@@ -244,6 +247,11 @@ class CacheConfig:
         On a Dask cluster, give each worker its own subfolder of ``disk_path``.
     report_interval
         Seconds between worker stats reports to the scheduler.
+    peer_reads
+        On a Dask cluster with the zcache plugin, a miss asks the key's owning cache
+        host before the source (the cluster acts as one cache).
+    peer_timeout
+        Seconds a worker waits for a peer's answer before reading the source itself.
 
     Examples
     --------
@@ -277,6 +285,10 @@ class CacheConfig:
     per_worker: bool = dataclasses.field(default_factory=lambda: _cfg("distributed.per-worker"))
     report_interval: float = dataclasses.field(
         default_factory=lambda: _cfg("distributed.report-interval")
+    )
+    peer_reads: bool = dataclasses.field(default_factory=lambda: _cfg("distributed.peer-reads"))
+    peer_timeout: float = dataclasses.field(
+        default_factory=lambda: _cfg("distributed.peer-timeout")
     )
 
     def __post_init__(self) -> None:
@@ -321,7 +333,7 @@ class CacheConfig:
                 "accesses per second >= 0 (0 promotes every disk hit)"
             )
         s(self, "promotion_threshold", float(thr))
-        for flag in ("cache_on_write", "per_worker"):
+        for flag in ("cache_on_write", "per_worker", "peer_reads"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag}: invalid value {getattr(self, flag)!r}; expected a bool")
         interval = _duration("maintenance_interval", self.maintenance_interval, allow_none=False)
@@ -340,6 +352,10 @@ class CacheConfig:
         if not report:
             raise ValueError("report_interval: must be > 0 seconds")
         s(self, "report_interval", report)
+        peer = _duration("peer_timeout", self.peer_timeout, allow_none=False)
+        if not peer:
+            raise ValueError("peer_timeout: must be > 0 seconds")
+        s(self, "peer_timeout", peer)
 
     # -- construction -------------------------------------------------------------------------
 
@@ -411,6 +427,7 @@ class CacheConfig:
 
     def with_ttl(
         self,
+        ttl: float | str | Literal[False] | None = False,
         *,
         metadata: float | str | Literal[False] | None = False,
         chunks: float | str | Literal[False] | None = False,
@@ -419,8 +436,23 @@ class CacheConfig:
     ) -> Self:
         """Return a copy with new time-to-live values (seconds or strings; ``None``: forever).
 
-        Only the given arguments change.
+        ``with_ttl(3600)`` sets every kind at once (metadata, chunks, listings and
+        negative entries); keywords set one kind each and win over ``ttl``. Only the
+        given arguments change. ``None`` (forever) is refused for listings and
+        negative entries, which always expire.
+
+        Examples
+        --------
+        >>> cfg = CacheConfig().with_ttl(5)
+        >>> cfg.metadata_ttl, cfg.chunk_ttl, cfg.listing_ttl, cfg.negative_ttl
+        (5.0, 5.0, 5.0, 5.0)
         """
+        if ttl is not False:
+            metadata = ttl if metadata is False else metadata
+            chunks = ttl if chunks is False else chunks
+            if ttl is not None:
+                listing = ttl if listing is False else listing
+                negative = ttl if negative is False else negative
         changes: dict[str, Any] = {}
         for field, value in (
             ("metadata_ttl", metadata),
@@ -447,6 +479,12 @@ class CacheConfig:
     def with_prefetch(self, depth: int) -> Self:
         """Return a copy reading ``depth`` chunks ahead of sequential scans (0: off)."""
         return self._replace(prefetch_depth=depth)
+
+    def with_peer_reads(self, enabled: bool, timeout: float | str | None = None) -> Self:
+        """Return a copy with peer reads between the workers on (or off), and their timeout."""
+        if timeout is None:
+            return self._replace(peer_reads=enabled)
+        return self._replace(peer_reads=enabled, peer_timeout=timeout)
 
     def with_cache_on_write(self, enabled: bool) -> Self:
         """Return a copy that stores (``True``) or only invalidates (``False``) on writes."""
@@ -505,6 +543,8 @@ _FIELD_OF = {
     "prefetch-depth": "prefetch_depth",
     "distributed.per-worker": "per_worker",
     "distributed.report-interval": "report_interval",
+    "distributed.peer-reads": "peer_reads",
+    "distributed.peer-timeout": "peer_timeout",
 }
 
 

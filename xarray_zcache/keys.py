@@ -29,15 +29,19 @@ __all__ = [
     "METADATA_NAMES",
     "RANGE_SEP",
     "array_of",
+    "byte_request",
     "cut",
+    "digest_key",
     "entry_key",
     "escape",
     "file_key",
     "is_plain_range",
     "key_kind",
     "listing_key",
+    "parse_entry_key",
     "range_key",
     "store_namespace",
+    "tree_metadata",
     "unescape",
 ]
 
@@ -47,12 +51,14 @@ RANGE_SEP = PART_SEP
 # separates the parts of a listing entry's key; escaped inside keys
 LIST_SEP = "\x01"
 
-_ESCAPES = str.maketrans({"%": "%25", "\x00": "%00", "\x01": "%01"})
+_ESCAPES = str.maketrans({"%": "%25", "\x00": "%00", "\x01": "%01", "\x02": "%02"})
+# prefix of the per-document digests of array metadata (see `digest_key`); escaped in keys
+DIGEST_SEP = "\x02"
 
 
 def escape(key: str) -> str:
     """``key`` with ``%``, NUL and ``\\x01`` percent-escaped (identity for ordinary keys)."""
-    if "%" in key or "\x00" in key or "\x01" in key:
+    if "%" in key or "\x00" in key or "\x01" in key or "\x02" in key:
         return key.translate(_ESCAPES)
     return key
 
@@ -61,7 +67,12 @@ def unescape(part: str) -> str:
     """Inverse of `escape`."""
     if "%" not in part:
         return part
-    return part.replace("%01", "\x01").replace("%00", "\x00").replace("%25", "%")
+    return (
+        part.replace("%02", "\x02")
+        .replace("%01", "\x01")
+        .replace("%00", "\x00")
+        .replace("%25", "%")
+    )
 
 
 def key_kind(key: str) -> str:
@@ -127,6 +138,80 @@ def cut(byte_range: ByteRequest, whole: bytes) -> bytes | None:
         return whole[offset:] if offset < n else None
     suffix = byte_range.suffix  # type: ignore[union-attr]
     return whole[n - suffix :] if suffix <= n else None
+
+
+def parse_entry_key(namespace: str, ck: str) -> tuple[str, tuple[str, int, int]] | None:
+    """Inverse of `entry_key` (+ `range_key`): ``(zarr key, range)`` or ``None``.
+
+    ``range`` is ``("", 0, 0)`` for a whole object, ``("r", start, end)``,
+    ``("o", offset, 0)`` or ``("s", suffix, 0)``; see `byte_request`.
+    """
+    if not ck.startswith(namespace + "/"):
+        return None
+    body, sep, spec = ck[len(namespace) + 1 :].partition(RANGE_SEP)
+    if not sep:
+        return unescape(body), ("", 0, 0)
+    try:
+        if spec[:1] == "r":
+            a, b = spec[1:].split("-", 1)
+            return unescape(body), ("r", int(a), int(b))
+        if spec[:1] in ("o", "s"):
+            return unescape(body), (spec[0], int(spec[1:]), 0)
+    except ValueError:
+        return None
+    return None
+
+
+def byte_request(spec: tuple[str, int, int]) -> ByteRequest | None:
+    """The zarr `ByteRequest` of a range from `parse_entry_key`."""
+    from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
+
+    kind, a, b = spec
+    if kind == "r":
+        return RangeByteRequest(a, b)
+    if kind == "o":
+        return OffsetByteRequest(a)
+    if kind == "s":
+        return SuffixByteRequest(a)
+    return None
+
+
+def digest_key(namespace: str, key: str) -> str:
+    """Where the digest of the metadata document ``key`` last read from the store is kept.
+
+    Not under the array's prefix (invalidating the array keeps it) and not a part
+    of the document's entry (expiring the document keeps it).
+    """
+    return f"{namespace}/{DIGEST_SEP}v/{escape(key)}"
+
+
+def tree_metadata(key: str, data: bytes | None) -> str | None:
+    """The prefix whose entries a change of metadata document ``key`` makes stale, or None.
+
+    An array's ``zarr.json`` / ``.zarray`` (shape, chunk grid, codecs, fill value
+    decide what its chunk bytes mean): the array's folder. A group document with
+    consolidated metadata (it describes the arrays below it): the group's folder.
+    Other documents (attributes, plain groups): None.
+    """
+    import json
+
+    head, _, name = key.rpartition("/")
+    prefix = f"{head}/" if head else ""
+    if name == ".zarray" or name == ".zmetadata":
+        return prefix
+    if name != "zarr.json":
+        return None
+    if data is None:
+        return prefix  # the node is gone
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return prefix
+    if not isinstance(doc, dict):
+        return prefix
+    if doc.get("node_type") == "array" or doc.get("consolidated_metadata"):
+        return prefix
+    return None
 
 
 def listing_key(namespace: str, op: str, prefix: str) -> str:

@@ -93,6 +93,7 @@ NO_WORKERS_LABEL = "(no reports yet)"
 COLORS = {
     "memory": "#2b83ba",
     "disk": "#abdda4",
+    "peer": "#fdae61",
     "miss": "#d7191c",
     "capacity": "#e0e0e0",
     "requests": "#fdae61",
@@ -169,6 +170,7 @@ def summary(stats: Stats) -> dict[str, Any]:
         "hit_rate": _num(total.get("hit_rate")),
         "hits_memory": _hits(total, "memory"),
         "hits_disk": _hits(total, "disk"),
+        "hits_peer": _hits(total, "peer"),
         "misses": _misses(total),
         "requests_saved": _int(total.get("requests_saved")),
         "bytes_saved": _int(total.get("bytes_saved")),
@@ -312,9 +314,8 @@ def source_data(stats: Stats, series: Series) -> dict[str, Columns]:
     recent: Columns = {"time": [], "hit_rate": [], "reads": []}
     for i in range(1, len(points)):
         a, b = points[i - 1], points[i]
-        hits = (_int(b.get("hits_memory")) + _int(b.get("hits_disk"))) - (
-            _int(a.get("hits_memory")) + _int(a.get("hits_disk"))
-        )
+        tiers = ("hits_memory", "hits_disk", "hits_peer")
+        hits = sum(_int(b.get(t)) for t in tiers) - sum(_int(a.get(t)) for t in tiers)
         misses = _int(b.get("misses")) - _int(a.get("misses"))
         if hits < 0 or misses < 0 or hits + misses == 0:
             continue  # no reads in between, or counters went back (a worker left, a clear)
@@ -340,19 +341,21 @@ def source_data(stats: Stats, series: Series) -> dict[str, Columns]:
         )
     }
     tcols: Columns = {
-        k: [] for k in ("label", "memory", "disk", "miss", "negative", "hit_rate", "reads")
+        k: [] for k in ("label", "memory", "disk", "peer", "miss", "negative", "hit_rate", "reads")
     }
 
     def add_tier_row(label: str, s: Mapping[str, Any]) -> None:
         negative = _int(s.get("negative_hits"))
         memory, disk, miss = _hits(s, "memory") + negative, _hits(s, "disk"), _misses(s)
+        peer = _hits(s, "peer")
         tcols["label"].append(label)
         tcols["memory"].append(memory)
         tcols["disk"].append(disk)
+        tcols["peer"].append(peer)
         tcols["miss"].append(miss)
         tcols["negative"].append(negative)
         tcols["hit_rate"].append(_num(s.get("hit_rate")))
-        tcols["reads"].append(memory + disk + miss)
+        tcols["reads"].append(memory + disk + peer + miss)
 
     for addr, label in labels.items():
         s = workers[addr] or {}
@@ -681,12 +684,12 @@ def tier_figure(tiers: ColumnDataSource) -> figure:
         name="zcache-tiers",
     )
     bars = p.hbar_stack(
-        ["memory", "disk", "miss"],
+        ["memory", "disk", "peer", "miss"],
         y="label",
         height=0.7,
         source=tiers,
-        color=[COLORS["memory"], COLORS["disk"], COLORS["miss"]],
-        legend_label=["memory hits", "disk hits", "misses"],
+        color=[COLORS["memory"], COLORS["disk"], COLORS["peer"], COLORS["miss"]],
+        legend_label=["memory hits", "disk hits", "peer hits", "misses"],
     )
     p.legend.location = "top_center"
     p.legend.orientation = "horizontal"
@@ -702,6 +705,7 @@ def tier_figure(tiers: ColumnDataSource) -> figure:
                 ("", "@label"),
                 ("memory hits", "@memory (@negative known-missing)"),
                 ("disk hits", "@disk"),
+                ("peer hits (owner had it)", "@peer"),
                 ("misses", "@miss"),
                 ("hit rate", "@hit_rate{0.0%}"),
             ],

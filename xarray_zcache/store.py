@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextvars
+import dataclasses
 import functools
+import hashlib
+import logging
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from typing import TYPE_CHECKING, Any, Self
@@ -30,14 +34,18 @@ from xarray_zcache.cache.stats import CacheStats
 from xarray_zcache.config import CacheConfig
 from xarray_zcache.keys import (
     array_of,
+    byte_request,
     cut,
+    digest_key,
     entry_key,
     file_key,
     is_plain_range,
     key_kind,
     listing_key,
+    parse_entry_key,
     range_key,
     store_namespace,
+    tree_metadata,
     unescape,
 )
 from xarray_zcache.prefetch import ScanPrefetcher
@@ -53,6 +61,7 @@ if TYPE_CHECKING:
     from types import TracebackType
 
 __all__ = [
+    "RECHECK_MISSING",
     "CachedStore",
     "SyncCachedStore",
     "array_of",
@@ -60,6 +69,15 @@ __all__ = [
     "store_namespace",
     "warm_keys",
 ]
+
+
+logger = logging.getLogger("xarray_zcache.store")
+
+# set while an open that failed on a remembered miss is tried again: reads then ask the
+# wrapped store instead of trusting "missing" entries (zarr's sync copies the context)
+RECHECK_MISSING: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "zcache_recheck_missing", default=False
+)
 
 
 def _check_byte_range(byte_range: object) -> None:
@@ -71,6 +89,10 @@ def _check_byte_range(byte_range: object) -> None:
 
 def _bytes(buf: Buffer | None) -> bytes | None:
     return None if buf is None else buf.to_bytes()
+
+
+async def _nothing() -> None:
+    return None
 
 
 async def warm_keys(cache: HybridCache, keys: Iterable[str]) -> int:
@@ -257,14 +279,16 @@ class CachedStore(Store):
 
     def _read(self, key: str, byte_range: ByteRequest | None, *, prefetch: bool = False) -> Read:
         ck = self._ck(key)
+        recheck = RECHECK_MISSING.get()
         if byte_range is None:
-            return Read(ck, key_kind(key), self._namespace, prefetch=prefetch)
+            return Read(ck, key_kind(key), self._namespace, prefetch=prefetch, recheck=recheck)
         return Read(
             range_key(ck, byte_range),
             key_kind(key),
             self._namespace,
             whole=ck,
             cut=functools.partial(cut, byte_range),
+            recheck=recheck,
         )
 
     def _object_keys(self, key: str) -> list[str]:
@@ -373,7 +397,12 @@ class CachedStore(Store):
             missed = True
             if pf is not None:
                 await pf.observe(key, miss=True)  # may start reading ahead
-            return _bytes(await self._store.get(key, default_buffer_prototype(), byte_range))
+            data = _bytes(await self._store.get(key, default_buffer_prototype(), byte_range))
+            if read.kind == "metadata" and byte_range is None:
+                stale = self._stale_after(cache, key, data)
+                if stale is not None:
+                    await cache.invalidating([stale], _nothing)
+            return data
 
         data = await cache.get_or_load(read, load)
         if pf is not None and not missed and pf.active:
@@ -394,6 +423,62 @@ class CachedStore(Store):
                 return None
             pf = self._prefetchers[loop] = ScanPrefetcher(self, depth)
         return pf
+
+    def _stale_after(self, cache: HybridCache, key: str, data: bytes | None) -> str | None:
+        """The prefix to invalidate because metadata document ``key`` changed, or None.
+
+        Called with what the wrapped store just returned for ``key``. When an array's
+        metadata (or a group's consolidated metadata) differs from what this cache
+        last read - another writer rewrote or grew the array - the array's cached
+        chunks may belong to the old version: they are dropped before any chunk is
+        read under the new metadata. The last digest is kept per document, on disk,
+        for every process sharing the folder.
+        """
+        prefix = tree_metadata(key, data)
+        if prefix is None:
+            return None
+        dk = digest_key(self._namespace, key)
+        digest = hashlib.blake2b(b"\x00gone" if data is None else data, digest_size=16).digest()
+        old = cache.peek(dk)
+        if old == digest:
+            return None
+        cache.put(dk, digest, kind="metadata", namespace=self._namespace, forever=True)
+        if old is None:
+            return None  # first sight: nothing cached can be older
+        logger.info("xarray-zcache: %s changed in %s; its cached chunks are dropped", key, self)
+        return self._ck(prefix.rstrip("/")) + "/" if prefix else self._namespace + "/"
+
+    # -- serving the cluster: this worker owns a key another worker missed ----------------------
+
+    async def serve_peer(self, cache: HybridCache, ck: str) -> tuple[bytes | None, bool]:
+        """Read cache key ``ck`` of this store for a peer through ``cache``.
+
+        Returns ``(bytes or None if missing, saved)``; ``saved`` is False when the
+        source was read for it. Never asks other peers (``for_peer``), so two
+        workers with different views of the membership cannot ping-pong.
+        """
+        parsed = parse_entry_key(self._namespace, ck)
+        if parsed is None:
+            raise ValueError(f"not a key of {self._namespace}: {ck!r}")
+        key, spec = parsed
+        byte_range = byte_request(spec)
+        if not is_plain_range(byte_range):
+            raise ValueError(f"not a cacheable range: {ck!r}")
+        read = dataclasses.replace(self._read(key, byte_range), for_peer=True)
+        loaded = False
+
+        async def load() -> bytes | None:
+            nonlocal loaded
+            loaded = True
+            data = _bytes(await self._store.get(key, default_buffer_prototype(), byte_range))
+            if read.kind == "metadata" and byte_range is None:
+                stale = self._stale_after(cache, key, data)
+                if stale is not None:
+                    await cache.invalidating([stale], _nothing)
+            return data
+
+        data = await cache.get_or_load(read, load)
+        return data, not loaded
 
     # -- what the read-ahead needs (`prefetch.ReadAheadTarget`) ----------------------------------
 
@@ -580,12 +665,17 @@ class SyncCachedStore(CachedStore):
                 self._read(key, byte_range),
                 lambda: getter(key, prototype=prototype, byte_range=byte_range),
             )
-        data = cache.get_or_load_sync(
-            self._read(key, byte_range),
-            lambda: _bytes(
-                getter(key, prototype=default_buffer_prototype(), byte_range=byte_range)
-            ),
-        )
+        read = self._read(key, byte_range)
+
+        def load() -> bytes | None:
+            data = _bytes(getter(key, prototype=default_buffer_prototype(), byte_range=byte_range))
+            if read.kind == "metadata" and byte_range is None:
+                stale = self._stale_after(cache, key, data)
+                if stale is not None:
+                    cache.invalidating_sync([stale], lambda: None)
+            return data
+
+        data = cache.get_or_load_sync(read, load)
         return None if data is None else prototype.buffer.from_bytes(data)
 
     def set_sync(self, key: str, value: Buffer) -> None:

@@ -9,7 +9,9 @@ flushed at interpreter exit.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
+import concurrent.futures
 import logging
 import threading
 import weakref
@@ -26,7 +28,13 @@ if TYPE_CHECKING:
     from xarray_zcache.cache.memory import MemoryTier
     from xarray_zcache.cache.writer import DiskWriter
 
-__all__ = ["Coherence", "live_caches"]
+__all__ = [
+    "Coherence",
+    "add_invalidation_listener",
+    "invalidate_local",
+    "live_caches",
+    "remove_invalidation_listener",
+]
 
 logger = logging.getLogger("xarray_zcache.cache")
 
@@ -46,6 +54,79 @@ def _flush_all_at_exit() -> None:
 def live_caches() -> list[Coherence]:
     """Every open cache of this process."""
     return [c for c in list(_LIVE) if not c.closed]
+
+
+# Who else must hear of a write: e.g. the other workers of a Dask cluster. A listener
+# takes [(key, is_prefix), ...] and returns a future done once they heard (or None).
+Announce = Callable[[list[tuple[str, bool]]], "concurrent.futures.Future[object] | None"]
+_listeners: dict[str, Announce] = {}
+ANNOUNCE_TIMEOUT = 30.0
+
+
+def add_invalidation_listener(name: str, listener: Announce) -> None:
+    """Tell ``listener`` of every write or delete through a cache of this process."""
+    _listeners[name] = listener
+
+
+def remove_invalidation_listener(name: str) -> None:
+    _listeners.pop(name, None)
+
+
+def invalidate_local(keys: list[tuple[str, bool]]) -> None:
+    """Invalidate ``keys`` (``(key, is_prefix)``) in every cache of this process, telling
+    no listener (what a cluster broadcast of another process's write calls)."""
+    for cache in live_caches():
+        for key, prefix in keys:
+            cache._invalidate_here(key, prefix)
+        cache._listings.drop("")
+
+
+def _pairs(keys: list[str]) -> list[tuple[str, bool]]:
+    return [(k, k.endswith(("/", PART_SEP))) for k in keys]
+
+
+def _announce(keys: list[str]) -> list[concurrent.futures.Future[object]]:
+    futures = []
+    for name, listener in list(_listeners.items()):
+        try:
+            f = listener(_pairs(keys))
+        except Exception:
+            logger.exception("xarray-zcache: telling %s of a write failed", name)
+            continue
+        if f is not None:
+            futures.append(f)
+    return futures
+
+
+async def _announced(keys: list[str]) -> None:
+    futures = _announce(keys)
+    if futures:
+        done = asyncio.gather(*(asyncio.wrap_future(f) for f in futures), return_exceptions=True)
+        try:
+            results = await asyncio.wait_for(done, ANNOUNCE_TIMEOUT)
+        except TimeoutError:
+            results = [TimeoutError("no answer")]
+        _log_failures(results)
+
+
+def _announced_sync(keys: list[str]) -> None:
+    results: list[object] = []
+    for f in _announce(keys):
+        try:
+            results.append(f.result(ANNOUNCE_TIMEOUT))
+        except Exception as exc:
+            results.append(exc)
+    _log_failures(results)
+
+
+def _log_failures(results: list[object]) -> None:
+    for r in results:
+        if isinstance(r, BaseException):
+            logger.warning(
+                "xarray-zcache: other caches of the cluster may not have heard of a write (%s); "
+                "they drop the old value at the latest when its TTL or validation runs",
+                r,
+            )
 
 
 class Coherence:
@@ -92,15 +173,18 @@ class Coherence:
         on success admits ``value`` to memory if ``keep`` (memory only: nothing
         orders writers in other processes sharing the disk tier).
         """
-        self._drop_all([read.key, read.key + PART_SEP])
+        keys = [read.key, read.key + PART_SEP]
+        self._drop_all(keys)
         token = self._inv.begin(read.key)
         try:
             await write()
         except BaseException:
-            self._drop_all([read.key, read.key + PART_SEP])  # source may hold either: cache neither
+            self._drop_all(keys)  # the source may hold either value: cache neither
+            await _announced(keys)
             raise
         else:
             self._after_write(read, token, value, keep)
+            await _announced(keys)
         finally:
             self._inv.end(read.key)
 
@@ -108,15 +192,18 @@ class Coherence:
         self, read: Read, value: bytes, write: Callable[[], None], *, keep: bool
     ) -> None:
         """`write_through` for synchronous callers."""
-        self._drop_all([read.key, read.key + PART_SEP])
+        keys = [read.key, read.key + PART_SEP]
+        self._drop_all(keys)
         token = self._inv.begin(read.key)
         try:
             write()
         except BaseException:
-            self._drop_all([read.key, read.key + PART_SEP])
+            self._drop_all(keys)
+            _announced_sync(keys)
             raise
         else:
             self._after_write(read, token, value, keep)
+            _announced_sync(keys)
         finally:
             self._inv.end(read.key)
 
@@ -172,6 +259,7 @@ class Coherence:
             await op()
         finally:
             self._drop_all(keys)
+            await _announced(keys)
 
     def invalidating_sync(self, keys: list[str], op: Callable[[], None]) -> None:
         """`invalidating` for synchronous callers."""
@@ -180,6 +268,7 @@ class Coherence:
             op()
         finally:
             self._drop_all(keys)
+            _announced_sync(keys)
 
     def _drop_all(self, keys: list[str]) -> None:
         for key in keys:

@@ -153,7 +153,7 @@ class HybridCache(CacheReporting, Coherence):
         """Disk step (blocking I/O): ``(value, known_missing)``; promotes per policy."""
         assert self._disk is not None
         now = time.time()
-        if self._negatives.on_disk(read.object_key, now):
+        if not read.recheck and self._negatives.on_disk(read.object_key, now):
             return None, True
         keys = [read.key] if read.whole is None else [read.whole, read.key]
         for key in keys:
@@ -195,7 +195,7 @@ class HybridCache(CacheReporting, Coherence):
         return threshold == 0 or self._rates.touch(key) >= threshold
 
     def _known_missing(self, read: Read) -> bool:
-        return self._negatives.in_memory(read.object_key, time.time())
+        return not read.recheck and self._negatives.in_memory(read.object_key, time.time())
 
     async def get_or_load(
         self, read: Read, load: Callable[[], Awaitable[bytes | None]]
@@ -268,12 +268,20 @@ class HybridCache(CacheReporting, Coherence):
         self, read: Read, token: tuple[int, int], load: Callable[[], Awaitable[bytes | None]]
     ) -> bytes | None:
         started_ns = time.time_ns()
-        for tier in self._shared:
-            value = await tier.lookup(read)
-            if value is not None:
-                self._count_hit(tier.name, read, value)
-                self._admit(read.key, token, value, read.kind, read=read, started_ns=started_ns)
-                return value
+        if not read.for_peer:
+            for tier in self._shared:
+                answer = await tier.lookup(read)
+                if answer is None:
+                    continue
+                if answer.saved:
+                    self._count_hit(tier.name, read, answer.value)
+                else:
+                    self._stats.add("peer_loads")
+                # the owner keeps the cluster's copy on disk: a replica here is kept in
+                # memory only, and only for keys read often enough (hot data replicated)
+                if self._wants_promotion(read.key):
+                    self._admit(read.key, token, answer.value, read.kind, disk=False)
+                return answer.value
         t0 = time.perf_counter()
         try:
             value = await load()
@@ -354,6 +362,8 @@ class HybridCache(CacheReporting, Coherence):
             if read.whole is None:  # zarr leaves all-fill chunks unwritten: remember that too
                 self._remember_missing(read, token, started_ns)
             return
+        if read.recheck or self._negatives.in_memory(read.key, time.time()):
+            self._forget_missing(read.key)  # it exists now
         self._admit(read.key, token, value, read.kind, read=read, started_ns=started_ns)
 
     # -- admission -----------------------------------------------------------------------------
@@ -395,18 +405,36 @@ class HybridCache(CacheReporting, Coherence):
                 self._writer.submit(PendingWrite(key, value, kind, namespace, expires, started_ns))
         return True
 
-    def put(self, key: str, value: bytes, *, kind: str, namespace: str = "") -> bool:
-        """Admit ``value`` under ``key`` (memory now, disk in the background); False if refused."""
+    def put(
+        self, key: str, value: bytes, *, kind: str, namespace: str = "", forever: bool = False
+    ) -> bool:
+        """Admit ``value`` under ``key`` (memory now, disk in the background); False if refused.
+
+        ``forever``: no expiry, whatever the kind's TTL (bookkeeping entries).
+        """
         token = self._inv.begin(key)
         try:
             return self._admit(
-                key, token, value, kind, read=Read(key, kind, namespace), started_ns=time.time_ns()
+                key,
+                token,
+                value,
+                kind,
+                read=Read(key, kind, namespace),
+                started_ns=time.time_ns(),
+                ex=None if forever else False,
             )
         finally:
             self._inv.end(key)
 
     def _remember_missing(self, read: Read, token: tuple[int, int], started_ns: int) -> None:
-        ttl = self.settings.negative_ttl
+        # a negative entry never outlives the TTL of its kind: a chunk another writer
+        # creates is seen as soon as a changed chunk would be
+        kind_ttl = self.settings.ttl(read.kind)
+        ttl = (
+            self.settings.negative_ttl
+            if kind_ttl is None
+            else min(self.settings.negative_ttl, kind_ttl)
+        )
         if ttl <= 0:
             return
         expires = time.time() + ttl
@@ -425,6 +453,13 @@ class HybridCache(CacheReporting, Coherence):
                         started_ns,
                     )
                 )
+
+    def _forget_missing(self, key: str) -> None:
+        self._negatives.discard(key)
+        if self._writer is not None:
+            self._writer.discard(key + NEGATIVE_SUFFIX)
+        if self._disk is not None:
+            self._disk.delete(key + NEGATIVE_SUFFIX)
 
     def _count_dropped_write(self) -> None:
         self._stats.add("disk_write_failures")

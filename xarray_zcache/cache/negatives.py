@@ -57,9 +57,11 @@ class NegativeEntries:
         """Whether a fresh negative entry for ``key`` is on disk (reads a file)."""
         if self.ttl <= 0 or self._disk is None:
             return False
-        if self._disk.get(key + NEGATIVE_SUFFIX, now=now) is None:
+        entry = self._disk.get_entry(key + NEGATIVE_SUFFIX, now=now)
+        if entry is None:
             return False  # (the disk tier drops it once expired)
-        self.add(key, now + self.ttl)
+        expires = now + self.ttl if entry.expires is None else min(entry.expires, now + self.ttl)
+        self.add(key, expires)
         return True
 
     def add(self, key: str, expires: float) -> None:

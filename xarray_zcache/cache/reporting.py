@@ -11,7 +11,7 @@ from xarray_zcache.cache.analytics import (
     miss_ratio_curve,
     recommendation,
 )
-from xarray_zcache.cache.stats import CacheStats, StatsRecorder
+from xarray_zcache.cache.stats import TIERS, CacheStats, StatsRecorder
 
 if TYPE_CHECKING:
     from xarray_zcache.cache.disk import DiskTier
@@ -45,6 +45,10 @@ class CacheReporting:
     def _count_hit(self, tier: str, read: Read, value: bytes) -> None:
         if read.prefetch:
             return  # a read-ahead finding the key cached: nothing sent, nothing served
+        if read.for_peer:
+            self._stats.add("peer_served")
+            self._stats.add("peer_served_bytes", len(value))
+            return
         if self._prefetched and read.key in self._prefetched:
             self._prefetched.discard(read.key)
             self._stats.add("prefetch_hits")
@@ -52,11 +56,13 @@ class CacheReporting:
         self.trace.add(read.key, len(value))
 
     def _count_negative(self, read: Read) -> None:
-        if not read.prefetch:
+        if not read.prefetch and not read.for_peer:
             self._stats.negative_hit(read.key)
 
     def _count_miss(self, read: Read, nbytes: int, seconds: float) -> None:
-        if read.prefetch:
+        if read.for_peer:
+            self._stats.miss(read.kind, nbytes, seconds, None)  # sent; the asker counts the read
+        elif read.prefetch:
             self._stats.miss(read.kind, nbytes, seconds, None)
             self._stats.add("prefetches")
         else:
@@ -75,7 +81,8 @@ class CacheReporting:
             "memory_entries": len(self._memory),
             "memory_entry_overhead": self._memory.entry_overhead,
         }
-        evictions = {"memory": self._memory.evictions, "disk": 0}
+        evictions = dict.fromkeys(TIERS, 0)
+        evictions["memory"] = self._memory.evictions
         if self._disk is not None:
             gauges.update(
                 disk_used=self._disk.used_bytes(),

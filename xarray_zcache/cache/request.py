@@ -35,6 +35,13 @@ class Read:
         A read-ahead: its load is a request sent (a miss) but no reader waits, so
         it does not count as an access; a later hit on what it filled counts as a
         prefetch hit, not as a request saved.
+    recheck
+        Do not trust negative entries ("missing"): ask the source again (an open
+        that failed on a remembered miss is tried once more this way).
+    for_peer
+        A read on behalf of another cache of the cluster (this cache owns the key):
+        never asks the shared tiers again (no loops between peers), and counts as
+        served to a peer, not as a reader's hit.
     """
 
     key: str
@@ -43,6 +50,8 @@ class Read:
     whole: str | None = None
     cut: Callable[[bytes], bytes | None] | None = None
     prefetch: bool = False
+    for_peer: bool = False
+    recheck: bool = False
 
     @property
     def object_key(self) -> str:

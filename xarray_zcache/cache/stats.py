@@ -15,7 +15,7 @@ from xarray_zcache.cache.units import format_bytes
 __all__ = ["KINDS", "TIERS", "CacheStats", "HotKeys", "StatsRecorder"]
 
 KINDS = ("metadata", "chunk")
-TIERS = ("memory", "disk")
+TIERS = ("memory", "disk", "peer")
 
 # upper bounds (ms) of the fetch-latency histogram buckets; the last bucket is open
 LATENCY_BUCKETS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, math.inf)
@@ -82,6 +82,15 @@ class CacheStats:
     promotions: int = 0
     prefetches: int = 0
     prefetch_hits: int = 0
+    # the cluster as one cache: reads this worker served to others, reads others
+    # served that their owner had to load from the source, and asks that fell back
+    peer_served: int = 0
+    peer_served_bytes: int = 0
+    peer_loads: int = 0
+    peer_fallbacks: int = 0
+    peer_latency_ms: list[int] = dataclasses.field(
+        default_factory=lambda: [0] * len(LATENCY_BUCKETS_MS)
+    )
     disk_write_failures: int = 0
     not_admitted: int = 0
     fetch_latency_ms: list[int] = dataclasses.field(
@@ -204,6 +213,11 @@ class CacheStats:
         "disk_write_failures",
         "not_admitted",
         "prefetch_hits",
+        "peer_served",
+        "peer_served_bytes",
+        "peer_loads",
+        "peer_fallbacks",
+        *(f"peer_latency_ms.{i}" for i in range(len(LATENCY_BUCKETS_MS))),
         *(f"fetch_latency_ms.{i}" for i in range(len(LATENCY_BUCKETS_MS))),
         "memory_used",
         "memory_capacity",
@@ -237,7 +251,12 @@ class CacheStats:
             self.disk_write_failures,
             self.not_admitted,
             self.prefetch_hits,
+            self.peer_served,
+            self.peer_served_bytes,
+            self.peer_loads,
+            self.peer_fallbacks,
         ]
+        out += list(self.peer_latency_ms)
         out += list(self.fetch_latency_ms)
         out += [
             self.memory_used,
@@ -287,8 +306,13 @@ class CacheStats:
             "disk_write_failures",
             "not_admitted",
             "prefetch_hits",
+            "peer_served",
+            "peer_served_bytes",
+            "peer_loads",
+            "peer_fallbacks",
         ):
             setattr(s, name, int(next(it)))
+        s.peer_latency_ms = [int(next(it)) for _ in LATENCY_BUCKETS_MS]
         s.fetch_latency_ms = [int(next(it)) for _ in LATENCY_BUCKETS_MS]
         for name in (
             "memory_used",
@@ -323,28 +347,33 @@ class CacheStats:
         kwargs = {k: v for k, v in d.items() if k in names}
         kwargs["hot_keys"] = [(str(k), int(c)) for k, c in kwargs.get("hot_keys", [])]
         # msgpack (Dask's wire format) turns lists into tuples
-        if "fetch_latency_ms" in kwargs:
-            kwargs["fetch_latency_ms"] = [int(x) for x in kwargs["fetch_latency_ms"]]
-            if len(kwargs["fetch_latency_ms"]) != len(LATENCY_BUCKETS_MS):
-                raise ValueError("fetch_latency_ms: wrong number of buckets")
+        for hist in ("fetch_latency_ms", "peer_latency_ms"):
+            if hist in kwargs:
+                kwargs[hist] = [int(x) for x in kwargs[hist]]
+                if len(kwargs[hist]) != len(LATENCY_BUCKETS_MS):
+                    raise ValueError(f"{hist}: wrong number of buckets")
         for name in ("hits", "hit_bytes"):
             if name in kwargs:
-                kwargs[name] = {t: {k: int(v[k]) for k in KINDS} for t, v in kwargs[name].items()}
+                given = kwargs[name]
+                kwargs[name] = {
+                    t: {k: int((given.get(t) or {}).get(k, 0)) for k in KINDS} for t in TIERS
+                }
         for name in ("misses", "miss_bytes"):
             if name in kwargs:
                 kwargs[name] = {k: int(kwargs[name][k]) for k in KINDS}
         if "evictions" in kwargs:
-            kwargs["evictions"] = {t: int(kwargs["evictions"][t]) for t in TIERS}
+            kwargs["evictions"] = {t: int(kwargs["evictions"].get(t, 0)) for t in TIERS}
         return cls(**kwargs)
 
     def _rows(self) -> list[tuple[str, str]]:
         mem_hits = self.total_hits(tier="memory")
         disk_hits = self.total_hits(tier="disk")
+        peer_hits = self.total_hits(tier="peer")
         rows = [
             ("hit rate", f"{self.hit_rate():.1%}"),
             ("  chunks", f"{self.hit_rate('chunk'):.1%}"),
             ("  metadata", f"{self.hit_rate('metadata'):.1%}"),
-            ("hits memory / disk", f"{mem_hits} / {disk_hits}"),
+            ("hits memory / disk / peer", f"{mem_hits} / {disk_hits} / {peer_hits}"),
             ("misses (requests sent)", str(self.requests_sent)),
             ("requests saved", str(self.requests_saved)),
             ("bytes saved", format_bytes(self.bytes_saved)),
@@ -361,6 +390,15 @@ class CacheStats:
                     "disk used",
                     f"{format_bytes(self.disk_used)} / {format_bytes(self.disk_capacity)} "
                     f"({self.disk_entries} entries)",
+                )
+            )
+        if self.prefetches or self.prefetch_hits:
+            rows.append(("read ahead (hits on it)", f"{self.prefetches} ({self.prefetch_hits})"))
+        if self.peer_served or self.peer_loads or self.peer_fallbacks or peer_hits:
+            rows.append(
+                (
+                    "peers: served / loads / fallbacks",
+                    f"{self.peer_served} / {self.peer_loads} / {self.peer_fallbacks}",
                 )
             )
         rows += [
@@ -436,6 +474,15 @@ class StatsRecorder:
                     self._s.fetch_latency_ms[i] += 1
                     break
 
+    def peer_answer(self, seconds: float) -> None:
+        """The latency of one answer from a peer (any outcome)."""
+        ms = seconds * 1000
+        with self._lock:
+            for i, bound in enumerate(LATENCY_BUCKETS_MS):
+                if ms <= bound:
+                    self._s.peer_latency_ms[i] += 1
+                    break
+
     def add(self, field: str, n: int = 1) -> None:
         """Increment a scalar counter such as ``"invalidations"`` or ``"corruptions"``."""
         with self._lock:
@@ -461,6 +508,7 @@ class StatsRecorder:
                 miss_bytes=dict(self._s.miss_bytes),
                 evictions=dict(self._s.evictions),
                 fetch_latency_ms=list(self._s.fetch_latency_ms),
+                peer_latency_ms=list(self._s.peer_latency_ms),
                 hot_keys=self._hot.top(),
                 uptime=time.monotonic() - self.started,
             )

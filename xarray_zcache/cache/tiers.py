@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 from typing import Protocol
@@ -10,17 +11,34 @@ from xarray_zcache.cache.disk import DiskTier
 from xarray_zcache.cache.request import Read
 from xarray_zcache.cache.settings import CacheSettings
 
-__all__ = ["SharedTier", "open_disk"]
+__all__ = ["SharedAnswer", "SharedTier", "open_disk"]
 
 logger = logging.getLogger("xarray_zcache.cache")
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class SharedAnswer:
+    """What a shared tier answered: the bytes, and whether it had them (``saved``).
+
+    ``saved=False``: the tier read the source for this read (a request was sent,
+    counted where it was sent), so the read saved nothing.
+    """
+
+    value: bytes
+    saved: bool
+
+
 class SharedTier(Protocol):
-    """A tier after the disk tier, shared with other processes (e.g. a peer owner)."""
+    """A tier after the disk tier, shared with other caches (e.g. a key's owner).
+
+    `HybridCache` asks it on a miss in memory and on disk, never for reads made on
+    behalf of a peer. ``None``: no answer (owned here, unreachable, busy, bad
+    answer): the cache reads the source itself.
+    """
 
     name: str
 
-    async def lookup(self, read: Read) -> bytes | None:
+    async def lookup(self, read: Read) -> SharedAnswer | None:
         """The bytes of ``read.key`` if this tier has (or can fetch) them, else ``None``."""
 
 

@@ -67,6 +67,52 @@ def install(
         ZCacheSchedulerPlugin(promotion_threshold=promotion_threshold, warm=warm)
     )
     client.register_plugin(ZCacheWorkerPlugin(cfg))
+    _announce_writes_from(client)
+    if cfg.peer_reads:
+        _wait_for_membership(client)
+
+
+def _wait_for_membership(client: Client, timeout: float = 10.0) -> None:
+    """Wait until every worker knows the scheduler's current cache hosts (pushes are async)."""
+    import time
+
+    def scheduler_version(dask_scheduler: Any) -> int:
+        plugin = dask_scheduler.plugins.get(ZCacheSchedulerPlugin.name)
+        return -1 if plugin is None else int(plugin.directory.membership.version)
+
+    def worker_version(dask_worker: Any) -> int:
+        from xarray_zcache.distributed.worker import worker_cache_state
+
+        state = worker_cache_state(dask_worker)
+        if state is None or state.peer is None:
+            return -1
+        return int(state.peer.membership.version)
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        want = client.run_on_scheduler(scheduler_version)  # type: ignore[no-untyped-call]
+        have = client.run(worker_version)
+        if want >= 0 and all(v >= want for v in have.values()):
+            return
+        time.sleep(0.05)
+
+
+def _announce_writes_from(client: Client) -> None:
+    """Writes through zcache in this (client) process reach the workers' caches at once."""
+    import asyncio
+
+    from xarray_zcache.cache.coherence import add_invalidation_listener
+
+    scheduler: Any = client.scheduler
+    loop: Any = client.loop
+    if scheduler is None or loop is None:
+        return
+
+    def announce(keys: list[tuple[str, bool]]) -> Any:
+        coro = scheduler.zcache_invalidate(keys=[list(k) for k in keys], origin=None)
+        return asyncio.run_coroutine_threadsafe(coro, loop.asyncio_loop)
+
+    add_invalidation_listener(f"dask-scheduler {scheduler.address}", announce)
 
 
 @dataclasses.dataclass
@@ -110,6 +156,9 @@ class ClusterStats:
                 "hit_rate": s.hit_rate(),
                 "hits_memory": s.total_hits(tier="memory"),
                 "hits_disk": s.total_hits(tier="disk"),
+                "hits_peer": s.total_hits(tier="peer"),
+                "peer_served": s.peer_served,
+                "peer_fallbacks": s.peer_fallbacks,
                 "misses": s.total_misses(),
                 "requests_saved": s.requests_saved,
                 "bytes_saved": s.bytes_saved,

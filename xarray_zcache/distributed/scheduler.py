@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from xarray_zcache.cache.stats import CacheStats
+from xarray_zcache.distributed.directory import Directory
 from xarray_zcache.keys import array_of
 
 if TYPE_CHECKING:
@@ -23,6 +24,8 @@ logger = logging.getLogger("xarray_zcache.distributed")
 
 HANDLERS = (
     "zcache_report",
+    "zcache_join",
+    "zcache_invalidate",
     "zcache_cluster_stats",
     "zcache_worker_stats",
     "zcache_decisions",
@@ -134,6 +137,7 @@ class ZCacheSchedulerPlugin(SchedulerPlugin):
         self.hot_now: list[str] = []  # the cluster's hottest keys (refreshed each second)
         self.rejected = 0
         self._last_point = 0.0
+        self.directory = Directory(scheduler)
         for op in HANDLERS:
             scheduler.handlers[op] = getattr(self, op)
         from xarray_zcache.distributed.dashboard import add_routes
@@ -170,6 +174,7 @@ class ZCacheSchedulerPlugin(SchedulerPlugin):
     def remove_worker(
         self, scheduler: Scheduler, worker: str, *, stimulus_id: str, **kwargs: Any
     ) -> None:
+        self.directory.leave(worker)
         state = self.workers.pop(worker, None)
         if state is not None:
             self._totals = [a - b for a, b in zip(self._totals, state.vec, strict=True)]
@@ -177,6 +182,18 @@ class ZCacheSchedulerPlugin(SchedulerPlugin):
             self._add_point(time.time(), force=True)
         self.pending.pop(worker, None)
         self.done.pop(worker, None)
+
+    # -- the cluster as one cache: membership and write broadcasts ----------------------------
+
+    def zcache_join(self, worker: str = "", host: str = "") -> dict[str, Any]:
+        """A worker's cache joins as (part of) cache host ``host``; answers the membership."""
+        if self.scheduler is not None and worker not in self.scheduler.workers:
+            return {}
+        return self.directory.join(str(worker), str(host))
+
+    async def zcache_invalidate(self, keys: list[Any], origin: str | None = None) -> int:
+        """A write or delete went through zcache at ``origin``: tell every other worker."""
+        return await self.directory.invalidate(list(keys), origin)
 
     # -- worker reports ------------------------------------------------------------------------
 
@@ -222,7 +239,9 @@ class ZCacheSchedulerPlugin(SchedulerPlugin):
         self._decide(worker, state)
         self._add_point(time.time())
         commands = self.pending.pop(worker, None) or {}
-        return {k: sorted(v) for k, v in commands.items()}
+        reply: dict[str, Any] = {k: sorted(v) for k, v in commands.items()}
+        reply.update(self.directory.reply_extras(report.get("membership_version")))
+        return reply
 
     def _set_hot(
         self,
@@ -342,6 +361,7 @@ class ZCacheSchedulerPlugin(SchedulerPlugin):
                 "hit_rate": t.hit_rate(),
                 "hits_memory": t.total_hits(tier="memory"),
                 "hits_disk": t.total_hits(tier="disk"),
+                "hits_peer": t.total_hits(tier="peer"),
                 "misses": t.total_misses(),
                 "bytes_saved": t.bytes_saved,
                 "requests_saved": t.requests_saved,

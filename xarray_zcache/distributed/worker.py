@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -13,8 +14,15 @@ from typing import TYPE_CHECKING, Any
 from distributed.diagnostics.plugin import WorkerPlugin
 from tornado.ioloop import PeriodicCallback
 
+from xarray_zcache.cache.coherence import (
+    add_invalidation_listener,
+    invalidate_local,
+    remove_invalidation_listener,
+)
 from xarray_zcache.cache.hybrid import HybridCache
 from xarray_zcache.config import CacheConfig
+from xarray_zcache.distributed.membership import Membership, host_id
+from xarray_zcache.distributed.peer import PeerServer, PeerTier
 from xarray_zcache.registry import set_worker_cache
 
 if TYPE_CHECKING:
@@ -48,6 +56,8 @@ class _WorkerCache:
         self.promotions_applied = 0
         self.warms_applied = 0
         self._reporting = False
+        self.peer: PeerTier | None = None
+        self.server: PeerServer | None = None
 
     def hot_keys_with_tier(self) -> list[list[Any]]:
         """Top-N keys with their access counts and where they are held now."""
@@ -77,6 +87,7 @@ class _WorkerCache:
             "time": time.time(),
             "stats": self.cache.stats().to_vector(),
             "disk_path": None if self.cache.disk_tier is None else str(self.cache.disk_tier.path),
+            "membership_version": None if self.peer is None else self.peer.membership.version,
             "hot": self.hot_keys_with_tier(),
         }
         if self.reports_sent % self.ANALYTICS_EVERY == 0:
@@ -115,6 +126,9 @@ class _WorkerCache:
 
     async def apply(self, reply: dict[str, Any]) -> None:
         """Carry out the scheduler's commands: promote keys to memory, warm keys."""
+        membership = reply.get("membership")
+        if isinstance(membership, dict) and self.peer is not None:
+            self.peer.update(Membership.from_msg(membership))
         promote = [str(k) for k in reply.get("promote", [])]
         if promote:
             self.promotions_applied += await asyncio.to_thread(self.cache.promote, promote)
@@ -176,6 +190,9 @@ class ZCacheWorkerPlugin(WorkerPlugin):
         set_worker_cache(worker.address, cache, name=self.config.name)
         state = _WorkerCache(worker, cache, cfg)
         worker._zcache = state  # type: ignore[attr-defined]
+        _listen_for_writes(worker)
+        if cfg.peer_reads:
+            await _join_the_cluster_cache(worker, state)
         state.start()
 
     async def teardown(self, worker: Worker) -> None:
@@ -186,8 +203,63 @@ class ZCacheWorkerPlugin(WorkerPlugin):
         with contextlib.suppress(Exception):  # last figures, best effort
             await asyncio.wait_for(state.report(), timeout=5)
         set_worker_cache(worker.address, None, name=self.config.name)
+        remove_invalidation_listener(_listener_name(worker))
+        for op in ("zcache_get", "zcache_membership"):
+            worker.handlers.pop(op, None)
         await asyncio.to_thread(state.cache.close)
         worker._zcache = None  # type: ignore[attr-defined]
+
+
+def _listener_name(worker: Worker) -> str:
+    return f"dask-scheduler {worker.scheduler.address}"
+
+
+def _listen_for_writes(worker: Worker) -> None:
+    """Writes through zcache in this process reach the other workers, via the scheduler.
+
+    One listener per scheduler and process (in-process clusters share it); the
+    other workers' broadcasts arrive through ``zcache_invalidate_local``.
+    """
+    loop = worker.loop.asyncio_loop  # type: ignore[attr-defined]
+    address = worker.address
+
+    def announce(keys: list[tuple[str, bool]]) -> concurrent.futures.Future[object]:
+        coro = worker.scheduler.zcache_invalidate(keys=[list(k) for k in keys], origin=address)
+        return asyncio.run_coroutine_threadsafe(coro, loop)
+
+    add_invalidation_listener(_listener_name(worker), announce)
+
+    def invalidate_local_handler(keys: list[Any] | None = None, **_: Any) -> int:
+        pairs = [(str(k), bool(p)) for k, p in keys or ()]
+        invalidate_local(pairs)
+        return len(pairs)
+
+    worker.handlers["zcache_invalidate_local"] = invalidate_local_handler
+
+
+async def _join_the_cluster_cache(worker: Worker, state: _WorkerCache) -> None:
+    """Serve peers, ask owners, and join the scheduler's membership as a cache host."""
+    cache, cfg = state.cache, state.config
+    disk = cache.disk_tier
+    host = host_id(worker.ip, None if disk is None else str(disk.path), worker.address, False)
+    state.peer = peer = PeerTier(worker, cache, host, cfg.peer_timeout)
+    state.server = server = PeerServer(cache)
+    cache.add_shared_tier(peer)
+    worker.handlers["zcache_get"] = server.handle_get
+
+    def membership_handler(membership: dict[str, Any] | None = None, **_: Any) -> int:
+        if isinstance(membership, dict):
+            peer.update(Membership.from_msg(membership))
+        return peer.membership.version
+
+    worker.handlers["zcache_membership"] = membership_handler
+    try:
+        reply = await worker.scheduler.zcache_join(worker=worker.address, host=host)
+    except Exception as exc:  # no aggregator: every worker reads the source itself
+        logger.debug("xarray-zcache: joining the cluster cache failed: %r", exc)
+        return
+    if isinstance(reply, dict) and reply:
+        peer.update(Membership.from_msg(reply))
 
 
 def worker_cache_state(worker: Worker) -> _WorkerCache | None:

@@ -1,0 +1,228 @@
+"""The cluster as one cache: five passes on a LocalCluster with one disk folder per worker.
+
+Usage::
+
+    .venv/bin/python benchmarks/cluster_cache.py                 # 2 and 4 workers
+    .venv/bin/python benchmarks/cluster_cache.py --workers 4 --latency-ms 20
+
+Each worker gets its own disk folder (``per_worker=True``: what separate hosts
+have). Three set-ups are compared on the same five computations:
+
+* ``per-worker caches``: every worker a cache of its own (peer reads off; the
+  first release's behaviour);
+* ``one cache``: peer reads on: a miss asks the key's owning worker first;
+* ``shared folder``: all workers share one folder (one host; for reference).
+
+Printed per set-up: chunk GETs the S3 server saw per pass, wall time per pass,
+bytes stored on the workers' disks vs the distinct bytes read, and the median
+latency of a peer hit vs an S3 read (measured on a worker, per key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+PASSES = [
+    ("1 t.mean('time') (cold)", lambda d: d.t.mean("time")),
+    ("2 the same again", lambda d: d.t.mean("time")),
+    ("3 t.mean(['lat','lon'])", lambda d: d.t.mean(["lat", "lon"])),
+    ("4 t.sum('lon').rolling(time=5).mean()", lambda d: d.t.sum("lon").rolling(time=5).mean()),
+    ("5 t.max()", lambda d: d.t.max()),
+]
+
+
+def _write(server: Any, url: str) -> Any:
+    import xarray as xr
+
+    rng = np.random.default_rng(0)
+    ds = xr.Dataset(
+        {"t": (("time", "lat", "lon"), rng.normal(280, 5, (192, 128, 256)).astype("f4"))},
+        coords={"time": np.arange(192)},
+    )
+    enc = {"t": {"chunks": (8, 32, 64)}}  # 24 x 4 x 4 = 384 chunks of 64 KiB
+    ds.to_zarr(url, storage_options=server.storage_options(), zarr_format=3, encoding=enc)
+    return ds
+
+
+def _disk_bytes(dask_worker: Any) -> tuple[str, int]:
+    from xarray_zcache.distributed.worker import worker_cache_state
+
+    state = worker_cache_state(dask_worker)
+    if state is None or state.cache.disk_tier is None:
+        return "", 0
+    state.cache.flush()
+    return str(state.cache.disk_tier.path), int(state.cache.disk_tier.used_bytes())
+
+
+def _stats(dask_worker: Any) -> dict[str, Any]:
+    from xarray_zcache.distributed.worker import worker_cache_state
+
+    state = worker_cache_state(dask_worker)
+    return {} if state is None else state.cache.stats().to_dict()
+
+
+def _latencies(url: str, opts: dict[str, Any], cfg_dict: dict[str, Any], n: int) -> Any:
+    """On a worker: per-key seconds of peer hits (keys owned elsewhere) and of S3 reads."""
+    from distributed import get_worker
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    from xarray_zcache import CacheConfig, open_store
+    from xarray_zcache.distributed.worker import worker_cache_state
+
+    cfg = CacheConfig.from_dict(cfg_dict)
+    store = open_store(url, storage_options=opts, cache_config=cfg)
+    state = worker_cache_state(get_worker())
+    assert state is not None
+    cache = store.cache
+    proto = default_buffer_prototype()
+    peer, s3 = [], []
+    keys = [f"t/c/{i}/{j}/{k}" for i in range(24) for j in range(4) for k in range(4)]
+    for key in keys:
+        ck = store._ck(key)
+        if len(peer) < n and not cache.contains(ck) and state.peer is not None:
+            if state.peer._pick(ck) is None:
+                continue  # owned here
+            t = time.perf_counter()
+            sync(store.get(key, proto))
+            peer.append(time.perf_counter() - t)
+        if len(s3) < n:
+            t = time.perf_counter()
+            sync(store.inner.get(key, proto))
+            s3.append(time.perf_counter() - t)
+    return peer, s3
+
+
+def run(workers: int, latency_ms: float, mode: str) -> dict[str, Any]:
+    import xarray as xr
+    from distributed import Client, LocalCluster
+
+    import xarray_zcache.distributed as zd
+    from xarray_zcache import CacheConfig
+    from xarray_zcache.testing.s3server import LocalS3Server
+
+    tmp = tempfile.mkdtemp(prefix="zcache-cluster-bench-")
+    server = LocalS3Server().start()
+    try:
+        server.create_bucket("bench")
+        url = "s3://bench/era5.zarr"
+        expected = _write(server, url)
+        server.latency = latency_ms / 1000
+        opts = server.storage_options()
+        cfg = (
+            CacheConfig()
+            .with_name(f"bench-{mode}")
+            .with_memory_size("64MB")
+            .with_disk_cache(os.path.join(tmp, "cache"), "1GB")
+            .with_peer_reads(mode != "per-worker caches")
+            ._replace(per_worker=mode != "shared folder", report_interval=1.0)
+        )
+        out: dict[str, Any] = {"mode": mode, "workers": workers, "passes": []}
+        with (
+            LocalCluster(
+                n_workers=workers,
+                threads_per_worker=2,
+                processes=True,
+                dashboard_address=None,
+                silence_logs=logging.ERROR,
+            ) as cluster,
+            Client(cluster) as client,
+        ):
+            zd.install(client, cfg)
+            ds = xr.open_dataset(
+                url, engine="zcache", chunks={}, storage_options=opts, cache_config=cfg
+            )
+            for name, work in PASSES:
+                before = server.requests.chunk_gets("bench")
+                t = time.perf_counter()
+                got = work(ds).compute()
+                seconds = time.perf_counter() - t
+                ok = bool(np.allclose(got.values, work(expected).values, rtol=1e-5, equal_nan=True))
+                out["passes"].append(
+                    {
+                        "pass": name,
+                        "gets": server.requests.chunk_gets("bench") - before,
+                        "seconds": seconds,
+                        "correct": ok,
+                    }
+                )
+            disks = dict(client.run(_disk_bytes).values())
+            out["stored"] = sum(disks.values())
+            stats = list(client.run(_stats).values())
+            out["peer_hits"] = sum(s["hits"]["peer"]["chunk"] for s in stats)
+            out["peer_fallbacks"] = sum(s["peer_fallbacks"] for s in stats)
+            if mode == "one cache":
+                w = sorted(client.scheduler_info()["workers"])[0]
+                peer, s3 = client.submit(
+                    _latencies, url, opts, cfg.to_dict(), 30, workers=[w], pure=False
+                ).result()
+                out["peer_ms"] = 1000 * statistics.median(peer) if peer else float("nan")
+                out["s3_ms"] = 1000 * statistics.median(s3) if s3 else float("nan")
+        fs = server.filesystem()
+        out["distinct"] = sum(
+            fs.info(p)["size"] for p in fs.find("bench/era5.zarr/t") if "/c/" in p
+        )
+        return out
+    finally:
+        server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    lines = []
+    head = ["pass", *(f"{r['mode']}, {r['workers']} w" for r in results)]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    for i, (name, _) in enumerate(PASSES):
+        cells = [name]
+        for r in results:
+            p = r["passes"][i]
+            mark = "" if p["correct"] else " WRONG"
+            cells.append(f"{p['gets']} GETs, {p['seconds']:.2f} s{mark}")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append(
+        "| disk stored / distinct | "
+        + " | ".join(f"{r['stored'] / r['distinct']:.2f}x" for r in results)
+        + " |"
+    )
+    lines.append(
+        "| peer hits (fallbacks) | "
+        + " | ".join(f"{r['peer_hits']} ({r['peer_fallbacks']})" for r in results)
+        + " |"
+    )
+    for r in results:
+        if "peer_ms" in r:
+            lines.append(
+                f"\npeer hit vs S3 read, {r['workers']} workers (median per key): "
+                f"{r['peer_ms']:.1f} ms vs {r['s3_ms']:.1f} ms "
+                f"({r['peer_ms'] / r['s3_ms']:.2f} of an S3 read)"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--workers", type=int, nargs="*", default=[2, 4])
+    p.add_argument("--latency-ms", type=float, default=20.0)
+    p.add_argument(
+        "--modes",
+        nargs="*",
+        default=["per-worker caches", "one cache", "shared folder"],
+    )
+    args = p.parse_args()
+    results = [run(w, args.latency_ms, m) for w in args.workers for m in args.modes]
+    print(f"S3 latency {args.latency_ms:.0f} ms; 192x128x256 f32, 384 chunks of 64 KiB")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,288 @@
+"""The cluster as one cache: owners, peer reads, writes seen everywhere (issue 10).
+
+Real `LocalCluster`s (worker processes), real local S3, one disk folder per worker
+(``per_worker=True``: the multi-host case, where each worker is a cache host).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import xarray as xr
+from distributed import Client, LocalCluster
+
+import xarray_zcache.distributed as zd
+from xarray_zcache import CacheConfig
+from xarray_zcache.distributed.membership import Membership
+from xarray_zcache.testing.s3server import LocalS3Server
+
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.slow]
+
+
+def _write(url: str, opts: dict[str, Any]) -> xr.Dataset:
+    rng = np.random.default_rng(7)
+    ds = xr.Dataset(
+        {"t": (("time", "lat", "lon"), rng.normal(280, 5, (16, 16, 32)).astype("f4"))},
+        coords={"time": np.arange(16)},
+    )
+    ds.to_zarr(url, storage_options=opts, zarr_format=3, encoding={"t": {"chunks": (2, 8, 16)}})
+    return ds  # 8 x 2 x 2 = 32 chunks
+
+
+def _config(tmp_path: Any, *, per_worker: bool = True) -> CacheConfig:
+    cfg = CacheConfig().with_memory_size("64MB").with_disk_cache(tmp_path / "cache", "256MB")
+    return cfg.with_name("one-cache")._replace(per_worker=per_worker, report_interval=0.5)
+
+
+@pytest.fixture
+def client() -> Iterator[Client]:
+    with (
+        LocalCluster(
+            n_workers=3, threads_per_worker=2, processes=True, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as c,
+    ):
+        yield c
+
+
+def _open(url: str, opts: dict[str, Any], cfg: CacheConfig) -> xr.Dataset:
+    return xr.open_dataset(url, engine="zcache", chunks={}, storage_options=opts, cache_config=cfg)
+
+
+def _worker_stats(dask_worker: Any) -> dict[str, Any]:
+    from xarray_zcache.distributed.worker import worker_cache_state
+
+    state = worker_cache_state(dask_worker)
+    assert state is not None
+    return state.cache.stats().to_dict()
+
+
+def _fallback_reasons(dask_worker: Any) -> dict[str, int]:
+    from xarray_zcache.distributed.worker import worker_cache_state
+
+    state = worker_cache_state(dask_worker)
+    assert state is not None
+    return {} if state.peer is None else dict(state.peer.fallback_reasons)
+
+
+def _disk_bytes(dask_worker: Any) -> int:
+    from xarray_zcache.distributed.worker import worker_cache_state
+
+    state = worker_cache_state(dask_worker)
+    assert state is not None and state.cache.disk_tier is not None
+    state.cache.flush()
+    return int(state.cache.disk_tier.used_bytes())
+
+
+def test_repeated_and_reshaped_computations_send_no_chunk_gets(
+    client: Client,
+    s3_server: LocalS3Server,
+    s3_bucket: str,
+    s3_options: dict[str, Any],
+    tmp_path: Any,
+) -> None:
+    url = f"s3://{s3_bucket}/era5.zarr"
+    expected = _write(url, s3_options)
+    cfg = _config(tmp_path)
+    zd.install(client, cfg)
+    log = s3_server.requests
+    ds = _open(url, s3_options, cfg)
+    passes = [
+        lambda d: d.t.mean("time"),
+        lambda d: d.t.mean("time"),
+        lambda d: d.t.mean(["lat", "lon"]),
+        lambda d: d.t.sum("lon").rolling(time=5).mean(),
+        lambda d: d.t.max(),
+    ]
+    gets = []
+    for i, work in enumerate(passes):
+        before = log.chunk_gets(s3_bucket)
+        got = work(ds).compute()
+        xr.testing.assert_allclose(got, work(expected))
+        gets.append(log.chunk_gets(s3_bucket) - before)
+        if i == 0:
+            stats = client.run(_worker_stats)
+            fallbacks = client.run(_fallback_reasons)
+            assert gets[0] == 32, (gets, fallbacks)  # one GET per distinct chunk, cluster-wide
+    assert gets[1:] == [0, 0, 0, 0], gets
+    stats = client.run(_worker_stats)
+    assert sum(s["peer_served"] for s in stats.values()) > 0
+    assert sum(s["hits"]["peer"]["chunk"] for s in stats.values()) > 0
+    # cold data is stored once in the cluster
+    stored = sum(client.run(_disk_bytes).values())
+    distinct = sum(
+        len(b) for b in [s3_server.filesystem().cat_file(p) for p in _chunk_paths(s3_server, url)]
+    )
+    assert stored <= 1.1 * distinct + 64 * 1024, (stored, distinct)
+
+
+def _chunk_paths(server: LocalS3Server, url: str) -> list[str]:
+    fs = server.filesystem()
+    root = url.removeprefix("s3://")
+    return [p for p in fs.find(root) if "/c/" in p and p.split("/")[-3] == "t"]
+
+
+def test_concurrent_misses_of_one_chunk_on_two_workers_send_one_get(
+    client: Client,
+    s3_server: LocalS3Server,
+    s3_bucket: str,
+    s3_options: dict[str, Any],
+    tmp_path: Any,
+) -> None:
+    url = f"s3://{s3_bucket}/era5.zarr"
+    _write(url, s3_options)
+    cfg = _config(tmp_path)
+    zd.install(client, cfg)
+    ds = _open(url, s3_options, cfg)
+    workers = sorted(client.scheduler_info()["workers"])
+    log = s3_server.requests
+    before = log.count("GET", bucket=s3_bucket, key_suffix="t/c/3/1/0")
+
+    def read_one(x: Any) -> float:
+        return float(x.sum())
+
+    chunk = ds.t[6:8, 8:16, 0:16]
+    futures = [client.submit(read_one, chunk, workers=[w], pure=False) for w in workers]
+    values = client.gather(futures)
+    assert len(set(values)) == 1
+    assert log.count("GET", bucket=s3_bucket, key_suffix="t/c/3/1/0") - before == 1
+
+
+def test_garbage_from_a_peer_is_detected_and_values_stay_right(
+    client: Client,
+    s3_server: LocalS3Server,
+    s3_bucket: str,
+    s3_options: dict[str, Any],
+    tmp_path: Any,
+) -> None:
+    url = f"s3://{s3_bucket}/era5.zarr"
+    expected = _write(url, s3_options)
+    cfg = _config(tmp_path)
+    zd.install(client, cfg)
+
+    def corrupt_answers(dask_worker: Any) -> None:
+        real = dask_worker.handlers["zcache_get"]
+
+        async def lying(**kw: Any) -> Any:
+            reply = await real(**kw)
+            if reply.get("status") == "ok" and reply["data"]:
+                data = bytearray(reply["data"])
+                data[len(data) // 2] ^= 0xFF  # damaged in transit, checksum of the original
+                reply["data"] = bytes(data)
+            return reply
+
+        dask_worker.handlers["zcache_get"] = lying
+
+    client.run(corrupt_answers)
+    ds = _open(url, s3_options, cfg)
+    xr.testing.assert_allclose(ds.t.mean("time").compute(), expected.t.mean("time"))
+    xr.testing.assert_allclose(ds.t.mean("time").compute(), expected.t.mean("time"))
+    stats = client.run(_worker_stats)
+    assert sum(s["peer_fallbacks"] for s in stats.values()) > 0
+    assert sum(s["hits"]["peer"]["chunk"] for s in stats.values()) == 0
+
+
+def test_writes_on_the_client_and_on_a_worker_are_seen_by_every_worker(
+    client: Client,
+    s3_server: LocalS3Server,
+    s3_bucket: str,
+    s3_options: dict[str, Any],
+    tmp_path: Any,
+) -> None:
+    url = f"s3://{s3_bucket}/era5.zarr"
+    expected = _write(url, s3_options)
+    cfg = _config(tmp_path)
+    zd.install(client, cfg)
+    ds = _open(url, s3_options, cfg)
+    xr.testing.assert_allclose(ds.t.mean("time").compute(), expected.t.mean("time"))
+    # a write through zcache on the client: a region of new values
+    new = expected.copy(deep=True)
+    new["t"][0:4] = -1.0
+    new[["t"]].isel(time=slice(0, 4)).drop_vars("time").to_zarr(
+        _cached_store(url, s3_options, cfg), region={"time": slice(0, 4)}, zarr_format=3
+    )
+    for _ in range(3):  # tasks land on different workers each time
+        xr.testing.assert_allclose(_open(url, s3_options, cfg).t.compute(), new.t)
+
+    # a write through zcache on a worker
+    workers = sorted(client.scheduler_info()["workers"])
+
+    def write_on_worker() -> None:
+        import zarr
+
+        store = _cached_store(url, s3_options, cfg)
+        arr = zarr.open_array(store, path="t", mode="r+")
+        arr[4:6] = -2.0
+
+    client.submit(write_on_worker, workers=[workers[0]], pure=False).result()
+    new["t"][4:6] = -2.0
+    for _ in range(3):
+        xr.testing.assert_allclose(_open(url, s3_options, cfg).t.compute(), new.t)
+
+
+def _cached_store(url: str, opts: dict[str, Any], cfg: CacheConfig) -> Any:
+    from xarray_zcache import open_store
+
+    return open_store(url, storage_options=opts, cache_config=cfg, read_only=False)
+
+
+def test_a_killed_owner_costs_only_its_share(
+    client: Client,
+    s3_server: LocalS3Server,
+    s3_bucket: str,
+    s3_options: dict[str, Any],
+    tmp_path: Any,
+) -> None:
+    url = f"s3://{s3_bucket}/era5.zarr"
+    expected = _write(url, s3_options)
+    cfg = _config(tmp_path)._replace(peer_timeout=0.5)
+    zd.install(client, cfg)
+    ds = _open(url, s3_options, cfg)
+    xr.testing.assert_allclose(ds.t.mean("time").compute(), expected.t.mean("time"))
+    victim = sorted(client.scheduler_info()["workers"])[0]
+    async def die() -> None:
+        os._exit(1)
+
+    client.run(die, workers=[victim], wait=False)
+    # the computation goes on while the owner is gone and its nanny restarts it
+    for _ in range(2):
+        xr.testing.assert_allclose(ds.t.max("time").compute(), expected.t.max("time"))
+
+
+def test_one_host_with_a_shared_folder_sends_no_peer_requests(
+    client: Client,
+    s3_server: LocalS3Server,
+    s3_bucket: str,
+    s3_options: dict[str, Any],
+    tmp_path: Any,
+) -> None:
+    url = f"s3://{s3_bucket}/era5.zarr"
+    expected = _write(url, s3_options)
+    cfg = _config(tmp_path, per_worker=False)
+    zd.install(client, cfg)
+    ds = _open(url, s3_options, cfg)
+    log = s3_server.requests
+    xr.testing.assert_allclose(ds.t.mean("time").compute(), expected.t.mean("time"))
+    before = log.chunk_gets(s3_bucket)
+    xr.testing.assert_allclose(ds.t.max().compute(), expected.t.max())
+    assert log.chunk_gets(s3_bucket) - before == 0
+    stats = client.run(_worker_stats)
+    assert sum(s["peer_served"] for s in stats.values()) == 0
+    assert sum(s["peer_fallbacks"] for s in stats.values()) == 0
+
+
+def test_membership_moves_only_the_keys_of_who_came_or_went() -> None:
+    keys = [f"ns/a/c/{i}/{j}" for i in range(50) for j in range(20)]
+    m3 = Membership(1, {"h1": ("w1",), "h2": ("w2",), "h3": ("w3",)})
+    m4 = m3.with_worker("h4", "w4")
+    moved = m3.moved(m4, keys)
+    assert moved and all(m4.owner(k) == "h4" for k in moved)  # only to the newcomer
+    assert 0.1 < len(moved) / len(keys) < 0.4  # about a quarter
+    gone = m4.without_worker("w2")
+    moved = m4.moved(gone, keys)
+    assert all(m4.owner(k) == "h2" for k in moved)  # only the leaver's keys
+    assert Membership.from_msg(gone.to_msg()) == gone

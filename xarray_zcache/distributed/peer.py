@@ -1,0 +1,215 @@
+"""The peer tier: a worker's miss asks the key's owning cache host, over Dask's own comms.
+
+Asking (`PeerTier.lookup`, a `SharedTier` of the worker's cache): the owner of the
+object's key is chosen by `Membership.owner`; if it is another cache host, one of
+its workers is asked through the worker's ``rpc`` (handler ``zcache_get``), with a
+timeout, at most `MAX_ASKS` asks in flight per owner, and the answer checked end
+to end (key, length, CRC-32). Anything else — owner gone, slow, busy, an error, a
+bad answer — returns ``None``: the cache then reads the source itself, and the
+fallback is counted. Never an error for the user.
+
+Answering (`PeerServer.handle_get`): the owner reads the key through its own cache
+(memory, disk, or the source once: single flight there makes N askers cost one
+request cluster-wide), on zarr's event loop, with at most `MAX_SERVING` reads in
+flight; a read for a peer never asks peers again (no loops between workers whose
+views of the membership differ).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pickle
+import threading
+import time
+import zlib
+from collections import Counter, OrderedDict
+from typing import TYPE_CHECKING, Any
+
+from xarray_zcache.cache.tiers import SharedAnswer
+from xarray_zcache.distributed.membership import Membership
+from xarray_zcache.registry import stores_of
+
+if TYPE_CHECKING:
+    from distributed import Worker
+
+    from xarray_zcache.cache.hybrid import HybridCache
+    from xarray_zcache.cache.request import Read
+    from xarray_zcache.store import CachedStore
+
+__all__ = ["FIRST_ASK_TIMEOUT", "MAX_ASKS", "MAX_SERVING", "PeerServer", "PeerTier"]
+
+logger = logging.getLogger("xarray_zcache.distributed")
+
+MAX_ASKS = 32  # asks in flight from one worker to one owner; beyond: read the source
+MAX_SERVING = 64  # reads in flight for peers on one owner; beyond: "busy"
+FIRST_ASK_TIMEOUT = 10.0  # seconds for an owner's first read of a dataset (client set-up)
+
+
+def _store_for(cache: HybridCache, namespace: str) -> CachedStore | None:
+    for store in stores_of(cache):
+        if getattr(store, "namespace", None) == namespace:
+            return store  # type: ignore[no-any-return]
+    return None
+
+
+class PeerTier:
+    """Ask the owner of a key before the source (see the module docstring)."""
+
+    name = "peer"
+
+    def __init__(self, worker: Worker, cache: HybridCache, host: str, timeout: float) -> None:
+        self.worker = worker
+        self.cache = cache
+        self.host = host
+        self.timeout = timeout
+        self.membership = Membership()
+        self._lock = threading.Lock()
+        self._asking: dict[str, int] = {}
+        # owners known to hold a store for a namespace (else the store travels along)
+        self._told: set[tuple[str, str]] = set()
+        self.fallback_reasons: Counter[str] = Counter()  # why asks fell back (diagnostics)
+
+    def update(self, membership: Membership) -> None:
+        """Take ``membership`` if it is newer than the one held."""
+        if membership.version > self.membership.version:
+            self.membership = membership
+
+    def _pick(self, key: str) -> str | None:
+        m = self.membership
+        owner = m.owner(key)
+        if owner is None or owner == self.host:
+            return None
+        workers = m.workers_of(owner)
+        if not workers:
+            return None
+        return workers[zlib.crc32(key.encode()) % len(workers)]
+
+    def _acquire(self, addr: str) -> bool:
+        with self._lock:
+            n = self._asking.get(addr, 0)
+            if n >= MAX_ASKS:
+                return False
+            self._asking[addr] = n + 1
+            return True
+
+    def _release(self, addr: str) -> None:
+        with self._lock:
+            n = self._asking.get(addr, 1) - 1
+            if n:
+                self._asking[addr] = n
+            else:
+                self._asking.pop(addr, None)
+
+    async def lookup(self, read: Read) -> SharedAnswer | None:
+        if read.for_peer or read.prefetch:
+            return None
+        addr = self._pick(read.object_key)
+        if addr is None:
+            return None
+        stats = self.cache._stats
+        if not self._acquire(addr):
+            stats.add("peer_fallbacks")  # the owner is busy with our asks: read the source
+            self.fallback_reasons["too many asks"] += 1
+            return None
+        t0 = time.perf_counter()
+        try:
+            reply = await self._ask(addr, read)
+        except Exception as exc:  # gone, slow, refused: the source answers instead
+            logger.debug("xarray-zcache: asking %s for %r failed: %r", addr, read.key, exc)
+            reply = {"status": type(exc).__name__}
+        finally:
+            self._release(addr)
+            stats.peer_answer(time.perf_counter() - t0)
+        answer = self._check(reply, read)
+        if answer is None:
+            stats.add("peer_fallbacks")
+            status = reply.get("status") if isinstance(reply, dict) else None
+            self.fallback_reasons[str(status if status != "ok" else "damaged")] += 1
+        return answer
+
+    @staticmethod
+    def _check(reply: Any, read: Read) -> SharedAnswer | None:
+        """The answer if it is whole and for this key, else ``None`` (a fallback)."""
+        if not isinstance(reply, dict) or reply.get("status") != "ok":
+            return None
+        data = reply.get("data")
+        if not isinstance(data, bytes | bytearray | memoryview) or reply.get("key") != read.key:
+            return None
+        data = bytes(data)
+        if len(data) != reply.get("length") or zlib.crc32(data) != reply.get("crc"):
+            logger.warning("xarray-zcache: a peer answered damaged bytes for %r; ignored", read.key)
+            return None
+        return SharedAnswer(data, bool(reply.get("saved")))
+
+    async def _ask(self, addr: str, read: Read) -> Any:
+        loop = self.worker.loop.asyncio_loop  # type: ignore[attr-defined]
+        fut = asyncio.run_coroutine_threadsafe(self._send(addr, read), loop)
+        # the first ask of a dataset makes the owner set up its client for the source
+        # (a session, credentials): allow for that once, then hold the owner to the timeout
+        first = (addr, read.namespace) not in self._told
+        timeout = max(self.timeout, FIRST_ASK_TIMEOUT) if first else self.timeout
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
+        finally:
+            fut.cancel()
+
+    async def _send(self, addr: str, read: Read) -> Any:
+        msg: dict[str, Any] = {"key": read.key, "namespace": read.namespace}
+        if (addr, read.namespace) not in self._told:
+            store = _store_for(self.cache, read.namespace)
+            if store is not None:
+                msg["store"] = pickle.dumps(store)  # its wrapped store and config, no data
+        reply = await self.worker.rpc(addr).zcache_get(**msg)
+        if isinstance(reply, dict) and reply.get("status") != "unknown-store":
+            self._told.add((addr, read.namespace))
+        return reply
+
+
+class PeerServer:
+    """Answer other workers' asks from this worker's cache (see the module docstring)."""
+
+    def __init__(self, cache: HybridCache) -> None:
+        self.cache = cache
+        self.serving = 0
+        self._stores: OrderedDict[str, CachedStore] = OrderedDict()  # received from askers
+
+    def _store(self, namespace: str, pickled: bytes | None) -> CachedStore | None:
+        store = _store_for(self.cache, namespace) or self._stores.get(namespace)
+        if store is None and pickled is not None:
+            store = pickle.loads(pickled)  # a CachedStore from a worker of this cluster
+            if getattr(store, "namespace", None) != namespace:
+                return None
+            self._stores[namespace] = store
+            if len(self._stores) > 256:
+                self._stores.popitem(last=False)
+        return store
+
+    async def handle_get(
+        self, key: str = "", namespace: str = "", store: bytes | None = None, **_: Any
+    ) -> dict[str, Any]:
+        if self.serving >= MAX_SERVING:
+            return {"status": "busy"}
+        s = self._store(namespace, store)
+        if s is None:
+            return {"status": "unknown-store"}
+        from zarr.core.sync import _get_loop
+
+        self.serving += 1
+        try:
+            fut = asyncio.run_coroutine_threadsafe(s.serve_peer(self.cache, key), _get_loop())
+            data, saved = await asyncio.wrap_future(fut)
+        except Exception as exc:
+            return {"status": "error", "error": repr(exc)[:500]}
+        finally:
+            self.serving -= 1
+        if data is None:
+            return {"status": "missing"}
+        return {
+            "status": "ok",
+            "key": key,
+            "data": data,
+            "length": len(data),
+            "crc": zlib.crc32(data),
+            "saved": saved,
+        }
