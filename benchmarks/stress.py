@@ -1,9 +1,9 @@
 """The reliability suite of issue 6, run longer: ``make stress`` (``python benchmarks/stress.py``).
 
-Runs the scenarios of ``tests/faults.py`` (the same code ``make test`` runs briefly) with the
-counts given as flags, and prints the table of ``docs/reliability.md``: faults injected, runs,
-wrong bytes returned and data lost per scenario. The exit status is 1 if any scenario returned
-a wrong byte, lost data or broke an invariant.
+Runs the scenarios of ``xarray_zcache.testing.faults`` (the same code ``make test`` runs
+briefly) with the counts given as flags, and prints the table of ``docs/reliability.md``:
+faults injected, runs, wrong bytes returned and data lost per scenario. The exit status is 1
+if any scenario returned a wrong byte, lost data or broke an invariant.
 
 Examples
 --------
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
@@ -29,12 +30,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
-HERE = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
+from xarray_zcache.testing import faults
 
-import faults  # noqa: E402
+HERE = pathlib.Path(__file__).resolve().parent
 
 SCENARIOS = ("crash", "crash-points", "corruption", "concurrency", "stateful", "s3", "disk-full")
 
@@ -64,15 +65,27 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _test_module(name: str) -> ModuleType:
+    """The module ``tests/<name>.py``, loaded from its file (``tests`` is no package)."""
+    path = HERE.parent / "tests" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def _stateful(examples: int, seed: int) -> faults.ScenarioResult:
     from hypothesis import HealthCheck, settings
     from hypothesis.stateful import run_state_machine_as_test
-    from test_reliability_concurrency import CacheOverMemoryStoreVsReference, CacheVsReference
 
+    machines = _test_module("test_reliability_concurrency")  # the state machines and their tests
     result = faults.ScenarioResult("hypothesis state machine vs a reference store")
     steps = 50
     with faults.timed(result):
-        for machine in (CacheVsReference, CacheOverMemoryStoreVsReference):
+        for machine in (machines.CacheVsReference, machines.CacheOverMemoryStoreVsReference):
             run_state_machine_as_test(
                 machine,
                 settings=settings(
@@ -122,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    {text}", flush=True)
         if not args.workdir:
             shutil.rmtree(folder, ignore_errors=True)
-        faults._forget_caches()
+        faults.forget_caches()
 
     seed = args.seed
     if "crash" in only:

@@ -17,7 +17,6 @@ import tempfile
 import threading
 from typing import Any
 
-import faults
 import hypothesis.strategies as st
 import pytest
 from hypothesis import HealthCheck, settings
@@ -35,6 +34,7 @@ from zarr.storage import LocalStore, MemoryStore
 
 from xarray_zcache import CacheConfig, CachedStore
 from xarray_zcache.registry import close_all
+from xarray_zcache.testing import faults
 
 P = default_buffer_prototype()
 

@@ -14,10 +14,10 @@ import sqlite3
 import time
 from typing import Any
 
-import faults
 import pytest
 
 from xarray_zcache.cache.disk import HEADER, DiskTier
+from xarray_zcache.testing import faults
 
 
 @pytest.mark.parametrize("kind", faults.DAMAGE_KINDS)

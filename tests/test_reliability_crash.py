@@ -15,10 +15,10 @@ import sqlite3
 import time
 from typing import Any
 
-import faults
 import pytest
 
 from xarray_zcache.cache.disk import FORMAT_VERSION, HEADER, DiskTier
+from xarray_zcache.testing import faults
 
 # --------------------------------------------------------------------------- SIGKILL
 

@@ -9,14 +9,12 @@ The memory tier stays within its budget under a workload ten times its size.
 from __future__ import annotations
 
 import logging
-import os
 import pathlib
 import random
 import shutil
 import threading
 import time
 
-import faults
 import pytest
 from pympler.asizeof import asizeof
 from zarr.abc.store import RangeByteRequest
@@ -26,7 +24,9 @@ from zarr.storage import MemoryStore
 
 from xarray_zcache import CacheConfig, CachedStore
 from xarray_zcache.cache import disk as disk_module
+from xarray_zcache.cache.disk import hooks
 from xarray_zcache.cache.disk import index as disk_index
+from xarray_zcache.testing import faults
 
 P = default_buffer_prototype()
 
@@ -80,21 +80,16 @@ def test_new_cache_on_a_full_filesystem(
 def test_no_partial_files_after_enospc_mid_write(tmp_path: pathlib.Path) -> None:
     """ENOSPC after the header is written: the temp file is removed, nothing is installed."""
     tier = disk_module.DiskTier(tmp_path / "cache", 1 << 20)
-    real_write = os.write
-    calls: list[int] = []
+    temps: list[str] = []
 
-    def failing_write(fd: int, data: bytes) -> int:
-        calls.append(fd)
-        if len(calls) % 2 == 0:  # the payload, after the header
-            raise OSError(28, "No space left on device")
-        return real_write(fd, data)
+    def no_space(temp: str) -> None:  # the payload write, after the header
+        temps.append(temp)
+        raise OSError(28, "No space left on device")
 
     try:
-        os.write = failing_write  # type: ignore[assignment]
-        try:
+        with hooks.registered("after-header-write", no_space):
             assert not tier.put("k", b"x" * 1000)
-        finally:
-            os.write = real_write
+        assert temps  # the header of a temp file was written each time
         assert faults.temp_files(tier.path) == [] and faults.payload_files(tier.path) == []
         assert tier.get("k") is None and "k" not in tier
         assert tier.put("k", b"y" * 1000) and tier.get("k") == b"y" * 1000

@@ -11,7 +11,6 @@ from __future__ import annotations
 import pathlib
 from collections.abc import Iterator
 
-import faults
 import numpy as np
 import pytest
 import xarray as xr
@@ -19,6 +18,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from xarray_zcache.backend import open_store
+from xarray_zcache.testing import faults
 from xarray_zcache.testing.s3server import LocalS3Server
 
 P = default_buffer_prototype()
@@ -60,7 +60,7 @@ def test_persistent_500_is_a_clear_error_and_nothing_is_cached(
     for key in ("v/c/0", "v/zarr.json"):
         with pytest.raises(OSError, match="internal error"):
             sync(store.get(key, P))
-        assert faults._cached_entries(store, key) == []  # no value, no negative entry
+        assert faults.cached_entries(store, key) == []  # no value, no negative entry
     assert store.stats().inner_errors == 2
     proxy.clear()
     assert sync(store.get("v/c/0", P)).to_bytes() == b"chunk bytes"
@@ -113,7 +113,7 @@ def test_write_acknowledged_by_s3_but_answered_with_an_error(
     proxy.add(faults.Fault("500", method="PUT", after=True))
     with pytest.raises(OSError):
         sync(store.set("v/c/0", faults.buf(b"new")))
-    assert faults._cached_entries(store, "v/c/0") == []
+    assert faults.cached_entries(store, "v/c/0") == []
     proxy.clear()
     assert direct.cat_file(f"{s3_bucket}/ds/v/c/0") == b"new"
     assert sync(store.get("v/c/0", P)).to_bytes() == b"new"

@@ -17,7 +17,6 @@ import re
 import stat
 from typing import Any
 
-import faults
 import numpy as np
 import pytest
 import xarray as xr
@@ -28,6 +27,7 @@ from zarr.storage import MemoryStore
 import xarray_zcache
 from xarray_zcache import CacheConfig, CachedStore
 from xarray_zcache.cache.hybrid import HybridCache
+from xarray_zcache.testing import faults
 from xarray_zcache.testing.s3server import LocalS3Server
 
 P = default_buffer_prototype()

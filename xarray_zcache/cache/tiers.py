@@ -63,7 +63,7 @@ def open_disk(settings: CacheSettings) -> DiskTier | None:
                 exc.strerror or exc,
             )
             return None
-        raise OSError(
+        raise type(exc)(
             exc.errno,
             f"xarray-zcache: cannot use the cache folder {settings.disk_path} (disk_path): "
             f"{exc.strerror or exc}",
