@@ -204,9 +204,9 @@ def snapshot(client: Client) -> dict[str, Any]:
     Returns
     -------
     dict
-        ``cluster`` (a `~xarray_zcache.distributed.ClusterStats`) and ``series``
-        (the time series, oldest first): the two arguments of
-        `xarray_zcache.plotting.dashboard`.
+        ``cluster`` (the JSON-able dict of `~xarray_zcache.distributed.ClusterStats`,
+        ``ClusterStats.to_dict``) and ``series`` (the time series, oldest first): the
+        two arguments of `xarray_zcache.plotting.dashboard`.
 
     Raises
     ------
@@ -218,7 +218,7 @@ def snapshot(client: Client) -> dict[str, Any]:
     rpc: Any = client.scheduler
     cluster = cluster_stats(client)
     series = client.sync(rpc.zcache_timeseries)  # type: ignore[no-untyped-call]
-    return {"cluster": cluster, "series": jsonable(list(series or []))}
+    return {"cluster": jsonable(cluster.to_dict()), "series": jsonable(list(series or []))}
 
 
 # -- the page ------------------------------------------------------------------------------------
