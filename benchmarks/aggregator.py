@@ -23,7 +23,7 @@ from typing import Any
 import msgpack
 from pympler.asizeof import asizeof
 
-from xarray_zcache.cache.stats import CacheStats
+from xarray_zcache.cache.stats import KINDS, TIERS, CacheStats
 from xarray_zcache.distributed.scheduler import ZCacheSchedulerPlugin
 
 
@@ -44,8 +44,8 @@ class _Scheduler:
 
 def _stats(rng: random.Random, t: int) -> list[int]:
     s = CacheStats()
-    for tier in ("memory", "disk"):
-        for kind in ("metadata", "chunk"):
+    for tier in TIERS:
+        for kind in KINDS:
             s.hits[tier][kind] = t * rng.randint(10, 200)
             s.hit_bytes[tier][kind] = s.hits[tier][kind] * 1_000_000
     s.misses = {"metadata": t, "chunk": t * rng.randint(1, 50)}

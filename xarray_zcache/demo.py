@@ -47,7 +47,7 @@ from dask.utils import format_bytes, parse_bytes
 
 from xarray_zcache._quiet import silence_unclosed_sessions
 from xarray_zcache.cache.hybrid import HybridCache
-from xarray_zcache.cache.stats import CacheStats
+from xarray_zcache.cache.stats import TIERS, CacheStats
 from xarray_zcache.config import CacheConfig
 from xarray_zcache.registry import get_cache
 
@@ -385,8 +385,7 @@ def print_cluster_report(client: Any) -> None:
     frame["hit_rate"] = frame["hit_rate"].map("{:.1%}".format)
     cols = [
         "hit_rate",
-        "hits_memory",
-        "hits_disk",
+        *(f"hits_{tier}" for tier in TIERS),
         "misses",
         "bytes_saved",
         "memory_used",

@@ -8,11 +8,23 @@ import math
 import threading
 import time
 from collections import Counter
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, ClassVar
 
 from xarray_zcache.cache.units import format_bytes
 
-__all__ = ["KINDS", "TIERS", "CacheStats", "HotKeys", "StatsRecorder"]
+__all__ = [
+    "COUNTER",
+    "KINDS",
+    "MAX",
+    "SAME",
+    "SUM",
+    "TIERS",
+    "TOP",
+    "CacheStats",
+    "HotKeys",
+    "StatsRecorder",
+]
 
 KINDS = ("metadata", "chunk")
 TIERS = ("memory", "disk", "peer")
@@ -55,17 +67,44 @@ def _tiered() -> dict[str, dict[str, int]]:
     return {t: _zeros() for t in TIERS}
 
 
+# -- the one stats model ---------------------------------------------------------------------------
+#
+# Every field of `CacheStats` says how two snapshots combine (dataclass metadata "combine"):
+COUNTER = "counter"  #: a counter: summed by ``a + b``, subtracted by ``b - a``
+SUM = "sum"  #: a gauge summed over caches (``b - a`` keeps ``b``'s value)
+MAX = "max"  #: a gauge whose cluster value is the largest one (``b - a`` keeps ``b``'s)
+SAME = "same"  #: a gauge kept when both agree, else ``None`` (``b - a`` keeps ``b``'s)
+TOP = "top"  #: the hot keys: counts merged (``b - a`` keeps ``b``'s)
+
+#: a number's place in a snapshot: field name, then dict keys / list indices
+Path = tuple[str | int, ...]
+
+
+def _gauge(combine: str, default: Any = 0) -> Any:
+    return dataclasses.field(default=default, metadata={"combine": combine})
+
+
+def _buckets() -> list[int]:
+    return [0] * len(LATENCY_BUCKETS_MS)
+
+
 @dataclasses.dataclass
 class CacheStats:
     """A snapshot of a cache's counters and gauges.
 
     Counters (hits, misses, bytes, ...) are per kind (``"metadata"``, ``"chunk"``)
-    and, for hits, per tier (``"memory"``, ``"disk"``). A *hit* is a read served
-    without asking the inner store (S3); a *miss* is a read that asked it.
-    Negative hits (a metadata key known to be missing) count as requests saved.
+    and, for hits, per tier (`TIERS`). A *hit* is a read served without asking the
+    inner store (S3); a *miss* is a read that asked it. Negative hits (a metadata key
+    known to be missing) count as requests saved.
 
     Snapshots add (``a + b``: totals over caches or workers) and subtract
     (``b - a``: what happened between two snapshots; gauges keep ``b``'s values).
+
+    The dataclass fields are the whole model: the compact wire form a Dask worker
+    sends (`to_vector`, `WIRE_PATHS`), the plain dict (`to_dict`), the arithmetic
+    and the scheduler's totals are all derived from them, so a new field needs no
+    other edit. Every integer of a snapshot is on the wire; fields are counters
+    unless their metadata says otherwise (`SUM`, `MAX`, `SAME`, `TOP` gauges).
     """
 
     hits: dict[str, dict[str, int]] = dataclasses.field(default_factory=_tiered)
@@ -88,25 +127,31 @@ class CacheStats:
     peer_served_bytes: int = 0
     peer_loads: int = 0
     peer_fallbacks: int = 0
-    peer_latency_ms: list[int] = dataclasses.field(
-        default_factory=lambda: [0] * len(LATENCY_BUCKETS_MS)
-    )
+    peer_latency_ms: list[int] = dataclasses.field(default_factory=_buckets)
     disk_write_failures: int = 0
     not_admitted: int = 0
-    fetch_latency_ms: list[int] = dataclasses.field(
-        default_factory=lambda: [0] * len(LATENCY_BUCKETS_MS)
-    )
+    fetch_latency_ms: list[int] = dataclasses.field(default_factory=_buckets)
     # gauges
-    memory_used: int = 0
-    memory_capacity: int = 0
-    memory_entries: int = 0
-    memory_entry_overhead: int = 0
-    disk_used: int = 0
-    disk_capacity: int = 0
-    disk_entries: int = 0
-    disk_path: str | None = None
-    hot_keys: list[tuple[str, int]] = dataclasses.field(default_factory=list)
-    uptime: float = 0.0
+    memory_used: int = _gauge(SUM)
+    memory_capacity: int = _gauge(SUM)
+    memory_entries: int = _gauge(SUM)
+    memory_entry_overhead: int = _gauge(MAX)
+    disk_used: int = _gauge(SUM)
+    disk_capacity: int = _gauge(SUM)
+    disk_entries: int = _gauge(SUM)
+    disk_path: str | None = _gauge(SAME, None)
+    hot_keys: list[tuple[str, int]] = dataclasses.field(
+        default_factory=list, metadata={"combine": TOP}
+    )
+    uptime: float = _gauge(MAX, 0.0)
+
+    #: the numbers on the wire, in order: every integer of a default snapshot, by path
+    #: (``("hits", "memory", "chunk")``, ..., ``("fetch_latency_ms", 12)``, ...)
+    WIRE_PATHS: ClassVar[tuple[Path, ...]]
+    #: the same, as dotted names (``"hits.memory.chunk"``)
+    VECTOR_FIELDS: ClassVar[tuple[str, ...]]
+    #: how each number of the wire form combines (`COUNTER`, `SUM` or `MAX`)
+    WIRE_COMBINE: ClassVar[tuple[str, ...]]
 
     # -- derived figures -----------------------------------------------------------------------
 
@@ -152,38 +197,27 @@ class CacheStats:
 
     # -- arithmetic ----------------------------------------------------------------------------
 
-    _GAUGES = (
-        "memory_used",
-        "memory_capacity",
-        "memory_entries",
-        "memory_entry_overhead",
-        "disk_used",
-        "disk_capacity",
-        "disk_entries",
-        "disk_path",
-        "hot_keys",
-        "uptime",
-    )
-
     def _combine(self, other: CacheStats, sign: int) -> CacheStats:
-        """Counters: ``self + sign * other``. Gauges: summed for ``+``, self's for ``-``."""
+        """Counters: ``self + sign * other``. Gauges: combined for ``+``, self's for ``-``."""
         out = CacheStats()
         for f in dataclasses.fields(self):
             a, b = getattr(self, f.name), getattr(other, f.name)
-            if f.name not in self._GAUGES:
-                setattr(out, f.name, _op(a, b, sign))
+            combine = _combine_of(f)
+            if combine == COUNTER:
+                value = _op(a, b, sign)
             elif sign < 0:
-                setattr(out, f.name, a)
-            elif f.name == "hot_keys":
+                value = _clone(a)
+            elif combine == TOP:
                 merged: Counter[str] = Counter(dict(a))
                 merged.update(dict(b))
-                setattr(out, f.name, merged.most_common(max(len(a), len(b))))
-            elif f.name == "disk_path":
-                setattr(out, f.name, a if a == b else None)
-            elif f.name in ("uptime", "memory_entry_overhead"):
-                setattr(out, f.name, max(a, b))
+                value = merged.most_common(max(len(a), len(b)))
+            elif combine == SAME:
+                value = a if a == b else None
+            elif combine == MAX:
+                value = max(a, b)
             else:
-                setattr(out, f.name, a + b)
+                value = a + b
+            setattr(out, f.name, value)
         return out
 
     def __add__(self, other: CacheStats) -> CacheStats:
@@ -194,78 +228,28 @@ class CacheStats:
 
     # -- compact wire form ---------------------------------------------------------------------
 
-    # every number, in a fixed order: what a Dask worker sends to the scheduler (small,
-    # fast to pack, and summable element by element)
-    VECTOR_FIELDS: tuple[str, ...] = (
-        *(f"hits.{t}.{k}" for t in TIERS for k in KINDS),
-        *(f"hit_bytes.{t}.{k}" for t in TIERS for k in KINDS),
-        *(f"misses.{k}" for k in KINDS),
-        *(f"miss_bytes.{k}" for k in KINDS),
-        "negative_hits",
-        "inner_errors",
-        "writes",
-        "write_bytes",
-        "invalidations",
-        *(f"evictions.{t}" for t in TIERS),
-        "corruptions",
-        "promotions",
-        "prefetches",
-        "disk_write_failures",
-        "not_admitted",
-        "prefetch_hits",
-        "peer_served",
-        "peer_served_bytes",
-        "peer_loads",
-        "peer_fallbacks",
-        *(f"peer_latency_ms.{i}" for i in range(len(LATENCY_BUCKETS_MS))),
-        *(f"fetch_latency_ms.{i}" for i in range(len(LATENCY_BUCKETS_MS))),
-        "memory_used",
-        "memory_capacity",
-        "memory_entries",
-        "disk_used",
-        "disk_capacity",
-        "disk_entries",
-    )
+    @classmethod
+    def wire_index(cls, name: str) -> int:
+        """The position of a number in the wire vector, by dotted name (``"disk_used"``).
+
+        Raises
+        ------
+        KeyError
+            If ``name`` is not one of `VECTOR_FIELDS`.
+        """
+        try:
+            return _WIRE_INDEX[name]
+        except KeyError:
+            raise KeyError(f"not a field of the stats vector: {name!r}") from None
 
     def to_vector(self) -> list[int]:
-        """The numbers of `VECTOR_FIELDS`, in order (counters and summable gauges)."""
+        """The numbers of `WIRE_PATHS`, in order: what a Dask worker sends to the scheduler.
+
+        Small, fast to pack and summable element by element.
+        """
         out: list[int] = []
-        for t in TIERS:
-            out += [self.hits[t][k] for k in KINDS]
-        for t in TIERS:
-            out += [self.hit_bytes[t][k] for k in KINDS]
-        out += [self.misses[k] for k in KINDS]
-        out += [self.miss_bytes[k] for k in KINDS]
-        out += [
-            self.negative_hits,
-            self.inner_errors,
-            self.writes,
-            self.write_bytes,
-            self.invalidations,
-        ]
-        out += [self.evictions[t] for t in TIERS]
-        out += [
-            self.corruptions,
-            self.promotions,
-            self.prefetches,
-            self.disk_write_failures,
-            self.not_admitted,
-            self.prefetch_hits,
-            self.peer_served,
-            self.peer_served_bytes,
-            self.peer_loads,
-            self.peer_fallbacks,
-        ]
-        out += list(self.peer_latency_ms)
-        out += list(self.fetch_latency_ms)
-        out += [
-            self.memory_used,
-            self.memory_capacity,
-            self.memory_entries,
-            self.disk_used,
-            self.disk_capacity,
-            self.disk_entries,
-        ]
+        for name, read in _WIRE_READERS:
+            out += read(getattr(self, name))
         return out
 
     @classmethod
@@ -275,55 +259,27 @@ class CacheStats:
         Raises
         ------
         ValueError
-            If ``vec`` is not a sequence of ``len(VECTOR_FIELDS)`` numbers.
+            If ``vec`` is not a sequence of ``len(WIRE_PATHS)`` numbers.
         """
-        if len(vec) != len(cls.VECTOR_FIELDS) or not all(
+        if len(vec) != len(cls.WIRE_PATHS) or not all(
             isinstance(x, int | float) and not isinstance(x, bool) for x in vec
         ):
             raise ValueError(
-                f"stats vector: expected {len(cls.VECTOR_FIELDS)} numbers, got {len(vec)} items"
+                f"stats vector: expected {len(cls.WIRE_PATHS)} numbers, got {len(vec)} items"
             )
-        it = iter(vec)
         s = cls()
-        for t in TIERS:
-            for k in KINDS:
-                s.hits[t][k] = int(next(it))
-        for t in TIERS:
-            for k in KINDS:
-                s.hit_bytes[t][k] = int(next(it))
-        for k in KINDS:
-            s.misses[k] = int(next(it))
-        for k in KINDS:
-            s.miss_bytes[k] = int(next(it))
-        for name in ("negative_hits", "inner_errors", "writes", "write_bytes", "invalidations"):
-            setattr(s, name, int(next(it)))
-        for t in TIERS:
-            s.evictions[t] = int(next(it))
-        for name in (
-            "corruptions",
-            "promotions",
-            "prefetches",
-            "disk_write_failures",
-            "not_admitted",
-            "prefetch_hits",
-            "peer_served",
-            "peer_served_bytes",
-            "peer_loads",
-            "peer_fallbacks",
-        ):
-            setattr(s, name, int(next(it)))
-        s.peer_latency_ms = [int(next(it)) for _ in LATENCY_BUCKETS_MS]
-        s.fetch_latency_ms = [int(next(it)) for _ in LATENCY_BUCKETS_MS]
-        for name in (
-            "memory_used",
-            "memory_capacity",
-            "memory_entries",
-            "disk_used",
-            "disk_capacity",
-            "disk_entries",
-        ):
-            setattr(s, name, int(next(it)))
+        for path, x in zip(cls.WIRE_PATHS, vec, strict=True):
+            s._set(path, int(x))
         return s
+
+    def _set(self, path: Path, value: int) -> None:
+        if len(path) == 1:
+            setattr(self, str(path[0]), value)
+            return
+        box: Any = getattr(self, str(path[0]))
+        for k in path[1:-1]:
+            box = box[k]
+        box[path[-1]] = value
 
     # -- export --------------------------------------------------------------------------------
 
@@ -341,29 +297,46 @@ class CacheStats:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> CacheStats:
-        """Inverse of `to_dict` (derived figures are ignored)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in names}
-        kwargs["hot_keys"] = [(str(k), int(c)) for k, c in kwargs.get("hot_keys", [])]
-        # msgpack (Dask's wire format) turns lists into tuples
-        for hist in ("fetch_latency_ms", "peer_latency_ms"):
-            if hist in kwargs:
-                kwargs[hist] = [int(x) for x in kwargs[hist]]
-                if len(kwargs[hist]) != len(LATENCY_BUCKETS_MS):
-                    raise ValueError(f"{hist}: wrong number of buckets")
-        for name in ("hits", "hit_bytes"):
-            if name in kwargs:
-                given = kwargs[name]
-                kwargs[name] = {
-                    t: {k: int((given.get(t) or {}).get(k, 0)) for k in KINDS} for t in TIERS
-                }
-        for name in ("misses", "miss_bytes"):
-            if name in kwargs:
-                kwargs[name] = {k: int(kwargs[name][k]) for k in KINDS}
-        if "evictions" in kwargs:
-            kwargs["evictions"] = {t: int(kwargs["evictions"].get(t, 0)) for t in TIERS}
-        return cls(**kwargs)
+    def from_dict(cls, d: Mapping[str, Any]) -> CacheStats:
+        """Inverse of `to_dict`; derived figures are ignored, missing numbers are 0.
+
+        Dicts of an older version (without the ``"peer"`` tier, say) read fine; lists
+        may be tuples (msgpack, Dask's wire format, makes them so).
+
+        Raises
+        ------
+        ValueError
+            If a number is not a number, or a histogram has the wrong number of buckets.
+        """
+        if not isinstance(d, Mapping):
+            raise ValueError(f"stats must be a dict, got {type(d).__name__}")
+        s = cls()
+        for path in cls.WIRE_PATHS:
+            value: Any = d
+            for k in path:
+                if isinstance(value, Mapping):
+                    value = value.get(k)
+                elif isinstance(value, list | tuple):
+                    if len(value) != len(getattr(s, str(path[0]))):
+                        raise ValueError(f"{path[0]}: wrong number of buckets ({len(value)})")
+                    value = value[int(k)]
+                else:
+                    value = None
+                if value is None:
+                    break
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                name = ".".join(map(str, path))
+                raise ValueError(f"stats field {name} must be a number, not {value!r}")
+            s._set(path, int(value))
+        if d.get("disk_path") is not None:
+            s.disk_path = str(d["disk_path"])
+        s.hot_keys = [(str(k), int(c)) for k, c in d.get("hot_keys") or []]
+        uptime = d.get("uptime")
+        if isinstance(uptime, int | float) and not isinstance(uptime, bool):
+            s.uptime = float(uptime)
+        return s
 
     def _rows(self) -> list[tuple[str, str]]:
         mem_hits = self.total_hits(tier="memory")
@@ -441,6 +414,72 @@ def _op(a: Any, b: Any, sign: int) -> Any:
     return a + sign * b
 
 
+def _clone(value: Any) -> Any:
+    """A copy of a field's value (its dicts and lists are new)."""
+    if isinstance(value, dict):
+        return {k: _clone(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clone(v) for v in value]
+    return value
+
+
+def _combine_of(f: dataclasses.Field[Any]) -> str:
+    return str(f.metadata.get("combine", COUNTER))
+
+
+def _wire_paths(value: Any, path: Path) -> Iterator[Path]:
+    """Where the integers are in a field's value (nested dicts and lists)."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int):
+        yield path
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _wire_paths(v, (*path, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _wire_paths(v, (*path, i))
+
+
+def _reader(paths: list[Path]) -> Callable[[Any], list[int]]:
+    """Reads the numbers at ``paths`` (without their field name) out of a field's value."""
+    if paths == [()]:
+        return lambda value: [value]
+    if all(len(p) == 1 for p in paths):
+        keys = [p[0] for p in paths]
+        return lambda value: [value[k] for k in keys]
+    return lambda value: [_at(value, p) for p in paths]
+
+
+def _at(value: Any, path: Path) -> Any:
+    for k in path:
+        value = value[k]
+    return value
+
+
+def _derive_wire_form() -> None:
+    default = CacheStats()
+    paths: list[Path] = []
+    combine: list[str] = []
+    for f in dataclasses.fields(CacheStats):
+        found = list(_wire_paths(getattr(default, f.name), (f.name,)))
+        if found and _combine_of(f) not in (COUNTER, SUM, MAX):
+            raise TypeError(f"CacheStats.{f.name}: numbers on the wire must be summable or max")
+        paths += found
+        combine += [_combine_of(f)] * len(found)
+        if found:
+            _WIRE_READERS.append((f.name, _reader([p[1:] for p in found])))
+    CacheStats.WIRE_PATHS = tuple(paths)
+    CacheStats.VECTOR_FIELDS = tuple(".".join(map(str, p)) for p in paths)
+    CacheStats.WIRE_COMBINE = tuple(combine)
+    _WIRE_INDEX.update({name: i for i, name in enumerate(CacheStats.VECTOR_FIELDS)})
+
+
+_WIRE_INDEX: dict[str, int] = {}
+_WIRE_READERS: list[tuple[str, Callable[[Any], list[int]]]] = []
+_derive_wire_form()
+
+
 class StatsRecorder:
     """Live counters of one cache. Thread-safe; cheap enough for the hit path."""
 
@@ -502,16 +541,10 @@ class StatsRecorder:
         with self._lock:
             s = dataclasses.replace(
                 self._s,
-                hits={t: dict(v) for t, v in self._s.hits.items()},
-                hit_bytes={t: dict(v) for t, v in self._s.hit_bytes.items()},
-                misses=dict(self._s.misses),
-                miss_bytes=dict(self._s.miss_bytes),
-                evictions=dict(self._s.evictions),
-                fetch_latency_ms=list(self._s.fetch_latency_ms),
-                peer_latency_ms=list(self._s.peer_latency_ms),
-                hot_keys=self._hot.top(),
-                uptime=time.monotonic() - self.started,
+                **{f.name: _clone(getattr(self._s, f.name)) for f in dataclasses.fields(self._s)},
             )
+            s.hot_keys = self._hot.top()
+            s.uptime = time.monotonic() - self.started
         for k, v in gauges.items():
             setattr(s, k, v)
         return s

@@ -9,19 +9,14 @@ Examples
 
 from __future__ import annotations
 
-import dataclasses
-import html
 from typing import TYPE_CHECKING, Any
 
-from dask.utils import format_bytes
-
-from xarray_zcache.cache.stats import CacheStats
 from xarray_zcache.config import CacheConfig
+from xarray_zcache.distributed.clusterstats import ClusterStats
 from xarray_zcache.distributed.scheduler import ZCacheSchedulerPlugin
 from xarray_zcache.distributed.worker import ZCacheWorkerPlugin
 
 if TYPE_CHECKING:
-    import pandas as pd
     from distributed import Client
 
 __all__ = [
@@ -113,105 +108,6 @@ def _announce_writes_from(client: Client) -> None:
         return asyncio.run_coroutine_threadsafe(coro, loop.asyncio_loop)
 
     add_invalidation_listener(f"dask-scheduler {scheduler.address}", announce)
-
-
-@dataclasses.dataclass
-class ClusterStats:
-    """Figures of the whole cluster as the scheduler's aggregator last saw them."""
-
-    workers: dict[str, CacheStats]
-    names: dict[str, str]
-    total: CacheStats
-    hot_keys: list[dict[str, Any]]
-    decisions: list[dict[str, Any]]
-    rejected_reports: int = 0
-    analytics: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ClusterStats:
-        return cls(
-            workers={w: CacheStats.from_dict(v) for w, v in d["workers"].items()},
-            names={w: str(v.get("name", "")) for w, v in d["workers"].items()},
-            total=CacheStats.from_dict(d["total"]),
-            hot_keys=list(d.get("hot_keys", [])),
-            decisions=list(d.get("decisions", [])),
-            rejected_reports=int(d.get("rejected_reports", 0)),
-            analytics={w: dict(v.get("analytics") or {}) for w, v in d["workers"].items()},
-        )
-
-    def recommendations(self) -> list[str]:
-        """Cache-size advice per worker from the miss-ratio curves of their recent reads."""
-        return [
-            f"{self.names.get(w) or w}: {line}"
-            for w, a in sorted(self.analytics.items())
-            for line in a.get("recommendations", [])
-        ]
-
-    def to_dataframe(self) -> pd.DataFrame:
-        """One row per worker plus a ``total`` row."""
-        import pandas as pd
-
-        def row(s: CacheStats) -> dict[str, Any]:
-            return {
-                "hit_rate": s.hit_rate(),
-                "hits_memory": s.total_hits(tier="memory"),
-                "hits_disk": s.total_hits(tier="disk"),
-                "hits_peer": s.total_hits(tier="peer"),
-                "peer_served": s.peer_served,
-                "peer_fallbacks": s.peer_fallbacks,
-                "misses": s.total_misses(),
-                "requests_saved": s.requests_saved,
-                "bytes_saved": s.bytes_saved,
-                "memory_used": s.memory_used,
-                "memory_capacity": s.memory_capacity,
-                "disk_used": s.disk_used,
-                "disk_capacity": s.disk_capacity,
-                "promotions": s.promotions,
-                "corruptions": s.corruptions,
-            }
-
-        rows = {w: row(s) for w, s in sorted(self.workers.items())}
-        rows["total"] = row(self.total)
-        return pd.DataFrame.from_dict(rows, orient="index")
-
-    def __str__(self) -> str:
-        t = self.total
-        lines = [
-            f"ClusterStats: {len(self.workers)} workers, hit rate {t.hit_rate():.1%}, "
-            f"{t.requests_saved} requests and {format_bytes(t.bytes_saved)} saved",
-        ]
-        for w, s in sorted(self.workers.items()):
-            lines.append(
-                f"  {w}: hit rate {s.hit_rate():.1%}, memory {format_bytes(s.memory_used)}, "
-                f"disk {format_bytes(s.disk_used)}"
-            )
-        return "\n".join(lines)
-
-    def labels(self) -> dict[str, str]:
-        """Worker address -> its display label, the same as on the ``/zcache`` page."""
-        from xarray_zcache.distributed.dashboard import worker_labels
-
-        return worker_labels({w: self.names.get(w, "") for w in self.workers})
-
-    def _repr_html_(self) -> str:
-        table = self.to_dataframe()
-        labels = self.labels()
-        table.index = [labels.get(w, w) for w in table.index]  # named as on the /zcache page
-        for col in ("bytes_saved", "memory_used", "memory_capacity", "disk_used", "disk_capacity"):
-            table[col] = table[col].map(format_bytes)
-        table["hit_rate"] = table["hit_rate"].map("{:.1%}".format)
-        hot = "".join(
-            f"<tr><td>{h['count']}</td><td>{h['rate']:.2f}/s now, "
-            f"{max(h['rate'], h.get('peak_rate', 0.0)):.2f}/s peak</td>"
-            f"<td><code>{html.escape(h['key'])}</code></td></tr>"
-            for h in self.hot_keys[:10]
-        )
-        return (
-            "<div><strong>xarray-zcache cluster</strong>"
-            + str(table.to_html())
-            + (f"<details><summary>hot keys</summary><table>{hot}</table></details>" if hot else "")
-            + "</div>"
-        )
 
 
 def _has_handler(dask_scheduler: Any, op: str = "") -> bool:

@@ -48,6 +48,7 @@ from tornado import web
 if TYPE_CHECKING:
     from distributed import Client, Scheduler
 
+    from xarray_zcache.distributed.clusterstats import ClusterStats
     from xarray_zcache.distributed.scheduler import ZCacheSchedulerPlugin
 
 __all__ = [
@@ -166,18 +167,21 @@ def build_payload(
     -------
     dict
         ``time`` (epoch seconds), ``summary`` (`xarray_zcache.plotting.summary`
-        figures), ``cluster`` (``zcache_cluster_stats()``), ``series`` (oldest
-        first) and ``decisions`` (oldest first).
+        figures), ``cluster`` (``zcache_cluster_stats()``: `ClusterStats.to_dict`,
+        which `ClusterStats.from_dict` reads back), ``series`` (oldest first) and
+        ``decisions`` (oldest first).
     """
-    cluster = plugin.zcache_cluster_stats()
+    from xarray_zcache.plotting import summary
+
+    cluster = plugin.cluster_stats()
     points = list(plugin.series)
     log = list(plugin.decisions)
     n_dec = MAX_DECISIONS if decisions is None else decisions
     payload: dict[str, Any] = jsonable(
         {
             "time": time.time(),
-            "summary": _summary(cluster),
-            "cluster": cluster,
+            "summary": summary(cluster),
+            "cluster": cluster.to_dict(),
             "series": points if series is None else _last(points, series),
             "decisions": _last(log, n_dec),
         }
@@ -187,12 +191,6 @@ def build_payload(
 
 def _last(items: list[Any], n: int) -> list[Any]:
     return items[max(0, len(items) - n) :] if n > 0 else []
-
-
-def _summary(cluster: dict[str, Any]) -> dict[str, Any]:
-    from xarray_zcache.plotting import summary
-
-    return summary(cluster)
 
 
 def snapshot(client: Client) -> dict[str, Any]:
@@ -206,23 +204,21 @@ def snapshot(client: Client) -> dict[str, Any]:
     Returns
     -------
     dict
-        ``cluster`` (the dict of ``zcache_cluster_stats``) and ``series`` (the
-        time series, oldest first): the two arguments of
-        `xarray_zcache.plotting.dashboard`.
+        ``cluster`` (the JSON-able dict of `~xarray_zcache.distributed.ClusterStats`,
+        ``ClusterStats.to_dict``) and ``series`` (the time series, oldest first): the
+        two arguments of `xarray_zcache.plotting.dashboard`.
 
     Raises
     ------
     RuntimeError
         If the aggregator is not installed.
     """
+    from xarray_zcache.distributed import cluster_stats
+
     rpc: Any = client.scheduler
-    cluster = client.sync(rpc.zcache_cluster_stats)  # type: ignore[no-untyped-call]
+    cluster = cluster_stats(client)
     series = client.sync(rpc.zcache_timeseries)  # type: ignore[no-untyped-call]
-    if cluster is None:
-        raise RuntimeError(
-            "the scheduler has no zcache aggregator: call xarray_zcache.distributed.install(client)"
-        )
-    return {"cluster": jsonable(cluster), "series": jsonable(list(series or []))}
+    return {"cluster": jsonable(cluster.to_dict()), "series": jsonable(list(series or []))}
 
 
 # -- the page ------------------------------------------------------------------------------------
@@ -378,7 +374,7 @@ _RESOURCES: str | None = None
 
 
 def render_page(
-    cluster: dict[str, Any],
+    cluster: ClusterStats | Mapping[str, Any],
     series: list[dict[str, Any]],
     *,
     prefix: str = "/",
@@ -391,7 +387,7 @@ def render_page(
     Parameters
     ----------
     cluster
-        The aggregator's cluster stats dict.
+        The aggregator's cluster stats (a `ClusterStats`, or its dict).
     series
         The aggregator's time series, oldest first.
     prefix
@@ -416,7 +412,9 @@ def render_page(
     from bokeh.embed import components
 
     from xarray_zcache import plotting
+    from xarray_zcache.distributed.clusterstats import as_cluster_stats
 
+    cluster = as_cluster_stats(cluster)
     layout = plotting.dashboard(cluster, series, with_summary=False)
     script, div = components(layout, theme=_theme())
     base = prefix + PAGE
@@ -518,7 +516,7 @@ class SourcesJSONHandler(_Handler):
 
         plugin = self.plugin()
         if plugin is not None:
-            cluster = plugin.zcache_cluster_stats()
+            cluster = plugin.cluster_stats()
             self.write_json(
                 {
                     "time": time.time(),
@@ -555,7 +553,7 @@ class PageHandler(_Handler):
         plugin = self.plugin()
         if plugin is None:
             return
-        cluster = jsonable(plugin.zcache_cluster_stats())
+        cluster = plugin.cluster_stats()  # a model of its own: safe to read in another thread
         series = jsonable(list(plugin.series))
         nav = nav_variables(self.scheduler)
         resources = _server_resources(self.scheduler)

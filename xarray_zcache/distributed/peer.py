@@ -25,7 +25,7 @@ import zlib
 from collections import Counter, OrderedDict
 from typing import TYPE_CHECKING, Any
 
-from distributed.protocol import to_serialize
+from distributed.protocol.serialize import to_serialize
 
 from xarray_zcache.cache.logs import events
 from xarray_zcache.cache.tiers import SharedAnswer

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from xarray_zcache.cache.stats import CacheStats
+from xarray_zcache.cache.stats import MAX, CacheStats
+from xarray_zcache.distributed.clusterstats import ClusterStats, Decision, HotKey, series_point
 from xarray_zcache.distributed.directory import Directory
 from xarray_zcache.keys import array_of
 
@@ -33,10 +34,12 @@ HANDLERS = (
 )
 
 
-_N = len(CacheStats.VECTOR_FIELDS)
-# positions of the summable gauges in the vector (the rest are counters)
-_MEMORY_USED = CacheStats.VECTOR_FIELDS.index("memory_used")
-_DISK_USED = CacheStats.VECTOR_FIELDS.index("disk_used")
+_N = len(CacheStats.WIRE_PATHS)
+#: the disk gauges: the workers of a host share a disk folder, counted once in the totals
+_DISK_FIELDS = ("disk_used", "disk_capacity", "disk_entries")
+_DISK = tuple(CacheStats.wire_index(name) for name in _DISK_FIELDS)
+#: the gauges whose cluster value is the largest of the workers' (not their sum)
+_MAX = tuple(i for i, how in enumerate(CacheStats.WIRE_COMBINE) if how == MAX)
 
 
 class _WorkerState:
@@ -128,7 +131,7 @@ class ZCacheSchedulerPlugin(SchedulerPlugin):
         self.workers: dict[str, _WorkerState] = {}
         self._totals: list[int] = [0] * _N
         self.series: deque[dict[str, Any]] = deque(maxlen=self.history)
-        self.decisions: deque[dict[str, Any]] = deque(maxlen=self.max_decisions)
+        self.decisions: deque[Decision] = deque(maxlen=self.max_decisions)
         self.pending: dict[str, dict[str, set[str]]] = {}  # worker -> {"promote"|"warm": keys}
         self.done: dict[str, set[str]] = {}  # worker -> keys already promoted/warmed there
         self.key_rate: dict[str, float] = {}  # key -> cluster accesses/s
@@ -159,16 +162,17 @@ class ZCacheSchedulerPlugin(SchedulerPlugin):
         The workers of a host share one disk folder by default: its use is counted
         once per (host, folder), not once per worker. O(workers).
         """
-        t = CacheStats.from_vector(self._totals)
-        disks: dict[tuple[str, str], tuple[int, int, int]] = {}
+        vec = list(self._totals)
+        for i in _MAX:
+            vec[i] = max((s.vec[i] for s in self.workers.values()), default=0)
+        t = CacheStats.from_vector(vec)
+        disks: dict[tuple[str, str], list[int]] = {}
         for s in self.workers.values():
             if s.disk_path is not None:
-                v = s.vec
-                disks[(s.host, s.disk_path)] = (v[_DISK_USED], v[_DISK_USED + 1], v[_DISK_USED + 2])
+                disks[(s.host, s.disk_path)] = [s.vec[i] for i in _DISK]
         if disks:
-            t.disk_used = sum(d[0] for d in disks.values())
-            t.disk_capacity = sum(d[1] for d in disks.values())
-            t.disk_entries = sum(d[2] for d in disks.values())
+            for j, name in enumerate(_DISK_FIELDS):
+                setattr(t, name, sum(d[j] for d in disks.values()))
         return t
 
     def remove_worker(
@@ -335,7 +339,7 @@ class ZCacheSchedulerPlugin(SchedulerPlugin):
     def _command(self, worker: str, action: str, key: str, rate: float) -> None:
         self.pending.setdefault(worker, {}).setdefault(action, set()).add(key)
         self.decisions.append(
-            {"time": time.time(), "action": action, "worker": worker, "key": key, "rate": rate}
+            Decision(time=time.time(), action=action, worker=worker, key=key, rate=rate)
         )
 
     def cluster_rate(self, key: str) -> float:
@@ -353,31 +357,18 @@ class ZCacheSchedulerPlugin(SchedulerPlugin):
             for k in heapq.nlargest(100, rates, key=rates.__getitem__)
             if rates[k] >= self.promotion_threshold
         ]
-        t = self.totals
-        self.series.append(
-            {
-                "time": now,
-                "workers": len(self.workers),
-                "hit_rate": t.hit_rate(),
-                "hits_memory": t.total_hits(tier="memory"),
-                "hits_disk": t.total_hits(tier="disk"),
-                "hits_peer": t.total_hits(tier="peer"),
-                "misses": t.total_misses(),
-                "bytes_saved": t.bytes_saved,
-                "requests_saved": t.requests_saved,
-                "memory_used": t.memory_used,
-                "disk_used": t.disk_used,
-            }
-        )
+        self.series.append(series_point(now, len(self.workers), self.totals))
 
     # -- client queries ------------------------------------------------------------------------
 
-    def hot_keys(self, n: int = 20) -> list[dict[str, Any]]:
+    def hot_keys(self, n: int = 20) -> list[HotKey]:
         """Cluster-wide hot keys: summed counts, cluster rate (now and peak), holders by tier."""
-        merged: dict[str, dict[str, Any]] = {}
+        merged: dict[str, HotKey] = {}
         for w, s in self.workers.items():
             for key, (count, tier) in s.hot.items():
-                m = merged.setdefault(key, {"key": key, "count": 0, "rate": 0.0, "workers": {}})
+                m = merged.get(key)
+                if m is None:
+                    m = merged[key] = HotKey(key=key, count=0, rate=0.0, peak_rate=0.0, workers={})
                 m["count"] += count
                 m["rate"] += s.rates.get(key, 0.0)
                 m["workers"][w] = tier
@@ -386,33 +377,42 @@ class ZCacheSchedulerPlugin(SchedulerPlugin):
             m["peak_rate"] = max(m["rate"], self.key_peak.get(m["key"], 0.0))
         return top
 
+    def cluster_stats(self) -> ClusterStats:
+        """Per-worker stats, totals, hot keys and recent decisions."""
+        workers: dict[str, CacheStats] = {}
+        for w, state in self.workers.items():
+            stats = workers[w] = state.stats
+            stats.disk_path = state.disk_path
+            stats.hot_keys = [(k, c) for k, (c, _) in sorted(state.hot.items(), key=by_count)]
+        return ClusterStats(
+            workers=workers,
+            names={w: s.name for w, s in self.workers.items()},
+            hosts={w: s.host for w, s in self.workers.items()},
+            last_seen={w: s.last_seen for w, s in self.workers.items()},
+            analytics={w: s.analytics for w, s in self.workers.items()},
+            total=self.totals,
+            hot_keys=self.hot_keys(),
+            decisions=list(self.decisions)[-50:],
+            rejected_reports=self.rejected,
+            promotion_threshold=self.promotion_threshold,
+        )
+
     def zcache_cluster_stats(self) -> dict[str, Any]:
-        """Per-worker stats, totals, hot keys and recent decisions (msgpack-able)."""
-        workers: dict[str, Any] = {}
-        for w, s in self.workers.items():
-            d = s.stats.to_dict()
-            d.update(name=s.name, host=s.host, last_seen=s.last_seen, analytics=s.analytics)
-            d["hot_keys"] = [
-                [k, c] for k, (c, _) in sorted(s.hot.items(), key=lambda kv: -kv[1][0])
-            ]
-            workers[w] = d
-        total = self.totals.to_dict()
-        return {
-            "workers": workers,
-            "total": total,
-            "hot_keys": self.hot_keys(),
-            "decisions": list(self.decisions)[-50:],
-            "rejected_reports": self.rejected,
-            "promotion_threshold": self.promotion_threshold,
-        }
+        """`cluster_stats` as a msgpack-able dict (`ClusterStats.to_dict`)."""
+        return self.cluster_stats().to_dict()
 
     def zcache_worker_stats(self, worker: str) -> dict[str, Any] | None:
         s = self.workers.get(worker)
         return None if s is None else s.stats.to_dict()
 
-    def zcache_decisions(self, n: int = 100) -> list[dict[str, Any]]:
+    def zcache_decisions(self, n: int = 100) -> list[Decision]:
         return list(self.decisions)[-n:]
 
     def zcache_timeseries(self, n: int | None = None) -> list[dict[str, Any]]:
         points = list(self.series)
         return points if n is None else points[-n:]
+
+
+def by_count(item: tuple[str, tuple[int, str]]) -> int:
+    """Sort key of a worker's hot keys: most counted first."""
+    return -item[1][0]

@@ -1,0 +1,94 @@
+"""Bokeh figures of a cluster's caches, for the ``/zcache`` dashboard page and for notebooks.
+
+Every function here takes plain data, the way the scheduler's aggregator
+(`~xarray_zcache.distributed.ZCacheSchedulerPlugin`) hands it out, and returns
+Bokeh models; nothing here does I/O. The two inputs are
+
+``stats``
+    a `~xarray_zcache.distributed.ClusterStats` (``cluster_stats(client)``): per-worker
+    `~xarray_zcache.cache.stats.CacheStats`, the cluster total, hot keys and
+    decisions; or the dict of ``ZCacheSchedulerPlugin.zcache_cluster_stats()`` (the
+    ``cluster`` of ``/zcache/api/stats.json``), which `ClusterStats.from_dict` reads;
+``series``
+    the aggregator's time series (``ZCacheSchedulerPlugin.series``): one dict per
+    point with ``time`` (epoch seconds), ``workers``, ``hit_rate``,
+    ``hits_<tier>`` for each tier, ``misses``, ``bytes_saved``,
+    ``requests_saved``, ``memory_used`` and ``disk_used``, cluster-wide and
+    cumulative.
+
+`source_data` turns them into the columns of every figure's data source (plain
+JSON-able lists). The figures read named `~bokeh.models.ColumnDataSource`
+objects (``zcache-source-<name>``), so a page can update them in place from
+`source_data` without rebuilding the layout; `layout_key` tells when it must
+rebuild instead (the set of workers changed).
+
+The package has three modules: `~xarray_zcache.plotting.data` (headline figures,
+source columns, notes: no Bokeh), `~xarray_zcache.plotting.figures` (one figure or
+table each) and `~xarray_zcache.plotting.layout` (figures on shared sources, panels,
+the whole dashboard). Their public names are all here.
+
+Examples
+--------
+>>> from bokeh.io import output_notebook, show  # doctest: +SKIP
+>>> from xarray_zcache import plotting
+>>> from xarray_zcache.distributed.dashboard import snapshot  # doctest: +SKIP
+>>> data = snapshot(client)  # doctest: +SKIP
+>>> show(plotting.dashboard(data["cluster"], data["series"]))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from xarray_zcache.plotting.data import (
+    CLUSTER_LABEL,
+    NO_WORKERS_LABEL,
+    SOURCE_NAMES,
+    layout_key,
+    notes,
+    source_data,
+    summary,
+    summary_text,
+    worker_labels,
+)
+from xarray_zcache.plotting.figures import (
+    BINARY_TICKS,
+    COLORS,
+    MIN_WIDTH,
+    SIZING,
+    TABLE_NAMES,
+    bytes_axis,
+    bytes_saved_figure,
+    capacity_figure,
+    decisions_table,
+    hit_rate_figure,
+    hot_keys_table,
+    tier_figure,
+)
+from xarray_zcache.plotting.layout import dashboard, figures, make_sources, panel
+
+__all__ = [
+    "BINARY_TICKS",
+    "CLUSTER_LABEL",
+    "COLORS",
+    "MIN_WIDTH",
+    "NO_WORKERS_LABEL",
+    "SIZING",
+    "SOURCE_NAMES",
+    "TABLE_NAMES",
+    "bytes_axis",
+    "bytes_saved_figure",
+    "capacity_figure",
+    "dashboard",
+    "decisions_table",
+    "figures",
+    "hit_rate_figure",
+    "hot_keys_table",
+    "layout_key",
+    "make_sources",
+    "notes",
+    "panel",
+    "source_data",
+    "summary",
+    "summary_text",
+    "tier_figure",
+    "worker_labels",
+]

@@ -1,0 +1,411 @@
+"""The Bokeh figures and tables of the ``/zcache`` page, each drawn from named data sources.
+
+Each function takes the `~bokeh.models.ColumnDataSource` objects of
+`xarray_zcache.plotting.make_sources` (the columns of
+`xarray_zcache.plotting.source_data`) and returns one Bokeh model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from bokeh.models import (
+    AdaptiveTicker,
+    BasicTicker,
+    ColumnDataSource,
+    CustomJSTickFormatter,
+    DataRange1d,
+    FactorRange,
+    HoverTool,
+    LinearAxis,
+    NumeralTickFormatter,
+    Range1d,
+    Text,
+)
+from bokeh.models.widgets.tables import DataTable, NumberFormatter, TableColumn
+from bokeh.plotting import figure
+
+from xarray_zcache.cache.stats import TIERS
+
+__all__ = [
+    "BINARY_TICKS",
+    "COLORS",
+    "MIN_WIDTH",
+    "SIZING",
+    "TABLE_NAMES",
+    "bytes_axis",
+    "bytes_saved_figure",
+    "capacity_figure",
+    "decisions_table",
+    "hit_rate_figure",
+    "hot_keys_table",
+    "tier_figure",
+]
+
+COLORS = {
+    "memory": "#2b83ba",
+    "disk": "#abdda4",
+    "peer": "#fdae61",
+    "miss": "#d7191c",
+    "capacity": "#e0e0e0",
+    "requests": "#fdae61",
+    "other": "#9e9ac8",  # a tier without a color of its own
+}
+
+#: figures stretch to the width of the page (or notebook cell); this is the least they take
+MIN_WIDTH = 360
+#: every figure and table follows the width of its container
+SIZING: Final = "stretch_width"
+_TOOLS = "pan,wheel_zoom,box_zoom,reset,save"
+
+#: byte axes tick at round binary values: 1, 2, 4 ... 512 times a power of 1024
+#: (0, 2 MiB, 4 MiB, 6 MiB; 0, 128 MiB, 256 MiB), never at 1.9 or 190.7 MiB
+BINARY_TICKS: dict[str, Any] = {
+    "base": 1024,
+    "mantissas": [1, 2, 4, 8, 16, 32, 64, 128, 256, 512],
+    "min_interval": 1,
+}
+
+# each tick in the largest binary unit it reaches: 0, 512 KiB, 1 MiB, 1.5 MiB
+_BYTES_JS = """
+const units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+if (tick === 0) { return "0"; }
+let i = 0;
+while (i < units.length - 1 && Math.abs(tick) >= Math.pow(1024, i + 1)) { i += 1; }
+const value = Math.round((tick / Math.pow(1024, i)) * 100) / 100;
+return String(value) + " " + units[i];
+"""
+
+
+def bytes_axis(axis: Any) -> None:
+    """Make ``axis`` (a Bokeh axis, or a splattable list of them) a byte axis with binary ticks.
+
+    Ticks fall at round binary values (`BINARY_TICKS`) and read ``0``, ``2 MiB``,
+    ``4 MiB``...; ``1.5 GiB`` when a tick is not a whole number of its unit.
+    """
+    axis.ticker = AdaptiveTicker(**BINARY_TICKS)
+    axis.formatter = CustomJSTickFormatter(code=_BYTES_JS)
+
+
+def _bar_height(rows: int) -> int:
+    return max(150, 70 + 32 * rows)
+
+
+def hit_rate_figure(series: ColumnDataSource, recent: ColumnDataSource) -> figure:
+    """Cluster hit rate over time: cumulative (line) and per report interval (dots).
+
+    Parameters
+    ----------
+    series
+        The ``series`` source of `make_sources`.
+    recent
+        The ``recent`` source of `make_sources`.
+
+    Returns
+    -------
+    bokeh.plotting.figure
+    """
+    p = figure(
+        title="Cluster hit rate over time",
+        x_axis_type="datetime",
+        sizing_mode=SIZING,
+        min_width=MIN_WIDTH,
+        height=300,
+        y_range=Range1d(start=0, end=1.05),
+        tools=_TOOLS,
+        name="zcache-hit-rate",
+    )
+    line = p.line(
+        "time", "hit_rate", source=series, line_width=2, color=COLORS["memory"], legend_label="all"
+    )
+    dots = p.scatter(
+        "time",
+        "hit_rate",
+        source=recent,
+        size=6,
+        color=COLORS["requests"],
+        legend_label="since previous point",
+    )
+    p.yaxis.formatter = NumeralTickFormatter(format="0%")
+    p.yaxis.axis_label = "reads served by the cache"
+    p.legend.location = "top_left"
+    p.legend.click_policy = "hide"
+    p.add_tools(
+        HoverTool(
+            renderers=[line],
+            tooltips=[("time", "@time{%H:%M:%S}"), ("hit rate", "@hit_rate{0.0%}")],
+            formatters={"@time": "datetime"},
+            mode="vline",
+        ),
+        HoverTool(
+            renderers=[dots],
+            tooltips=[("hit rate", "@hit_rate{0.0%}"), ("reads", "@reads")],
+        ),
+    )
+    return p
+
+
+def bytes_saved_figure(series: ColumnDataSource) -> figure:
+    """Bytes (left axis) and requests (right axis) the caches saved, over time.
+
+    Parameters
+    ----------
+    series
+        The ``series`` source of `make_sources`.
+
+    Returns
+    -------
+    bokeh.plotting.figure
+    """
+    p = figure(
+        title="Saved: bytes not downloaded, requests not sent",
+        x_axis_type="datetime",
+        sizing_mode=SIZING,
+        min_width=MIN_WIDTH,
+        height=300,
+        tools=_TOOLS,
+        name="zcache-saved",
+    )
+    nbytes = p.line(
+        "time",
+        "bytes_saved",
+        source=series,
+        line_width=2,
+        color=COLORS["memory"],
+        legend_label="bytes",
+    )
+    p.y_range = DataRange1d(renderers=[nbytes], start=0)
+    requests_range = DataRange1d(start=0)
+    p.extra_y_ranges = {"requests": requests_range}
+    requests = p.line(
+        "time",
+        "requests_saved",
+        source=series,
+        line_width=2,
+        line_dash="dashed",
+        color=COLORS["requests"],
+        legend_label="requests",
+        y_range_name="requests",
+    )
+    requests_range.renderers = [requests]
+    bytes_axis(p.yaxis)
+    p.yaxis.axis_label = "bytes"
+    requests_axis: Any = LinearAxis(y_range_name="requests", axis_label="requests")
+    requests_axis.formatter = NumeralTickFormatter(format="0,0")
+    requests_axis.ticker = BasicTicker(min_interval=1)
+    p.add_layout(requests_axis, "right")
+    p.legend.location = "top_left"
+    p.add_tools(
+        HoverTool(
+            renderers=[nbytes],
+            tooltips=[
+                ("time", "@time{%H:%M:%S}"),
+                ("bytes saved", "@bytes_saved_text"),
+                ("requests saved", "@requests_saved"),
+            ],
+            formatters={"@time": "datetime"},
+            mode="vline",
+        )
+    )
+    return p
+
+
+def capacity_figure(workers: ColumnDataSource, tier: str) -> figure:
+    """Use vs capacity of one tier (``"memory"`` or ``"disk"``) on each worker.
+
+    Parameters
+    ----------
+    workers
+        The ``workers`` source of `make_sources`.
+    tier
+        ``"memory"`` or ``"disk"``.
+
+    Returns
+    -------
+    bokeh.plotting.figure
+    """
+    if tier not in ("memory", "disk"):
+        raise ValueError(f"tier must be 'memory' or 'disk', not {tier!r}")
+    labels = list(workers.data["label"])
+    shade = "blue" if tier == "memory" else "green"
+    p = figure(
+        title=f"{tier.capitalize()} tier per worker: used ({shade}) of capacity (grey)",
+        y_range=FactorRange(factors=list(reversed(labels))),
+        x_range=DataRange1d(start=0),
+        sizing_mode=SIZING,
+        min_width=MIN_WIDTH,
+        height=_bar_height(len(labels)),
+        tools="save",
+        toolbar_location=None,
+        name=f"zcache-{tier}",
+    )
+    p.hbar(
+        y="label",
+        right=f"{tier}_capacity",
+        height=0.75,
+        source=workers,
+        color=COLORS["capacity"],
+    )
+    used = p.hbar(
+        y="label",
+        right=f"{tier}_used",
+        height=0.45,
+        source=workers,
+        color=COLORS[tier],
+    )
+    words = Text(  # the figures in words: a few kB in a GB tier is no visible bar
+        x=0,
+        y="label",
+        text=f"{tier}_text",
+        x_offset=6,
+        text_baseline="middle",
+        text_font_size="12px",
+        text_color="#222222",
+        background_fill_color="white",
+        background_fill_alpha=0.75,
+    )
+    p.add_glyph(workers, words)
+    bytes_axis(p.xaxis)
+    p.ygrid.grid_line_color = None
+    p.add_tools(
+        HoverTool(
+            renderers=[used],
+            tooltips=[
+                ("worker", "@label"),
+                ("address", "@address"),
+                (tier, f"@{tier}_text"),
+                ("full", f"@{tier}_pct{{0.0%}}"),
+            ],
+        )
+    )
+    return p
+
+
+def tier_figure(tiers: ColumnDataSource) -> figure:
+    """Where reads were served from, per worker and cluster-wide: memory, disk, or S3.
+
+    Parameters
+    ----------
+    tiers
+        The ``tiers`` source of `make_sources`.
+
+    Returns
+    -------
+    bokeh.plotting.figure
+    """
+    labels = list(tiers.data["label"])
+    p = figure(
+        title="Reads by tier (misses went to the store)",
+        y_range=FactorRange(factors=list(reversed(labels))),
+        x_range=DataRange1d(start=0),
+        sizing_mode=SIZING,
+        min_width=MIN_WIDTH,
+        height=_bar_height(len(labels)) + 30,
+        tools="save",
+        toolbar_location=None,
+        name="zcache-tiers",
+    )
+    stack = [*TIERS, "miss"]
+    bars = p.hbar_stack(
+        stack,
+        y="label",
+        height=0.7,
+        source=tiers,
+        color=[COLORS.get(name, COLORS["other"]) for name in stack],
+        legend_label=[f"{tier} hits" for tier in TIERS] + ["misses"],
+    )
+    p.legend.location = "top_center"
+    p.legend.orientation = "horizontal"
+    p.add_layout(p.legend[0], "below")
+    p.ygrid.grid_line_color = None
+    p.xaxis.axis_label = "reads"
+    p.xaxis.ticker = BasicTicker(min_interval=1)  # whole reads
+    p.xaxis.formatter = NumeralTickFormatter(format="0,0")
+    p.add_tools(
+        HoverTool(
+            renderers=list(bars),
+            tooltips=[
+                ("", "@label"),
+                ("memory hits", "@memory (@negative known-missing)"),
+                ("disk hits", "@disk"),
+                ("peer hits (owner had it)", "@peer"),
+                ("misses", "@miss"),
+                ("hit rate", "@hit_rate{0.0%}"),
+            ],
+        )
+    )
+    return p
+
+
+#: the tables, and the note above each (``zcache-table-<name>``, ``zcache-note-<name>``)
+TABLE_NAMES = ("hot_keys", "decisions")
+
+
+def hot_keys_table(hot_keys: ColumnDataSource) -> DataTable:
+    """The cluster's hottest keys: reads, cluster read rate now and at peak, who holds them where.
+
+    Parameters
+    ----------
+    hot_keys
+        The ``hot_keys`` source of `make_sources`.
+
+    Returns
+    -------
+    bokeh.models.DataTable
+        Hidden while there are no hot keys (`notes` says so instead).
+    """
+    rate = NumberFormatter(format="0.00")
+    return DataTable(
+        source=hot_keys,
+        columns=[
+            TableColumn(field="count", title="reads", width=60),
+            TableColumn(field="rate", title="rate now (/s)", width=90, formatter=rate),
+            TableColumn(field="peak", title="peak (/s)", width=80, formatter=rate),
+            TableColumn(field="key", title="key", width=560),
+            TableColumn(field="workers", title="held by (tier)", width=260),
+        ],
+        sizing_mode=SIZING,
+        min_width=MIN_WIDTH,
+        autosize_mode="fit_columns",
+        height=260,
+        index_position=None,
+        visible=bool(hot_keys.data["key"]),
+        name="zcache-table-hot_keys",
+    )
+
+
+def decisions_table(decisions: ColumnDataSource) -> DataTable:
+    """The aggregator's latest promotion and warm decisions, newest first.
+
+    Parameters
+    ----------
+    decisions
+        The ``decisions`` source of `make_sources`.
+
+    Returns
+    -------
+    bokeh.models.DataTable
+        Hidden while the aggregator made no decision (`notes` says so instead).
+    """
+    return DataTable(
+        source=decisions,
+        columns=[
+            TableColumn(field="time", title="time", width=70),
+            TableColumn(field="action", title="action", width=70),
+            TableColumn(field="worker", title="worker", width=150),
+            TableColumn(
+                field="rate",
+                title="cluster rate (/s)",
+                width=110,
+                formatter=NumberFormatter(format="0.00"),
+            ),
+            TableColumn(field="key", title="key", width=600),
+        ],
+        sizing_mode=SIZING,
+        min_width=MIN_WIDTH,
+        autosize_mode="fit_columns",
+        height=220,
+        index_position=None,
+        visible=bool(decisions.data["key"]),
+        name="zcache-table-decisions",
+    )
