@@ -6,6 +6,7 @@ Real `LocalCluster`s (worker processes), real local S3, one disk folder per work
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Iterator
@@ -54,6 +55,38 @@ def client() -> Iterator[Client]:
         yield c
 
 
+@dataclasses.dataclass
+class Env:
+    """A process cluster, the local S3 server, a bucket and a cache folder."""
+
+    client: Client
+    server: LocalS3Server
+    bucket: str
+    opts: dict[str, Any]
+    tmp_path: Any
+
+    def config(self, *, per_worker: bool = True) -> CacheConfig:
+        return _config(self.tmp_path, per_worker=per_worker)
+
+    def install(self, cfg: CacheConfig) -> tuple[str, xr.Dataset]:
+        """Write the dataset and install zcache with ``cfg``: ``(url, dataset)``."""
+        url = f"s3://{self.bucket}/era5.zarr"
+        expected = _write(url, self.opts)
+        zd.install(self.client, cfg)
+        return url, expected
+
+
+@pytest.fixture
+def env(
+    client: Client,
+    s3_server: LocalS3Server,
+    s3_bucket: str,
+    s3_options: dict[str, Any],
+    tmp_path: Any,
+) -> Env:
+    return Env(client, s3_server, s3_bucket, s3_options, tmp_path)
+
+
 def _open(url: str, opts: dict[str, Any], cfg: CacheConfig) -> xr.Dataset:
     return xr.open_dataset(url, engine="zcache", chunks={}, storage_options=opts, cache_config=cfg)
 
@@ -83,17 +116,10 @@ def _disk_bytes(dask_worker: Any) -> int:
     return int(state.cache.disk_tier.used_bytes())
 
 
-def test_repeated_and_reshaped_computations_send_no_chunk_gets(
-    client: Client,
-    s3_server: LocalS3Server,
-    s3_bucket: str,
-    s3_options: dict[str, Any],
-    tmp_path: Any,
-) -> None:
-    url = f"s3://{s3_bucket}/era5.zarr"
-    expected = _write(url, s3_options)
-    cfg = _config(tmp_path)
-    zd.install(client, cfg)
+def test_repeated_and_reshaped_computations_send_no_chunk_gets(env: Env) -> None:
+    cfg = env.config()
+    url, expected = env.install(cfg)
+    client, s3_server, s3_bucket, s3_options = env.client, env.server, env.bucket, env.opts
     log = s3_server.requests
     ds = _open(url, s3_options, cfg)
     passes = [
@@ -131,17 +157,10 @@ def _chunk_paths(server: LocalS3Server, url: str) -> list[str]:
     return [p for p in fs.find(root) if "/c/" in p and p.split("/")[-3] == "t"]
 
 
-def test_concurrent_misses_of_one_chunk_on_two_workers_send_one_get(
-    client: Client,
-    s3_server: LocalS3Server,
-    s3_bucket: str,
-    s3_options: dict[str, Any],
-    tmp_path: Any,
-) -> None:
-    url = f"s3://{s3_bucket}/era5.zarr"
-    _write(url, s3_options)
-    cfg = _config(tmp_path)
-    zd.install(client, cfg)
+def test_concurrent_misses_of_one_chunk_on_two_workers_send_one_get(env: Env) -> None:
+    cfg = env.config()
+    url, _ = env.install(cfg)
+    client, s3_server, s3_bucket, s3_options = env.client, env.server, env.bucket, env.opts
     ds = _open(url, s3_options, cfg)
     workers = sorted(client.scheduler_info()["workers"])
     log = s3_server.requests
@@ -157,17 +176,10 @@ def test_concurrent_misses_of_one_chunk_on_two_workers_send_one_get(
     assert log.count("GET", bucket=s3_bucket, key_suffix="t/c/3/1/0") - before == 1
 
 
-def test_garbage_from_a_peer_is_detected_and_values_stay_right(
-    client: Client,
-    s3_server: LocalS3Server,
-    s3_bucket: str,
-    s3_options: dict[str, Any],
-    tmp_path: Any,
-) -> None:
-    url = f"s3://{s3_bucket}/era5.zarr"
-    expected = _write(url, s3_options)
-    cfg = _config(tmp_path)
-    zd.install(client, cfg)
+def test_garbage_from_a_peer_is_detected_and_values_stay_right(env: Env) -> None:
+    cfg = env.config()
+    url, expected = env.install(cfg)
+    client, s3_options = env.client, env.opts
 
     def corrupt_answers(dask_worker: Any) -> None:
         real = dask_worker.handlers["zcache_get"]
@@ -191,17 +203,10 @@ def test_garbage_from_a_peer_is_detected_and_values_stay_right(
     assert sum(s["hits"]["peer"]["chunk"] for s in stats.values()) == 0
 
 
-def test_writes_on_the_client_and_on_a_worker_are_seen_by_every_worker(
-    client: Client,
-    s3_server: LocalS3Server,
-    s3_bucket: str,
-    s3_options: dict[str, Any],
-    tmp_path: Any,
-) -> None:
-    url = f"s3://{s3_bucket}/era5.zarr"
-    expected = _write(url, s3_options)
-    cfg = _config(tmp_path)
-    zd.install(client, cfg)
+def test_writes_on_the_client_and_on_a_worker_are_seen_by_every_worker(env: Env) -> None:
+    cfg = env.config()
+    url, expected = env.install(cfg)
+    client, s3_options = env.client, env.opts
     ds = _open(url, s3_options, cfg)
     xr.testing.assert_allclose(ds.t.mean("time").compute(), expected.t.mean("time"))
     # a write through zcache on the client: a region of new values
@@ -235,17 +240,10 @@ def _cached_store(url: str, opts: dict[str, Any], cfg: CacheConfig) -> Any:
     return open_store(url, storage_options=opts, cache_config=cfg, read_only=False)
 
 
-def test_a_killed_owner_costs_only_its_share(
-    client: Client,
-    s3_server: LocalS3Server,
-    s3_bucket: str,
-    s3_options: dict[str, Any],
-    tmp_path: Any,
-) -> None:
-    url = f"s3://{s3_bucket}/era5.zarr"
-    expected = _write(url, s3_options)
-    cfg = _config(tmp_path)._replace(peer_timeout=0.5)
-    zd.install(client, cfg)
+def test_a_killed_owner_costs_only_its_share(env: Env) -> None:
+    cfg = env.config()._replace(peer_timeout=0.5)
+    url, expected = env.install(cfg)
+    client, s3_options = env.client, env.opts
     ds = _open(url, s3_options, cfg)
     xr.testing.assert_allclose(ds.t.mean("time").compute(), expected.t.mean("time"))
     victim = sorted(client.scheduler_info()["workers"])[0]
@@ -259,17 +257,10 @@ def test_a_killed_owner_costs_only_its_share(
         xr.testing.assert_allclose(ds.t.max("time").compute(), expected.t.max("time"))
 
 
-def test_one_host_with_a_shared_folder_sends_no_peer_requests(
-    client: Client,
-    s3_server: LocalS3Server,
-    s3_bucket: str,
-    s3_options: dict[str, Any],
-    tmp_path: Any,
-) -> None:
-    url = f"s3://{s3_bucket}/era5.zarr"
-    expected = _write(url, s3_options)
-    cfg = _config(tmp_path, per_worker=False)
-    zd.install(client, cfg)
+def test_one_host_with_a_shared_folder_sends_no_peer_requests(env: Env) -> None:
+    cfg = env.config(per_worker=False)
+    url, expected = env.install(cfg)
+    client, s3_server, s3_bucket, s3_options = env.client, env.server, env.bucket, env.opts
     ds = _open(url, s3_options, cfg)
     log = s3_server.requests
     xr.testing.assert_allclose(ds.t.mean("time").compute(), expected.t.mean("time"))

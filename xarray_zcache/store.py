@@ -397,12 +397,7 @@ class CachedStore(Store):
             missed = True
             if pf is not None:
                 await pf.observe(key, miss=True)  # may start reading ahead
-            data = _bytes(await self._store.get(key, default_buffer_prototype(), byte_range))
-            if read.kind == "metadata" and byte_range is None:
-                stale = self._stale_after(cache, key, data)
-                if stale is not None:
-                    await cache.invalidating([stale], _nothing)
-            return data
+            return await self._fetch(cache, key, byte_range)
 
         data = await cache.get_or_load(read, load)
         if pf is not None and not missed and pf.active:
@@ -423,6 +418,18 @@ class CachedStore(Store):
                 return None
             pf = self._prefetchers[loop] = ScanPrefetcher(self, depth)
         return pf
+
+    async def _fetch(
+        self, cache: HybridCache, key: str, byte_range: ByteRequest | None
+    ) -> bytes | None:
+        """Read ``key`` from the wrapped store; a changed array metadata document drops
+        the array's cached chunks before the caller sees it (`_stale_after`)."""
+        data = _bytes(await self._store.get(key, default_buffer_prototype(), byte_range))
+        if byte_range is None and key_kind(key) == "metadata":
+            stale = self._stale_after(cache, key, data)
+            if stale is not None:
+                await cache.invalidating([stale], _nothing)
+        return data
 
     def _stale_after(self, cache: HybridCache, key: str, data: bytes | None) -> str | None:
         """The prefix to invalidate because metadata document ``key`` changed, or None.
@@ -470,12 +477,7 @@ class CachedStore(Store):
         async def load() -> bytes | None:
             nonlocal loaded
             loaded = True
-            data = _bytes(await self._store.get(key, default_buffer_prototype(), byte_range))
-            if read.kind == "metadata" and byte_range is None:
-                stale = self._stale_after(cache, key, data)
-                if stale is not None:
-                    await cache.invalidating([stale], _nothing)
-            return data
+            return await self._fetch(cache, key, byte_range)
 
         data = await cache.get_or_load(read, load)
         return data, not loaded

@@ -47,6 +47,13 @@ logger = logging.getLogger("xarray_zcache.cache")
 _T = TypeVar("_T")
 
 
+class _Unanswered:
+    """No tier answered yet (a value and ``None``, "missing", are both answers)."""
+
+
+UNANSWERED = _Unanswered()
+
+
 class HybridCache(CacheReporting, Coherence):
     """A memory tier over an optional persistent disk tier, mapping str keys to bytes.
 
@@ -207,6 +214,15 @@ class HybridCache(CacheReporting, Coherence):
         ``load`` returns ``None`` for a missing object (remembered as a negative
         entry); its exceptions propagate unchanged and nothing is cached.
         """
+        answer = self._from_memory_or_negatives(read)
+        if answer is UNANSWERED and self._may_be_on_disk(read):
+            answer = self._counted(read, await asyncio.to_thread(self._from_disk, read))
+        if not isinstance(answer, _Unanswered):
+            return answer
+        return await self._load_once(read, load)
+
+    def _from_memory_or_negatives(self, read: Read) -> bytes | _Unanswered | None:
+        """The first steps, in the caller's thread: memory, then negative entries."""
         value = self._from_memory(read)
         if value is not None:
             self._count_hit("memory", read, value)
@@ -214,15 +230,18 @@ class HybridCache(CacheReporting, Coherence):
         if self._known_missing(read):
             self._count_negative(read)
             return None
-        if self._may_be_on_disk(read):
-            value, missing = await asyncio.to_thread(self._from_disk, read)
-            if missing:
-                self._count_negative(read)
-                return None
-            if value is not None:
-                self._count_hit("disk", read, value)
-                return value
-        return await self._load_once(read, load)
+        return UNANSWERED
+
+    def _counted(self, read: Read, found: tuple[bytes | None, bool]) -> bytes | _Unanswered | None:
+        """Count what the disk step (`_from_disk`) found."""
+        value, missing = found
+        if missing:
+            self._count_negative(read)
+            return None
+        if value is not None:
+            self._count_hit("disk", read, value)
+            return value
+        return UNANSWERED
 
     async def _load_once(
         self, read: Read, load: Callable[[], Awaitable[bytes | None]]
@@ -321,21 +340,11 @@ class HybridCache(CacheReporting, Coherence):
 
     def get_or_load_sync(self, read: Read, load: Callable[[], bytes | None]) -> bytes | None:
         """`get_or_load` for synchronous callers (no event loop, no single flight)."""
-        value = self._from_memory(read)
-        if value is not None:
-            self._count_hit("memory", read, value)
-            return value
-        if self._known_missing(read):
-            self._count_negative(read)
-            return None
-        if self._may_be_on_disk(read):
-            value, missing = self._from_disk(read)
-            if missing:
-                self._count_negative(read)
-                return None
-            if value is not None:
-                self._count_hit("disk", read, value)
-                return value
+        answer = self._from_memory_or_negatives(read)
+        if answer is UNANSWERED and self._may_be_on_disk(read):
+            answer = self._counted(read, self._from_disk(read))
+        if not isinstance(answer, _Unanswered):
+            return answer
         token = self._inv.begin(read.key)
         started_ns = time.time_ns()
         t0 = time.perf_counter()
