@@ -72,6 +72,7 @@ class PeerTier:
         # owners known to hold a store for a namespace (else the store travels along)
         self._told: set[tuple[str, str]] = set()
         self.fallback_reasons: Counter[str] = Counter()  # why asks fell back (diagnostics)
+        self._stores: OrderedDict[str, CachedStore] = OrderedDict()
 
     def update(self, membership: Membership) -> None:
         """Take ``membership`` if it is newer than the one held."""
@@ -186,15 +187,28 @@ class PeerTier:
         finally:
             fut.cancel()
 
+    def _store(self, namespace: str) -> CachedStore | None:
+        """The store of ``namespace`` (held here once seen: tasks' stores come and go)."""
+        store = self._stores.get(namespace) or _store_for(self.cache, namespace)
+        if store is not None and namespace not in self._stores:
+            self._stores[namespace] = store
+            if len(self._stores) > 256:
+                self._stores.popitem(last=False)
+        return store
+
     async def _send(self, addr: str, read: Read) -> Any:
         msg: dict[str, Any] = {"key": read.key, "namespace": read.namespace}
         if (addr, read.namespace) not in self._told:
-            store = _store_for(self.cache, read.namespace)
+            store = self._store(read.namespace)
             if store is not None:
                 # its wrapped store and config, never data: serialized by Dask's comms
                 msg["store"] = to_serialize(store)  # type: ignore[no-untyped-call]
         reply = await self.worker.rpc(addr).zcache_get(**msg)
-        if isinstance(reply, dict) and reply.get("status") != "unknown-store":
+        if isinstance(reply, dict) and reply.get("status") == "unknown-store":
+            self._told.discard((addr, read.namespace))
+            if "store" not in msg and self._store(read.namespace) is not None:
+                return await self._send(addr, read)  # once more, with the store
+        elif isinstance(reply, dict):
             self._told.add((addr, read.namespace))
         return reply
 
@@ -210,11 +224,13 @@ class PeerServer:
     def _store(self, namespace: str, sent: Any) -> CachedStore | None:
         from xarray_zcache.store import CachedStore
 
-        store = _store_for(self.cache, namespace) or self._stores.get(namespace)
+        store = self._stores.get(namespace) or _store_for(self.cache, namespace)
         if store is None and isinstance(sent, CachedStore):  # from a worker of this cluster
-            if sent.namespace != namespace:
-                return None
-            store = self._stores[namespace] = sent
+            store = sent if sent.namespace == namespace else None
+        if store is not None and namespace not in self._stores:
+            # held here: a store bound by a task is only weakly known to the cache, and
+            # askers that were answered once do not send it again
+            self._stores[namespace] = store
             if len(self._stores) > 256:
                 self._stores.popitem(last=False)
         return store
