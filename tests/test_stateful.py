@@ -39,7 +39,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::zarr.errors.UnstableSpecificati
 POLICIES = ("lru", "slru", "tinylfu")
 
 _STORE_SETTINGS = settings(
-    max_examples=20,
+    max_examples=12,
     stateful_step_count=25,
     deadline=None,
     database=None,
@@ -47,7 +47,7 @@ _STORE_SETTINGS = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 _HIERARCHY_SETTINGS = settings(
-    max_examples=10,
+    max_examples=8,
     stateful_step_count=12,
     deadline=None,
     database=None,
@@ -68,6 +68,19 @@ def _configs(tmp: pathlib.Path) -> dict[str, CacheConfig]:
 
 
 CONFIG_IDS = ["memory-only"] + [f"{p}-{m}-over-disk" for p in POLICIES for m in ("1B", "4KB")]
+
+
+# the variants outside the fast set run few examples: together they cover every policy and
+# tier size, and the whole file stays around a minute in `make test`
+_FEW = 3
+
+
+def _how(base: settings, config_id: str, fast: set[str]) -> settings:
+    return base if config_id in fast else settings(base, max_examples=_FEW)
+
+
+_STORE_FAST = {"memory-only", "tinylfu-1B-over-disk"}
+_HIERARCHY_FAST = {"memory-only", "lru-1B-over-disk"}
 
 
 def _params(fast: set[str]) -> list[Any]:
@@ -125,7 +138,7 @@ class _HierarchyMachineOverCache(ZarrHierarchyStateMachine):
 
 
 @pytest.mark.parametrize("inner_kind", ["memory", "local"])
-@pytest.mark.parametrize("config_id", _params({"memory-only", "tinylfu-1B-over-disk"}))
+@pytest.mark.parametrize("config_id", _params(_STORE_FAST))
 def test_zarr_store_state_machine(
     inner_kind: str, config_id: str, cache_root: pathlib.Path, tmp_path: pathlib.Path
 ) -> None:
@@ -134,11 +147,11 @@ def test_zarr_store_state_machine(
     def make() -> RuleBasedStateMachine:
         return _StoreMachineOverCache(CachedStore(_inner(inner_kind, tmp_path), cfg))
 
-    _run(make, _STORE_SETTINGS)
+    _run(make, _how(_STORE_SETTINGS, config_id, _STORE_FAST))
 
 
 @pytest.mark.parametrize("inner_kind", ["memory", "local"])
-@pytest.mark.parametrize("config_id", _params({"memory-only", "lru-1B-over-disk"}))
+@pytest.mark.parametrize("config_id", _params(_HIERARCHY_FAST))
 def test_zarr_hierarchy_state_machine(
     inner_kind: str, config_id: str, cache_root: pathlib.Path, tmp_path: pathlib.Path
 ) -> None:
@@ -147,4 +160,4 @@ def test_zarr_hierarchy_state_machine(
     def make() -> RuleBasedStateMachine:
         return _HierarchyMachineOverCache(CachedStore(_inner(inner_kind, tmp_path), cfg))
 
-    _run(make, _HIERARCHY_SETTINGS)
+    _run(make, _how(_HIERARCHY_SETTINGS, config_id, _HIERARCHY_FAST))
