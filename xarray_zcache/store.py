@@ -10,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextvars
-import dataclasses
 import functools
-import hashlib
 import logging
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable
@@ -34,19 +32,14 @@ from xarray_zcache.cache.stats import CacheStats
 from xarray_zcache.config import CacheConfig
 from xarray_zcache.keys import (
     array_of,
-    byte_request,
     cut,
-    digest_key,
     entry_key,
     file_key,
     is_plain_range,
     key_kind,
     listing_key,
-    parse_entry_key,
     range_key,
     store_namespace,
-    tree_metadata,
-    unescape,
 )
 from xarray_zcache.prefetch import ScanPrefetcher
 from xarray_zcache.registry import (
@@ -54,8 +47,8 @@ from xarray_zcache.registry import (
     on_dask_worker,
     release_cache,
     resolve_config,
-    stores_of,
 )
+from xarray_zcache.store_sources import SourceReads, fetched_bytes
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -63,11 +56,9 @@ if TYPE_CHECKING:
 __all__ = [
     "RECHECK_MISSING",
     "CachedStore",
-    "SyncCachedStore",
     "array_of",
     "key_kind",
     "store_namespace",
-    "warm_keys",
 ]
 
 
@@ -87,38 +78,10 @@ def _check_byte_range(byte_range: object) -> None:
         raise TypeError(f"Unexpected byte_range, got {byte_range}.")
 
 
-def _bytes(buf: Buffer | None) -> bytes | None:
-    return None if buf is None else buf.to_bytes()
+_bytes = fetched_bytes
 
 
-async def _nothing() -> None:
-    return None
-
-
-async def warm_keys(cache: HybridCache, keys: Iterable[str]) -> int:
-    """Read cache keys (``namespace/key``) into ``cache`` through the stores bound to it.
-
-    Keys whose store is unknown in this process are skipped. Returns how many keys
-    were read. Runs the reads on zarr's event loop, where the stores live.
-    """
-    from zarr.core.sync import sync
-
-    stores = list(stores_of(cache))
-    n = 0
-    for ck in keys:
-        if PART_SEP in ck or cache.contains(ck):
-            continue
-        for store in stores:
-            ns = store.namespace + "/"
-            if ck.startswith(ns):
-                key = unescape(ck[len(ns) :])
-                await asyncio.to_thread(sync, store.get(key, default_buffer_prototype()))
-                n += 1
-                break
-    return n
-
-
-class CachedStore(Store):
+class CachedStore(SourceReads, Store):
     """A zarr store that serves reads of another store from a persistent hybrid cache.
 
     Every read path goes through the cache: `get` (whole objects and every
@@ -173,6 +136,8 @@ class CachedStore(Store):
     def __new__(cls, store: Store | None = None, *args: Any, **kwargs: Any) -> CachedStore:
         # (store is None when unpickling: the class was chosen when the object was made)
         if cls is CachedStore and store is not None and _store_supports_sync_io(store):
+            from xarray_zcache.store_sync import SyncCachedStore
+
             cls = SyncCachedStore
         return super().__new__(cls)
 
@@ -419,92 +384,6 @@ class CachedStore(Store):
             pf = self._prefetchers[loop] = ScanPrefetcher(self, depth)
         return pf
 
-    async def _fetch(
-        self, cache: HybridCache, key: str, byte_range: ByteRequest | None
-    ) -> bytes | None:
-        """Read ``key`` from the wrapped store; a changed array metadata document drops
-        the array's cached chunks before the caller sees it (`_stale_after`)."""
-        data = _bytes(await self._store.get(key, default_buffer_prototype(), byte_range))
-        if byte_range is None and key_kind(key) == "metadata":
-            stale = self._stale_after(cache, key, data)
-            if stale is not None:
-                await cache.invalidating([stale], _nothing)
-        return data
-
-    def _stale_after(self, cache: HybridCache, key: str, data: bytes | None) -> str | None:
-        """The prefix to invalidate because metadata document ``key`` changed, or None.
-
-        Called with what the wrapped store just returned for ``key``. When an array's
-        metadata (or a group's consolidated metadata) differs from what this cache
-        last read - another writer rewrote or grew the array - the array's cached
-        chunks may belong to the old version: they are dropped before any chunk is
-        read under the new metadata. The last digest is kept per document, on disk,
-        for every process sharing the folder.
-        """
-        prefix = tree_metadata(key, data)
-        if prefix is None:
-            return None
-        dk = digest_key(self._namespace, key)
-        digest = hashlib.blake2b(b"\x00gone" if data is None else data, digest_size=16).digest()
-        old = cache.peek(dk)
-        if old == digest:
-            return None
-        cache.put(dk, digest, kind="metadata", namespace=self._namespace, forever=True)
-        if old is None:
-            return None  # first sight: nothing cached can be older
-        logger.info("xarray-zcache: %s changed in %s; its cached chunks are dropped", key, self)
-        return self._ck(prefix.rstrip("/")) + "/" if prefix else self._namespace + "/"
-
-    # -- serving the cluster: this worker owns a key another worker missed ----------------------
-
-    async def serve_peer(self, cache: HybridCache, ck: str) -> tuple[bytes | None, bool]:
-        """Read cache key ``ck`` of this store for a peer through ``cache``.
-
-        Returns ``(bytes or None if missing, saved)``; ``saved`` is False when the
-        source was read for it. Never asks other peers (``for_peer``), so two
-        workers with different views of the membership cannot ping-pong.
-        """
-        parsed = parse_entry_key(self._namespace, ck)
-        if parsed is None:
-            raise ValueError(f"not a key of {self._namespace}: {ck!r}")
-        key, spec = parsed
-        byte_range = byte_request(spec)
-        if not is_plain_range(byte_range):
-            raise ValueError(f"not a cacheable range: {ck!r}")
-        read = dataclasses.replace(self._read(key, byte_range), for_peer=True)
-        loaded = False
-
-        async def load() -> bytes | None:
-            nonlocal loaded
-            loaded = True
-            return await self._fetch(cache, key, byte_range)
-
-        data = await cache.get_or_load(read, load)
-        return data, not loaded
-
-    # -- what the read-ahead needs (`prefetch.ReadAheadTarget`) ----------------------------------
-
-    def peek(self, key: str) -> bytes | None:
-        """The cached bytes of ``key`` (no request, no stats), or ``None``."""
-        return self.cache.peek(self._ck(key))
-
-    def is_cached(self, key: str) -> bool:
-        """Whether the whole object ``key`` is cached (no request, no stats)."""
-        return self.cache.contains(self._ck(key))
-
-    def read_ahead_budget(self) -> tuple[int, float]:
-        """(memory tier capacity in bytes, disk-writer backlog as a fraction)."""
-        cache = self.cache
-        return cache.memory_tier.capacity, cache.disk_backlog
-
-    async def read_ahead(self, key: str) -> None:
-        """Read chunk ``key`` into the cache ahead of its reader (a request sent, no hit)."""
-
-        async def load() -> bytes | None:
-            return _bytes(await self._store.get(key, default_buffer_prototype()))
-
-        await self.cache.get_or_load(self._read(key, None, prefetch=True), load)
-
     async def get_partial_values(
         self,
         prototype: BufferPrototype,
@@ -638,62 +517,9 @@ class CachedStore(Store):
         await self.cache.invalidating(self._dir_keys(""), self._store.clear)
 
 
-class SyncCachedStore(CachedStore):
-    """A `CachedStore` over a store with synchronous I/O (`LocalStore`, `MemoryStore`).
+def __getattr__(name: str) -> Any:
+    if name == "SyncCachedStore":  # defined beside, in store_sync (it subclasses CachedStore)
+        from xarray_zcache.store_sync import SyncCachedStore
 
-    `CachedStore(store)` returns one of these when ``store`` supports zarr's sync
-    surface, so that ``isinstance(store, SupportsGetSync)`` (how zarr decides to
-    take its sync path) tells the truth: hits are then served without an event loop.
-    """
-
-    def get_sync(
-        self,
-        key: str,
-        *,
-        prototype: BufferPrototype | None = None,
-        byte_range: ByteRequest | None = None,
-    ) -> Buffer | None:
-        """Synchronous `get` (only when the wrapped store supports synchronous I/O).
-
-        The same read protocol as `get` (`HybridCache.get_or_load_sync`), without
-        single flight across threads.
-        """
-        _check_byte_range(byte_range)
-        prototype = prototype or default_buffer_prototype()
-        getter = self._store.get_sync  # type: ignore[attr-defined]
-        cache = self.cache
-        if not is_plain_range(byte_range):
-            return cache.load_uncached_sync(  # type: ignore[no-any-return]
-                self._read(key, byte_range),
-                lambda: getter(key, prototype=prototype, byte_range=byte_range),
-            )
-        read = self._read(key, byte_range)
-
-        def load() -> bytes | None:
-            data = _bytes(getter(key, prototype=default_buffer_prototype(), byte_range=byte_range))
-            if read.kind == "metadata" and byte_range is None:
-                stale = self._stale_after(cache, key, data)
-                if stale is not None:
-                    cache.invalidating_sync([stale], lambda: None)
-            return data
-
-        data = cache.get_or_load_sync(read, load)
-        return None if data is None else prototype.buffer.from_bytes(data)
-
-    def set_sync(self, key: str, value: Buffer) -> None:
-        """Synchronous `set` (only when the wrapped store supports synchronous I/O)."""
-        self._check_writable()
-        setter = self._store.set_sync  # type: ignore[attr-defined]
-        data = self._value_bytes(value)
-        self.cache.write_through_sync(
-            self._read(key, None),
-            data,
-            lambda: setter(key, value),
-            keep=self._config.cache_on_write,
-        )
-
-    def delete_sync(self, key: str) -> None:
-        """Synchronous `delete` (only when the wrapped store supports synchronous I/O)."""
-        self._check_writable()
-        deleter = self._store.delete_sync  # type: ignore[attr-defined]
-        self.cache.invalidating_sync(self._object_keys(key), lambda: deleter(key))
+        return SyncCachedStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

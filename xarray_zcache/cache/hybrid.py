@@ -23,9 +23,10 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sized
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from xarray_zcache.cache.access import DirectAccess
 from xarray_zcache.cache.coherence import _LIVE, Coherence
 from xarray_zcache.cache.disk import DiskTier
 from xarray_zcache.cache.flight import SingleFlight
@@ -54,7 +55,7 @@ class _Unanswered:
 UNANSWERED = _Unanswered()
 
 
-class HybridCache(CacheReporting, Coherence):
+class HybridCache(DirectAccess, CacheReporting, Coherence):
     """A memory tier over an optional persistent disk tier, mapping str keys to bytes.
 
     Fills after a miss go to memory at once and to disk in a background thread;
@@ -312,32 +313,6 @@ class HybridCache(CacheReporting, Coherence):
         self._after_load(read, token, value, time.perf_counter() - t0, started_ns)
         return value
 
-    async def load_uncached(self, read: Read, load: Callable[[], Awaitable[_T]]) -> _T:
-        """A request the cache passes on unanswered (e.g. an odd byte range): counted as sent."""
-        t0 = time.perf_counter()
-        try:
-            value = await load()
-        except BaseException:
-            self._stats.add("inner_errors")
-            raise
-        self._count_miss(
-            read, len(value) if isinstance(value, Sized) else 0, time.perf_counter() - t0
-        )
-        return value
-
-    def load_uncached_sync(self, read: Read, load: Callable[[], _T]) -> _T:
-        """`load_uncached` for synchronous callers."""
-        t0 = time.perf_counter()
-        try:
-            value = load()
-        except BaseException:
-            self._stats.add("inner_errors")
-            raise
-        self._count_miss(
-            read, len(value) if isinstance(value, Sized) else 0, time.perf_counter() - t0
-        )
-        return value
-
     def get_or_load_sync(self, read: Read, load: Callable[[], bytes | None]) -> bytes | None:
         """`get_or_load` for synchronous callers (no event loop, no single flight)."""
         answer = self._from_memory_or_negatives(read)
@@ -474,60 +449,6 @@ class HybridCache(CacheReporting, Coherence):
 
     def _count_dropped_write(self) -> None:
         self._stats.add("disk_write_failures")
-
-    # -- side tables: listings, lookups without stats ------------------------------------------
-
-    def get_listing(self, key: str) -> tuple[str, ...] | None:
-        """A cached listing under ``key``, or ``None`` if absent or expired."""
-        return self._listings.get(key)
-
-    def put_listing(self, key: str, names: tuple[str, ...], generation: int) -> None:
-        """Cache a listing taken when `listing_generation` was ``generation``."""
-        self._listings.put(key, names, generation)
-
-    def listing_generation(self) -> int:
-        return self._listings.generation
-
-    def peek(self, key: str) -> bytes | None:
-        """The cached value of ``key`` from any tier, without stats or recency changes."""
-        value = self._memory.peek(key)
-        if value is None and self._writer is not None:
-            value = self._writer.pending(key)
-        if value is None and self._disk is not None and self._disk.might_contain(key):
-            value = self._disk.get(key)
-        return value
-
-    def contains(self, key: str) -> bool:
-        """Whether ``key`` is cached in any tier (no stats, no recency change)."""
-        if key in self._memory or (self._writer is not None and key in self._writer):
-            return True
-        return self._disk is not None and key in self._disk
-
-    def known_missing(self, key: str) -> bool:
-        """Whether a fresh negative entry says ``key`` is missing (memory only, no stats)."""
-        return self._negatives.in_memory(key, time.time())
-
-    # -- cluster hooks -------------------------------------------------------------------------
-
-    def promote(self, keys: list[str]) -> int:
-        """Promote ``keys`` held on disk to memory now (kind and expiry kept); return how many."""
-        if self._disk is None:
-            return 0
-        n = 0
-        for key in keys:
-            if key in self._memory:
-                continue
-            token = self._inv.begin(key)
-            try:
-                entry = self._disk.get_entry(key)
-                if entry is not None and self._admit(
-                    key, token, entry.value, entry.kind, disk=False, ex=entry.expires
-                ):
-                    self._stats.add("promotions")
-                    n += 1
-            finally:
-                self._inv.end(key)
-        return n
 
     # -- lifecycle -----------------------------------------------------------------------------
 

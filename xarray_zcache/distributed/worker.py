@@ -166,7 +166,7 @@ class _WorkerCache:
             self.promotions_applied += await asyncio.to_thread(self.cache.promote, promote)
         warm = [str(k) for k in reply.get("warm", [])]
         if warm:
-            from xarray_zcache.store import warm_keys
+            from xarray_zcache.distributed.warm import warm_keys
 
             self.warms_applied += await warm_keys(self.cache, warm)
 

@@ -1,0 +1,130 @@
+"""Direct access to a cache, beside the read protocol: reads the cache passes on
+unanswered, lookups without stats, listings, and the scheduler's promotions."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sized
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from xarray_zcache.cache.disk import DiskTier
+    from xarray_zcache.cache.memory import MemoryTier
+    from xarray_zcache.cache.negatives import Listings, NegativeEntries
+    from xarray_zcache.cache.policy import Invalidations
+    from xarray_zcache.cache.request import Read
+    from xarray_zcache.cache.stats import StatsRecorder
+    from xarray_zcache.cache.writer import DiskWriter
+
+__all__ = ["DirectAccess"]
+
+_T = TypeVar("_T")
+
+
+class DirectAccess:
+    """Part of `HybridCache` (its state is the cache's)."""
+
+    _memory: MemoryTier
+    _disk: DiskTier | None
+    _writer: DiskWriter | None
+    _negatives: NegativeEntries
+    _listings: Listings
+    _inv: Invalidations
+    _admit_lock: threading.Lock
+    _stats: StatsRecorder
+
+    if TYPE_CHECKING:  # provided by CacheReporting and HybridCache
+
+        def _count_miss(self, read: Read, nbytes: int, seconds: float) -> None: ...
+
+        def _admit(
+            self,
+            key: str,
+            token: tuple[int, int],
+            value: bytes,
+            kind: str,
+            *,
+            disk: bool = True,
+            ex: float | bool | None = False,
+        ) -> bool: ...
+
+    async def load_uncached(self, read: Read, load: Callable[[], Awaitable[_T]]) -> _T:
+        """A request the cache passes on unanswered (e.g. an odd byte range): counted as sent."""
+        t0 = time.perf_counter()
+        try:
+            value = await load()
+        except BaseException:
+            self._stats.add("inner_errors")
+            raise
+        self._count_miss(
+            read, len(value) if isinstance(value, Sized) else 0, time.perf_counter() - t0
+        )
+        return value
+
+    def load_uncached_sync(self, read: Read, load: Callable[[], _T]) -> _T:
+        """`load_uncached` for synchronous callers."""
+        t0 = time.perf_counter()
+        try:
+            value = load()
+        except BaseException:
+            self._stats.add("inner_errors")
+            raise
+        self._count_miss(
+            read, len(value) if isinstance(value, Sized) else 0, time.perf_counter() - t0
+        )
+        return value
+
+    # -- side tables: listings, lookups without stats ------------------------------------------
+
+    def get_listing(self, key: str) -> tuple[str, ...] | None:
+        """A cached listing under ``key``, or ``None`` if absent or expired."""
+        return self._listings.get(key)
+
+    def put_listing(self, key: str, names: tuple[str, ...], generation: int) -> None:
+        """Cache a listing taken when `listing_generation` was ``generation``."""
+        self._listings.put(key, names, generation)
+
+    def listing_generation(self) -> int:
+        return self._listings.generation
+
+    def peek(self, key: str) -> bytes | None:
+        """The cached value of ``key`` from any tier, without stats or recency changes."""
+        value = self._memory.peek(key)
+        if value is None and self._writer is not None:
+            value = self._writer.pending(key)
+        if value is None and self._disk is not None and self._disk.might_contain(key):
+            value = self._disk.get(key)
+        return value
+
+    def contains(self, key: str) -> bool:
+        """Whether ``key`` is cached in any tier (no stats, no recency change)."""
+        if key in self._memory or (self._writer is not None and key in self._writer):
+            return True
+        return self._disk is not None and key in self._disk
+
+    def known_missing(self, key: str) -> bool:
+        """Whether a fresh negative entry says ``key`` is missing (memory only, no stats)."""
+        return self._negatives.in_memory(key, time.time())
+
+    # -- cluster hooks -------------------------------------------------------------------------
+
+    def promote(self, keys: list[str]) -> int:
+        """Promote ``keys`` held on disk to memory now (kind and expiry kept); return how many."""
+        if self._disk is None:
+            return 0
+        n = 0
+        for key in keys:
+            if key in self._memory:
+                continue
+            token = self._inv.begin(key)
+            try:
+                entry = self._disk.get_entry(key)
+                if entry is not None and self._admit(
+                    key, token, entry.value, entry.kind, disk=False, ex=entry.expires
+                ):
+                    self._stats.add("promotions")
+                    n += 1
+            finally:
+                self._inv.end(key)
+        return n

@@ -1,0 +1,144 @@
+"""How a `CachedStore` reads its source: fetches that watch metadata versions, reads on
+behalf of a cluster peer, and the read-ahead's protocol (`prefetch.ReadAheadTarget`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from typing import TYPE_CHECKING
+
+from zarr.core.buffer import Buffer, default_buffer_prototype
+
+from xarray_zcache.keys import (
+    byte_request,
+    digest_key,
+    is_plain_range,
+    key_kind,
+    parse_entry_key,
+    tree_metadata,
+)
+
+if TYPE_CHECKING:
+    from zarr.abc.store import ByteRequest, Store
+
+    from xarray_zcache.cache.hybrid import HybridCache
+    from xarray_zcache.cache.request import Read
+
+__all__ = ["SourceReads", "fetched_bytes"]
+
+logger = logging.getLogger("xarray_zcache.store")
+
+
+def fetched_bytes(buf: Buffer | None) -> bytes | None:
+    return None if buf is None else buf.to_bytes()
+
+
+_bytes = fetched_bytes
+
+
+async def _nothing() -> None:
+    return None
+
+
+class SourceReads:
+    """Part of `CachedStore` (its state is the store's)."""
+
+    _store: Store
+    _namespace: str
+
+    @property
+    def cache(self) -> HybridCache:
+        raise NotImplementedError
+
+    def _ck(self, key: str) -> str:
+        raise NotImplementedError
+
+    def _read(self, key: str, byte_range: ByteRequest | None, *, prefetch: bool = False) -> Read:
+        raise NotImplementedError
+
+    async def _fetch(
+        self, cache: HybridCache, key: str, byte_range: ByteRequest | None
+    ) -> bytes | None:
+        """Read ``key`` from the wrapped store; a changed array metadata document drops
+        the array's cached chunks before the caller sees it (`_stale_after`)."""
+        data = _bytes(await self._store.get(key, default_buffer_prototype(), byte_range))
+        if byte_range is None and key_kind(key) == "metadata":
+            stale = self._stale_after(cache, key, data)
+            if stale is not None:
+                await cache.invalidating([stale], _nothing)
+        return data
+
+    def _stale_after(self, cache: HybridCache, key: str, data: bytes | None) -> str | None:
+        """The prefix to invalidate because metadata document ``key`` changed, or None.
+
+        Called with what the wrapped store just returned for ``key``. When an array's
+        metadata (or a group's consolidated metadata) differs from what this cache
+        last read - another writer rewrote or grew the array - the array's cached
+        chunks may belong to the old version: they are dropped before any chunk is
+        read under the new metadata. The last digest is kept per document, on disk,
+        for every process sharing the folder.
+        """
+        prefix = tree_metadata(key, data)
+        if prefix is None:
+            return None
+        dk = digest_key(self._namespace, key)
+        digest = hashlib.blake2b(b"\x00gone" if data is None else data, digest_size=16).digest()
+        old = cache.peek(dk)
+        if old == digest:
+            return None
+        cache.put(dk, digest, kind="metadata", namespace=self._namespace, forever=True)
+        if old is None:
+            return None  # first sight: nothing cached can be older
+        logger.info("xarray-zcache: %s changed in %s; its cached chunks are dropped", key, self)
+        return self._ck(prefix.rstrip("/")) + "/" if prefix else self._namespace + "/"
+
+    # -- serving the cluster: this worker owns a key another worker missed ----------------------
+
+    async def serve_peer(self, cache: HybridCache, ck: str) -> tuple[bytes | None, bool]:
+        """Read cache key ``ck`` of this store for a peer through ``cache``.
+
+        Returns ``(bytes or None if missing, saved)``; ``saved`` is False when the
+        source was read for it. Never asks other peers (``for_peer``), so two
+        workers with different views of the membership cannot ping-pong.
+        """
+        parsed = parse_entry_key(self._namespace, ck)
+        if parsed is None:
+            raise ValueError(f"not a key of {self._namespace}: {ck!r}")
+        key, spec = parsed
+        byte_range = byte_request(spec)
+        if not is_plain_range(byte_range):
+            raise ValueError(f"not a cacheable range: {ck!r}")
+        read = dataclasses.replace(self._read(key, byte_range), for_peer=True)
+        loaded = False
+
+        async def load() -> bytes | None:
+            nonlocal loaded
+            loaded = True
+            return await self._fetch(cache, key, byte_range)
+
+        data = await cache.get_or_load(read, load)
+        return data, not loaded
+
+    # -- what the read-ahead needs (`prefetch.ReadAheadTarget`) ----------------------------------
+
+    def peek(self, key: str) -> bytes | None:
+        """The cached bytes of ``key`` (no request, no stats), or ``None``."""
+        return self.cache.peek(self._ck(key))
+
+    def is_cached(self, key: str) -> bool:
+        """Whether the whole object ``key`` is cached (no request, no stats)."""
+        return self.cache.contains(self._ck(key))
+
+    def read_ahead_budget(self) -> tuple[int, float]:
+        """(memory tier capacity in bytes, disk-writer backlog as a fraction)."""
+        cache = self.cache
+        return cache.memory_tier.capacity, cache.disk_backlog
+
+    async def read_ahead(self, key: str) -> None:
+        """Read chunk ``key`` into the cache ahead of its reader (a request sent, no hit)."""
+
+        async def load() -> bytes | None:
+            return _bytes(await self._store.get(key, default_buffer_prototype()))
+
+        await self.cache.get_or_load(self._read(key, None, prefetch=True), load)

@@ -1,0 +1,73 @@
+"""`SyncCachedStore`: the `CachedStore` of a store with synchronous I/O."""
+
+from __future__ import annotations
+
+from zarr.abc.store import ByteRequest
+from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
+
+from xarray_zcache.keys import is_plain_range
+from xarray_zcache.store import CachedStore, _check_byte_range
+from xarray_zcache.store_sources import fetched_bytes as _bytes
+
+__all__ = ["SyncCachedStore"]
+
+
+class SyncCachedStore(CachedStore):
+    """A `CachedStore` over a store with synchronous I/O (`LocalStore`, `MemoryStore`).
+
+    `CachedStore(store)` returns one of these when ``store`` supports zarr's sync
+    surface, so that ``isinstance(store, SupportsGetSync)`` (how zarr decides to
+    take its sync path) tells the truth: hits are then served without an event loop.
+    """
+
+    def get_sync(
+        self,
+        key: str,
+        *,
+        prototype: BufferPrototype | None = None,
+        byte_range: ByteRequest | None = None,
+    ) -> Buffer | None:
+        """Synchronous `get` (only when the wrapped store supports synchronous I/O).
+
+        The same read protocol as `get` (`HybridCache.get_or_load_sync`), without
+        single flight across threads.
+        """
+        _check_byte_range(byte_range)
+        prototype = prototype or default_buffer_prototype()
+        getter = self._store.get_sync  # type: ignore[attr-defined]
+        cache = self.cache
+        if not is_plain_range(byte_range):
+            return cache.load_uncached_sync(  # type: ignore[no-any-return]
+                self._read(key, byte_range),
+                lambda: getter(key, prototype=prototype, byte_range=byte_range),
+            )
+        read = self._read(key, byte_range)
+
+        def load() -> bytes | None:
+            data = _bytes(getter(key, prototype=default_buffer_prototype(), byte_range=byte_range))
+            if read.kind == "metadata" and byte_range is None:
+                stale = self._stale_after(cache, key, data)
+                if stale is not None:
+                    cache.invalidating_sync([stale], lambda: None)
+            return data
+
+        data = cache.get_or_load_sync(read, load)
+        return None if data is None else prototype.buffer.from_bytes(data)
+
+    def set_sync(self, key: str, value: Buffer) -> None:
+        """Synchronous `set` (only when the wrapped store supports synchronous I/O)."""
+        self._check_writable()
+        setter = self._store.set_sync  # type: ignore[attr-defined]
+        data = self._value_bytes(value)
+        self.cache.write_through_sync(
+            self._read(key, None),
+            data,
+            lambda: setter(key, value),
+            keep=self._config.cache_on_write,
+        )
+
+    def delete_sync(self, key: str) -> None:
+        """Synchronous `delete` (only when the wrapped store supports synchronous I/O)."""
+        self._check_writable()
+        deleter = self._store.delete_sync  # type: ignore[attr-defined]
+        self.cache.invalidating_sync(self._object_keys(key), lambda: deleter(key))
