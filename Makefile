@@ -4,6 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# the suite runs on two processes (CI has 2 cores); a module's tests stay together
+PYTEST_WORKERS ?= 2
 
 .PHONY: demo test quicktest system-deps lint typecheck format bench stress docs clean venv
 
@@ -22,7 +24,7 @@ demo: $(STAMP)
 
 ## test: lint, type-check, build the docs and run the test suite
 test: $(STAMP) system-deps lint typecheck docs
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 ## system-deps: a headless browser for the dashboard test (Debian packages; needs root,
 ## otherwise that one test is skipped with the reason)
