@@ -15,8 +15,6 @@ stubs rather than silently dropped.
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -28,7 +26,7 @@ xarray_conftest = pytest.importorskip("xarray.tests.conftest")
 
 import zarr.storage  # noqa: E402
 
-from xarray_zcache import CacheConfig, CachedStore, get_cache  # noqa: E402
+from xarray_zcache import CacheConfig, CachedStore  # noqa: E402
 
 ZarrBase: Any = test_backends.ZarrBase
 # fixtures ZarrBase uses, defined in that module and in xarray's tests/conftest.py (not a
@@ -91,26 +89,3 @@ class TestCachedMemoryStoreRoundtrip(ZarrBase):  # type: ignore[misc]
     def create_zarr_target(self) -> Iterator[CachedStore]:
         config = CacheConfig().with_memory_size("64MB").without_disk_cache()
         yield CachedStore(zarr.storage.MemoryStore({}, read_only=False), config)
-
-
-@pytest.mark.slow
-@deselect(DESELECTED)
-class TestCachedLocalStoreRoundtrip(ZarrBase):  # type: ignore[misc]
-    """Round trips through a `CachedStore` over a `LocalStore`, reads served from disk."""
-
-    @contextlib.contextmanager
-    def create_zarr_target(self) -> Iterator[CachedStore]:
-        with (
-            tempfile.TemporaryDirectory(prefix="zcache-data-") as data,
-            tempfile.TemporaryDirectory(prefix="zcache-disk-") as disk,
-        ):
-            # a memory tier too small to hold anything: every read past a write is served
-            # by the disk tier, which is what this class is here to exercise
-            config = CacheConfig().with_memory_size(1).with_disk_cache(disk, "256MB")
-            # like xarray's TestZarrDirectoryStore: a path that does not exist yet
-            inner = zarr.storage.LocalStore(os.path.join(data, "test.zarr"), read_only=False)
-            try:
-                yield CachedStore(inner, config)
-            finally:
-                # stop the background disk writer before its folder goes away
-                get_cache(config).close()
