@@ -3,19 +3,39 @@
 from __future__ import annotations
 
 import dataclasses
-import html
 import math
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
-from xarray_zcache.cache.units import format_bytes
+from xarray_zcache.cache import stats_text
+from xarray_zcache.cache.stats_fields import (
+    COUNTER,
+    KINDS,
+    LATENCY_BUCKETS_MS,
+    MAX,
+    SAME,
+    SUM,
+    TIERS,
+    TOP,
+    Path,
+    _buckets,
+    _clone,
+    _combine_of,
+    _gauge,
+    _op,
+    _reader,
+    _tiered,
+    _wire_paths,
+    _zeros,
+)
 
 __all__ = [
     "COUNTER",
     "KINDS",
+    "LATENCY_BUCKETS_MS",
     "MAX",
     "SAME",
     "SUM",
@@ -23,14 +43,9 @@ __all__ = [
     "TOP",
     "CacheStats",
     "HotKeys",
+    "Path",
     "StatsRecorder",
 ]
-
-KINDS = ("metadata", "chunk")
-TIERS = ("memory", "disk", "peer")
-
-# upper bounds (ms) of the fetch-latency histogram buckets; the last bucket is open
-LATENCY_BUCKETS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, math.inf)
 
 
 class HotKeys:
@@ -57,35 +72,6 @@ class HotKeys:
 
     def clear(self) -> None:
         self._counts.clear()
-
-
-def _zeros() -> dict[str, int]:
-    return dict.fromkeys(KINDS, 0)
-
-
-def _tiered() -> dict[str, dict[str, int]]:
-    return {t: _zeros() for t in TIERS}
-
-
-# -- the one stats model ---------------------------------------------------------------------------
-#
-# Every field of `CacheStats` says how two snapshots combine (dataclass metadata "combine"):
-COUNTER = "counter"  #: a counter: summed by ``a + b``, subtracted by ``b - a``
-SUM = "sum"  #: a gauge summed over caches (``b - a`` keeps ``b``'s value)
-MAX = "max"  #: a gauge whose cluster value is the largest one (``b - a`` keeps ``b``'s)
-SAME = "same"  #: a gauge kept when both agree, else ``None`` (``b - a`` keeps ``b``'s)
-TOP = "top"  #: the hot keys: counts merged (``b - a`` keeps ``b``'s)
-
-#: a number's place in a snapshot: field name, then dict keys / list indices
-Path = tuple[str | int, ...]
-
-
-def _gauge(combine: str, default: Any = 0) -> Any:
-    return dataclasses.field(default=default, metadata={"combine": combine})
-
-
-def _buckets() -> list[int]:
-    return [0] * len(LATENCY_BUCKETS_MS)
 
 
 @dataclasses.dataclass
@@ -339,122 +325,13 @@ class CacheStats:
         return s
 
     def _rows(self) -> list[tuple[str, str]]:
-        mem_hits = self.total_hits(tier="memory")
-        disk_hits = self.total_hits(tier="disk")
-        peer_hits = self.total_hits(tier="peer")
-        rows = [
-            ("hit rate", f"{self.hit_rate():.1%}"),
-            ("  chunks", f"{self.hit_rate('chunk'):.1%}"),
-            ("  metadata", f"{self.hit_rate('metadata'):.1%}"),
-            ("hits memory / disk / peer", f"{mem_hits} / {disk_hits} / {peer_hits}"),
-            ("misses (requests sent)", str(self.requests_sent)),
-            ("requests saved", str(self.requests_saved)),
-            ("bytes saved", format_bytes(self.bytes_saved)),
-            ("bytes fetched", format_bytes(sum(self.miss_bytes.values()))),
-            (
-                "memory used",
-                f"{format_bytes(self.memory_used)} / {format_bytes(self.memory_capacity)} "
-                f"({self.memory_entries} entries)",
-            ),
-        ]
-        if self.disk_path is not None or self.disk_capacity:
-            rows.append(
-                (
-                    "disk used",
-                    f"{format_bytes(self.disk_used)} / {format_bytes(self.disk_capacity)} "
-                    f"({self.disk_entries} entries)",
-                )
-            )
-        if self.prefetches or self.prefetch_hits:
-            rows.append(("read ahead (hits on it)", f"{self.prefetches} ({self.prefetch_hits})"))
-        if self.peer_served or self.peer_loads or self.peer_fallbacks or peer_hits:
-            rows.append(
-                (
-                    "peers: served / loads / fallbacks",
-                    f"{self.peer_served} / {self.peer_loads} / {self.peer_fallbacks}",
-                )
-            )
-        rows += [
-            ("evictions memory / disk", f"{self.evictions['memory']} / {self.evictions['disk']}"),
-            ("corrupt entries dropped", str(self.corruptions)),
-            ("errors from store (not cached)", str(self.inner_errors)),
-        ]
-        return rows
+        return stats_text.rows(self)
 
     def __str__(self) -> str:
-        rows = self._rows()
-        width = max(len(k) for k, _ in rows)
-        lines = ["CacheStats"] + [f"  {k:<{width}}  {v}" for k, v in rows]
-        if self.hot_keys:
-            lines.append("  hot keys")
-            lines += [f"    {c:>6}  {k}" for k, c in self.hot_keys[:10]]
-        return "\n".join(lines)
+        return stats_text.as_text(self)
 
     def _repr_html_(self) -> str:
-        cells = "".join(
-            f"<tr><th style='text-align:left'>{html.escape(k.strip())}</th>"
-            f"<td style='text-align:left'>{html.escape(v)}</td></tr>"
-            for k, v in self._rows()
-        )
-        hot = "".join(
-            f"<tr><td>{c}</td><td style='text-align:left'><code>{html.escape(k)}</code></td></tr>"
-            for k, c in self.hot_keys[:10]
-        )
-        hot_table = (
-            f"<details><summary>hot keys</summary><table>{hot}</table></details>" if hot else ""
-        )
-        return f"<div><strong>xarray-zcache</strong><table>{cells}</table>{hot_table}</div>"
-
-
-def _op(a: Any, b: Any, sign: int) -> Any:
-    if isinstance(a, dict):
-        return {k: _op(a[k], b.get(k, 0), sign) for k in a}
-    if isinstance(a, list):
-        return [_op(x, y, sign) for x, y in zip(a, b, strict=True)]
-    return a + sign * b
-
-
-def _clone(value: Any) -> Any:
-    """A copy of a field's value (its dicts and lists are new)."""
-    if isinstance(value, dict):
-        return {k: _clone(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_clone(v) for v in value]
-    return value
-
-
-def _combine_of(f: dataclasses.Field[Any]) -> str:
-    return str(f.metadata.get("combine", COUNTER))
-
-
-def _wire_paths(value: Any, path: Path) -> Iterator[Path]:
-    """Where the integers are in a field's value (nested dicts and lists)."""
-    if isinstance(value, bool):
-        return
-    if isinstance(value, int):
-        yield path
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            yield from _wire_paths(v, (*path, k))
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            yield from _wire_paths(v, (*path, i))
-
-
-def _reader(paths: list[Path]) -> Callable[[Any], list[int]]:
-    """Reads the numbers at ``paths`` (without their field name) out of a field's value."""
-    if paths == [()]:
-        return lambda value: [value]
-    if all(len(p) == 1 for p in paths):
-        keys = [p[0] for p in paths]
-        return lambda value: [value[k] for k in keys]
-    return lambda value: [_at(value, p) for p in paths]
-
-
-def _at(value: Any, path: Path) -> Any:
-    for k in path:
-        value = value[k]
-    return value
+        return stats_text.as_html(self)
 
 
 def _derive_wire_form() -> None:
