@@ -25,6 +25,7 @@ from xarray_zcache.config_checks import (
     _env_var_of,
     _origin,
     _size,
+    _validation,
     default_disk_path,
 )
 
@@ -69,6 +70,11 @@ class CacheConfig:
         Seconds a listing (``list``, ``list_dir``, ``list_prefix``) stays valid.
     negative_ttl
         Seconds a "metadata key is missing" answer stays valid.
+    validation
+        Seconds after which cached entries are validated against the source's
+        versions (ETags, file times) before they are served again, one listing per
+        array; ``None`` (``"never"``): entries live by their TTL only. See
+        `with_validation`.
     eviction_policy
         ``"lru"``, ``"slru"`` (segmented LRU, scan resistant) or ``"tinylfu"``
         (segmented LRU with frequency-based admission: best under skewed access).
@@ -116,6 +122,7 @@ class CacheConfig:
     chunk_ttl: float | None = dataclasses.field(default_factory=lambda: _cfg("ttl.chunks"))
     listing_ttl: float = dataclasses.field(default_factory=lambda: _cfg("ttl.listing"))
     negative_ttl: float = dataclasses.field(default_factory=lambda: _cfg("ttl.negative"))
+    validation: float | None = dataclasses.field(default_factory=lambda: _cfg("validation"))
     eviction_policy: Literal["lru", "slru", "tinylfu"] = dataclasses.field(
         default_factory=lambda: _cfg("eviction-policy")
     )
@@ -171,6 +178,7 @@ class CacheConfig:
         s(self, "chunk_ttl", _duration("chunk_ttl", self.chunk_ttl, allow_none=True))
         s(self, "listing_ttl", _duration("listing_ttl", self.listing_ttl, allow_none=False))
         s(self, "negative_ttl", _duration("negative_ttl", self.negative_ttl, allow_none=False))
+        s(self, "validation", _validation(self.validation))
         if self.eviction_policy not in EVICTION_POLICIES:
             raise ValueError(
                 f"eviction_policy: invalid policy {self.eviction_policy!r}; "
@@ -321,6 +329,25 @@ class CacheConfig:
             if value is not False:
                 changes[field] = value
         return self._replace(**changes)
+
+    def with_validation(self, interval: float | str | None) -> Self:
+        """Return a copy validating cached entries every ``interval`` (seconds, a string
+        such as ``"10 minutes"``, or ``"never"``/``None``).
+
+        Past the interval, a cached entry is checked against its object's version at
+        the source before it is served: one listing request per 1,000 objects of
+        the array (or folder) it belongs to, shared by every process of the cache
+        folder. Changed, deleted or new objects are dropped and read again;
+        unchanged ones are not. ``"never"`` leaves only the TTLs.
+
+        Examples
+        --------
+        >>> CacheConfig().with_validation("10 minutes").validation
+        600.0
+        >>> CacheConfig().with_validation("never").validation is None
+        True
+        """
+        return self._replace(validation=interval)
 
     def with_max_object_size(self, size: int | str) -> Self:
         """Return a copy that never caches objects over ``size`` bytes."""

@@ -28,6 +28,7 @@ _FIELD_OF = {
     "ttl.chunks": "chunk_ttl",
     "ttl.listing": "listing_ttl",
     "ttl.negative": "negative_ttl",
+    "validation": "validation",
     "eviction-policy": "eviction_policy",
     "promotion-threshold": "promotion_threshold",
     "cache-on-write": "cache_on_write",
@@ -88,6 +89,19 @@ def _duration(field: str, value: object, *, allow_none: bool) -> float | None:
     if seconds is None or not math.isfinite(seconds) or seconds < 0:
         raise ValueError(f"{field}: invalid duration {value!r}; expected {allowed}")
     return float(seconds)
+
+
+def _validation(value: object) -> float | None:
+    """Parse the validation interval: a duration, or ``"never"``/``None``."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "never"):
+        return None
+    try:
+        return _duration("validation", value, allow_none=False)
+    except ValueError:
+        raise ValueError(
+            f"validation: invalid interval {value!r}; expected 'never' (or None) or a "
+            "non-negative number of seconds or a string such as '30s' or '10 minutes'"
+        ) from None
 
 
 def _interpret_env(text: str) -> object:

@@ -49,6 +49,8 @@ from xarray_zcache.registry import (
     resolve_config,
 )
 from xarray_zcache.store_sources import SourceReads, fetched_bytes
+from xarray_zcache.store_validation import SourceValidation
+from xarray_zcache.store_versions import source_versions
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -81,7 +83,7 @@ def _check_byte_range(byte_range: object) -> None:
 _bytes = fetched_bytes
 
 
-class CachedStore(SourceReads, Store):
+class CachedStore(SourceValidation, SourceReads, Store):
     """A zarr store that serves reads of another store from a persistent hybrid cache.
 
     Every read path goes through the cache: `get` (whole objects and every
@@ -173,6 +175,9 @@ class CachedStore(SourceReads, Store):
         self._prefetchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ScanPrefetcher] = (
             weakref.WeakKeyDictionary()
         )
+        # reads with versions, and the validation unit of each folder (store_validation.py)
+        self._source = source_versions(self._store)
+        self._units = {}
 
     # -- identity, pickling --------------------------------------------------------------------
 
@@ -353,6 +358,7 @@ class CachedStore(SourceReads, Store):
                 self._read(key, byte_range),
                 lambda: self._store.get(key, prototype, byte_range),
             )
+        await self._validated(key)
         read = self._read(key, byte_range)
         pf = self._prefetcher() if byte_range is None and read.kind == "chunk" else None
         missed = False
@@ -405,6 +411,7 @@ class CachedStore(SourceReads, Store):
 
     async def exists(self, key: str) -> bool:
         # docstring inherited
+        await self._validated(key)
         cache = self.cache
         ck = self._ck(key)
         if cache.known_missing(ck):
@@ -415,6 +422,7 @@ class CachedStore(SourceReads, Store):
 
     async def getsize(self, key: str) -> int:
         # docstring inherited
+        await self._validated(key)
         data = self.cache.peek(self._ck(key))
         if data is not None:
             return len(data)

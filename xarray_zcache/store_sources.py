@@ -8,7 +8,7 @@ import hashlib
 import logging
 from typing import TYPE_CHECKING
 
-from zarr.core.buffer import Buffer, default_buffer_prototype
+from zarr.core.buffer import Buffer
 
 from xarray_zcache.keys import (
     byte_request,
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
     from xarray_zcache.cache.hybrid import HybridCache
     from xarray_zcache.cache.request import Read
+    from xarray_zcache.store_versions import SourceVersions
 
 __all__ = ["SourceReads", "fetched_bytes"]
 
@@ -46,6 +47,7 @@ class SourceReads:
 
     _store: Store
     _namespace: str
+    _source: SourceVersions
 
     @property
     def cache(self) -> HybridCache:
@@ -57,12 +59,19 @@ class SourceReads:
     def _read(self, key: str, byte_range: ByteRequest | None, *, prefetch: bool = False) -> Read:
         raise NotImplementedError
 
+    def _filled(self, key: str, version: str | None, *, part: bool) -> None:
+        raise NotImplementedError
+
+    async def _validated(self, key: str) -> None:
+        raise NotImplementedError
+
     async def _fetch(
         self, cache: HybridCache, key: str, byte_range: ByteRequest | None
     ) -> bytes | None:
         """Read ``key`` from the wrapped store; a changed array metadata document drops
         the array's cached chunks before the caller sees it (`_stale_after`)."""
-        data = _bytes(await self._store.get(key, default_buffer_prototype(), byte_range))
+        data, version = await self._source.get(key, byte_range)
+        self._filled(key, version, part=byte_range is not None)
         if byte_range is None and key_kind(key) == "metadata":
             stale = self._stale_after(cache, key, data)
             if stale is not None:
@@ -109,6 +118,7 @@ class SourceReads:
         byte_range = byte_request(spec)
         if not is_plain_range(byte_range):
             raise ValueError(f"not a cacheable range: {ck!r}")
+        await self._validated(key)
         read = dataclasses.replace(self._read(key, byte_range), for_peer=True)
         loaded = False
 
@@ -138,7 +148,9 @@ class SourceReads:
     async def read_ahead(self, key: str) -> None:
         """Read chunk ``key`` into the cache ahead of its reader (a request sent, no hit)."""
 
-        async def load() -> bytes | None:
-            return _bytes(await self._store.get(key, default_buffer_prototype()))
+        cache = self.cache
 
-        await self.cache.get_or_load(self._read(key, None, prefetch=True), load)
+        async def load() -> bytes | None:
+            return await self._fetch(cache, key, None)
+
+        await cache.get_or_load(self._read(key, None, prefetch=True), load)

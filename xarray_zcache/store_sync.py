@@ -7,7 +7,6 @@ from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 
 from xarray_zcache.keys import is_plain_range
 from xarray_zcache.store import CachedStore, _check_byte_range
-from xarray_zcache.store_sources import fetched_bytes as _bytes
 
 __all__ = ["SyncCachedStore"]
 
@@ -41,10 +40,12 @@ class SyncCachedStore(CachedStore):
                 self._read(key, byte_range),
                 lambda: getter(key, prototype=prototype, byte_range=byte_range),
             )
+        self._validated_sync(key)
         read = self._read(key, byte_range)
 
         def load() -> bytes | None:
-            data = _bytes(getter(key, prototype=default_buffer_prototype(), byte_range=byte_range))
+            data, version = self._source.get_sync(key, byte_range)
+            self._filled(key, version, part=byte_range is not None)
             if read.kind == "metadata" and byte_range is None:
                 stale = self._stale_after(cache, key, data)
                 if stale is not None:

@@ -8,6 +8,9 @@ import time
 from collections.abc import Awaitable, Callable, Sized
 from typing import TYPE_CHECKING, TypeVar
 
+from xarray_zcache.cache.negatives import NEGATIVE_SUFFIX
+from xarray_zcache.cache.request import PART_SEP
+
 if TYPE_CHECKING:
     from xarray_zcache.cache.disk import DiskTier
     from xarray_zcache.cache.memory import MemoryTier
@@ -102,6 +105,39 @@ class DirectAccess:
         if key in self._memory or (self._writer is not None and key in self._writer):
             return True
         return self._disk is not None and key in self._disk
+
+    def cached_objects(self, prefix: str) -> dict[str, bool]:
+        """The objects with entries under ``prefix`` in any tier (no stats): object key ->
+        True if a value (whole or a part) is cached, False if only "missing" is."""
+        found: dict[str, bool] = {}
+
+        def note(key: str) -> None:
+            if key.endswith(NEGATIVE_SUFFIX):
+                found.setdefault(key[: -len(NEGATIVE_SUFFIX)], False)
+            else:
+                found[key.split(PART_SEP, 1)[0]] = True
+
+        in_memory = self._memory.keys()
+        for key in in_memory:
+            if key.startswith(prefix):
+                note(key)
+        for key in self._negatives.keys_under(prefix):
+            found.setdefault(key, False)
+        if self._disk is not None:
+            for key in self._disk.keys_under(prefix):
+                note(key)
+        return found
+
+    def has_parts(self, key: str) -> bool:
+        """Whether a value of object ``key`` (whole or a part) is cached here (no stats)."""
+        part = key + PART_SEP
+        negative = key + NEGATIVE_SUFFIX
+        in_memory = self._memory.keys()
+        if any(k == key or (k.startswith(part) and k != negative) for k in in_memory):
+            return True
+        if self._disk is None:
+            return False
+        return any(k != negative for k in self._disk.keys_under(key))
 
     def known_missing(self, key: str) -> bool:
         """Whether a fresh negative entry says ``key`` is missing (memory only, no stats)."""

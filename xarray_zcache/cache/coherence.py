@@ -26,6 +26,7 @@ from xarray_zcache.cache.stats import StatsRecorder
 
 if TYPE_CHECKING:
     from xarray_zcache.cache.disk import DiskTier
+    from xarray_zcache.cache.freshness import Freshness
     from xarray_zcache.cache.memory import MemoryTier
     from xarray_zcache.cache.writer import DiskWriter
 
@@ -143,6 +144,7 @@ class Coherence:
     _admit_lock: threading.Lock
     _prefetched: set[str]
     _stats: StatsRecorder
+    _freshness: Freshness
 
     @property
     def closed(self) -> bool:
@@ -242,6 +244,7 @@ class Coherence:
                     self._writer.discard(key)
                     self._writer.discard(key + NEGATIVE_SUFFIX)
             self._prefetched.discard(key)
+        self._freshness.forget(key, prefix=prefix)
         if self._disk is not None:
             if prefix:
                 self._disk.delete_prefix(key)
@@ -289,3 +292,21 @@ class Coherence:
         """Drop every entry (or every entry whose key starts with ``prefix``) here."""
         self._invalidate_here(prefix, True)
         self._listings.drop(prefix)
+        if not prefix:
+            self._freshness.clear()
+
+    def drop_object(self, key: str) -> None:
+        """Drop object ``key`` here: whole, every part, negative entry (for validation,
+        which other processes of the folder learn of through the version book)."""
+        self._invalidate_here(key, False)
+        self._invalidate_here(key + PART_SEP, True)
+        self._listings.drop("")
+
+    def drop_memory(self, prefix: str) -> None:
+        """Drop the entries under ``prefix`` from memory only (another process of the
+        folder found some of them changed, and dropped them on disk already)."""
+        with self._admit_lock:
+            self._inv.bump_prefix(prefix)
+            self._memory.delete_prefix(prefix)
+            self._negatives.discard_prefix(prefix)
+        self._listings.drop("")

@@ -30,6 +30,7 @@ from xarray_zcache.cache.access import DirectAccess
 from xarray_zcache.cache.coherence import _LIVE, Coherence
 from xarray_zcache.cache.disk import DiskTier
 from xarray_zcache.cache.flight import SingleFlight
+from xarray_zcache.cache.freshness import Freshness
 from xarray_zcache.cache.logs import log_created
 from xarray_zcache.cache.maintenance import schedule
 from xarray_zcache.cache.memory import MemoryTier
@@ -39,6 +40,7 @@ from xarray_zcache.cache.reporting import CacheReporting
 from xarray_zcache.cache.request import Read
 from xarray_zcache.cache.settings import CacheSettings
 from xarray_zcache.cache.tiers import SharedTier, open_disk
+from xarray_zcache.cache.versions import VersionBook
 from xarray_zcache.cache.writer import DiskWriter, PendingWrite
 
 __all__ = ["HybridCache", "Read", "SharedTier"]
@@ -93,6 +95,11 @@ class HybridCache(DirectAccess, CacheReporting, Coherence):
         self._inv = Invalidations()
         self._flights = SingleFlight()
         self._shared: list[SharedTier] = []
+        disk = self._disk
+        book = VersionBook(
+            None if disk is None else str(disk.path), had_entries=disk is not None and len(disk) > 0
+        )
+        self._freshness = Freshness(self, book, s.validation)
         # one lock orders admissions against invalidations: check-then-put is atomic
         self._admit_lock = threading.Lock()
         self._closed = False
@@ -122,6 +129,11 @@ class HybridCache(DirectAccess, CacheReporting, Coherence):
     @property
     def maintenance_interval(self) -> float:
         return self.settings.maintenance_interval
+
+    @property
+    def freshness(self) -> Freshness:
+        """Validation against the source's versions (see `xarray_zcache.cache.freshness`)."""
+        return self._freshness
 
     def add_shared_tier(self, tier: SharedTier) -> None:
         """Ask ``tier`` after memory and disk, before loading from the source."""
@@ -487,6 +499,7 @@ class HybridCache(DirectAccess, CacheReporting, Coherence):
         if self._disk is not None:
             self._disk.flush()
             self._disk.close()
+        self._freshness.book.close()
         _LIVE.discard(self)
 
     @property

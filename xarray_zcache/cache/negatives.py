@@ -75,6 +75,11 @@ class NegativeEntries:
         with self._lock:
             self._expires.pop(key, None)
 
+    def keys_under(self, prefix: str) -> list[str]:
+        """Objects under ``prefix`` with a negative entry in memory (expired ones too)."""
+        with self._lock:
+            return [k for k in self._expires if k.startswith(prefix)]
+
     def discard_prefix(self, prefix: str) -> None:
         with self._lock:
             for k in [k for k in self._expires if k.startswith(prefix)]:

@@ -28,6 +28,8 @@ class CacheSettings:
     chunk_ttl: float | None = None
     listing_ttl: float = 60.0
     negative_ttl: float = 300.0
+    #: seconds between validations of cached entries against the source; None: never
+    validation: float | None = 300.0
     eviction_policy: str = "lru"
     promotion_threshold: float = 0.0
     maintenance_interval: float = 60.0

@@ -114,6 +114,12 @@ class CacheStats:
     peer_loads: int = 0
     peer_fallbacks: int = 0
     peer_latency_ms: list[int] = dataclasses.field(default_factory=_buckets)
+    # validation against the source's versions (see cache/freshness.py): units validated,
+    # listing requests they sent, objects found changed (dropped), validations that failed
+    validations: int = 0
+    validation_requests: int = 0
+    validation_changes: int = 0
+    validation_errors: int = 0
     disk_write_failures: int = 0
     not_admitted: int = 0
     fetch_latency_ms: list[int] = dataclasses.field(default_factory=_buckets)

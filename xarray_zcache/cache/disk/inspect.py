@@ -45,6 +45,20 @@ class TierInspection:
             [],
         )
 
+    def keys_under(self, prefix: str) -> list[str]:
+        """Keys in the index that start with ``prefix``."""
+        return self._index.read(
+            "listing keys",
+            lambda conn: [
+                k
+                for (k,) in conn.execute(
+                    "SELECT key FROM entries WHERE key >= ? AND key < ?",
+                    (prefix, prefix + "\U0010ffff"),
+                ).fetchall()
+            ],
+            [],
+        )
+
     def entries(self) -> list[dict[str, Any]]:
         """Index rows as dicts (pending access statistics are flushed first).
 

@@ -1,0 +1,314 @@
+"""`VersionBook`: the version of each cached object and when each unit was last validated.
+
+A *version* is an opaque string naming an object's content at the source (an S3 ETag,
+a file's ``mtime_ns:size:inode``); a *unit* is a group of objects validated together
+(one listing of the source, e.g. one array). The book is one SQLite file in the cache
+folder (``versions.db``), shared by every process using the folder, with the rows read
+so far mirrored in memory; a cache without a disk tier keeps the book in memory only.
+
+The book is advice about freshness, not the authority on what is cached (the disk
+index is): a lost or missing row only makes the cache validate or re-read more.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Final, TypeVar
+
+__all__ = ["BOOK_NAME", "UnitState", "VersionBook"]
+
+logger = logging.getLogger("xarray_zcache.cache")
+
+BOOK_NAME: Final = "versions.db"
+_BUSY_TIMEOUT_S: Final = 30.0
+#: a validation claimed by a process that has not finished after this long is taken over
+CLAIM_SECONDS: Final = 60.0
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS versions(key TEXT PRIMARY KEY, version TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS units(
+    unit TEXT PRIMARY KEY,
+    validated REAL NOT NULL,
+    changed REAL NOT NULL DEFAULT 0,
+    claimed REAL NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS meta(name TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+_T = TypeVar("_T")
+
+
+def _upper(prefix: str) -> str:
+    return prefix + "\U0010ffff"
+
+
+class UnitState:
+    """What the book says of one unit: last validation, last change seen, a claim."""
+
+    __slots__ = ("changed", "claimed", "validated")
+
+    def __init__(self, validated: float, changed: float, claimed: float) -> None:
+        self.validated = validated
+        self.changed = changed
+        self.claimed = claimed
+
+
+class VersionBook:
+    """Object versions and unit validation times (thread-safe, one lock).
+
+    Parameters
+    ----------
+    folder
+        The cache folder (the book is ``folder/versions.db``), or None: memory only.
+    had_entries
+        Whether the folder already held cached entries when the book is created there
+        for the first time (a folder from a release without versions): its units are
+        then validated before they are served, since nothing says how old they are.
+    """
+
+    def __init__(self, folder: str | None, *, had_entries: bool = False) -> None:
+        self._lock = threading.Lock()
+        self._versions: dict[str, str] = {}
+        self._units: dict[str, UnitState] = {}
+        self._conn: sqlite3.Connection | None = None
+        self.legacy = False
+        if folder is None:
+            return
+        path = os.path.join(folder, BOOK_NAME)
+        try:
+            new = not os.path.exists(path)
+            conn = sqlite3.connect(
+                path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+            )
+            with contextlib.suppress(OSError):
+                os.chmod(path, 0o600)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.executescript(_SCHEMA)
+            if new and had_entries:
+                conn.execute("INSERT OR REPLACE INTO meta VALUES ('legacy', '1')")
+            row = conn.execute("SELECT value FROM meta WHERE name = 'legacy'").fetchone()
+            self.legacy = row is not None
+            self._conn = conn
+        except sqlite3.Error as exc:
+            logger.warning(
+                "xarray-zcache: cannot use %s (%s): versions are kept in memory only", path, exc
+            )
+
+    # -- SQL, with one rule for errors: log, and go on from memory ----------------------------
+
+    def _sql(self, what: str, op: Callable[[sqlite3.Connection], _T], default: _T) -> _T:
+        conn = self._conn
+        if conn is None:
+            return default
+        try:
+            return op(conn)
+        except sqlite3.Error as exc:
+            logger.warning("xarray-zcache: versions book: %s failed (%s)", what, exc)
+            return default
+
+    @contextlib.contextmanager
+    def _write(self, conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    # -- object versions ------------------------------------------------------------------------
+
+    def version(self, key: str) -> str | None:
+        """The recorded version of object ``key``, or None."""
+        with self._lock:
+            found = self._versions.get(key)
+            if found is not None:
+                return found
+            row = self._sql(
+                "reading a version",
+                lambda c: c.execute(
+                    "SELECT version FROM versions WHERE key = ?", (key,)
+                ).fetchone(),
+                None,
+            )
+            if row is not None:
+                self._versions[key] = row[0]
+                return str(row[0])
+            return None
+
+    def record(self, key: str, version: str) -> None:
+        """Record that object ``key`` is cached at ``version``."""
+        with self._lock:
+            if self._versions.get(key) == version:
+                return
+            self._versions[key] = version
+            self._sql(
+                "recording a version",
+                lambda c: c.execute(
+                    "INSERT OR REPLACE INTO versions VALUES (?, ?)", (key, version)
+                ),
+                None,
+            )
+
+    def under(self, prefix: str) -> dict[str, str]:
+        """Versions of the objects whose keys start with ``prefix`` (from the file)."""
+        with self._lock:
+            rows = self._sql(
+                "listing versions",
+                lambda c: c.execute(
+                    "SELECT key, version FROM versions WHERE key >= ? AND key < ?",
+                    (prefix, _upper(prefix)),
+                ).fetchall(),
+                None,
+            )
+            if rows is None:
+                return {k: v for k, v in self._versions.items() if k.startswith(prefix)}
+            found = {str(k): str(v) for k, v in rows}
+            self._versions.update(found)
+            return found
+
+    def forget(self, key: str, *, prefix: bool = False) -> None:
+        """Drop the version of ``key`` (or of every key starting with it)."""
+        with self._lock:
+            if prefix:
+                for k in [k for k in self._versions if k.startswith(key)]:
+                    del self._versions[k]
+                self._sql(
+                    "forgetting versions",
+                    lambda c: c.execute(
+                        "DELETE FROM versions WHERE key >= ? AND key < ?", (key, _upper(key))
+                    ),
+                    None,
+                )
+            else:
+                self._versions.pop(key, None)
+                self._sql(
+                    "forgetting a version",
+                    lambda c: c.execute("DELETE FROM versions WHERE key = ?", (key,)),
+                    None,
+                )
+
+    # -- units ----------------------------------------------------------------------------------
+
+    def unit(self, unit: str) -> UnitState | None:
+        """The unit's state as the file says now (another process may have validated it)."""
+        with self._lock:
+            row = self._sql(
+                "reading a unit",
+                lambda c: c.execute(
+                    "SELECT validated, changed, claimed FROM units WHERE unit = ?", (unit,)
+                ).fetchone(),
+                None,
+            )
+            if row is not None:
+                state = UnitState(float(row[0]), float(row[1]), float(row[2]))
+                self._units[unit] = state
+                return state
+            return self._units.get(unit)
+
+    def start(self, unit: str, at: float) -> UnitState:
+        """The unit's state, created as "valid at ``at``" if the book has none."""
+        with self._lock:
+            self._sql(
+                "starting a unit",
+                lambda c: c.execute(
+                    "INSERT OR IGNORE INTO units(unit, validated) VALUES (?, ?)", (unit, at)
+                ),
+                None,
+            )
+            self._units.setdefault(unit, UnitState(at, 0.0, 0.0))
+        return self.unit(unit) or UnitState(at, 0.0, 0.0)
+
+    def claim(self, unit: str, now: float) -> bool:
+        """Claim the validation of ``unit`` for this process (False: another one has it)."""
+
+        def op(c: sqlite3.Connection) -> bool:
+            with self._write(c):
+                c.execute("INSERT OR IGNORE INTO units(unit, validated) VALUES (?, 0)", (unit,))
+                cur = c.execute(
+                    "UPDATE units SET claimed = ? WHERE unit = ? AND claimed < ?",
+                    (now, unit, now - CLAIM_SECONDS),
+                )
+                return cur.rowcount == 1
+
+        with self._lock:
+            return self._sql("claiming a unit", op, True)
+
+    def validated(self, unit: str, at: float, changed: float | None) -> None:
+        """Record a validation of ``unit`` that started at ``at`` (and found changes at
+        ``changed``, if any); releases the claim."""
+
+        def op(c: sqlite3.Connection) -> None:
+            with self._write(c):
+                c.execute("INSERT OR IGNORE INTO units(unit, validated) VALUES (?, 0)", (unit,))
+                c.execute(
+                    "UPDATE units SET validated = max(validated, ?), claimed = 0,"
+                    " changed = max(changed, ?) WHERE unit = ?",
+                    (at, changed or 0.0, unit),
+                )
+
+        with self._lock:
+            old = self._units.get(unit)
+            self._units[unit] = UnitState(
+                max(at, old.validated if old else 0.0),
+                max(changed or 0.0, old.changed if old else 0.0),
+                0.0,
+            )
+            self._sql("recording a validation", op, None)
+
+    def release(self, unit: str) -> None:
+        """Give up a claim (the validation failed)."""
+        with self._lock:
+            self._sql(
+                "releasing a unit",
+                lambda c: c.execute("UPDATE units SET claimed = 0 WHERE unit = ?", (unit,)),
+                None,
+            )
+
+    def changed(self, unit: str, at: float) -> None:
+        """Note that an object of ``unit`` was found changed at ``at`` (e.g. by a fill)."""
+        with self._lock:
+            state = self._units.get(unit)
+            if state is not None:
+                state.changed = max(state.changed, at)
+            self._sql(
+                "noting a change",
+                lambda c: c.execute(
+                    "UPDATE units SET changed = max(changed, ?) WHERE unit = ?", (at, unit)
+                ),
+                None,
+            )
+
+    def clear(self) -> None:
+        """Forget everything (the cache was cleared)."""
+        with self._lock:
+            self._versions.clear()
+            self._units.clear()
+
+            def op(c: sqlite3.Connection) -> None:
+                with self._write(c):
+                    c.execute("DELETE FROM versions")
+                    c.execute("DELETE FROM units")
+                    c.execute("DELETE FROM meta WHERE name = 'legacy'")
+
+            self._sql("clearing", op, None)
+            self.legacy = False
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.close()
+                self._conn = None
+
+
+def now() -> float:
+    """The cache host's clock (seconds since the epoch); tests may replace it."""
+    return time.time()

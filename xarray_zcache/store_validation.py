@@ -1,0 +1,165 @@
+"""How a `CachedStore` keeps its entries fresh: which unit (one listing) a zarr key
+belongs to, the gate every read passes, and `revalidate` (validate everything now).
+
+The rules of freshness are the cache's (`xarray_zcache.cache.freshness`); this module
+only maps zarr keys to units and units to listings of the wrapped store:
+
+* a chunk belongs to its array: one recursive listing of the array's folder (one
+  request per 1,000 objects on S3) validates its metadata and every chunk;
+* a metadata document in a sub-folder belongs to that folder's recursive unit (the
+  array's); one at the root belongs to the root's own objects (one non-recursive
+  listing: the root's documents, never every chunk of the dataset).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from xarray_zcache.cache.freshness import Listing, Unit
+from xarray_zcache.keys import array_of, file_key, key_kind, parse_entry_key
+
+if TYPE_CHECKING:
+    from xarray_zcache.cache.hybrid import HybridCache
+    from xarray_zcache.store_versions import SourceVersions
+
+__all__ = ["SourceValidation", "ValidationReport"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ValidationReport:
+    """What `CachedStore.revalidate` did."""
+
+    #: units validated (one listing each: an array, or the root's documents)
+    units: int
+    #: cached objects checked against the source
+    objects: int
+    #: objects found changed, deleted or created, and dropped
+    changed: int
+    #: listing requests sent to the source
+    requests: int
+    seconds: float
+
+    def __str__(self) -> str:
+        return (
+            f"validated {self.objects} cached objects in {self.units} units with "
+            f"{self.requests} listing requests in {self.seconds:.2f} s: {self.changed} changed"
+        )
+
+
+class SourceValidation:
+    """Part of `CachedStore` (its state is the store's)."""
+
+    _namespace: str
+    _source: SourceVersions
+    _units: dict[str, tuple[Unit, str]]
+
+    @property
+    def cache(self) -> HybridCache:
+        raise NotImplementedError
+
+    @property
+    def _files(self) -> bool:
+        raise NotImplementedError
+
+    def _ck(self, key: str) -> str:
+        raise NotImplementedError
+
+    def _unit_of(self, key: str) -> tuple[Unit, str]:
+        """The unit of zarr key ``key`` and the folder its listing covers."""
+        k = file_key(key) if self._files else key
+        if key_kind(k) == "chunk":
+            folder = array_of(k)
+            recursive = True
+        else:
+            folder = k.rpartition("/")[0]
+            recursive = folder != ""
+        name = ("R" if recursive else "D") + folder
+        found = self._units.get(name)
+        if found is None:
+            prefix = self._ck(folder) + "/" if folder else self._namespace + "/"
+            found = self._units[name] = (Unit(prefix, recursive), folder)
+        return found
+
+    def _versions_now(self, unit: Unit, folder: str) -> Callable[[], Awaitable[Listing]]:
+        async def listing() -> tuple[dict[str, str], int]:
+            found, requests = await self._source.listing(folder, unit.recursive)
+            return {self._ck(k): v for k, v in found.items()}, requests
+
+        return listing
+
+    async def _validated(self, key: str) -> None:
+        """The gate: entries of ``key``'s unit are validated first if due."""
+        if not self._source.supported:
+            return
+        unit, folder = self._unit_of(key)
+        freshness = self.cache.freshness
+        if freshness.is_fresh(unit, time.time()):
+            return
+        await freshness.ensure(unit, self._versions_now(unit, folder))
+
+    def _validated_sync(self, key: str) -> None:
+        """`_validated` for synchronous callers (stores with a synchronous listing)."""
+        if not self._source.supported:
+            return
+        unit, folder = self._unit_of(key)
+        freshness = self.cache.freshness
+        if freshness.is_fresh(unit, time.time()):
+            return
+
+        def listing() -> tuple[dict[str, str], int]:
+            found, requests = self._source.listing_sync(folder, unit.recursive)
+            return {self._ck(k): v for k, v in found.items()}, requests
+
+        freshness.ensure_sync(unit, listing)
+
+    def _filled(self, key: str, version: str | None, *, part: bool) -> None:
+        """Record the version of what was just read of ``key`` (see `Freshness.filled`)."""
+        if version is not None:
+            self.cache.freshness.filled(self._unit_of(key)[0], self._ck(key), version, part=part)
+
+    async def revalidate(
+        self, progress: Callable[[int, int], None] | None = None
+    ) -> ValidationReport:
+        """Validate every cached entry of this store against the source now.
+
+        One listing per unit (array) with cached entries; changed, deleted and created
+        objects are dropped from every tier, unchanged ones are kept and marked
+        validated for every process of the cache folder. ``progress(done, total)``
+        is called after each unit. Raises if the store exposes no versions or a
+        listing fails.
+        """
+        if not self._source.supported:
+            raise NotImplementedError(
+                f"{type(self._source.store).__name__} exposes no object versions: its "
+                "entries live by their TTLs (see CacheConfig.with_ttl)"
+            )
+        cache = self.cache
+        t0 = time.perf_counter()
+        before = cache.stats()
+        objects = [
+            ck
+            for ck in cache.cached_objects(self._namespace + "/")
+            if "\x01" not in ck and "\x02" not in ck
+        ]
+        units: dict[str, tuple[Unit, str]] = {}
+        for ck in objects:
+            parsed = parse_entry_key(self._namespace, ck)
+            if parsed is not None:
+                unit, folder = self._unit_of(parsed[0])
+                units[unit.name] = (unit, folder)
+        changed = 0
+        for done, (unit, folder) in enumerate(units.values(), 1):
+            changed += await cache.freshness.validate_now(unit, self._versions_now(unit, folder))
+            if progress is not None:
+                progress(done, len(units))
+        delta = cache.stats() - before
+        return ValidationReport(
+            units=len(units),
+            objects=len(objects),
+            changed=changed,
+            requests=delta.validation_requests,
+            seconds=time.perf_counter() - t0,
+        )
