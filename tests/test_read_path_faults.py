@@ -329,7 +329,9 @@ def test_11_many_configs_do_not_leak_threads_or_files(tmp_path: pathlib.Path) ->
     gc.collect()
     threads, fds = threading.active_count(), _fds()
     assert threads - threads0 <= 8, f"40 closed stores left {threads - threads0} more threads"
-    assert fds - fds0 <= 16, f"40 closed stores left {fds - fds0} more open files"
+    # up to registry.MAX_IDLE idle caches stay open, each with two SQLite files (the disk
+    # index and the versions book, 3 descriptors each with WAL): 4 x 6, plus slack
+    assert fds - fds0 <= 28, f"40 closed stores left {fds - fds0} more open files"
 
 
 def _zcache_and_asyncio_objects() -> collections.Counter[str]:

@@ -65,6 +65,9 @@ class SourceReads:
     async def _validated(self, key: str) -> None:
         raise NotImplementedError
 
+    async def _revalidate_under(self, prefix: str) -> None:
+        raise NotImplementedError
+
     async def _fetch(
         self, cache: HybridCache, key: str, byte_range: ByteRequest | None
     ) -> bytes | None:
@@ -75,6 +78,12 @@ class SourceReads:
         if byte_range is None and key_kind(key) == "metadata":
             stale = self._stale_after(cache, key, data)
             if stale is not None:
+                if self._source.supported:
+                    try:  # drop only the chunks that changed: they have versions
+                        await self._revalidate_under(stale)
+                        return data
+                    except Exception as exc:
+                        logger.warning("xarray-zcache: validating %s failed (%s)", stale, exc)
                 await cache.invalidating([stale], _nothing)
         return data
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from zarr.abc.store import ByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 
@@ -9,6 +11,8 @@ from xarray_zcache.keys import is_plain_range
 from xarray_zcache.store import CachedStore, _check_byte_range
 
 __all__ = ["SyncCachedStore"]
+
+logger = logging.getLogger("xarray_zcache.store")
 
 
 class SyncCachedStore(CachedStore):
@@ -49,11 +53,21 @@ class SyncCachedStore(CachedStore):
             if read.kind == "metadata" and byte_range is None:
                 stale = self._stale_after(cache, key, data)
                 if stale is not None:
-                    cache.invalidating_sync([stale], lambda: None)
+                    self._dropped_after_sync(stale)
             return data
 
         data = cache.get_or_load_sync(read, load)
         return None if data is None else prototype.buffer.from_bytes(data)
+
+    def _dropped_after_sync(self, stale: str) -> None:
+        """A metadata document changed: validate (else drop) the entries under ``stale``."""
+        if self._source.supported:
+            try:
+                self._revalidate_under_sync(stale)
+                return
+            except Exception as exc:
+                logger.warning("xarray-zcache: validating %s failed (%s)", stale, exc)
+        self.cache.invalidating_sync([stale], lambda: None)
 
     def set_sync(self, key: str, value: Buffer) -> None:
         """Synchronous `set` (only when the wrapped store supports synchronous I/O)."""

@@ -109,16 +109,43 @@ class SourceValidation:
         if freshness.is_fresh(unit, time.time()):
             return
 
-        def listing() -> tuple[dict[str, str], int]:
-            found, requests = self._source.listing_sync(folder, unit.recursive)
-            return {self._ck(k): v for k, v in found.items()}, requests
-
-        freshness.ensure_sync(unit, listing)
+        freshness.ensure_sync(unit, self._listing_sync(unit, folder))
 
     def _filled(self, key: str, version: str | None, *, part: bool) -> None:
         """Record the version of what was just read of ``key`` (see `Freshness.filled`)."""
         if version is not None:
             self.cache.freshness.filled(self._unit_of(key)[0], self._ck(key), version, part=part)
+
+    def _units_under(self, prefix: str) -> tuple[list[str], list[tuple[Unit, str]]]:
+        """Cached objects under cache-key ``prefix`` and the units they belong to."""
+        objects = [
+            ck for ck in self.cache.cached_objects(prefix) if "\x01" not in ck and "\x02" not in ck
+        ]
+        units: dict[str, tuple[Unit, str]] = {}
+        for ck in objects:
+            parsed = parse_entry_key(self._namespace, ck)
+            if parsed is not None:
+                unit, folder = self._unit_of(parsed[0])
+                units[unit.name] = (unit, folder)
+        return objects, list(units.values())
+
+    def _listing_sync(self, unit: Unit, folder: str) -> Callable[[], Listing]:
+        def listing() -> Listing:
+            found, requests = self._source.listing_sync(folder, unit.recursive)
+            return {self._ck(k): v for k, v in found.items()}, requests
+
+        return listing
+
+    async def _revalidate_under(self, prefix: str) -> None:
+        """Validate now every unit with cached objects under cache-key ``prefix``."""
+        freshness = self.cache.freshness
+        for unit, folder in self._units_under(prefix)[1]:
+            await freshness.validate_now(unit, self._versions_now(unit, folder))
+
+    def _revalidate_under_sync(self, prefix: str) -> None:
+        freshness = self.cache.freshness
+        for unit, folder in self._units_under(prefix)[1]:
+            freshness.validate_now_sync(unit, self._listing_sync(unit, folder))
 
     async def revalidate(
         self, progress: Callable[[int, int], None] | None = None
@@ -139,19 +166,9 @@ class SourceValidation:
         cache = self.cache
         t0 = time.perf_counter()
         before = cache.stats()
-        objects = [
-            ck
-            for ck in cache.cached_objects(self._namespace + "/")
-            if "\x01" not in ck and "\x02" not in ck
-        ]
-        units: dict[str, tuple[Unit, str]] = {}
-        for ck in objects:
-            parsed = parse_entry_key(self._namespace, ck)
-            if parsed is not None:
-                unit, folder = self._unit_of(parsed[0])
-                units[unit.name] = (unit, folder)
+        objects, units = self._units_under(self._namespace + "/")
         changed = 0
-        for done, (unit, folder) in enumerate(units.values(), 1):
+        for done, (unit, folder) in enumerate(units, 1):
             changed += await cache.freshness.validate_now(unit, self._versions_now(unit, folder))
             if progress is not None:
                 progress(done, len(units))

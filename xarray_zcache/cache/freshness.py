@@ -248,6 +248,12 @@ class Freshness:
         found = await asyncio.wait_for(listing(), TIMEOUT)
         return self._apply(unit, found, started)
 
+    def validate_now_sync(self, unit: Unit, listing: Callable[[], Listing]) -> int:
+        """`validate_now` for synchronous callers."""
+        started = time.time()
+        self._first_sight(unit, started)
+        return self._apply(unit, listing(), started)
+
     # -- fills ------------------------------------------------------------------------------------
 
     def filled(self, unit: Unit, key: str, version: str, *, part: bool) -> None:

@@ -15,6 +15,9 @@ own API (`DiskTier` for a folder, `CachedStore`/`HybridCache` for ``warm``):
     up in the disk tier, waiting for the disk writes instead of letting any be dropped.
 ``zcache verify [PATH] [--repair] [--json]`` (:mod:`.verify`)
     Check every payload file against its header, checksum and index row.
+``zcache validate URL [--cache PATH] [--json] ...`` (:mod:`.validate`)
+    Check every cached entry of a dataset against the source's versions now (one listing
+    per array), dropping what changed; with a progress bar.
 
 PATH defaults to the configured disk cache folder (dask config ``zcache.disk.path``, by
 default ``$XDG_CACHE_HOME/xarray-zcache``). Every subcommand prints JSON with ``--json``

@@ -13,6 +13,7 @@ from xarray_zcache.cli import options
 from xarray_zcache.cli.clear import run as run_clear
 from xarray_zcache.cli.errors import EXIT_USAGE, PROG
 from xarray_zcache.cli.stats import run as run_stats
+from xarray_zcache.cli.validate import run as run_validate
 from xarray_zcache.cli.verify import run as run_verify
 from xarray_zcache.cli.warm import run as run_warm
 
@@ -272,6 +273,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.add_argument("--json", action="store_true", help=json_help)
     verify.set_defaults(func=run_verify)
+
+    validate = sub.add_parser(
+        "validate",
+        help="check a dataset's cached entries against the source now (drop what changed)",
+        description=(
+            "Validate every cached entry of the dataset at URL against the source now: one\n"
+            "listing per array (one request per 1,000 objects on S3). Objects changed, deleted\n"
+            "or created at the source are dropped from the cache; the rest are marked\n"
+            "validated for every process using the folder. Progress bar on stderr."
+        ),
+        formatter_class=_Formatter,
+    )
+    validate.add_argument("url", metavar="URL", help="the dataset: s3://bucket/path.zarr, ...")
+    validate.add_argument(
+        "--cache",
+        metavar="PATH",
+        help=f"the disk cache folder (default: {_default('disk.path')})",
+    )
+    validate.add_argument(
+        "--storage-option",
+        action="append",
+        type=options.storage_option,
+        default=[],
+        metavar="KEY=VALUE",
+        help="fsspec/s3fs option for URL (repeatable), e.g. anon=true",
+    )
+    validate.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    validate.add_argument("--json", action="store_true", help=json_help)
+    validate.set_defaults(func=run_validate)
     return parser
 
 

@@ -53,6 +53,9 @@ class Fault:
         reaches S3 although the client sees an error). ``truncate`` is always "after".
     stall
         Seconds a ``stall`` lasts (longer than the client's read timeout).
+    query
+        Only requests whose query string contains this substring (``"list-type"``:
+        object listings).
     """
 
     kind: FaultKind
@@ -61,10 +64,13 @@ class Fault:
     times: int | None = None
     after: bool = False
     stall: float = 3.0
+    query: str | None = None
 
-    def matches(self, method: str, path: str) -> bool:
-        return (self.method is None or self.method == method) and (
-            self.path is None or self.path in path
+    def matches(self, method: str, path: str, query: str = "") -> bool:
+        return (
+            (self.method is None or self.method == method)
+            and (self.path is None or self.path in path)
+            and (self.query is None or self.query in query)
         )
 
 
@@ -121,11 +127,11 @@ class FaultProxy:
         with self._lock:
             self._faults.clear()
 
-    def _take(self, method: str, path: str, after: bool) -> Fault | None:
+    def _take(self, method: str, path: str, after: bool, query: str = "") -> Fault | None:
         with self._lock:
             for fault in self._faults:
                 is_after = fault.after or fault.kind == "truncate"
-                if is_after != after or not fault.matches(method, path):
+                if is_after != after or not fault.matches(method, path, query):
                     continue
                 if fault.times is not None:
                     if fault.times <= 0:
@@ -180,8 +186,8 @@ class FaultProxy:
                 req = self._read_request(rfile, sock)
                 if req is None:
                     return
-                path = req.target.split("?", 1)[0]
-                fault = self._take(req.method, path, after=False)
+                path, _, query = req.target.partition("?")
+                fault = self._take(req.method, path, after=False, query=query)
                 if fault is not None:
                     if not self._inject(sock, fault, req, None):
                         return
@@ -190,7 +196,7 @@ class FaultProxy:
                     upstream, answer = self._forward(upstream, req)
                 except (OSError, http.client.HTTPException):
                     return  # S3 itself unreachable: drop the client connection
-                fault = self._take(req.method, path, after=True)
+                fault = self._take(req.method, path, after=True, query=query)
                 if fault is not None:
                     if not self._inject(sock, fault, req, answer):
                         return

@@ -1,0 +1,157 @@
+"""Never stale beyond a bound: what validation costs, on the local S3 server.
+
+Usage::
+
+    .venv/bin/python benchmarks/freshness.py              # 10,000 chunks
+    .venv/bin/python benchmarks/freshness.py --chunks 2000 --interval 10
+
+An array of ``--chunks`` chunks (one time step each) is read once through zcache, so
+that it is fully cached on disk. Then another writer (plain xarray, not through
+zcache) rewrites 1% of the chunks in place and appends 10 time steps. Each later pass
+is a new process on the same cache folder (a fresh cache: memory empty; simulated by
+closing every cache of this process), reading the whole array:
+
+* validation ``"never"`` (the first release's behaviour): no request, old values;
+* validation on, before the interval has passed since the fill: no request, old
+  values (the bound: at most ``--interval`` seconds stale);
+* validation on, once the interval has passed: listings of the array plus one GET
+  per changed or new chunk, values equal to the new source; then a warm pass.
+
+Requests are counted by the S3 server itself: listings (``ListObjectsV2``) and GETs
+of chunk objects (the metadata documents are counted apart).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+def _dataset(n: int, width: int) -> Any:
+    import xarray as xr
+
+    data = np.arange(n * width, dtype="f4").reshape(n, width)
+    return xr.Dataset({"v": (("time", "x"), data)}, coords={"time": np.arange(n)})
+
+
+def _read(url: str, opts: dict[str, Any], cfg: Any) -> np.ndarray:
+    import xarray as xr
+
+    with xr.open_dataset(url, engine="zcache", storage_options=opts, cache_config=cfg) as ds:
+        return np.asarray(ds.v.values)
+
+
+def _source(url: str, opts: dict[str, Any]) -> np.ndarray:
+    import xarray as xr
+
+    with xr.open_dataset(url, engine="zarr", storage_options=opts) as ds:
+        return np.asarray(ds.v.values)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--chunks", type=int, default=10_000)
+    parser.add_argument("--width", type=int, default=16, help="values per chunk")
+    parser.add_argument("--interval", type=float, default=20.0, help="validation seconds")
+    args = parser.parse_args()
+    logging.getLogger("xarray_zcache").setLevel(logging.ERROR)
+    warnings.simplefilter("ignore")
+
+    from xarray_zcache import CacheConfig, open_store
+    from xarray_zcache.registry import close_all
+    from xarray_zcache.testing.s3server import LocalS3Server
+
+    server = LocalS3Server().start()
+    server.create_bucket("fresh")
+    opts = server.storage_options()
+    url = "s3://fresh/series.zarr"
+    n, width = args.chunks, args.width
+    t0 = time.perf_counter()
+    ds = _dataset(n, width)
+    ds.to_zarr(url, storage_options=opts, encoding={"v": {"chunks": (1, width)}}, zarr_format=3)
+    print(f"wrote {n} chunks in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    folder = tempfile.mkdtemp(prefix="zcache-fresh-")
+    base = CacheConfig().with_name("fresh").with_disk_cache(folder, "2GB").with_prefetch(0)
+    log = server.requests
+    rows: list[tuple[str, int, int, int, int, str, float]] = []
+
+    def run(label: str, cfg: Any, restart: bool = True) -> None:
+        if restart:
+            close_all()
+        lists, gets = log.lists("fresh"), log.chunk_gets("fresh")
+        meta = log.count("GET", bucket="fresh") - gets - lists
+        before = open_store(url, storage_options=opts, cache_config=cfg).stats()
+        t = time.perf_counter()
+        got = _read(url, opts, cfg)
+        seconds = time.perf_counter() - t
+        lists2, gets2 = log.lists("fresh"), log.chunk_gets("fresh")
+        meta2 = log.count("GET", bucket="fresh") - gets2 - lists2
+        stats = open_store(url, storage_options=opts, cache_config=cfg).stats() - before
+        truth = _source(url, opts)
+        same = got.shape == truth.shape and bool(np.array_equal(got, truth))
+        # (counted before the comparison's own reads of the source, which follow)
+        verdict = "yes" if same else "NO"
+        checks = stats.validation_requests
+        rows.append(
+            (label, checks, lists2 - lists - checks, gets2 - gets, meta2 - meta, verdict, seconds)
+        )
+
+    on = base.with_validation(args.interval)
+    never = base.with_validation("never")
+    run("1 cold read (validation on)", on, restart=False)
+    run("2 warm, same process", on, restart=False)
+    run("3 new process, validation never", never)
+    filled = time.time()
+    # another writer: 1% of the chunks rewritten in place, 10 time steps appended
+    rng = np.random.default_rng(0)
+    changed = np.sort(rng.choice(n, size=max(1, n // 100), replace=False))
+    import xarray as xr
+
+    for i in changed:
+        part = xr.Dataset({"v": (("time", "x"), np.full((1, width), -1.0, dtype="f4"))})
+        part.to_zarr(url, storage_options=opts, region={"time": slice(int(i), int(i) + 1)})
+    extra = _dataset(10, width)
+    extra = extra.assign_coords(time=np.arange(n, n + 10))
+    extra.to_zarr(url, storage_options=opts, append_dim="time")
+    print(f"rewrote {len(changed)} chunks and appended 10", file=sys.stderr)
+    run("4 after the change, validation never", never)
+    if time.time() - filled < args.interval:
+        run("5 after the change, within the interval", on)
+    wait = args.interval - (time.time() - filled)
+    if wait > 0:
+        time.sleep(wait + 0.5)
+    run("6 after the change, interval passed", on)
+    run("7 warm again, same process", on, restart=False)
+    close_all()
+    server.stop()
+    shutil.rmtree(folder, ignore_errors=True)
+
+    arrays = 2  # v and its coordinate time
+    bound = math.ceil((n + 10) / 1000) + arrays
+    print(f"\n{n} chunks cached; another writer rewrote {len(changed)} (1%) and appended 10;")
+    print(f"validation interval {args.interval:g} s. Target after the change: <= {bound} ")
+    print(f"listings (ceil(N/1000) + arrays) and {len(changed) + 10 + 1} chunk GETs at most")
+    print("(changed + new + the last chunk of time).\n")
+    print(
+        "| pass | validation listings | other listings (xarray's) | chunk GETs "
+        "| metadata GETs | values = source | seconds |"
+    )
+    print("|---|---:|---:|---:|---:|---|---:|")
+    for label, checks, lists, gets, meta, same, seconds in rows:
+        print(f"| {label} | {checks} | {lists} | {gets} | {meta} | {same} | {seconds:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
