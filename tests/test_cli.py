@@ -752,7 +752,13 @@ def test_every_subcommand_has_json(
 
     parser = build_parser()
     commands = next(a for a in parser._actions if a.dest == "command").choices
-    assert isinstance(commands, dict) and set(commands) == {"stats", "clear", "warm", "verify"}
+    assert isinstance(commands, dict) and set(commands) == {
+        "stats",
+        "clear",
+        "warm",
+        "verify",
+        "validate",
+    }
     for name, sub in commands.items():
         assert any("--json" in a.option_strings for a in sub._actions), name
 
