@@ -112,7 +112,7 @@ def _totals(client: Client) -> dict[str, int]:
     return out
 
 
-def _placement(dask_scheduler: Any) -> dict[str, int]:
+def _placement(dask_scheduler: Any) -> dict[str, float]:
     return dict(dask_scheduler.plugins["zcache-scheduler"].placer.stats.to_dict())
 
 

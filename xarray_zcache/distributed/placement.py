@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -214,8 +215,9 @@ class PlacementStats:
     seen: int = 0  # root tasks reading zarr objects through zcache
     placed: int = 0  # of which were given owner workers
     unmapped: int = 0  # of which could not be mapped to objects
+    seconds: float = 0.0  # time spent placing, in update_graph
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)
 
 
@@ -230,6 +232,7 @@ class Placer:
         """Place the root tasks among ``tasks`` (keys); returns how many got restrictions."""
         if len(membership.hosts) < 2:
             return 0  # one cache host: every worker reads locally anyway
+        t0 = time.perf_counter()
         self._sources = {}
         by_object: dict[str, str | None] = {}
         placed = 0
@@ -254,6 +257,7 @@ class Placer:
             ts.loose_restrictions = True
             placed += 1
         self.stats.placed += placed
+        self.stats.seconds += time.perf_counter() - t0
         self._sources = {}
         return placed
 
