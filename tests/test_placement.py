@@ -20,7 +20,6 @@ import xarray_zcache.distributed as zd
 from xarray_zcache import CacheConfig
 from xarray_zcache.distributed.placement import region_bytes, zarr_source
 from xarray_zcache.store import CachedStore
-from xarray_zcache.testing.s3server import LocalS3Server
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -67,26 +66,46 @@ class Env:
         )
 
 
-def _env(tmp_path: Any, server: LocalS3Server, bucket: str, opts: Any, placement: bool) -> Any:
-    url = f"s3://{bucket}/data.zarr"
-    expected = _write(url, opts)
-    cfg = _config(tmp_path / "cache", placement)
-    cluster = LocalCluster(
-        n_workers=3, threads_per_worker=1, processes=False, dashboard_address=":0"
-    )
-    client = Client(cluster)
-    zd.install(client, cfg)
-    return Env(client, cluster, cfg, url, opts, expected)
+@pytest.fixture(autouse=True)
+def _close_caches() -> Iterator[None]:
+    """Overrides conftest's: the workers' caches live in this process and outlive a test;
+    `cluster` closes them when the module is done."""
+    yield
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: Any) -> Iterator[tuple[Client, LocalCluster, CacheConfig]]:
+    """One in-process cluster for the module (starting clusters is most of the cost)."""
+    cfg = _config(tmp_path_factory.mktemp("placement") / "cache", placement=True)
+    with (
+        LocalCluster(
+            n_workers=3, threads_per_worker=1, processes=False, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        zd.install(client, cfg)
+        yield client, cluster, cfg
+    from xarray_zcache.registry import close_all
+
+    close_all()
+
+
+def _set_placement(dask_scheduler: Any, on: bool) -> None:
+    dask_scheduler.plugins["zcache-scheduler"].placement = on
 
 
 @pytest.fixture
-def placed(tmp_path: Any, s3_server: Any, s3_bucket: str, s3_options: Any) -> Iterator[Env]:
-    env = _env(tmp_path, s3_server, s3_bucket, s3_options, placement=True)
-    try:
-        yield env
-    finally:
-        env.client.close()
-        env.cluster.close()
+def placed(
+    cluster: tuple[Client, LocalCluster, CacheConfig],
+    s3_bucket: str,
+    s3_options: Any,
+) -> Iterator[Env]:
+    client, local, cfg = cluster
+    url = f"s3://{s3_bucket}/data.zarr"
+    expected = _write(url, s3_options)
+    client.run_on_scheduler(_set_placement, on=True)
+    yield Env(client, local, cfg, url, s3_options, expected)
+    client.run_on_scheduler(_set_placement, on=True)
 
 
 def _chunk_reads(dask_worker: Any) -> dict[str, int]:
@@ -120,11 +139,12 @@ def test_reruns_read_locally_with_placement(placed: Env) -> None:
     client = placed.client
     ds = placed.open()
     work = lambda d: d.t.mean("time")  # noqa: E731
+    placed_before, asks_before = client.run_on_scheduler(_placement)["placed"], _totals(client)
     xr.testing.assert_allclose(work(ds).compute(), work(placed.expected))
-    stats = client.run_on_scheduler(_placement)
-    assert stats["placed"] == N_CHUNKS, stats  # every chunk-reading task got its owner
+    # every chunk-reading task got its owner
+    assert client.run_on_scheduler(_placement)["placed"] - placed_before == N_CHUNKS
     # pass 1 already reads on the owners: (almost) no peer asks
-    assert _totals(client)["asks"] <= N_CHUNKS // 4
+    assert _totals(client)["asks"] - asks_before["asks"] <= N_CHUNKS // 4
     before = _totals(client)
     xr.testing.assert_allclose(work(ds).compute(), work(placed.expected))
     after = _totals(client)
@@ -135,46 +155,21 @@ def test_reruns_read_locally_with_placement(placed: Env) -> None:
 
 
 def test_dask_chunks_spanning_several_zarr_chunks(placed: Env) -> None:
+    before = placed.client.run_on_scheduler(_placement)["placed"]
     ds = placed.open(chunks={"time": 3, "lat": 16, "lon": 20})  # neither aligned nor equal
     got = ds.t.sum(["lat", "lon"]).compute()
     xr.testing.assert_allclose(got, placed.expected.t.sum(["lat", "lon"]), rtol=1e-5)
-    stats = placed.client.run_on_scheduler(_placement)
     n_tasks = 6 * 1 * 2  # ceil(16/3) x 1 x ceil(32/20)
-    assert stats["placed"] == n_tasks, stats
+    assert placed.client.run_on_scheduler(_placement)["placed"] - before == n_tasks
 
 
-def test_a_member_gone_still_computes_right(placed: Env) -> None:
+def test_placement_off_leaves_tasks_alone(placed: Env) -> None:
     client = placed.client
+    client.run_on_scheduler(_set_placement, on=False)
+    before = client.run_on_scheduler(_placement)["placed"]
     ds = placed.open()
-    xr.testing.assert_allclose(ds.t.max("time").compute(), placed.expected.t.max("time"))
-    gone = sorted(client.scheduler_info()["workers"])[0]
-    client.retire_workers([gone])
-    xr.testing.assert_allclose(ds.t.mean("lat").compute(), placed.expected.t.mean("lat"))
-
-    def stale(dask_scheduler: Any, gone: str) -> None:
-        # the directory still names the gone worker: its tasks must run elsewhere
-        from xarray_zcache.distributed.membership import Membership
-
-        directory = dask_scheduler.plugins["zcache-scheduler"].directory
-        hosts = dict(directory.membership.hosts)
-        hosts[f"worker:{gone}"] = (gone,)
-        directory.membership = Membership(directory.membership.version, hosts)
-
-    client.run_on_scheduler(stale, gone=gone)
-    xr.testing.assert_allclose(ds.t.min("lon").compute(), placed.expected.t.min("lon"))
-
-
-def test_placement_off_leaves_tasks_alone(
-    tmp_path: Any, s3_server: Any, s3_bucket: str, s3_options: Any
-) -> None:
-    env = _env(tmp_path, s3_server, s3_bucket, s3_options, placement=False)
-    try:
-        ds = env.open()
-        xr.testing.assert_allclose(ds.t.mean().compute(), env.expected.t.mean())
-        assert env.client.run_on_scheduler(_placement)["placed"] == 0
-    finally:
-        env.client.close()
-        env.cluster.close()
+    xr.testing.assert_allclose(ds.t.mean().compute(), placed.expected.t.mean())
+    assert client.run_on_scheduler(_placement)["placed"] == before
 
 
 def test_region_bytes_maps_slices_to_objects(tmp_path: Any) -> None:
@@ -196,3 +191,25 @@ def test_region_bytes_maps_slices_to_objects(tmp_path: Any) -> None:
     }
     assert region_bytes(source, (slice(0, 4, 2), slice(0, 4))) is None  # strided: not placed
     assert region_bytes(source, (slice(0, 4),)) is None  # wrong rank
+
+
+def test_a_member_gone_still_computes_right(placed: Env) -> None:
+    # last in the module: it retires a worker of the shared cluster
+    client = placed.client
+    ds = placed.open()
+    xr.testing.assert_allclose(ds.t.max("time").compute(), placed.expected.t.max("time"))
+    gone = sorted(client.scheduler_info()["workers"])[0]
+    client.retire_workers([gone])
+    xr.testing.assert_allclose(ds.t.mean("lat").compute(), placed.expected.t.mean("lat"))
+
+    def stale(dask_scheduler: Any, gone: str) -> None:
+        # the directory still names the gone worker: its tasks must run elsewhere
+        from xarray_zcache.distributed.membership import Membership
+
+        directory = dask_scheduler.plugins["zcache-scheduler"].directory
+        hosts = dict(directory.membership.hosts)
+        hosts[f"worker:{gone}"] = (gone,)
+        directory.membership = Membership(directory.membership.version, hosts)
+
+    client.run_on_scheduler(stale, gone=gone)
+    xr.testing.assert_allclose(ds.t.min("lon").compute(), placed.expected.t.min("lon"))
