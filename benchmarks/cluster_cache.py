@@ -11,11 +11,15 @@ have). Three set-ups are compared on the same five computations:
 * ``per-worker caches``: every worker a cache of its own (peer reads off; the
   first release's behaviour);
 * ``one cache``: peer reads on: a miss asks the key's owning worker first;
+* ``one cache + placement``: the same, with cache-aware task placement
+  (``zcache.distributed.placement``): chunk-reading tasks go to their owners;
 * ``shared folder``: all workers share one folder (one host; for reference).
 
 Printed per set-up: chunk GETs the S3 server saw per pass, wall time per pass,
 bytes stored on the workers' disks vs the distinct bytes read, and the median
-latency of a peer hit vs an S3 read (measured on a worker, per key).
+latency of a peer hit vs an S3 read (measured on a worker, per key); per pass of
+the peer set-ups, the workers' chunk reads that were local hits (memory or own
+disk) vs peer asks, and the bytes received from peers (``--reads`` table).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import shutil
 import statistics
 import tempfile
 import time
+import uuid
 from typing import Any
 
 import numpy as np
@@ -68,6 +73,25 @@ def _stats(dask_worker: Any) -> dict[str, Any]:
 
     state = worker_cache_state(dask_worker)
     return {} if state is None else state.cache.stats().to_dict()
+
+
+def _reads(client: Any) -> dict[str, int]:
+    """Cluster totals of chunk reads: local hits, peer asks, peer bytes received."""
+    out = {"local": 0, "asks": 0, "peer_hits": 0, "peer_bytes": 0, "loads": 0}
+    for s in client.run(_stats).values():
+        if not s:
+            continue
+        out["local"] += s["hits"]["memory"]["chunk"] + s["hits"]["disk"]["chunk"]
+        out["peer_hits"] += s["hits"]["peer"]["chunk"]
+        out["peer_bytes"] += s["hit_bytes"]["peer"]["chunk"]
+        out["loads"] += s["peer_loads"]
+        out["asks"] += s["hits"]["peer"]["chunk"] + s["peer_loads"] + s["peer_fallbacks"]
+    return out
+
+
+def _placed(dask_scheduler: Any) -> int:
+    plugin = dask_scheduler.plugins.get("zcache-scheduler")
+    return 0 if plugin is None else int(plugin.placer.stats.placed)
 
 
 def _latencies(url: str, opts: dict[str, Any], cfg_dict: dict[str, Any], n: int) -> Any:
@@ -113,8 +137,9 @@ def run(workers: int, latency_ms: float, mode: str) -> dict[str, Any]:
     tmp = tempfile.mkdtemp(prefix="zcache-cluster-bench-")
     server = LocalS3Server().start()
     try:
-        server.create_bucket("bench")
-        url = "s3://bench/era5.zarr"
+        bucket = f"bench-{uuid.uuid4().hex[:8]}"  # moto's state may outlive a server
+        server.create_bucket(bucket)
+        url = f"s3://{bucket}/era5.zarr"
         expected = _write(server, url)
         server.latency = latency_ms / 1000
         opts = server.storage_options()
@@ -124,7 +149,11 @@ def run(workers: int, latency_ms: float, mode: str) -> dict[str, Any]:
             .with_memory_size("64MB")
             .with_disk_cache(os.path.join(tmp, "cache"), "1GB")
             .with_peer_reads(mode != "per-worker caches")
-            ._replace(per_worker=mode != "shared folder", report_interval=1.0)
+            ._replace(
+                per_worker=mode != "shared folder",
+                report_interval=1.0,
+                placement=mode == "one cache + placement",
+            )
         )
         out: dict[str, Any] = {"mode": mode, "workers": workers, "passes": []}
         with (
@@ -142,17 +171,20 @@ def run(workers: int, latency_ms: float, mode: str) -> dict[str, Any]:
                 url, engine="zcache", chunks={}, storage_options=opts, cache_config=cfg
             )
             for name, work in PASSES:
-                before = server.requests.chunk_gets("bench")
+                before = server.requests.chunk_gets(bucket)
+                reads0 = _reads(client)
                 t = time.perf_counter()
                 got = work(ds).compute()
                 seconds = time.perf_counter() - t
+                reads1 = _reads(client)
                 ok = bool(np.allclose(got.values, work(expected).values, rtol=1e-5, equal_nan=True))
                 out["passes"].append(
                     {
                         "pass": name,
-                        "gets": server.requests.chunk_gets("bench") - before,
+                        "gets": server.requests.chunk_gets(bucket) - before,
                         "seconds": seconds,
                         "correct": ok,
+                        **{k: reads1[k] - reads0[k] for k in reads1},
                     }
                 )
             disks = dict(client.run(_disk_bytes).values())
@@ -160,6 +192,7 @@ def run(workers: int, latency_ms: float, mode: str) -> dict[str, Any]:
             stats = list(client.run(_stats).values())
             out["peer_hits"] = sum(s["hits"]["peer"]["chunk"] for s in stats)
             out["peer_fallbacks"] = sum(s["peer_fallbacks"] for s in stats)
+            out["placed"] = client.run_on_scheduler(_placed)
             if mode == "one cache":
                 w = sorted(client.scheduler_info()["workers"])[0]
                 peer, s3 = client.submit(
@@ -169,7 +202,7 @@ def run(workers: int, latency_ms: float, mode: str) -> dict[str, Any]:
                 out["s3_ms"] = 1000 * statistics.median(s3) if s3 else float("nan")
         fs = server.filesystem()
         out["distinct"] = sum(
-            fs.info(p)["size"] for p in fs.find("bench/era5.zarr/t") if "/c/" in p
+            fs.info(p)["size"] for p in fs.find(f"{bucket}/era5.zarr/t") if "/c/" in p
         )
         return out
     finally:
@@ -209,6 +242,26 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def reads_table(results: list[dict[str, Any]]) -> str:
+    """Per pass: chunk reads that were local hits vs peer asks, bytes from peers."""
+    peers = [r for r in results if r["mode"] != "per-worker caches"]
+    head = ["pass", *(f"{r['mode']}, {r['workers']} w" for r in peers)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, (name, _) in enumerate(PASSES):
+        cells = [name]
+        for r in peers:
+            p = r["passes"][i]
+            total = p["local"] + p["asks"]
+            share = p["local"] / total if total else float("nan")
+            cells.append(
+                f"{share:.0%} local ({p['local']} / {p['asks']} asks), "
+                f"{p['peer_bytes'] / 2**20:.1f} MiB + {p['loads']} loads"
+            )
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("| tasks placed | " + " | ".join(str(r.get("placed", 0)) for r in peers) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workers", type=int, nargs="*", default=[2, 4])
@@ -216,12 +269,14 @@ def main() -> None:
     p.add_argument(
         "--modes",
         nargs="*",
-        default=["per-worker caches", "one cache", "shared folder"],
+        default=["per-worker caches", "one cache", "one cache + placement", "shared folder"],
     )
     args = p.parse_args()
     results = [run(w, args.latency_ms, m) for w in args.workers for m in args.modes]
     print(f"S3 latency {args.latency_ms:.0f} ms; 192x128x256 f32, 384 chunks of 64 KiB")
     print(table(results))
+    print()
+    print(reads_table(results))
 
 
 if __name__ == "__main__":

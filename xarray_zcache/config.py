@@ -99,6 +99,10 @@ class CacheConfig:
     peer_reads
         On a Dask cluster with the zcache plugin, a miss asks the key's owning cache
         host before the source (the cluster acts as one cache).
+    placement
+        On a Dask cluster with peer reads, the scheduler sends the tasks that read
+        zarr chunks through zcache towards the workers of the chunks' owning cache
+        host (loose restrictions: the scheduler may still run them elsewhere).
     peer_timeout
         Seconds a worker waits for a peer's answer before reading the source itself.
     memory_fraction
@@ -144,6 +148,7 @@ class CacheConfig:
     peer_timeout: float = dataclasses.field(
         default_factory=lambda: _cfg("distributed.peer-timeout")
     )
+    placement: bool = dataclasses.field(default_factory=lambda: _cfg("distributed.placement"))
     memory_fraction: float | None = dataclasses.field(
         default_factory=lambda: _cfg("distributed.memory-fraction")
     )
@@ -191,7 +196,7 @@ class CacheConfig:
                 "accesses per second >= 0 (0 promotes every disk hit)"
             )
         s(self, "promotion_threshold", float(thr))
-        for flag in ("cache_on_write", "per_worker", "peer_reads"):
+        for flag in ("cache_on_write", "per_worker", "peer_reads", "placement"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag}: invalid value {getattr(self, flag)!r}; expected a bool")
         interval = _duration("maintenance_interval", self.maintenance_interval, allow_none=False)

@@ -40,6 +40,7 @@ _FIELD_OF = {
     "distributed.report-interval": "report_interval",
     "distributed.peer-reads": "peer_reads",
     "distributed.peer-timeout": "peer_timeout",
+    "distributed.placement": "placement",
     "distributed.memory-fraction": "memory_fraction",
 }
 

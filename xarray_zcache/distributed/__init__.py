@@ -59,7 +59,11 @@ def install(
 
     cfg = resolve_config(config)
     client.register_plugin(
-        ZCacheSchedulerPlugin(promotion_threshold=promotion_threshold, warm=warm)
+        ZCacheSchedulerPlugin(
+            promotion_threshold=promotion_threshold,
+            warm=warm,
+            placement=cfg.placement and cfg.peer_reads,
+        )
     )
     client.register_plugin(ZCacheWorkerPlugin(cfg))
     _announce_writes_from(client)

@@ -14,6 +14,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from xarray_zcache.cache.stats import MAX, CacheStats
 from xarray_zcache.distributed.clusterstats import ClusterStats, Decision, HotKey, series_point
 from xarray_zcache.distributed.directory import Directory
+from xarray_zcache.distributed.placement import Placer
 from xarray_zcache.keys import array_of
 
 if TYPE_CHECKING:
@@ -106,6 +107,10 @@ class ZCacheSchedulerPlugin(SchedulerPlugin):
         Entries kept in the decision log.
     max_keys
         Hot keys taken per report (reports beyond this are truncated).
+    placement
+        Send the root tasks that read zarr chunks through zcache towards the workers
+        of the chunks' owning cache host (loose restrictions, see
+        ``xarray_zcache/distributed/placement.py``).
     """
 
     name = "zcache-scheduler"
@@ -118,12 +123,14 @@ class ZCacheSchedulerPlugin(SchedulerPlugin):
         history: int = 3600,
         max_decisions: int = 500,
         max_keys: int = 100,
+        placement: bool = False,
     ) -> None:
         self.promotion_threshold = promotion_threshold
         self.warm = warm
         self.history = history
         self.max_decisions = max_decisions
         self.max_keys = max_keys
+        self.placement = placement
         self.scheduler: Scheduler | None = None
 
     async def start(self, scheduler: Scheduler) -> None:
@@ -141,6 +148,7 @@ class ZCacheSchedulerPlugin(SchedulerPlugin):
         self.rejected = 0
         self._last_point = 0.0
         self.directory = Directory(scheduler)
+        self.placer = Placer()
         for op in HANDLERS:
             scheduler.handlers[op] = getattr(self, op)
         from xarray_zcache.distributed.dashboard import add_routes
@@ -186,6 +194,11 @@ class ZCacheSchedulerPlugin(SchedulerPlugin):
             self._add_point(time.time(), force=True)
         self.pending.pop(worker, None)
         self.done.pop(worker, None)
+
+    def update_graph(self, scheduler: Scheduler, *, tasks: list[Any], **kwargs: Any) -> None:
+        """New tasks: with placement on, root tasks reading chunks go towards their owners."""
+        if self.placement:
+            self.placer.place(scheduler, tasks, self.directory.membership)
 
     # -- the cluster as one cache: membership and write broadcasts ----------------------------
 
