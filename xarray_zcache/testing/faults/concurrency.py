@@ -15,6 +15,7 @@ from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, Suf
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
+from xarray_zcache.cache.freshness import ObjectChanged
 from xarray_zcache.testing.faults.report import ScenarioResult, timed
 from xarray_zcache.testing.faults.stores import (
     cached,
@@ -124,10 +125,18 @@ def _stress_worker(
                     counts["deletes"] += 1
                 else:
                     byte_range = _random_range(rng) if op < 0.4 else None
-                    if use_async:
-                        got = sync(store.get(key, proto, byte_range))
-                    else:
-                        got = store.get_sync(key, byte_range=byte_range)
+                    for attempt in (1, 2):
+                        try:
+                            if use_async:
+                                got = sync(store.get(key, proto, byte_range))
+                            else:
+                                got = store.get_sync(key, byte_range=byte_range)
+                            break
+                        except ObjectChanged:
+                            # another process rewrote the object while parts of it were
+                            # cached here: the documented answer is "read again"
+                            if attempt == 2:
+                                raise
                     counts["reads"] += 1
                     data_ = None if got is None else got.to_bytes()
                     if not _check_read(key, data_, byte_range):
