@@ -100,7 +100,8 @@ def test_rewrite_in_place_is_seen_after_the_interval_for_one_listing_and_one_get
     assert gets2 - gets == 1  # the changed chunk, once; never an unchanged one
     assert delta.validation_changes >= 1
     # each validation: the root's documents and the array (11 objects): one listing each
-    assert delta.validation_requests in (2, 4)
+    # (a loaded machine may cross the 1 s interval more than once)
+    assert delta.validation_requests >= 2 and delta.validation_requests % 2 == 0
     assert lists2 - lists == delta.validation_requests  # figures match the server's log
 
 

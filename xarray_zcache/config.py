@@ -376,6 +376,11 @@ class CacheConfig:
             return self._replace(peer_reads=enabled)
         return self._replace(peer_reads=enabled, peer_timeout=timeout)
 
+    def with_placement(self, enabled: bool) -> Self:
+        """Return a copy that sends chunk-reading tasks to the workers of their chunk's
+        owning cache host (loose restrictions; needs peer reads; see docs/cluster-cache)."""
+        return self._replace(placement=enabled)
+
     def with_cache_on_write(self, enabled: bool) -> Self:
         """Return a copy that stores (``True``) or only invalidates (``False``) on writes."""
         return self._replace(cache_on_write=enabled)

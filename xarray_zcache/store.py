@@ -178,6 +178,7 @@ class CachedStore(SourceValidation, SourceReads, Store):
         # reads with versions, and the validation unit of each folder (store_validation.py)
         self._source = source_versions(self._store)
         self._units = {}
+        self._unit_memo = {}
 
     # -- identity, pickling --------------------------------------------------------------------
 
@@ -358,7 +359,7 @@ class CachedStore(SourceValidation, SourceReads, Store):
                 self._read(key, byte_range),
                 lambda: self._store.get(key, prototype, byte_range),
             )
-        await self._validated(key)
+        await self._validated(key, cache)
         read = self._read(key, byte_range)
         pf = self._prefetcher() if byte_range is None and read.kind == "chunk" else None
         missed = False

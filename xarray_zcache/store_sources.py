@@ -62,7 +62,7 @@ class SourceReads:
     def _filled(self, key: str, version: str | None, *, part: bool) -> None:
         raise NotImplementedError
 
-    async def _validated(self, key: str) -> None:
+    async def _validated(self, key: str, cache: HybridCache | None = None) -> None:
         raise NotImplementedError
 
     async def _revalidate_under(self, prefix: str) -> None:

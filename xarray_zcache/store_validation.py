@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 __all__ = ["SourceValidation", "ValidationReport"]
 
+#: keys whose unit is remembered per store (the gate's fast path is then two dict lookups)
+_MEMO_SIZE = 65536
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ValidationReport:
@@ -55,6 +58,7 @@ class SourceValidation:
     _namespace: str
     _source: SourceVersions
     _units: dict[str, tuple[Unit, str]]
+    _unit_memo: dict[str, tuple[Unit, str]]
 
     @property
     def cache(self) -> HybridCache:
@@ -69,6 +73,15 @@ class SourceValidation:
 
     def _unit_of(self, key: str) -> tuple[Unit, str]:
         """The unit of zarr key ``key`` and the folder its listing covers."""
+        memo = self._unit_memo
+        found = memo.get(key)
+        if found is None:
+            if len(memo) >= _MEMO_SIZE:
+                memo.clear()
+            found = memo[key] = self._find_unit(key)
+        return found
+
+    def _find_unit(self, key: str) -> tuple[Unit, str]:
         k = file_key(key) if self._files else key
         if key_kind(k) == "chunk":
             folder = array_of(k)
@@ -90,12 +103,12 @@ class SourceValidation:
 
         return listing
 
-    async def _validated(self, key: str) -> None:
+    async def _validated(self, key: str, cache: HybridCache | None = None) -> None:
         """The gate: entries of ``key``'s unit are validated first if due."""
         if not self._source.supported:
             return
         unit, folder = self._unit_of(key)
-        freshness = self.cache.freshness
+        freshness = (cache or self.cache).freshness
         if freshness.is_fresh(unit, time.time()):
             return
         await freshness.ensure(unit, self._versions_now(unit, folder))
