@@ -50,6 +50,14 @@ def rows(stats: CacheStats) -> list[tuple[str, str]]:
                 f"{stats.peer_served} / {stats.peer_loads} / {stats.peer_fallbacks}",
             )
         )
+    if stats.validations or stats.validation_errors:
+        out.append(
+            (
+                "validations (listings, changed, failed)",
+                f"{stats.validations} ({stats.validation_requests}, "
+                f"{stats.validation_changes}, {stats.validation_errors})",
+            )
+        )
     out += [
         ("evictions memory / disk", f"{stats.evictions['memory']} / {stats.evictions['disk']}"),
         ("corrupt entries dropped", str(stats.corruptions)),
