@@ -118,6 +118,13 @@ def _concurrent(client: Any, server: Any, url: str, opts: dict[str, Any], cfg: A
     return passes
 
 
+def _reasons(dask_worker: Any) -> dict[str, int]:
+    from xarray_zcache.distributed.worker import worker_cache_state
+
+    state = worker_cache_state(dask_worker)
+    return {} if state is None or state.peer is None else dict(state.peer.fallback_reasons)
+
+
 def _latencies(url: str, opts: dict[str, Any], cfg_dict: dict[str, Any], n: int) -> Any:
     """On a worker: per-key seconds of peer hits (keys owned elsewhere) and of S3 reads."""
     from distributed import get_worker
@@ -204,6 +211,11 @@ def _measure(
         out["passes"] += _concurrent(client, server, url2, opts, cfg)
         stats = list(client.run(_stats).values())
         out["peer_fallbacks_all"] = sum(s["peer_fallbacks"] for s in stats)
+        reasons: dict[str, int] = {}
+        for rs in client.run(_reasons).values():
+            for r, c in rs.items():
+                reasons[r] = reasons.get(r, 0) + c
+        out["fallback_reasons"] = reasons
         if mode == "one cache":
             w = sorted(client.scheduler_info()["workers"])[0]
             peer, s3 = client.submit(
@@ -287,6 +299,10 @@ def table(results: list[dict[str, Any]]) -> str:
         + " |"
     )
     for r in results:
+        if r.get("fallback_reasons"):
+            lines.append(
+                f"\nfallbacks, {r['mode']}, {r['workers']} workers: {r['fallback_reasons']}"
+            )
         if "peer_ms" in r:
             lines.append(
                 f"\npeer hit vs S3 read, {r['workers']} workers (median per key): "
