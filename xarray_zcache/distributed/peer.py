@@ -25,6 +25,7 @@ import zlib
 from collections import Counter, OrderedDict
 from typing import TYPE_CHECKING, Any
 
+from distributed.core import send_recv
 from distributed.protocol.serialize import to_serialize
 
 from xarray_zcache.cache.logs import events
@@ -203,7 +204,15 @@ class PeerTier:
             if store is not None:
                 # its wrapped store and config, never data: serialized by Dask's comms
                 msg["store"] = to_serialize(store)  # type: ignore[no-untyped-call]
-        reply = await self.worker.rpc(addr).zcache_get(**msg)
+        # connecting is held to the timeout, even on a first ask: an owner that is gone
+        # (a stale membership) costs one timeout, not Dask's retries up to its own
+        # connect timeout (30 s)
+        pool = self.worker.rpc
+        comm = await pool.connect(addr, timeout=self.timeout)
+        try:
+            reply = await send_recv(comm=comm, op="zcache_get", **msg)
+        finally:
+            pool.reuse(addr, comm)
         if isinstance(reply, dict) and reply.get("status") == "unknown-store":
             self._told.discard((addr, read.namespace))
             if "store" not in msg and self._store(read.namespace) is not None:
