@@ -12,10 +12,12 @@ is a new process on the same cache folder (a fresh cache: memory empty; simulate
 closing every cache of this process), reading the whole array:
 
 * validation ``"never"`` (the first release's behaviour): no request, old values;
-* validation on, before the interval has passed since the fill: no request, old
-  values (the bound: at most ``--interval`` seconds stale);
-* validation on, once the interval has passed: listings of the array plus one GET
-  per changed or new chunk, values equal to the new source; then a warm pass.
+* validation on, before the interval has passed since the last validation: no
+  request, old values (the bound: at most ``--interval`` seconds stale);
+* validation due: `CachedStore.revalidate` (what ``zcache validate`` runs, and the
+  same listings the read gate sends once the interval has run out), then the read:
+  listings of the array plus one GET per changed or new chunk, values equal to the
+  new source; then a warm pass.
 
 Requests are counted by the S3 server itself: listings (``ListObjectsV2``) and GETs
 of chunk objects (the metadata documents are counted apart).
@@ -64,10 +66,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--chunks", type=int, default=10_000)
     parser.add_argument("--width", type=int, default=16, help="values per chunk")
-    parser.add_argument("--interval", type=float, default=20.0, help="validation seconds")
+    parser.add_argument(
+        "--interval", type=float, default=300.0, help="validation interval (default 5 min)"
+    )
     args = parser.parse_args()
     logging.getLogger("xarray_zcache").setLevel(logging.ERROR)
     warnings.simplefilter("ignore")
+
+    from zarr.core.sync import sync
 
     from xarray_zcache import CacheConfig, open_store
     from xarray_zcache.registry import close_all
@@ -87,13 +93,15 @@ def main() -> None:
     log = server.requests
     rows: list[tuple[str, int, int, int, int, str, float]] = []
 
-    def run(label: str, cfg: Any, restart: bool = True) -> None:
+    def run(label: str, cfg: Any, restart: bool = True, validate: bool = False) -> None:
         if restart:
             close_all()
         lists, gets = log.lists("fresh"), log.chunk_gets("fresh")
         meta = log.count("GET", bucket="fresh") - gets - lists
         before = open_store(url, storage_options=opts, cache_config=cfg).stats()
         t = time.perf_counter()
+        if validate:  # what `zcache validate URL` does, and the gate once the interval ran out
+            sync(open_store(url, storage_options=opts, cache_config=cfg).revalidate())
         got = _read(url, opts, cfg)
         seconds = time.perf_counter() - t
         lists2, gets2 = log.lists("fresh"), log.chunk_gets("fresh")
@@ -109,10 +117,12 @@ def main() -> None:
         )
 
     on = base.with_validation(args.interval)
-    never = base.with_validation("never")
-    run("1 cold read (validation on)", on, restart=False)
+    # the first release at its most trusting: no validation, metadata kept until evicted
+    never = base.with_validation("never").with_ttl(metadata=None)
+    run("1 cold read", on, restart=False)
     run("2 warm, same process", on, restart=False)
-    run("3 new process, validation never", never)
+    run("3 new process", on)
+    run("3b new process, validation never", never)
     filled = time.time()
     # another writer: 1% of the chunks rewritten in place, 10 time steps appended
     rng = np.random.default_rng(0)
@@ -126,13 +136,10 @@ def main() -> None:
     extra = extra.assign_coords(time=np.arange(n, n + 10))
     extra.to_zarr(url, storage_options=opts, append_dim="time")
     print(f"rewrote {len(changed)} chunks and appended 10", file=sys.stderr)
-    run("4 after the change, validation never", never)
+    run("4 after the change: new process, validation never", never)
     if time.time() - filled < args.interval:
-        run("5 after the change, within the interval", on)
-    wait = args.interval - (time.time() - filled)
-    if wait > 0:
-        time.sleep(wait + 0.5)
-    run("6 after the change, interval passed", on)
+        run("5 after the change: new process, within the interval", on)
+    run("6 after the change: new process, validation due (zcache validate)", on, validate=True)
     run("7 warm again, same process", on, restart=False)
     close_all()
     server.stop()

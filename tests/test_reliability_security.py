@@ -32,7 +32,17 @@ from xarray_zcache.testing.s3server import LocalS3Server
 
 P = default_buffer_prototype()
 PAYLOAD_NAME = re.compile(r"^[0-9a-f]{64}\.(cache|meta)$")
-ROOT_FILES = {"index.db", "index.db-wal", "index.db-shm", "index.db.lock", "settings.json"}
+ROOT_FILES = {
+    "index.db",
+    "index.db-wal",
+    "index.db-shm",
+    "index.db.lock",
+    "settings.json",
+    # the version book of validation (cache/versions.py)
+    "versions.db",
+    "versions.db-wal",
+    "versions.db-shm",
+}
 
 HOSTILE_KEYS = [
     "../../etc/passwd",

@@ -83,11 +83,15 @@ class VersionBook:
         path = os.path.join(folder, BOOK_NAME)
         try:
             new = not os.path.exists(path)
+            # created private before SQLite opens it (its -wal/-shm files take its mode)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            try:
+                os.fchmod(fd, 0o600)
+            finally:
+                os.close(fd)
             conn = sqlite3.connect(
                 path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
             )
-            with contextlib.suppress(OSError):
-                os.chmod(path, 0o600)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.executescript(_SCHEMA)
@@ -96,7 +100,7 @@ class VersionBook:
             row = conn.execute("SELECT value FROM meta WHERE name = 'legacy'").fetchone()
             self.legacy = row is not None
             self._conn = conn
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             logger.warning(
                 "xarray-zcache: cannot use %s (%s): versions are kept in memory only", path, exc
             )
