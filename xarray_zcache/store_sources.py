@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from zarr.core.buffer import Buffer
@@ -65,7 +66,7 @@ class SourceReads:
     async def _validated(self, key: str, cache: HybridCache | None = None) -> None:
         raise NotImplementedError
 
-    async def _revalidate_under(self, prefix: str) -> None:
+    async def _revalidate_under(self, prefix: str, since: float) -> None:
         raise NotImplementedError
 
     async def _fetch(
@@ -73,6 +74,7 @@ class SourceReads:
     ) -> bytes | None:
         """Read ``key`` from the wrapped store; a changed array metadata document drops
         the array's cached chunks before the caller sees it (`_stale_after`)."""
+        started = time.time()
         data, version = await self._source.get(key, byte_range)
         self._filled(key, version, part=byte_range is not None)
         if byte_range is None and key_kind(key) == "metadata":
@@ -80,7 +82,7 @@ class SourceReads:
             if stale is not None:
                 if self._source.supported:
                     try:  # drop only the chunks that changed: they have versions
-                        await self._revalidate_under(stale)
+                        await self._revalidate_under(stale, started)
                         return data
                     except Exception as exc:
                         logger.warning("xarray-zcache: validating %s failed (%s)", stale, exc)

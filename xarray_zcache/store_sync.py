@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from zarr.abc.store import ByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
@@ -48,22 +49,23 @@ class SyncCachedStore(CachedStore):
         read = self._read(key, byte_range)
 
         def load() -> bytes | None:
+            started = time.time()
             data, version = self._source.get_sync(key, byte_range)
             self._filled(key, version, part=byte_range is not None)
             if read.kind == "metadata" and byte_range is None:
                 stale = self._stale_after(cache, key, data)
                 if stale is not None:
-                    self._dropped_after_sync(stale)
+                    self._dropped_after_sync(stale, started)
             return data
 
         data = cache.get_or_load_sync(read, load)
         return None if data is None else prototype.buffer.from_bytes(data)
 
-    def _dropped_after_sync(self, stale: str) -> None:
+    def _dropped_after_sync(self, stale: str, since: float) -> None:
         """A metadata document changed: validate (else drop) the entries under ``stale``."""
         if self._source.supported:
             try:
-                self._revalidate_under_sync(stale)
+                self._revalidate_under_sync(stale, since)
                 return
             except Exception as exc:
                 logger.warning("xarray-zcache: validating %s failed (%s)", stale, exc)

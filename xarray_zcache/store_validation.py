@@ -149,16 +149,17 @@ class SourceValidation:
 
         return listing
 
-    async def _revalidate_under(self, prefix: str) -> None:
-        """Validate now every unit with cached objects under cache-key ``prefix``."""
+    async def _revalidate_under(self, prefix: str, since: float) -> None:
+        """Validate every unit with cached objects under cache-key ``prefix``, except
+        those validated since ``since`` (by the gate, or another changed document)."""
         freshness = self.cache.freshness
         for unit, folder in self._units_under(prefix)[1]:
-            await freshness.validate_now(unit, self._versions_now(unit, folder))
+            await freshness.validate_now(unit, self._versions_now(unit, folder), since)
 
-    def _revalidate_under_sync(self, prefix: str) -> None:
+    def _revalidate_under_sync(self, prefix: str, since: float) -> None:
         freshness = self.cache.freshness
         for unit, folder in self._units_under(prefix)[1]:
-            freshness.validate_now_sync(unit, self._listing_sync(unit, folder))
+            freshness.validate_now_sync(unit, self._listing_sync(unit, folder), since)
 
     async def revalidate(
         self, progress: Callable[[int, int], None] | None = None

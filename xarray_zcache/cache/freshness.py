@@ -241,16 +241,32 @@ class Freshness:
             self._fresh_until[unit.name] = started + self.interval
         return len(changed)
 
-    async def validate_now(self, unit: Unit, listing: Callable[[], Awaitable[Listing]]) -> int:
-        """Validate ``unit`` now, whatever its state (errors propagate); objects dropped."""
+    def _validated_since(self, unit: Unit, since: float | None) -> bool:
+        state = self.book.unit(unit.name)
+        return since is not None and state is not None and state.validated >= since
+
+    async def validate_now(
+        self,
+        unit: Unit,
+        listing: Callable[[], Awaitable[Listing]],
+        since: float | None = None,
+    ) -> int:
+        """Validate ``unit`` now (errors propagate), unless a validation that started at
+        or after ``since`` already did; returns how many objects were dropped."""
         started = time.time()
+        if self._validated_since(unit, since):
+            return 0
         self._first_sight(unit, started)
         found = await asyncio.wait_for(listing(), TIMEOUT)
         return self._apply(unit, found, started)
 
-    def validate_now_sync(self, unit: Unit, listing: Callable[[], Listing]) -> int:
+    def validate_now_sync(
+        self, unit: Unit, listing: Callable[[], Listing], since: float | None = None
+    ) -> int:
         """`validate_now` for synchronous callers."""
         started = time.time()
+        if self._validated_since(unit, since):
+            return 0
         self._first_sight(unit, started)
         return self._apply(unit, listing(), started)
 
