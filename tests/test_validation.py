@@ -164,6 +164,33 @@ def test_one_listing_per_thousand_objects(
     assert report.changed == 0
 
 
+def test_a_changed_array_is_listed_once_per_open(
+    s3_server: LocalS3Server,
+    s3_bucket: str,
+    s3_options: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url = f"s3://{s3_bucket}/ds.zarr"
+    _write(url, s3_options, n=10)
+    cfg = _cfg(tmp_path, "once", validation=600)
+    _read(url, s3_options, cfg)
+    # another writer appends: the consolidated metadata and the last chunk change
+    xr.Dataset({"v": ("x", np.arange(10.0, 12.0))}).to_zarr(
+        url, storage_options=s3_options, append_dim="x"
+    )
+    close_all()  # a new process, and the interval has run out
+    real = time.time
+    monkeypatch.setattr(freshness.time, "time", lambda: real() + 601)
+    gets, lists = _counts(s3_server, s3_bucket)
+    assert _read(url, s3_options, cfg).tolist() == list(range(12))
+    gets2, lists2 = _counts(s3_server, s3_bucket)
+    # the root's documents by the gate, then the array because its metadata changed:
+    # one listing each; the root is not listed again for the changed document
+    assert lists2 - lists == 2
+    assert gets2 - gets == 1  # the rewritten last chunk; not the two unchanged ones
+
+
 # -- another process on the same folder -----------------------------------------------------------
 
 _CHILD = """

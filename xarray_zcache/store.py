@@ -12,6 +12,7 @@ import builtins
 import contextvars
 import functools
 import logging
+import time
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from typing import TYPE_CHECKING, Any, Self
@@ -359,6 +360,7 @@ class CachedStore(SourceValidation, SourceReads, Store):
                 self._read(key, byte_range),
                 lambda: self._store.get(key, prototype, byte_range),
             )
+        began = time.time()
         await self._validated(key, cache)
         read = self._read(key, byte_range)
         pf = self._prefetcher() if byte_range is None and read.kind == "chunk" else None
@@ -369,7 +371,7 @@ class CachedStore(SourceValidation, SourceReads, Store):
             missed = True
             if pf is not None:
                 await pf.observe(key, miss=True)  # may start reading ahead
-            return await self._fetch(cache, key, byte_range)
+            return await self._fetch(cache, key, byte_range, began)
 
         data = await cache.get_or_load(read, load)
         if pf is not None and not missed and pf.active:

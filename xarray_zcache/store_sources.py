@@ -70,11 +70,19 @@ class SourceReads:
         raise NotImplementedError
 
     async def _fetch(
-        self, cache: HybridCache, key: str, byte_range: ByteRequest | None
+        self,
+        cache: HybridCache,
+        key: str,
+        byte_range: ByteRequest | None,
+        began: float | None = None,
     ) -> bytes | None:
         """Read ``key`` from the wrapped store; a changed array metadata document drops
-        the array's cached chunks before the caller sees it (`_stale_after`)."""
-        started = time.time()
+        the array's cached chunks before the caller sees it (`_stale_after`).
+
+        ``began``: when the read began, before its gate (`_validated`) ran; a unit the
+        gate validated for this very read is not listed a second time.
+        """
+        started = time.time() if began is None else began
         data, version = await self._source.get(key, byte_range)
         self._filled(key, version, part=byte_range is not None)
         if byte_range is None and key_kind(key) == "metadata":
@@ -129,6 +137,7 @@ class SourceReads:
         byte_range = byte_request(spec)
         if not is_plain_range(byte_range):
             raise ValueError(f"not a cacheable range: {ck!r}")
+        began = time.time()
         await self._validated(key)
         read = dataclasses.replace(self._read(key, byte_range), for_peer=True)
         loaded = False
@@ -136,7 +145,7 @@ class SourceReads:
         async def load() -> bytes | None:
             nonlocal loaded
             loaded = True
-            return await self._fetch(cache, key, byte_range)
+            return await self._fetch(cache, key, byte_range, began)
 
         data = await cache.get_or_load(read, load)
         return data, not loaded

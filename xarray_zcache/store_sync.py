@@ -45,17 +45,17 @@ class SyncCachedStore(CachedStore):
                 self._read(key, byte_range),
                 lambda: getter(key, prototype=prototype, byte_range=byte_range),
             )
+        began = time.time()  # (a unit the gate validates now is not listed twice)
         self._validated_sync(key)
         read = self._read(key, byte_range)
 
         def load() -> bytes | None:
-            started = time.time()
             data, version = self._source.get_sync(key, byte_range)
             self._filled(key, version, part=byte_range is not None)
             if read.kind == "metadata" and byte_range is None:
                 stale = self._stale_after(cache, key, data)
                 if stale is not None:
-                    self._dropped_after_sync(stale, started)
+                    self._dropped_after_sync(stale, began)
             return data
 
         data = cache.get_or_load_sync(read, load)
