@@ -23,7 +23,7 @@ import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from xarray_zcache import CacheConfig, open_store
+from xarray_zcache import CacheConfig, open_store, store_versions
 from xarray_zcache.cache import freshness
 from xarray_zcache.cache.freshness import ObjectChanged
 from xarray_zcache.registry import close_all
@@ -191,11 +191,56 @@ def test_a_changed_array_is_listed_once_per_open(
     assert gets2 - gets == 1  # the rewritten last chunk; not the two unchanged ones
 
 
+def _write_grid(url: str, opts: dict[str, Any] | None) -> None:
+    """A 6 x 10 array of 1 x 1 chunks: 60 chunk objects, in rows ``v/c/<i>/``."""
+    ds = xr.Dataset({"v": (("y", "x"), np.arange(60.0).reshape(6, 10))})
+    ds.to_zarr(url, storage_options=opts, encoding={"v": {"chunks": (1, 1)}}, zarr_format=3)
+
+
+@pytest.mark.parametrize("where", ["s3", "local"])
+def test_only_the_rows_of_the_grid_that_are_cached_are_listed(
+    s3_server: LocalS3Server,
+    s3_bucket: str,
+    s3_options: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    where: str,
+) -> None:
+    monkeypatch.setattr(store_versions, "PAGE", 10)  # a page of 10: the array is 7 pages
+    url, opts = (f"s3://{s3_bucket}/grid.zarr", s3_options)
+    if where == "local":
+        url, opts = str(tmp_path / "grid.zarr"), None
+    _write_grid(url, opts)
+    cfg = _cfg(tmp_path, f"rows-{where}")
+    store = open_store(url, storage_options=opts, cache_config=cfg)
+    with xr.open_dataset(url, engine="zcache", storage_options=opts, cache_config=cfg) as ds:
+        assert ds.v[2].values.tolist() == list(range(20, 30))  # rows 2 and 4 cached
+        assert ds.v[4].values.tolist() == list(range(40, 50))
+    # another writer changes a cached chunk and one that is not cached
+    part = xr.Dataset({"v": (("y", "x"), np.array([[-1.0]]))})
+    part.to_zarr(url, storage_options=opts, region={"y": slice(2, 3), "x": slice(3, 4)})
+    part.to_zarr(url, storage_options=opts, region={"y": slice(5, 6), "x": slice(5, 6)})
+    lists = s3_server.requests.lists(s3_bucket)
+    report = sync(store.revalidate())
+    assert report.changed == 1
+    if where == "s3":
+        # the root's documents: 1; the array: its rows 2 and 4 (a page each), not 7 pages
+        assert report.requests == 1 + 2
+        assert s3_server.requests.lists(s3_bucket) - lists == report.requests
+    gets = s3_server.requests.chunk_gets(s3_bucket)
+    with xr.open_dataset(url, engine="zcache", storage_options=opts, cache_config=cfg) as ds:
+        row = ds.v[2].values.tolist()
+        assert row[3] == -1.0 and row[:3] == [20.0, 21.0, 22.0]
+        assert ds.v[4].values.tolist() == list(range(40, 50))
+    if where == "s3":
+        assert s3_server.requests.chunk_gets(s3_bucket) - gets == 1
+
+
 # -- another process on the same folder -----------------------------------------------------------
 
 _CHILD = """
 import sys, numpy as np, xarray as xr
-from xarray_zcache import CacheConfig, open_store
+from xarray_zcache import CacheConfig, open_store, store_versions
 from xarray_zcache.testing.s3server import LocalS3Server
 url, endpoint, folder = sys.argv[1:4]
 opts = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}

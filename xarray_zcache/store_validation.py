@@ -5,21 +5,27 @@ The rules of freshness are the cache's (`xarray_zcache.cache.freshness`); this m
 only maps zarr keys to units and units to listings of the wrapped store:
 
 * a chunk belongs to its array: one recursive listing of the array's folder (one
-  request per 1,000 objects on S3) validates its metadata and every chunk;
+  request per 1,000 objects on S3) validates its metadata and every chunk — or, when
+  that is cheaper, listings of only the chunk-grid rows that hold cached chunks and of
+  the array's documents (`xarray_zcache.listing_plan`);
 * a metadata document in a sub-folder belongs to that folder's recursive unit (the
-  array's); one at the root belongs to the root's own objects (one non-recursive
-  listing: the root's documents, never every chunk of the dataset).
+  array's, or a group's: a listing of the group's documents only); one at the root
+  belongs to the root's own objects (one non-recursive listing: the root's documents,
+  never every chunk of the dataset).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from xarray_zcache import store_versions
 from xarray_zcache.cache.freshness import Listing, Unit
 from xarray_zcache.keys import array_of, file_key, key_kind, parse_entry_key
+from xarray_zcache.listing_plan import Plan, grid_of, plan
 
 if TYPE_CHECKING:
     from xarray_zcache.cache.hybrid import HybridCache
@@ -29,6 +35,8 @@ __all__ = ["SourceValidation", "ValidationReport"]
 
 #: keys whose unit is remembered per store (the gate's fast path is then two dict lookups)
 _MEMO_SIZE = 65536
+#: listings of one plan sent at once
+_CONCURRENT_LISTINGS = 16
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -96,10 +104,58 @@ class SourceValidation:
             found = self._units[name] = (Unit(prefix, recursive), folder)
         return found
 
+    def _plan(self, unit: Unit, folder: str) -> Plan | None:
+        """The listings that validate ``unit``'s cached objects (None: list it whole)."""
+        if not unit.recursive:
+            return None
+        prefix = unit.prefix
+        rests = []
+        for ck in self.cache.cached_objects(prefix):
+            if "\x01" in ck or "\x02" in ck:
+                continue
+            parsed = parse_entry_key(self._namespace, ck)
+            if parsed is None:
+                return None
+            if self._unit_of(parsed[0])[0] is unit:  # (not an array below a group)
+                rests.append(ck[len(prefix) :])
+        grid = grid_of(folder, lambda key: self.cache.peek(self._ck(key)))
+        return plan(rests, grid, store_versions.PAGE)
+
+    def _listed(
+        self, unit: Unit, found: list[tuple[dict[str, str], int]], chosen: Plan | None
+    ) -> Listing:
+        versions = {self._ck(k): v for part, _ in found for k, v in part.items()}
+        requests = sum(n for _, n in found)
+        covers = None if chosen is None else tuple(unit.prefix + c for c in chosen.covers)
+        return Listing(versions, requests, covers)
+
+    @staticmethod
+    def _slices(folder: str, chosen: Plan | None, recursive: bool) -> list[tuple[str, bool, str]]:
+        if chosen is None:
+            return [(folder, recursive, "")]
+        return [
+            (f"{folder}/{s.folder}" if s.folder else folder, s.recursive, s.starts)
+            for s in chosen.slices
+        ]
+
     def _versions_now(self, unit: Unit, folder: str) -> Callable[[], Awaitable[Listing]]:
-        async def listing() -> tuple[dict[str, str], int]:
-            found, requests = await self._source.listing(folder, unit.recursive)
-            return {self._ck(k): v for k, v in found.items()}, requests
+        async def listing() -> Listing:
+            chosen = self._plan(unit, folder)
+            slices = self._slices(folder, chosen, unit.recursive)
+            found: list[tuple[dict[str, str], int]] = []
+            for i in range(0, len(slices), _CONCURRENT_LISTINGS):
+                batch = slices[i : i + _CONCURRENT_LISTINGS]
+                found += await asyncio.gather(*(self._source.listing(*s) for s in batch))
+            return self._listed(unit, found, chosen)
+
+        return listing
+
+    def _listing_sync(self, unit: Unit, folder: str) -> Callable[[], Listing]:
+        def listing() -> Listing:
+            chosen = self._plan(unit, folder)
+            slices = self._slices(folder, chosen, unit.recursive)
+            found = [self._source.listing_sync(*s) for s in slices]
+            return self._listed(unit, found, chosen)
 
         return listing
 
@@ -141,13 +197,6 @@ class SourceValidation:
                 unit, folder = self._unit_of(parsed[0])
                 units[unit.name] = (unit, folder)
         return objects, list(units.values())
-
-    def _listing_sync(self, unit: Unit, folder: str) -> Callable[[], Listing]:
-        def listing() -> Listing:
-            found, requests = self._source.listing_sync(folder, unit.recursive)
-            return {self._ck(k): v for k, v in found.items()}, requests
-
-        return listing
 
     async def _revalidate_under(self, prefix: str, since: float) -> None:
         """Validate every unit with cached objects under cache-key ``prefix``, except

@@ -59,12 +59,17 @@ class SourceVersions:
         buf = getter(key, prototype=default_buffer_prototype(), byte_range=byte_range)
         return (None if buf is None else buf.to_bytes()), None
 
-    async def listing(self, folder: str, recursive: bool) -> tuple[dict[str, str], int]:
+    async def listing(
+        self, folder: str, recursive: bool, starts: str = ""
+    ) -> tuple[dict[str, str], int]:
         """{key: version} of the objects under ``folder`` ("" for the root; only those
-        directly in it unless ``recursive``), and the number of requests sent."""
+        directly in it unless ``recursive``; only names starting with ``starts``), and
+        the number of requests sent."""
         raise NotImplementedError(f"{type(self.store).__name__} exposes no object versions")
 
-    def listing_sync(self, folder: str, recursive: bool) -> tuple[dict[str, str], int]:
+    def listing_sync(
+        self, folder: str, recursive: bool, starts: str = ""
+    ) -> tuple[dict[str, str], int]:
         raise NotImplementedError(f"{type(self.store).__name__} exposes no object versions")
 
 
@@ -119,14 +124,16 @@ class S3Versions(SourceVersions):
             raise
         return data, version
 
-    async def listing(self, folder: str, recursive: bool) -> tuple[dict[str, str], int]:
+    async def listing(
+        self, folder: str, recursive: bool, starts: str = ""
+    ) -> tuple[dict[str, str], int]:
         store: Any = self.store
         if not store._is_open:
             await store._open()
         fs = store.fs
         root = self._path(folder).rstrip("/") if folder else store.path.rstrip("/")
         bucket, prefix, _ = fs.split_path(root + "/x")
-        prefix = prefix[:-1]  # "path/" (or "" at the bucket's root)
+        prefix = prefix[:-1] + starts  # "path/" (or "" at the bucket's root)
         base = fs.split_path(store.path.rstrip("/") + "/x")[1][:-1]
         found: dict[str, str] = {}
         requests = 0
@@ -183,12 +190,17 @@ class LocalVersions(SourceVersions):
             return None, None
         return data, self._versioned(before, key)
 
-    async def listing(self, folder: str, recursive: bool) -> tuple[dict[str, str], int]:
-        return await asyncio.to_thread(self.listing_sync, folder, recursive)
+    async def listing(
+        self, folder: str, recursive: bool, starts: str = ""
+    ) -> tuple[dict[str, str], int]:
+        return await asyncio.to_thread(self.listing_sync, folder, recursive, starts)
 
-    def listing_sync(self, folder: str, recursive: bool) -> tuple[dict[str, str], int]:
+    def listing_sync(
+        self, folder: str, recursive: bool, starts: str = ""
+    ) -> tuple[dict[str, str], int]:
         found: dict[str, str] = {}
-        todo = [folder.strip("/")]
+        top = folder.strip("/")
+        todo = [top]
         while todo:
             rel = todo.pop()
             try:
@@ -196,6 +208,8 @@ class LocalVersions(SourceVersions):
             except (FileNotFoundError, NotADirectoryError):
                 continue
             for entry in entries:
+                if rel == top and not entry.name.startswith(starts):
+                    continue
                 key = f"{rel}/{entry.name}" if rel else entry.name
                 try:
                     if entry.is_dir(follow_symlinks=False):

@@ -7,7 +7,8 @@ The rules, each kept here and nowhere else:
   as of then: nothing of it can be cached from before (a folder from a release without
   versions is the exception: `VersionBook.legacy`, and its units are validated first).
 * A stale unit is validated by one process of the folder (a claim in the book); the
-  others wait for it and adopt its result. A validation lists the source once and
+  others wait for it and adopt its result. A validation lists the source once (the
+  unit, or only the parts of it that hold cached objects: `Listing.covers`) and
   compares each cached object with its recorded version: changed, deleted, created
   (a negative entry) or of no recorded version → the object's entries are dropped
   (whole object, every range, negative entry). Unchanged objects keep their entries
@@ -32,7 +33,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Final, NamedTuple, Protocol
 
 from xarray_zcache.cache.request import PART_SEP
 from xarray_zcache.cache.versions import UnitState, VersionBook
@@ -51,8 +52,17 @@ TIMEOUT: Final = 60.0
 #: how often a process waiting for another one's validation looks at the book
 _POLL: Final = 0.05
 
-#: what a source listing returns: {object cache key: version}, and the requests it sent
-Listing = tuple[dict[str, str], int]
+
+class Listing(NamedTuple):
+    """What a validation's listing of the source found."""
+
+    #: {object cache key: version} of the objects listed
+    versions: dict[str, str]
+    #: requests sent
+    requests: int
+    #: cache-key prefixes the listing covered (None: the whole unit); cached objects
+    #: outside them are neither compared nor dropped
+    covers: tuple[str, ...] | None = None
 
 
 class ObjectChanged(OSError):
@@ -210,8 +220,12 @@ class Freshness:
     def _apply(self, unit: Unit, found: Listing, started: float) -> int:
         """Drop what ``found`` (the source's versions now) says is not current; returns
         how many objects were dropped."""
-        current, requests = found
-        cached = {k: v for k, v in self._cache.cached_objects(unit.prefix).items() if unit.holds(k)}
+        current, requests, covers = found
+        cached = {
+            k: v
+            for k, v in self._cache.cached_objects(unit.prefix).items()
+            if unit.holds(k) and (covers is None or k.startswith(covers))
+        }
         recorded = self.book.under(unit.prefix)
         changed = []
         for key, has_value in cached.items():
