@@ -105,32 +105,45 @@ def test_rewrite_in_place_is_seen_after_the_interval_for_one_listing_and_one_get
     assert lists2 - lists == delta.validation_requests  # figures match the server's log
 
 
+@pytest.mark.parametrize("where", ["s3", "local"])
 def test_append_and_delete_and_create_by_another_writer(
-    s3_server: LocalS3Server, s3_bucket: str, s3_options: dict[str, Any], tmp_path: Path
+    s3_server: LocalS3Server,
+    s3_bucket: str,
+    s3_options: dict[str, Any],
+    tmp_path: Path,
+    where: str,
 ) -> None:
-    url = f"s3://{s3_bucket}/ds.zarr"
-    _write(url, s3_options, n=10)
-    cfg = _cfg(tmp_path, "append")
-    store = open_store(url, storage_options=s3_options, cache_config=cfg)
-    assert _read(url, s3_options, cfg).tolist() == list(range(10))
+    url, opts = f"s3://{s3_bucket}/ds.zarr", s3_options
+    if where == "local":
+        url, opts = str(tmp_path / "ds.zarr"), None
+    _write(url, opts, n=10)
+    cfg = _cfg(tmp_path, f"append-{where}")
+    store = open_store(url, storage_options=opts, cache_config=cfg)
+    assert _read(url, opts, cfg).tolist() == list(range(10))
     # append 2 steps (the last, partial chunk is rewritten; a new chunk appears)
     xr.Dataset({"v": ("x", np.arange(10.0, 12.0))}).to_zarr(
-        url, storage_options=s3_options, append_dim="x"
+        url, storage_options=opts, append_dim="x"
     )
     report = sync(store.revalidate())
     assert report.changed >= 2  # the partial chunk and the metadata documents
-    assert _read(url, s3_options, cfg).tolist() == list(range(12))  # not [..., 9, nan, nan]
+    assert _read(url, opts, cfg).tolist() == list(range(12))  # not [..., 9, nan, nan]
     # delete a chunk: zarr then reads the fill value
-    fs = s3_server.filesystem()
-    fs.rm(f"{s3_bucket}/ds.zarr/v/c/0")
-    assert _read(url, s3_options, cfg)[:4].tolist() == [0, 1, 2, 3]  # (not validated yet)
+    if where == "s3":
+        s3_server.filesystem().rm(f"{s3_bucket}/ds.zarr/v/c/0")
+    else:
+        os.remove(tmp_path / "ds.zarr" / "v" / "c" / "0")
+    assert _read(url, opts, cfg)[:4].tolist() == [0, 1, 2, 3]  # (not validated yet)
     sync(store.revalidate())
-    assert np.isnan(_read(url, s3_options, cfg)[:4]).all()
+    assert np.isnan(_read(url, opts, cfg)[:4]).all()
     # create it again: the negative entry must not hide it
-    _rewrite(url, s3_options, slice(0, 4), 7.0)
-    assert np.isnan(_read(url, s3_options, cfg)[:4]).all()
-    sync(store.revalidate())
-    assert _read(url, s3_options, cfg)[:4].tolist() == [7.0] * 4
+    _rewrite(url, opts, slice(0, 4), 7.0)
+    assert np.isnan(_read(url, opts, cfg)[:4]).all()
+    gets = s3_server.requests.chunk_gets(s3_bucket)
+    report = sync(store.revalidate())
+    assert report.changed == 1  # the negative entry of the created chunk
+    assert _read(url, opts, cfg)[:4].tolist() == [7.0] * 4
+    if where == "s3":
+        assert s3_server.requests.chunk_gets(s3_bucket) - gets == 1
 
 
 def test_unchanged_entries_are_never_downloaded_again(
