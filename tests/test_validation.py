@@ -126,7 +126,10 @@ def test_append_and_delete_and_create_by_another_writer(
     )
     report = sync(store.revalidate())
     assert report.changed >= 2  # the partial chunk and the metadata documents
+    lists = s3_server.requests.lists(s3_bucket)
     assert _read(url, opts, cfg).tolist() == list(range(12))  # not [..., 9, nan, nan]
+    # the new metadata was seen by that validation: the read does not list again
+    assert s3_server.requests.lists(s3_bucket) == lists
     # delete a chunk: zarr then reads the fill value
     if where == "s3":
         s3_server.filesystem().rm(f"{s3_bucket}/ds.zarr/v/c/0")

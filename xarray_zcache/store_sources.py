@@ -63,6 +63,9 @@ class SourceReads:
     def _filled(self, key: str, version: str | None, *, part: bool) -> None:
         raise NotImplementedError
 
+    def _seen_since(self, key: str, version: str | None, began: float) -> float:
+        raise NotImplementedError
+
     async def _validated(self, key: str, cache: HybridCache | None = None) -> None:
         raise NotImplementedError
 
@@ -80,12 +83,16 @@ class SourceReads:
         the array's cached chunks before the caller sees it (`_stale_after`).
 
         ``began``: when the read began, before its gate (`_validated`) ran; a unit the
-        gate validated for this very read is not listed a second time.
+        gate validated for this very read (or a validation that already saw the new
+        document) is not listed a second time.
         """
         started = time.time() if began is None else began
         data, version = await self._source.get(key, byte_range)
+        metadata = byte_range is None and key_kind(key) == "metadata"
+        if metadata:  # a validation that saw this version already counts (`seen_since`)
+            started = self._seen_since(key, version, started)
         self._filled(key, version, part=byte_range is not None)
-        if byte_range is None and key_kind(key) == "metadata":
+        if metadata:
             stale = self._stale_after(cache, key, data)
             if stale is not None:
                 if self._source.supported:

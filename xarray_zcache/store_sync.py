@@ -51,11 +51,13 @@ class SyncCachedStore(CachedStore):
 
         def load() -> bytes | None:
             data, version = self._source.get_sync(key, byte_range)
+            metadata = read.kind == "metadata" and byte_range is None
+            since = self._seen_since(key, version, began) if metadata else began
             self._filled(key, version, part=byte_range is not None)
-            if read.kind == "metadata" and byte_range is None:
+            if metadata:
                 stale = self._stale_after(cache, key, data)
                 if stale is not None:
-                    self._dropped_after_sync(stale, began)
+                    self._dropped_after_sync(stale, since)
             return data
 
         data = cache.get_or_load_sync(read, load)

@@ -180,6 +180,12 @@ class SourceValidation:
 
         freshness.ensure_sync(unit, self._listing_sync(unit, folder))
 
+    def _seen_since(self, key: str, version: str | None, began: float) -> float:
+        """See `Freshness.seen_since` (before `_filled` records ``version``)."""
+        if version is None:
+            return began
+        return self.cache.freshness.seen_since(self._unit_of(key)[0], self._ck(key), version, began)
+
     def _filled(self, key: str, version: str | None, *, part: bool) -> None:
         """Record the version of what was just read of ``key`` (see `Freshness.filled`)."""
         if version is not None:

@@ -237,6 +237,8 @@ class Freshness:
                 changed.append(key)
         for key in changed:
             self._cache.drop_object(key)
+        # what the source holds now, as this listing saw it (`seen_since`)
+        self.book.record_many({k: current[k] for k in changed if k in current})
         stats = self._cache._stats
         stats.add("validations")
         stats.add("validation_requests", requests)
@@ -283,6 +285,15 @@ class Freshness:
             return 0
         self._first_sight(unit, started)
         return self._apply(unit, listing(), started)
+
+    def seen_since(self, unit: Unit, key: str, version: str | None, began: float) -> float:
+        """Since when the source is known to hold ``version`` of object ``key``: the
+        time of the validation of ``unit`` that recorded it (a listing saw it there),
+        else ``began``. Call before the fill records ``version`` itself."""
+        if version is None or self.book.version(key) != version:
+            return began
+        state = self.book.unit(unit.name)
+        return began if state is None else min(began, state.validated)
 
     # -- fills ------------------------------------------------------------------------------------
 

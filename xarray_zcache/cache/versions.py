@@ -161,6 +161,20 @@ class VersionBook:
                 None,
             )
 
+    def record_many(self, versions: dict[str, str]) -> None:
+        """`record` for many objects at once (one transaction)."""
+        with self._lock:
+            todo = [(k, v) for k, v in versions.items() if self._versions.get(k) != v]
+            if not todo:
+                return
+            self._versions.update(todo)
+
+            def op(c: sqlite3.Connection) -> None:
+                with self._write(c):
+                    c.executemany("INSERT OR REPLACE INTO versions VALUES (?, ?)", todo)
+
+            self._sql("recording versions", op, None)
+
     def under(self, prefix: str) -> dict[str, str]:
         """Versions of the objects whose keys start with ``prefix`` (from the file)."""
         with self._lock:
