@@ -23,6 +23,9 @@ __all__ = ["Directory"]
 
 logger = logging.getLogger("xarray_zcache.distributed")
 
+#: seconds a membership push to one worker may take
+_PUSH_TIMEOUT = 10.0
+
 
 class Directory:
     """Membership of the cluster's cache hosts, versioned, and write broadcasts."""
@@ -56,12 +59,22 @@ class Directory:
         return [w for ws in self.membership.hosts.values() for w in ws]
 
     def _push(self) -> None:
-        msg = {"op": "zcache_membership", "membership": self.membership.to_msg()}
-        task = asyncio.ensure_future(
-            self.scheduler.broadcast(msg=msg, workers=self._workers(), on_error="ignore")
-        )
+        task = asyncio.ensure_future(self._send(self.membership.to_msg(), self._workers()))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, membership: dict[str, Any], workers: list[str]) -> None:
+        """Push ``membership`` to ``workers``; one that cannot be reached (it is closing,
+        restarting) gets it later on a report reply (`reply_extras`): not an error."""
+
+        async def one(address: str) -> None:
+            try:
+                call = self.scheduler.rpc(address).zcache_membership(membership=membership)
+                await asyncio.wait_for(call, _PUSH_TIMEOUT)
+            except Exception as exc:
+                logger.debug("xarray-zcache: membership push to %s failed: %r", address, exc)
+
+        await asyncio.gather(*(one(w) for w in workers))
 
     async def invalidate(self, keys: list[Any], origin: str | None = None) -> int:
         """Broadcast a write's keys to every worker but ``origin``; returns how many heard."""

@@ -236,10 +236,22 @@ class ZCacheWorkerPlugin(WorkerPlugin):
             await asyncio.wait_for(state.report(), timeout=5)
         set_worker_cache(worker.address, None, name=self.config.name)
         remove_invalidation_listener(_listener_name(worker))
-        for op in ("zcache_get", "zcache_membership"):
-            worker.handlers.pop(op, None)
+        # (asks and membership pushes still in flight get an answer, not an error log)
+        if "zcache_get" in worker.handlers:
+            worker.handlers["zcache_get"] = _closed_get
+        if "zcache_membership" in worker.handlers:
+            worker.handlers["zcache_membership"] = _closed_membership
         await asyncio.to_thread(state.cache.close)
         worker._zcache = None  # type: ignore[attr-defined]
+
+
+def _closed_get(**_: Any) -> dict[str, str]:
+    """A peer's ask after this worker's cache closed: it reads the source itself."""
+    return {"status": "closed"}
+
+
+def _closed_membership(**_: Any) -> int:
+    return -1
 
 
 def _sized(cfg: CacheConfig, worker: Worker) -> CacheConfig:
