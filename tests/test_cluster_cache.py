@@ -255,6 +255,24 @@ def test_writes_on_the_client_and_on_a_worker_are_seen_by_every_worker(env: Env)
         xr.testing.assert_allclose(_open(url, s3_options, cfg).t.compute(), new.t)
 
 
+def test_revalidate_on_every_worker_sees_another_writers_change(env: Env) -> None:
+    cfg = env.config()
+    url, expected = env.install(cfg)
+    xr.testing.assert_allclose(_open(url, env.opts, cfg).t.compute(), expected.t)
+    # another writer (plain xarray, not through zcache) rewrites the first time chunk
+    new = expected.copy(deep=True)
+    new["t"][0:2] = -3.0
+    new[["t"]].isel(time=slice(0, 2)).drop_vars("time").to_zarr(
+        url, storage_options=env.opts, region={"time": slice(0, 2)}
+    )
+    reports = zd.revalidate(env.client, url, env.opts)
+    assert len(reports) == len(env.client.scheduler_info()["workers"])
+    assert sum(r.changed for r in reports.values()) >= 4  # the 4 chunks of time 0-1
+    gets = env.server.requests.chunk_gets(env.bucket)
+    xr.testing.assert_allclose(_open(url, env.opts, cfg).t.compute(), new.t)
+    assert env.server.requests.chunk_gets(env.bucket) - gets == 4  # once each, cluster-wide
+
+
 def _cached_store(url: str, opts: dict[str, Any], cfg: CacheConfig) -> Any:
     from xarray_zcache import open_store
 

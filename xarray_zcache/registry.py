@@ -13,6 +13,7 @@ a bounded number of threads and file descriptors.
 
 from __future__ import annotations
 
+import contextvars
 import sys
 import threading
 import weakref
@@ -130,10 +131,20 @@ def get_cache(config: CacheConfig | str | None = None) -> HybridCache:
     return _process_cache(cfg)
 
 
+#: the cache every store uses in this context, whatever the thread: a worker serving a
+#: peer's ask (outside any task, so `current_worker_address` cannot tell the worker)
+SERVING_CACHE: contextvars.ContextVar[HybridCache | None] = contextvars.ContextVar(
+    "zcache_serving_cache", default=None
+)
+
+
 def bind_cache(
     store: Any, config: CacheConfig, bindings: dict[str | None, HybridCache]
 ) -> HybridCache:
     """The cache ``store`` uses here, remembered in ``bindings`` (per worker address)."""
+    serving = SERVING_CACHE.get()
+    if serving is not None:
+        return serving
     address = current_worker_address()
     cache = bindings.get(address)
     if cache is None or cache.closed:

@@ -19,6 +19,7 @@ from xarray_zcache.keys import (
     parse_entry_key,
     tree_metadata,
 )
+from xarray_zcache.registry import SERVING_CACHE
 
 if TYPE_CHECKING:
     from zarr.abc.store import ByteRequest, Store
@@ -144,18 +145,24 @@ class SourceReads:
         byte_range = byte_request(spec)
         if not is_plain_range(byte_range):
             raise ValueError(f"not a cacheable range: {ck!r}")
-        began = time.time()
-        await self._validated(key)
-        read = dataclasses.replace(self._read(key, byte_range), for_peer=True)
-        loaded = False
+        # every step (the gate, the version a fill records) uses ``cache``, the worker's:
+        # this runs outside any task, where the store alone could not tell the worker
+        token = SERVING_CACHE.set(cache)
+        try:
+            began = time.time()
+            await self._validated(key, cache)
+            read = dataclasses.replace(self._read(key, byte_range), for_peer=True)
+            loaded = False
 
-        async def load() -> bytes | None:
-            nonlocal loaded
-            loaded = True
-            return await self._fetch(cache, key, byte_range, began)
+            async def load() -> bytes | None:
+                nonlocal loaded
+                loaded = True
+                return await self._fetch(cache, key, byte_range, began)
 
-        data = await cache.get_or_load(read, load)
-        return data, not loaded
+            data = await cache.get_or_load(read, load)
+            return data, not loaded
+        finally:
+            SERVING_CACHE.reset(token)
 
     # -- what the read-ahead needs (`prefetch.ReadAheadTarget`) ----------------------------------
 

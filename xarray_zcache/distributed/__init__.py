@@ -17,7 +17,11 @@ from xarray_zcache.distributed.scheduler import ZCacheSchedulerPlugin
 from xarray_zcache.distributed.worker import ZCacheWorkerPlugin
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from distributed import Client
+
+    from xarray_zcache.store_validation import ValidationReport
 
 __all__ = [
     "ClusterStats",
@@ -27,6 +31,7 @@ __all__ = [
     "cluster_stats",
     "dashboard_link",
     "install",
+    "revalidate",
 ]
 
 
@@ -220,3 +225,50 @@ def clear(client: Client, prefix: str = "") -> int:
     """
     results = client.run(_clear_worker_cache, prefix=prefix)
     return sum(results.values())
+
+
+def _revalidate_task(url: str, storage_options: dict[str, Any] | None) -> Any:
+    """A task: validate this worker's cached entries of ``url`` now (None: no cache)."""
+    from distributed import get_worker
+    from zarr.core.sync import sync
+
+    from xarray_zcache.backend import open_store
+    from xarray_zcache.distributed.worker import worker_cache_state
+
+    state = worker_cache_state(get_worker())
+    if state is None:
+        return None
+    store = open_store(url, storage_options=storage_options, cache_config=state.config)
+    return sync(store.revalidate())
+
+
+def revalidate(
+    client: Client, url: str, storage_options: Mapping[str, Any] | None = None
+) -> dict[str, ValidationReport]:
+    """Validate every worker's cached entries of the dataset at ``url`` against the
+    source now (`CachedStore.revalidate` on each worker), instead of within the
+    validation interval: changed, deleted and created objects are dropped everywhere.
+
+    Runs as one task per worker (it waits for a free thread there). Returns each
+    worker's `ValidationReport` (workers without a cache are left out). Every worker
+    lists what it caches: one listing per unit with cached entries.
+    """
+    import uuid
+
+    opts = None if storage_options is None else dict(storage_options)
+    token = uuid.uuid4().hex
+    workers = sorted(client.scheduler_info()["workers"])  # type: ignore[no-untyped-call]
+    futures = [
+        client.submit(
+            _revalidate_task,
+            url,
+            opts,
+            key=f"zcache-revalidate-{token}-{i}",
+            workers=[w],
+            allow_other_workers=False,
+            pure=False,
+        )
+        for i, w in enumerate(workers)
+    ]
+    results = client.gather(futures)  # type: ignore[no-untyped-call]
+    return {w: r for w, r in zip(workers, results, strict=True) if r is not None}
