@@ -217,9 +217,11 @@ class Freshness:
 
     # -- a validation -----------------------------------------------------------------------------
 
-    def _apply(self, unit: Unit, found: Listing, started: float) -> int:
+    def _apply(self, unit: Unit, found: Listing, started: float) -> tuple[int, int]:
         """Drop what ``found`` (the source's versions now) says is not current; returns
-        how many objects were dropped."""
+        how many objects changed at the source (changed, deleted, created) and how many
+        were dropped for want of a recorded version (written through zcache, a peer's
+        replica): they are read again, but nothing says they changed."""
         current, requests, covers = found
         cached = {
             k: v
@@ -228,6 +230,7 @@ class Freshness:
         }
         recorded = self.book.under(unit.prefix)
         changed = []
+        unverified = 0
         for key, has_value in cached.items():
             now_version = current.get(key)
             if not has_value:  # a negative entry: stale once the object exists
@@ -235,27 +238,29 @@ class Freshness:
                     changed.append(key)
             elif now_version is None or recorded.get(key) != now_version:
                 changed.append(key)
+                unverified += now_version is not None and key not in recorded
         for key in changed:
             self._cache.drop_object(key)
         # what the source holds now, as this listing saw it (`seen_since`)
-        self.book.record_many({k: current[k] for k in changed if k in current})
+        self.book.saw({k: current[k] for k in changed if k in current}, started)
         stats = self._cache._stats
         stats.add("validations")
         stats.add("validation_requests", requests)
-        stats.add("validation_changes", len(changed))
+        stats.add("validation_changes", len(changed) - unverified)
         self.book.validated(unit.name, started, started if changed else None)
         if changed:
             self._seen_changed[unit.name] = max(self._seen_changed.get(unit.name, 0.0), started)
             logger.info(
-                "xarray-zcache: %d of %d cached objects under %s changed at the source; "
-                "they were dropped",
-                len(changed),
+                "xarray-zcache: %d of %d cached objects under %s changed at the source "
+                "(and %d had no recorded version); they were dropped",
+                len(changed) - unverified,
                 len(cached),
                 unit.prefix,
+                unverified,
             )
         if self.interval is not None:
             self._fresh_until[unit.name] = started + self.interval
-        return len(changed)
+        return len(changed) - unverified, unverified
 
     def _validated_since(self, unit: Unit, since: float | None) -> bool:
         state = self.book.unit(unit.name)
@@ -266,34 +271,34 @@ class Freshness:
         unit: Unit,
         listing: Callable[[], Awaitable[Listing]],
         since: float | None = None,
-    ) -> int:
+    ) -> tuple[int, int]:
         """Validate ``unit`` now (errors propagate), unless a validation that started at
-        or after ``since`` already did; returns how many objects were dropped."""
+        or after ``since`` already did; returns what `_apply` returns."""
         started = time.time()
         if self._validated_since(unit, since):
-            return 0
+            return 0, 0
         self._first_sight(unit, started)
         found = await asyncio.wait_for(listing(), TIMEOUT)
         return self._apply(unit, found, started)
 
     def validate_now_sync(
         self, unit: Unit, listing: Callable[[], Listing], since: float | None = None
-    ) -> int:
+    ) -> tuple[int, int]:
         """`validate_now` for synchronous callers."""
         started = time.time()
         if self._validated_since(unit, since):
-            return 0
+            return 0, 0
         self._first_sight(unit, started)
         return self._apply(unit, listing(), started)
 
-    def seen_since(self, unit: Unit, key: str, version: str | None, began: float) -> float:
-        """Since when the source is known to hold ``version`` of object ``key``: the
-        time of the validation of ``unit`` that recorded it (a listing saw it there),
-        else ``began``. Call before the fill records ``version`` itself."""
-        if version is None or self.book.version(key) != version:
+    def seen_since(self, key: str, version: str | None, began: float) -> float:
+        """Since when the source is known to hold ``version`` of object ``key``: when the
+        validation that saw it there started (it found the object changed), else
+        ``began``."""
+        seen = self.book.seen(key) if version is not None else None
+        if seen is None or seen[0] != version:
             return began
-        state = self.book.unit(unit.name)
-        return began if state is None else min(began, state.validated)
+        return min(began, seen[1])
 
     # -- fills ------------------------------------------------------------------------------------
 

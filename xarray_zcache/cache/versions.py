@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS units(
     claimed REAL NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS meta(name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS seen(key TEXT PRIMARY KEY, version TEXT NOT NULL, at REAL NOT NULL);
 """
 
 _T = TypeVar("_T")
@@ -75,6 +76,7 @@ class VersionBook:
     def __init__(self, folder: str | None, *, had_entries: bool = False) -> None:
         self._lock = threading.Lock()
         self._versions: dict[str, str] = {}
+        self._seen: dict[str, tuple[str, float]] = {}
         self._units: dict[str, UnitState] = {}
         self._conn: sqlite3.Connection | None = None
         self.legacy = False
@@ -161,19 +163,35 @@ class VersionBook:
                 None,
             )
 
-    def record_many(self, versions: dict[str, str]) -> None:
-        """`record` for many objects at once (one transaction)."""
+    def saw(self, versions: dict[str, str], at: float) -> None:
+        """A validation that started at ``at`` saw these objects changed at the source,
+        at these versions (not what is cached: nothing of them is, after the drop)."""
+        if not versions:
+            return
+        rows = [(k, v, at) for k, v in versions.items()]
         with self._lock:
-            todo = [(k, v) for k, v in versions.items() if self._versions.get(k) != v]
-            if not todo:
-                return
-            self._versions.update(todo)
+            self._seen.update((k, (v, at)) for k, v, _ in rows)
 
             def op(c: sqlite3.Connection) -> None:
                 with self._write(c):
-                    c.executemany("INSERT OR REPLACE INTO versions VALUES (?, ?)", todo)
+                    c.executemany("INSERT OR REPLACE INTO seen VALUES (?, ?, ?)", rows)
 
-            self._sql("recording versions", op, None)
+            self._sql("recording versions seen", op, None)
+
+    def seen(self, key: str) -> tuple[str, float] | None:
+        """The version of ``key`` a validation last saw changed, and when (see `saw`)."""
+        with self._lock:
+            found = self._seen.get(key)
+            if found is not None:
+                return found
+            row = self._sql(
+                "reading a version seen",
+                lambda c: c.execute(
+                    "SELECT version, at FROM seen WHERE key = ?", (key,)
+                ).fetchone(),
+                None,
+            )
+            return None if row is None else (str(row[0]), float(row[1]))
 
     def under(self, prefix: str) -> dict[str, str]:
         """Versions of the objects whose keys start with ``prefix`` (from the file)."""
@@ -308,11 +326,13 @@ class VersionBook:
         """Forget everything (the cache was cleared)."""
         with self._lock:
             self._versions.clear()
+            self._seen.clear()
             self._units.clear()
 
             def op(c: sqlite3.Connection) -> None:
                 with self._write(c):
                     c.execute("DELETE FROM versions")
+                    c.execute("DELETE FROM seen")
                     c.execute("DELETE FROM units")
                     c.execute("DELETE FROM meta WHERE name = 'legacy'")
 

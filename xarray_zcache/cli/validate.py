@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
                 "arrays": report.units,
                 "objects": report.objects,
                 "changed": report.changed,
+                "unverified": report.unverified,
                 "requests": report.requests,
                 "seconds": round(report.seconds, 3),
             }
@@ -91,5 +92,11 @@ def run(args: argparse.Namespace) -> int:
             f"Checked {plural(report.objects, 'cached object')} in "
             f"{plural(report.units, 'array')} with {plural(report.requests, 'listing request')} "
             f"in {report.seconds:.2f} s: {report.changed} changed at the source and dropped"
+            + (
+                f"; {report.unverified} without a recorded version (written through zcache) "
+                "dropped, to be read again"
+                if report.unverified
+                else ""
+            )
         )
     return 0
