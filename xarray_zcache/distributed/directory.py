@@ -69,8 +69,8 @@ class Directory:
 
         async def one(address: str) -> None:
             try:
-                call = self.scheduler.rpc(address).zcache_membership(membership=membership)
-                await asyncio.wait_for(call, _PUSH_TIMEOUT)
+                async with asyncio.timeout(_PUSH_TIMEOUT):
+                    await self.scheduler.rpc(address).zcache_membership(membership=membership)
             except Exception as exc:
                 logger.debug("xarray-zcache: membership push to %s failed: %r", address, exc)
 
