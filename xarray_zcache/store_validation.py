@@ -239,8 +239,10 @@ class SourceValidation:
         before = cache.stats()
         objects, units = self._units_under(self._namespace + "/")
         changed = unverified = 0
+        started = time.time()
         for done, (unit, folder) in enumerate(units, 1):
-            found = await cache.freshness.validate_now(unit, self._versions_now(unit, folder))
+            listing = self._versions_now(unit, folder)
+            found = await cache.freshness.validate_now(unit, listing, started=started)
             changed += found[0]
             unverified += found[1]
             if progress is not None:

@@ -271,10 +271,13 @@ class Freshness:
         unit: Unit,
         listing: Callable[[], Awaitable[Listing]],
         since: float | None = None,
+        started: float | None = None,
     ) -> tuple[int, int]:
         """Validate ``unit`` now (errors propagate), unless a validation that started at
-        or after ``since`` already did; returns what `_apply` returns."""
-        started = time.time()
+        or after ``since`` already did; returns what `_apply` returns. ``started``: when
+        the validation counts as started (default: now; one `revalidate` of many units
+        gives them all its own start, so that none counts as older than another)."""
+        started = time.time() if started is None else started
         if self._validated_since(unit, since):
             return 0, 0
         self._first_sight(unit, started)
