@@ -19,7 +19,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 __all__ = ["BOOK_NAME", "UnitState", "VersionBook"]
 
@@ -129,6 +129,11 @@ class VersionBook:
             raise
         conn.execute("COMMIT")
 
+    def _row(self, what: str, query: str, key: str) -> tuple[Any, ...] | None:
+        """The one row ``query`` finds for ``key`` (None: none, or the file failed)."""
+        row = self._sql(what, lambda c: c.execute(query, (key,)).fetchone(), None)
+        return None if row is None else tuple(row)
+
     # -- object versions ------------------------------------------------------------------------
 
     def version(self, key: str) -> str | None:
@@ -137,13 +142,7 @@ class VersionBook:
             found = self._versions.get(key)
             if found is not None:
                 return found
-            row = self._sql(
-                "reading a version",
-                lambda c: c.execute(
-                    "SELECT version FROM versions WHERE key = ?", (key,)
-                ).fetchone(),
-                None,
-            )
+            row = self._row("reading a version", "SELECT version FROM versions WHERE key = ?", key)
             if row is not None:
                 self._versions[key] = row[0]
                 return str(row[0])
@@ -184,12 +183,8 @@ class VersionBook:
             found = self._seen.get(key)
             if found is not None:
                 return found
-            row = self._sql(
-                "reading a version seen",
-                lambda c: c.execute(
-                    "SELECT version, at FROM seen WHERE key = ?", (key,)
-                ).fetchone(),
-                None,
+            row = self._row(
+                "reading a version seen", "SELECT version, at FROM seen WHERE key = ?", key
             )
             return None if row is None else (str(row[0]), float(row[1]))
 
