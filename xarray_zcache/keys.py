@@ -8,21 +8,18 @@ part. No zarr key can then be read as a range of another key, as a negative entr
 (``HybridCache`` appends ``"\\x00missing"``) or as a listing.
 
 This module imports no zarr at import time (the scheduler uses `array_of` and
-`key_kind`); `store_namespace` imports zarr's store classes when called.
+`key_kind`). Namespaces (which data a store reads) belong to `xarray_zcache.identity`.
 """
 
 from __future__ import annotations
 
-import os
 import posixpath
-import uuid
-from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING
 
 from xarray_zcache.cache.request import PART_SEP
 
 if TYPE_CHECKING:
-    from zarr.abc.store import ByteRequest, Store
+    from zarr.abc.store import ByteRequest
 
 __all__ = [
     "LIST_SEP",
@@ -40,7 +37,6 @@ __all__ = [
     "listing_key",
     "parse_entry_key",
     "range_key",
-    "store_namespace",
     "tree_metadata",
     "unescape",
 ]
@@ -225,97 +221,3 @@ def array_of(cache_key: str) -> str:
     if "/c/" in head:  # zarr v3 default chunk key encoding
         return head.rsplit("/c/", 1)[0]
     return posixpath.dirname(head)
-
-
-# -- namespaces --------------------------------------------------------------------------------
-
-
-def _strip_userinfo(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        if parts.port:
-            host = f"{host}:{parts.port}"
-        return parts._replace(netloc=host).geturl()
-    return url
-
-
-def _configured_s3_endpoint(fs: Any) -> str:
-    """The endpoint botocore would use for ``fs`` when none is given in its options.
-
-    ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` and the profile's ``endpoint_url``
-    (also under ``services``) redirect S3 clients to another service: two such
-    services must never share cache entries, so their endpoint is part of the
-    namespace. Returns ``""`` for AWS itself (bucket names are global there).
-    """
-    try:
-        import botocore.session
-        from botocore.configprovider import ConfiguredEndpointProvider
-    except ImportError:  # pragma: no cover - botocore moved its private provider
-        return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
-    profile = getattr(fs, "profile", None) or None
-    try:
-        session = botocore.session.Session(profile=profile)
-        if session.get_config_variable("ignore_configured_endpoint_urls"):
-            return ""
-        provider = ConfiguredEndpointProvider(
-            full_config=session.full_config,
-            scoped_config=session.get_scoped_config(),
-            client_name="s3",
-        )
-        return str(provider.provide() or "")
-    except Exception as exc:  # a broken profile: refuse to guess
-        raise ValueError(
-            f"cannot tell which S3 endpoint profile {profile!r} points at ({exc}); pass "
-            "storage_options={'endpoint_url': ...} or a namespace= to CachedStore"
-        ) from exc
-
-
-def _fsspec_endpoint(fs: Any) -> str:
-    explicit = (
-        getattr(fs, "endpoint_url", None)
-        or (getattr(fs, "client_kwargs", None) or {}).get("endpoint_url")
-        or ""
-    )
-    if not explicit and type(fs).__module__.startswith("s3fs"):
-        explicit = _configured_s3_endpoint(fs)
-    return _strip_userinfo(str(explicit)).rstrip("/")
-
-
-def store_namespace(store: Store) -> str:
-    """A canonical, credential-free name of the data a store points at.
-
-    Two stores over the same data get the same namespace (so they share cache
-    entries, also across processes through the disk tier); stores over different
-    data never do. Built from the protocol, the endpoint (also one configured
-    outside the store's options, through the environment or an AWS profile) and
-    the path; never from ``id()`` (ids are reused, which would serve one dataset's
-    bytes for another).
-    """
-    from zarr.abc.store import Store as StoreABC
-    from zarr.storage import FsspecStore, LocalStore, MemoryStore
-
-    own: str | None = getattr(store, "namespace", None)
-    if isinstance(own, str) and getattr(store, "inner", None) is not None:
-        return own  # a CachedStore
-    inner = getattr(store, "_store", None)
-    if isinstance(inner, StoreABC):  # a WrapperStore: the data is the wrapped store's
-        return store_namespace(inner)
-    if isinstance(store, LocalStore):
-        return "file://" + os.path.realpath(os.fspath(store.root))
-    if isinstance(store, FsspecStore):
-        fs = store.fs
-        protocol = fs.protocol[0] if isinstance(fs.protocol, tuple | list) else fs.protocol
-        endpoint = _fsspec_endpoint(fs)
-        path = store.path.strip("/")
-        # endpoint before path: a store opened at a sub-path of another store gets the
-        # same cache keys for the same objects (so writes through either invalidate both)
-        return f"{protocol}+{endpoint}/{path}" if endpoint else f"{protocol}://{path}"
-    if isinstance(store, MemoryStore):
-        # a MemoryStore has no location: name it once, for its lifetime
-        ns: str | None = getattr(store, "_zcache_namespace", None)
-        if ns is None:
-            ns = f"memory://{uuid.uuid4().hex}"
-            store._zcache_namespace = ns  # type: ignore[attr-defined]
-        return ns
-    return f"{type(store).__module__}.{type(store).__qualname__}:{_strip_userinfo(str(store))}"

@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextvars
+import dataclasses
 import functools
 import logging
 import time
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from typing import TYPE_CHECKING, Any, Self
 
 from zarr.abc.store import (
@@ -31,6 +32,7 @@ from xarray_zcache.cache.hybrid import HybridCache
 from xarray_zcache.cache.request import PART_SEP, Read
 from xarray_zcache.cache.stats import CacheStats
 from xarray_zcache.config import CacheConfig
+from xarray_zcache.identity import Identity, fresh_private, identify, store_namespace
 from xarray_zcache.keys import (
     array_of,
     cut,
@@ -40,9 +42,9 @@ from xarray_zcache.keys import (
     key_kind,
     listing_key,
     range_key,
-    store_namespace,
 )
 from xarray_zcache.prefetch import ScanPrefetcher
+from xarray_zcache.references import DIRECT, References, Target, references_of
 from xarray_zcache.registry import (
     bind_cache,
     on_dask_worker,
@@ -50,8 +52,8 @@ from xarray_zcache.registry import (
     resolve_config,
 )
 from xarray_zcache.store_sources import SourceReads, fetched_bytes
-from xarray_zcache.store_validation import SourceValidation
-from xarray_zcache.store_versions import source_versions
+from xarray_zcache.store_validation import SourceValidation, ValidationReport
+from xarray_zcache.store_versions import SourceVersions, source_versions
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -117,8 +119,11 @@ class CachedStore(SourceValidation, SourceReads, Store):
         A `CacheConfig`, the name of a cache configured under ``zcache.caches``, or
         ``None`` for the defaults from dask config.
     namespace
-        Override the name under which this data is cached (default: derived from the
-        store's protocol, endpoint and path by `store_namespace`).
+        Name the data this store reads, and so its cache entries (default: derived
+        from the store by `xarray_zcache.identity.identify`: protocol, endpoint and
+        path; a repository and snapshot; the targets of references). Stores the cache
+        cannot name (an in-memory store, an Icechunk writable session) are cached in
+        memory only, for the store object; naming them makes them persistent.
     read_only
         If given, wrap ``store.with_read_only(read_only)`` instead of ``store``.
 
@@ -161,13 +166,28 @@ class CachedStore(SourceValidation, SourceReads, Store):
             store = store.with_read_only(read_only)
         self._store = store
         self._config = resolve_config(config)
-        self._namespace = namespace if namespace is not None else store_namespace(store)
+        found = identify(store)
+        if namespace is not None:
+            found = dataclasses.replace(found, namespace=namespace)
+        self._adopt(found, named=namespace is not None)
         self._init_local()
+
+    def _adopt(self, identity: Identity, *, named: bool) -> None:
+        self._identity = identity
+        self._named = named
+        self._namespace = identity.namespace
+        # reading a referenced chunk goes to its target (references.py)
+        self._refs: References | None = references_of(self._store) if identity.referenced else None
+
+    @property
+    def identity(self) -> Identity:
+        """What this store reads, as the cache names it (`xarray_zcache.identity`)."""
+        return self._identity
 
     @property
     def _files(self) -> bool:
         """Whether the wrapped store is a tree of files (keys name paths, see `file_key`)."""
-        return self._namespace.startswith("file://")
+        return self._identity.files
 
     def _init_local(self) -> None:
         # per process: the cache bound per Dask worker (None: not on a worker), the
@@ -176,8 +196,12 @@ class CachedStore(SourceValidation, SourceReads, Store):
         self._prefetchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ScanPrefetcher] = (
             weakref.WeakKeyDictionary()
         )
-        # reads with versions, and the validation unit of each folder (store_validation.py)
-        self._source = source_versions(self._store)
+        # reads with versions, and the validation unit of each folder (store_validation.py);
+        # private data (memory only) records no versions: nothing of it may reach the disk
+        self._source = (
+            SourceVersions(self._store) if self._identity.private else source_versions(self._store)
+        )
+        self._targets: dict[object, CachedStore] = {}
         self._units = {}
         self._unit_memo = {}
 
@@ -201,7 +225,15 @@ class CachedStore(SourceValidation, SourceReads, Store):
     def __eq__(self, other: object) -> bool:
         return (
             isinstance(other, CachedStore)
-            and self._namespace == other._namespace
+            and (
+                self._namespace == other._namespace
+                # private data (a copy has its own name): as equal as the stores themselves
+                or (
+                    self._identity.private
+                    and other._identity.private
+                    and self._store == other._store
+                )
+            )
             and self._config == other._config
             and self.read_only == other.read_only
             and type(self._store) is type(other._store)
@@ -214,12 +246,24 @@ class CachedStore(SourceValidation, SourceReads, Store):
         return (type(self).__qualname__, self._namespace, self._store.read_only, self._config)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"store": self._store, "config": self._config, "namespace": self._namespace}
+        return {
+            "store": self._store,
+            "config": self._config,
+            "identity": self._identity,
+            "named": self._named,
+            "object_units": self._object_units,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._store = state["store"]
         self._config = state["config"]
-        self._namespace = state["namespace"]
+        identity: Identity = state["identity"]
+        if identity.private and not state["named"]:
+            # private to the store object: this copy holds its own data (a MemoryStore's
+            # copy, a session's copy), never what the original cached
+            identity = dataclasses.replace(identity, namespace=fresh_private("copy"))
+        self._adopt(identity, named=state["named"])
+        self._object_units = state["object_units"]
         self._init_local()
 
     def __repr__(self) -> str:
@@ -298,9 +342,54 @@ class CachedStore(SourceValidation, SourceReads, Store):
         self._store._check_writable()
 
     def with_read_only(self, read_only: bool = False) -> CachedStore:
-        return CachedStore(
+        # the same data: the same identity (a private namespace too: a MemoryStore's
+        # read-only view shares its dict)
+        other = CachedStore(
             self._store.with_read_only(read_only), self._config, namespace=self._namespace
         )
+        other._adopt(self._identity, named=self._named)
+        return other
+
+    # -- reference stores: chunks cached under their targets (references.py) ------------------
+
+    def _target(self, target: Target) -> CachedStore:
+        """The `CachedStore` of the folder holding a referenced object (one per folder)."""
+        found = self._targets.get(target.memo)
+        if found is None:
+            found = CachedStore(target.store, self._config)
+            found._object_units = True
+            self._targets[target.memo] = found
+        return found
+
+    async def _get_referenced(
+        self, refs: References, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None
+    ) -> Buffer | None:
+        found = refs.resolve(key, byte_range)
+        if isinstance(found, Target):
+            return await self._target(found).get(found.key, prototype, found.byte_range)
+        if found is DIRECT:
+            return await self._store.get(key, prototype, byte_range)
+        if isinstance(found, bytes):
+            return prototype.buffer.from_bytes(found)
+        return None
+
+    async def revalidate(
+        self, progress: Callable[[int, int], None] | None = None
+    ) -> ValidationReport:
+        # docstring inherited
+        if self._refs is None:
+            return await super().revalidate(progress)
+        for url in self._refs.target_urls():  # (every target folder: not only those read here)
+            target = self._refs.target_of(url)
+            if target is not None:
+                self._target(target)
+        report = ValidationReport(0, 0, 0, 0, 0.0)
+        folders = list(self._targets.values())
+        for done, store in enumerate(folders, 1):
+            report = report + await store.revalidate()
+            if progress is not None:
+                progress(done, len(folders))
+        return report
 
     def __enter__(self) -> Self:
         return self
@@ -353,6 +442,8 @@ class CachedStore(SourceValidation, SourceReads, Store):
         # docstring inherited
         _check_byte_range(byte_range)
         prototype = prototype or default_buffer_prototype()
+        if self._refs is not None:
+            return await self._get_referenced(self._refs, key, prototype, byte_range)
         cache = self.cache
         if not is_plain_range(byte_range):
             # odd ranges are answered by the wrapped store itself, uncached (see keys.py)
@@ -414,6 +505,11 @@ class CachedStore(SourceValidation, SourceReads, Store):
 
     async def exists(self, key: str) -> bool:
         # docstring inherited
+        if self._refs is not None:
+            found = self._refs.resolve(key, None)
+            if found is DIRECT:
+                return await self.get(key) is not None
+            return found is not None
         await self._validated(key)
         cache = self.cache
         ck = self._ck(key)
@@ -425,6 +521,11 @@ class CachedStore(SourceValidation, SourceReads, Store):
 
     async def getsize(self, key: str) -> int:
         # docstring inherited
+        if self._refs is not None:
+            buf = await self.get(key)
+            if buf is None:
+                raise FileNotFoundError(key)
+            return len(buf)
         await self._validated(key)
         data = self.cache.peek(self._ck(key))
         if data is not None:

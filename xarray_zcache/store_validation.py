@@ -55,8 +55,23 @@ class ValidationReport:
     #: objects dropped for want of a recorded version (bytes written through zcache, a
     #: peer's replica): read again when asked for, not known to have changed
     unverified: int = 0
+    #: why nothing was validated (a store without versions: TTLs rule its entries)
+    note: str = ""
+
+    def __add__(self, other: ValidationReport) -> ValidationReport:
+        return ValidationReport(
+            self.units + other.units,
+            self.objects + other.objects,
+            self.changed + other.changed,
+            self.requests + other.requests,
+            self.seconds + other.seconds,
+            self.unverified + other.unverified,
+            self.note or other.note,
+        )
 
     def __str__(self) -> str:
+        if self.note and not self.units:
+            return self.note
         text = (
             f"validated {self.objects} cached objects in {self.units} units with "
             f"{self.requests} listing requests in {self.seconds:.2f} s: {self.changed} changed"
@@ -71,6 +86,8 @@ class SourceValidation:
     _source: SourceVersions
     _units: dict[str, tuple[Unit, str]]
     _unit_memo: dict[str, tuple[Unit, str]]
+    #: validate each object alone (the targets of references), not by array folders
+    _object_units: bool = False
 
     @property
     def cache(self) -> HybridCache:
@@ -82,6 +99,15 @@ class SourceValidation:
 
     def _ck(self, key: str) -> str:
         raise NotImplementedError
+
+    def _no_versions_note(self) -> str:
+        what = type(self._source.store).__name__
+        if self._namespace.startswith("icechunk:"):
+            return f"{what}: a read-only Icechunk snapshot never changes; nothing to validate"
+        return (
+            f"{what} exposes no object versions: nothing validated, its entries live by "
+            "their TTLs (see CacheConfig.with_ttl)"
+        )
 
     def _unit_of(self, key: str) -> tuple[Unit, str]:
         """The unit of zarr key ``key`` and the folder its listing covers."""
@@ -95,6 +121,12 @@ class SourceValidation:
 
     def _find_unit(self, key: str) -> tuple[Unit, str]:
         k = file_key(key) if self._files else key
+        if self._object_units:  # one unit per object: listed alone (`Unit.starts`)
+            folder, name = k.rpartition("/")[::2]
+            found = self._units.get("O" + k)
+            if found is None:
+                found = self._units["O" + k] = (Unit(self._ck(k), False, starts=name), folder)
+            return found
         if key_kind(k) == "chunk":
             folder = array_of(k)
             recursive = True
@@ -134,9 +166,9 @@ class SourceValidation:
         return Listing(versions, requests, covers)
 
     @staticmethod
-    def _slices(folder: str, chosen: Plan | None, recursive: bool) -> list[tuple[str, bool, str]]:
+    def _slices(folder: str, chosen: Plan | None, unit: Unit) -> list[tuple[str, bool, str]]:
         if chosen is None:
-            return [(folder, recursive, "")]
+            return [(folder, unit.recursive, unit.starts)]
         return [
             (f"{folder}/{s.folder}" if s.folder else folder, s.recursive, s.starts)
             for s in chosen.slices
@@ -145,7 +177,7 @@ class SourceValidation:
     def _versions_now(self, unit: Unit, folder: str) -> Callable[[], Awaitable[Listing]]:
         async def listing() -> Listing:
             chosen = self._plan(unit, folder)
-            slices = self._slices(folder, chosen, unit.recursive)
+            slices = self._slices(folder, chosen, unit)
             found: list[tuple[dict[str, str], int]] = []
             for i in range(0, len(slices), _CONCURRENT_LISTINGS):
                 batch = slices[i : i + _CONCURRENT_LISTINGS]
@@ -157,7 +189,7 @@ class SourceValidation:
     def _listing_sync(self, unit: Unit, folder: str) -> Callable[[], Listing]:
         def listing() -> Listing:
             chosen = self._plan(unit, folder)
-            slices = self._slices(folder, chosen, unit.recursive)
+            slices = self._slices(folder, chosen, unit)
             found = [self._source.listing_sync(*s) for s in slices]
             return self._listed(unit, found, chosen)
 
@@ -226,14 +258,12 @@ class SourceValidation:
         One listing per unit (array) with cached entries; changed, deleted and created
         objects are dropped from every tier, unchanged ones are kept and marked
         validated for every process of the cache folder. ``progress(done, total)``
-        is called after each unit. Raises if the store exposes no versions or a
-        listing fails.
+        is called after each unit. A store without versions is not validated: the
+        report says so (`ValidationReport.note`), its entries live by their TTLs.
+        Raises if a listing fails.
         """
         if not self._source.supported:
-            raise NotImplementedError(
-                f"{type(self._source.store).__name__} exposes no object versions: its "
-                "entries live by their TTLs (see CacheConfig.with_ttl)"
-            )
+            return ValidationReport(0, 0, 0, 0, 0.0, note=self._no_versions_note())
         cache = self.cache
         t0 = time.perf_counter()
         before = cache.stats()

@@ -224,8 +224,12 @@ class LocalVersions(SourceVersions):
 
 def source_versions(store: Store) -> SourceVersions:
     """How to read ``store`` with versions (a `SourceVersions` without any if it has none)."""
-    from zarr.storage import FsspecStore, LocalStore
+    from zarr.storage import FsspecStore, LocalStore, ObjectStore
 
+    if isinstance(store, ObjectStore):
+        from xarray_zcache.store_obstore import obstore_versions
+
+        return obstore_versions(store)
     if isinstance(store, LocalStore):
         return LocalVersions(store)
     if isinstance(store, FsspecStore):

@@ -72,13 +72,17 @@ class ObjectChanged(OSError):
 
 class Unit:
     """A group of objects validated by one listing: every object under ``prefix``
-    (cache keys), or with ``recursive=False`` only those directly under it."""
+    (cache keys), or with ``recursive=False`` only those directly under it.
 
-    __slots__ = ("name", "prefix", "recursive")
+    ``starts``: the listing is narrowed to names starting with it (a unit of one object,
+    the target file of a reference, has its key as ``prefix``)."""
 
-    def __init__(self, prefix: str, recursive: bool) -> None:
+    __slots__ = ("name", "prefix", "recursive", "starts")
+
+    def __init__(self, prefix: str, recursive: bool, starts: str = "") -> None:
         self.prefix = prefix
         self.recursive = recursive
+        self.starts = starts
         self.name = ("R" if recursive else "D") + prefix
 
     def holds(self, key: str) -> bool:

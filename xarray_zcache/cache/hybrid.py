@@ -37,7 +37,7 @@ from xarray_zcache.cache.memory import MemoryTier
 from xarray_zcache.cache.negatives import NEGATIVE_SUFFIX, Listings, NegativeEntries
 from xarray_zcache.cache.policy import AccessRateTracker, Invalidations
 from xarray_zcache.cache.reporting import CacheReporting
-from xarray_zcache.cache.request import Read
+from xarray_zcache.cache.request import Read, is_private
 from xarray_zcache.cache.settings import CacheSettings
 from xarray_zcache.cache.tiers import SharedTier, open_disk
 from xarray_zcache.cache.versions import VersionBook
@@ -163,7 +163,7 @@ class HybridCache(DirectAccess, CacheReporting, Coherence):
     def _may_be_on_disk(self, read: Read) -> bool:
         """A ``stat`` or two in the caller's thread spares a cold miss the thread hop."""
         disk = self._disk
-        if disk is None:
+        if disk is None or is_private(read.key):
             return False
         return (
             disk.might_contain(read.key)
@@ -302,7 +302,7 @@ class HybridCache(DirectAccess, CacheReporting, Coherence):
         self, read: Read, token: tuple[int, int], load: Callable[[], Awaitable[bytes | None]]
     ) -> bytes | None:
         started_ns = time.time_ns()
-        if not read.for_peer:
+        if not read.for_peer and not is_private(read.key):  # private keys: never to peers
             for tier in self._shared:
                 answer = await tier.lookup(read)
                 if answer is None:
@@ -398,7 +398,7 @@ class HybridCache(DirectAccess, CacheReporting, Coherence):
             self._memory.put(key, value, expires=expires, kind=kind)
             if read is not None and read.prefetch:
                 self._prefetched.add(key)
-            if disk and self._writer is not None:
+            if disk and self._writer is not None and not is_private(key):
                 namespace = read.namespace if read is not None else ""
                 self._writer.submit(PendingWrite(key, value, kind, namespace, expires, started_ns))
         return True
@@ -440,7 +440,7 @@ class HybridCache(DirectAccess, CacheReporting, Coherence):
             if self._closed or not self._inv.unchanged(read.key, token):
                 return
             self._negatives.add(read.key, expires)
-            if self._writer is not None:
+            if self._writer is not None and not is_private(read.key):
                 self._writer.submit(
                     PendingWrite(
                         read.key + NEGATIVE_SUFFIX,

@@ -5,12 +5,22 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-__all__ = ["PART_SEP", "Read"]
+__all__ = ["PART_SEP", "PRIVATE_PREFIX", "Read", "is_private"]
 
 # a part of an object (a byte range, a negative entry) is cached under
 # ``object key + PART_SEP + ...``: invalidating ``key`` and the prefix ``key + PART_SEP``
 # drops the object with all its parts. Callers keep PART_SEP out of object keys.
 PART_SEP = "\x00"
+
+#: keys under this prefix are private to this process (memory only): never written to
+#: disk, never asked of or served to peers. Stores whose data has no name that other
+#: processes could share (an in-memory store, an Icechunk writable session) use it.
+PRIVATE_PREFIX = "private:"
+
+
+def is_private(key: str) -> bool:
+    """Whether ``key`` is private to this process (see `PRIVATE_PREFIX`)."""
+    return key.startswith(PRIVATE_PREFIX)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

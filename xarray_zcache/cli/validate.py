@@ -68,8 +68,6 @@ def run(args: argparse.Namespace) -> int:
     note(f"Validating the cached entries of {url} in {path}", as_json=args.json)
     try:
         report = sync(store.revalidate(progress=Progress(args.quiet or args.json)))
-    except NotImplementedError as exc:
-        raise CliError(f"URL {url!r}: {exc}") from None
     except OSError as exc:
         raise CliError(f"URL {url!r}: a listing failed: {exc}", EXIT_FAILURE) from None
     finally:
@@ -85,8 +83,11 @@ def run(args: argparse.Namespace) -> int:
                 "unverified": report.unverified,
                 "requests": report.requests,
                 "seconds": round(report.seconds, 3),
+                "note": report.note,
             }
         )
+    elif report.note and not report.units:
+        emit(report.note)
     else:
         emit(
             f"Checked {plural(report.objects, 'cached object')} in "
