@@ -47,6 +47,18 @@ def _tune_s3(options: Mapping[str, Any] | None) -> dict[str, Any]:
     return opts
 
 
+def _reference_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Options of a kerchunk ``reference://`` URL: zarr opens it asynchronously, and
+    fsspec wants the targets' file system asynchronous too (tuned like any S3 read)."""
+    opts = dict(options)
+    remote = dict(opts.get("remote_options") or {})
+    if opts.get("remote_protocol") in _S3_PROTOCOLS:
+        remote = _tune_s3(remote)
+    remote.setdefault("asynchronous", True)
+    opts["remote_options"] = remote
+    return opts
+
+
 def _chain_protocols(text: str) -> list[str]:
     """The fsspec protocol of each link of ``text`` (``a::b::c://...``), outermost first.
 
@@ -100,6 +112,8 @@ def _inner_store(
     if not chained:
         if protocols[0] in _S3_PROTOCOLS:
             opts = _tune_s3(opts)
+        elif protocols[0] == "reference":
+            opts = _reference_options(opts)
     else:
         # fsspec takes the options of each link of a chain under its protocol name
         for scheme in protocols:

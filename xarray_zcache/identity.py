@@ -34,7 +34,6 @@ import hashlib
 import json
 import logging
 import os
-import posixpath
 import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -319,8 +318,10 @@ def icechunk_location(session: Any) -> str | None:
     """The repository's storage location, from the session's own serialized form.
 
     Icechunk sessions do not expose their repository; `Session.as_bytes` (what they
-    pickle as) holds the storage backend. Only location fields are kept (never
-    credentials). None if the format is not understood.
+    pickle as) holds the storage: ``{"type": "S3Storage", "bucket", "prefix", "config":
+    [region, endpoint, ...], "credentials": ...}`` or ``{"type": "ObjectStorage",
+    "backend": {..., "path"}}``. Only location fields are kept, never credentials.
+    None if the format is not understood.
     """
     try:
         import msgpack
@@ -328,33 +329,47 @@ def icechunk_location(session: Any) -> str | None:
         doc = msgpack.unpackb(session._session.as_bytes(), raw=False, strict_map_key=False)
     except Exception:
         return None
-    found: list[dict[str, str]] = []
-
-    def walk(node: object) -> None:
-        if isinstance(node, dict):
-            backend = node.get("backend")
-            if node.get("type") and isinstance(backend, dict):
-                found.append(
-                    {
-                        str(k): str(v)
-                        for k, v in {**backend, "type": node["type"]}.items()
-                        if str(k) in _LOCATION_KEYS and isinstance(v, str | int)
-                    }
-                )
-                return
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list | tuple):
-            for value in node:
-                walk(value)
-
-    walk(doc)
-    if not found or not any(set(loc) - {"type", "object_store_provider_type"} for loc in found):
+    storage = _storage_of(doc)
+    if storage is None:
         return None
-    location = found[0]
+    location: dict[str, str] = {"type": str(storage["type"])}
+    for part in (storage, storage.get("backend")):
+        if isinstance(part, dict):
+            for k, v in part.items():
+                if (
+                    str(k) in _LOCATION_KEYS
+                    and isinstance(v, str | int)
+                    and not isinstance(v, bool)
+                ):
+                    location[str(k)] = str(v)
+    config = storage.get("config")
+    if isinstance(config, list | tuple):
+        urls = [x for x in config if isinstance(x, str) and "://" in x]
+        if urls:
+            location["endpoint"] = strip_userinfo(urls[0]).rstrip("/")
+    if not set(location) - {"type", "object_store_provider_type"}:
+        return None
     if "path" in location:
-        location["path"] = posixpath.normpath(os.path.realpath(location["path"]))
+        location["path"] = os.path.realpath(location["path"])
     return ",".join(f"{k}={location[k]}" for k in sorted(location))
+
+
+def _storage_of(node: object) -> dict[str, Any] | None:
+    """The first ``{"type": "...Storage", ...}`` mapping in ``node``."""
+    if isinstance(node, dict):
+        kind = node.get("type")
+        if isinstance(kind, str) and kind.endswith("Storage"):
+            return node
+        children: Any = node.values()
+    elif isinstance(node, list | tuple):
+        children = node
+    else:
+        return None
+    for child in children:
+        found = _storage_of(child)
+        if found is not None:
+            return found
+    return None
 
 
 @adapter("virtualizarr.manifests.store.ManifestStore")
