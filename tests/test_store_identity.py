@@ -24,6 +24,8 @@ import fsspec
 import numpy as np
 import pytest
 import xarray as xr
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import zarr
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore, MemoryStore, ObjectStore
@@ -537,3 +539,51 @@ def test_a_custom_store_is_private_and_says_how_to_name_it(
         ident = identify(_Custom())
     assert ident.private
     assert 'namespace="..."' in caplog.text
+
+
+# -- property: equal namespaces if and only if the same objects --------------------------------
+
+
+_ENDPOINTS = ("http://127.0.0.1:1", "http://127.0.0.1:2")
+
+
+def _described(kind: str, endpoint: int, bucket: str, path: str, root: Path) -> tuple[Any, Any]:
+    """A store of ``kind`` and what it reads (``None``: data private to the object)."""
+    if kind == "fsspec-s3":
+        opts = {"endpoint_url": _ENDPOINTS[endpoint], **KEY, "skip_instance_cache": True}
+        store = FsspecStore.from_url(f"s3://{bucket}/{path}", storage_options=opts)
+        return store, ("s3", endpoint, bucket, path)
+    if kind == "obstore-s3":
+        obs = S3Store(bucket, prefix=path, endpoint=_ENDPOINTS[endpoint], skip_signature=True)
+        return ObjectStore(obs), ("s3", endpoint, bucket, path)
+    folder = root / bucket / path
+    folder.mkdir(parents=True, exist_ok=True)
+    if kind == "local":
+        return LocalStore(folder), ("file", bucket, path)
+    if kind == "obstore-local":
+        return ObjectStore(ObsLocalStore(str(folder))), ("file", bucket, path)
+    if kind == "fsspec-local":
+        return FsspecStore.from_url(f"file://{folder}"), ("file", bucket, path)
+    return (MemoryStore() if kind == "memory" else ObjectStore(ObsMemoryStore())), None
+
+
+_KINDS = ("fsspec-s3", "obstore-s3", "local", "obstore-local", "fsspec-local", "memory", "obs-mem")
+_store = st.tuples(
+    st.sampled_from(_KINDS),
+    st.integers(0, 1),
+    st.sampled_from(["b1", "b2"]),
+    st.sampled_from(["p", "q", "p/q"]),
+)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(one=_store, two=_store)
+def test_equal_namespaces_if_and_only_if_the_same_objects(
+    one: tuple[str, int, str, str], two: tuple[str, int, str, str], tmp_path: Path
+) -> None:
+    a, what_a = _described(*one, root=tmp_path)
+    b, what_b = _described(*two, root=tmp_path)
+    same = what_a is not None and what_a == what_b
+    assert (identify(a).namespace == identify(b).namespace) == same, (one, two)

@@ -317,7 +317,8 @@ class CachedStore(SourceValidation, SourceReads, Store):
     @classmethod
     async def open(cls, *args: Any, **kwargs: Any) -> Self:
         store = cls(*args, **kwargs)
-        await store._open()
+        if not store._is_open:  # (an Icechunk session's store is born open)
+            await store._open()
         return store
 
     async def _open(self) -> None:
