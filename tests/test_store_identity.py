@@ -227,9 +227,12 @@ def _manifest_store(path: Path, registry_url: str, obs: Any) -> Any:
     return HDFParser()(url=f"{registry_url.rstrip('/')}/{path.name}", registry=registry)
 
 
-def _s3_obs(server: LocalS3Server, bucket: str, *, endpoint: str | None = None) -> Any:
+def _s3_obs(
+    server: LocalS3Server, bucket: str, *, endpoint: str | None = None, prefix: str | None = None
+) -> Any:
     return S3Store(
         bucket,
+        prefix=prefix,
         endpoint=endpoint or server.endpoint_url,
         access_key_id="testing",
         secret_access_key="testing",
@@ -587,3 +590,71 @@ def test_equal_namespaces_if_and_only_if_the_same_objects(
     b, what_b = _described(*two, root=tmp_path)
     same = what_a is not None and what_a == what_b
     assert (identify(a).namespace == identify(b).namespace) == same, (one, two)
+
+
+_ICECHUNK_READ = textwrap.dedent(
+    """
+    import json, sys
+    import icechunk, zarr
+    from xarray_zcache import CacheConfig, CachedStore
+    storage_kw, snap, cache = json.loads(sys.stdin.read())
+    repo = icechunk.Repository.open(icechunk.s3_storage(**storage_kw))
+    store = CachedStore(
+        repo.readonly_session(snapshot_id=snap).store,
+        CacheConfig().with_disk_cache(cache, "256MB"),
+    )
+    print(json.dumps(float(zarr.open_array(store, path="v", mode="r")[:].sum())))
+    store.cache.flush()
+    """
+)
+
+
+def test_icechunk_snapshot_in_a_fresh_process_sends_no_chunk_requests(
+    s3_server: LocalS3Server, s3_bucket: str, tmp_path: Path
+) -> None:
+    storage_kw = {
+        "bucket": s3_bucket,
+        "prefix": "repo",
+        "endpoint_url": s3_server.endpoint_url,
+        "access_key_id": "testing",
+        "secret_access_key": "testing",
+        "region": "us-east-1",
+        "allow_http": True,
+        "force_path_style": True,
+    }
+    repo = icechunk.Repository.create(icechunk.s3_storage(**storage_kw))
+    session = repo.writable_session("main")
+    values = _random(2_000, 3)
+    zarr.create_array(session.store, name="v", shape=(2_000,), chunks=(100,), dtype="f8")[:] = (
+        values
+    )
+    snap = session.commit("one")
+    payload = [storage_kw, snap, str(tmp_path / "cache")]
+    s3_server.requests.reset()
+    assert _in_new_process(_ICECHUNK_READ, payload) == pytest.approx(values.sum())
+    assert s3_server.requests.count("GET", bucket=s3_bucket, key_prefix="repo/chunks/") == 20
+    s3_server.requests.reset()
+    assert _in_new_process(_ICECHUNK_READ, payload) == pytest.approx(values.sum())
+    assert s3_server.requests.count("GET", bucket=s3_bucket, key_prefix="repo/chunks/") == 0
+
+
+def test_the_backend_opens_the_stores_users_hold(
+    s3_server: LocalS3Server, s3_bucket: str, repo: Any, tmp_path: Path
+) -> None:
+    cfg = _config(tmp_path / "cache")
+    obs = _s3_obs(s3_server, s3_bucket, prefix="plain.zarr")
+    xr.Dataset({"t": (("x",), np.arange(6.0))}).to_zarr(
+        ObjectStore(obs), mode="w", consolidated=False
+    )
+    ds = xr.open_dataset(
+        ObjectStore(obs, read_only=True), engine="zcache", cache_config=cfg, consolidated=False
+    )
+    assert ds.t.values.tolist() == list(range(6))
+    session = repo.writable_session("main")
+    xr.Dataset({"t": (("x",), np.arange(4.0) + 9)}).to_zarr(
+        session.store, mode="w", consolidated=False
+    )
+    snap = session.commit("one")
+    ro = repo.readonly_session(snapshot_id=snap)
+    ds = xr.open_dataset(ro.store, engine="zcache", cache_config=cfg, consolidated=False)
+    assert ds.t.values.tolist() == [9.0, 10.0, 11.0, 12.0]
