@@ -3,11 +3,21 @@ served past the validation interval, one *unit* (one listing of the source) at a
 
 The rules, each kept here and nowhere else:
 
-* A unit is fresh until ``validated + interval``. A unit seen for the first time is valid
-  as of then: nothing of it can be cached from before (a folder from a release without
-  versions is the exception: `VersionBook.legacy`, and its units are validated first).
-* A stale unit is validated by one process of the folder (a claim in the book); the
-  others wait for it and adopt its result. A validation lists the source once (the
+* A unit is fresh until its last validation *ended* + ``interval`` (a listing longer
+  than the interval does not start another). With an interval of 0, a unit is fresh for
+  its store once a validation that started after the store first read it has ended
+  (once per open: `Unit.since`). A unit seen for the first time is valid as of then:
+  nothing of it can be cached from before (a folder from a release without versions is
+  the exception: `VersionBook.legacy`, and its units are validated first).
+* At most one validation of a unit is in flight per folder. In a process, the first
+  reader of a stale unit validates it and the others wait for it (`_Flight`, any thread
+  or event loop) and adopt its result or its failure. Across processes, the validating
+  one holds a claim in the book: a lease of `versions.LEASE` seconds, renewed by a
+  thread while the listing runs, released when the validation ends, fails or is
+  cancelled; a dead holder's claim lapses (at once on the same host). A waiting reader
+  never waits on an abandoned claim longer than the lease, then validates itself
+  (``counts``: ``joined``, ``claim_waits``, ``lapsed``, ``dead``). A validation lists
+  the source once (the
   unit, or only the parts of it that hold cached objects: `Listing.covers`) and
   compares each cached object with its recorded version: changed, deleted, created
   (a negative entry) or of no recorded version → the object's entries are dropped
@@ -24,7 +34,8 @@ The rules, each kept here and nowhere else:
   is raised instead of returning bytes the reader would combine with the old parts.
 * A validation that fails (the source errs or times out) serves the cached entries
   (stale-if-error) and is retried after ``min(interval, RETRY_AFTER)`` seconds; a
-  cached read never raises because of it.
+  cached read never raises because of it. It counts one ``validation_errors``, and the
+  listing requests it sent (`Tally`) in ``validation_requests``, as a cancelled one does.
 """
 
 from __future__ import annotations

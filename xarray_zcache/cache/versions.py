@@ -1,7 +1,7 @@
 """`VersionBook`: the version of each cached object and when each unit was last validated.
 
 A *version* is an opaque string naming an object's content at the source (an S3 ETag,
-a file's ``mtime_ns:size:inode``); a *unit* is a group of objects validated together
+a file's ``mtime_ns:size:inode:ctime_ns``); a *unit* is a group of objects validated together
 (one listing of the source, e.g. one array). The book is one SQLite file in the cache
 folder (``versions.db``), shared by every process using the folder, with the rows read
 so far mirrored in memory; a cache without a disk tier keeps the book in memory only.
