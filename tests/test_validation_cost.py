@@ -378,3 +378,31 @@ def test_a_local_file_rewritten_with_its_size_and_mtime_restored_is_seen(tmp_pat
     report = sync(store.revalidate())  # the ctime tells
     assert report.changed == 1
     assert zarr.open_array(store, mode="r")[:4].tolist() == [9.0] * 4
+
+
+def test_flat_keys_list_only_the_cached_rows(
+    s3_server: LocalS3Server,
+    s3_bucket: str,
+    s3_options: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(store_versions, "PAGE", 10)  # a page of 10: the array is 7 pages
+    url = f"s3://{s3_bucket}/flat2d.zarr"
+    ds = xr.Dataset({"v": (("y", "x"), np.arange(60.0).reshape(6, 10))})
+    ds.to_zarr(
+        url, storage_options=s3_options, encoding={"v": {"chunks": (1, 1)}}, zarr_format=2
+    )  # keys v/0.0 ... v/5.9
+    cfg = _cfg(tmp_path, "flat2d", validation="never")
+    store = open_store(url, storage_options=s3_options, cache_config=cfg)
+    with xr.open_dataset(url, engine="zcache", storage_options=s3_options, cache_config=cfg) as f:
+        assert f.v[2].values.tolist() == list(range(20, 30))  # rows 2 and 4 cached
+        assert f.v[4].values.tolist() == list(range(40, 50))
+    part = xr.Dataset({"v": (("y", "x"), np.array([[-1.0]]))})
+    part.to_zarr(url, storage_options=s3_options, region={"y": slice(2, 3), "x": slice(3, 4)})
+    lists = s3_server.requests.lists(s3_bucket)
+    report = sync(store.revalidate())
+    assert report.changed == 1
+    # the root's documents: 1; the array: the names starting with "2." and "4.", not 7 pages
+    assert report.requests == 1 + 2
+    assert s3_server.requests.lists(s3_bucket) - lists == report.requests
