@@ -31,9 +31,7 @@ def test_grid_from_the_array_document_or_the_consolidated_root() -> None:
     assert grid_of("c", {"c/.zarray": json.dumps(v2).encode()}.get) == Grid((2, 2), "")
 
 
-def test_no_rows_for_flat_keys_one_dimension_or_unknown_metadata() -> None:
-    dotted = _v3([10, 10], [1, 1], name="default", configuration={"separator": "."})
-    assert grid_of("a", {"a/zarr.json": dotted}.get) is None
+def test_no_rows_for_one_dimension_or_unknown_metadata() -> None:
     assert grid_of("a", {"a/zarr.json": _v3([1000], [1])}.get) is None
     assert grid_of("a", {"a/zarr.json": b"{not json"}.get) is None
     assert grid_of("a", {}.get) is None
@@ -73,3 +71,19 @@ def test_a_group_lists_its_documents_only() -> None:
     assert got.slices == (Slice("", recursive=False, starts=".z"),)
     empty = plan([], None, 1000)
     assert empty is not None and empty.slices == () and empty.cost == 0
+
+
+def test_rows_of_flat_keys_are_name_prefixes() -> None:
+    dotted = _v3([10, 10], [1, 1], name="default", configuration={"separator": "."})
+    assert grid_of("a", {"a/zarr.json": dotted}.get) == Grid((10, 10), "c.", ".")
+    v2 = {"zarr_format": 2, "shape": [3000, 4], "chunks": [1, 1]}  # v2's default "."
+    grid = grid_of("v", {"v/.zarray": json.dumps(v2).encode()}.get)
+    assert grid == Grid((3000, 4), "", ".")
+    got = plan([".zarray", "7.0", "7.3", "12.1"], grid, 1000)  # 12,001 objects: 13 pages
+    assert got is not None and got.cost == 3 and got.whole == 13
+    assert got.slices == (
+        Slice("", recursive=False, starts="12."),
+        Slice("", recursive=False, starts="7."),
+        Slice("", recursive=False, starts=".zarray"),
+    )
+    assert got.covers == ("12.", "7.", ".zarray")  # ("1." would also cover "12.0": not used)

@@ -343,7 +343,10 @@ class CacheConfig:
         the source before it is served: one listing request per 1,000 objects of
         the array (or folder) it belongs to, shared by every process of the cache
         folder. Changed, deleted or new objects are dropped and read again;
-        unchanged ones are not. ``"never"`` leaves only the TTLs.
+        unchanged ones are not. The interval counts from the end of the last
+        validation. ``0`` validates once per open: each array (unit) at most once per
+        store object, by its first read there (see docs/freshness.md). ``"never"``
+        leaves only the TTLs.
 
         Examples
         --------

@@ -2,11 +2,13 @@
 
 A validation lists the source (one request per `PAGE` objects on S3). Listing an
 array's whole folder costs ``⌈objects / PAGE⌉`` requests however few of its chunks are
-cached; a reader of one region of a large array would pay for all of it. When the
-array's chunk keys are folders (zarr v3's default encoding ``c/i/j/k``, or zarr v2 with
-``dimension_separator="/"``) the cached chunks can be listed by *rows* of the chunk
-grid instead: ``c/i/`` holds the chunks of grid row ``i``, ``c/i/j/`` those of
-``(i, j)``, and the metadata documents are listed on their own. `plan` picks the depth
+cached; a reader of one region of a large array would pay for all of it. The cached
+chunks can be listed by *rows* of the chunk grid instead: when the chunk keys are
+folders (zarr v3's default encoding ``c/i/j/k``, or zarr v2 with
+``dimension_separator="/"``), ``c/i/`` holds the chunks of grid row ``i``, ``c/i/j/``
+those of ``(i, j)``; with flat keys (zarr v2's default ``i.j.k``, or ``c.i.j.k``) a row
+is the names starting with ``i.`` (a listing with that prefix). The metadata documents
+are listed on their own. `plan` picks the depth
 whose rows cost the fewest requests (from the grid in the array's metadata) and keeps
 the whole listing when it is not cheaper.
 
@@ -37,6 +39,9 @@ class Grid:
     counts: tuple[int, ...]
     #: what precedes the indices in a chunk key ("c/" for zarr v3's default encoding)
     base: str
+    #: what separates the indices: "/" (rows are folders) or "." (flat keys: rows are
+    #: the names starting with ``i.``)
+    sep: str = "/"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -71,7 +76,7 @@ def _grid(doc: object) -> Grid | None:
             encoding = doc.get("chunk_key_encoding") or {"name": "default"}
             default = encoding.get("name") == "default"
             sep = (encoding.get("configuration") or {}).get("separator", "/" if default else ".")
-            base = "c/" if default else ""
+            base = "c" + sep if default else ""
         elif doc.get("zarr_format") == 2:
             chunks = doc["chunks"]
             sep = doc.get("dimension_separator") or "."
@@ -79,14 +84,14 @@ def _grid(doc: object) -> Grid | None:
         else:
             return None
         shape = doc["shape"]
-        if sep != "/" or len(shape) != len(chunks) or len(shape) < 2:
+        if sep not in ("/", ".") or len(shape) != len(chunks) or len(shape) < 2:
             return None
         counts = tuple(
             max(1, math.ceil(int(s) / int(c))) for s, c in zip(shape, chunks, strict=True)
         )
     except (KeyError, TypeError, ValueError, ZeroDivisionError, AttributeError):
         return None
-    return Grid(counts, base)
+    return Grid(counts, base, sep)
 
 
 def grid_of(folder: str, peek: Callable[[str], bytes | None]) -> Grid | None:
@@ -138,7 +143,7 @@ def plan(cached: Iterable[str], grid: Grid | None, page: int) -> Plan | None:
             continue
         if grid is None or not rest.startswith(grid.base):
             return None
-        index = rest[len(grid.base) :].split("/")
+        index = rest[len(grid.base) :].split(grid.sep)
         if len(index) != len(grid.counts):
             return None
         chunks.append(index)
@@ -150,14 +155,17 @@ def plan(cached: Iterable[str], grid: Grid | None, page: int) -> Plan | None:
     best: tuple[int, set[str]] | None = None
     best_cost = whole
     for depth in range(1, len(grid.counts)):
-        rows = {"/".join(index[:depth]) + "/" for index in chunks}
+        rows = {grid.sep.join(index[:depth]) + grid.sep for index in chunks}
         cost = len(rows) * math.ceil(math.prod(grid.counts[depth:]) / page) + doc_cost
         if cost < best_cost:
             best, best_cost = (depth, rows), cost
     if best is None:
         return None
     chosen = sorted(best[1])
-    slices = [Slice(grid.base + row.rstrip("/"), recursive=True) for row in chosen]
+    if grid.sep == "/":
+        slices = [Slice(grid.base + row.rstrip("/"), recursive=True) for row in chosen]
+    else:  # flat keys: the names of the row, in the array's own folder
+        slices = [Slice("", recursive=False, starts=grid.base + row) for row in chosen]
     if docs:
         slices.append(_docs_slice(docs))
     covers = tuple(grid.base + row for row in chosen) + tuple(docs)

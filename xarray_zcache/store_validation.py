@@ -19,11 +19,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from xarray_zcache import store_versions
-from xarray_zcache.cache.freshness import Listing, Unit
+from xarray_zcache.cache.freshness import AsyncListing, Listing, SyncListing, Tally, Unit
 from xarray_zcache.keys import array_of, file_key, key_kind, parse_entry_key
 from xarray_zcache.listing_plan import Plan, grid_of, plan
 
@@ -174,23 +174,49 @@ class SourceValidation:
             for s in chosen.slices
         ]
 
-    def _versions_now(self, unit: Unit, folder: str) -> Callable[[], Awaitable[Listing]]:
-        async def listing() -> Listing:
+    def _versions_now(self, unit: Unit, folder: str) -> AsyncListing:
+        async def slice_listing(
+            tally: Tally, s: tuple[str, bool, str]
+        ) -> tuple[dict[str, str], int]:
+            try:
+                part = await self._source.listing(*s)
+            except BaseException:
+                # (failed or cancelled: its first request at least was sent; the pages
+                # before a failing one are not known here; local listings send none)
+                tally.requests += 0 if self._files else 1
+                raise
+            tally.requests += part[1]
+            return part
+
+        async def listing(tally: Tally) -> Listing:
             chosen = self._plan(unit, folder)
             slices = self._slices(folder, chosen, unit)
             found: list[tuple[dict[str, str], int]] = []
             for i in range(0, len(slices), _CONCURRENT_LISTINGS):
                 batch = slices[i : i + _CONCURRENT_LISTINGS]
-                found += await asyncio.gather(*(self._source.listing(*s) for s in batch))
+                try:  # (a failing slice cancels the others of its batch, counted)
+                    async with asyncio.TaskGroup() as group:
+                        tasks = [group.create_task(slice_listing(tally, s)) for s in batch]
+                except BaseExceptionGroup as errors:
+                    raise errors.exceptions[0] from None
+                found += [t.result() for t in tasks]
             return self._listed(unit, found, chosen)
 
         return listing
 
-    def _listing_sync(self, unit: Unit, folder: str) -> Callable[[], Listing]:
-        def listing() -> Listing:
+    def _listing_sync(self, unit: Unit, folder: str) -> SyncListing:
+        def listing(tally: Tally) -> Listing:
             chosen = self._plan(unit, folder)
             slices = self._slices(folder, chosen, unit)
-            found = [self._source.listing_sync(*s) for s in slices]
+            found = []
+            for s in slices:
+                try:
+                    part = self._source.listing_sync(*s)
+                except BaseException:
+                    tally.requests += 0 if self._files else 1
+                    raise
+                tally.requests += part[1]
+                found.append(part)
             return self._listed(unit, found, chosen)
 
         return listing

@@ -38,7 +38,9 @@ def _etag(value: object) -> str | None:
 
 
 def _stat_version(st: os.stat_result) -> str:
-    return f"file:{st.st_mtime_ns}:{st.st_size}:{st.st_ino}"
+    # ctime too: a file rewritten in place with the same size and its mtime restored
+    # (``os.utime``, ``cp -p``, ``rsync -t``) changes its ctime, which no one can set
+    return f"file:{st.st_mtime_ns}:{st.st_size}:{st.st_ino}:{st.st_ctime_ns}"
 
 
 class SourceVersions:

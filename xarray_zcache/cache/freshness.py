@@ -3,11 +3,21 @@ served past the validation interval, one *unit* (one listing of the source) at a
 
 The rules, each kept here and nowhere else:
 
-* A unit is fresh until ``validated + interval``. A unit seen for the first time is valid
-  as of then: nothing of it can be cached from before (a folder from a release without
-  versions is the exception: `VersionBook.legacy`, and its units are validated first).
-* A stale unit is validated by one process of the folder (a claim in the book); the
-  others wait for it and adopt its result. A validation lists the source once (the
+* A unit is fresh until its last validation *ended* + ``interval`` (a listing longer
+  than the interval does not start another). With an interval of 0, a unit is fresh for
+  its store once a validation that started after the store first read it has ended
+  (once per open: `Unit.since`). A unit seen for the first time is valid as of then:
+  nothing of it can be cached from before (a folder from a release without versions is
+  the exception: `VersionBook.legacy`, and its units are validated first).
+* At most one validation of a unit is in flight per folder. In a process, the first
+  reader of a stale unit validates it and the others wait for it (`_Flight`, any thread
+  or event loop) and adopt its result or its failure. Across processes, the validating
+  one holds a claim in the book: a lease of `versions.LEASE` seconds, renewed by a
+  thread while the listing runs, released when the validation ends, fails or is
+  cancelled; a dead holder's claim lapses (at once on the same host). A waiting reader
+  never waits on an abandoned claim longer than the lease, then validates itself
+  (``counts``: ``joined``, ``claim_waits``, ``lapsed``, ``dead``). A validation lists
+  the source once (the
   unit, or only the parts of it that hold cached objects: `Listing.covers`) and
   compares each cached object with its recorded version: changed, deleted, created
   (a negative entry) or of no recorded version → the object's entries are dropped
@@ -24,24 +34,37 @@ The rules, each kept here and nowhere else:
   is raised instead of returning bytes the reader would combine with the old parts.
 * A validation that fails (the source errs or times out) serves the cached entries
   (stale-if-error) and is retried after ``min(interval, RETRY_AFTER)`` seconds; a
-  cached read never raises because of it.
+  cached read never raises because of it. It counts one ``validation_errors``, and the
+  listing requests it sent (`Tally`) in ``validation_requests``, as a cancelled one does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Final, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Final, Literal, NamedTuple, Protocol
 
+from xarray_zcache.cache import versions as _versions
 from xarray_zcache.cache.request import PART_SEP
 from xarray_zcache.cache.versions import UnitState, VersionBook
 
 if TYPE_CHECKING:
     from xarray_zcache.cache.stats import StatsRecorder
 
-__all__ = ["RETRY_AFTER", "TIMEOUT", "Freshness", "Listing", "ObjectChanged", "Unit"]
+__all__ = [
+    "RETRY_AFTER",
+    "TIMEOUT",
+    "Freshness",
+    "Listing",
+    "ObjectChanged",
+    "Tally",
+    "Unit",
+]
 
 logger = logging.getLogger("xarray_zcache.cache")
 
@@ -49,7 +72,7 @@ logger = logging.getLogger("xarray_zcache.cache")
 RETRY_AFTER: Final = 30.0
 #: seconds a validation's listing may take before it counts as failed
 TIMEOUT: Final = 60.0
-#: how often a process waiting for another one's validation looks at the book
+#: how often a process waiting for another process's validation looks at the book
 _POLL: Final = 0.05
 
 
@@ -65,6 +88,21 @@ class Listing(NamedTuple):
     covers: tuple[str, ...] | None = None
 
 
+class Tally:
+    """The listing requests one validation has sent so far (counted even when the
+    validation fails or is cancelled half-way)."""
+
+    __slots__ = ("requests",)
+
+    def __init__(self) -> None:
+        self.requests = 0
+
+
+#: a validation's listing: sends its requests (adding them to the tally as it goes)
+AsyncListing = Callable[[Tally], Awaitable[Listing]]
+SyncListing = Callable[[Tally], Listing]
+
+
 class ObjectChanged(OSError):
     """An object changed at the source while parts of it were cached: the parts were
     dropped and this read is not answered (its caller may hold an old part). Read again."""
@@ -75,15 +113,21 @@ class Unit:
     (cache keys), or with ``recursive=False`` only those directly under it.
 
     ``starts``: the listing is narrowed to names starting with it (a unit of one object,
-    the target file of a reference, has its key as ``prefix``)."""
+    the target file of a reference, has its key as ``prefix``).
 
-    __slots__ = ("name", "prefix", "recursive", "starts")
+    A store makes its own units when it first reads them (``since``); with an interval
+    of 0 a unit is fresh for the rest of its store's life once a validation that started
+    after ``since`` has ended (``until``: validation once per open)."""
+
+    __slots__ = ("name", "prefix", "recursive", "since", "starts", "until")
 
     def __init__(self, prefix: str, recursive: bool, starts: str = "") -> None:
         self.prefix = prefix
         self.recursive = recursive
         self.starts = starts
         self.name = ("R" if recursive else "D") + prefix
+        self.since = time.time()
+        self.until = 0.0
 
     def holds(self, key: str) -> bool:
         if not key.startswith(self.prefix):
@@ -108,22 +152,83 @@ class _Cache(Protocol):
     def drop_memory(self, prefix: str) -> None: ...
 
 
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class _Flight:
+    """A validation of one unit in flight in this process: the tasks and threads that
+    need the unit meanwhile wait for it here (whatever their event loop)."""
+
+    __slots__ = ("_lock", "_waiters", "done")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self._lock = threading.Lock()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+
+    def finish(self) -> None:
+        with self._lock:
+            self.done.set()
+            waiters, self._waiters = self._waiters, []
+        for loop, fut in waiters:
+            with contextlib.suppress(RuntimeError):  # (its loop is closed)
+                loop.call_soon_threadsafe(_wake, fut)
+
+    async def wait(self, timeout: float) -> bool:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        with self._lock:
+            if self.done.is_set():
+                return True
+            self._waiters.append((loop, fut))
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
+_Step = Literal["fresh", "join", "busy", "lead"]
+
+
 class Freshness:
-    """The validation gate of one `HybridCache` (thread-safe)."""
+    """The validation gate of one `HybridCache` (thread-safe).
+
+    At most one validation of a unit is in flight in the cache folder: in this process,
+    the first reader of a stale unit validates it and the others wait for it (`_Flight`);
+    across processes, the book's claim (a lease, renewed while the listing runs)
+    decides. ``counts`` says how often this process waited (``joined``: for its own
+    validation in flight, ``claim_waits``: for another process's claim) and took over a
+    claim (``lapsed``, ``dead``)."""
 
     def __init__(self, cache: _Cache, book: VersionBook, interval: float | None) -> None:
         self._cache = cache
         self.book = book
-        #: seconds; None: never validate (entries live by their TTL)
+        #: seconds; None: never validate (entries live by their TTL); 0: once per open
         self.interval = interval
         self._fresh_until: dict[str, float] = {}
         self._seen_changed: dict[str, float] = {}
+        self._flights: dict[str, _Flight] = {}
+        self._lock = threading.Lock()
+        self._held: set[str] = set()
+        self._keeper: threading.Thread | None = None
+        self.counts: Counter[str] = Counter()
 
     # -- the gate ---------------------------------------------------------------------------------
 
     def is_fresh(self, unit: Unit, now: float) -> bool:
         """The fast path: whether ``unit`` may be served without looking further."""
+        if self.interval == 0:
+            return unit.until > now
         return self._fresh_until.get(unit.name, 0.0) > now
+
+    def _set_until(self, unit: Unit, until: float) -> None:
+        if self.interval == 0:
+            unit.until = until
+        else:
+            self._fresh_until[unit.name] = until
 
     def _first_sight(self, unit: Unit, now: float) -> UnitState | None:
         state = self.book.unit(unit.name)
@@ -134,82 +239,202 @@ class Freshness:
         return state
 
     def _adopt(self, unit: Unit, state: UnitState, now: float) -> bool:
-        """Take ``state`` if it is recent enough; drops memory after others' changes."""
+        """Take ``state`` if it is recent enough; drops memory after others' changes.
+        The interval counts from the end of the last validation; with an interval of 0,
+        a validation that started after the unit's store first read it counts."""
         interval = self.interval
-        until = state.validated + interval if interval is not None else float("inf")
+        if interval is None:
+            until = float("inf")
+        elif interval == 0:
+            until = float("inf") if state.validated >= unit.since else 0.0
+        else:
+            until = state.ended + interval
         if until <= now:
             return False
         if state.changed > self._seen_changed.get(unit.name, 0.0):
             self._cache.drop_memory(unit.prefix)
             self._seen_changed[unit.name] = state.changed
-        self._fresh_until[unit.name] = until
+        self._set_until(unit, until)
         return True
 
-    def _begin(self, unit: Unit, now: float) -> bool | None:
-        """True: fresh now; False: this process validates; None: another one does."""
-        state = self._first_sight(unit, now)
-        if state is not None and self._adopt(unit, state, now):
-            return True
-        if self.interval is None:
-            self._fresh_until[unit.name] = float("inf")
-            return True
-        return False if self.book.claim(unit.name, now) else None
-
-    async def ensure(self, unit: Unit, listing: Callable[[], Awaitable[Listing]]) -> None:
-        """Make ``unit`` fresh: adopt a recent validation or validate it now."""
+    def _step(
+        self, unit: Unit, *, gate: bool = True, since: float | None = None
+    ) -> tuple[_Step, _Flight | None]:
+        """One look at ``unit``: fresh; "join" this process's validation in flight;
+        "busy": another process holds the claim; "lead": this caller validates (the
+        claim is taken and the flight registered). Not ``gate`` (`validate_now`): fresh
+        only if a validation that started at or after ``since`` (if given) is recorded."""
         now = time.time()
-        if self.is_fresh(unit, now):
-            return
-        step = self._begin(unit, now)
-        waited = 0.0
-        while step is None:  # another process (or task) validates: wait for its result
-            await asyncio.sleep(_POLL)
-            waited += _POLL
-            step = self._waiting(unit, waited)
-        if step:
-            return
-        try:
-            found = await asyncio.wait_for(listing(), TIMEOUT)
-        except Exception as exc:
-            self._failed(unit, exc)
-            return
-        self._apply(unit, found, now)
+        if gate:
+            if self.is_fresh(unit, now):
+                return "fresh", None
+            state = self._first_sight(unit, now)
+            if state is not None and self._adopt(unit, state, now):
+                return "fresh", None
+            if self.interval is None:
+                self._set_until(unit, float("inf"))
+                return "fresh", None
+        else:
+            if self._validated_since(unit, since):
+                return "fresh", None
+            self._first_sight(unit, now)
+        with self._lock:
+            flight = self._flights.get(unit.name)
+            if flight is not None:
+                return "join", flight
+            why = self.book.claim(unit.name, now)
+            if why is None:
+                return "busy", None
+            flight = self._flights[unit.name] = _Flight()
+            self._held.add(unit.name)
+            if self._keeper is None:
+                self._keeper = threading.Thread(
+                    target=self._keep_leases, name="zcache-leases", daemon=True
+                )
+                self._keeper.start()
+        if why != "free":
+            self.counts[why] += 1
+            logger.info(
+                "xarray-zcache: the claim to validate %s was taken over (its holder %s)",
+                unit.prefix,
+                "stopped renewing it" if why == "lapsed" else "is gone",
+            )
+        return "lead", flight
 
-    def ensure_sync(self, unit: Unit, listing: Callable[[], Listing]) -> None:
-        """`ensure` for synchronous callers (a listing without an event loop)."""
-        now = time.time()
-        if self.is_fresh(unit, now):
-            return
-        step = self._begin(unit, now)
-        waited = 0.0
-        while step is None:
-            time.sleep(_POLL)
-            waited += _POLL
-            step = self._waiting(unit, waited)
-        if step:
-            return
-        try:
-            found = listing()
-        except Exception as exc:
-            self._failed(unit, exc)
-            return
-        self._apply(unit, found, now)
+    def _keep_leases(self) -> None:
+        """Renew the claims this process holds (a thread: a busy event loop or a
+        synchronous listing must not let them lapse) until it holds none."""
+        while True:
+            time.sleep(_versions.LEASE / 3)
+            with self._lock:
+                held = list(self._held)
+                if not held:
+                    self._keeper = None
+                    return
+            for name in held:
+                if not self.book.renew(name, time.time()):
+                    logger.debug("xarray-zcache: the claim of %s was lost", name)
 
-    def _waiting(self, unit: Unit, waited: float) -> bool | None:
-        now = time.time()
-        state = self.book.unit(unit.name)
-        if state is not None and self._adopt(unit, state, now):
-            return True
-        if waited >= TIMEOUT:  # the other validation is lost: serve what we have
-            self._failed(unit, TimeoutError("another process's validation did not finish"))
-            return True
-        return False if self.book.claim(unit.name, now) else None
-
-    def _failed(self, unit: Unit, exc: BaseException) -> None:
+    def _land(self, unit: Unit, flight: _Flight) -> None:
+        """End this process's validation of ``unit`` (done, failed or cancelled)."""
+        with self._lock:
+            if self._flights.get(unit.name) is flight:
+                del self._flights[unit.name]
+            self._held.discard(unit.name)
         self.book.release(unit.name)
-        self._cache._stats.add("validation_errors")
-        retry = RETRY_AFTER if self.interval is None else min(self.interval, RETRY_AFTER)
-        self._fresh_until[unit.name] = time.time() + retry
+        flight.finish()
+
+    def _gave_up(self, unit: Unit) -> None:
+        self._failed(unit, TimeoutError("another validation of it did not finish"), None)
+
+    async def ensure(self, unit: Unit, listing: AsyncListing) -> None:
+        """Make ``unit`` fresh: adopt a recent validation, wait for the one in flight,
+        or validate it now."""
+        if self.is_fresh(unit, time.time()):
+            return
+        deadline = time.monotonic() + TIMEOUT + _versions.LEASE
+        counted: set[str] = set()
+        while True:
+            step, flight = self._step(unit)
+            if step == "fresh":
+                return
+            if step in ("join", "busy") and step not in counted:
+                counted.add(step)
+                self.counts["joined" if step == "join" else "claim_waits"] += 1
+            if step == "join" and flight is not None:
+                if not await flight.wait(max(0.0, deadline - time.monotonic())):
+                    return self._gave_up(unit)
+            elif step == "busy":
+                if time.monotonic() > deadline:
+                    return self._gave_up(unit)
+                await asyncio.sleep(_POLL)
+            elif flight is not None:
+                await self._lead(unit, flight, listing, raising=False)
+                return
+
+    def ensure_sync(self, unit: Unit, listing: SyncListing) -> None:
+        """`ensure` for synchronous callers (a listing without an event loop)."""
+        if self.is_fresh(unit, time.time()):
+            return
+        deadline = time.monotonic() + TIMEOUT + _versions.LEASE
+        counted: set[str] = set()
+        while True:
+            step, flight = self._step(unit)
+            if step == "fresh":
+                return
+            if step in ("join", "busy") and step not in counted:
+                counted.add(step)
+                self.counts["joined" if step == "join" else "claim_waits"] += 1
+            if step == "join" and flight is not None:
+                if not flight.done.wait(max(0.0, deadline - time.monotonic())):
+                    return self._gave_up(unit)
+            elif step == "busy":
+                if time.monotonic() > deadline:
+                    return self._gave_up(unit)
+                time.sleep(_POLL)
+            elif flight is not None:
+                self._lead_sync(unit, flight, listing, raising=False)
+                return
+
+    async def _lead(
+        self,
+        unit: Unit,
+        flight: _Flight,
+        listing: AsyncListing,
+        *,
+        raising: bool,
+        started: float | None = None,
+    ) -> tuple[int, int]:
+        began = time.time() if started is None else started
+        tally = Tally()
+        try:
+            try:
+                found = await asyncio.wait_for(listing(tally), TIMEOUT)
+            except Exception as exc:
+                self._failed(unit, exc, tally, counted=not raising)
+                if raising:
+                    raise
+                return 0, 0
+            except BaseException:  # cancelled: what it sent is counted, the claim released
+                self._cache._stats.add("validation_requests", tally.requests)
+                raise
+            return self._apply(unit, found, began)  # (before the waiters wake)
+        finally:
+            self._land(unit, flight)
+
+    def _lead_sync(
+        self, unit: Unit, flight: _Flight, listing: SyncListing, *, raising: bool
+    ) -> tuple[int, int]:
+        began = time.time()
+        tally = Tally()
+        try:
+            try:
+                found = listing(tally)
+            except Exception as exc:
+                self._failed(unit, exc, tally, counted=not raising)
+                if raising:
+                    raise
+                return 0, 0
+            except BaseException:
+                self._cache._stats.add("validation_requests", tally.requests)
+                raise
+            return self._apply(unit, found, began)  # (before the waiters wake)
+        finally:
+            self._land(unit, flight)
+
+    def _failed(
+        self, unit: Unit, exc: BaseException, tally: Tally | None, *, counted: bool = True
+    ) -> None:
+        """A validation of ``unit`` failed: one error, the requests it sent counted, and
+        (``counted``: for the gate) the cached entries served until the retry."""
+        stats = self._cache._stats
+        if tally is not None:
+            stats.add("validation_requests", tally.requests)
+        if not counted:  # (`validate_now`: the caller gets the exception)
+            return
+        stats.add("validation_errors")
+        retry = RETRY_AFTER if not self.interval else min(self.interval, RETRY_AFTER)
+        self._set_until(unit, time.time() + retry)
         logger.warning(
             "xarray-zcache: validating %s failed (%s: %s); its cached entries are served "
             "as they are (stale-if-error) and validation is tried again in %.0f s",
@@ -251,7 +476,8 @@ class Freshness:
         stats.add("validations")
         stats.add("validation_requests", requests)
         stats.add("validation_changes", len(changed) - unverified)
-        self.book.validated(unit.name, started, started if changed else None)
+        ended = time.time()
+        self.book.validated(unit.name, started, started if changed else None, ended)
         if changed:
             self._seen_changed[unit.name] = max(self._seen_changed.get(unit.name, 0.0), started)
             logger.info(
@@ -262,8 +488,8 @@ class Freshness:
                 unit.prefix,
                 unverified,
             )
-        if self.interval is not None:
-            self._fresh_until[unit.name] = started + self.interval
+        if self.interval is not None:  # (the interval counts from the end)
+            self._set_until(unit, float("inf") if self.interval == 0 else ended + self.interval)
         return len(changed) - unverified, unverified
 
     def _validated_since(self, unit: Unit, since: float | None) -> bool:
@@ -273,30 +499,50 @@ class Freshness:
     async def validate_now(
         self,
         unit: Unit,
-        listing: Callable[[], Awaitable[Listing]],
+        listing: AsyncListing,
         since: float | None = None,
         started: float | None = None,
     ) -> tuple[int, int]:
         """Validate ``unit`` now (errors propagate), unless a validation that started at
         or after ``since`` already did; returns what `_apply` returns. ``started``: when
         the validation counts as started (default: now; one `revalidate` of many units
-        gives them all its own start, so that none counts as older than another)."""
-        started = time.time() if started is None else started
-        if self._validated_since(unit, since):
-            return 0, 0
-        self._first_sight(unit, started)
-        found = await asyncio.wait_for(listing(), TIMEOUT)
-        return self._apply(unit, found, started)
+        gives them all its own start, so that none counts as older than another). A
+        validation of the unit in flight is waited for first (one at a time)."""
+        deadline = time.monotonic() + TIMEOUT + _versions.LEASE
+        while True:
+            step, flight = self._step(unit, gate=False, since=since)
+            if step == "fresh":
+                return 0, 0
+            if step == "join" and flight is not None:
+                await flight.wait(max(0.0, deadline - time.monotonic()))
+            elif step == "busy":
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"another validation of {unit.prefix} did not finish")
+                await asyncio.sleep(_POLL)
+            elif flight is not None:
+                return await self._lead(unit, flight, listing, raising=True, started=started)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"another validation of {unit.prefix} did not finish")
 
     def validate_now_sync(
-        self, unit: Unit, listing: Callable[[], Listing], since: float | None = None
+        self, unit: Unit, listing: SyncListing, since: float | None = None
     ) -> tuple[int, int]:
         """`validate_now` for synchronous callers."""
-        started = time.time()
-        if self._validated_since(unit, since):
-            return 0, 0
-        self._first_sight(unit, started)
-        return self._apply(unit, listing(), started)
+        deadline = time.monotonic() + TIMEOUT + _versions.LEASE
+        while True:
+            step, flight = self._step(unit, gate=False, since=since)
+            if step == "fresh":
+                return 0, 0
+            if step == "join" and flight is not None:
+                flight.done.wait(max(0.0, deadline - time.monotonic()))
+            elif step == "busy":
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"another validation of {unit.prefix} did not finish")
+                time.sleep(_POLL)
+            elif flight is not None:
+                return self._lead_sync(unit, flight, listing, raising=True)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"another validation of {unit.prefix} did not finish")
 
     def seen_since(self, key: str, version: str | None, began: float) -> float:
         """Since when the source is known to hold ``version`` of object ``key``: when the

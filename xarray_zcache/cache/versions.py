@@ -1,7 +1,7 @@
 """`VersionBook`: the version of each cached object and when each unit was last validated.
 
 A *version* is an opaque string naming an object's content at the source (an S3 ETag,
-a file's ``mtime_ns:size:inode``); a *unit* is a group of objects validated together
+a file's ``mtime_ns:size:inode:ctime_ns``); a *unit* is a group of objects validated together
 (one listing of the source, e.g. one array). The book is one SQLite file in the cache
 folder (``versions.db``), shared by every process using the folder, with the rows read
 so far mirrored in memory; a cache without a disk tier keeps the book in memory only.
@@ -15,9 +15,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, Final, TypeVar
 
@@ -27,8 +29,10 @@ logger = logging.getLogger("xarray_zcache.cache")
 
 BOOK_NAME: Final = "versions.db"
 _BUSY_TIMEOUT_S: Final = 30.0
-#: a validation claimed by a process that has not finished after this long is taken over
-CLAIM_SECONDS: Final = 60.0
+#: seconds a claim to validate a unit lasts unless its holder renews it (it does, while
+#: it lists); a claim of a cancelled validation is released at once, one of a dead
+#: process lapses after this (at once on the same host: its process id is gone)
+LEASE: float = 5.0
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS versions(key TEXT PRIMARY KEY, version TEXT NOT NULL);
@@ -36,13 +40,43 @@ CREATE TABLE IF NOT EXISTS units(
     unit TEXT PRIMARY KEY,
     validated REAL NOT NULL,
     changed REAL NOT NULL DEFAULT 0,
-    claimed REAL NOT NULL DEFAULT 0
+    claimed REAL NOT NULL DEFAULT 0,
+    ended REAL NOT NULL DEFAULT 0,
+    holder TEXT NOT NULL DEFAULT '',
+    lease REAL NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS meta(name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS seen(key TEXT PRIMARY KEY, version TEXT NOT NULL, at REAL NOT NULL);
 """
 
+#: columns added to ``units`` since its first release (a folder of an older release gets them)
+_ADDED: Final = {
+    "ended": "REAL NOT NULL DEFAULT 0",
+    "holder": "TEXT NOT NULL DEFAULT ''",
+    "lease": "REAL NOT NULL DEFAULT 0",
+}
+
 _T = TypeVar("_T")
+_HOST: Final = socket.gethostname()
+
+
+def _alive(holder: str) -> bool:
+    """Whether the process named by claim ``holder`` (``host/pid/token``) may be alive:
+    False only for a process of this host whose id is gone."""
+    host, _, rest = holder.partition("/")
+    pid_text = rest.partition("/")[0]
+    if host != _HOST or not pid_text.isdigit():
+        return True  # another host: its lease tells
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # (another user's process)
+        return True
+    return True
 
 
 def _upper(prefix: str) -> str:
@@ -50,14 +84,24 @@ def _upper(prefix: str) -> str:
 
 
 class UnitState:
-    """What the book says of one unit: last validation, last change seen, a claim."""
+    """What the book says of one unit: when its last validation started (``validated``)
+    and ended (``ended``), the last change seen, and a claim (``holder`` until ``lease``)."""
 
-    __slots__ = ("changed", "claimed", "validated")
+    __slots__ = ("changed", "ended", "holder", "lease", "validated")
 
-    def __init__(self, validated: float, changed: float, claimed: float) -> None:
+    def __init__(
+        self,
+        validated: float,
+        changed: float,
+        ended: float = 0.0,
+        holder: str = "",
+        lease: float = 0.0,
+    ) -> None:
         self.validated = validated
         self.changed = changed
-        self.claimed = claimed
+        self.ended = max(ended, validated)
+        self.holder = holder
+        self.lease = lease
 
 
 class VersionBook:
@@ -79,6 +123,7 @@ class VersionBook:
         self._seen: dict[str, tuple[str, float]] = {}
         self._units: dict[str, UnitState] = {}
         self._conn: sqlite3.Connection | None = None
+        self._token = uuid.uuid4().hex[:12]
         self.legacy = False
         if folder is None:
             return
@@ -97,6 +142,11 @@ class VersionBook:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.executescript(_SCHEMA)
+            have = {str(r[1]) for r in conn.execute("PRAGMA table_info(units)")}
+            for column, kind in _ADDED.items():
+                if column not in have:
+                    with contextlib.suppress(sqlite3.OperationalError):  # (another process)
+                        conn.execute(f"ALTER TABLE units ADD COLUMN {column} {kind}")
             if new and had_entries:
                 conn.execute("INSERT OR REPLACE INTO meta VALUES ('legacy', '1')")
             row = conn.execute("SELECT value FROM meta WHERE name = 'legacy'").fetchone()
@@ -228,18 +278,26 @@ class VersionBook:
 
     # -- units ----------------------------------------------------------------------------------
 
+    @property
+    def holder(self) -> str:
+        """How this book names itself in a claim: ``host/pid/token``."""
+        return f"{_HOST}/{os.getpid()}/{self._token}"
+
     def unit(self, unit: str) -> UnitState | None:
         """The unit's state as the file says now (another process may have validated it)."""
         with self._lock:
             row = self._sql(
                 "reading a unit",
                 lambda c: c.execute(
-                    "SELECT validated, changed, claimed FROM units WHERE unit = ?", (unit,)
+                    "SELECT validated, changed, ended, holder, lease FROM units WHERE unit = ?",
+                    (unit,),
                 ).fetchone(),
                 None,
             )
             if row is not None:
-                state = UnitState(float(row[0]), float(row[1]), float(row[2]))
+                state = UnitState(
+                    float(row[0]), float(row[1]), float(row[2]), str(row[3]), float(row[4])
+                )
                 self._units[unit] = state
                 return state
             return self._units.get(unit)
@@ -250,39 +308,78 @@ class VersionBook:
             self._sql(
                 "starting a unit",
                 lambda c: c.execute(
-                    "INSERT OR IGNORE INTO units(unit, validated) VALUES (?, ?)", (unit, at)
+                    "INSERT OR IGNORE INTO units(unit, validated, ended) VALUES (?, ?, ?)",
+                    (unit, at, at),
                 ),
                 None,
             )
-            self._units.setdefault(unit, UnitState(at, 0.0, 0.0))
-        return self.unit(unit) or UnitState(at, 0.0, 0.0)
+            self._units.setdefault(unit, UnitState(at, 0.0, at))
+        return self.unit(unit) or UnitState(at, 0.0, at)
 
-    def claim(self, unit: str, now: float) -> bool:
-        """Claim the validation of ``unit`` for this process (False: another one has it)."""
+    def claim(self, unit: str, now: float) -> str | None:
+        """Claim the validation of ``unit`` for this book, as a lease until ``now`` +
+        `LEASE` (renew it with `renew`). Returns why it was free (``"free"``; ``"lapsed"``:
+        its holder stopped renewing; ``"dead"``: its holder's process is gone), or None:
+        another holder has it."""
+        me = self.holder
 
-        def op(c: sqlite3.Connection) -> bool:
+        def op(c: sqlite3.Connection) -> str | None:
             with self._write(c):
                 c.execute("INSERT OR IGNORE INTO units(unit, validated) VALUES (?, 0)", (unit,))
-                cur = c.execute(
-                    "UPDATE units SET claimed = ? WHERE unit = ? AND claimed < ?",
-                    (now, unit, now - CLAIM_SECONDS),
+                row = c.execute(
+                    "SELECT holder, lease FROM units WHERE unit = ?", (unit,)
+                ).fetchone()
+                holder, lease = (str(row[0]), float(row[1])) if row else ("", 0.0)
+                if not holder or holder == me:
+                    why = "free"
+                elif lease < now:
+                    why = "lapsed"
+                elif not _alive(holder):
+                    why = "dead"
+                else:
+                    return None
+                c.execute(
+                    "UPDATE units SET holder = ?, lease = ? WHERE unit = ?",
+                    (me, now + LEASE, unit),
                 )
-                return cur.rowcount == 1
+                return why
 
         with self._lock:
-            return self._sql("claiming a unit", op, True)
+            found: str | None = "free"  # (no file: this process alone)
+            return self._sql("claiming a unit", op, found)
 
-    def validated(self, unit: str, at: float, changed: float | None) -> None:
-        """Record a validation of ``unit`` that started at ``at`` (and found changes at
-        ``changed``, if any); releases the claim."""
+    def renew(self, unit: str, now: float) -> bool:
+        """Extend this book's claim of ``unit`` to ``now`` + `LEASE` (False: not ours now)."""
+        me = self.holder
+        with self._lock:
+            return self._sql(
+                "renewing a claim",
+                lambda c: (
+                    c.execute(
+                        "UPDATE units SET lease = ? WHERE unit = ? AND holder = ?",
+                        (now + LEASE, unit, me),
+                    ).rowcount
+                    == 1
+                ),
+                True,
+            )
+
+    def validated(self, unit: str, at: float, changed: float | None, ended: float) -> None:
+        """Record a validation of ``unit`` that started at ``at`` and ended at ``ended``
+        (and found changes at ``changed``, if any); releases this book's claim."""
+        me = self.holder
 
         def op(c: sqlite3.Connection) -> None:
             with self._write(c):
                 c.execute("INSERT OR IGNORE INTO units(unit, validated) VALUES (?, 0)", (unit,))
                 c.execute(
-                    "UPDATE units SET validated = max(validated, ?), claimed = 0,"
+                    "UPDATE units SET validated = max(validated, ?), ended = max(ended, ?),"
                     " changed = max(changed, ?) WHERE unit = ?",
-                    (at, changed or 0.0, unit),
+                    (at, ended, changed or 0.0, unit),
+                )
+                c.execute(
+                    "UPDATE units SET holder = '', lease = 0 WHERE unit = ? AND holder = ?",
+                    (unit, me),
                 )
 
         with self._lock:
@@ -290,16 +387,20 @@ class VersionBook:
             self._units[unit] = UnitState(
                 max(at, old.validated if old else 0.0),
                 max(changed or 0.0, old.changed if old else 0.0),
-                0.0,
+                max(ended, old.ended if old else 0.0),
             )
             self._sql("recording a validation", op, None)
 
     def release(self, unit: str) -> None:
-        """Give up a claim (the validation failed)."""
+        """Give up this book's claim of ``unit`` (the validation failed or was cancelled)."""
+        me = self.holder
         with self._lock:
             self._sql(
                 "releasing a unit",
-                lambda c: c.execute("UPDATE units SET claimed = 0 WHERE unit = ?", (unit,)),
+                lambda c: c.execute(
+                    "UPDATE units SET holder = '', lease = 0 WHERE unit = ? AND holder = ?",
+                    (unit, me),
+                ),
                 None,
             )
 
