@@ -38,9 +38,11 @@ class FolderGone(FileNotFoundError):
 
 
 def require_folder(root: str) -> None:
-    """Raise `FolderGone` if the cache folder ``root`` is no longer a folder."""
-    if not os.path.isdir(root):
-        raise FolderGone(2, "the cache folder vanished", root)
+    """Raise `FolderGone` if the cache folder ``root`` or one of its payload folders is gone
+    (the folder was removed, or is being removed: nothing is written into it then)."""
+    for sub in ("", *(sub for sub, _ext in LAYOUT.values())):
+        if not os.path.isdir(os.path.join(root, sub)):
+            raise FolderGone(2, "the cache folder vanished", os.path.join(root, sub))
 
 
 def record_settings(path: str | os.PathLike[str], **settings: Any) -> None:

@@ -224,6 +224,9 @@ class DiskTier(TierCore, TierInspection):
         except FolderGone:
             raise
         except (OSError, sqlite3.Error) as exc:
+            if isinstance(exc, FileNotFoundError):
+                require_folder(self._root)  # removed while writing: FolderGone
+
             self._warn.error(exc, f"storing {req.final}")
         finally:
             if not stored:
