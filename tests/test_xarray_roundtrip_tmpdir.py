@@ -32,7 +32,7 @@ from test_xarray_roundtrip import (  # noqa: F401 - fixtures ZarrBase needs
 
 zarr = pytest.importorskip("zarr")
 
-from xarray_zcache import CacheConfig, CachedStore  # noqa: E402
+from xarray_zcache import CacheConfig, CachedStore, get_cache  # noqa: E402
 from xarray_zcache.registry import close_all  # noqa: E402
 
 #: the cache folders of this module: a lost cache re-creates its (empty) folder
@@ -68,5 +68,10 @@ class TestCachedTmpdirRoundtrip(ZarrBase):  # type: ignore[misc]
             # reads past a write are served by the disk tier (a memory tier of one byte)
             config = CacheConfig().with_memory_size(1).with_disk_cache(disk, "256MB")
             inner = zarr.storage.LocalStore(os.path.join(data, "test.zarr"), read_only=False)
-            # not closed: the folder goes away under the open cache
-            yield CachedStore(inner, config)
+            try:
+                yield CachedStore(inner, config)
+            finally:
+                # not closed: the folder goes away under the open cache. Flushed, since a
+                # background fill racing `rmtree` can make the rmtree itself fail
+                # ("Directory not empty"), which is the deleter's race, not this test's
+                get_cache(config).flush()

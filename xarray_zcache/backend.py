@@ -14,6 +14,7 @@ from xarray.backends.zarr import ZarrBackendEntrypoint
 from zarr.abc.store import Store
 
 from xarray_zcache.config import CacheConfig
+from xarray_zcache.sessions import track as track_session
 from xarray_zcache.store import RECHECK_MISSING, CachedStore
 
 if TYPE_CHECKING:
@@ -171,7 +172,10 @@ def open_store(
     logging.getLogger("xarray_zcache.store").debug(
         "xarray-zcache: opening %s with %s", shown, config
     )
-    return CachedStore(_inner_store(url_or_store, storage_options, read_only), config)
+    inner = _inner_store(url_or_store, storage_options, read_only)
+    if not isinstance(url_or_store, Store):
+        track_session(inner, owned=True)  # built here: `CachedStore.close` closes it
+    return CachedStore(inner, config)
 
 
 def _delegate(

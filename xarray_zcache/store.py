@@ -49,6 +49,8 @@ from xarray_zcache.registry import (
     release_cache,
     resolve_config,
 )
+from xarray_zcache.sessions import close_store_session
+from xarray_zcache.sessions import track as track_session
 from xarray_zcache.store_sources import SourceReads, fetched_bytes
 from xarray_zcache.store_validation import SourceValidation
 from xarray_zcache.store_versions import source_versions
@@ -178,6 +180,7 @@ class CachedStore(SourceValidation, SourceReads, Store):
         )
         # reads with versions, and the validation unit of each folder (store_validation.py)
         self._source = source_versions(self._store)
+        track_session(self._store)
         self._units = {}
         self._unit_memo = {}
 
@@ -316,6 +319,7 @@ class CachedStore(SourceValidation, SourceReads, Store):
     def close(self) -> None:
         """Close the wrapped store and let the cache go if no other store uses it."""
         self._store.close()
+        close_store_session(self._store)
         for cache in self._bindings.values():
             release_cache(self, cache)
         self._bindings.clear()
