@@ -14,6 +14,7 @@ from xarray.backends.zarr import ZarrBackendEntrypoint
 from zarr.abc.store import Store
 
 from xarray_zcache.config import CacheConfig
+from xarray_zcache.sessions import close_store_session
 from xarray_zcache.sessions import track as track_session
 from xarray_zcache.store import RECHECK_MISSING, CachedStore
 
@@ -197,7 +198,7 @@ def _delegate(
     cache = store.cache
     remembered = cache.stats().negative_hits
     try:
-        return getattr(ZarrBackendEntrypoint(), method)(store, **kwargs)
+        return _closing_session(getattr(ZarrBackendEntrypoint(), method)(store, **kwargs), store)
     except Exception as exc:
         if cache.stats().negative_hits == remembered:
             raise  # no remembered miss was involved
@@ -216,7 +217,25 @@ def _delegate(
             filename_or_obj,
             store.namespace,
         )
+        return _closing_session(result, store)
+
+
+def _closing_session(result: Any, store: CachedStore) -> Any:
+    """Make ``result.close()`` (a Dataset's, a DataTree's) close the s3fs session of a
+    store built here from a URL too (the cache itself stays open for the next reader)."""
+    previous = getattr(result, "_close", None)
+    if not hasattr(result, "set_close"):
         return result
+
+    def close() -> None:
+        try:
+            if previous is not None:
+                previous()
+        finally:
+            close_store_session(store.inner)
+
+    result.set_close(close)
+    return result
 
 
 _NOT_CONSOLIDATED = (
