@@ -95,7 +95,13 @@ def test_worker_memory_tiers_on_a_cluster(tmp_path: Path, caplog: pytest.LogCapt
         assert capacity == int(0.1 * limit)
         sized = [r for r in caplog.records if "memory tier 102.40 MiB" in r.getMessage()]
         assert len(sized) == 1 and sized[0].levelno == logging.INFO
-        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        # zcache's own records only: another library's (an aiohttp "Unclosed client
+        # session" of an earlier test collected now) is not this test's business
+        assert not [
+            r
+            for r in caplog.records
+            if r.levelno >= logging.WARNING and r.name.startswith("xarray_zcache")
+        ]
 
     caplog.clear()
     explicit = _config(tmp_path).with_name("sizing-explicit").with_memory_size("512MiB")

@@ -14,6 +14,8 @@ from xarray.backends.zarr import ZarrBackendEntrypoint
 from zarr.abc.store import Store
 
 from xarray_zcache.config import CacheConfig
+from xarray_zcache.sessions import close_store_session
+from xarray_zcache.sessions import track as track_session
 from xarray_zcache.store import RECHECK_MISSING, CachedStore
 
 if TYPE_CHECKING:
@@ -185,7 +187,10 @@ def open_store(
     logging.getLogger("xarray_zcache.store").debug(
         "xarray-zcache: opening %s with %s", shown, config
     )
-    return CachedStore(_inner_store(url_or_store, storage_options, read_only), config)
+    inner = _inner_store(url_or_store, storage_options, read_only)
+    if not isinstance(url_or_store, Store):
+        track_session(inner, owned=True)  # built here: `CachedStore.close` closes it
+    return CachedStore(inner, config)
 
 
 def _delegate(
@@ -207,7 +212,7 @@ def _delegate(
     cache = store.cache
     remembered = cache.stats().negative_hits
     try:
-        return getattr(ZarrBackendEntrypoint(), method)(store, **kwargs)
+        return _closing_session(getattr(ZarrBackendEntrypoint(), method)(store, **kwargs), store)
     except Exception as exc:
         if cache.stats().negative_hits == remembered:
             raise  # no remembered miss was involved
@@ -226,7 +231,25 @@ def _delegate(
             filename_or_obj,
             store.namespace,
         )
+        return _closing_session(result, store)
+
+
+def _closing_session(result: Any, store: CachedStore) -> Any:
+    """Make ``result.close()`` (a Dataset's, a DataTree's) close the s3fs session of a
+    store built here from a URL too (the cache itself stays open for the next reader)."""
+    previous = getattr(result, "_close", None)
+    if not hasattr(result, "set_close"):
         return result
+
+    def close() -> None:
+        try:
+            if previous is not None:
+                previous()
+        finally:
+            close_store_session(store.inner)
+
+    result.set_close(close)
+    return result
 
 
 _NOT_CONSOLIDATED = (

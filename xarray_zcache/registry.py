@@ -200,3 +200,6 @@ def close_all() -> None:
         _worker_caches.clear()
     for c in caches:
         c.close()
+    from xarray_zcache.sessions import close_sessions
+
+    close_sessions()

@@ -51,6 +51,8 @@ from xarray_zcache.registry import (
     release_cache,
     resolve_config,
 )
+from xarray_zcache.sessions import close_store_session
+from xarray_zcache.sessions import track as track_session
 from xarray_zcache.store_sources import SourceReads, fetched_bytes
 from xarray_zcache.store_validation import SourceValidation, ValidationReport
 from xarray_zcache.store_versions import SourceVersions, source_versions
@@ -202,6 +204,7 @@ class CachedStore(SourceValidation, SourceReads, Store):
             SourceVersions(self._store) if self._identity.private else source_versions(self._store)
         )
         self._targets: dict[object, CachedStore] = {}
+        track_session(self._store)
         self._units = {}
         self._unit_memo = {}
 
@@ -406,6 +409,7 @@ class CachedStore(SourceValidation, SourceReads, Store):
     def close(self) -> None:
         """Close the wrapped store and let the cache go if no other store uses it."""
         self._store.close()
+        close_store_session(self._store)
         for cache in self._bindings.values():
             release_cache(self, cache)
         self._bindings.clear()

@@ -12,7 +12,7 @@ from xarray_zcache.cache.negatives import NEGATIVE_SUFFIX
 from xarray_zcache.cache.request import PART_SEP
 
 if TYPE_CHECKING:
-    from xarray_zcache.cache.disk import DiskTier
+    from xarray_zcache.cache.disk import DiskEntry, DiskTier
     from xarray_zcache.cache.memory import MemoryTier
     from xarray_zcache.cache.negatives import Listings, NegativeEntries
     from xarray_zcache.cache.policy import Invalidations
@@ -40,6 +40,8 @@ class DirectAccess:
     if TYPE_CHECKING:  # provided by CacheReporting and HybridCache
 
         def _count_miss(self, read: Read, nbytes: int, seconds: float) -> None: ...
+
+        def _on_disk(self, action: str, op: Callable[[DiskTier], _T], default: _T) -> _T: ...
 
         def _admit(
             self,
@@ -94,17 +96,21 @@ class DirectAccess:
     def peek(self, key: str) -> bytes | None:
         """The cached value of ``key`` from any tier, without stats or recency changes."""
         value = self._memory.peek(key)
-        if value is None and self._writer is not None:
-            value = self._writer.pending(key)
-        if value is None and self._disk is not None and self._disk.might_contain(key):
-            value = self._disk.get(key)
+        writer = self._writer
+        if value is None and writer is not None:
+            value = writer.pending(key)
+        if value is None:
+            value = self._on_disk(
+                "reading an entry", lambda d: d.get(key) if d.might_contain(key) else None, None
+            )
         return value
 
     def contains(self, key: str) -> bool:
         """Whether ``key`` is cached in any tier (no stats, no recency change)."""
-        if key in self._memory or (self._writer is not None and key in self._writer):
+        writer = self._writer
+        if key in self._memory or (writer is not None and key in writer):
             return True
-        return self._disk is not None and key in self._disk
+        return self._on_disk("looking up an entry", lambda d: key in d, False)
 
     def cached_objects(self, prefix: str) -> dict[str, bool]:
         """The objects with entries under ``prefix`` in any tier (no stats): object key ->
@@ -123,9 +129,9 @@ class DirectAccess:
                 note(key)
         for key in self._negatives.keys_under(prefix):
             found.setdefault(key, False)
-        if self._disk is not None:
-            for key in self._disk.keys_under(prefix):
-                note(key)
+        none: list[str] = []
+        for key in self._on_disk("listing entries", lambda d: d.keys_under(prefix), none):
+            note(key)
         return found
 
     def has_parts(self, key: str) -> bool:
@@ -135,9 +141,9 @@ class DirectAccess:
         in_memory = self._memory.keys()
         if any(k == key or (k.startswith(part) and k != negative) for k in in_memory):
             return True
-        if self._disk is None:
-            return False
-        return any(k != negative for k in self._disk.keys_under(key))
+        none: list[str] = []
+        on_disk = self._on_disk("listing entries", lambda d: d.keys_under(key), none)
+        return any(k != negative for k in on_disk)
 
     def known_missing(self, key: str) -> bool:
         """Whether a fresh negative entry says ``key`` is missing (memory only, no stats)."""
@@ -147,15 +153,13 @@ class DirectAccess:
 
     def promote(self, keys: list[str]) -> int:
         """Promote ``keys`` held on disk to memory now (kind and expiry kept); return how many."""
-        if self._disk is None:
-            return 0
         n = 0
         for key in keys:
             if key in self._memory:
                 continue
             token = self._inv.begin(key)
             try:
-                entry = self._disk.get_entry(key)
+                entry = self._on_disk("reading an entry", _entry_of(key), None)
                 if entry is not None and self._admit(
                     key, token, entry.value, entry.kind, disk=False, ex=entry.expires
                 ):
@@ -164,3 +168,7 @@ class DirectAccess:
             finally:
                 self._inv.end(key)
         return n
+
+
+def _entry_of(key: str) -> Callable[[DiskTier], DiskEntry | None]:
+    return lambda disk: disk.get_entry(key)

@@ -80,8 +80,18 @@ def invalidate_local(keys: list[tuple[str, bool]]) -> None:
     no listener (what a cluster broadcast of another process's write calls)."""
     for cache in live_caches():
         for key, prefix in keys:
-            cache._invalidate_here(key, prefix)
+            _invalidate_in(cache, key, prefix)
         cache._listings.drop("")
+
+
+def _invalidate_in(cache: Coherence, key: str, prefix: bool) -> None:
+    """``cache._invalidate_here``, never raising into the writer: a cache that fails
+    (another config's, whose folder vanished) is logged and loses its disk tier."""
+    try:
+        cache._invalidate_here(key, prefix)
+    except Exception as exc:  # pragma: no cover - `_invalidate_here` absorbs disk errors
+        logger.warning("xarray-zcache: invalidating %r in %r failed (%s)", key, cache, exc)
+        cache._lose_disk(exc, "invalidating an entry")
 
 
 def _pairs(keys: list[str]) -> list[tuple[str, bool]]:
@@ -153,6 +163,9 @@ class Coherence:
     def close(self) -> None:
         raise NotImplementedError
 
+    def _lose_disk(self, exc: BaseException, action: str) -> None:
+        raise NotImplementedError
+
     def _admit(
         self,
         key: str,
@@ -178,12 +191,12 @@ class Coherence:
         orders writers in other processes sharing the disk tier).
         """
         keys = [read.key, read.key + PART_SEP]
-        self._drop_all(keys)
+        self._drop_safely(keys)
         token = self._inv.begin(read.key)
         try:
             await write()
         except BaseException:
-            self._drop_all(keys)  # the source may hold either value: cache neither
+            self._drop_safely(keys)  # the source may hold either value: cache neither
             await _announced(keys)
             raise
         else:
@@ -197,12 +210,12 @@ class Coherence:
     ) -> None:
         """`write_through` for synchronous callers."""
         keys = [read.key, read.key + PART_SEP]
-        self._drop_all(keys)
+        self._drop_safely(keys)
         token = self._inv.begin(read.key)
         try:
             write()
         except BaseException:
-            self._drop_all(keys)
+            self._drop_safely(keys)
             _announced_sync(keys)
             raise
         else:
@@ -212,7 +225,7 @@ class Coherence:
             self._inv.end(read.key)
 
     def _after_write(self, read: Read, token: tuple[int, int], value: bytes, keep: bool) -> None:
-        self._drop_all([read.key, read.key + PART_SEP])
+        self._drop_safely([read.key, read.key + PART_SEP])
         self._stats.write(len(value))
         if keep:
             self._admit(read.key, token, value, read.kind, own=1, disk=False)
@@ -226,7 +239,7 @@ class Coherence:
         and a write through one must not leave the other serving the old bytes.
         """
         for cache in live_caches():
-            cache._invalidate_here(key, prefix)
+            _invalidate_in(cache, key, prefix)
 
     def _invalidate_here(self, key: str, prefix: bool) -> None:
         with self._admit_lock:
@@ -244,13 +257,19 @@ class Coherence:
                     self._writer.discard(key)
                     self._writer.discard(key + NEGATIVE_SUFFIX)
             self._prefetched.discard(key)
-        self._freshness.forget(key, prefix=prefix)
-        if self._disk is not None:
-            if prefix:
-                self._disk.delete_prefix(key)
-            else:
-                self._disk.delete(key)
-                self._disk.delete(key + NEGATIVE_SUFFIX)
+        # memory is consistent now; a disk that cannot drop the key is dropped itself
+        # (never a stale entry served, never an error for the writer)
+        disk = self._disk
+        try:
+            self._freshness.forget(key, prefix=prefix)
+            if disk is not None:
+                if prefix:
+                    disk.delete_prefix(key)
+                else:
+                    disk.delete(key)
+                    disk.delete(key + NEGATIVE_SUFFIX)
+        except Exception as exc:
+            self._lose_disk(exc, "invalidating an entry")
         self._stats.add("invalidations")
         _events.debug(
             "invalidation",
@@ -266,21 +285,28 @@ class Coherence:
         ``keys`` are invalidated before and after it (a key ending in ``"/"`` or
         ``PART_SEP`` is a prefix), in every cache of the process, and listings dropped.
         """
-        self._drop_all(keys)
+        self._drop_safely(keys)
         try:
             await op()
         finally:
-            self._drop_all(keys)
+            self._drop_safely(keys)
             await _announced(keys)
 
     def invalidating_sync(self, keys: list[str], op: Callable[[], None]) -> None:
         """`invalidating` for synchronous callers."""
-        self._drop_all(keys)
+        self._drop_safely(keys)
         try:
             op()
         finally:
-            self._drop_all(keys)
+            self._drop_safely(keys)
             _announced_sync(keys)
+
+    def _drop_safely(self, keys: list[str]) -> None:
+        """`_drop_all`, never raising: the write must reach the source all the same."""
+        try:
+            self._drop_all(keys)
+        except Exception as exc:  # pragma: no cover - every cache absorbs its own errors
+            self._lose_disk(exc, "invalidating around a write")
 
     def _drop_all(self, keys: list[str]) -> None:
         for key in keys:

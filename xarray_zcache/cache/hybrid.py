@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 from xarray_zcache.cache.access import DirectAccess
 from xarray_zcache.cache.coherence import _LIVE, Coherence
 from xarray_zcache.cache.disk import DiskTier
+from xarray_zcache.cache.fallback import DiskFallback
 from xarray_zcache.cache.flight import SingleFlight
 from xarray_zcache.cache.freshness import Freshness
 from xarray_zcache.cache.logs import log_created
@@ -57,7 +58,7 @@ class _Unanswered:
 UNANSWERED = _Unanswered()
 
 
-class HybridCache(DirectAccess, CacheReporting, Coherence):
+class HybridCache(DirectAccess, CacheReporting, DiskFallback, Coherence):
     """A memory tier over an optional persistent disk tier, mapping str keys to bytes.
 
     Fills after a miss go to memory at once and to disk in a background thread;
@@ -87,7 +88,9 @@ class HybridCache(DirectAccess, CacheReporting, Coherence):
         self._writer = (
             None
             if self._disk is None
-            else DiskWriter(self._disk, s.write_queue_size, self._count_dropped_write)
+            else DiskWriter(
+                self._disk, s.write_queue_size, self._count_dropped_write, self._lose_disk
+            )
         )
         self._negatives = NegativeEntries(s.negative_ttl, self._disk)
         self._listings = Listings(s.listing_ttl)
@@ -99,6 +102,7 @@ class HybridCache(DirectAccess, CacheReporting, Coherence):
         book = VersionBook(
             None if disk is None else str(disk.path), had_entries=disk is not None and len(disk) > 0
         )
+        book.on_lost = self._lose_disk
         self._freshness = Freshness(self, book, s.validation)
         # one lock orders admissions against invalidations: check-then-put is atomic
         self._admit_lock = threading.Lock()
@@ -109,7 +113,8 @@ class HybridCache(DirectAccess, CacheReporting, Coherence):
         log_created(s, self._disk)
 
     def __repr__(self) -> str:
-        return f"<HybridCache {self.settings.name!r} {self._disk.path if self._disk else 'memory'}>"
+        disk = self._disk
+        return f"<HybridCache {self.settings.name!r} {disk.path if disk else 'memory'}>"
 
     @property
     def config(self) -> CacheSettings:
@@ -147,17 +152,18 @@ class HybridCache(DirectAccess, CacheReporting, Coherence):
 
     def _from_memory(self, read: Read) -> bytes | None:
         """Memory, then pending disk writes: the whole object (cut), then the entry itself."""
+        writer = self._writer
         if read.whole is not None and read.cut is not None:
             whole = self._memory.get(read.whole)
-            if whole is None and self._writer is not None:
-                whole = self._writer.pending(read.whole)
+            if whole is None and writer is not None:
+                whole = writer.pending(read.whole)
             if whole is not None:
                 part = read.cut(whole)
                 if part is not None:
                     return part
         value = self._memory.get(read.key)
-        if value is None and self._writer is not None:
-            value = self._writer.pending(read.key)
+        if value is None and writer is not None:
+            value = writer.pending(read.key)
         return value
 
     def _may_be_on_disk(self, read: Read) -> bool:
@@ -172,8 +178,20 @@ class HybridCache(DirectAccess, CacheReporting, Coherence):
         )
 
     def _from_disk(self, read: Read) -> tuple[bytes | None, bool]:
-        """Disk step (blocking I/O): ``(value, known_missing)``; promotes per policy."""
-        assert self._disk is not None
+        """Disk step (blocking I/O): ``(value, known_missing)``; promotes per policy.
+
+        A disk that fails is dropped (`_lose_disk`) and the read goes on as a miss.
+        """
+        disk = self._disk
+        if disk is None:
+            return None, False
+        try:
+            return self._read_disk(disk, read)
+        except Exception as exc:
+            self._lose_disk(exc, "reading an entry")
+            return None, False
+
+    def _read_disk(self, disk: DiskTier, read: Read) -> tuple[bytes | None, bool]:
         now = time.time()
         if not read.recheck and self._negatives.on_disk(read.object_key, now):
             return None, True
@@ -181,7 +199,7 @@ class HybridCache(DirectAccess, CacheReporting, Coherence):
         for key in keys:
             token = self._inv.begin(key)
             try:
-                entry = self._disk.get_entry(key, now=now)
+                entry = disk.get_entry(key, now=now)
                 if entry is None:
                     continue
                 if self.hooks:
@@ -454,10 +472,10 @@ class HybridCache(DirectAccess, CacheReporting, Coherence):
 
     def _forget_missing(self, key: str) -> None:
         self._negatives.discard(key)
-        if self._writer is not None:
-            self._writer.discard(key + NEGATIVE_SUFFIX)
-        if self._disk is not None:
-            self._disk.delete(key + NEGATIVE_SUFFIX)
+        with self._admit_lock:
+            if self._writer is not None:
+                self._writer.discard(key + NEGATIVE_SUFFIX)
+        self._on_disk("forgetting a missing key", lambda d: d.delete(key + NEGATIVE_SUFFIX), None)
 
     def _count_dropped_write(self) -> None:
         self._stats.add("disk_write_failures")
@@ -475,38 +493,41 @@ class HybridCache(DirectAccess, CacheReporting, Coherence):
         self._memory.drop_expired(now)
         self._negatives.sweep(now)
         self._listings.sweep(now)
-        if self._disk is not None:
-            self._disk.drop_expired(now)
-            self._disk.evict()
-            self._disk.prune_tombstones()
-            self._disk.flush()
+        self._on_disk("maintenance", lambda d: _maintain_disk(d, now), None)
 
     def flush(self) -> None:
         """Wait for background disk writes and persist access statistics."""
-        if self._writer is not None:
-            self._writer.flush()
-        if self._disk is not None:
-            self._disk.flush()
+        writer = self._writer
+        if writer is not None:
+            writer.flush()
+        self._on_disk("flushing access statistics", DiskTier.flush, None)
 
     def close(self) -> None:
         """Flush, stop the disk writer and close the disk index. Idempotent."""
         if self._closed:
             return
-        if self._writer is not None:
-            self._writer.close()
+        writer = self._writer
+        if writer is not None:
+            writer.close()
         with self._admit_lock:
             self._closed = True
-        if self._disk is not None:
-            self._disk.flush()
-            self._disk.close()
+        self._on_disk("closing", DiskTier.close, None)
         self._freshness.book.close()
         _LIVE.discard(self)
 
     @property
     def disk_backlog(self) -> float:
         """Fraction of ``write_queue_size`` waiting for the background disk writer."""
-        return 0.0 if self._writer is None else self._writer.backlog
+        writer = self._writer
+        return 0.0 if writer is None else writer.backlog
 
     @property
     def closed(self) -> bool:
         return self._closed
+
+
+def _maintain_disk(disk: DiskTier, now: float) -> None:
+    disk.drop_expired(now)
+    disk.evict()
+    disk.prune_tombstones()
+    disk.flush()

@@ -34,6 +34,10 @@ class NegativeEntries:
         self._lock = threading.Lock()
         self._expires: dict[str, float] = {}
 
+    def drop_disk(self) -> None:
+        """Stop looking on disk (the cache lost its disk tier)."""
+        self._disk = None
+
     def in_memory(self, key: str, now: float) -> bool:
         """Whether a fresh negative entry for ``key`` is held in memory (no I/O)."""
         expires = self._expires.get(key)
@@ -47,17 +51,15 @@ class NegativeEntries:
 
     def maybe_on_disk(self, key: str) -> bool:
         """Cheap pre-check (a ``stat``): whether a negative entry may be on disk."""
-        return (
-            self.ttl > 0
-            and self._disk is not None
-            and self._disk.might_contain(key + NEGATIVE_SUFFIX)
-        )
+        disk = self._disk
+        return self.ttl > 0 and disk is not None and disk.might_contain(key + NEGATIVE_SUFFIX)
 
     def on_disk(self, key: str, now: float) -> bool:
         """Whether a fresh negative entry for ``key`` is on disk (reads a file)."""
-        if self.ttl <= 0 or self._disk is None:
+        disk = self._disk
+        if self.ttl <= 0 or disk is None:
             return False
-        entry = self._disk.get_entry(key + NEGATIVE_SUFFIX, now=now)
+        entry = disk.get_entry(key + NEGATIVE_SUFFIX, now=now)
         if entry is None:
             return False  # (the disk tier drops it once expired)
         expires = now + self.ttl if entry.expires is None else min(entry.expires, now + self.ttl)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from xarray_zcache.cache.analytics import (
     AccessTrace,
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 __all__ = ["CacheReporting"]
 
 _events = events("xarray_zcache.cache")
+_T = TypeVar("_T")
 
 
 class CacheReporting:
@@ -37,6 +38,10 @@ class CacheReporting:
 
     _memory: MemoryTier
     _disk: DiskTier | None
+
+    if TYPE_CHECKING:  # provided by DiskFallback
+
+        def _on_disk(self, action: str, op: Callable[[DiskTier], _T], default: _T) -> _T: ...
 
     def __init__(self, top_n: int) -> None:
         self._stats = StatsRecorder(top_n)
@@ -98,19 +103,16 @@ class CacheReporting:
         }
         evictions = dict.fromkeys(TIERS, 0)
         evictions["memory"] = self._memory.evictions
-        if self._disk is not None:
-            gauges.update(
-                disk_used=self._disk.used_bytes(),
-                disk_capacity=self._disk.capacity,
-                disk_entries=len(self._disk),
-                disk_path=str(self._disk.path),
-            )
-            evictions["disk"] = self._disk.evictions
+        disk = self._disk
+        on_disk = self._on_disk("reporting", _disk_gauges, None)
+        if disk is not None and on_disk is not None:
+            gauges.update(on_disk)
+            evictions["disk"] = disk.evictions
         snap = self._stats.snapshot(**gauges)
         snap.evictions = evictions
-        if self._disk is not None:
+        if disk is not None and on_disk is not None:
             # everything the disk tier found damaged: payload files and the index
-            snap.corruptions += self._disk.corruptions - self._corruptions_base
+            snap.corruptions += disk.corruptions - self._corruptions_base
         return snap
 
     def analytics(self, group: Callable[[str], str] | None = None) -> dict[str, Any]:
@@ -137,8 +139,9 @@ class CacheReporting:
         factors = (0.5, 1.0, 2.0, 4.0)
         out: dict[str, Any] = {"trace_length": len(trace), "recommendations": []}
         tiers = [("memory", self._memory.capacity)]
-        if self._disk is not None:
-            tiers.append(("disk", self._disk.capacity))
+        disk = self._disk
+        if disk is not None:
+            tiers.append(("disk", disk.capacity))
         for tier, cap in tiers:
             caps = {f: int(cap * f) for f in factors}
             curve = miss_ratio_curve(trace, caps.values())
@@ -151,9 +154,19 @@ class CacheReporting:
     def reset_stats(self) -> None:
         """Zero the counters (entries are kept)."""
         self._stats.reset()
-        self._corruptions_base = self._disk.corruptions if self._disk is not None else 0
+        disk = self._disk
+        self._corruptions_base = disk.corruptions if disk is not None else 0
         self.trace.clear()
 
     def hot_keys(self, n: int | None = None) -> list[tuple[str, int]]:
         """The most accessed keys with their access counts."""
         return self._stats.hot_keys(n)
+
+
+def _disk_gauges(disk: DiskTier) -> dict[str, Any]:
+    return {
+        "disk_used": disk.used_bytes(),
+        "disk_capacity": disk.capacity,
+        "disk_entries": len(disk),
+        "disk_path": str(disk.path),
+    }

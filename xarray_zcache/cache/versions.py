@@ -124,6 +124,9 @@ class VersionBook:
         self._units: dict[str, UnitState] = {}
         self._conn: sqlite3.Connection | None = None
         self._token = uuid.uuid4().hex[:12]
+        self._folder = folder
+        #: called (once) when the folder vanished under the book; it then keeps memory only
+        self.on_lost: Callable[[BaseException, str], None] | None = None
         self.legacy = False
         if folder is None:
             return
@@ -166,8 +169,35 @@ class VersionBook:
         try:
             return op(conn)
         except sqlite3.Error as exc:
-            logger.warning("xarray-zcache: versions book: %s failed (%s)", what, exc)
+            if self._folder is not None and not os.path.isdir(self._folder):
+                self._lost(exc, what)
+            else:
+                logger.warning("xarray-zcache: versions book: %s failed (%s)", what, exc)
             return default
+
+    def _lost(self, exc: BaseException, what: str) -> None:
+        """The folder vanished: keep the book in memory only, and tell `on_lost` once."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        with contextlib.suppress(sqlite3.Error):
+            conn.close()
+        if self.on_lost is not None:
+            self.on_lost(exc, f"{what} in the versions book")
+        else:
+            logger.warning(
+                "xarray-zcache: the cache folder %s vanished (%s); versions are kept in "
+                "memory only",
+                self._folder,
+                exc,
+            )
+
+    def detach(self) -> None:
+        """Keep the book in memory only from now on (its folder is no longer used)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
 
     @contextlib.contextmanager
     def _write(self, conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:

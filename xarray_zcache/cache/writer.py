@@ -39,14 +39,23 @@ class DiskWriter:
     Until written, a value stays readable here (`pending`), so a read between the
     admission and the write does not miss. The queue is bounded in bytes: when it
     is full, writes are dropped (the memory tier still holds the value) and
-    counted through ``on_drop``. `flush` waits for the queue; `close` stops the
-    thread. One lock guards the pending map; the disk write runs outside it.
+    counted through ``on_drop``. A write that raises (the folder vanished) is
+    passed to ``on_error``, which may `abandon` the writer. `flush` waits for the
+    queue; `close` stops the thread. One lock guards the pending map; the disk
+    write runs outside it.
     """
 
-    def __init__(self, disk: DiskTier, limit: int, on_drop: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        disk: DiskTier,
+        limit: int,
+        on_drop: Callable[[], None],
+        on_error: Callable[[BaseException, str], None] | None = None,
+    ) -> None:
         self._disk = disk
         self._limit = limit
         self._on_drop = on_drop
+        self._on_error = on_error
         self._lock = threading.Lock()
         self._pending: dict[str, PendingWrite] = {}
         self._bytes = 0
@@ -141,8 +150,14 @@ class DiskWriter:
                     if self._pending.get(key) is item:
                         del self._pending[key]
                         self._bytes -= len(item.value)
-            except Exception:
-                logger.exception("xarray-zcache: background disk write of %r failed", key)
+            except Exception as exc:
+                if self._on_error is None:
+                    logger.exception("xarray-zcache: background disk write of %r failed", key)
+                else:
+                    try:
+                        self._on_error(exc, "writing an entry to disk")
+                    except Exception:  # pragma: no cover - the handler logs its own errors
+                        logger.exception("xarray-zcache: handling a failed disk write failed")
             finally:
                 self._queue.task_done()
 
@@ -150,6 +165,18 @@ class DiskWriter:
         """Wait until every queued write is done."""
         if self._thread is not None:
             self._queue.join()
+
+    def abandon(self) -> None:
+        """Stop without writing what is queued (the disk tier is gone); never blocks.
+
+        Safe from the writer's own thread. Later submissions are dropped.
+        """
+        with self._lock:
+            self._closed = True
+            self._pending.clear()
+            self._bytes = 0
+        if self._thread is not None:
+            self._queue.put(None)
 
     def close(self) -> None:
         """Flush, then stop the thread; later submissions are dropped."""

@@ -18,6 +18,7 @@ from tornado.ioloop import PeriodicCallback
 from xarray_zcache.cache.coherence import (
     add_invalidation_listener,
     invalidate_local,
+    live_caches,
     remove_invalidation_listener,
 )
 from xarray_zcache.cache.hybrid import HybridCache
@@ -25,6 +26,7 @@ from xarray_zcache.config import CacheConfig
 from xarray_zcache.distributed.membership import Membership, host_id
 from xarray_zcache.distributed.peer import PeerServer, PeerTier
 from xarray_zcache.registry import set_worker_cache
+from xarray_zcache.sessions import close_sessions
 
 if TYPE_CHECKING:
     from distributed import Worker
@@ -242,6 +244,8 @@ class ZCacheWorkerPlugin(WorkerPlugin):
         if "zcache_membership" in worker.handlers:
             worker.handlers["zcache_membership"] = _closed_membership
         await asyncio.to_thread(state.cache.close)
+        if not live_caches():  # the last cache of this process: its s3fs sessions go too
+            await asyncio.to_thread(close_sessions)
         worker._zcache = None  # type: ignore[attr-defined]
 
 

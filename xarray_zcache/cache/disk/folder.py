@@ -29,6 +29,22 @@ STALE_TEMP_AGE_S: Final = 600.0
 SETTINGS_FILE: Final = "settings.json"
 
 
+class FolderGone(FileNotFoundError):
+    """The cache folder vanished under a running process (``rm -rf``, a temp folder removed).
+
+    The tier does not re-create it by itself: its owner decides (`HybridCache` goes memory
+    only, with one warning).
+    """
+
+
+def require_folder(root: str) -> None:
+    """Raise `FolderGone` if the cache folder ``root`` or one of its payload folders is gone
+    (the folder was removed, or is being removed: nothing is written into it then)."""
+    for sub in ("", *(sub for sub, _ext in LAYOUT.values())):
+        if not os.path.isdir(os.path.join(root, sub)):
+            raise FolderGone(2, "the cache folder vanished", os.path.join(root, sub))
+
+
 def record_settings(path: str | os.PathLike[str], **settings: Any) -> None:
     """Remember ``settings`` (e.g. ``disk_size``) in ``path/settings.json``.
 

@@ -25,6 +25,7 @@ as damaged and dropped. Nothing is pickled.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -209,7 +210,9 @@ def write_temp(temp: str, header: bytes, value: bytes | memoryview) -> None:
     try:
         fd = os.open(temp, flags, 0o600)
     except FileNotFoundError:
-        os.makedirs(os.path.dirname(temp), mode=0o700, exist_ok=True)
+        # the <hh> folder only: never re-create a cache folder that is being removed
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(os.path.dirname(temp), 0o700)
         fd = os.open(temp, flags, 0o600)
     try:
         os.fchmod(fd, 0o600)

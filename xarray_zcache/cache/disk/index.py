@@ -22,7 +22,12 @@ from collections.abc import Callable
 from typing import Final, TypeVar
 
 from xarray_zcache.cache.disk import rows
-from xarray_zcache.cache.disk.folder import file_id, folder_lock, unlink_missing_ok
+from xarray_zcache.cache.disk.folder import (
+    file_id,
+    folder_lock,
+    require_folder,
+    unlink_missing_ok,
+)
 from xarray_zcache.cache.disk.log import Warner
 from xarray_zcache.cache.disk.scan import has_payload_files
 from xarray_zcache.cache.disk.schema import (
@@ -153,17 +158,23 @@ class Index:
             If the tier is closed.
         IndexUnavailable
             If the index cannot be opened (disk full, I/O error); retried every few seconds.
+        FolderGone
+            If the cache folder vanished.
         """
         if self.closed:
             raise RuntimeError(f"DiskTier at {self.root} is closed")
         conn = self.conn
+        replaced = conn is not None and file_id(self.db_path) != self._db_id
+        if conn is None or replaced:
+            # a vanished folder is not re-created here (no index without its payload folders)
+            require_folder(self.root)
         if conn is None:
             if time.monotonic() < self._retry_at:
                 raise IndexUnavailable(f"disk cache index {self.db_path} is unavailable")
             with self.folder_lock():
                 conn = self._open_or_go_offline()
             logger.info("disk cache %s: the index is available again", self.root)
-        elif file_id(self.db_path) != self._db_id:
+        elif replaced:
             conn = self._reopen_locked("the index file was deleted or replaced")
         return conn
 
@@ -246,10 +257,10 @@ class Index:
             old, self.conn = self.conn, None
             if old is not None:
                 self.close_conn(old)
-            self._warner.once(
-                "index-replaced", "disk cache %s: %s; reopening it", self.root, reason
-            )
-            return self._open_or_go_offline()
+            conn = self._open_or_go_offline()
+            # told once it worked: if it did not, the caller's error says what is wrong
+            self._warner.once("index-replaced", "disk cache %s: %s; reopened it", self.root, reason)
+            return conn
 
     def _open_or_go_offline(self) -> sqlite3.Connection:
         """``_open_locked``; on disk full or I/O errors, go offline and raise."""

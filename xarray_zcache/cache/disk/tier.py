@@ -17,7 +17,7 @@ import time
 
 from xarray_zcache.cache.disk import check, rows, writes
 from xarray_zcache.cache.disk.entry import PutRequest
-from xarray_zcache.cache.disk.folder import unlink_quietly
+from xarray_zcache.cache.disk.folder import FolderGone, require_folder, unlink_quietly
 from xarray_zcache.cache.disk.format import LAYOUT, write_temp
 from xarray_zcache.cache.disk.index import Recovered
 from xarray_zcache.cache.disk.inspect import TierInspection
@@ -175,6 +175,8 @@ class DiskTier(TierCore, TierInspection):
         ------
         ValueError
             If ``kind`` is unknown or ``expires`` is NaN.
+        FolderGone
+            If the cache folder vanished (it is not re-created).
         """
         if kind not in LAYOUT:
             raise ValueError(f"kind must be 'chunk' or 'metadata', got {kind!r}")
@@ -198,6 +200,7 @@ class DiskTier(TierCore, TierInspection):
             write_ns=time.time_ns(),
         )
         stored = False
+        require_folder(self._root)  # never re-create a vanished folder behind its owner's back
         try:
             for attempt in (0, 1):
                 try:
@@ -218,7 +221,12 @@ class DiskTier(TierCore, TierInspection):
                     if not self._make_room(2 * len(req.header) + size):
                         raise
                     unlink_quietly(req.temp)
+        except FolderGone:
+            raise
         except (OSError, sqlite3.Error) as exc:
+            if isinstance(exc, FileNotFoundError):
+                require_folder(self._root)  # removed while writing: FolderGone
+
             self._warn.error(exc, f"storing {req.final}")
         finally:
             if not stored:
@@ -453,6 +461,19 @@ class DiskTier(TierCore, TierInspection):
                 with contextlib.suppress(OSError, sqlite3.Error, RuntimeError):
                     self._settle_owed_locked(self._index.require())
             self._index.close_locked()
+
+    def abandon(self) -> None:
+        """Close without writing anything (the folder vanished or cannot be used). Idempotent.
+
+        Pending access statistics and unrecorded invalidations are dropped: their owner
+        stops using the folder.
+        """
+        with self._index.lock:
+            if self._closed:
+                return
+            with contextlib.suppress(OSError, sqlite3.Error, RuntimeError):
+                self._index.close_locked()
+            self._index.closed = True
 
     def __enter__(self) -> DiskTier:
         return self
