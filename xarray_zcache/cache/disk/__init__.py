@@ -15,8 +15,17 @@ standard library is imported.
 """
 
 from xarray_zcache.cache.disk import hooks
-from xarray_zcache.cache.disk.entry import DiskEntry, PutRequest
+from xarray_zcache.cache.disk.entry import DiskEntry, Fill, PutRequest
 from xarray_zcache.cache.disk.format import FORMAT_VERSION, HEADER, MAGIC
 from xarray_zcache.cache.disk.tier import DiskTier
 
-__all__ = ["FORMAT_VERSION", "HEADER", "MAGIC", "DiskEntry", "DiskTier", "PutRequest", "hooks"]
+__all__ = [
+    "FORMAT_VERSION",
+    "HEADER",
+    "MAGIC",
+    "DiskEntry",
+    "DiskTier",
+    "Fill",
+    "PutRequest",
+    "hooks",
+]

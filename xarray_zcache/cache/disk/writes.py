@@ -21,7 +21,7 @@ import contextlib
 import dataclasses
 import os
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from xarray_zcache.cache.disk import hooks, rows
@@ -38,39 +38,65 @@ def commit_row(
     req: PutRequest,
     *,
     capacity: int,
-    make_space: Callable[[sqlite3.Connection], None],
+    make_space: Callable[[sqlite3.Connection, str], None],
 ) -> bool:
     """Transaction 1: refuse a stale fill, drop the old files, commit the row with its token.
 
-    ``make_space(conn)`` is called (in the transaction) when the total exceeds ``capacity``.
-    Returns False if the fill is stale.
+    ``make_space(conn, key)`` is called (in the transaction) when the total exceeds
+    ``capacity``; it must not evict ``key``. Returns False if the fill is stale.
     """
     with txn(conn):
-        if req.fetch_started_ns is not None:
-            if rows.is_stale(conn, req.key, req.fetch_started_ns):
-                return False
-        else:
-            # an authoritative write: older in-flight fetches of the key must be refused
-            rows.tombstone(conn, req.key, req.write_ns)
-        for path in req.paths:  # the key's file of either kind: the new row owns the key
-            unlink_missing_ok(path)
-        now = req.write_ns / 1e9
-        conn.execute(
-            rows.UPSERT,
-            (
-                req.key,
-                req.namespace,
-                req.kind,
-                req.size,
-                now,
-                now,
-                req.expires,
-                req.checksum,
-                req.token,
-            ),
-        )
-        if rows.used(conn) > capacity:
-            make_space(conn)
+        return _commit_one(conn, req, capacity, make_space)
+
+
+def commit_rows(
+    conn: sqlite3.Connection,
+    reqs: Sequence[PutRequest],
+    *,
+    capacity: int,
+    make_space: Callable[[sqlite3.Connection, str], None],
+) -> list[bool]:
+    """Transaction 1 of several ``put`` calls, in one transaction (see :func:`commit_row`).
+
+    Each request is handled exactly as :func:`commit_row` would, in order (a later request
+    for the same key replaces the row, hence the token, of an earlier one). Returns, for
+    each request, False if the fill is stale.
+    """
+    with txn(conn):
+        return [_commit_one(conn, req, capacity, make_space) for req in reqs]
+
+
+def _commit_one(
+    conn: sqlite3.Connection,
+    req: PutRequest,
+    capacity: int,
+    make_space: Callable[[sqlite3.Connection, str], None],
+) -> bool:
+    if req.fetch_started_ns is not None:
+        if rows.is_stale(conn, req.key, req.fetch_started_ns):
+            return False
+    else:
+        # an authoritative write: older in-flight fetches of the key must be refused
+        rows.tombstone(conn, req.key, req.write_ns)
+    for path in req.paths:  # the key's file of either kind: the new row owns the key
+        unlink_missing_ok(path)
+    now = req.write_ns / 1e9
+    conn.execute(
+        rows.UPSERT,
+        (
+            req.key,
+            req.namespace,
+            req.kind,
+            req.size,
+            now,
+            now,
+            req.expires,
+            req.checksum,
+            req.token,
+        ),
+    )
+    if rows.used(conn) > capacity:
+        make_space(conn, req.key)
     return True
 
 
@@ -81,21 +107,34 @@ def place_file(conn: sqlite3.Connection, req: PutRequest) -> bool:
     fails, the row is deleted (no row may promise a file that will not come) and the error
     raised.
     """
-    replace_error: OSError | None = None
     with txn(conn):
-        row = conn.execute("SELECT token FROM entries WHERE key = ?", (req.key,)).fetchone()
-        if row is None or row[0] != req.token:
-            return False  # deleted, evicted or overwritten meanwhile
-        hooks.fire("before-replace", req.temp, req.final)
-        try:
-            os.replace(req.temp, req.final)
-        except OSError as exc:
-            replace_error = exc
-            conn.execute("DELETE FROM entries WHERE key = ? AND token = ?", (req.key, req.token))
-        else:
-            hooks.fire("after-replace", req.final)
-    if replace_error is not None:
-        raise replace_error
+        placed = _place_one(conn, req)
+    if isinstance(placed, OSError):
+        raise placed
+    return placed
+
+
+def place_files(conn: sqlite3.Connection, reqs: Sequence[PutRequest]) -> list[bool | OSError]:
+    """Transaction 2 of several ``put`` calls, in one transaction (see :func:`place_file`).
+
+    Returns, for each request, whether its file was placed, or the error of its rename (its
+    row is then deleted; the other requests are not affected).
+    """
+    with txn(conn):
+        return [_place_one(conn, req) for req in reqs]
+
+
+def _place_one(conn: sqlite3.Connection, req: PutRequest) -> bool | OSError:
+    row = conn.execute("SELECT token FROM entries WHERE key = ?", (req.key,)).fetchone()
+    if row is None or row[0] != req.token:
+        return False  # deleted, evicted or overwritten meanwhile
+    hooks.fire("before-replace", req.temp, req.final)
+    try:
+        os.replace(req.temp, req.final)
+    except OSError as exc:
+        conn.execute("DELETE FROM entries WHERE key = ? AND token = ?", (req.key, req.token))
+        return exc
+    hooks.fire("after-replace", req.final)
     return True
 
 
