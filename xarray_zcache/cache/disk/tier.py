@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Iterable
 
-from xarray_zcache.cache.disk import check, rows, writes
+from xarray_zcache.cache.disk import check, reads, rows, writes
 from xarray_zcache.cache.disk.entry import Fill, PutRequest
 from xarray_zcache.cache.disk.folder import unlink_quietly
 from xarray_zcache.cache.disk.format import LAYOUT, write_temp
@@ -324,8 +324,16 @@ class DiskTier(TierCore, TierInspection):
         return stored
 
     def _make_space(self, conn: sqlite3.Connection, protect: str) -> None:
-        # no committed state exceeds the capacity, even between the two transactions
-        self._evict_locked(conn, int(self.capacity * EVICT_LOW_WATER), time.time(), protect)
+        # no committed state exceeds the capacity, even between the two transactions; down to
+        # the low-water mark in bounded batches (EVICT_BATCH entries beyond what must go)
+        self._evict_locked(
+            conn,
+            int(self.capacity * EVICT_LOW_WATER),
+            time.time(),
+            protect,
+            limit=reads.EVICT_BATCH,
+            hard_target=self.capacity,
+        )
 
     def _count_stores(self, conn: sqlite3.Connection, n: int) -> None:
         """Count ``n`` stores; prune old tombstones every ``AUTO_PRUNE_EVERY`` stores."""
