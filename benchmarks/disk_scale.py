@@ -482,6 +482,10 @@ def main(argv: list[str] | None = None) -> None:
     for n in sizes:
         results.append(run_size(n, args, dev))
         print(f"[{n:,}] done", file=sys.stderr, flush=True)
+        print(report(results[-1:], args), file=sys.stderr, flush=True)
+        if args.json:  # so far, in case a later size is interrupted
+            with open(args.json, "w") as f:
+                json.dump({"args": vars(args), "results": results}, f, indent=1)
     cold = "posix_fadvise(DONTNEED) per file (cold-data)"
     if args.cold_all and can_drop_caches():
         cold += " and echo 3 > /proc/sys/vm/drop_caches (cold-all)"
