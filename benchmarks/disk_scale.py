@@ -268,6 +268,26 @@ def fill(path: str, n: int, size: int, capacity: int, direct: bool) -> dict[str,
     return {"fill_s": elapsed, "fill_rate": n / elapsed, "queue_full_waits": retries}
 
 
+def fs_floor(path: str, n: int, size: int) -> float:
+    """Files/s of the bare filesystem work of a fill: create, write, close, rename, in the
+    same layout (256 subfolders), for ``n`` files; nothing of the cache."""
+    shutil.rmtree(path, ignore_errors=True)
+    for i in range(256):
+        os.makedirs(os.path.join(path, f"{i:02x}"), mode=0o700)
+    data = os.urandom(size + 200)
+    t0 = time.perf_counter()
+    for i in range(n):
+        final = os.path.join(path, f"{i % 256:02x}", f"{i:064x}.cache")
+        temp = final + ".tmp"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, data)
+        os.close(fd)
+        os.replace(temp, final)
+    rate = n / (time.perf_counter() - t0)
+    shutil.rmtree(path, ignore_errors=True)
+    return rate
+
+
 def index_bytes(path: str) -> int:
     total = 0
     for suffix in ("", "-wal", "-shm"):
@@ -305,6 +325,7 @@ def run_size(n: int, args: argparse.Namespace, dev: str | None) -> dict[str, Any
     print(f"[{n:,}] filling ...", file=sys.stderr, flush=True)
     res.update(fill(path, n, args.size, capacity, args.direct_put))
     print(f"[{n:,}] filled at {res['fill_rate']:,.0f}/s", file=sys.stderr, flush=True)
+    res["fs_floor_rate"] = fs_floor(path + "-floor", min(n, 20_000), args.size)
     res["index_bytes"] = index_bytes(path)
     res["index_bytes_per_entry"] = res["index_bytes"] / n
     res["largest_dir_files"] = largest_dir(path)
@@ -406,9 +427,10 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [
         f"Entries of {args.size:,} B, {args.reads:,} random keys per pass.",
         "",
-        "| entries | fill (entries/s) | index B/entry | largest dir (files) | open, new process "
-        "(warm / cold) | evict 1 % | put into a full tier (evicts) |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| entries | fill (entries/s) | filesystem alone (files/s) | index B/entry "
+        "| largest dir (files) | open, new process (warm / cold) | evict 1 % "
+        "| put into a full tier (evicts) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         cold = r.get("open_cold")
@@ -416,7 +438,9 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
             fmt(r["open_warm"]["open_s"], "s") + " / " + (fmt(cold["open_s"], "s") if cold else "—")
         )
         lines.append(
-            f"| {r['entries']:,} | {r['fill_rate']:,.0f} | {r['index_bytes_per_entry']:,.0f} "
+            f"| {r['entries']:,} | {r['fill_rate']:,.0f} "
+            f"| {r.get('fs_floor_rate', float('nan')):,.0f} "
+            f"| {r['index_bytes_per_entry']:,.0f} "
             f"| {r['largest_dir_files']:,} | {opened} "
             f"| {fmt(r['evict_1pct_s'], 's')} ({r['evict_1pct_entries']:,}) "
             f"| {fmt(r['put_when_full_s'], 's')} ({r['put_when_full_evicted']:,}) |"

@@ -58,12 +58,66 @@ def commit_rows(
 ) -> list[bool]:
     """Transaction 1 of several ``put`` calls, in one transaction (see :func:`commit_row`).
 
-    Each request is handled exactly as :func:`commit_row` would, in order (a later request
-    for the same key replaces the row, hence the token, of an earlier one). Returns, for
-    each request, False if the fill is stale.
+    Each request is judged as :func:`commit_row` would, in order (a later request for the
+    same key replaces the row, hence the token, of an earlier one), with what the batch
+    needs read once: the pruning horizon, the prefix tombstones, the rows of its keys (a key
+    without a row has no payload file to unlink: a visible file always has a row). Returns,
+    for each request, False if the fill is stale.
     """
     with txn(conn):
-        return [_commit_one(conn, req, capacity, make_space) for req in reqs]
+        horizon = conn.execute("SELECT horizon FROM totals WHERE id = 0").fetchone()[0]
+        fills = [r.fetch_started_ns for r in reqs if r.fetch_started_ns is not None]
+        prefixes = (
+            conn.execute(
+                "SELECT prefix, at FROM prefix_tombstones WHERE at > ?", (min(fills),)
+            ).fetchall()
+            if fills
+            else []
+        )
+        sizes = _sizes(conn, [r.key for r in reqs])
+        total = rows.used(conn)
+        out: list[bool] = []
+        for n, req in enumerate(reqs):
+            started = req.fetch_started_ns
+            if started is not None:
+                if (
+                    started < horizon
+                    or conn.execute(
+                        "SELECT 1 FROM tombstones WHERE key = ? AND at > ?", (req.key, started)
+                    ).fetchone()
+                    or any(at > started and req.key.startswith(p) for p, at in prefixes)
+                ):
+                    out.append(False)
+                    continue
+            else:
+                # an authoritative write: older in-flight fetches of the key must be refused
+                rows.tombstone(conn, req.key, req.write_ns)
+            old = sizes.get(req.key)
+            if old is not None:  # the key's file of either kind: the new row owns the key
+                for path in req.paths:
+                    unlink_missing_ok(path)
+            _upsert(conn, req)
+            sizes[req.key] = req.size
+            total += req.size - (old or 0)
+            if total > capacity:
+                make_space(conn, req.key)
+                total = rows.used(conn)
+                sizes = _sizes(conn, [r.key for r in reqs[n + 1 :]])  # some may be evicted
+            out.append(True)
+        return out
+
+
+def _sizes(conn: sqlite3.Connection, keys: list[str]) -> dict[str, int]:
+    """``key -> size`` of the rows of ``keys`` that exist."""
+    found: dict[str, int] = {}
+    unique = list(dict.fromkeys(keys))
+    for i in range(0, len(unique), 500):
+        part = unique[i : i + 500]
+        marks = ",".join("?" * len(part))
+        found.update(
+            conn.execute(f"SELECT key, size FROM entries WHERE key IN ({marks})", part).fetchall()
+        )
+    return found
 
 
 def _commit_one(
@@ -80,6 +134,13 @@ def _commit_one(
         rows.tombstone(conn, req.key, req.write_ns)
     for path in req.paths:  # the key's file of either kind: the new row owns the key
         unlink_missing_ok(path)
+    _upsert(conn, req)
+    if rows.used(conn) > capacity:
+        make_space(conn, req.key)
+    return True
+
+
+def _upsert(conn: sqlite3.Connection, req: PutRequest) -> None:
     now = req.write_ns / 1e9
     conn.execute(
         rows.UPSERT,
@@ -95,9 +156,6 @@ def _commit_one(
             req.token,
         ),
     )
-    if rows.used(conn) > capacity:
-        make_space(conn, req.key)
-    return True
 
 
 def place_file(conn: sqlite3.Connection, req: PutRequest) -> bool:
