@@ -7,15 +7,23 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
+from xarray_zcache.cache.disk.entry import Fill
 from xarray_zcache.cache.logs import events
 from xarray_zcache.cache.units import format_bytes
 
 if TYPE_CHECKING:
     from xarray_zcache.cache.disk import DiskTier
 
-__all__ = ["DiskWriter", "PendingWrite"]
+__all__ = ["BATCH_BYTES", "BATCH_ENTRIES", "DiskWriter", "PendingWrite"]
+
+#: The writer stores what is queued in batches (``DiskTier.put_many``: two index transactions
+#: per batch instead of two per entry) of at most this many entries ...
+BATCH_ENTRIES: Final = 256
+#: ... and about this many bytes of values (a batch holds the index write lock while its files
+#: are renamed into place; the values themselves are written before, outside any lock).
+BATCH_BYTES: Final = 32 * 2**20
 
 logger = logging.getLogger("xarray_zcache.cache")
 _events = events("xarray_zcache.cache")
@@ -63,6 +71,9 @@ class DiskWriter:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._warned_full = False
+        #: ``put_many`` calls made, and the entries they carried (statistics, for tests)
+        self.batches = 0
+        self.batched_entries = 0
 
     @property
     def backlog(self) -> float:
@@ -122,44 +133,76 @@ class DiskWriter:
 
     def _run(self) -> None:
         while True:
-            key = self._queue.get()
+            keys = self._next_batch()
             try:
-                if key is None:
-                    return
-                item = self._pending.get(key)
-                if item is None:
-                    continue  # invalidated, or written by an earlier queue entry
-                ok = self._disk.put(
-                    item.key,
-                    item.value,
-                    namespace=item.namespace,
-                    kind=item.kind,
-                    expires=item.expires,
-                    fetch_started_ns=item.started_ns,
-                )
-                if not ok and len(item.value) <= self._disk.capacity:
-                    self._on_drop()
-                _events.debug(
-                    "disk fill",
-                    "xarray-zcache: %s %r on disk (%d bytes)",
-                    "filled" if ok else "did not store",
-                    item.key,
-                    len(item.value),
-                )
-                with self._lock:
-                    if self._pending.get(key) is item:
-                        del self._pending[key]
-                        self._bytes -= len(item.value)
+                self._write([k for k in dict.fromkeys(keys) if k is not None])
             except Exception as exc:
                 if self._on_error is None:
-                    logger.exception("xarray-zcache: background disk write of %r failed", key)
+                    logger.exception(
+                        "xarray-zcache: background disk write of %d entries failed", len(keys)
+                    )
                 else:
                     try:
                         self._on_error(exc, "writing an entry to disk")
                     except Exception:  # pragma: no cover - the handler logs its own errors
                         logger.exception("xarray-zcache: handling a failed disk write failed")
             finally:
-                self._queue.task_done()
+                for _ in keys:
+                    self._queue.task_done()
+            if keys[-1] is None:
+                return
+
+    def _next_batch(self) -> list[str | None]:
+        """The next queued keys: at least one (waits for it), then whatever is queued already,
+        up to ``BATCH_ENTRIES`` keys or ``BATCH_BYTES`` of values (the stop marker ends it)."""
+        keys = [self._queue.get()]
+        nbytes = 0
+        while keys[-1] is not None and len(keys) < BATCH_ENTRIES and nbytes < BATCH_BYTES:
+            item = self._pending.get(keys[-1])
+            nbytes += 0 if item is None else len(item.value)
+            try:
+                keys.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return keys
+
+    def _write(self, keys: list[str]) -> None:
+        """Store the pending values of ``keys`` (distinct) with one ``put_many``."""
+        items = [item for item in map(self._pending.get, keys) if item is not None]
+        if not items:
+            return  # invalidated, or written by an earlier queue entry
+        self.batches += 1
+        self.batched_entries += len(items)
+        try:
+            stored = self._disk.put_many(
+                [
+                    Fill(
+                        item.key,
+                        item.value,
+                        item.namespace,
+                        item.kind,
+                        item.expires,
+                        item.started_ns,
+                    )
+                    for item in items
+                ]
+            )
+        finally:
+            with self._lock:  # written or failed: the value is no longer pending either way
+                for item in items:
+                    if self._pending.get(item.key) is item:
+                        del self._pending[item.key]
+                        self._bytes -= len(item.value)
+        for item, ok in zip(items, stored, strict=True):
+            if not ok and len(item.value) <= self._disk.capacity:
+                self._on_drop()
+            _events.debug(
+                "disk fill",
+                "xarray-zcache: %s %r on disk (%d bytes)",
+                "filled" if ok else "did not store",
+                item.key,
+                len(item.value),
+            )
 
     def flush(self) -> None:
         """Wait until every queued write is done."""

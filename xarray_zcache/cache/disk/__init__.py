@@ -15,7 +15,7 @@ standard library is imported.
 """
 
 from xarray_zcache.cache.disk import hooks
-from xarray_zcache.cache.disk.entry import DiskEntry, PutRequest
+from xarray_zcache.cache.disk.entry import DiskEntry, Fill, PutRequest
 from xarray_zcache.cache.disk.folder import FolderGone
 from xarray_zcache.cache.disk.format import FORMAT_VERSION, HEADER, MAGIC
 from xarray_zcache.cache.disk.tier import DiskTier
@@ -26,6 +26,7 @@ __all__ = [
     "MAGIC",
     "DiskEntry",
     "DiskTier",
+    "Fill",
     "FolderGone",
     "PutRequest",
     "hooks",

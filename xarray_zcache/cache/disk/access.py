@@ -70,8 +70,9 @@ class AccessLog:
 
     @staticmethod
     def write(conn: sqlite3.Connection, batch: Batch) -> None:
-        """Write ``batch`` (inside the caller's transaction)."""
+        """Write ``batch`` (inside the caller's transaction), in key order: consecutive updates
+        then walk the key index in order (fewer pages touched in a large index)."""
         conn.executemany(
             "UPDATE entries SET last_access = MAX(last_access, ?), hits = hits + ? WHERE key = ?",
-            [(t, n, key) for key, (t, n) in batch.items() if sql_safe(key)],
+            [(t, n, key) for key, (t, n) in sorted(batch.items()) if sql_safe(key)],
         )

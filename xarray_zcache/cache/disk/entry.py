@@ -6,6 +6,7 @@ import dataclasses
 import math
 import os
 import zlib
+from typing import NamedTuple
 
 from xarray_zcache.cache.disk.format import KINDS, digest, pack_header, payload_path, temp_path
 
@@ -85,3 +86,14 @@ class PutRequest:
             header=header,
             token=int.from_bytes(os.urandom(8), "little") >> 2,
         )
+
+
+class Fill(NamedTuple):
+    """One ``put`` of ``DiskTier.put_many``: the arguments of ``DiskTier.put``."""
+
+    key: str
+    value: bytes
+    namespace: str = ""
+    kind: str = "chunk"
+    expires: float | None = None
+    fetch_started_ns: int | None = None

@@ -18,7 +18,10 @@ from xarray_zcache.cache.disk.entry import DiskEntry
 from xarray_zcache.cache.disk.folder import prepare_folder, same_file
 from xarray_zcache.cache.disk.format import (
     KINDS,
+    WHOLE_READ,
+    check_payload,
     payload_path,
+    pread_exact,
     read_header,
     read_payload,
 )
@@ -35,6 +38,10 @@ _events = events("xarray_zcache.disk")
 
 #: After an eviction triggered by ``put``, usage is brought down to this fraction of capacity.
 EVICT_LOW_WATER: Final = 0.9
+#: An eviction triggered by ``put`` removes at most this many entries beyond those needed to
+#: fit (the rest of the way to ``EVICT_LOW_WATER`` is left to later ones): at a million small
+#: entries, 10 % of the capacity would be 100,000 unlinks under the write lock in one ``put``.
+EVICT_BATCH: Final = 1024
 #: Tombstones older than this are pruned automatically every ``AUTO_PRUNE_EVERY`` stores.
 TOMBSTONE_TTL_S: Final = 3600.0
 AUTO_PRUNE_EVERY: Final = 4096
@@ -110,14 +117,31 @@ class TierCore:
         logger.info("disk cache %s: index rebuilt from payload files: %s", self._root, counts)
 
     def _evict_locked(
-        self, conn: sqlite3.Connection, target: int, now: float, protect: str | None = None
+        self,
+        conn: sqlite3.Connection,
+        target: int,
+        now: float,
+        protect: str | None = None,
+        *,
+        limit: int | None = None,
+        hard_target: int | None = None,
     ) -> int:
         """Drop expired rows, then LRU rows (never ``protect``) until usage <= ``target``
-        (in a transaction; pending access statistics are written first, for the LRU order)."""
+        (in a transaction; pending access statistics are written first, for the LRU order).
+        ``limit``, ``hard_target``: see :func:`.rows.evict`."""
         batch = self._access.take()
         if batch:
             AccessLog.write(conn, batch)
-        freed = rows.evict(conn, self._root, target, now, self._warn.error, protect)
+        freed = rows.evict(
+            conn,
+            self._root,
+            target,
+            now,
+            self._warn.error,
+            protect,
+            limit=limit,
+            hard_target=hard_target,
+        )
         self.expirations += freed.expired
         self.evictions += freed.evicted
         self.evicted_bytes += freed.evicted_bytes
@@ -211,9 +235,14 @@ class TierCore:
             payload = b""
             try:
                 st = os.fstat(fd)
-                problem, header = read_header(fd, st.st_size, key_digest, key_bytes)
+                # a small file is read whole: one system call, one device read
+                whole = pread_exact(fd, st.st_size, 0) if 0 < st.st_size <= WHOLE_READ else None
+                problem, header = read_header(fd, st.st_size, key_digest, key_bytes, head=whole)
                 if header is not None and header.expires >= t:
-                    problem, payload = read_payload(fd, header)
+                    if whole is None:
+                        problem, payload = read_payload(fd, header)
+                    else:
+                        problem, payload = check_payload(whole[header.offset :], header)
             except OSError as exc:
                 self._warn.error(exc, f"reading {path}")
                 return None

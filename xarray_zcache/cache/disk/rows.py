@@ -235,12 +235,22 @@ def evict(
     now: float,
     on_error: OnError,
     protect: str | None = None,
+    *,
+    limit: int | None = None,
+    hard_target: int | None = None,
 ) -> Freed:
-    """Drop expired rows, then LRU rows (never ``protect``) until usage <= ``target``."""
+    """Drop expired rows, then LRU rows (never ``protect``) until usage <= ``target``.
+
+    With ``limit``, at most ``limit`` LRU rows are removed, unless more are needed to bring
+    usage down to ``hard_target`` (default ``target``): eviction to a low-water mark then
+    happens in bounded batches (each holding the write lock briefly) rather than all at once.
+    """
     expired = drop_expired(conn, root, now, on_error)
-    need = used(conn) - target
+    total = used(conn)
+    need = total - target
     if need <= 0:
         return expired
+    must = need if hard_target is None else max(0, total - hard_target)
     victims: list[Row] = []
     got = 0
     cur = conn.execute("SELECT key, kind, size FROM entries ORDER BY last_access")
@@ -254,7 +264,8 @@ def evict(
                     continue
                 victims.append(row)
                 got += row[2]
-                if got >= need:
+                if got >= need or (limit is not None and len(victims) >= limit and got >= must):
+                    need = got
                     break
     finally:
         cur.close()

@@ -21,7 +21,7 @@ import contextlib
 import dataclasses
 import os
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from xarray_zcache.cache.disk import hooks, rows
@@ -38,40 +38,124 @@ def commit_row(
     req: PutRequest,
     *,
     capacity: int,
-    make_space: Callable[[sqlite3.Connection], None],
+    make_space: Callable[[sqlite3.Connection, str], None],
 ) -> bool:
     """Transaction 1: refuse a stale fill, drop the old files, commit the row with its token.
 
-    ``make_space(conn)`` is called (in the transaction) when the total exceeds ``capacity``.
-    Returns False if the fill is stale.
+    ``make_space(conn, key)`` is called (in the transaction) when the total exceeds
+    ``capacity``; it must not evict ``key``. Returns False if the fill is stale.
     """
     with txn(conn):
-        if req.fetch_started_ns is not None:
-            if rows.is_stale(conn, req.key, req.fetch_started_ns):
-                return False
-        else:
-            # an authoritative write: older in-flight fetches of the key must be refused
-            rows.tombstone(conn, req.key, req.write_ns)
-        for path in req.paths:  # the key's file of either kind: the new row owns the key
-            unlink_missing_ok(path)
-        now = req.write_ns / 1e9
-        conn.execute(
-            rows.UPSERT,
-            (
-                req.key,
-                req.namespace,
-                req.kind,
-                req.size,
-                now,
-                now,
-                req.expires,
-                req.checksum,
-                req.token,
-            ),
+        return _commit_one(conn, req, capacity, make_space)
+
+
+def commit_rows(
+    conn: sqlite3.Connection,
+    reqs: Sequence[PutRequest],
+    *,
+    capacity: int,
+    make_space: Callable[[sqlite3.Connection, str], None],
+) -> list[bool]:
+    """Transaction 1 of several ``put`` calls, in one transaction (see :func:`commit_row`).
+
+    Each request is judged as :func:`commit_row` would, in order (a later request for the
+    same key replaces the row, hence the token, of an earlier one), with what the batch
+    needs read once: the pruning horizon, the prefix tombstones, the rows of its keys (a key
+    without a row has no payload file to unlink: a visible file always has a row). Returns,
+    for each request, False if the fill is stale.
+    """
+    with txn(conn):
+        horizon = conn.execute("SELECT horizon FROM totals WHERE id = 0").fetchone()[0]
+        fills = [r.fetch_started_ns for r in reqs if r.fetch_started_ns is not None]
+        prefixes = (
+            conn.execute(
+                "SELECT prefix, at FROM prefix_tombstones WHERE at > ?", (min(fills),)
+            ).fetchall()
+            if fills
+            else []
         )
-        if rows.used(conn) > capacity:
-            make_space(conn)
+        sizes = _sizes(conn, [r.key for r in reqs])
+        total = rows.used(conn)
+        out: list[bool] = []
+        for n, req in enumerate(reqs):
+            started = req.fetch_started_ns
+            if started is not None:
+                if (
+                    started < horizon
+                    or conn.execute(
+                        "SELECT 1 FROM tombstones WHERE key = ? AND at > ?", (req.key, started)
+                    ).fetchone()
+                    or any(at > started and req.key.startswith(p) for p, at in prefixes)
+                ):
+                    out.append(False)
+                    continue
+            else:
+                # an authoritative write: older in-flight fetches of the key must be refused
+                rows.tombstone(conn, req.key, req.write_ns)
+            old = sizes.get(req.key)
+            if old is not None:  # the key's file of either kind: the new row owns the key
+                for path in req.paths:
+                    unlink_missing_ok(path)
+            _upsert(conn, req)
+            sizes[req.key] = req.size
+            total += req.size - (old or 0)
+            if total > capacity:
+                make_space(conn, req.key)
+                total = rows.used(conn)
+                sizes = _sizes(conn, [r.key for r in reqs[n + 1 :]])  # some may be evicted
+            out.append(True)
+        return out
+
+
+def _sizes(conn: sqlite3.Connection, keys: list[str]) -> dict[str, int]:
+    """``key -> size`` of the rows of ``keys`` that exist."""
+    found: dict[str, int] = {}
+    unique = list(dict.fromkeys(keys))
+    for i in range(0, len(unique), 500):
+        part = unique[i : i + 500]
+        marks = ",".join("?" * len(part))
+        found.update(
+            conn.execute(f"SELECT key, size FROM entries WHERE key IN ({marks})", part).fetchall()
+        )
+    return found
+
+
+def _commit_one(
+    conn: sqlite3.Connection,
+    req: PutRequest,
+    capacity: int,
+    make_space: Callable[[sqlite3.Connection, str], None],
+) -> bool:
+    if req.fetch_started_ns is not None:
+        if rows.is_stale(conn, req.key, req.fetch_started_ns):
+            return False
+    else:
+        # an authoritative write: older in-flight fetches of the key must be refused
+        rows.tombstone(conn, req.key, req.write_ns)
+    for path in req.paths:  # the key's file of either kind: the new row owns the key
+        unlink_missing_ok(path)
+    _upsert(conn, req)
+    if rows.used(conn) > capacity:
+        make_space(conn, req.key)
     return True
+
+
+def _upsert(conn: sqlite3.Connection, req: PutRequest) -> None:
+    now = req.write_ns / 1e9
+    conn.execute(
+        rows.UPSERT,
+        (
+            req.key,
+            req.namespace,
+            req.kind,
+            req.size,
+            now,
+            now,
+            req.expires,
+            req.checksum,
+            req.token,
+        ),
+    )
 
 
 def place_file(conn: sqlite3.Connection, req: PutRequest) -> bool:
@@ -81,21 +165,34 @@ def place_file(conn: sqlite3.Connection, req: PutRequest) -> bool:
     fails, the row is deleted (no row may promise a file that will not come) and the error
     raised.
     """
-    replace_error: OSError | None = None
     with txn(conn):
-        row = conn.execute("SELECT token FROM entries WHERE key = ?", (req.key,)).fetchone()
-        if row is None or row[0] != req.token:
-            return False  # deleted, evicted or overwritten meanwhile
-        hooks.fire("before-replace", req.temp, req.final)
-        try:
-            os.replace(req.temp, req.final)
-        except OSError as exc:
-            replace_error = exc
-            conn.execute("DELETE FROM entries WHERE key = ? AND token = ?", (req.key, req.token))
-        else:
-            hooks.fire("after-replace", req.final)
-    if replace_error is not None:
-        raise replace_error
+        placed = _place_one(conn, req)
+    if isinstance(placed, OSError):
+        raise placed
+    return placed
+
+
+def place_files(conn: sqlite3.Connection, reqs: Sequence[PutRequest]) -> list[bool | OSError]:
+    """Transaction 2 of several ``put`` calls, in one transaction (see :func:`place_file`).
+
+    Returns, for each request, whether its file was placed, or the error of its rename (its
+    row is then deleted; the other requests are not affected).
+    """
+    with txn(conn):
+        return [_place_one(conn, req) for req in reqs]
+
+
+def _place_one(conn: sqlite3.Connection, req: PutRequest) -> bool | OSError:
+    row = conn.execute("SELECT token FROM entries WHERE key = ?", (req.key,)).fetchone()
+    if row is None or row[0] != req.token:
+        return False  # deleted, evicted or overwritten meanwhile
+    hooks.fire("before-replace", req.temp, req.final)
+    try:
+        os.replace(req.temp, req.final)
+    except OSError as exc:
+        conn.execute("DELETE FROM entries WHERE key = ? AND token = ?", (req.key, req.token))
+        return exc
+    hooks.fire("after-replace", req.final)
     return True
 
 

@@ -1,0 +1,192 @@
+"""The disk tier's batched fills, bounded eviction batches and single-read hits (issue 19).
+
+Behaviour only (counts of transactions, system calls, entries), never wall-clock time: the
+timings are in ``benchmarks/disk_scale.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sqlite3
+import threading
+import time
+
+import pytest
+
+from xarray_zcache.cache.disk import DiskTier, Fill, hooks, reads
+from xarray_zcache.cache.disk.format import WHOLE_READ
+from xarray_zcache.cache.writer import BATCH_ENTRIES, DiskWriter, PendingWrite
+
+
+def temp_files(root: pathlib.Path) -> list[pathlib.Path]:
+    return [p for p in root.rglob("*.tmp") if p.is_file()]
+
+
+def count_commits(conn: sqlite3.Connection) -> list[str]:
+    seen: list[str] = []
+    conn.set_trace_callback(lambda sql: seen.append(sql) if sql.strip() == "COMMIT" else None)
+    return seen
+
+
+def test_put_many_stores_each_fill_in_two_transactions(tmp_path: pathlib.Path) -> None:
+    tier = DiskTier(tmp_path / "c", 1 << 30)
+    fills = [Fill(f"k/{i}", f"value {i}".encode() * (i + 1), "ns", "chunk") for i in range(100)]
+    assert tier._conn is not None
+    commits = count_commits(tier._conn)
+    assert tier.put_many(fills) == [True] * 100
+    tier._conn.set_trace_callback(None)
+    assert len(commits) == 2  # one per step of put, for the whole batch
+    assert len(tier) == 100
+    assert tier.used_bytes() == sum(len(f.value) for f in fills)
+    for f in fills:
+        entry = tier.get_entry(f.key)
+        assert entry is not None and entry.value == f.value and entry.namespace == "ns"
+    assert temp_files(tmp_path) == []
+    tier.close()
+    with DiskTier(tmp_path / "c", 1 << 30) as again:  # the rows were committed
+        assert len(again) == 100 and again.get("k/7") == b"value 7" * 8
+
+
+def test_put_many_judges_each_fill_like_put(tmp_path: pathlib.Path) -> None:
+    tier = DiskTier(tmp_path / "c", 1000, max_object_size=100)
+    started = time.time_ns()
+    tier.put("old", b"v0")
+    tier.delete("stale")  # a fetch of "stale" started before this delete is refused
+    fills = [
+        Fill("stale", b"x", fetch_started_ns=started),
+        Fill("big", b"y" * 101),  # over max_object_size
+        Fill("meta", b"m", kind="metadata", expires=time.time() + 3600),
+        Fill("dup", b"first"),
+        Fill("old", b"v1", fetch_started_ns=time.time_ns()),
+        Fill("dup", b"second"),  # a later fill of a key wins
+        Fill("\ud800", b"z"),  # cannot be indexed
+    ]
+    stored = tier.put_many(fills)
+    assert stored == [False, False, True, False, True, True, False]
+    assert tier.stale_rejections == 1
+    assert tier.get("stale") is None and tier.get("big") is None
+    entry = tier.get_entry("meta")
+    assert entry is not None and entry.kind == "metadata" and entry.expires is not None
+    assert tier.get("dup") == b"second" and tier.get("old") == b"v1"
+    assert len(tier) == 3
+    assert temp_files(tmp_path) == []
+    assert tier.verify() == {**tier.verify(), "ok": 3, "corrupt": 0, "orphan_files": 0}
+    tier.close()
+
+
+def test_put_many_refuses_a_bad_batch_before_writing(tmp_path: pathlib.Path) -> None:
+    tier = DiskTier(tmp_path / "c", 1 << 20)
+    with pytest.raises(ValueError):
+        tier.put_many([Fill("a", b"1"), Fill("b", b"2", kind="nope")])
+    with pytest.raises(ValueError):
+        tier.put_many([Fill("a", b"1", expires=float("nan"))])
+    assert len(tier) == 0 and temp_files(tmp_path) == []
+    tier.close()
+    assert tier.put_many([Fill("a", b"1")]) == [False]  # closed
+
+
+def test_put_many_never_exceeds_capacity(tmp_path: pathlib.Path) -> None:
+    tier = DiskTier(tmp_path / "c", 10_000)
+    fills = [Fill(f"k/{i}", bytes([i % 256]) * 300) for i in range(200)]  # 60,000 bytes
+    seen: list[int] = []
+
+    def check(_final: str) -> None:
+        assert tier._conn is not None
+        seen.append(tier._conn.execute("SELECT used FROM totals").fetchone()[0])
+
+    with hooks.registered("after-replace", check):
+        stored = tier.put_many(fills)
+    assert seen and max(seen) <= 10_000
+    assert tier.used_bytes() <= 10_000
+    # the newest fills survive (LRU); every surviving entry is readable and intact
+    assert stored[-1] and tier.get("k/199") == bytes([199]) * 300
+    for i in range(200):
+        value = tier.get(f"k/{i}")
+        assert value is None or value == bytes([i % 256]) * 300
+    assert temp_files(tmp_path) == []
+    tier.close()
+
+
+def test_eviction_by_put_goes_in_bounded_batches(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(reads, "EVICT_BATCH", 5)
+    tier = DiskTier(tmp_path / "c", 100 * 100)  # room for 100 entries of 100 bytes
+    assert all(tier.put_many([Fill(f"k/{i}", b"v" * 100) for i in range(100)]))
+    tier.put("new", b"n" * 100)  # over capacity: 1 must go, low water would take 11
+    assert tier.evictions == 5  # the batch bound, not the 11 of the low-water mark
+    assert tier.used_bytes() <= tier.capacity
+    tier.put("big", b"b" * 2000)  # 96 entries + 2000 bytes: 16 must go whatever the bound
+    assert tier.evictions == 5 + 16
+    assert tier.used_bytes() <= tier.capacity and tier.get("big") == b"b" * 2000
+    # an explicit evict() is not bounded
+    tier.evict(tier.capacity // 2)
+    assert tier.used_bytes() <= tier.capacity // 2
+    tier.close()
+
+
+def test_small_hit_is_one_read_large_hit_two(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tier = DiskTier(tmp_path / "c", 1 << 30)
+    small, large = b"s" * 1000, os.urandom(WHOLE_READ + 1)
+    tier.put("small", small)
+    tier.put("large", large)
+    calls: list[int] = []
+    pread = os.pread
+
+    def counting(fd: int, n: int, offset: int) -> bytes:
+        calls.append(n)
+        return pread(fd, n, offset)
+
+    monkeypatch.setattr(os, "pread", counting)
+    assert tier.get("small") == small
+    assert len(calls) == 1  # header and payload in one system call
+    calls.clear()
+    assert tier.get("large") == large
+    assert len(calls) == 2  # the header, then the payload (not copied out of a larger read)
+    monkeypatch.undo()
+    # a damaged small file is still caught by the checksum
+    path = next((tmp_path / "c" / "chunks").rglob("*.cache"))
+    for p in (tmp_path / "c" / "chunks").rglob("*.cache"):
+        if p.stat().st_size < 2000:
+            path = p
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    assert tier.get("small") is None and tier.corruptions == 1
+    tier.close()
+
+
+def test_disk_writer_stores_queued_fills_in_batches(tmp_path: pathlib.Path) -> None:
+    tier = DiskTier(tmp_path / "c", 1 << 30)
+    drops: list[int] = []
+    writer = DiskWriter(tier, 1 << 30, lambda: drops.append(1))
+    gate, first = threading.Event(), threading.Event()
+
+    def hold(_temp: str) -> None:  # the first write waits until the queue has filled up
+        first.set()
+        gate.wait(10)
+
+    n = 2 * BATCH_ENTRIES + 10
+    now = time.time_ns()
+    with hooks.registered("after-temp-write", hold):
+        writer.submit(PendingWrite("k/0", b"v0", "chunk", "ns", None, now))
+        assert first.wait(10)
+        for i in range(1, n):
+            assert writer.submit(PendingWrite(f"k/{i}", b"v%d" % i, "chunk", "ns", None, now))
+        writer.submit(PendingWrite("k/5", b"newer", "chunk", "ns", None, now))  # replaces
+        gate.set()
+        writer.flush()
+    assert writer.batched_entries == n  # k/5 once: its second queue entry found it written
+    assert writer.batches <= 1 + -(-(n - 1) // BATCH_ENTRIES) + 1
+    assert not drops
+    assert (
+        len(tier) == n
+        and tier.get("k/5") == b"newer"
+        and tier.get(f"k/{n - 1}") == b"v%d" % (n - 1)
+    )
+    assert writer.pending("k/1") is None and writer.backlog == 0
+    writer.close()
+    tier.close()
