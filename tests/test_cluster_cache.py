@@ -376,3 +376,36 @@ def test_a_killed_owner_costs_only_its_share(env: Env) -> None:
     # the computation goes on while the owner is gone and its nanny restarts it
     for _ in range(2):
         xr.testing.assert_allclose(ds.t.max("time").compute(), expected.t.max("time"))
+
+
+def test_kerchunk_references_are_one_cache_on_the_cluster(env: Env, tmp_path: Any) -> None:
+    """A reference set's chunks are cached under their target file's byte ranges: on the
+    cluster too (pickled to the workers, owned, asked of peers), and re-runs read nothing."""
+    import fsspec
+    from kerchunk.hdf import SingleHdf5ToZarr
+
+    cfg = env.config()
+    zd.install(env.client, cfg)
+    rng = np.random.default_rng(3)
+    expected = xr.Dataset(
+        {"t": (("time", "lat", "lon"), rng.normal(280, 5, (16, 16, 32)).astype("f4"))}
+    )
+    path = tmp_path / "t.nc"
+    expected.to_netcdf(path, engine="h5netcdf", encoding={"t": {"chunksizes": (2, 8, 16)}})
+    url = f"s3://{env.bucket}/nc/t.nc"
+    env.server.filesystem().put_file(str(path), url.removeprefix("s3://"))
+    with fsspec.open(url, **env.opts) as f:
+        refs = SingleHdf5ToZarr(f, url, inline_threshold=0).translate()
+    so = {"fo": refs, "remote_protocol": "s3", "remote_options": env.opts}
+    ds = xr.open_dataset(
+        "reference://", engine="zcache", chunks={}, storage_options=so, cache_config=cfg,
+        consolidated=False, zarr_format=2,
+    )  # fmt: skip
+    log = env.server.requests
+    gets = []
+    for _ in range(2):
+        before = log.count("GET", bucket=env.bucket, key_prefix="nc/")
+        got = ds.t.mean("time").compute()
+        xr.testing.assert_allclose(got, expected.t.mean("time"))
+        gets.append(log.count("GET", bucket=env.bucket, key_prefix="nc/") - before)
+    assert gets == [32, 0], gets  # one ranged GET per chunk of t.nc, cluster-wide; then none

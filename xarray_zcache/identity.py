@@ -248,8 +248,7 @@ def _fsspec(store: Any) -> Identity:
         return Identity(f"{PRIVATE_PREFIX}fsspec-memory:{os.getpid()}:/{store.path.strip('/')}")
     if "file" in protocols or "local" in protocols:
         ns = local_namespace("/" + store.path.lstrip("/"))
-        if ns is not None:
-            return Identity(ns, files=True)
+        return Identity(ns or fsspec_namespace(fs, store.path), files=True)
     versioned = "s3" in protocols and hasattr(fs, "_call_s3")
     return Identity(fsspec_namespace(fs, store.path), freshness="versions" if versioned else "ttl")
 
