@@ -658,3 +658,93 @@ def test_the_backend_opens_the_stores_users_hold(
     ro = repo.readonly_session(snapshot_id=snap)
     ds = xr.open_dataset(ro.store, engine="zcache", cache_config=cfg, consolidated=False)
     assert ds.t.values.tolist() == [9.0, 10.0, 11.0, 12.0]
+
+
+# -- references answer exactly as the reference store itself -------------------------------------
+
+
+@pytest.fixture
+def ref_kinds(s3_server: LocalS3Server, s3_bucket: str, tmp_path: Path) -> tuple[Any, Any]:
+    """A reference set with a ranged reference, a whole-file reference, inline data and a
+    missing key, into files on S3 and on disk; and the bare reference store."""
+    payload = bytes(range(256)) * 4
+    s3_server.filesystem().pipe_file(f"{s3_bucket}/raw.bin", payload)
+    refs = {
+        "version": 1,
+        "refs": {
+            "ranged": [f"s3://{s3_bucket}/raw.bin", 100, 300],
+            "whole": [f"s3://{s3_bucket}/raw.bin"],
+            "inline": "base64:" + __import__("base64").b64encode(payload[:50]).decode(),
+            "text": "plain inline text",
+        },
+    }
+    opts = s3_server.storage_options()
+
+    def build() -> FsspecStore:
+        return _ref_store(refs, opts)
+
+    return build(), CachedStore(build(), _config(tmp_path / "cache"))
+
+
+_ranges = st.one_of(
+    st.none(),
+    st.tuples(st.integers(0, 1100), st.integers(1, 1100)).map(
+        lambda t: zarr.abc.store.RangeByteRequest(min(t), max(t) + 1)
+    ),
+    st.integers(0, 1100).map(zarr.abc.store.OffsetByteRequest),
+    st.integers(1, 1100).map(zarr.abc.store.SuffixByteRequest),
+)
+
+
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    key=st.sampled_from(["ranged", "whole", "inline", "text", "missing"]),
+    byte_range=_ranges,
+    twice=st.booleans(),
+)
+def test_referenced_reads_answer_the_referenced_bytes(
+    ref_kinds: tuple[Any, Any], key: str, byte_range: Any, twice: bool
+) -> None:
+    from zarr.core.buffer import default_buffer_prototype
+
+    bare, cached = ref_kinds
+    proto = default_buffer_prototype()
+
+    async def both() -> tuple[Any, Any]:
+        try:
+            want = await bare.get(key, proto, byte_range)
+        except Exception as exc:
+            want = type(exc)
+        for _ in range(2 if twice else 1):  # (the second from the cache)
+            try:
+                got = await cached.get(key, proto, byte_range)
+            except Exception as exc:
+                got = type(exc)
+        return want, got
+
+    want, got = sync(both())
+    # the model: the referenced object's bytes, sliced as Python slices them
+    payload = bytes(range(256)) * 4
+    obj = {
+        "ranged": payload[100:400],
+        "whole": payload,
+        "inline": payload[:50],
+        "text": b"plain inline text",
+    }.get(key)
+    if obj is None:
+        assert got is None and want is None
+        return
+    if byte_range is None:
+        model = obj
+    elif hasattr(byte_range, "end"):
+        model = obj[byte_range.start : byte_range.end]
+    elif hasattr(byte_range, "offset"):
+        model = obj[byte_range.offset :]
+    else:
+        model = obj[-byte_range.suffix :]
+    assert got is not None and not isinstance(got, type), (want, got)
+    assert got.to_bytes() == model
+    if model and not isinstance(want, type) and want is not None:
+        assert want.to_bytes() == model  # (fsspec answers an empty range with the whole file)
