@@ -199,9 +199,12 @@ def test_a_rewritten_target_file_is_seen_after_the_interval(
     # another writer rewrites a.nc in place with the same layout, other values
     _netcdf(tmp_path / "a2.nc", 50.0)
     s3_server.filesystem().put_file(str(tmp_path / "a2.nc"), f"{s3_bucket}/nc/a.nc")
+    s3_server.requests.reset()
     report = sync(store.revalidate())
     assert report.changed >= 1 and report.requests == 1  # one listing for the one target
+    assert s3_server.requests.lists(bucket=s3_bucket) == 1
     assert _values(store) == [50.0 + i for i in range(10)]
+    assert s3_server.requests.count("GET", bucket=s3_bucket, key_prefix="nc/") == 1
 
 
 def test_local_reference_targets(tmp_path: Path) -> None:
@@ -748,3 +751,22 @@ def test_referenced_reads_answer_the_referenced_bytes(
     assert got.to_bytes() == model
     if model and not isinstance(want, type) and want is not None:
         assert want.to_bytes() == model  # (fsspec answers an empty range with the whole file)
+
+
+def test_manifest_store_sees_a_rewritten_target(
+    s3_server: LocalS3Server, s3_bucket: str, tmp_path: Path
+) -> None:
+    _netcdf(tmp_path / "a.nc", 3.0)
+    s3_server.filesystem().put_file(str(tmp_path / "a.nc"), f"{s3_bucket}/a.nc")
+    url = f"s3://{s3_bucket}/"
+    cfg = _config(tmp_path / "cache", validation=1)
+    store = CachedStore(_manifest_store(tmp_path / "a.nc", url, _s3_obs(s3_server, s3_bucket)), cfg)
+    ds = xr.open_dataset(store, engine="zarr", consolidated=False, zarr_format=3)
+    assert ds.t.values.tolist() == [3.0 + i for i in range(10)]
+    _netcdf(tmp_path / "a.nc", 40.0)  # same layout, other values
+    s3_server.filesystem().put_file(str(tmp_path / "a.nc"), f"{s3_bucket}/a.nc")
+    s3_server.requests.reset()
+    report = sync(store.revalidate())
+    assert report.changed == 1 and report.requests == s3_server.requests.lists(bucket=s3_bucket)
+    ds = xr.open_dataset(store, engine="zarr", consolidated=False, zarr_format=3)
+    assert ds.t.values.tolist() == [40.0 + i for i in range(10)]
