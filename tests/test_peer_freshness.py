@@ -26,7 +26,7 @@ from xarray_zcache.testing.s3server import LocalS3Server
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.slow]
 
-INTERVAL = 6.0  # the validation interval of the workers' caches (seconds)
+INTERVAL = 8.0  # the validation interval of the workers' caches (seconds)
 SHAPE, CHUNKS = (8, 16), (2, 16)  # 4 chunks: t/c/<i>/0
 
 
@@ -54,23 +54,16 @@ def cluster() -> Iterator[tuple[Client, CacheConfig]]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _write(url: str, opts: dict[str, Any], value: float, rows: slice | None = None) -> None:
-    """Another writer (plain zarr, not through zcache)."""
-    if rows is None:
+def _create(url: str, opts: dict[str, Any], value: float) -> zarr.Array[Any]:
+    """Arrays ``t`` and ``u`` of ``value``, by another writer (plain zarr, not through
+    zcache); returns ``t`` opened for writing."""
+    store = zarr.storage.FsspecStore.from_url(url, storage_options=opts)
+    for name in ("u", "t"):
         arr = zarr.create_array(
-            zarr.storage.FsspecStore.from_url(url, storage_options=opts),
-            name="t",
-            shape=SHAPE,
-            chunks=CHUNKS,
-            dtype="f4",
-            zarr_format=3,
+            store, name=name, shape=SHAPE, chunks=CHUNKS, dtype="f4", zarr_format=3
         )
         arr[:] = value
-    else:
-        arr = zarr.open_array(
-            zarr.storage.FsspecStore.from_url(url, storage_options=opts), path="t", mode="r+"
-        )
-        arr[rows] = value
+    return arr
 
 
 def _store(url: str, opts: dict[str, Any], cfg: CacheConfig, read_only: bool = True) -> Any:
@@ -79,9 +72,9 @@ def _store(url: str, opts: dict[str, Any], cfg: CacheConfig, read_only: bool = T
     return open_store(url, storage_options=opts, cache_config=cfg, read_only=read_only)
 
 
-def _read_rows(url: str, opts: dict[str, Any], cfg: CacheConfig, i: int) -> float:
-    """Chunk ``t/c/<i>/0`` read through zcache (on the worker this runs on)."""
-    arr = zarr.open_array(_store(url, opts, cfg), path="t", mode="r")
+def _read_rows(url: str, opts: dict[str, Any], cfg: CacheConfig, i: int, name: str = "t") -> float:
+    """Chunk ``<name>/c/<i>/0`` read through zcache (on the worker this runs on)."""
+    arr = zarr.open_array(_store(url, opts, cfg), path=name, mode="r")
     values = np.asarray(arr[2 * i : 2 * i + 2])
     assert len(set(values.ravel().tolist())) == 1
     return float(values.ravel()[0])
@@ -122,22 +115,30 @@ def test_a_replica_is_served_no_longer_than_its_owners_confirmation_allows(
 ) -> None:
     client, cfg = cluster
     url = f"s3://{s3_bucket}/peers.zarr"
-    _write(url, s3_options, 1.0)
+    writer = _create(url, s3_options, 1.0)
     i = 1
     a, b = _owner_and_other(client, url, s3_options, cfg, i)
     gets = lambda: s3_server.requests.count("GET", bucket=s3_bucket, key_suffix=f"t/c/{i}/0")  # noqa: E731
+    for w in (a, b):  # sessions and stores set up, every chunk but i cached
+        for j in range(SHAPE[0] // CHUNKS[0]):
+            for name in ("u", "t"):
+                if (name, j) != ("t", i):
+                    assert _on(client, w, _read_rows, url, s3_options, cfg, j, name) == 1.0
 
-    t0 = time.time()
     assert _on(client, a, _read_rows, url, s3_options, cfg, i) == 1.0  # the owner caches it
-    _write(url, s3_options, 2.0, slice(2 * i, 2 * i + 2))  # another writer rewrites it
+    assert gets() == 1
+    _on(client, a, zd._revalidate_task, url, s3_options)  # A confirms the array now
+    confirmed = time.time()
+    writer[2 * i : 2 * i + 2] = 2.0  # another writer rewrites the chunk
     changed = time.time()
-    # B (not the owner) asks the owner while the owner's confirmation is recent: it may
-    # get the old bytes (within the bound) and keeps a replica
-    _until(t0 + INTERVAL - 2.0)
+    # B validates its own entries of the array now, then asks A while A's confirmation is
+    # recent: it may get the old bytes (within the bound) and keeps a replica
+    _until(confirmed + INTERVAL - 2.5)
+    _on(client, b, zd._revalidate_task, url, s3_options)
     first = _on(client, b, _read_rows, url, s3_options, cfg, i)
     assert first in (1.0, 2.0)
     # past the interval (and one listing) after the change: never the old bytes, although
-    # B's own validation of the array is still recent (it first read it just before)
+    # B's own validation of the array is recent (the bound counts from A's confirmation)
     _until(changed + INTERVAL + 1.5)
     assert _on(client, b, _read_rows, url, s3_options, cfg, i) == 2.0
     # the owner read the chunk twice (before and after the change), B never did
@@ -169,7 +170,7 @@ def test_a_worker_that_missed_a_write_leaves_the_ring_until_it_acknowledges(
 ) -> None:
     client, cfg = cluster
     url = f"s3://{s3_bucket}/deaf.zarr"
-    _write(url, s3_options, 1.0)
+    _create(url, s3_options, 1.0)
     i = 1
     a, b = _owner_and_other(client, url, s3_options, cfg, i)
     gets = lambda: s3_server.requests.count("GET", bucket=s3_bucket, key_suffix=f"t/c/{i}/0")  # noqa: E731
