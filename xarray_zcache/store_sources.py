@@ -7,7 +7,7 @@ import dataclasses
 import hashlib
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from zarr.core.buffer import Buffer
 
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from xarray_zcache.cache.request import Read
     from xarray_zcache.store_versions import SourceVersions
 
-__all__ = ["SourceReads", "fetched_bytes"]
+__all__ = ["PeerServed", "SourceReads", "fetched_bytes"]
 
 logger = logging.getLogger("xarray_zcache.store")
 
@@ -42,6 +42,20 @@ _bytes = fetched_bytes
 
 async def _nothing() -> None:
     return None
+
+
+class PeerServed(NamedTuple):
+    """What an owner read for a peer (`SourceReads.serve_peer`)."""
+
+    #: the bytes, or None: the object is missing at the source
+    data: bytes | None
+    #: False when the source was read for this ask
+    saved: bool
+    #: the object's version the bytes are of (None: not known consistently, or none)
+    version: str | None = None
+    #: when that version was last confirmed at the source (the unit's last validation
+    #: start, or the fill's own read); None: no validation (TTLs rule)
+    confirmed: float | None = None
 
 
 class SourceReads:
@@ -68,6 +82,9 @@ class SourceReads:
         raise NotImplementedError
 
     async def _validated(self, key: str, cache: HybridCache | None = None) -> None:
+        raise NotImplementedError
+
+    def _confirmed(self, key: str, cache: HybridCache) -> float | None:
         raise NotImplementedError
 
     async def _revalidate_under(self, prefix: str, since: float) -> None:
@@ -131,12 +148,16 @@ class SourceReads:
 
     # -- serving the cluster: this worker owns a key another worker missed ----------------------
 
-    async def serve_peer(self, cache: HybridCache, ck: str) -> tuple[bytes | None, bool]:
+    async def serve_peer(self, cache: HybridCache, ck: str) -> PeerServed:
         """Read cache key ``ck`` of this store for a peer through ``cache``.
 
-        Returns ``(bytes or None if missing, saved)``; ``saved`` is False when the
-        source was read for it. Never asks other peers (``for_peer``), so two
-        workers with different views of the membership cannot ping-pong.
+        Returns the bytes (None if missing), ``saved`` (False when the source was read
+        for it), and the object's version with the time it was last confirmed: the
+        gate runs first (a unit last validated longer than the interval ago is
+        validated now), and the version is the one recorded before and after the
+        bytes were taken (none if the two differ: the object changed meanwhile).
+        Never asks other peers (``for_peer``), so two workers with different views of
+        the membership cannot ping-pong.
         """
         parsed = parse_entry_key(self._namespace, ck)
         if parsed is None:
@@ -151,16 +172,26 @@ class SourceReads:
         try:
             began = time.time()
             await self._validated(key, cache)
+            confirmed = self._confirmed(key, cache)
+            book = cache.freshness.book
+            object_key = self._ck(key)
+            before = book.version(object_key)
             read = dataclasses.replace(self._read(key, byte_range), for_peer=True)
             loaded = False
 
             async def load() -> bytes | None:
-                nonlocal loaded
+                nonlocal loaded, before
                 loaded = True
-                return await self._fetch(cache, key, byte_range, began)
+                data = await self._fetch(cache, key, byte_range, began)
+                before = book.version(object_key)  # what this fill recorded
+                return data
 
             data = await cache.get_or_load(read, load)
-            return data, not loaded
+            after = book.version(object_key)
+            version = after if after == before else None
+            if loaded and confirmed is not None:
+                confirmed = max(confirmed, began)  # (the source was read just now)
+            return PeerServed(data, not loaded, version, confirmed)
         finally:
             SERVING_CACHE.reset(token)
 

@@ -231,6 +231,16 @@ class SourceValidation:
             return
         await freshness.ensure(unit, self._versions_now(unit, folder))
 
+    def _confirmed(self, key: str, cache: HybridCache) -> float | None:
+        """When the cached entries of ``key``'s unit were last confirmed at the source
+        (the start of its last validation, or its first sight), or None: versions are
+        not validated (no versions at the source, or no validation interval)."""
+        if not self._source.supported or cache.freshness.interval is None:
+            return None
+        unit = self._unit_of(key)[0]
+        state = cache.freshness.book.unit(unit.name)
+        return None if state is None else state.validated
+
     def _validated_sync(self, key: str) -> None:
         """`_validated` for synchronous callers (stores with a synchronous listing)."""
         if not self._source.supported:

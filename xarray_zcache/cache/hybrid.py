@@ -332,7 +332,10 @@ class HybridCache(DirectAccess, CacheReporting, DiskFallback, Coherence):
                 # the owner keeps the cluster's copy on disk: a replica here is kept in
                 # memory only, and only for keys read often enough (hot data replicated)
                 if self._wants_promotion(read.key):
-                    self._admit(read.key, token, answer.value, read.kind, disk=False)
+                    expires = self._replica_expires(read.kind, answer.confirmed)
+                    if expires is None or expires > time.time():
+                        got = answer.value
+                        self._admit(read.key, token, got, read.kind, disk=False, ex=expires)
                 return answer.value
         t0 = time.perf_counter()
         try:
@@ -342,6 +345,16 @@ class HybridCache(DirectAccess, CacheReporting, DiskFallback, Coherence):
             raise
         self._after_load(read, token, value, time.perf_counter() - t0, started_ns)
         return value
+
+    def _replica_expires(self, kind: str, confirmed: float | None) -> float | None:
+        """A peer's answer is served here until its owner's confirmation time + the
+        validation interval (the bound counts from the owner's), or the kind's TTL."""
+        expires = self._expires(kind)
+        interval = self._freshness.interval
+        if confirmed is None or not interval:  # (None: never validated; 0: once per open)
+            return expires
+        bound = confirmed + interval
+        return bound if expires is None else min(expires, bound)
 
     def get_or_load_sync(self, read: Read, load: Callable[[], bytes | None]) -> bytes | None:
         """`get_or_load` for synchronous callers (no event loop, no single flight)."""

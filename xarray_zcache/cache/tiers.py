@@ -22,11 +22,15 @@ class SharedAnswer:
     """What a shared tier answered: the bytes, and whether it had them (``saved``).
 
     ``saved=False``: the tier read the source for this read (a request was sent,
-    counted where it was sent), so the read saved nothing.
+    counted where it was sent), so the read saved nothing. ``confirmed``: when the
+    answering cache last confirmed the bytes' version at the source (its clock);
+    a replica kept here is served until ``confirmed`` + the validation interval
+    at most, then asked for again (None: no validation, the kind's TTL rules).
     """
 
     value: bytes
     saved: bool
+    confirmed: float | None = None
 
 
 class SharedTier(Protocol):

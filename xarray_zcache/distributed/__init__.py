@@ -106,6 +106,7 @@ def _announce_writes_from(client: Client) -> None:
     import asyncio
 
     from xarray_zcache.cache.coherence import add_invalidation_listener
+    from xarray_zcache.distributed.directory import announce_write
 
     scheduler: Any = client.scheduler
     loop: Any = client.loop
@@ -113,7 +114,7 @@ def _announce_writes_from(client: Client) -> None:
         return
 
     def announce(keys: list[tuple[str, bool]]) -> Any:
-        coro = scheduler.zcache_invalidate(keys=[list(k) for k in keys], origin=None)
+        coro = announce_write(scheduler, keys, None)
         return asyncio.run_coroutine_threadsafe(coro, loop.asyncio_loop)
 
     add_invalidation_listener(f"dask-scheduler {scheduler.address}", announce)

@@ -4,15 +4,20 @@ Asking (`PeerTier.lookup`, a `SharedTier` of the worker's cache): the owner of t
 object's key is chosen by `Membership.owner`; if it is another cache host, one of
 its workers is asked through the worker's ``rpc`` (handler ``zcache_get``), with a
 timeout, at most `MAX_ASKS` asks in flight per owner, and the answer checked end
-to end (key, length, CRC-32). Anything else — owner gone, slow, busy, an error, a
-bad answer — returns ``None``: the cache then reads the source itself, and the
-fallback is counted. Never an error for the user.
+to end (key, length, CRC-32 of the bytes, their version and confirmation time).
+An answer's version is recorded with the replica, and the replica is served at
+most until the owner's confirmation time + the validation interval. Anything
+else — owner gone, slow, busy, an error, a bad answer — returns ``None``: the
+cache then reads the source itself, and the fallback is counted. Never an error for the user.
 
 Answering (`PeerServer.handle_get`): the owner reads the key through its own cache
 (memory, disk, or the source once: single flight there makes N askers cost one
 request cluster-wide), on zarr's event loop, with at most `MAX_SERVING` reads in
 flight; a read for a peer never asks peers again (no loops between workers whose
-views of the membership differ).
+views of the membership differ). The owner validates the key's unit first if its
+last validation is older than the interval, and answers with the bytes, their
+version (recorded before and after the bytes were taken: none if they differ) and
+when that version was last confirmed at the source.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from distributed.protocol.serialize import to_serialize
 from xarray_zcache.cache.logs import events
 from xarray_zcache.cache.tiers import SharedAnswer
 from xarray_zcache.distributed.membership import Membership
+from xarray_zcache.keys import parse_entry_key
 from xarray_zcache.registry import stores_of
 
 if TYPE_CHECKING:
@@ -40,7 +46,14 @@ if TYPE_CHECKING:
     from xarray_zcache.cache.request import Read
     from xarray_zcache.store import CachedStore
 
-__all__ = ["FIRST_ASK_TIMEOUT", "MAX_ASKS", "MAX_SERVING", "PeerServer", "PeerTier"]
+__all__ = [
+    "FIRST_ASK_TIMEOUT",
+    "MAX_ASKS",
+    "MAX_SERVING",
+    "PeerServer",
+    "PeerTier",
+    "answer_crc",
+]
 
 logger = logging.getLogger("xarray_zcache.distributed")
 _events = events("xarray_zcache.distributed")
@@ -162,19 +175,43 @@ class PeerTier:
             )
         return answer
 
-    @staticmethod
-    def _check(reply: Any, read: Read) -> SharedAnswer | None:
-        """The answer if it is whole and for this key, else ``None`` (a fallback)."""
+    def _check(self, reply: Any, read: Read) -> SharedAnswer | None:
+        """The answer if it is whole and for this key, else ``None`` (a fallback).
+
+        Its version, if any, is recorded with the replica (`_record`): a later
+        validation here compares it instead of dropping the replica as unverified.
+        """
         if not isinstance(reply, dict) or reply.get("status") != "ok":
             return None
         data = reply.get("data")
         if not isinstance(data, bytes | bytearray | memoryview) or reply.get("key") != read.key:
             return None
         data = bytes(data)
-        if len(data) != reply.get("length") or zlib.crc32(data) != reply.get("crc"):
+        version, confirmed = reply.get("version"), reply.get("confirmed")
+        if (
+            not isinstance(version, str | None)
+            or not isinstance(confirmed, float | int | None)
+            or len(data) != reply.get("length")
+            or answer_crc(data, version, confirmed) != reply.get("crc")
+        ):
             logger.warning("xarray-zcache: a peer answered damaged bytes for %r; ignored", read.key)
             return None
-        return SharedAnswer(data, bool(reply.get("saved")))
+        if version is not None:
+            self._record(read, version)
+        return SharedAnswer(
+            data, bool(reply.get("saved")), None if confirmed is None else float(confirmed)
+        )
+
+    def _record(self, read: Read, version: str) -> None:
+        """Record ``version`` as the version of the object ``read`` is part of, as a fill
+        from the source does (`Freshness.filled`: older entries of another version go)."""
+        store = self._store(read.namespace)
+        parsed = parse_entry_key(read.namespace, read.key)
+        if store is None or parsed is None or not store._source.supported:
+            return
+        key, spec = parsed
+        unit = store._unit_of(key)[0]
+        self.cache.freshness.filled(unit, read.object_key, version, part=spec is not None)
 
     async def _ask(self, addr: str, read: Read) -> Any:
         loop = self.worker.loop.asyncio_loop  # type: ignore[attr-defined]
@@ -261,12 +298,13 @@ class PeerServer:
         self.serving += 1
         try:
             fut = asyncio.run_coroutine_threadsafe(s.serve_peer(self.cache, key), _get_loop())
-            data, saved = await asyncio.wrap_future(fut)
+            served = await asyncio.wrap_future(fut)
         except Exception as exc:
             _events.debug("peer serve", "xarray-zcache: reading %r for a peer failed: %r", key, exc)
             return {"status": "error", "error": repr(exc)[:500]}
         finally:
             self.serving -= 1
+        data, saved, version, confirmed = served
         _events.debug(
             "peer serve",
             "xarray-zcache: answered a peer's ask for %r: %s",
@@ -282,6 +320,13 @@ class PeerServer:
             "key": key,
             "data": data,
             "length": len(data),
-            "crc": zlib.crc32(data),
+            "crc": answer_crc(data, version, confirmed),
             "saved": saved,
+            "version": version,
+            "confirmed": confirmed,
         }
+
+
+def answer_crc(data: bytes, version: str | None, confirmed: float | None) -> int:
+    """The CRC-32 of an answer: its bytes, their version and its confirmation time."""
+    return zlib.crc32(f"{version}\x00{confirmed!r}".encode(), zlib.crc32(data))

@@ -208,8 +208,12 @@ class ZCacheSchedulerPlugin(SchedulerPlugin):
             return {}
         return self.directory.join(str(worker), str(host))
 
-    async def zcache_invalidate(self, keys: list[Any], origin: str | None = None) -> int:
-        """A write or delete went through zcache at ``origin``: tell every other worker."""
+    async def zcache_invalidate(self, keys: list[Any], origin: str | None = None) -> dict[str, Any]:
+        """A write or delete went through zcache at ``origin``: tell every other worker.
+
+        Answers ``{"heard": n, "missed": [workers that did not acknowledge]}``; those
+        are out of the ownership ring until they do (see `Directory.invalidate`).
+        """
         return await self.directory.invalidate(list(keys), origin)
 
     # -- worker reports ------------------------------------------------------------------------
@@ -258,6 +262,7 @@ class ZCacheSchedulerPlugin(SchedulerPlugin):
         commands = self.pending.pop(worker, None) or {}
         reply: dict[str, Any] = {k: sorted(v) for k, v in commands.items()}
         reply.update(self.directory.reply_extras(report.get("membership_version")))
+        self.directory.retry(worker)  # (out of the ring: sends it what it missed)
         return reply
 
     def _set_hot(

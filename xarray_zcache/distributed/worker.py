@@ -23,6 +23,7 @@ from xarray_zcache.cache.coherence import (
 )
 from xarray_zcache.cache.hybrid import HybridCache
 from xarray_zcache.config import CacheConfig
+from xarray_zcache.distributed.directory import announce_write
 from xarray_zcache.distributed.membership import Membership, host_id
 from xarray_zcache.distributed.peer import PeerServer, PeerTier
 from xarray_zcache.registry import set_worker_cache
@@ -296,7 +297,7 @@ def _listen_for_writes(worker: Worker) -> None:
     address = worker.address
 
     def announce(keys: list[tuple[str, bool]]) -> concurrent.futures.Future[object]:
-        coro = worker.scheduler.zcache_invalidate(keys=[list(k) for k in keys], origin=address)
+        coro = announce_write(worker.scheduler, keys, address)
         return asyncio.run_coroutine_threadsafe(coro, loop)
 
     add_invalidation_listener(_listener_name(worker), announce)
