@@ -169,6 +169,8 @@ class VersionBook:
         try:
             return op(conn)
         except sqlite3.Error as exc:
+            if self._conn is not conn:
+                return default  # detached or lost meanwhile (by another thread): memory only
             if self._folder is not None and not os.path.isdir(self._folder):
                 self._lost(exc, what)
             else:

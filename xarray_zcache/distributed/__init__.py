@@ -9,6 +9,7 @@ Examples
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from xarray_zcache.config import CacheConfig
@@ -105,7 +106,10 @@ def _announce_writes_from(client: Client) -> None:
     """Writes through zcache in this (client) process reach the workers' caches at once."""
     import asyncio
 
-    from xarray_zcache.cache.coherence import add_invalidation_listener
+    from xarray_zcache.cache.coherence import (
+        add_invalidation_listener,
+        remove_invalidation_listener,
+    )
     from xarray_zcache.distributed.directory import announce_write
 
     scheduler: Any = client.scheduler
@@ -113,11 +117,20 @@ def _announce_writes_from(client: Client) -> None:
     if scheduler is None or loop is None:
         return
 
+    name = f"dask-scheduler {scheduler.address}"
+    held = weakref.ref(client)  # (the listener must not keep a closed client alive)
+
     def announce(keys: list[tuple[str, bool]]) -> Any:
+        live = held()
+        if live is None or live.status in ("closing", "closed") or loop.asyncio_loop is None:
+            # the client closed: nobody to tell any more (its workers are gone or were
+            # told by their own plugin); a leftover listener must not fail later writes
+            remove_invalidation_listener(name)
+            return None
         coro = announce_write(scheduler, keys, None)
         return asyncio.run_coroutine_threadsafe(coro, loop.asyncio_loop)
 
-    add_invalidation_listener(f"dask-scheduler {scheduler.address}", announce)
+    add_invalidation_listener(name, announce)
 
 
 def _has_handler(dask_scheduler: Any, op: str = "") -> bool:
