@@ -47,13 +47,14 @@ class SyncCachedStore(CachedStore):
             )
         began = time.time()  # (a unit the gate validates now is not listed twice)
         self._validated_sync(key)
+        reader = self._part_reader(key, byte_range, began)
         read = self._read(key, byte_range)
 
         def load() -> bytes | None:
             data, version = self._source.get_sync(key, byte_range)
             metadata = read.kind == "metadata" and byte_range is None
             since = self._seen_since(key, version, began) if metadata else began
-            self._filled(key, version, part=byte_range is not None)
+            self._filled(key, version, part=byte_range is not None, reader=reader)
             if metadata:
                 stale = self._stale_after(cache, key, data)
                 if stale is not None:
