@@ -4,7 +4,8 @@ of its index and of an inner chunk, and a validation that drops the old parts me
 The reader's index is of the old version; nothing of it is cached any more after the
 validation, and the inner chunk is read from the new version at the old index's offsets.
 zarr's array API must raise `ObjectChanged` (never return another position's values);
-xarray with ``engine="zcache"`` retries the read once and returns the new values.
+xarray with ``engine="zcache"`` retries the read once (its `ZCacheArrayWrapper`) and
+returns the new values, with or without dask.
 
 The race is driven by a hook in the source read of the first inner chunk (after the
 reader's index was read): it rewrites the shard at the source (plain zarr bytes, not
@@ -13,6 +14,7 @@ through zcache) and validates the cache, then lets the read go on.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -172,14 +174,20 @@ def test_xarray_reads_the_new_values(
     where: str,
     compressor: str | None,
     chunks: dict[str, int] | None,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     store, race = _race(where, compressor, tmp_path, s3_bucket, s3_options, "xr")
-    with xr.open_dataset(store, engine="zcache", chunks=chunks) as ds:
+    with (
+        caplog.at_level(logging.INFO, "xarray_zcache.backend"),
+        xr.open_dataset(store, engine="zcache", chunks=chunks) as ds,
+    ):
         assert race.fired == 0
         got = ds.a[2:4].values  # retried once after ObjectChanged: no ExceptionGroup
         assert race.fired == 1
         assert got.tolist() == NEW[2:4].tolist()
         assert ds.a.values.tolist() == NEW.tolist()
+    again = [r for r in caplog.records if "during a read; read again" in r.getMessage()]
+    assert len(again) == 1  # one read retried, once
     assert store.stats().validation_changes == 1
 
 
