@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import xarray as xr
 import zarr
-from zarr.abc.store import ByteRequest, RangeByteRequest
+from zarr.abc.store import ByteRequest, RangeByteRequest, SuffixByteRequest
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
@@ -205,3 +205,35 @@ def test_a_reader_that_began_after_the_change_is_not_told(
     assert report.changed == 1
     assert arr[4:6].tolist() == NEW[4:6].tolist()
     assert arr[2:4].tolist() == NEW[2:4].tolist()
+
+
+@WHERE
+def test_a_reader_is_told_when_the_change_came_wholly_between_its_reads(
+    s3_bucket: str, s3_options: dict[str, Any], tmp_path: Path, where: str
+) -> None:
+    """The validation ran after the reader's index read ended and before its inner-chunk
+    read began (another thread's, say): the reader (this task) is still told; a new
+    reader (another task) is not."""
+    store, race = _race(where, None, tmp_path, s3_bucket, s3_options, "between")
+    race.fired = 1  # (no hook: the steps run in order here)
+    plain = store.inner.with_read_only(False)
+
+    async def reader() -> list[int]:
+        index = await store.get(SHARD, P, SuffixByteRequest(8 * 16 + 4))  # the old index
+        assert index is not None
+        await plain.set(SHARD, P.buffer.from_bytes(race.new))
+        report = await store.revalidate()
+        assert report.changed == 1
+        chunk = await store.get(SHARD, P, RangeByteRequest(8, 16))  # old offsets
+        assert chunk is not None
+        return np.frombuffer(chunk.to_bytes(), dtype="i4").tolist()
+
+    with pytest.raises(ObjectChanged):
+        sync(reader())
+
+    async def another() -> list[int]:  # (a task of its own: a reader of its own)
+        chunk = await store.get(SHARD, P, RangeByteRequest(0, 8))
+        assert chunk is not None
+        return np.frombuffer(chunk.to_bytes(), dtype="i4").tolist()
+
+    assert sync(another()) == NEW[2:4].tolist()  # the new shard's first stored chunk
