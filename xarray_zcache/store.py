@@ -471,6 +471,7 @@ class CachedStore(SourceValidation, SourceReads, Store):
             return await self._fetch(cache, key, byte_range, began, reader)
 
         data = await cache.get_or_load(read, load)
+        self._served(cache, key, reader)
         if pf is not None and not missed and pf.active:
             await pf.observe(key, miss=False)
         return None if data is None else prototype.buffer.from_bytes(data)

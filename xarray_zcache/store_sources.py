@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from zarr.abc.store import SuffixByteRequest
 from zarr.core.buffer import Buffer
 
-from xarray_zcache.cache.freshness import part_reader
+from xarray_zcache.cache.freshness import ObjectChanged, part_reader
 from xarray_zcache.keys import (
     byte_request,
     digest_key,
@@ -77,6 +77,24 @@ class SourceReads:
         first = isinstance(byte_range, SuffixByteRequest)
         return part_reader(self._ck(key), began, first=first)
 
+    def _versionless(
+        self, key: str, byte_range: ByteRequest | None, data: bytes | None, version: str | None
+    ) -> None:
+        """A part of an object of a source with versions, read without one (a file that
+        changed during the read), is neither cached nor served: the bytes may belong to
+        another version than the reader's other parts (`ObjectChanged`: read again)."""
+        unversioned = version is None and data is not None and byte_range is not None
+        if unversioned and self._source.supported:
+            raise ObjectChanged(
+                f"xarray-zcache: {key!r} changed at the source while a part of it was "
+                "read. Read again to get the new data."
+            )
+
+    def _served(self, cache: HybridCache, key: str, reader: float | None) -> None:
+        """A byte range of ``key`` is about to be returned (`Freshness.served`)."""
+        if reader is not None:
+            cache.freshness.served(self._ck(key), reader)
+
     def _seen_since(self, key: str, version: str | None, began: float) -> float:
         raise NotImplementedError
 
@@ -103,6 +121,7 @@ class SourceReads:
         """
         started = time.time() if began is None else began
         data, version = await self._source.get(key, byte_range)
+        self._versionless(key, byte_range, data, version)
         metadata = byte_range is None and key_kind(key) == "metadata"
         if metadata:  # a validation that saw this version already counts (`seen_since`)
             started = self._seen_since(key, version, started)
@@ -175,6 +194,7 @@ class SourceReads:
                 return await self._fetch(cache, key, byte_range, began, reader)
 
             data = await cache.get_or_load(read, load)
+            self._served(cache, key, reader)
             return data, not loaded
         finally:
             SERVING_CACHE.reset(token)

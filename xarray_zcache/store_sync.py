@@ -52,6 +52,7 @@ class SyncCachedStore(CachedStore):
 
         def load() -> bytes | None:
             data, version = self._source.get_sync(key, byte_range)
+            self._versionless(key, byte_range, data, version)
             metadata = read.kind == "metadata" and byte_range is None
             since = self._seen_since(key, version, began) if metadata else began
             self._filled(key, version, part=byte_range is not None, reader=reader)
@@ -62,6 +63,7 @@ class SyncCachedStore(CachedStore):
             return data
 
         data = cache.get_or_load_sync(read, load)
+        self._served(cache, key, reader)
         return None if data is None else prototype.buffer.from_bytes(data)
 
     def _dropped_after_sync(self, stale: str, since: float) -> None:

@@ -110,6 +110,14 @@ def part_reader(key: str, before: float, *, first: bool) -> float | None:
     return seen.setdefault(key, before)
 
 
+def _changed(key: str) -> ObjectChanged:
+    return ObjectChanged(
+        f"xarray-zcache: {key.split('/', 1)[-1]!r} changed at the source (another writer "
+        "rewrote it) while this read was combining parts of it; the old parts were "
+        "dropped. Read again to get the new data."
+    )
+
+
 def _reader_restarts(key: str) -> None:
     """The current reader was told `ObjectChanged` for ``key``: its next read starts anew."""
     seen = _PARTS_READ.get()
@@ -511,6 +519,7 @@ class Freshness:
             elif now_version is None or recorded.get(key) != now_version:
                 changed.append(key)
                 unverified += now_version is not None and key not in recorded
+        self._mark(changed, dropping=True)
         for key in changed:
             self._cache.drop_object(key)
         self._mark(changed)
@@ -599,11 +608,13 @@ class Freshness:
 
     # -- fills ------------------------------------------------------------------------------------
 
-    def _mark(self, keys: list[str]) -> None:
-        """The cached parts of ``keys`` were just superseded (dropped for a new version)."""
+    def _mark(self, keys: list[str], *, dropping: bool = False) -> None:
+        """The cached parts of ``keys`` were just superseded (dropped for a new version).
+        ``dropping``: they are about to be, meanwhile every reader is told (a part of
+        the new version may be served before the drop has ended)."""
         if not keys:
             return
-        now = time.time()
+        now = float("inf") if dropping else time.time()
         with self._lock:
             marks = self._marks
             if len(marks) + len(keys) > _MARKS_MAX:
@@ -618,6 +629,15 @@ class Freshness:
         mark = self._marks.get(key, 0.0)
         seen = self.book.seen(key)
         return mark if seen is None else max(mark, seen[1])
+
+    def served(self, key: str, reader: float) -> None:
+        """A byte range of object ``key`` was just served (cached, or filled for this
+        reader or another one reading the same range) to a reader that began reading
+        the object at ``reader`` (`part_reader`): raises `ObjectChanged` if parts of the
+        object were superseded since (in this process: a dictionary look-up)."""
+        if self._marks.get(key, 0.0) > reader:
+            _reader_restarts(key)
+            raise _changed(key)
 
     def filled(
         self, unit: Unit, key: str, version: str, *, part: bool, reader: float | None = None
@@ -637,6 +657,7 @@ class Freshness:
         mixed = part and reader is not None and self.superseded(key) > reader
         if old is not None and old != version:
             mixed = mixed or (part and self._cache.has_parts(key))
+            self._mark([key], dropping=True)
             self._cache.drop_object(key)
             now = time.time()
             book.changed(unit.name, now)
@@ -645,11 +666,7 @@ class Freshness:
         book.record(key, version)
         if mixed:
             _reader_restarts(key)
-            raise ObjectChanged(
-                f"xarray-zcache: {key.split('/', 1)[-1]!r} changed at the source (another "
-                "writer rewrote it) while this read was combining parts of it; the old "
-                "parts were dropped. Read again to get the new data."
-            )
+            raise _changed(key)
 
     def forget(self, key: str, *, prefix: bool) -> None:
         """The entries of ``key`` are gone: so is what was known of its version."""
