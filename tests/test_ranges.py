@@ -15,6 +15,10 @@ through zcache) and validates the cache, then lets the read go on.
 from __future__ import annotations
 
 import logging
+import os
+import random
+import threading
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -237,3 +241,71 @@ def test_a_reader_is_told_when_the_change_came_wholly_between_its_reads(
         return np.frombuffer(chunk.to_bytes(), dtype="i4").tolist()
 
     assert sync(another()) == NEW[2:4].tolist()  # the new shard's first stored chunk
+
+
+@COMPRESSOR
+def test_concurrent_reads_while_the_shard_is_replaced_never_mix_versions(
+    tmp_path: Path, compressor: str | None
+) -> None:
+    """No hook: reader threads read 2-element slices while another thread replaces the
+    shard file (atomically, as zarr does) with other versions and validates after each.
+    Every read returns the values of one version at the right positions, or raises
+    `ObjectChanged` (bare, or in zarr's group): never another position's values."""
+    url = tmp_path / "sharded.zarr"
+    root = zarr.open_group(str(url), mode="w", zarr_format=3)
+    codecs: Any = "auto" if compressor else None
+    shards: list[bytes] = []
+    values: list[np.ndarray] = []
+    for k in range(4):
+        vals = np.arange(N, dtype="i4") + 1000 * k
+        if k % 2:
+            vals[0:2] = 0  # (omitted: the offsets of every other chunk move)
+        for name in (f"v{k}",) + (("a",) if k == 0 else ()):
+            arr = root.create_array(
+                name, shape=(N,), chunks=(2,), shards=(N,), dtype="i4", compressors=codecs
+            )
+            arr[:] = vals
+        shards.append((url / f"v{k}" / "c" / "0").read_bytes())
+        values.append(vals)
+    store = open_store(str(url), cache_config=_cfg(tmp_path, f"stress-{compressor}"))
+    cached = zarr.open_array(store, path="a", mode="r")
+    done = threading.Event()
+    lock = threading.Lock()
+    outcomes: Counter[str] = Counter()
+    wrong: list[tuple[int, list[int]]] = []
+
+    def reader(seed: int) -> None:
+        rng = random.Random(seed)
+        while not done.is_set():
+            i = rng.randrange(N // 2) * 2
+            try:
+                got = cached[i : i + 2].tolist()
+            except ObjectChanged:
+                outcome = "changed"
+            except ExceptionGroup as group:
+                outcome = "changed" if group.split(ObjectChanged)[1] is None else repr(group)
+            else:
+                ok = any(got == v[i : i + 2].tolist() for v in values)
+                outcome = "ok" if ok else "wrong"
+                if not ok:
+                    with lock:
+                        wrong.append((i, got))
+            with lock:
+                outcomes[outcome] += 1
+
+    threads = [threading.Thread(target=reader, args=(s,)) for s in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for n in range(1, 25):
+            (tmp_path / "next").write_bytes(shards[n % len(shards)])
+            os.replace(tmp_path / "next", url / SHARD)
+            sync(store.revalidate())
+    finally:
+        done.set()
+        for t in threads:
+            t.join()
+    assert not wrong
+    assert set(outcomes) <= {"ok", "changed"}, outcomes
+    assert outcomes["ok"] > 0
+    assert cached[:].tolist() == values[24 % len(shards)].tolist()
