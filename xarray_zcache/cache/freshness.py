@@ -34,10 +34,11 @@ The rules, each kept here and nowhere else:
   is raised instead of returning bytes the reader would combine with the old parts.
 * An object found changed (by a validation or a fill) is *marked*: when its cached parts
   were superseded (`_marks`; another process's validation: the book's ``seen`` time).
-  A byte range filled for a reader that began reading parts of the object before that
-  (`part_reader`: its shard index was read before, cached or not) raises
-  `ObjectChanged`: nothing of the old version may be cached any more, but the reader
-  may hold it (the index it is about to apply to the new bytes).
+  A byte range filled or served (`served`: a hit, a fill shared) for a reader that
+  began reading parts of the object before that (`part_reader`: its shard index was
+  read before, cached or not) raises `ObjectChanged`: nothing of the old version may be
+  cached any more, but the reader may hold it (the index it is about to apply to the
+  new bytes). The mark is infinite while the old parts are dropped.
 * A validation that fails (the source errs or times out) serves the cached entries
   (stale-if-error) and is retried after ``min(interval, RETRY_AFTER)`` seconds; a
   cached read never raises because of it. It counts one ``validation_errors``, and the
