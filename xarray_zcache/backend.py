@@ -10,9 +10,10 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 from xarray.backends import BackendEntrypoint
-from xarray.backends.zarr import ZarrBackendEntrypoint
+from xarray.backends.zarr import ZarrArrayWrapper, ZarrBackendEntrypoint
 from zarr.abc.store import Store
 
+from xarray_zcache.cache.freshness import ObjectChanged
 from xarray_zcache.config import CacheConfig
 from xarray_zcache.sessions import close_store_session
 from xarray_zcache.sessions import track as track_session
@@ -212,7 +213,8 @@ def _delegate(
     cache = store.cache
     remembered = cache.stats().negative_hits
     try:
-        return _closing_session(getattr(ZarrBackendEntrypoint(), method)(store, **kwargs), store)
+        result = _retrying(getattr(ZarrBackendEntrypoint(), method)(store, **kwargs))
+        return _closing_session(result, store)
     except Exception as exc:
         if cache.stats().negative_hits == remembered:
             raise  # no remembered miss was involved
@@ -231,7 +233,7 @@ def _delegate(
             filename_or_obj,
             store.namespace,
         )
-        return _closing_session(result, store)
+        return _closing_session(_retrying(result), store)
 
 
 def _closing_session(result: Any, store: CachedStore) -> Any:
@@ -249,6 +251,96 @@ def _closing_session(result: Any, store: CachedStore) -> Any:
             close_store_session(store.inner)
 
     result.set_close(close)
+    return result
+
+
+# -- the backend's own `BackendArray`: a read of a changed object is read again ---------------
+
+
+def _changed(exc: BaseException) -> bool:
+    """Whether ``exc`` is `ObjectChanged`, or a group holding one (zarr reports the errors
+    of its chunk reads in an `ExceptionGroup`)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.subgroup(ObjectChanged) is not None
+    return isinstance(exc, ObjectChanged)
+
+
+def _again(exc: BaseException, array: Any) -> None:
+    if not _changed(exc):
+        raise exc
+    logger.info(
+        "xarray-zcache: %s changed at the source during a read; read again",
+        getattr(array, "path", array),
+    )
+
+
+class ZCacheArrayWrapper(ZarrArrayWrapper):
+    """xarray's `ZarrArrayWrapper` that reads once more when a read raised `ObjectChanged`
+    (a shard rewritten at the source while it was read: zarr would otherwise combine
+    the old index with the new bytes; see `xarray_zcache.cache.freshness`), so that an
+    xarray user gets the new values rather than an `ExceptionGroup`."""
+
+    __slots__ = ()
+
+    def _twice(self, name: str, key: Any) -> Any:
+        read: Any = getattr(super(), name)
+        try:
+            return read(key)
+        except BaseException as exc:
+            _again(exc, self._array)
+        return read(key)
+
+    async def _twice_async(self, name: str, key: Any) -> Any:
+        read: Any = getattr(super(), name)
+        try:
+            return await read(key)
+        except BaseException as exc:
+            _again(exc, self._array)
+        return await read(key)
+
+    def _getitem(self, key: Any) -> Any:
+        return self._twice("_getitem", key)
+
+    def _oindex(self, key: Any) -> Any:
+        return self._twice("_oindex", key)
+
+    def _vindex(self, key: Any) -> Any:
+        return self._twice("_vindex", key)
+
+    async def _async_getitem(self, key: Any) -> Any:
+        return await self._twice_async("_async_getitem", key)
+
+    async def _async_oindex(self, key: Any) -> Any:
+        return await self._twice_async("_async_oindex", key)
+
+    async def _async_vindex(self, key: Any) -> Any:
+        return await self._twice_async("_async_vindex", key)
+
+
+#: lazy wrappers followed (``.array``) from a variable's data to xarray's zarr array
+_DEPTH = 16
+
+
+def _retrying(result: Any) -> Any:
+    """``result`` (a Dataset, DataTree or dict of Datasets of xarray's zarr backend) with
+    each variable's `ZarrArrayWrapper` made a `ZCacheArrayWrapper` (in place: the lazy
+    chain of indexing and decoding wrappers xarray built stays as it is)."""
+    if isinstance(result, dict):
+        datasets: list[Any] = list(result.values())
+    elif hasattr(result, "subtree"):  # a DataTree
+        datasets = list(result.subtree)
+    else:
+        datasets = [result]
+    for ds in datasets:
+        for variable in ds.variables.values():
+            data = getattr(variable, "_data", None)
+            for _ in range(_DEPTH):
+                if data is None or isinstance(data, ZCacheArrayWrapper):
+                    break
+                if type(data) is ZarrArrayWrapper:
+                    data.__class__ = ZCacheArrayWrapper
+                    break
+                data = getattr(data, "array", None)
     return result
 
 

@@ -458,6 +458,7 @@ class CachedStore(SourceValidation, SourceReads, Store):
             )
         began = time.time()
         await self._validated(key, cache)
+        reader = self._part_reader(key, byte_range, began)
         read = self._read(key, byte_range)
         pf = self._prefetcher() if byte_range is None and read.kind == "chunk" else None
         missed = False
@@ -467,9 +468,10 @@ class CachedStore(SourceValidation, SourceReads, Store):
             missed = True
             if pf is not None:
                 await pf.observe(key, miss=True)  # may start reading ahead
-            return await self._fetch(cache, key, byte_range, began)
+            return await self._fetch(cache, key, byte_range, began, reader)
 
         data = await cache.get_or_load(read, load)
+        self._served(cache, key, reader)
         if pf is not None and not missed and pf.active:
             await pf.observe(key, miss=False)
         return None if data is None else prototype.buffer.from_bytes(data)

@@ -9,8 +9,10 @@ import logging
 import time
 from typing import TYPE_CHECKING, NamedTuple
 
+from zarr.abc.store import SuffixByteRequest
 from zarr.core.buffer import Buffer
 
+from xarray_zcache.cache.freshness import ObjectChanged, part_reader
 from xarray_zcache.keys import (
     byte_request,
     digest_key,
@@ -75,8 +77,37 @@ class SourceReads:
     def _read(self, key: str, byte_range: ByteRequest | None, *, prefetch: bool = False) -> Read:
         raise NotImplementedError
 
-    def _filled(self, key: str, version: str | None, *, part: bool) -> None:
+    def _filled(
+        self, key: str, version: str | None, *, part: bool, reader: float | None = None
+    ) -> None:
         raise NotImplementedError
+
+    def _part_reader(self, key: str, byte_range: ByteRequest | None, began: float) -> float | None:
+        """For a byte range of ``key`` (after its gate): since when this reader has been
+        reading parts of the object (`freshness.part_reader`; a suffix - a shard's
+        index - starts a read). None for a whole object."""
+        if byte_range is None:
+            return None
+        first = isinstance(byte_range, SuffixByteRequest)
+        return part_reader(self._ck(key), began, first=first)
+
+    def _versionless(
+        self, key: str, byte_range: ByteRequest | None, data: bytes | None, version: str | None
+    ) -> None:
+        """A part of an object of a source with versions, read without one (a file that
+        changed during the read), is neither cached nor served: the bytes may belong to
+        another version than the reader's other parts (`ObjectChanged`: read again)."""
+        unversioned = version is None and data is not None and byte_range is not None
+        if unversioned and self._source.supported:
+            raise ObjectChanged(
+                f"xarray-zcache: {key!r} changed at the source while a part of it was "
+                "read. Read again to get the new data."
+            )
+
+    def _served(self, cache: HybridCache, key: str, reader: float | None) -> None:
+        """A byte range of ``key`` is about to be returned (`Freshness.served`)."""
+        if reader is not None:
+            cache.freshness.served(self._ck(key), reader)
 
     def _seen_since(self, key: str, version: str | None, began: float) -> float:
         raise NotImplementedError
@@ -96,20 +127,22 @@ class SourceReads:
         key: str,
         byte_range: ByteRequest | None,
         began: float | None = None,
+        reader: float | None = None,
     ) -> bytes | None:
         """Read ``key`` from the wrapped store; a changed array metadata document drops
         the array's cached chunks before the caller sees it (`_stale_after`).
 
         ``began``: when the read began, before its gate (`_validated`) ran; a unit the
         gate validated for this very read (or a validation that already saw the new
-        document) is not listed a second time.
+        document) is not listed a second time. ``reader``: see `_part_reader`.
         """
         started = time.time() if began is None else began
         data, version = await self._source.get(key, byte_range)
+        self._versionless(key, byte_range, data, version)
         metadata = byte_range is None and key_kind(key) == "metadata"
         if metadata:  # a validation that saw this version already counts (`seen_since`)
             started = self._seen_since(key, version, started)
-        self._filled(key, version, part=byte_range is not None)
+        self._filled(key, version, part=byte_range is not None, reader=reader)
         if metadata:
             stale = self._stale_after(cache, key, data)
             if stale is not None:
@@ -176,17 +209,19 @@ class SourceReads:
             book = cache.freshness.book
             object_key = self._ck(key)
             before = book.version(object_key)
+            reader = self._part_reader(key, byte_range, began)
             read = dataclasses.replace(self._read(key, byte_range), for_peer=True)
             loaded = False
 
             async def load() -> bytes | None:
                 nonlocal loaded, before
                 loaded = True
-                data = await self._fetch(cache, key, byte_range, began)
+                data = await self._fetch(cache, key, byte_range, began, reader)
                 before = book.version(object_key)  # what this fill recorded
                 return data
 
             data = await cache.get_or_load(read, load)
+            self._served(cache, key, reader)
             after = book.version(object_key)
             version = after if after == before else None
             if loaded and confirmed is not None:

@@ -47,13 +47,15 @@ class SyncCachedStore(CachedStore):
             )
         began = time.time()  # (a unit the gate validates now is not listed twice)
         self._validated_sync(key)
+        reader = self._part_reader(key, byte_range, began)
         read = self._read(key, byte_range)
 
         def load() -> bytes | None:
             data, version = self._source.get_sync(key, byte_range)
+            self._versionless(key, byte_range, data, version)
             metadata = read.kind == "metadata" and byte_range is None
             since = self._seen_since(key, version, began) if metadata else began
-            self._filled(key, version, part=byte_range is not None)
+            self._filled(key, version, part=byte_range is not None, reader=reader)
             if metadata:
                 stale = self._stale_after(cache, key, data)
                 if stale is not None:
@@ -61,6 +63,7 @@ class SyncCachedStore(CachedStore):
             return data
 
         data = cache.get_or_load_sync(read, load)
+        self._served(cache, key, reader)
         return None if data is None else prototype.buffer.from_bytes(data)
 
     def _dropped_after_sync(self, stale: str, since: float) -> None:

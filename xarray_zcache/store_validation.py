@@ -256,10 +256,13 @@ class SourceValidation:
         """See `Freshness.seen_since`."""
         return self.cache.freshness.seen_since(self._ck(key), version, began)
 
-    def _filled(self, key: str, version: str | None, *, part: bool) -> None:
+    def _filled(
+        self, key: str, version: str | None, *, part: bool, reader: float | None = None
+    ) -> None:
         """Record the version of what was just read of ``key`` (see `Freshness.filled`)."""
         if version is not None:
-            self.cache.freshness.filled(self._unit_of(key)[0], self._ck(key), version, part=part)
+            unit = self._unit_of(key)[0]
+            self.cache.freshness.filled(unit, self._ck(key), version, part=part, reader=reader)
 
     def _units_under(self, prefix: str) -> tuple[list[str], list[tuple[Unit, str]]]:
         """Cached objects under cache-key ``prefix`` and the units they belong to."""

@@ -32,6 +32,13 @@ The rules, each kept here and nowhere else:
   inner chunks) is never combined with parts of another version — if a range of
   the new version is read while parts of the old one were cached, `ObjectChanged`
   is raised instead of returning bytes the reader would combine with the old parts.
+* An object found changed (by a validation or a fill) is *marked*: when its cached parts
+  were superseded (`_marks`; another process's validation: the book's ``seen`` time).
+  A byte range filled or served (`served`: a hit, a fill shared) for a reader that
+  began reading parts of the object before that (`part_reader`: its shard index was
+  read before, cached or not) raises `ObjectChanged`: nothing of the old version may be
+  cached any more, but the reader may hold it (the index it is about to apply to the
+  new bytes). The mark is infinite while the old parts are dropped.
 * A validation that fails (the source errs or times out) serves the cached entries
   (stale-if-error) and is retried after ``min(interval, RETRY_AFTER)`` seconds; a
   cached read never raises because of it. It counts one ``validation_errors``, and the
@@ -47,6 +54,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Final, Literal, NamedTuple, Protocol
 
 from xarray_zcache.cache import versions as _versions
@@ -64,6 +72,7 @@ __all__ = [
     "ObjectChanged",
     "Tally",
     "Unit",
+    "part_reader",
 ]
 
 logger = logging.getLogger("xarray_zcache.cache")
@@ -74,6 +83,47 @@ RETRY_AFTER: Final = 30.0
 TIMEOUT: Final = 60.0
 #: how often a process waiting for another process's validation looks at the book
 _POLL: Final = 0.05
+#: objects marked superseded kept per cache (the oldest half goes beyond it)
+_MARKS_MAX: Final = 65536
+#: objects remembered per reader context (`part_reader`; all forgotten beyond it)
+_READER_MAX: Final = 4096
+
+#: per reader (an asyncio task and the tasks it starts, or a thread): since when it has
+#: been reading parts of each object (cache key -> time)
+_PARTS_READ: ContextVar[dict[str, float] | None] = ContextVar("zcache_parts_read", default=None)
+
+
+def part_reader(key: str, before: float, *, first: bool) -> float | None:
+    """Since when the current reader has been reading parts of object ``key`` (cache
+    key), for the check of `Freshness.filled`; call it after the read's gate.
+
+    ``first``: this read starts a read of the object (a shard's index, read from its
+    end): the reader begins now, and its first part is not checked (None). Otherwise:
+    when this reader's first read of ``key`` began, or ``before`` (when this read began,
+    before its gate) if it has read none."""
+    seen = _PARTS_READ.get()
+    if seen is None or len(seen) >= _READER_MAX:
+        seen = {}
+        _PARTS_READ.set(seen)
+    if first:
+        seen[key] = time.time()
+        return None
+    return seen.setdefault(key, before)
+
+
+def _changed(key: str) -> ObjectChanged:
+    return ObjectChanged(
+        f"xarray-zcache: {key.split('/', 1)[-1]!r} changed at the source (another writer "
+        "rewrote it) while this read was combining parts of it; the old parts were "
+        "dropped. Read again to get the new data."
+    )
+
+
+def _reader_restarts(key: str) -> None:
+    """The current reader was told `ObjectChanged` for ``key``: its next read starts anew."""
+    seen = _PARTS_READ.get()
+    if seen is not None:
+        seen.pop(key, None)
 
 
 class Listing(NamedTuple):
@@ -210,6 +260,8 @@ class Freshness:
         self.interval = interval
         self._fresh_until: dict[str, float] = {}
         self._seen_changed: dict[str, float] = {}
+        #: object -> when its cached parts were last superseded (a changed version)
+        self._marks: dict[str, float] = {}
         self._flights: dict[str, _Flight] = {}
         self._lock = threading.Lock()
         self._held: set[str] = set()
@@ -468,8 +520,10 @@ class Freshness:
             elif now_version is None or recorded.get(key) != now_version:
                 changed.append(key)
                 unverified += now_version is not None and key not in recorded
+        self._mark(changed, dropping=True)
         for key in changed:
             self._cache.drop_object(key)
+        self._mark(changed)
         # what the source holds now, as this listing saw it (`seen_since`)
         self.book.saw({k: current[k] for k in changed if k in current}, started)
         stats = self._cache._stats
@@ -555,30 +609,65 @@ class Freshness:
 
     # -- fills ------------------------------------------------------------------------------------
 
-    def filled(self, unit: Unit, key: str, version: str, *, part: bool) -> None:
+    def _mark(self, keys: list[str], *, dropping: bool = False) -> None:
+        """The cached parts of ``keys`` were just superseded (dropped for a new version).
+        ``dropping``: they are about to be, meanwhile every reader is told (a part of
+        the new version may be served before the drop has ended)."""
+        if not keys:
+            return
+        now = float("inf") if dropping else time.time()
+        with self._lock:
+            marks = self._marks
+            if len(marks) + len(keys) > _MARKS_MAX:
+                for k in sorted(marks, key=marks.__getitem__)[: len(marks) // 2]:
+                    del marks[k]
+            marks.update(dict.fromkeys(keys, now))
+
+    def superseded(self, key: str) -> float:
+        """When the cached parts of object ``key`` were last superseded by a new version
+        (0: never seen): by this process, or by a validation of another one (the book's
+        ``seen``: when it started)."""
+        mark = self._marks.get(key, 0.0)
+        seen = self.book.seen(key)
+        return mark if seen is None else max(mark, seen[1])
+
+    def served(self, key: str, reader: float) -> None:
+        """A byte range of object ``key`` was just served (cached, or filled for this
+        reader or another one reading the same range) to a reader that began reading
+        the object at ``reader`` (`part_reader`): raises `ObjectChanged` if parts of the
+        object were superseded since (in this process: a dictionary look-up)."""
+        if self._marks.get(key, 0.0) > reader:
+            _reader_restarts(key)
+            raise _changed(key)
+
+    def filled(
+        self, unit: Unit, key: str, version: str, *, part: bool, reader: float | None = None
+    ) -> None:
         """Record that object ``key`` was just read from the source at ``version``.
 
         ``part``: what was read is a byte range of the object. Raises `ObjectChanged`
         when it is, the object's recorded version differs and parts of the old
-        version are cached (a reader may be combining them with this one).
+        version are cached (a reader may be combining them with this one), or when
+        the reader began reading parts of the object (``reader``: `part_reader`)
+        before parts of it were superseded (its earlier parts may be of the old
+        version, though none is cached any more).
         """
         book = self.book
         old = book.version(key)
+        # (before a change found now marks it: this fill itself is of the new version)
+        mixed = part and reader is not None and self.superseded(key) > reader
         if old is not None and old != version:
-            mixed = part and self._cache.has_parts(key)
+            mixed = mixed or (part and self._cache.has_parts(key))
+            self._mark([key], dropping=True)
             self._cache.drop_object(key)
             now = time.time()
             book.changed(unit.name, now)
             self._seen_changed[unit.name] = max(self._seen_changed.get(unit.name, 0.0), now)
-            book.record(key, version)
-            if mixed:
-                raise ObjectChanged(
-                    f"xarray-zcache: {key.split('/', 1)[-1]!r} changed at the source (another "
-                    "writer rewrote it) while parts of its old version were cached; they "
-                    "were dropped. Read again to get the new data."
-                )
-            return
+            self._mark([key])
         book.record(key, version)
+        if mixed:
+            _reader_restarts(key)
+            raise _changed(key)
 
     def forget(self, key: str, *, prefix: bool) -> None:
         """The entries of ``key`` are gone: so is what was known of its version."""
@@ -588,3 +677,4 @@ class Freshness:
         self.book.clear()
         self._fresh_until.clear()
         self._seen_changed.clear()
+        self._marks.clear()
