@@ -30,6 +30,7 @@ from xarray_zcache.listing_plan import Plan, grid_of, plan
 
 if TYPE_CHECKING:
     from xarray_zcache.cache.hybrid import HybridCache
+    from xarray_zcache.config import CacheConfig
     from xarray_zcache.store_versions import SourceVersions
 
 __all__ = ["SourceValidation", "ValidationReport"]
@@ -90,21 +91,27 @@ class SourceValidation:
     #: validate each object alone (the targets of references), not by array folders
     _object_units: bool = False
     _bindings: dict[str | None, HybridCache]
+    _config: CacheConfig
     #: {unit name: when the validation that confirmed it started} in the process that
     #: pickled this store (a Dask client): units confirmed here before are confirmed
     #: again before they are served (one version per array read, on a cluster too)
     _confirmed_by: Mapping[str, float] = MappingProxyType({})
 
     def _confirmations(self) -> dict[str, float]:
-        """What this store's units were last confirmed at in this process (pickled with
-        the store, see `_confirmed_by`); binds no cache."""
+        """When the units of this store's data were last confirmed in this process
+        (pickled with the store, see `_confirmed_by`); creates no cache."""
+        caches = list(self._bindings.values())
+        if not caches:  # (a copy that has read nothing yet: the process's cache, if open)
+            from xarray_zcache import registry
+
+            found_cache = registry._caches.get(self._config)
+            caches = [] if found_cache is None or found_cache.closed else [found_cache]
+        mine = self._namespace + "/"
         found: dict[str, float] = {}
-        for cache in list(self._bindings.values()):
-            times = cache.freshness.confirmations()
-            for unit, _ in list(self._units.values()):
-                at = times.get(unit.name)
-                if at is not None and at > found.get(unit.name, 0.0):
-                    found[unit.name] = at
+        for cache in caches:
+            for name, at in cache.freshness.confirmations().items():
+                if name[1:].startswith(mine) and at > found.get(name, 0.0):
+                    found[name] = at
         for name, at in self._confirmed_by.items():  # (carried on, if pickled again)
             if at > found.get(name, 0.0):
                 found[name] = at
