@@ -47,6 +47,9 @@ cfg = (CacheConfig().with_name(a["name"]).with_memory_size("16MB")
 store = open_store(a["url"], storage_options=a["opts"], cache_config=cfg, read_only=False)
 mode = a["mode"]
 if mode == "write":  # write chunk 2 through zcache, then read it back (fills the new version)
+    store.close()
+    cfg = cfg.with_cache_on_write(False)  # (read back from the source: the book says it)
+    store = open_store(a["url"], storage_options=a["opts"], cache_config=cfg, read_only=False)
     arr = zarr.open_array(store, path="v", mode="r+")
     arr[8:12] = a["value"]
     print(json.dumps(arr[:].tolist()), flush=True)
@@ -177,7 +180,8 @@ def test_b_a_write_through_this_process_reaches_another_process(
         assert first[1] == list(range(20))
         import zarr
 
-        store = open_store(url, storage_options=s3_options, cache_config=cfg, read_only=False)
+        wcfg = cfg.with_cache_on_write(False)  # (read back from the source: the book says it)
+        store = open_store(url, storage_options=s3_options, cache_config=wcfg, read_only=False)
         arr = zarr.open_array(store, path="v", mode="r+")
         arr[8:12] = -2.0
         assert arr[:].tolist()[8:12] == [-2.0] * 4  # this process reads it back
@@ -251,16 +255,20 @@ def test_one_version_per_array_read_on_a_cluster(
         ) as cluster,
         Client(cluster),
     ):
-        with xr.open_dataset(url, chunks={}, **kw) as ds:
-            assert ds.v.compute().values.tolist() == list(range(10))  # workers cache it
+        ds = xr.open_dataset(url, chunks={}, **kw)
+        assert ds.v.compute().values.tolist() == list(range(10))  # workers cache it
         more = xr.Dataset({"v": ("x", np.arange(10, 12, dtype="f8"))})
         more.to_zarr(url, storage_options=s3_options, append_dim="x")
         store = open_store(url, storage_options=s3_options, cache_config=cfg)
         report = sync(store.revalidate())  # the client validates: it sees the new shape
         assert report.changed >= 1
-        with xr.open_dataset(url, chunks={}, **kw) as ds:
-            assert ds.sizes["x"] == 12
-            got = ds.v.compute().values
+        ds = xr.open_dataset(url, chunks={}, **kw)  # the client re-opens
+        assert ds.sizes["x"] == 12
+        # the new metadata reaches the folder: the workers read it from disk, not from
+        # the source (where its change would make them validate the array themselves)
+        store.cache.flush()
+        got = ds.v.compute().values
+        ds.close()
         assert not np.isnan(got).any(), got.tolist()
         assert got.tolist() == list(range(12))
 
