@@ -24,9 +24,17 @@ The rules, each kept here and nowhere else:
   (whole object, every range, negative entry). Unchanged objects keep their entries
   and are not re-read. (A changed metadata document is dropped like any object; when
   it is read again, the store drops the array's older chunks: `SourceReads._fetch`.)
-* Another process's changes (its validation or fill found an object changed, and
-  dropped it on disk) reach this process's memory through the unit's ``changed`` time:
-  a newer one than this process has seen drops the unit's entries from memory.
+* Versions belong to the bytes: a validation compares the listing with the version of
+  the bytes this process filled (`Freshness.held`), else with the folder's recorded
+  one, and logs a change of any object another process of the folder recorded.
+* Another process's changes (its validation or fill found an object changed, a write or
+  delete through zcache) reach this process's memory through the folder's change log
+  (`VersionBook.log`), read every half interval and at every adoption (`read_log`),
+  and through the unit's ``changed`` time: a newer one than this process has seen
+  drops the unit's entries from memory.
+* A store pickled to a Dask worker carries the client's confirmation time per unit;
+  the worker confirms a unit it confirmed earlier than that before serving it
+  (`confirm`).
 * A fill records the object's version. A fill of a version other than the recorded
   one drops the object's older entries: a part of an object (a shard's index, its
   inner chunks) is never combined with parts of another version — if a range of
