@@ -255,6 +255,7 @@ class CachedStore(SourceValidation, SourceReads, Store):
             "identity": self._identity,
             "named": self._named,
             "object_units": self._object_units,
+            "confirmed": self._confirmations(),
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -268,6 +269,7 @@ class CachedStore(SourceValidation, SourceReads, Store):
         self._adopt(identity, named=state["named"])
         self._object_units = state["object_units"]
         self._init_local()
+        self._confirmed_by = state.get("confirmed", {})
 
     def __repr__(self) -> str:
         return f"CachedStore({self._store!r}, cache={self._config.name!r})"

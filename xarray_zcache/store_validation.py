@@ -19,7 +19,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from xarray_zcache import store_versions
@@ -29,6 +30,7 @@ from xarray_zcache.listing_plan import Plan, grid_of, plan
 
 if TYPE_CHECKING:
     from xarray_zcache.cache.hybrid import HybridCache
+    from xarray_zcache.config import CacheConfig
     from xarray_zcache.store_versions import SourceVersions
 
 __all__ = ["SourceValidation", "ValidationReport"]
@@ -88,6 +90,32 @@ class SourceValidation:
     _unit_memo: dict[str, tuple[Unit, str]]
     #: validate each object alone (the targets of references), not by array folders
     _object_units: bool = False
+    _bindings: dict[str | None, HybridCache]
+    _config: CacheConfig
+    #: {unit name: when the validation that confirmed it started} in the process that
+    #: pickled this store (a Dask client): units confirmed here before are confirmed
+    #: again before they are served (one version per array read, on a cluster too)
+    _confirmed_by: Mapping[str, float] = MappingProxyType({})
+
+    def _confirmations(self) -> dict[str, float]:
+        """When the units of this store's data were last confirmed in this process
+        (pickled with the store, see `_confirmed_by`); creates no cache."""
+        caches = list(self._bindings.values())
+        if not caches:  # (a copy that has read nothing yet: the process's cache, if open)
+            from xarray_zcache import registry
+
+            found_cache = registry._caches.get(self._config)
+            caches = [] if found_cache is None or found_cache.closed else [found_cache]
+        mine = self._namespace + "/"
+        found: dict[str, float] = {}
+        for cache in caches:
+            for name, at in cache.freshness.confirmations().items():
+                if name[1:].startswith(mine) and at > found.get(name, 0.0):
+                    found[name] = at
+        for name, at in self._confirmed_by.items():  # (carried on, if pickled again)
+            if at > found.get(name, 0.0):
+                found[name] = at
+        return found
 
     @property
     def cache(self) -> HybridCache:
@@ -146,7 +174,9 @@ class SourceValidation:
             return None
         prefix = unit.prefix
         rests = []
-        for ck in self.cache.cached_objects(prefix):
+        # (and the objects other processes of the folder recorded: their memory's)
+        recorded = self.cache.freshness.book.under(prefix)
+        for ck in {**self.cache.cached_objects(prefix), **dict.fromkeys(recorded, True)}:
             if "\x01" in ck or "\x02" in ck:
                 continue
             parsed = parse_entry_key(self._namespace, ck)
@@ -227,6 +257,9 @@ class SourceValidation:
             return
         unit, folder = self._unit_of(key)
         freshness = (cache or self.cache).freshness
+        since = self._confirmed_by.get(unit.name)
+        if since is not None and freshness.confirmed(unit) < since:
+            await freshness.confirm(unit, self._versions_now(unit, folder), since)
         if freshness.is_fresh(unit, time.time()):
             return
         await freshness.ensure(unit, self._versions_now(unit, folder))
@@ -247,6 +280,9 @@ class SourceValidation:
             return
         unit, folder = self._unit_of(key)
         freshness = self.cache.freshness
+        since = self._confirmed_by.get(unit.name)
+        if since is not None and freshness.confirmed(unit) < since:
+            freshness.confirm_sync(unit, self._listing_sync(unit, folder), since)
         if freshness.is_fresh(unit, time.time()):
             return
 

@@ -330,9 +330,28 @@ class Coherence:
 
     def drop_memory(self, prefix: str) -> None:
         """Drop the entries under ``prefix`` from memory only (another process of the
-        folder found some of them changed, and dropped them on disk already)."""
+        folder found some of them changed, and dropped them on disk already); this
+        process's pending disk writes of them too (they hold the old bytes)."""
         with self._admit_lock:
             self._inv.bump_prefix(prefix)
             self._memory.delete_prefix(prefix)
             self._negatives.discard_prefix(prefix)
+            if self._writer is not None:
+                self._writer.discard_prefix(prefix)
+        self._listings.drop("")
+
+    def drop_memory_object(self, key: str) -> None:
+        """`drop_memory` for object ``key``: whole, every part, negative entry."""
+        part = key + PART_SEP
+        with self._admit_lock:
+            self._inv.bump(key)
+            self._inv.bump_prefix(part)
+            self._memory.delete(key)
+            self._memory.delete_prefix(part)
+            self._negatives.discard(key)
+            if self._writer is not None:
+                self._writer.discard(key)
+                self._writer.discard(key + NEGATIVE_SUFFIX)
+                self._writer.discard_prefix(part)
+            self._prefetched.discard(key)
         self._listings.drop("")

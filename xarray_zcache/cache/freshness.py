@@ -24,9 +24,17 @@ The rules, each kept here and nowhere else:
   (whole object, every range, negative entry). Unchanged objects keep their entries
   and are not re-read. (A changed metadata document is dropped like any object; when
   it is read again, the store drops the array's older chunks: `SourceReads._fetch`.)
-* Another process's changes (its validation or fill found an object changed, and
-  dropped it on disk) reach this process's memory through the unit's ``changed`` time:
-  a newer one than this process has seen drops the unit's entries from memory.
+* Versions belong to the bytes: a validation compares the listing with the version of
+  the bytes this process filled (`Freshness.held`), else with the folder's recorded
+  one, and logs a change of any object another process of the folder recorded.
+* Another process's changes (its validation or fill found an object changed, a write or
+  delete through zcache) reach this process's memory through the folder's change log
+  (`VersionBook.log`), read every half interval and at every adoption (`read_log`),
+  and through the unit's ``changed`` time: a newer one than this process has seen
+  drops the unit's entries from memory.
+* A store pickled to a Dask worker carries the client's confirmation time per unit;
+  the worker confirms a unit it confirmed earlier than that before serving it
+  (`confirm`).
 * A fill records the object's version. A fill of a version other than the recorded
   one drops the object's older entries: a part of an object (a shard's index, its
   inner chunks) is never combined with parts of another version — if a range of
@@ -83,6 +91,8 @@ RETRY_AFTER: Final = 30.0
 TIMEOUT: Final = 60.0
 #: how often a process waiting for another process's validation looks at the book
 _POLL: Final = 0.05
+#: object versions of this process's fills kept (`Freshness.held`); beyond, the book's
+_HELD_MAX: Final = 1 << 20
 #: objects marked superseded kept per cache (the oldest half goes beyond it)
 _MARKS_MAX: Final = 65536
 #: objects remembered per reader context (`part_reader`; all forgotten beyond it)
@@ -200,6 +210,7 @@ class _Cache(Protocol):
     def has_parts(self, key: str) -> bool: ...
     def drop_object(self, key: str) -> None: ...
     def drop_memory(self, prefix: str) -> None: ...
+    def drop_memory_object(self, key: str) -> None: ...
 
 
 def _wake(fut: asyncio.Future[None]) -> None:
@@ -267,11 +278,113 @@ class Freshness:
         self._held: set[str] = set()
         self._keeper: threading.Thread | None = None
         self.counts: Counter[str] = Counter()
+        #: {object key: version} of what this process filled: the version of the bytes
+        #: its memory holds (a validation compares the listing with it, not the book's)
+        self._mine: dict[str, str] = {}
+        self._mine_lock = threading.Lock()
+        #: {unit name: start of the validation this process's entries were last
+        #: confirmed by} (travels with a pickled store: `confirm`)
+        self._confirmed: dict[str, float] = {}
+        #: the change log of the folder, read up to here (`read_log`)
+        self._log_seq = book.last_change()
+        self._log_next = 0.0
+
+    # -- the versions of what this process holds, and the folder's change log -------------------
+
+    def _hold(self, key: str, version: str) -> None:
+        with self._mine_lock:
+            held = self._mine
+            held.pop(key, None)
+            held[key] = version
+            if len(held) > _HELD_MAX:  # (the oldest half: read again at worst)
+                for k in list(held)[: len(held) // 2]:
+                    del held[k]
+
+    def _release(self, key: str, *, prefix: bool) -> None:
+        with self._mine_lock:
+            if not prefix:
+                self._mine.pop(key, None)
+            elif not key:
+                self._mine.clear()
+            else:
+                for k in [k for k in self._mine if k.startswith(key)]:
+                    del self._mine[k]
+
+    def held(self, key: str) -> str | None:
+        """The version of the bytes of object ``key`` this process filled (None: none)."""
+        return self._mine.get(key)
+
+    def read_log(self, now: float) -> int:
+        """Drop from memory what other processes of the folder logged as changed (their
+        validations, fills of a new version, writes and deletes through zcache) since
+        this process last looked: one query. Returns how many rows were applied."""
+        interval = self.interval
+        # (with an interval of 0, once per open: read when a unit is validated or adopted)
+        self._log_next = float("inf") if not interval else now + interval / 2
+        seq, found = self.book.changes_since(self._log_seq)
+        self._log_seq = seq
+        cache = self._cache
+        if found is None:  # rows this process never read were pruned: drop everything
+            self.counts["log_gaps"] += 1
+            cache.drop_memory("")
+            self._release("", prefix=True)
+            return 1
+        for key, prefix in found:
+            if prefix:
+                cache.drop_memory(key)
+            else:
+                cache.drop_memory_object(key)
+            self._release(key, prefix=prefix)
+        if found:
+            self.counts["log_rows"] += len(found)
+        return len(found)
+
+    def confirmed(self, unit: Unit) -> float:
+        """When the validation that last confirmed ``unit`` here started (0: none)."""
+        return self._confirmed.get(unit.name, 0.0)
+
+    def confirmations(self) -> dict[str, float]:
+        """`confirmed` of every unit (what a pickled store carries to a worker)."""
+        return dict(self._confirmed)
+
+    def _confirm_at(self, unit: Unit, at: float) -> None:
+        if at > self._confirmed.get(unit.name, 0.0):
+            self._confirmed[unit.name] = at
+
+    async def confirm(self, unit: Unit, listing: AsyncListing, since: float) -> None:
+        """Serve ``unit`` only from entries confirmed by a validation that started at or
+        after ``since`` (another process's, e.g. the Dask client's that built the
+        computation): read the change log, then adopt such a validation of the folder
+        or validate now. A failure serves what is cached (stale-if-error)."""
+        if self.interval is None or self.confirmed(unit) >= since:
+            return
+        self.read_log(time.time())
+        try:
+            await self.validate_now(unit, listing, since)
+        except Exception as exc:
+            self._failed(unit, exc, None)
+            return
+        self._confirm_at(unit, since)
+
+    def confirm_sync(self, unit: Unit, listing: SyncListing, since: float) -> None:
+        """`confirm` for synchronous callers."""
+        if self.interval is None or self.confirmed(unit) >= since:
+            return
+        self.read_log(time.time())
+        try:
+            self.validate_now_sync(unit, listing, since)
+        except Exception as exc:
+            self._failed(unit, exc, None)
+            return
+        self._confirm_at(unit, since)
 
     # -- the gate ---------------------------------------------------------------------------------
 
     def is_fresh(self, unit: Unit, now: float) -> bool:
-        """The fast path: whether ``unit`` may be served without looking further."""
+        """The fast path: whether ``unit`` may be served without looking further (the
+        folder's change log is read first every half interval)."""
+        if now >= self._log_next:
+            self.read_log(now)
         if self.interval == 0:
             return unit.until > now
         return self._fresh_until.get(unit.name, 0.0) > now
@@ -286,6 +399,7 @@ class Freshness:
         state = self.book.unit(unit.name)
         if state is None and not self.book.legacy:
             state = self.book.start(unit.name, now)
+            self._confirm_at(unit, state.validated)
         if state is not None:
             self._seen_changed.setdefault(unit.name, state.changed)
         return state
@@ -303,6 +417,10 @@ class Freshness:
             until = state.ended + interval
         if until <= now:
             return False
+        # what the adopted validation (or a write through zcache) dropped elsewhere in
+        # the folder is dropped from this process's memory before anything is served
+        self.read_log(now)
+        self._confirm_at(unit, state.validated)
         if state.changed > self._seen_changed.get(unit.name, 0.0):
             self._cache.drop_memory(unit.prefix)
             self._seen_changed[unit.name] = state.changed
@@ -504,12 +622,13 @@ class Freshness:
         were dropped for want of a recorded version (written through zcache, a peer's
         replica): they are read again, but nothing says they changed."""
         current, requests, covers = found
-        cached = {
-            k: v
-            for k, v in self._cache.cached_objects(unit.prefix).items()
-            if unit.holds(k) and (covers is None or k.startswith(covers))
-        }
+
+        def covered(k: str) -> bool:
+            return unit.holds(k) and (covers is None or k.startswith(covers))
+
+        cached = {k: v for k, v in self._cache.cached_objects(unit.prefix).items() if covered(k)}
         recorded = self.book.under(unit.prefix)
+        held = self._mine
         changed = []
         unverified = 0
         for key, has_value in cached.items():
@@ -517,13 +636,23 @@ class Freshness:
             if not has_value:  # a negative entry: stale once the object exists
                 if now_version is not None:
                     changed.append(key)
-            elif now_version is None or recorded.get(key) != now_version:
+                continue
+            # the version of the bytes this process holds (its fill), else the folder's
+            mine = held.get(key) or recorded.get(key)
+            if now_version is None or mine != now_version:
                 changed.append(key)
-                unverified += now_version is not None and key not in recorded
+                unverified += now_version is not None and mine is None
+        # objects other processes of the folder hold (in their memory only, perhaps):
+        # a change is logged for them (`read_log`), not counted here
+        elsewhere = [
+            k for k, v in recorded.items() if k not in cached and covered(k) and current.get(k) != v
+        ]
         self._mark(changed, dropping=True)
         for key in changed:
             self._cache.drop_object(key)
         self._mark(changed)
+        for key in elsewhere:
+            self.forget(key, prefix=False)
         # what the source holds now, as this listing saw it (`seen_since`)
         self.book.saw({k: current[k] for k in changed if k in current}, started)
         stats = self._cache._stats
@@ -532,6 +661,7 @@ class Freshness:
         stats.add("validation_changes", len(changed) - unverified)
         ended = time.time()
         self.book.validated(unit.name, started, started if changed else None, ended)
+        self._confirm_at(unit, started)
         if changed:
             self._seen_changed[unit.name] = max(self._seen_changed.get(unit.name, 0.0), started)
             logger.info(
@@ -653,7 +783,7 @@ class Freshness:
         version, though none is cached any more).
         """
         book = self.book
-        old = book.version(key)
+        old = self._mine.get(key) or book.version(key)
         # (before a change found now marks it: this fill itself is of the new version)
         mixed = part and reader is not None and self.superseded(key) > reader
         if old is not None and old != version:
@@ -665,15 +795,20 @@ class Freshness:
             self._seen_changed[unit.name] = max(self._seen_changed.get(unit.name, 0.0), now)
             self._mark([key])
         book.record(key, version)
+        self._hold(key, version)
         if mixed:
             _reader_restarts(key)
             raise _changed(key)
 
     def forget(self, key: str, *, prefix: bool) -> None:
-        """The entries of ``key`` are gone: so is what was known of its version."""
+        """The entries of ``key`` are gone: so is what was known of its version, here
+        and (through the change log) in every process of the folder."""
+        self._release(key, prefix=prefix)
         self.book.forget(key, prefix=prefix)
 
     def clear(self) -> None:
+        self._release("", prefix=True)
+        self._confirmed.clear()
         self.book.clear()
         self._fresh_until.clear()
         self._seen_changed.clear()

@@ -47,7 +47,20 @@ CREATE TABLE IF NOT EXISTS units(
 );
 CREATE TABLE IF NOT EXISTS meta(name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS seen(key TEXT PRIMARY KEY, version TEXT NOT NULL, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS changes(
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    key TEXT NOT NULL,
+    prefix INTEGER NOT NULL,
+    holder TEXT NOT NULL,
+    at REAL NOT NULL
+);
 """
+
+#: seconds a row of the change log is kept; a process that has not read the log for
+#: longer drops its whole memory tier (it cannot tell what it missed)
+LOG_KEEP: float = 3600.0
+#: rows written between two prunings of the change log
+_PRUNE_EVERY: Final = 1000
 
 #: columns added to ``units`` since its first release (a folder of an older release gets them)
 _ADDED: Final = {
@@ -125,6 +138,7 @@ class VersionBook:
         self._conn: sqlite3.Connection | None = None
         self._token = uuid.uuid4().hex[:12]
         self._folder = folder
+        self._logged = 0
         #: called (once) when the folder vanished under the book; it then keeps memory only
         self.on_lost: Callable[[BaseException, str], None] | None = None
         self.legacy = False
@@ -288,7 +302,9 @@ class VersionBook:
             return found
 
     def forget(self, key: str, *, prefix: bool = False) -> None:
-        """Drop the version of ``key`` (or of every key starting with it)."""
+        """Drop the version of ``key`` (or of every key starting with it), and tell the
+        other processes of the folder through the change log (`changes_since`)."""
+        self.log([(key, prefix)])
         with self._lock:
             if prefix:
                 for k in [k for k in self._versions if k.startswith(key)]:
@@ -307,6 +323,66 @@ class VersionBook:
                     lambda c: c.execute("DELETE FROM versions WHERE key = ?", (key,)),
                     None,
                 )
+
+    # -- the change log: what one process dropped reaches every process of the folder ----------
+
+    def log(self, keys: list[tuple[str, bool]]) -> None:
+        """Append ``(key, is_prefix)`` to the folder's change log: the entries of these
+        objects (or of every key under the prefix) are no longer current; every other
+        process drops them from its memory when it reads the log (`changes_since`)."""
+        if not keys or self._conn is None:
+            return
+        at = time.time()
+        me = self.holder
+        rows = [(k, int(p), me, at) for k, p in keys]
+
+        def op(c: sqlite3.Connection) -> None:
+            with self._write(c):
+                c.executemany(
+                    "INSERT INTO changes(key, prefix, holder, at) VALUES (?, ?, ?, ?)", rows
+                )
+                self._logged += len(rows)
+                if self._logged >= _PRUNE_EVERY:
+                    self._logged = 0
+                    c.execute("DELETE FROM changes WHERE at < ?", (at - LOG_KEEP,))
+
+        with self._lock:
+            self._sql("logging a change", op, None)
+
+    def last_change(self) -> int:
+        """The sequence number of the last row of the change log (0: none)."""
+        with self._lock:
+            row = self._sql(
+                "reading the change log",
+                lambda c: c.execute("SELECT max(seq) FROM changes").fetchone(),
+                None,
+            )
+        return 0 if row is None or row[0] is None else int(row[0])
+
+    def changes_since(self, seq: int) -> tuple[int, list[tuple[str, bool]] | None]:
+        """The rows of the change log after ``seq`` written by other processes:
+        ``(last seq, [(key, is_prefix), ...])``; None instead of the list when rows
+        after ``seq`` were pruned (everything must be taken as changed). One query."""
+        if self._conn is None:
+            return seq, []
+        me = self.holder
+
+        def op(c: sqlite3.Connection) -> tuple[int, list[tuple[str, bool]] | None]:
+            rows = c.execute(
+                "SELECT seq, key, prefix, holder FROM changes WHERE seq > ?"
+                " OR seq = (SELECT min(seq) FROM changes) ORDER BY seq",
+                (seq,),
+            ).fetchall()
+            if not rows:
+                return seq, []
+            first = int(rows[0][0])
+            gap = first > seq + 1  # (rows this process never read were pruned)
+            found = [(str(k), bool(p)) for s, k, p, h in rows if int(s) > seq and h != me]
+            return max(seq, int(rows[-1][0])), None if gap else found
+
+        nothing: tuple[int, list[tuple[str, bool]] | None] = (seq, [])
+        with self._lock:
+            return self._sql("reading the change log", op, nothing)
 
     # -- units ----------------------------------------------------------------------------------
 
@@ -462,6 +538,10 @@ class VersionBook:
                     c.execute("DELETE FROM versions")
                     c.execute("DELETE FROM seen")
                     c.execute("DELETE FROM units")
+                    c.execute(
+                        "INSERT INTO changes(key, prefix, holder, at) VALUES ('', 1, ?, ?)",
+                        (self.holder, time.time()),
+                    )
                     c.execute("DELETE FROM meta WHERE name = 'legacy'")
 
             self._sql("clearing", op, None)
