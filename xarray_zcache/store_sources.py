@@ -97,7 +97,8 @@ class SourceReads:
         """A part of an object of a source with versions, read without one (a file that
         changed during the read), is neither cached nor served: the bytes may belong to
         another version than the reader's other parts (`ObjectChanged`: read again)."""
-        unversioned = version is None and data is not None and byte_range is not None
+        # (an empty part, a range past the end of the object, combines with nothing)
+        unversioned = version is None and bool(data) and byte_range is not None
         if unversioned and self._source.supported:
             raise ObjectChanged(
                 f"xarray-zcache: {key!r} changed at the source while a part of it was "
