@@ -36,8 +36,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import Settings, make_dataset, median, quiet, request_counts  # noqa: E402
-from s3proc import S3Process  # noqa: E402
+from common import Settings, make_dataset, median, quiet, request_counts
+from s3proc import S3Process
 
 BUCKET = "zcache-client"
 URL = f"s3://{BUCKET}/client.zarr"

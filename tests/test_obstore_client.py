@@ -66,6 +66,7 @@ def _write(url: str, opts: dict[str, Any]) -> xr.Dataset:
 def test_client_setting_is_validated_and_not_part_of_the_cache_identity() -> None:
     with pytest.raises(ValueError, match=r"client: invalid client 'boto'; expected one of "):
         CacheConfig(client="boto")  # type: ignore[arg-type]
+    assert CacheConfig().client == "obstore"  # the default (zcache.yaml)
     a, b = CacheConfig().with_client("obstore"), CacheConfig().with_client("s3fs")
     assert (a.client, b.client) == ("obstore", "s3fs")
     assert a == b and hash(a) == hash(b)  # one cache for both clients
