@@ -12,8 +12,10 @@ scheduler:
   read is another cold read).
 
 Cold: a fresh cache (new memory tier, new empty disk folder) and a fresh open. Warm: the
-same cache, opened again (memory hits). Medians of ``--runs`` (3) runs per latency, with
-the server's request counts of one cold read (GETs, HEADs, listings).
+same cache, opened again (memory hits). Medians of ``--runs`` (3) runs per latency of the
+wall-clock and the CPU time of this process (all its threads: dask's, fsspec's event
+loop, obstore's runtime), with the server's request counts of one cold read (GETs,
+HEADs, listings).
 
 Usage::
 
@@ -101,17 +103,21 @@ def opener(kind: str, server: S3Process, opts: dict[str, Any], folder: str) -> A
     return open_zcache
 
 
-def full_read(open_: Any, threads: int) -> tuple[float, np.ndarray]:
+def full_read(open_: Any, threads: int) -> tuple[float, float, np.ndarray]:
+    """Wall-clock and CPU seconds (every thread of this process, obstore's included) of
+    one open and full read."""
     import dask
 
     t0 = time.perf_counter()
+    c0 = time.process_time()
     with quiet():
         ds = open_()
         with dask.config.set(scheduler="threads", num_workers=threads):
             out = np.asarray(ds["t2m"].mean(("y", "x")).compute().values)
     took = time.perf_counter() - t0
+    cpu = time.process_time() - c0
     ds.close()
-    return took, out
+    return took, cpu, out
 
 
 def run(
@@ -125,20 +131,24 @@ def run(
     from xarray_zcache.registry import close_all
 
     server.latency = latency
-    results: dict[str, dict[str, Any]] = {k: {"cold": [], "warm": []} for k in READERS}
+    results: dict[str, dict[str, Any]] = {
+        k: {"cold": [], "warm": [], "cold_cpu": [], "warm_cpu": []} for k in READERS
+    }
     for i in range(runs):
         for kind in READERS:  # interleaved: drifts of the machine hit every reader alike
             folder = tempfile.mkdtemp(prefix=f"zc-client-{i}-")
             try:
                 open_ = opener(kind, server, opts, folder)
                 server.requests.reset()
-                cold, out = full_read(open_, threads)
+                cold, cold_cpu, out = full_read(open_, threads)
                 np.testing.assert_allclose(out, expected, rtol=1e-5)
                 results[kind].setdefault("requests", request_counts(server.requests.records()))
-                warm, out = full_read(open_, threads)
+                warm, warm_cpu, out = full_read(open_, threads)
                 np.testing.assert_allclose(out, expected, rtol=1e-5)
                 results[kind]["cold"].append(cold)
                 results[kind]["warm"].append(warm)
+                results[kind]["cold_cpu"].append(cold_cpu)
+                results[kind]["warm_cpu"].append(warm_cpu)
             finally:
                 close_all()
                 shutil.rmtree(folder, ignore_errors=True)
@@ -163,8 +173,11 @@ def main(argv: list[str] | None = None) -> int:
             f"median of {args.runs}"
         )
         print()
-        print("| latency | reader | cold (s) | warm (s) | cold requests (GET/HEAD/list) |")
-        print("| --- | --- | --- | --- | --- |")
+        print(
+            "| latency | reader | cold (s) | warm (s) | cold CPU (s) | warm CPU (s) "
+            "| cold requests (GET/HEAD/list) |"
+        )
+        print("| --- | --- | ---: | ---: | ---: | ---: | --- |")
         for latency in latencies:
             res = run(latency, args.runs, args.threads, server, opts, expected)
             table[str(latency)] = res
@@ -173,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
                 c = r["requests"]
                 print(
                     f"| {latency * 1000:g} ms | {kind} | {median(r['cold']):.3f} | "
-                    f"{median(r['warm']):.3f} | {c['get']}/{c['head']}/{c['list']} |",
+                    f"{median(r['warm']):.3f} | {median(r['cold_cpu']):.2f} | "
+                    f"{median(r['warm_cpu']):.2f} | {c['get']}/{c['head']}/{c['list']} |",
                     flush=True,
                 )
         if args.json:
