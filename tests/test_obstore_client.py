@@ -268,3 +268,33 @@ def test_chains_and_references_stay_on_fsspec(
     )
     assert isinstance(chained.inner, FsspecStore)
     assert zarr.open_group(chained, mode="r")["t"][:].shape == (8, 8)
+
+
+def test_without_obstore_s3fs_reads_with_one_info_line(
+    s3_bucket: str,
+    s3_options: dict[str, Any],
+    config: CacheConfig,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from xarray_zcache import clients
+
+    monkeypatch.setattr(clients, "available", lambda: False)
+    with caplog.at_level(logging.INFO, logger="xarray_zcache"):
+        store = open_store(
+            f"s3://{s3_bucket}/x.zarr", storage_options=s3_options, cache_config=config
+        )
+    assert isinstance(store.inner, FsspecStore)
+    lines = [r.getMessage() for r in caplog.records if "obstore" in r.getMessage()]
+    assert len(lines) == 1 and "not installed" in lines[0]
+
+
+def test_gs_and_az_urls_through_obstore(config: CacheConfig) -> None:
+    gs = open_store("gs://bkt/x.zarr", storage_options={"token": "anon"}, cache_config=config)
+    assert isinstance(gs.inner, ObjectStore)
+    assert gs.namespace == "gs://bkt/x.zarr"
+    az = open_store(
+        "az://cont/x.zarr", storage_options={"account_name": "acct"}, cache_config=config
+    )
+    assert isinstance(az.inner, ObjectStore)
+    assert az.namespace == "abfs+https://acct.blob.core.windows.net/cont/x.zarr"
