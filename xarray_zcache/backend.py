@@ -82,14 +82,37 @@ def _chain_protocols(text: str) -> list[str]:
 
 
 def _inner_store(
-    url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None, read_only: bool
+    url: str | os.PathLike[str],
+    storage_options: Mapping[str, Any] | None,
+    read_only: bool,
+    client: str | None = None,
 ) -> Store:
+    """The store reading ``url``; ``client``: what reads s3://, gs://, az:// URLs
+    (``"obstore"`` or ``"s3fs"``; ``None``: dask config ``zcache.client``)."""
     from zarr.storage import FsspecStore, LocalStore
 
     text = strip_prefix(os.fspath(url))
     if not text:
         raise ValueError("filename_or_obj: empty path or URL")
     chained = "::" in text
+    if client is None:
+        import dask.config
+
+        client = str(dask.config.get("zcache.client"))
+    if client == "obstore" and not chained:
+        from xarray_zcache import clients
+
+        if text.partition("://")[0].lower() in clients.SCHEMES:
+            if clients.available():
+                found = clients.obstore_store(text, storage_options, read_only)
+                if found is not None:
+                    return found
+            else:
+                logger.info(
+                    "xarray-zcache: zcache.client is 'obstore' but obstore is not installed; "
+                    "reading %s through fsspec",
+                    text.partition("://")[0] + "://",
+                )
     if not chained and ("://" not in text or text.startswith("file://")):
         path = text.removeprefix("file://")
         if storage_options:
@@ -188,7 +211,7 @@ def open_store(
     logging.getLogger("xarray_zcache.store").debug(
         "xarray-zcache: opening %s with %s", shown, config
     )
-    inner = _inner_store(url_or_store, storage_options, read_only)
+    inner = _inner_store(url_or_store, storage_options, read_only, config.client)
     if not isinstance(url_or_store, Store):
         track_session(inner, owned=True)  # built here: `CachedStore.close` closes it
     return CachedStore(inner, config)

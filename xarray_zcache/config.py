@@ -29,9 +29,11 @@ from xarray_zcache.config_checks import (
     default_disk_path,
 )
 
-__all__ = ["EVICTION_POLICIES", "CacheConfig", "default_disk_path"]
+__all__ = ["CLIENTS", "EVICTION_POLICIES", "CacheConfig", "default_disk_path"]
 
 EVICTION_POLICIES = ("lru", "slru", "tinylfu")
+#: what reads s3:// (gs://, az://) URLs: obstore, or fsspec's s3fs (gcsfs, adlfs)
+CLIENTS = ("obstore", "s3fs")
 
 _YAML = pathlib.Path(__file__).with_name("zcache.yaml")
 with _YAML.open() as _f:
@@ -109,6 +111,13 @@ class CacheConfig:
         On a Dask worker with the zcache plugin, the memory tier holds at most this
         fraction of the worker's ``memory_limit`` (``min(memory_size, fraction x
         memory_limit)``); ``None``: ``memory_size`` as is.
+    client
+        What reads ``s3://``, ``gs://`` and ``az://`` URLs opened by zcache (`open_store`,
+        ``engine="zcache"``): ``"obstore"`` (zarr's `ObjectStore` over obstore, with the
+        s3fs-style ``storage_options`` mapped; an option it cannot map falls back to
+        s3fs with one INFO line) or ``"s3fs"`` (fsspec). Chained URLs and
+        ``reference://`` always use fsspec. Not part of the cache's identity: configs
+        differing only here share one cache (both clients name the same objects alike).
 
     Examples
     --------
@@ -151,6 +160,9 @@ class CacheConfig:
     placement: bool = dataclasses.field(default_factory=lambda: _cfg("distributed.placement"))
     memory_fraction: float | None = dataclasses.field(
         default_factory=lambda: _cfg("distributed.memory-fraction")
+    )
+    client: Literal["obstore", "s3fs"] = dataclasses.field(
+        default_factory=lambda: _cfg("client"), compare=False
     )
 
     def __post_init__(self) -> None:
@@ -227,6 +239,11 @@ class CacheConfig:
                     "Dask worker's memory_limit in (0, 1], or None to use memory_size as is"
                 )
             s(self, "memory_fraction", float(frac))
+        if self.client not in CLIENTS:
+            raise ValueError(
+                f"client: invalid client {self.client!r}; expected one of "
+                f"{', '.join(map(repr, CLIENTS))}"
+            )
 
     # -- construction -------------------------------------------------------------------------
 
@@ -383,6 +400,11 @@ class CacheConfig:
         """Return a copy that sends chunk-reading tasks to the workers of their chunk's
         owning cache host (loose restrictions; needs peer reads; see docs/cluster-cache)."""
         return self._replace(placement=enabled)
+
+    def with_client(self, client: Literal["obstore", "s3fs"]) -> Self:
+        """Return a copy reading ``s3://``/``gs://``/``az://`` URLs with ``client``:
+        ``"obstore"`` or ``"s3fs"``."""
+        return self._replace(client=client)
 
     def with_cache_on_write(self, enabled: bool) -> Self:
         """Return a copy that stores (``True``) or only invalidates (``False``) on writes."""

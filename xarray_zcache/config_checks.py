@@ -42,6 +42,7 @@ _FIELD_OF = {
     "distributed.peer-timeout": "peer_timeout",
     "distributed.placement": "placement",
     "distributed.memory-fraction": "memory_fraction",
+    "client": "client",
 }
 
 
