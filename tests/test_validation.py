@@ -41,6 +41,9 @@ def _cfg(tmp_path: Path, name: str, validation: Any = "never") -> CacheConfig:
         .with_disk_cache(tmp_path / "cache", "64MB")
         .with_prefetch(0)
         .with_validation(validation)
+        # s3fs inside: these tests slow down or page `S3Versions`' listings (obstore's
+        # validation is tested in test_store_identity.py and test_obstore_client.py)
+        .with_client("s3fs")
     )
 
 
@@ -100,8 +103,9 @@ def test_rewrite_in_place_is_seen_after_the_interval_for_one_listing_and_one_get
     assert gets2 - gets == 1  # the changed chunk, once; never an unchanged one
     assert delta.validation_changes >= 1
     # each validation: the root's documents and the array (11 objects): one listing each
-    # (a loaded machine may cross the 1 s interval more than once)
-    assert delta.validation_requests >= 2 and delta.validation_requests % 2 == 0
+    # (a loaded machine may cross the 1 s interval more than once, and each unit's interval
+    # counts from the end of its own last validation, so the two need not pair up)
+    assert delta.validation_requests >= 2
     assert lists2 - lists == delta.validation_requests  # figures match the server's log
 
 

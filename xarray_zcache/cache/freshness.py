@@ -109,8 +109,9 @@ def part_reader(key: str, before: float, *, first: bool) -> float | None:
 
     ``first``: this read starts a read of the object (a shard's index, read from its
     end): the reader begins now, and its first part is not checked (None). Otherwise:
-    when this reader's first read of ``key`` began, or ``before`` (when this read began,
-    before its gate) if it has read none."""
+    when this reader's index read of ``key`` began, or None if it read none (a lone
+    range read has no earlier part to combine with). ``before`` is unused (kept for
+    callers)."""
     seen = _PARTS_READ.get()
     if seen is None or len(seen) >= _READER_MAX:
         seen = {}
@@ -118,7 +119,10 @@ def part_reader(key: str, before: float, *, first: bool) -> float | None:
     if first:
         seen[key] = time.time()
         return None
-    return seen.setdefault(key, before)
+    # a reader begins at its index read (a suffix read: zarr reads a shard's index before
+    # every read of its chunks); a range read with none before it in this thread or task
+    # holds no earlier part to combine with: nothing to check (None)
+    return seen.get(key)
 
 
 def _changed(key: str) -> ObjectChanged:
@@ -630,6 +634,7 @@ class Freshness:
         recorded = self.book.under(unit.prefix)
         held = self._mine
         changed = []
+        superseded = []  # changed from a known version: readers of older parts are told
         unverified = 0
         for key, has_value in cached.items():
             now_version = current.get(key)
@@ -642,15 +647,19 @@ class Freshness:
             if now_version is None or mine != now_version:
                 changed.append(key)
                 unverified += now_version is not None and mine is None
+                if mine is not None:
+                    superseded.append(key)
         # objects other processes of the folder hold (in their memory only, perhaps):
         # a change is logged for them (`read_log`), not counted here
         elsewhere = [
             k for k, v in recorded.items() if k not in cached and covered(k) and current.get(k) != v
         ]
-        self._mark(changed, dropping=True)
+        # (an object without a known version, e.g. the book could not record it, is
+        # dropped and read again, but no reader is told it changed: nothing says it did)
+        self._mark(superseded, dropping=True)
         for key in changed:
             self._cache.drop_object(key)
-        self._mark(changed)
+        self._mark(superseded)
         for key in elsewhere:
             self.forget(key, prefix=False)
         # what the source holds now, as this listing saw it (`seen_since`)

@@ -125,7 +125,7 @@ def _stress_worker(
                     counts["deletes"] += 1
                 else:
                     byte_range = _random_range(rng) if op < 0.4 else None
-                    for attempt in range(1, 6):
+                    for attempt in range(1, 11):
                         try:
                             if use_async:
                                 got = sync(store.get(key, proto, byte_range))
@@ -137,7 +137,7 @@ def _stress_worker(
                             # cached here: the documented answer is "read again" (the
                             # writers here rewrite the same few keys without pause)
                             counts["changed_retries"] += 1
-                            if attempt == 5:
+                            if attempt == 10:
                                 raise
                     counts["reads"] += 1
                     data_ = None if got is None else got.to_bytes()
