@@ -770,3 +770,41 @@ def test_manifest_store_sees_a_rewritten_target(
     assert report.changed == 1 and report.requests == s3_server.requests.lists(bucket=s3_bucket)
     ds = xr.open_dataset(store, engine="zarr", consolidated=False, zarr_format=3)
     assert ds.t.values.tolist() == [40.0 + i for i in range(10)]
+
+
+_MANIFEST_READ = textwrap.dedent(
+    """
+    import json, sys
+    import xarray as xr
+    from obspec_utils.registry import ObjectStoreRegistry
+    from obstore.store import S3Store
+    from virtualizarr.parsers import HDFParser
+    from xarray_zcache import CacheConfig, CachedStore
+    endpoint, bucket, cache = json.loads(sys.stdin.read())
+    obs = S3Store(bucket, endpoint=endpoint, access_key_id="testing",
+                  secret_access_key="testing", region="us-east-1",
+                  client_options={"allow_http": True})
+    registry = ObjectStoreRegistry({f"s3://{bucket}/": obs})
+    manifest = HDFParser()(url=f"s3://{bucket}/a.nc", registry=registry)
+    store = CachedStore(manifest, CacheConfig().with_disk_cache(cache, "256MB"))
+    ds = xr.open_dataset(store, engine="zarr", consolidated=False, zarr_format=3)
+    print(json.dumps(ds.t.values.tolist()))
+    store.cache.flush()
+    """
+)
+
+
+def test_manifest_store_in_a_new_process_sends_no_chunk_requests(
+    s3_server: LocalS3Server, s3_bucket: str, tmp_path: Path
+) -> None:
+    _netcdf(tmp_path / "a.nc", 5.0)
+    s3_server.filesystem().put_file(str(tmp_path / "a.nc"), f"{s3_bucket}/a.nc")
+    payload = [s3_server.endpoint_url, s3_bucket, str(tmp_path / "cache")]
+    counts = []
+    for _ in range(2):
+        s3_server.requests.reset()
+        assert _in_new_process(_MANIFEST_READ, payload) == [5.0 + i for i in range(10)]
+        counts.append(s3_server.requests.count("GET", bucket=s3_bucket))
+    # each new process parses the file again (VirtualiZarr reads its HDF5 metadata: the
+    # parser's requests, the same each time); the chunk itself is read once, by the first
+    assert counts[0] - counts[1] == 1, counts
