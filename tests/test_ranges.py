@@ -62,17 +62,21 @@ def _source(
     return str(tmp_path / "sharded.zarr"), None
 
 
-def _write(url: str, opts: dict[str, Any] | None, compressor: str | None) -> bytes:
-    """Array ``a`` (one shard of 8 inner chunks of 2) holding `OLD`; returns the bytes of
-    the same shard holding `NEW` (written to array ``b`` of the same metadata)."""
+def _write(
+    url: str, opts: dict[str, Any] | None, compressor: str | None, index_location: str = "end"
+) -> bytes:
+    """Array ``a`` (one shard of 8 inner chunks of 2, its index at ``index_location``)
+    holding `OLD`; returns the bytes of the same shard holding `NEW` (written to array
+    ``b`` of the same metadata)."""
     root = zarr.open_group(url, mode="w", storage_options=opts, zarr_format=3)
     codecs: Any = "auto" if compressor else None
+    shards: Any = {"shape": (N,), "index_location": index_location}
     for name, values in (("a", OLD), ("b", NEW)):
         arr = root.create_array(
             name,
             shape=(N,),
             chunks=(2,),
-            shards=(N,),
+            shards=shards,
             dtype="i4",
             compressors=codecs,
             fill_value=0,
@@ -95,6 +99,7 @@ class _Race:
         self.new = new
         self.local = local
         self.fired = 0
+        self.index_at_start = False
         source: Any = store._source
         self._get: Callable[[str, ByteRequest | None], Awaitable[Fetched]] = source.get
         self._get_sync: Callable[[str, ByteRequest | None], Fetched] = source.get_sync
@@ -104,6 +109,8 @@ class _Race:
     def _due(self, key: str, byte_range: ByteRequest | None) -> bool:
         if key != SHARD or not isinstance(byte_range, RangeByteRequest) or self.fired:
             return False
+        if self.index_at_start and byte_range.start == 0:
+            return False  # (the index, read before the inner chunks)
         self.fired += 1
         return True
 
@@ -135,12 +142,15 @@ def _race(
     bucket: str,
     opts: dict[str, Any],
     name: str,
+    index_location: str = "end",
 ) -> tuple[CachedStore, _Race]:
     url, options = _source(where, tmp_path, bucket, opts)
-    new = _write(url, options, compressor)
+    new = _write(url, options, compressor, index_location)
     store = open_store(url, storage_options=options, cache_config=_cfg(tmp_path, name))
     local = Path(url) if where == "local" else None
-    return store, _Race(store, new, local)
+    race = _Race(store, new, local)
+    race.index_at_start = index_location == "start"
+    return store, race
 
 
 WHERE = pytest.mark.parametrize("where", ["local", "s3"])
@@ -193,6 +203,36 @@ def test_xarray_reads_the_new_values(
     again = [r for r in caplog.records if "during a read; read again" in r.getMessage()]
     assert len(again) == 1  # one read retried, once
     assert store.stats().validation_changes == 1
+
+
+@WHERE
+@COMPRESSOR
+def test_an_index_at_the_start_of_the_shard_is_protected_too(
+    s3_bucket: str, s3_options: dict[str, Any], tmp_path: Path, where: str, compressor: str | None
+) -> None:
+    """``index_location="start"``: zarr reads the index as a range from offset 0, not as
+    a suffix. That read begins the reader as a suffix does, so an inner chunk read at
+    the old index's offsets after the shard was replaced raises `ObjectChanged`, and
+    xarray reads the new values."""
+    store, race = _race(where, compressor, tmp_path, s3_bucket, s3_options, "start", "start")
+    arr = zarr.open_array(store, path="a", mode="r")
+    with pytest.raises(ExceptionGroup) as info:
+        arr[2:4].tolist()
+    assert info.group_contains(ObjectChanged)
+    assert race.fired == 1
+    assert arr[2:4].tolist() == NEW[2:4].tolist()
+    assert arr[:].tolist() == NEW.tolist()
+
+
+@WHERE
+def test_an_index_at_the_start_read_by_xarray_gives_the_new_values(
+    s3_bucket: str, s3_options: dict[str, Any], tmp_path: Path, where: str
+) -> None:
+    store, race = _race(where, "zstd", tmp_path, s3_bucket, s3_options, "xstart", "start")
+    with xr.open_dataset(store, engine="zcache", chunks={}) as ds:
+        assert ds.a[2:4].values.tolist() == NEW[2:4].tolist()
+        assert race.fired == 1
+        assert ds.a.values.tolist() == NEW.tolist()
 
 
 def test_a_reader_that_began_after_the_change_is_not_told(

@@ -9,7 +9,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, NamedTuple
 
-from zarr.abc.store import SuffixByteRequest
+from zarr.abc.store import RangeByteRequest, SuffixByteRequest
 from zarr.core.buffer import Buffer
 
 from xarray_zcache.cache.freshness import ObjectChanged, part_reader
@@ -89,7 +89,8 @@ class SourceReads:
         if byte_range is None:
             return None
         first = isinstance(byte_range, SuffixByteRequest)
-        return part_reader(self._ck(key), began, first=first)
+        head = isinstance(byte_range, RangeByteRequest) and byte_range.start == 0
+        return part_reader(self._ck(key), began, first=first, head=head)
 
     def _versionless(
         self, key: str, byte_range: ByteRequest | None, data: bytes | None, version: str | None

@@ -103,12 +103,15 @@ _READER_MAX: Final = 4096
 _PARTS_READ: ContextVar[dict[str, float] | None] = ContextVar("zcache_parts_read", default=None)
 
 
-def part_reader(key: str, before: float, *, first: bool) -> float | None:
+def part_reader(key: str, before: float, *, first: bool, head: bool = False) -> float | None:
     """Since when the current reader has been reading parts of object ``key`` (cache
     key), for the check of `Freshness.filled`; call it after the read's gate.
 
     ``first``: this read starts a read of the object (a shard's index, read from its
-    end): the reader begins now, and its first part is not checked (None). Otherwise:
+    end): the reader begins now, and its first part is not checked (None). ``head``: a
+    range from the object's first byte, which starts a read when this reader has begun
+    none of ``key`` (a shard's index at its start, ``index_location="start"``) and is
+    an inner chunk otherwise (the first one of a shard indexed at its end). Otherwise:
     when this reader's index read of ``key`` began, or None if it read none (a lone
     range read has no earlier part to combine with). ``before`` is unused (kept for
     callers)."""
@@ -116,7 +119,7 @@ def part_reader(key: str, before: float, *, first: bool) -> float | None:
     if seen is None or len(seen) >= _READER_MAX:
         seen = {}
         _PARTS_READ.set(seen)
-    if first:
+    if first or (head and key not in seen):
         seen[key] = time.time()
         return None
     # a reader begins at its index read (a suffix read: zarr reads a shard's index before
