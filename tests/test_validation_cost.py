@@ -162,6 +162,31 @@ def test_a_failed_listing_is_one_error_and_its_listing_is_counted(
         assert store.cache.freshness.book.unit("R" + store._ck("v") + "/").holder == ""  # type: ignore[union-attr]
 
 
+def test_the_pages_before_a_failing_page_are_counted(
+    s3_server: LocalS3Server, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A listing of two pages whose second page fails sent two requests: both are in
+    ``validation_requests``, as in the server's log; still one error."""
+    monkeypatch.setattr(store_versions, "PAGE", 10)  # the array's 11 objects: 2 pages
+    url = f"s3://{s3_bucket}/ds.zarr"
+    _write(url, s3_server.storage_options(), n=40, chunk=4)
+    with faults.FaultProxy(s3_server.endpoint_url) as proxy, faults.few_s3fs_retries(1):
+        opts = _proxy_options(s3_server, proxy)
+        store = open_store(url, storage_options=opts, cache_config=_cfg(tmp_path, "page2", 0.5))
+        arr = zarr.open_array(store, path="v", mode="r")
+        assert arr[:].tolist() == list(range(40))
+        time.sleep(0.6)
+        # the first page is answered, the second (it carries a continuation token) fails
+        proxy.add(faults.Fault("500", method="GET", query="continuation-token", after=True))
+        before = store.stats()
+        lists = s3_server.requests.lists(s3_bucket)
+        assert arr[:].tolist() == list(range(40))  # stale-if-error
+        delta = store.stats() - before
+        assert delta.validation_errors == 1 and delta.validations == 0
+        assert proxy.injected["500"] == 1
+        assert delta.validation_requests == 2 == s3_server.requests.lists(s3_bucket) - lists
+
+
 # -- with_validation(0): once per open ------------------------------------------------------------
 
 

@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING, Any
 from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, SuffixByteRequest
 
 from xarray_zcache.identity import Identity, canonical, local_namespace
-from xarray_zcache.store_versions import PAGE, Fetched, LocalVersions, SourceVersions, _etag
+from xarray_zcache.store_versions import (
+    PAGE,
+    Fetched,
+    LocalVersions,
+    SourceVersions,
+    _etag,
+    pages_sent,
+)
 
 if TYPE_CHECKING:
     from zarr.abc.store import Store
@@ -110,10 +117,14 @@ class ObjectStoreVersions(SourceVersions):
         found: dict[str, str] = {}
         seen = 0
         if recursive:
-            async for batch in obstore.list(self.obs, prefix=top or None, chunk_size=PAGE):
-                for meta in batch:
-                    seen += 1
-                    self._add(found, meta, base, starts)
+            try:
+                async for batch in obstore.list(self.obs, prefix=top or None, chunk_size=PAGE):
+                    for meta in batch:
+                        seen += 1
+                        self._add(found, meta, base, starts)
+            except BaseException as exc:  # (the pages it had, and the one that failed)
+                pages_sent(exc, seen // PAGE + 1)
+                raise
         else:
             result = await obstore.list_with_delimiter_async(self.obs, prefix=top or None)
             seen = len(result["objects"]) + len(result["common_prefixes"])

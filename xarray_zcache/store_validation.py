@@ -210,10 +210,10 @@ class SourceValidation:
         ) -> tuple[dict[str, str], int]:
             try:
                 part = await self._source.listing(*s)
-            except BaseException:
-                # (failed or cancelled: its first request at least was sent; the pages
-                # before a failing one are not known here; local listings send none)
-                tally.requests += 0 if self._files else 1
+            except BaseException as exc:
+                # (failed or cancelled: the pages it sent, the failing one included;
+                # at least its first; local listings send none)
+                tally.requests += 0 if self._files else store_versions.requests_sent(exc, 1)
                 raise
             tally.requests += part[1]
             return part
@@ -242,8 +242,8 @@ class SourceValidation:
             for s in slices:
                 try:
                     part = self._source.listing_sync(*s)
-                except BaseException:
-                    tally.requests += 0 if self._files else 1
+                except BaseException as exc:
+                    tally.requests += 0 if self._files else store_versions.requests_sent(exc, 1)
                     raise
                 tally.requests += part[1]
                 found.append(part)

@@ -15,6 +15,7 @@ clock skew between the cache host and the store cannot make a change look old.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -73,6 +74,23 @@ class SourceVersions:
         self, folder: str, recursive: bool, starts: str = ""
     ) -> tuple[dict[str, str], int]:
         raise NotImplementedError(f"{type(self.store).__name__} exposes no object versions")
+
+
+#: attribute of a listing's exception: the requests it sent before it failed
+_SENT = "_zcache_requests_sent"
+
+
+def pages_sent(exc: BaseException, requests: int) -> None:
+    """``exc``, which ended a listing after it sent ``requests`` requests (read back by
+    `requests_sent`, so that the pages before a failing one are counted too)."""
+    with contextlib.suppress(AttributeError, TypeError):
+        setattr(exc, _SENT, requests)
+
+
+def requests_sent(exc: BaseException, default: int) -> int:
+    """The requests a failed listing sent (`pages_sent`), else ``default``."""
+    sent = getattr(exc, _SENT, None)
+    return sent if isinstance(sent, int) else default
 
 
 class S3Versions(SourceVersions):
@@ -146,7 +164,11 @@ class S3Versions(SourceVersions):
                 kwargs["Delimiter"] = "/"
             if token:
                 kwargs["ContinuationToken"] = token
-            resp = await fs._call_s3("list_objects_v2", **kwargs, **fs.req_kw)
+            try:
+                resp = await fs._call_s3("list_objects_v2", **kwargs, **fs.req_kw)
+            except BaseException as exc:
+                pages_sent(exc, requests + 1)  # (the pages before it, and this one)
+                raise
             requests += 1
             for item in resp.get("Contents", []):
                 version = _etag(item.get("ETag"))
