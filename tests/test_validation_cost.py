@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -220,6 +221,34 @@ def test_validation_zero_validates_each_unit_once_per_open(
         open_store(url, storage_options=s3_options, cache_config=cfg), path="v", mode="r"
     )
     assert newest[0:1].tolist() == [-1.0]
+
+
+def test_validation_zero_once_per_open_for_every_copy_of_the_open(
+    s3_server: LocalS3Server, s3_bucket: str, s3_options: dict[str, Any], tmp_path: Path
+) -> None:
+    """Dask unpickles a store once per task: copies of one open are that open. Ten
+    copies (of a store opened before the cache held the data) validate the array once
+    between them; a new open validates once more."""
+    url = f"s3://{s3_bucket}/ds.zarr"
+    _write(url, s3_options, n=16, chunk=1)
+    cfg = _cfg(tmp_path, "zero-copies", validation=0)
+    warm = open_store(url, storage_options=s3_options, cache_config=cfg)
+    assert zarr.open_array(warm, path="v", mode="r")[:].tolist() == list(range(16))
+    store = open_store(url, storage_options=s3_options, cache_config=cfg)
+    lists = s3_server.requests.lists(s3_bucket)
+    before = store.stats()
+    for _ in range(10):
+        copy = pickle.loads(pickle.dumps(store))
+        assert zarr.open_array(copy, path="v", mode="r")[:].tolist() == list(range(16))
+    delta = store.stats() - before
+    # the array's unit once, and the root's documents once (its open read them)
+    assert 1 <= delta.validations == delta.validation_requests <= 2
+    assert s3_server.requests.lists(s3_bucket) - lists == delta.validation_requests
+    again = pickle.loads(
+        pickle.dumps(open_store(url, storage_options=s3_options, cache_config=cfg))
+    )
+    assert zarr.open_array(again, path="v", mode="r")[:].tolist() == list(range(16))
+    assert (store.stats() - before).validations > delta.validations  # a new open
 
 
 # -- claims are leases ----------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import contextvars
 import dataclasses
 import functools
 import logging
+import secrets
 import time
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
@@ -172,6 +173,8 @@ class CachedStore(SourceValidation, SourceReads, Store):
         if namespace is not None:
             found = dataclasses.replace(found, namespace=namespace)
         self._adopt(found, named=namespace is not None)
+        #: this open: its copies (pickled to Dask workers, one per task) share it
+        self._opened = secrets.token_hex(8)
         self._init_local()
 
     def _adopt(self, identity: Identity, *, named: bool) -> None:
@@ -256,6 +259,7 @@ class CachedStore(SourceValidation, SourceReads, Store):
             "named": self._named,
             "object_units": self._object_units,
             "confirmed": self._confirmations(),
+            "opened": self._opened,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -268,6 +272,7 @@ class CachedStore(SourceValidation, SourceReads, Store):
             identity = dataclasses.replace(identity, namespace=fresh_private("copy"))
         self._adopt(identity, named=state["named"])
         self._object_units = state["object_units"]
+        self._opened = state.get("opened") or secrets.token_hex(8)
         self._init_local()
         self._confirmed_by = state.get("confirmed", {})
 

@@ -37,6 +37,8 @@ __all__ = ["SourceValidation", "ValidationReport"]
 
 #: keys whose unit is remembered per store (the gate's fast path is then two dict lookups)
 _MEMO_SIZE = 65536
+#: {(open, unit name): the unit's start} of the opens read in this process (`_opened_at`)
+_OPENS: dict[tuple[str, str], float] = {}
 #: listings of one plan sent at once
 _CONCURRENT_LISTINGS = 16
 
@@ -96,6 +98,8 @@ class SourceValidation:
     #: pickled this store (a Dask client): units confirmed here before are confirmed
     #: again before they are served (one version per array read, on a cluster too)
     _confirmed_by: Mapping[str, float] = MappingProxyType({})
+    #: this open of the store (`CachedStore`: kept by its pickled copies)
+    _opened: str = ""
 
     def _confirmations(self) -> dict[str, float]:
         """When the units of this store's data were last confirmed in this process
@@ -153,7 +157,8 @@ class SourceValidation:
             folder, name = k.rpartition("/")[::2]
             found = self._units.get("O" + k)
             if found is None:
-                found = self._units["O" + k] = (Unit(self._ck(k), False, starts=name), folder)
+                unit = self._opened_at(Unit(self._ck(k), False, starts=name))
+                found = self._units["O" + k] = (unit, folder)
             return found
         if key_kind(k) == "chunk":
             folder = array_of(k)
@@ -165,8 +170,23 @@ class SourceValidation:
         found = self._units.get(name)
         if found is None:
             prefix = self._ck(folder) + "/" if folder else self._namespace + "/"
-            found = self._units[name] = (Unit(prefix, recursive), folder)
+            found = self._units[name] = (self._opened_at(Unit(prefix, recursive)), folder)
         return found
+
+    def _opened_at(self, unit: Unit) -> Unit:
+        """``unit``, starting (`Unit.since`, what an interval of 0 counts from: "once per
+        open") when this open first read it in this process: every copy of one open
+        (Dask unpickles a store per task) shares one start, so one copy's validation
+        serves the others. (On a worker, that is once per open per worker process; the
+        client's own confirmations are `_confirmed_by`'s.)"""
+        key = (self._opened, unit.name)
+        since = _OPENS.get(key)
+        if since is None:
+            if len(_OPENS) >= _MEMO_SIZE:
+                _OPENS.clear()
+            since = _OPENS[key] = unit.since
+        unit.since = since
+        return unit
 
     def _plan(self, unit: Unit, folder: str) -> Plan | None:
         """The listings that validate ``unit``'s cached objects (None: list it whole)."""
