@@ -32,7 +32,7 @@ s3fs with one INFO line naming the option (never its value).
 
 The endpoint s3fs would use without one given (``AWS_ENDPOINT_URL_S3``,
 ``AWS_ENDPOINT_URL``, the profile's ``endpoint_url``) is passed to obstore explicitly, so
-both clients read the same service and share one namespace (`identity.canonical`).
+both clients read the same service and share one namespace (`names.canonical`).
 Chained URLs (``simplecache::s3://...``) and ``reference://`` stay on fsspec.
 """
 
@@ -164,9 +164,9 @@ def map_s3_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str
         raise Unmapped("client_kwargs.endpoint_url", "differs from endpoint_url")
     endpoint = str(inner or top or "")
     if not endpoint:
-        from xarray_zcache.identity import _configured_s3_endpoint
+        from xarray_zcache.names import configured_s3_endpoint
 
-        endpoint = _configured_s3_endpoint(None)  # where s3fs (botocore) would go
+        endpoint = configured_s3_endpoint(None)  # where s3fs (botocore) would go
     if endpoint:
         if _has_userinfo(endpoint):
             raise Unmapped("endpoint_url", "holds user:password@")

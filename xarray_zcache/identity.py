@@ -29,17 +29,22 @@ new one (`fresh_private`). A user who knows better names the data:
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import logging
 import os
-import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from xarray_zcache.cache.request import PRIVATE_PREFIX, is_private
+from xarray_zcache.names import (
+    PROTOCOLS,
+    Identity,
+    canonical,
+    configured_s3_endpoint,
+    digest,
+    fresh_private,
+    local_namespace,
+    strip_userinfo,
+)
 
 if TYPE_CHECKING:
     from zarr.abc.store import Store
@@ -48,32 +53,17 @@ __all__ = [
     "PRIVATE_PREFIX",
     "Identity",
     "adapter",
+    "canonical",
+    "digest",
     "fresh_private",
     "identify",
     "is_private",
+    "local_namespace",
     "store_namespace",
+    "strip_userinfo",
 ]
 
 logger = logging.getLogger("xarray_zcache.store")
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Identity:
-    """What a store reads, as the cache sees it."""
-
-    #: the cache-key prefix of the store's objects
-    namespace: str
-    #: keys name files of a file system (``a/../b`` is ``b``: `keys.file_key`)
-    files: bool = False
-    #: how its entries stay fresh, for people: "versions", "immutable", "ttl"
-    freshness: str = "ttl"
-    #: its chunks are read through other stores (kerchunk, VirtualiZarr): see references.py
-    referenced: bool = False
-
-    @property
-    def private(self) -> bool:
-        """Memory only, for this store object: never on disk, never to or from peers."""
-        return is_private(self.namespace)
 
 
 Adapter = Callable[["Store"], Identity]
@@ -105,11 +95,6 @@ def store_namespace(store: Store) -> str:
     return identify(store).namespace
 
 
-def fresh_private(kind: str) -> str:
-    """A new private namespace (memory only, this store object only)."""
-    return f"{PRIVATE_PREFIX}{kind}:{uuid.uuid4().hex}"
-
-
 def _private(store: Store, *, log: bool = False, why: str = "") -> Identity:
     kind = type(store).__name__
     if log:
@@ -123,69 +108,7 @@ def _private(store: Store, *, log: bool = False, why: str = "") -> Identity:
     return Identity(fresh_private(kind))
 
 
-def digest(*parts: object) -> str:
-    """A short stable digest of JSON-able ``parts`` (namespaces of reference sets)."""
-    text = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
-
-
 # -- URLs and endpoints --------------------------------------------------------------------------
-
-
-def strip_userinfo(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        if parts.port:
-            host = f"{host}:{parts.port}"
-        return parts._replace(netloc=host).geturl()
-    return url
-
-
-def _configured_s3_endpoint(profile: str | None) -> str:
-    """The endpoint botocore would use when none is given in a store's options.
-
-    ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` and the profile's ``endpoint_url``
-    (also under ``services``) redirect S3 clients to another service: two such
-    services must never share cache entries, so their endpoint is part of the
-    namespace. Returns ``""`` for AWS itself (bucket names are global there).
-    """
-    try:
-        import botocore.session
-        from botocore.configprovider import ConfiguredEndpointProvider
-    except ImportError:  # pragma: no cover - botocore moved its private provider
-        return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
-    try:
-        session = botocore.session.Session(profile=profile)
-        if session.get_config_variable("ignore_configured_endpoint_urls"):
-            return ""
-        provider = ConfiguredEndpointProvider(
-            full_config=session.full_config,
-            scoped_config=session.get_scoped_config(),
-            client_name="s3",
-        )
-        return str(provider.provide() or "")
-    except Exception as exc:  # a broken profile: refuse to guess
-        raise ValueError(
-            f"cannot tell which S3 endpoint profile {profile!r} points at ({exc}); pass "
-            "storage_options={'endpoint_url': ...} or a namespace= to CachedStore"
-        ) from exc
-
-
-def canonical(protocol: str, endpoint: str, path: str) -> str:
-    """The namespace of objects under ``path`` at ``endpoint`` ("" for the provider's own).
-
-    The endpoint comes before the path: a store opened at a sub-path of another gets
-    the same cache keys for the same objects. fsspec and obstore stores over the same
-    objects get the same namespace (the same ETags, too).
-    """
-    endpoint = strip_userinfo(endpoint).rstrip("/")
-    path = path.strip("/")
-    return f"{protocol}+{endpoint}/{path}" if endpoint else f"{protocol}://{path}"
-
-
-#: fsspec / obstore protocol names → one name per service
-_PROTOCOLS = {"s3a": "s3", "gcs": "gs", "az": "abfs", "abfss": "abfs", "adl": "abfs"}
 
 
 def _fsspec_endpoint(fs: Any) -> str:
@@ -195,7 +118,7 @@ def _fsspec_endpoint(fs: Any) -> str:
         or ""
     )
     if not explicit and type(fs).__module__.startswith("s3fs"):
-        explicit = _configured_s3_endpoint(getattr(fs, "profile", None) or None)
+        explicit = configured_s3_endpoint(getattr(fs, "profile", None) or None)
     if not explicit and type(fs).__module__.startswith("adlfs"):
         account = getattr(fs, "account_name", None) or ""
         explicit = f"https://{account}.blob.core.windows.net" if account else ""
@@ -205,21 +128,10 @@ def _fsspec_endpoint(fs: Any) -> str:
 def fsspec_namespace(fs: Any, path: str) -> str:
     """The namespace of ``path`` on fsspec file system ``fs``."""
     protocol = str(fs.protocol[0] if isinstance(fs.protocol, tuple | list) else fs.protocol)
-    return canonical(_PROTOCOLS.get(protocol, protocol), _fsspec_endpoint(fs), path)
+    return canonical(PROTOCOLS.get(protocol, protocol), _fsspec_endpoint(fs), path)
 
 
 # -- adapters --------------------------------------------------------------------------------------
-
-
-def local_namespace(root: str | os.PathLike[str]) -> str | None:
-    """``file://`` + real path + ``@device:inode`` of the folder (None if it does not exist):
-    a folder replaced by another at the same path is other data."""
-    real = os.path.realpath(os.fspath(root))
-    try:
-        st = os.stat(real)
-    except OSError:
-        return None
-    return f"file://{real}@{st.st_dev}:{st.st_ino}"
 
 
 @adapter("zarr.storage._local.LocalStore")

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, SuffixByteRequest
 
-from xarray_zcache.identity import digest
+from xarray_zcache.names import digest
 
 if TYPE_CHECKING:
     from zarr.abc.store import Store

@@ -54,9 +54,9 @@ from xarray_zcache.registry import (
 )
 from xarray_zcache.sessions import close_store_session
 from xarray_zcache.sessions import track as track_session
-from xarray_zcache.store_sources import SourceReads, fetched_bytes
+from xarray_zcache.store_sources import SourceReads, fetched_bytes, source_versions
 from xarray_zcache.store_validation import SourceValidation, ValidationReport
-from xarray_zcache.store_versions import SourceVersions, source_versions
+from xarray_zcache.store_versions import SourceVersions
 
 if TYPE_CHECKING:
     from types import TracebackType

@@ -1,7 +1,7 @@
 """zarr's `ObjectStore` (obstore): its identity and its reads with versions.
 
 * Identity: the same canonical namespace as the fsspec path for the same objects
-  (`identity.canonical`): S3 ``s3[+endpoint]/bucket/prefix`` with the endpoint from the
+  (`names.canonical`): S3 ``s3[+endpoint]/bucket/prefix`` with the endpoint from the
   store's config or, as obstore itself does, from ``AWS_ENDPOINT_URL``/``AWS_ENDPOINT``;
   GCS ``gs://bucket/prefix``; Azure with its account; HTTP its URL; a local folder
   like zarr's `LocalStore`. Never credentials. An obstore `MemoryStore` (or any store
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, SuffixByteRequest
 
-from xarray_zcache.identity import Identity, canonical, local_namespace
+from xarray_zcache.names import Identity, canonical, local_namespace
 from xarray_zcache.store_versions import (
     PAGE,
     Fetched,

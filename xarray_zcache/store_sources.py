@@ -22,15 +22,16 @@ from xarray_zcache.keys import (
     tree_metadata,
 )
 from xarray_zcache.registry import SERVING_CACHE
+from xarray_zcache.store_obstore import obstore_versions
+from xarray_zcache.store_versions import LocalVersions, S3Versions, SourceVersions
 
 if TYPE_CHECKING:
     from zarr.abc.store import ByteRequest, Store
 
     from xarray_zcache.cache.hybrid import HybridCache
     from xarray_zcache.cache.request import Read
-    from xarray_zcache.store_versions import SourceVersions
 
-__all__ = ["PeerServed", "SourceReads", "fetched_bytes"]
+__all__ = ["PeerServed", "SourceReads", "fetched_bytes", "source_versions"]
 
 logger = logging.getLogger("xarray_zcache.store")
 
@@ -256,3 +257,19 @@ class SourceReads:
             return await self._fetch(cache, key, None)
 
         await cache.get_or_load(self._read(key, None, prefetch=True), load)
+
+
+def source_versions(store: Store) -> SourceVersions:
+    """How to read ``store`` with versions (a `SourceVersions` without any if it has none)."""
+    from zarr.storage import FsspecStore, LocalStore, ObjectStore
+
+    if isinstance(store, ObjectStore):
+        return obstore_versions(store)
+    if isinstance(store, LocalStore):
+        return LocalVersions(store)
+    if isinstance(store, FsspecStore):
+        protocol = store.fs.protocol
+        protocols = (protocol,) if isinstance(protocol, str) else tuple(protocol)
+        if "s3" in protocols and hasattr(store.fs, "_call_s3"):
+            return S3Versions(store)
+    return SourceVersions(store)

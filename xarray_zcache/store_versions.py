@@ -25,7 +25,7 @@ from zarr.core.buffer import default_buffer_prototype
 if TYPE_CHECKING:
     from zarr.abc.store import Store
 
-__all__ = ["SourceVersions", "source_versions"]
+__all__ = ["LocalVersions", "S3Versions", "SourceVersions"]
 
 #: bytes read (None: missing) and the version they belong to (None: unknown)
 Fetched = tuple[bytes | None, str | None]
@@ -244,21 +244,3 @@ class LocalVersions(SourceVersions):
                 except OSError:
                     continue
         return found, 0
-
-
-def source_versions(store: Store) -> SourceVersions:
-    """How to read ``store`` with versions (a `SourceVersions` without any if it has none)."""
-    from zarr.storage import FsspecStore, LocalStore, ObjectStore
-
-    if isinstance(store, ObjectStore):
-        from xarray_zcache.store_obstore import obstore_versions
-
-        return obstore_versions(store)
-    if isinstance(store, LocalStore):
-        return LocalVersions(store)
-    if isinstance(store, FsspecStore):
-        protocol = store.fs.protocol
-        protocols = (protocol,) if isinstance(protocol, str) else tuple(protocol)
-        if "s3" in protocols and hasattr(store.fs, "_call_s3"):
-            return S3Versions(store)
-    return SourceVersions(store)
