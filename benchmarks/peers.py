@@ -59,7 +59,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import Settings, make_dataset, median, quiet, request_counts  # noqa: E402
+from common import Settings, make_dataset, median, quiet, request_counts
 
 BUCKET = "zcache-peers"
 PREFIX = "peers.zarr"
@@ -168,18 +168,45 @@ def zcache_xarray(env: Env, key: str, client: str, **kw: Any) -> Callable[[int],
         import xarray as xr
 
         cfg = zcache_config(env, f"peers-{key}-{run}-{time.monotonic_ns()}", client, **kw)
-        so = env.server.storage_options(f"peers-{key}-{run}")
+        # no user_agent_extra tag (s3fs only: obstore would fall back to s3fs)
+        so = env.server.storage_options()
 
         def open_() -> Callable[[], np.ndarray]:
-            ds = xr.open_dataset(
-                env.url, engine="zcache", chunks={}, storage_options=so, cache_config=cfg
-            )
+            with fallbacks() as seen:
+                ds = xr.open_dataset(
+                    env.url, engine="zcache", chunks={}, storage_options=so, cache_config=cfg
+                )
+            assert client != "obstore" or not seen, f"{key}: read through fsspec: {seen}"
             env.closers.append(ds.close)
             return xarray_read(ds, env.threads)
 
         return open_
 
     return fresh
+
+
+@contextlib.contextmanager
+def fallbacks() -> Iterator[list[str]]:
+    """The backend's messages saying a URL is read through fsspec instead of obstore."""
+    import logging
+
+    seen: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            msg = record.getMessage()
+            if "through fsspec" in msg:
+                seen.append(msg)
+
+    logger = logging.getLogger("xarray_zcache.backend")
+    handler, level = Catch(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield seen
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def store_xarray(
@@ -615,16 +642,16 @@ def render(res: dict[str, Any]) -> str:
         rows = lat["rows"]
         bare = rows.get("bare", {}).get("cold")
         tsn = rows.get("ts_nocache", {}).get("cold")
-        for key, row in rows.items():
+        for row in rows.values():
             if "cold" not in row:
                 lines.append(f"| {ms} | {row['label']} | error: {row.get('error', '?')} |||||")
                 continue
-            ratio_b = f"{row['cold'] / bare:.2f}×" if bare else "–"
-            ratio_t = f"{row['cold'] / tsn:.2f}×" if tsn else "–"
+            ratio_b = f"{row['cold'] / bare:.2f}x" if bare else "-"
+            ratio_t = f"{row['cold'] / tsn:.2f}x" if tsn else "-"
             t = row.get("targets")
             verdict = (
                 ", ".join(
-                    f"{'≤' if c['pass'] else '>'} {c['limit']:g}× "
+                    f"{'<=' if c['pass'] else '>'} {c['limit']:g}x "
                     f"{'bare' if peer == 'bare' else 'TS'}: {'pass' if c['pass'] else 'FAIL'}"
                     for peer, c in t.items()
                 )
@@ -640,14 +667,18 @@ def render(res: dict[str, Any]) -> str:
         lines.append(
             f"| {ms} | raw-fetch floor (obstore, {f['objects']} chunk objects, best of "
             f"{'/'.join(str(c) for c in CONCURRENCIES)} in flight: {f['best_concurrency']}) "
-            f"| {f['seconds']:.3f} | – | {f['seconds'] / bare:.2f}× | "
-            f"{f['seconds'] / tsn:.2f}× | {f['objects']} / – | |"
+            f"| {f['seconds']:.3f} | - | {f['seconds'] / bare:.2f}x | "
+            f"{f['seconds'] / tsn:.2f}x | {f['objects']} / - | |"
             if bare and tsn
-            else f"| {ms} | raw-fetch floor | {f['seconds']:.3f} | – | – | – | – | |"
+            else f"| {ms} | raw-fetch floor | {f['seconds']:.3f} | - | - | - | - | |"
         )
     for note in res["notes"]:
         lines.append(f"\n* {note}")
     return "\n".join(lines)
+
+
+def seconds_label(x: float) -> str:
+    return f"{x:.2f}" if x >= 0.01 else f"{x * 1000:.1f} ms"
 
 
 def plot(res: dict[str, Any], path: str | os.PathLike[str]) -> None:
@@ -671,9 +702,13 @@ def plot(res: dict[str, Any], path: str | os.PathLike[str]) -> None:
         ax.barh(y - h / 2, cold, height=h, color="#d62728", label="cold")
         ax.barh(y + h / 2, warm, height=h, color="#2ca02c", label="warm")
         for yi, (c, w) in enumerate(zip(cold, warm, strict=True)):
-            ax.text(c, yi - h / 2, f" {c:.2f}", va="center", fontsize=7)
+            ax.text(c, yi - h / 2, f" {seconds_label(c)}", va="center", fontsize=7)
             if np.isfinite(w):
-                ax.text(w, yi + h / 2, f" {w:.2f}", va="center", fontsize=7)
+                ax.text(w, yi + h / 2, f" {seconds_label(w)}", va="center", fontsize=7)
+        families = [r["family"] for r in rows] + ["floor"]
+        for yi in range(1, len(families)):
+            if families[yi] != families[yi - 1]:
+                ax.axhline(yi - 0.5, color="black", lw=0.6)
         ax.axvline(lat["floor"]["seconds"], color="grey", ls=":", lw=1)
         ax.set_yticks(y, labels, fontsize=8)
         ax.set_xscale("log")
@@ -685,9 +720,10 @@ def plot(res: dict[str, Any], path: str | os.PathLike[str]) -> None:
     axes[0][0].invert_yaxis()
     s = res["settings"]
     fig.suptitle(
-        f"Against the strongest peers: {s['nt']}x{s['ny']}x{s['nx']} float32, "
-        f"{res['n_chunks']} zstd chunks on a local S3 (moto), medians of {res['runs']} runs "
-        f"({res['machine']})",
+        f"Against the strongest peers: full read of {s['nt']}x{s['ny']}x{s['nx']} float32, "
+        f"{res['n_chunks']} zstd chunks, on a local S3 (moto)\n"
+        f"medians of {res['runs']} runs; {res['machine']} (shared: noisy); "
+        f"dotted line: the raw-fetch floor",
         fontsize=10,
     )
     fig.tight_layout()
@@ -773,13 +809,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--md", type=Path, default=None, help="write the table here")
     p.add_argument("--plot", type=Path, default=None, help=f"the plot (e.g. {DEFAULT_PLOT})")
     p.add_argument("--workdir", default=None)
+    p.add_argument("--from-json", type=Path, default=None, help="only render saved results")
     args = p.parse_args(argv)
+    if args.from_json:
+        res = json.loads(args.from_json.read_text())
+        write_outputs(res, args)
+        return 0
     latencies = args.latency or ([0.005] if args.quick else [0.02, 0.1])
     runs = args.runs or (1 if args.quick else 3)
     res = run(latencies, runs, args.reads, args.threads, args.quick, args.workdir)
+    write_outputs(res, args)
+    return 0
+
+
+def write_outputs(res: dict[str, Any], args: argparse.Namespace) -> None:
     text = render(res)
     print(text)
-    if args.json:
+    if args.json and not args.from_json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(res, indent=1))
     if args.md:
@@ -792,7 +838,6 @@ def main(argv: list[str] | None = None) -> int:
             args.plot.parent.mkdir(parents=True, exist_ok=True)
             plot(res, args.plot)
             log(f"wrote {args.plot}")
-    return 0
 
 
 if __name__ == "__main__":
