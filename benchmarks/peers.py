@@ -13,7 +13,8 @@ each other, for every read):
   version of `CacheConfig` has ``decoded_memory_size``), zarr's bare `ObjectStore` (no
   cache), Icechunk with its chunk cache (``CachingConfig(num_bytes_chunks=...)``), and
   zarr's `MemoryStore` (the data already in memory: a bound);
-* zarr's array API (``a[:]``) over zcache (obstore, memory only) and over `MemoryStore`;
+* zarr's array API (``a[:]``) over zcache (obstore, memory only), over the bare
+  `ObjectStore` and over `MemoryStore`;
 * TensorStore's zarr3 driver over its s3 kvstore, with a ``cache_pool`` (and
   ``recheck_cached_data="open"``) and without a cache;
 * the raw-fetch floor: the chunk objects fetched raw with obstore (no decoding, no
@@ -369,6 +370,14 @@ def build_readers(env: Env) -> tuple[list[Reader], list[str]]:
             "zarr a[:] over zcache (obstore)",
             "array",
             array_reader(env, zcache_array_store(env)),
+            library="obstore",
+        ),
+        Reader(
+            "arr_bare",
+            "zarr a[:] over bare ObjectStore (no cache)",
+            "array",
+            array_reader(env, bare_store(env)),
+            cached=False,
             library="obstore",
         ),
         Reader(

@@ -27,6 +27,7 @@ ROWS = {
     "icechunk": "icechunk",
     "memorystore": "",
     "arr_zcache": "obstore",
+    "arr_bare": "obstore",
     "arr_memorystore": "",
     "ts_cache": "tensorstore",
     "ts_nocache": "tensorstore",
