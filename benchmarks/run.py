@@ -404,7 +404,7 @@ def prefetch_sweep(s: Any, server: Any) -> dict[str, Any] | None:
         spec = {
             "type": "zcache",
             "url": s.url(),
-            "so": server.default_storage_options(name),
+            "so": server.default_storage_options(),  # no tag: obstore inside
             "config": zcache_config(name, None),
         }
         spec["config"] = dataclasses.replace(
