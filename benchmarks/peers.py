@@ -10,7 +10,8 @@ each other, for every read):
 * xarray (``chunks={}``, one dask chunk per zarr chunk, dask's threaded scheduler with
   ``--threads`` threads) over: zcache with s3fs inside, zcache with obstore inside
   (memory only), the same with memory + disk, the same with the decoded tier (when this
-  version of `CacheConfig` has ``decoded_memory_size``), zarr's bare `ObjectStore` (no
+  version of `CacheConfig` has ``decoded_memory_size``; the other zcache rows then set it
+  to 0: bytes tiers only), zarr's bare `ObjectStore` (no
   cache), Icechunk with its chunk cache (``CachingConfig(num_bytes_chunks=...)``), and
   zarr's `MemoryStore` (the data already in memory: a bound);
 * zarr's array API (``a[:]``) over zcache (obstore, memory only), over the bare
@@ -146,11 +147,13 @@ def zcache_config(
         cfg = cfg.with_disk_cache(folder, "2GiB")
     else:
         cfg = cfg.without_disk_cache()
-    if decoded:
+    if has_decoded_tier():
+        # the decoded tier only in its own row (its default may be on: half of memory)
+        size = CACHE_BYTES if decoded else 0
         if hasattr(cfg, "with_decoded_memory_size"):
-            cfg = cfg.with_decoded_memory_size(CACHE_BYTES)
+            cfg = cfg.with_decoded_memory_size(size)
         else:
-            cfg = dataclasses.replace(cfg, decoded_memory_size=CACHE_BYTES)
+            cfg = dataclasses.replace(cfg, decoded_memory_size=size)
     return cfg
 
 
