@@ -218,7 +218,7 @@ class Env:
         spec = {
             "type": "zcache",
             "url": self.s.url(),
-            "so": self.server.default_storage_options(name),
+            "so": self.server.default_storage_options(),  # no tag: obstore inside
             "config": zcache_config(name, d),
         }
         return opener(spec)
@@ -282,7 +282,7 @@ def prepare(env: Env, scenario: str, loops: int) -> tuple[Callable[[], Any], str
             spec = {
                 "type": "zcache",
                 "url": env.s.url(),
-                "so": env.server.default_storage_options("restart"),
+                "so": env.server.default_storage_options(),
                 "config": first.config.to_dict(),
             }
         else:

@@ -218,7 +218,7 @@ def build_readers(
             {
                 "type": "zcache",
                 "url": url,
-                "so": so_default("zcache_mem"),
+                "so": so_default(),  # no user_agent_extra tag: obstore would fall back to s3fs
                 "config": zcache_config("bench-mem", None),
             },
         ),
@@ -228,7 +228,7 @@ def build_readers(
             {
                 "type": "zcache",
                 "url": url,
-                "so": so_default("zcache_disk"),
+                "so": so_default(),
                 "config": zcache_config("bench-disk", d("zcache")),
             },
             restartable=True,

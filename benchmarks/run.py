@@ -21,7 +21,12 @@ counting; writes one dataset (and a sharded copy); then measures, on that data:
 * a sharded copy of the data (full read and a point time series);
 * a LocalCluster doing the same analysis twice, and a cross-worker disk hit;
 * micro-benchmarks: memory-hit ``get``, disk-hit latency vs index size,
-  bookkeeping bytes per memory entry.
+  bookkeeping bytes per memory entry;
+* against the strongest peers (`peers.py`, its own S3 server and data, at 20 and
+  100 ms): zcache with s3fs / obstore inside, bare `ObjectStore`, Icechunk's chunk
+  cache, TensorStore's ``cache_pool``, `MemoryStore` and the raw-fetch floor; its table
+  goes to ``benchmarks/results/peers.md`` and its plot to
+  ``docs/_static/bench-peers.png``.
 
 It prints the tables and the verdict on each target of issue 5, writes
 ``benchmarks/results/latest.json`` (and ``latest.md``) and the plot
@@ -56,6 +61,7 @@ SECTIONS = (
     "cluster",
     "micro",
     "fsspec-extra",
+    "peers",
 )
 
 
@@ -398,7 +404,7 @@ def prefetch_sweep(s: Any, server: Any) -> dict[str, Any] | None:
         spec = {
             "type": "zcache",
             "url": s.url(),
-            "so": server.default_storage_options(name),
+            "so": server.default_storage_options(),  # no tag: obstore inside
             "config": zcache_config(name, None),
         }
         spec["config"] = dataclasses.replace(
@@ -655,7 +661,36 @@ def main(argv: list[str] | None = None) -> int:
     res["targets"] = evaluate_targets(res)
     res["seconds"] = time.perf_counter() - t_start
     write_outputs(res, args)
+    if "peers" not in s.skip:
+        run_peers(s, args)
     return 0
+
+
+def run_peers(s: Any, args: argparse.Namespace) -> None:
+    """The comparison with the strongest peers (`peers.py`), after the rest (its own server)."""
+    import peers
+
+    log("\nagainst the strongest peers (benchmarks/peers.py) ...")
+    out = os.path.dirname(os.path.abspath(args.json))
+    argv = [
+        "--json",
+        os.path.join(out, "peers.json"),
+        "--md",
+        os.path.join(out, "peers.md"),
+    ]
+    if s.quick:
+        argv.append("--quick")
+    if not args.no_plot:
+        argv += [
+            "--plot",
+            os.path.join(os.path.dirname(os.path.abspath(args.plot)), "bench-peers.png"),
+        ]
+    if args.workdir:
+        argv += ["--workdir", args.workdir]
+    try:
+        peers.main(argv)
+    except Exception:
+        traceback.print_exc()
 
 
 def write_outputs(res: dict[str, Any], args: argparse.Namespace) -> None:
