@@ -86,6 +86,7 @@ class PeerTier:
         # owners known to hold a store for a namespace (else the store travels along)
         self._told: set[tuple[str, str]] = set()
         self.fallback_reasons: Counter[str] = Counter()  # why asks fell back (diagnostics)
+        self.asks_sent = 0  # requests sent to owners (statistics, for tests)
         self._stores: OrderedDict[str, CachedStore] = OrderedDict()
 
     def update(self, membership: Membership) -> None:
@@ -245,6 +246,7 @@ class PeerTier:
         # (a stale membership) costs one timeout, not Dask's retries up to its own
         # connect timeout (30 s)
         pool = self.worker.rpc
+        self.asks_sent += 1
         comm = await pool.connect(addr, timeout=self.timeout)
         try:
             reply = await send_recv(comm=comm, op="zcache_get", **msg)
@@ -265,6 +267,8 @@ class PeerServer:
     def __init__(self, cache: HybridCache) -> None:
         self.cache = cache
         self.serving = 0
+        self.asks = 0  # asks received (statistics, for tests)
+        self.hops = 0  # of which read on zarr's loop (not answered from memory at once)
         self._stores: OrderedDict[str, CachedStore] = OrderedDict()  # received from askers
 
     def _store(self, namespace: str, sent: Any) -> CachedStore | None:
@@ -284,6 +288,7 @@ class PeerServer:
     async def handle_get(
         self, key: str = "", namespace: str = "", store: Any = None, **_: Any
     ) -> dict[str, Any]:
+        self.asks += 1
         if self.serving >= MAX_SERVING:
             _events.debug("peer serve", "xarray-zcache: busy: refused a peer's ask for %r", key)
             return {"status": "busy"}
@@ -297,8 +302,13 @@ class PeerServer:
 
         self.serving += 1
         try:
-            fut = asyncio.run_coroutine_threadsafe(s.serve_peer(self.cache, key), _get_loop())
-            served = await asyncio.wrap_future(fut)
+            # in memory, its unit fresh: answered here, on the comm's loop; else the read
+            # (gate, disk, source) runs on zarr's loop
+            served = s.serve_peer_cached(self.cache, key)
+            if served is None:
+                self.hops += 1
+                fut = asyncio.run_coroutine_threadsafe(s.serve_peer(self.cache, key), _get_loop())
+                served = await asyncio.wrap_future(fut)
         except Exception as exc:
             _events.debug("peer serve", "xarray-zcache: reading %r for a peer failed: %r", key, exc)
             return {"status": "error", "error": repr(exc)[:500]}
@@ -318,7 +328,8 @@ class PeerServer:
         return {
             "status": "ok",
             "key": key,
-            "data": data,
+            # a frame of its own, not packed into (and copied through) the msgpack header
+            "data": to_serialize(data),  # type: ignore[no-untyped-call]
             "length": len(data),
             "crc": answer_crc(data, version, confirmed),
             "saved": saved,
