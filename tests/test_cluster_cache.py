@@ -197,8 +197,10 @@ def test_garbage_from_a_peer_is_detected_and_values_stay_right(env: Env) -> None
 
         async def lying(**kw: Any) -> Any:
             reply = await real(**kw)
-            if reply.get("status") == "ok" and reply["data"]:
-                data = bytearray(reply["data"])
+            raw = reply.get("data")
+            raw = getattr(raw, "data", raw)  # (a frame of its own: `to_serialize`)
+            if reply.get("status") == "ok" and raw:
+                data = bytearray(raw)
                 data[len(data) // 2] ^= 0xFF  # damaged in transit, checksum of the original
                 reply["data"] = bytes(data)
             return reply
@@ -411,3 +413,79 @@ def test_kerchunk_references_are_one_cache_on_the_cluster(env: Env, tmp_path: An
         xr.testing.assert_allclose(got, expected.t.mean("time"))
         gets.append(log.count("GET", bucket=env.bucket, key_prefix="nc/") - before)
     assert gets == [32, 0], gets  # one ranged GET per chunk of t.nc, cluster-wide; then none
+
+
+def _read_owned(url: str, opts: dict[str, Any], cfg_dict: dict[str, Any]) -> list[str]:
+    """On a worker: read (misses: one GET each) the first two chunks it owns; their keys."""
+    from distributed import get_worker
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    from xarray_zcache import open_store
+    from xarray_zcache.distributed.worker import worker_cache_state
+
+    store = open_store(url, storage_options=opts, cache_config=CacheConfig.from_dict(cfg_dict))
+    state = worker_cache_state(get_worker())
+    assert state is not None and state.peer is not None
+    proto = default_buffer_prototype()
+    keys = []
+    for key in (f"t/c/{i}/{j}/{k}" for i in range(8) for j in range(2) for k in range(2)):
+        if len(keys) < 2 and state.peer._pick(store._ck(key)) is None:
+            assert sync(store.get(key, proto)) is not None
+            keys.append(key)
+    owners = {state.peer.membership.owner(store._ck(f"t/c/{i}/0/0")) for i in range(8)}
+    assert len(keys) == 2, f"this worker ({state.peer.host}) owns too few chunks: {owners}"
+    return keys
+
+
+def _read_key(url: str, opts: dict[str, Any], cfg_dict: dict[str, Any], key: str) -> int:
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    from xarray_zcache import open_store
+
+    store = open_store(url, storage_options=opts, cache_config=CacheConfig.from_dict(cfg_dict))
+    got = sync(store.get(key, default_buffer_prototype()))
+    assert got is not None
+    return len(got)
+
+
+def _peer_counts(dask_worker: Any) -> dict[str, int]:
+    from xarray_zcache.distributed.worker import worker_cache_state
+
+    state = worker_cache_state(dask_worker)
+    assert state is not None and state.server is not None and state.peer is not None
+    s = state.cache.stats()
+    return {
+        "asks": state.server.asks,
+        "hops": state.server.hops,
+        "sent": state.peer.asks_sent,
+        "peer_hits": s.hits["peer"]["chunk"],
+        "fallbacks": s.peer_fallbacks,
+    }
+
+
+def test_a_peer_hit_is_one_ask_answered_from_the_owners_memory_with_no_get(env: Env) -> None:
+    cfg = env.config()
+    url, _ = env.install(cfg)
+    client, log = env.client, env.server.requests
+    a, *others = sorted(client.scheduler_info()["workers"])
+    first, key = client.submit(
+        _read_owned, url, env.opts, cfg.to_dict(), workers=[a], pure=False
+    ).result()
+    b = others[0]
+    gets = {k: log.count("GET", bucket=env.bucket, key_suffix=k) for k in (first, key)}
+    # the first ask may find the owner's confirmation older than the asker's (the store the
+    # asker sends carries its confirmations): the owner then confirms first, off the fast path
+    client.submit(_read_key, url, env.opts, cfg.to_dict(), first, workers=[b], pure=False).result()
+    before = client.run(_peer_counts)
+    n = client.submit(_read_key, url, env.opts, cfg.to_dict(), key, workers=[b], pure=False)
+    assert n.result() > 0
+    after = client.run(_peer_counts)
+    for k in (first, key):  # no GET for either
+        assert log.count("GET", bucket=env.bucket, key_suffix=k) == gets[k]
+    d = {w: {k: after[w][k] - before[w][k] for k in after[w]} for w in after}
+    assert d[b]["sent"] == 1 and d[b]["peer_hits"] == 1 and d[b]["fallbacks"] == 0
+    assert d[a]["asks"] == 1  # one request to the owner ...
+    assert d[a]["hops"] == 0  # ... answered from its memory, on its comm loop
+    assert sum(d[w]["asks"] for w in d) == 1

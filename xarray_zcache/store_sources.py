@@ -121,6 +121,9 @@ class SourceReads:
     def _confirmed(self, key: str, cache: HybridCache) -> float | None:
         raise NotImplementedError
 
+    def _gate_open(self, key: str, cache: HybridCache) -> bool:
+        raise NotImplementedError
+
     async def _revalidate_under(self, prefix: str, since: float) -> None:
         raise NotImplementedError
 
@@ -230,6 +233,32 @@ class SourceReads:
             if loaded and confirmed is not None:
                 confirmed = max(confirmed, began)  # (the source was read just now)
             return PeerServed(data, not loaded, version, confirmed)
+        finally:
+            SERVING_CACHE.reset(token)
+
+    def serve_peer_cached(self, cache: HybridCache, ck: str) -> PeerServed | None:
+        """`serve_peer` when it needs no I/O, in the caller's thread (the owner's comm
+        loop: no hop to zarr's loop): the answer if whole object ``ck`` is in ``cache``'s
+        memory and its unit needs no validation now (the gate is open), else ``None``
+        (nothing counted; `serve_peer` answers then). The same answer: the bytes, their
+        version recorded before and after they were taken, the unit's confirmation time."""
+        parsed = parse_entry_key(self._namespace, ck)
+        if parsed is None or byte_request(parsed[1]) is not None:
+            return None  # byte ranges take the full path (`part_reader` bookkeeping)
+        key = parsed[0]
+        if not self._gate_open(key, cache):
+            return None  # the owner confirms first (`serve_peer`)
+        token = SERVING_CACHE.set(cache)
+        try:
+            confirmed = self._confirmed(key, cache)
+            book = cache.freshness.book
+            object_key = self._ck(key)
+            before = book.version(object_key)
+            data = cache.memory_hit(dataclasses.replace(self._read(key, None), for_peer=True))
+            if data is None:
+                return None
+            after = book.version(object_key)
+            return PeerServed(data, True, after if after == before else None, confirmed)
         finally:
             SERVING_CACHE.reset(token)
 

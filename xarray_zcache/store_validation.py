@@ -284,6 +284,17 @@ class SourceValidation:
             return
         await freshness.ensure(unit, self._versions_now(unit, folder))
 
+    def _gate_open(self, key: str, cache: HybridCache) -> bool:
+        """Whether `_validated` would pass ``key`` without a request now (its unit is fresh)."""
+        if not self._source.supported:
+            return True
+        unit = self._unit_of(key)[0]
+        freshness = cache.freshness
+        since = self._confirmed_by.get(unit.name)
+        if since is not None and freshness.confirmed(unit) < since:
+            return False
+        return freshness.is_fresh(unit, time.time())
+
     def _confirmed(self, key: str, cache: HybridCache) -> float | None:
         """When the cached entries of ``key``'s unit were last confirmed at the source
         (the start of its last validation, or its first sight), or None: versions are

@@ -85,11 +85,16 @@ class HybridCache(DirectAccess, CacheReporting, DiskFallback, Coherence):
         self._memory = MemoryTier(s.memory_size, policy=s.eviction_policy)  # type: ignore[arg-type]
         self._disk = open_disk(s)
         super().__init__(s.top_n)
+        self._last_hit = 0.0  # time.monotonic() of the last hit: the disk writer yields to hits
         self._writer = (
             None
             if self._disk is None
             else DiskWriter(
-                self._disk, s.write_queue_size, self._count_dropped_write, self._lose_disk
+                self._disk,
+                s.write_queue_size,
+                self._count_dropped_write,
+                self._lose_disk,
+                busy=self._since_last_hit,
             )
         )
         self._negatives = NegativeEntries(s.negative_ttl, self._disk)
@@ -252,11 +257,23 @@ class HybridCache(DirectAccess, CacheReporting, DiskFallback, Coherence):
             return answer
         return await self._load_once(read, load)
 
-    def _from_memory_or_negatives(self, read: Read) -> bytes | _Unanswered | None:
-        """The first steps, in the caller's thread: memory, then negative entries."""
+    def _since_last_hit(self) -> float:
+        """Seconds since the last memory hit (the disk writer waits while hits come)."""
+        return time.monotonic() - self._last_hit
+
+    def memory_hit(self, read: Read) -> bytes | None:
+        """The value of ``read`` if memory (or a pending disk write) holds it, counted as a
+        memory hit; else ``None``, nothing counted (no disk, no load: never blocks)."""
         value = self._from_memory(read)
         if value is not None:
+            self._last_hit = time.monotonic()
             self._count_hit("memory", read, value)
+        return value
+
+    def _from_memory_or_negatives(self, read: Read) -> bytes | _Unanswered | None:
+        """The first steps, in the caller's thread: memory, then negative entries."""
+        value = self.memory_hit(read)
+        if value is not None:
             return value
         if self._known_missing(read):
             self._count_negative(read)

@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
@@ -16,7 +17,15 @@ from xarray_zcache.cache.units import format_bytes
 if TYPE_CHECKING:
     from xarray_zcache.cache.disk import DiskTier
 
-__all__ = ["BATCH_BYTES", "BATCH_ENTRIES", "DiskWriter", "PendingWrite"]
+__all__ = [
+    "BATCH_BYTES",
+    "BATCH_ENTRIES",
+    "MAX_DEFER_S",
+    "QUIET_S",
+    "YIELD_BACKLOG",
+    "DiskWriter",
+    "PendingWrite",
+]
 
 #: The writer stores what is queued in batches (``DiskTier.put_many``: two index transactions
 #: per batch instead of two per entry) of at most this many entries ...
@@ -24,6 +33,15 @@ BATCH_ENTRIES: Final = 256
 #: ... and about this many bytes of values (a batch holds the index write lock while its files
 #: are renamed into place; the values themselves are written before, outside any lock).
 BATCH_BYTES: Final = 32 * 2**20
+#: The writer yields to cache hits: it starts a batch only once no hit came for this long
+#: (a warm read right after a cold one does not share the CPU and the GIL with the cold
+#: read's disk writes; they are written, coalesced, when the reads pause) ...
+QUIET_S: Final = 0.05
+#: ... but never waits longer than this for a batch ...
+MAX_DEFER_S: Final = 2.0
+#: ... nor while the queue is fuller than this fraction of its byte limit (writes would be
+#: dropped), nor while someone waits in ``flush`` or ``close``.
+YIELD_BACKLOG: Final = 0.5
 
 logger = logging.getLogger("xarray_zcache.cache")
 _events = events("xarray_zcache.cache")
@@ -51,6 +69,14 @@ class DiskWriter:
     passed to ``on_error``, which may `abandon` the writer. `flush` waits for the
     queue; `close` stops the thread. One lock guards the pending map; the disk
     write runs outside it.
+
+    ``busy``, if given, returns how long ago the cache last served a hit (seconds):
+    the writer defers a batch while hits are recent (`QUIET_S`), so that the hashing,
+    file writes and index commits of a cold read's fills do not compete with a warm
+    read for the GIL; deferred writes coalesce into one batch. It never defers longer
+    than `MAX_DEFER_S`, nor with the queue over `YIELD_BACKLOG` of its limit, nor while
+    `flush` or `close` waits. Misses (waiting on the source) do not count: the writer
+    runs while a cold read waits for its requests.
     """
 
     def __init__(
@@ -59,8 +85,11 @@ class DiskWriter:
         limit: int,
         on_drop: Callable[[], None],
         on_error: Callable[[BaseException, str], None] | None = None,
+        busy: Callable[[], float] | None = None,
     ) -> None:
         self._disk = disk
+        self._busy = busy
+        self._urgent = 0  # callers waiting in flush/close: no deferral
         self._limit = limit
         self._on_drop = on_drop
         self._on_error = on_error
@@ -74,6 +103,8 @@ class DiskWriter:
         #: ``put_many`` calls made, and the entries they carried (statistics, for tests)
         self.batches = 0
         self.batched_entries = 0
+        #: batches started late because hits were being served (statistics, for tests)
+        self.deferred = 0
 
     @property
     def backlog(self) -> float:
@@ -153,9 +184,12 @@ class DiskWriter:
                 return
 
     def _next_batch(self) -> list[str | None]:
-        """The next queued keys: at least one (waits for it), then whatever is queued already,
-        up to ``BATCH_ENTRIES`` keys or ``BATCH_BYTES`` of values (the stop marker ends it)."""
+        """The next queued keys: at least one (waits for it), then, once hits pause
+        (`_yield_to_hits`), whatever is queued already, up to ``BATCH_ENTRIES`` keys or
+        ``BATCH_BYTES`` of values (the stop marker ends it)."""
         keys = [self._queue.get()]
+        if keys[-1] is not None:
+            self._yield_to_hits()
         nbytes = 0
         while keys[-1] is not None and len(keys) < BATCH_ENTRIES and nbytes < BATCH_BYTES:
             item = self._pending.get(keys[-1])
@@ -165,6 +199,23 @@ class DiskWriter:
             except queue.Empty:
                 break
         return keys
+
+    def _yield_to_hits(self) -> None:
+        """Wait while the cache serves hits (see the class docstring), within the bounds."""
+        busy = self._busy
+        if busy is None:
+            return
+        deadline = time.monotonic() + MAX_DEFER_S
+        deferred = False
+        while not self._urgent and not self._closed and self.backlog < YIELD_BACKLOG:
+            quiet = busy()
+            now = time.monotonic()
+            if quiet >= QUIET_S or now >= deadline:
+                break
+            deferred = True
+            time.sleep(min(QUIET_S - quiet, deadline - now))
+        if deferred:
+            self.deferred += 1
 
     def _write(self, keys: list[str]) -> None:
         """Store the pending values of ``keys`` (distinct) with one ``put_many``."""
@@ -205,9 +256,15 @@ class DiskWriter:
             )
 
     def flush(self) -> None:
-        """Wait until every queued write is done."""
+        """Wait until every queued write is done (the writer stops yielding to hits)."""
         if self._thread is not None:
-            self._queue.join()
+            with self._lock:
+                self._urgent += 1
+            try:
+                self._queue.join()
+            finally:
+                with self._lock:
+                    self._urgent -= 1
 
     def abandon(self) -> None:
         """Stop without writing what is queued (the disk tier is gone); never blocks.

@@ -4,7 +4,7 @@ Asking (`PeerTier.lookup`, a `SharedTier` of the worker's cache): the owner of t
 object's key is chosen by `Membership.owner`; if it is another cache host, one of
 its workers is asked through the worker's ``rpc`` (handler ``zcache_get``), with a
 timeout, at most `MAX_ASKS` asks in flight per owner, and the answer checked end
-to end (key, length, CRC-32 of the bytes, their version and confirmation time).
+to end (key, length, CRC-32C of the bytes, their version and confirmation time).
 An answer's version is recorded with the replica, and the replica is served at
 most until the owner's confirmation time + the validation interval. Anything
 else — owner gone, slow, busy, an error, a bad answer — returns ``None``: the
@@ -30,6 +30,7 @@ import zlib
 from collections import Counter, OrderedDict
 from typing import TYPE_CHECKING, Any
 
+import google_crc32c  # (a dependency of zarr)
 from distributed.core import send_recv
 from distributed.protocol.serialize import to_serialize
 
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
     from xarray_zcache.store import CachedStore
 
 __all__ = [
+    "CHECKSUMS",
     "FIRST_ASK_TIMEOUT",
     "MAX_ASKS",
     "MAX_SERVING",
@@ -61,6 +63,9 @@ _events = events("xarray_zcache.distributed")
 MAX_ASKS = 32  # asks in flight from one worker to one owner; beyond: read the source
 MAX_SERVING = 64  # reads in flight for peers on one owner; beyond: "busy"
 FIRST_ASK_TIMEOUT = 10.0  # seconds for an owner's first read of a dataset (client set-up)
+#: the checksums of an answer, best first: CRC-32C (hardware, ~10x zlib's CRC-32 on 1 MiB),
+#: CRC-32 (what askers and owners that do not name one use)
+CHECKSUMS = ("crc32c", "crc32")
 
 
 def _store_for(cache: HybridCache, namespace: str) -> CachedStore | None:
@@ -86,6 +91,7 @@ class PeerTier:
         # owners known to hold a store for a namespace (else the store travels along)
         self._told: set[tuple[str, str]] = set()
         self.fallback_reasons: Counter[str] = Counter()  # why asks fell back (diagnostics)
+        self.asks_sent = 0  # requests sent to owners (statistics, for tests)
         self._stores: OrderedDict[str, CachedStore] = OrderedDict()
 
     def update(self, membership: Membership) -> None:
@@ -188,11 +194,13 @@ class PeerTier:
             return None
         data = bytes(data)
         version, confirmed = reply.get("version"), reply.get("confirmed")
+        kind = reply.get("sum", "crc32")
         if (
             not isinstance(version, str | None)
             or not isinstance(confirmed, float | int | None)
+            or kind not in CHECKSUMS
             or len(data) != reply.get("length")
-            or answer_crc(data, version, confirmed) != reply.get("crc")
+            or answer_crc(data, version, confirmed, kind) != reply.get("crc")
         ):
             logger.warning("xarray-zcache: a peer answered damaged bytes for %r; ignored", read.key)
             return None
@@ -235,7 +243,7 @@ class PeerTier:
         return store
 
     async def _send(self, addr: str, read: Read) -> Any:
-        msg: dict[str, Any] = {"key": read.key, "namespace": read.namespace}
+        msg: dict[str, Any] = {"key": read.key, "namespace": read.namespace, "sums": CHECKSUMS}
         if (addr, read.namespace) not in self._told:
             store = self._store(read.namespace)
             if store is not None:
@@ -245,6 +253,7 @@ class PeerTier:
         # (a stale membership) costs one timeout, not Dask's retries up to its own
         # connect timeout (30 s)
         pool = self.worker.rpc
+        self.asks_sent += 1
         comm = await pool.connect(addr, timeout=self.timeout)
         try:
             reply = await send_recv(comm=comm, op="zcache_get", **msg)
@@ -265,6 +274,8 @@ class PeerServer:
     def __init__(self, cache: HybridCache) -> None:
         self.cache = cache
         self.serving = 0
+        self.asks = 0  # asks received (statistics, for tests)
+        self.hops = 0  # of which read on zarr's loop (not answered from memory at once)
         self._stores: OrderedDict[str, CachedStore] = OrderedDict()  # received from askers
 
     def _store(self, namespace: str, sent: Any) -> CachedStore | None:
@@ -282,8 +293,14 @@ class PeerServer:
         return store
 
     async def handle_get(
-        self, key: str = "", namespace: str = "", store: Any = None, **_: Any
+        self,
+        key: str = "",
+        namespace: str = "",
+        store: Any = None,
+        sums: Any = (),
+        **_: Any,
     ) -> dict[str, Any]:
+        self.asks += 1
         if self.serving >= MAX_SERVING:
             _events.debug("peer serve", "xarray-zcache: busy: refused a peer's ask for %r", key)
             return {"status": "busy"}
@@ -297,8 +314,13 @@ class PeerServer:
 
         self.serving += 1
         try:
-            fut = asyncio.run_coroutine_threadsafe(s.serve_peer(self.cache, key), _get_loop())
-            served = await asyncio.wrap_future(fut)
+            # in memory, its unit fresh: answered here, on the comm's loop; else the read
+            # (gate, disk, source) runs on zarr's loop
+            served = s.serve_peer_cached(self.cache, key)
+            if served is None:
+                self.hops += 1
+                fut = asyncio.run_coroutine_threadsafe(s.serve_peer(self.cache, key), _get_loop())
+                served = await asyncio.wrap_future(fut)
         except Exception as exc:
             _events.debug("peer serve", "xarray-zcache: reading %r for a peer failed: %r", key, exc)
             return {"status": "error", "error": repr(exc)[:500]}
@@ -315,18 +337,27 @@ class PeerServer:
         )
         if data is None:
             return {"status": "missing"}
+        kind = next((k for k in CHECKSUMS if k in sums), "crc32")  # an old asker: CRC-32
         return {
             "status": "ok",
             "key": key,
-            "data": data,
+            # a frame of its own, not packed into (and copied through) the msgpack header
+            "data": to_serialize(data),  # type: ignore[no-untyped-call]
             "length": len(data),
-            "crc": answer_crc(data, version, confirmed),
+            "crc": answer_crc(data, version, confirmed, kind),
+            "sum": kind,
             "saved": saved,
             "version": version,
             "confirmed": confirmed,
         }
 
 
-def answer_crc(data: bytes, version: str | None, confirmed: float | None) -> int:
-    """The CRC-32 of an answer: its bytes, their version and its confirmation time."""
-    return zlib.crc32(f"{version}\x00{confirmed!r}".encode(), zlib.crc32(data))
+def answer_crc(
+    data: bytes, version: str | None, confirmed: float | None, kind: str = "crc32"
+) -> int:
+    """The checksum of an answer (``kind``: one of `CHECKSUMS`): its bytes, their version
+    and its confirmation time."""
+    meta = f"{version}\x00{confirmed!r}".encode()
+    if kind == "crc32c":
+        return int(google_crc32c.extend(google_crc32c.value(data), meta))
+    return zlib.crc32(meta, zlib.crc32(data))
