@@ -7,6 +7,7 @@ and shrinks under them; each test writes its own dataset to a fresh bucket.
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 import shutil
@@ -36,16 +37,20 @@ def cluster() -> Iterator[tuple[LocalCluster, Client, CacheConfig]]:
     folder = tempfile.mkdtemp(prefix="zcache-membership-")
     # a short peer timeout: asks to a member that left wait for it (connecting included)
     cfg = _config(pathlib.Path(folder))._replace(peer_timeout=3.0)
+    cl = LocalCluster(n_workers=3, threads_per_worker=2, processes=True, dashboard_address=":0")
     try:
-        with (
-            LocalCluster(
-                n_workers=3, threads_per_worker=2, processes=True, dashboard_address=":0"
-            ) as cl,
-            Client(cl) as client,
-        ):
+        with Client(cl) as client:
             zd.install(client, cfg)
             yield cl, client, cfg
     finally:
+        try:
+            cl.close()
+        except KeyError as exc:
+            # distributed's own race, after the tests of this module ran: a worker the
+            # churn removed is reported removed again while the cluster closes
+            # (`SpecCluster._update_worker_status`: KeyError on its address). Seen once
+            # under a load of 10 on 2 cores; nothing of the cache is involved
+            logging.getLogger(__name__).warning("LocalCluster.close: %r", exc)
         shutil.rmtree(folder, ignore_errors=True)
 
 
