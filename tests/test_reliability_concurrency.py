@@ -194,7 +194,7 @@ class CacheOverMemoryStoreVsReference(CacheVsReference):
 
 
 _settings = settings(
-    max_examples=int(os.environ.get("ZCACHE_STATEFUL_EXAMPLES", "80")),
+    max_examples=int(os.environ.get("ZCACHE_STATEFUL_EXAMPLES", "40")),
     stateful_step_count=40,
     deadline=None,
     database=None,
