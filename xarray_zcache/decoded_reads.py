@@ -1,0 +1,207 @@
+"""Reads of the decoded tier: a basic or orthogonal selection of a zarr array, assembled
+from decoded chunks (`xarray_zcache.cache.decoded`) without calling zarr's decode on a hit.
+
+The rule that keeps a hit exact: a decoded chunk is served only when the byte tiers
+would serve the very same encoded bytes for its key right now. Each read first asks the
+`CachedStore` for the chunk's encoded bytes through its own read path (the freshness
+gate - TTLs, validation interval, versions, another process's change log -, the memory
+tier, negative entries; `CachedStore.bytes_now` without I/O, else `get_bytes`), then
+asks the decoded tier for the array decoded from bytes equal to those (the same object
+in the usual case: a pointer comparison). A write, a delete, a validation that found
+the object changed or a peer's invalidation changes or drops those bytes, so the old
+array can never be served; the tier also drops it with the encoded key. Stores without
+versions (a MemoryStore) are covered the same way: their writes and deletes go through
+the cache. A miss decodes the bytes with the array's own codec pipeline (the spec zarr
+builds for a regular grid) and admits the array.
+
+Counting: the byte tier counts what it served (a memory hit, a negative hit, or a miss
+that asked the source, exactly as for zarr's own read); the decoded tier counts its hits
+and misses. A decoded hit sends no request.
+
+What it cannot serve exactly goes to zarr unchanged (`plan_of` returns None): arrays not
+read through a `CachedStore` with the tier on, object/string/structured dtypes, variable
+chunk grids, sharded arrays, codecs other than zarr's own, arrays that must raise on
+missing chunks, and every vectorized (``vindex``) selection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+from zarr.core.array_spec import ArraySpec
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.chunk_utils import fill_value_or_default
+from zarr.core.common import concurrent_map
+from zarr.core.indexing import BasicIndexer, OrthogonalIndexer
+from zarr.core.sync import sync
+
+from xarray_zcache.cache.decoded import DecodedTier
+from xarray_zcache.cache.hybrid import UNANSWERED
+from xarray_zcache.store import CachedStore
+
+__all__ = ["DecodedPlan", "plan_of", "read_selection"]
+
+#: dtype kinds decoded here (numbers, booleans, dates); others go to zarr
+_KINDS = frozenset("biufcmM")
+#: zarr's own codecs (module ``zarr.codecs``) known to decode a whole chunk on their own
+_CODECS = frozenset(
+    {"BytesCodec", "ZstdCodec", "BloscCodec", "GzipCodec", "Crc32cCodec", "TransposeCodec"}
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DecodedPlan:
+    """What a read of one array needs (built once per array object, `plan_of`)."""
+
+    store: CachedStore
+    prefix: str  # the array's path in the store, with a trailing "/" (or "")
+    metadata: Any
+    pipeline: Any
+    grid: Any
+    spec: ArraySpec
+    dtype: np.dtype[Any]
+    order: Any
+
+
+def _known_codecs(metadata: Any) -> bool:
+    if metadata.zarr_format == 2:
+        return True  # numcodecs through zarr's V2Codec; object dtypes are refused first
+    return all(
+        type(c).__module__.startswith("zarr.codecs") and type(c).__name__ in _CODECS
+        for c in metadata.codecs
+    )
+
+
+def plan_of(array: Any) -> DecodedPlan | None:
+    """The plan of zarr array ``array`` (a `zarr.Array`), or None: zarr reads it."""
+    aa = getattr(array, "_async_array", None)
+    store = getattr(getattr(aa, "store_path", None), "store", None)
+    if aa is None or not isinstance(store, CachedStore):
+        return None
+    metadata, config = aa.metadata, aa.config
+    grid = aa._chunk_grid
+    try:
+        dtype = np.dtype(metadata.dtype.to_native_dtype())
+    except TypeError:
+        return None
+    if (
+        dtype.kind not in _KINDS
+        or dtype.fields is not None
+        or not grid.is_regular
+        or config.read_missing_chunks is False
+        or not _known_codecs(metadata)
+    ):
+        return None
+    order = metadata.order if metadata.zarr_format == 2 else config.order
+    if metadata.zarr_format == 2:
+        config = dataclasses.replace(config, order=order)
+    spec = ArraySpec(
+        shape=grid.chunk_shape,
+        dtype=metadata.dtype,
+        fill_value=metadata.fill_value,
+        config=config,
+        prototype=default_buffer_prototype(),
+    )
+    path = aa.store_path.path
+    return DecodedPlan(
+        store, f"{path}/" if path else "", metadata, aa.codec_pipeline, grid, spec, dtype, order
+    )
+
+
+def _tier(plan: DecodedPlan) -> DecodedTier | None:
+    tier = plan.store.cache.decoded_tier
+    return tier if tier.enabled else None
+
+
+async def _load(plan: DecodedPlan, keys: list[str]) -> list[bytes | None]:
+    """The encoded bytes of ``keys`` through the store's read path (concurrently)."""
+    limit = int(default_limit())
+    return await concurrent_map([(k,) for k in keys], plan.store.get_bytes, limit)
+
+
+def default_limit() -> int:
+    import zarr
+
+    return int(zarr.config.get("async.concurrency"))
+
+
+async def _decode(plan: DecodedPlan, encoded: list[bytes]) -> list[np.ndarray[Any, Any]]:
+    """Decode whole chunks with the array's codec pipeline."""
+    buffer = plan.spec.prototype.buffer
+    decoded = await plan.pipeline.decode([(buffer.from_bytes(b), plan.spec) for b in encoded])
+    out = []
+    for nd in decoded:
+        assert nd is not None  # (only present chunks are decoded)
+        out.append(nd.as_numpy_array())
+    return out
+
+
+def read_selection(plan: DecodedPlan, selection: Any, *, orthogonal: bool) -> Any:
+    """``array[selection]`` (``array.oindex[selection]`` if ``orthogonal``) from the
+    decoded tier; what zarr would return, value for value."""
+    tier = _tier(plan)
+    if tier is None:
+        raise LookupError("the decoded tier is off")
+    shape = plan.metadata.shape
+    indexer = (
+        OrthogonalIndexer(selection, shape, plan.grid)
+        if orthogonal
+        else BasicIndexer(selection, shape, plan.grid)
+    )
+    out = np.empty(indexer.shape, dtype=plan.dtype, order=plan.order)
+    if out.size:
+        _fill(plan, tier, indexer, out)
+    if isinstance(indexer, BasicIndexer) and indexer.shape == ():
+        return out[()]
+    return out
+
+
+def _fill(plan: DecodedPlan, tier: DecodedTier, indexer: Any, out: np.ndarray[Any, Any]) -> None:
+    store, drop_axes = plan.store, indexer.drop_axes
+    encode_key = plan.metadata.encode_chunk_key
+    later: list[tuple[str, Any, Any]] = []
+    found: list[tuple[str, bytes, Any, Any]] = []  # present, not decoded yet
+
+    def place(array: np.ndarray[Any, Any] | None, chunk_sel: Any, out_sel: Any) -> None:
+        if array is None:
+            out[out_sel] = fill_value_or_default(plan.spec)
+            return
+        selected = array[chunk_sel]
+        if drop_axes:
+            selected = selected.squeeze(axis=drop_axes)
+        out[out_sel] = selected
+
+    def take(key: str, data: bytes | None, chunk_sel: Any, out_sel: Any) -> None:
+        if data is None:
+            place(None, chunk_sel, out_sel)
+            return
+        array = tier.get(store._ck(key), data)
+        if array is None:
+            found.append((key, data, chunk_sel, out_sel))
+        else:
+            place(array, chunk_sel, out_sel)
+
+    for coords, chunk_sel, out_sel, _ in indexer:
+        key = plan.prefix + encode_key(coords)
+        data = store.bytes_now(key)
+        if data is UNANSWERED:
+            later.append((key, chunk_sel, out_sel))
+        else:
+            assert not isinstance(data, type(UNANSWERED))
+            take(key, data, chunk_sel, out_sel)
+    if not later and not found:
+        return
+
+    async def rest() -> list[np.ndarray[Any, Any]]:
+        if later:
+            loaded = await _load(plan, [k for k, _, _ in later])
+            for (key, chunk_sel, out_sel), data in zip(later, loaded, strict=True):
+                take(key, data, chunk_sel, out_sel)
+        return await _decode(plan, [data for _, data, _, _ in found]) if found else []
+
+    arrays = sync(rest())
+    for (key, data, chunk_sel, out_sel), array in zip(found, arrays, strict=True):
+        tier.put(store._ck(key), data, array)
+        place(array, chunk_sel, out_sel)
