@@ -38,7 +38,7 @@ from zarr.core.indexing import BasicIndexer, OrthogonalIndexer
 from zarr.core.sync import sync
 
 from xarray_zcache.cache.decoded import DecodedTier
-from xarray_zcache.cache.hybrid import UNANSWERED
+from xarray_zcache.cache.hybrid import Unanswered
 from xarray_zcache.store import CachedStore
 
 __all__ = ["DecodedPlan", "plan_of", "read_selection"]
@@ -186,10 +186,9 @@ def _fill(plan: DecodedPlan, tier: DecodedTier, indexer: Any, out: np.ndarray[An
     for coords, chunk_sel, out_sel, _ in indexer:
         key = plan.prefix + encode_key(coords)
         data = store.bytes_now(key)
-        if data is UNANSWERED:
+        if isinstance(data, Unanswered):
             later.append((key, chunk_sel, out_sel))
         else:
-            assert not isinstance(data, type(UNANSWERED))
             take(key, data, chunk_sel, out_sel)
     if not later and not found:
         return

@@ -470,7 +470,7 @@ class CachedStore(SourceValidation, SourceReads, Store):
             return None if buf is None else buf.to_bytes()
         return await self._get_bytes(self.cache, key, byte_range)
 
-    def bytes_now(self, key: str) -> bytes | None | _Unanswered:
+    def bytes_now(self, key: str) -> bytes | _Unanswered | None:
         """The bytes `get_bytes(key)` would return now, if the cache can tell without I/O
         and without waiting (the freshness gate open, the object in memory or known
         missing; counted as such a read is); otherwise `UNANSWERED` (call `get_bytes`)."""

@@ -45,7 +45,7 @@ from xarray_zcache.cache.tiers import SharedTier, open_disk
 from xarray_zcache.cache.versions import VersionBook
 from xarray_zcache.cache.writer import DiskWriter, PendingWrite
 
-__all__ = ["HybridCache", "Read", "SharedTier"]
+__all__ = ["UNANSWERED", "HybridCache", "Read", "SharedTier", "Unanswered"]
 
 logger = logging.getLogger("xarray_zcache.cache")
 
@@ -57,6 +57,8 @@ class _Unanswered:
 
 
 UNANSWERED = _Unanswered()
+#: the type of `UNANSWERED` (for callers' isinstance checks)
+Unanswered = _Unanswered
 
 
 class HybridCache(DirectAccess, CacheReporting, DiskFallback, Coherence):
