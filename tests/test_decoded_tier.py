@@ -396,3 +396,40 @@ def test_dask_graphs_unchanged_and_values_served_decoded(
             _same(ds.t.compute().values, data)
             assert decodes["chunks"] == (32 if decoded == 0 else 0)
     assert tasks[0] == tasks[None]
+
+
+def test_random_basic_and_orthogonal_selections_equal_zarrs() -> None:
+    rng = np.random.default_rng(3)
+    inner = MemoryStore()
+    data = _data((7, 13, 11))
+    xr.Dataset({"t": (("time", "y", "x"), data)}).to_zarr(
+        inner, zarr_format=3, encoding={"t": {"chunks": (2, 5, 4)}}, consolidated=False
+    )
+    plain = zarr.open_array(inner, path="t", mode="r")
+    cfg = CacheConfig().with_name("random").without_disk_cache()
+    store = CachedStore(inner, cfg)
+    cached = zarr.open_array(store, path="t", mode="r")
+    from xarray_zcache.decoded_reads import plan_of, read_selection
+
+    plan = plan_of(cached)
+    assert plan is not None
+
+    def pick(n: int) -> Any:
+        kind = rng.integers(4)
+        if kind == 0:
+            return int(rng.integers(-n, n))
+        if kind == 1:
+            return np.int64(rng.integers(n))
+        a, b = sorted(rng.integers(-n - 2, n + 2, 2).tolist())
+        return slice(a, b, None if kind == 2 else int(rng.integers(1, 3)))
+
+    for _ in range(300):
+        sel = tuple(pick(n) for n in data.shape)
+        got = read_selection(plan, sel, orthogonal=False)
+        want = plain[sel]
+        assert np.shape(got) == np.shape(want) and np.asarray(got).dtype == np.asarray(want).dtype
+        np.testing.assert_array_equal(got, want)
+    for _ in range(50):
+        sel = tuple(np.sort(rng.choice(n, rng.integers(1, n), replace=False)) for n in data.shape)
+        np.testing.assert_array_equal(read_selection(plan, sel, orthogonal=True), plain.oindex[sel])
+    assert store.stats().decoded_hits > 0

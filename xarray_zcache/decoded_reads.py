@@ -27,6 +27,7 @@ missing chunks, and every vectorized (``vindex``) selection.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,7 @@ from zarr.core.sync import sync
 
 from xarray_zcache.cache.decoded import DecodedTier
 from xarray_zcache.cache.hybrid import Unanswered
+from xarray_zcache.decoded_index import fast_indexer
 from xarray_zcache.store import CachedStore
 
 __all__ = ["DecodedPlan", "plan_of", "read_selection"]
@@ -74,8 +76,27 @@ def _known_codecs(metadata: Any) -> bool:
     )
 
 
+#: plans by array object (id -> (weak reference, plan)); zarr arrays are not hashable
+_PLANS: dict[int, tuple[weakref.ref[Any], DecodedPlan | None]] = {}
+
+
 def plan_of(array: Any) -> DecodedPlan | None:
-    """The plan of zarr array ``array`` (a `zarr.Array`), or None: zarr reads it."""
+    """The plan of zarr array ``array`` (a `zarr.Array`), or None: zarr reads it (built
+    once per array object: its metadata and store never change)."""
+    key = id(array)
+    held = _PLANS.get(key)
+    if held is not None and held[0]() is array:
+        return held[1]
+    plan = _plan(array)
+    try:
+        ref = weakref.ref(array, lambda _: _PLANS.pop(key, None))
+    except TypeError:
+        return plan
+    _PLANS[key] = (ref, plan)
+    return plan
+
+
+def _plan(array: Any) -> DecodedPlan | None:
     aa = getattr(array, "_async_array", None)
     store = getattr(getattr(aa, "store_path", None), "store", None)
     if aa is None or not isinstance(store, CachedStore):
@@ -145,15 +166,17 @@ def read_selection(plan: DecodedPlan, selection: Any, *, orthogonal: bool) -> An
     if tier is None:
         raise LookupError("the decoded tier is off")
     shape = plan.metadata.shape
-    indexer = (
-        OrthogonalIndexer(selection, shape, plan.grid)
-        if orthogonal
-        else BasicIndexer(selection, shape, plan.grid)
-    )
+    indexer: Any = None if orthogonal else fast_indexer(selection, shape, plan.spec.shape)
+    if indexer is None:
+        indexer = (
+            OrthogonalIndexer(selection, shape, plan.grid)
+            if orthogonal
+            else BasicIndexer(selection, shape, plan.grid)
+        )
     out = np.empty(indexer.shape, dtype=plan.dtype, order=plan.order)
     if out.size:
         _fill(plan, tier, indexer, out)
-    if isinstance(indexer, BasicIndexer) and indexer.shape == ():
+    if not orthogonal and indexer.shape == ():
         return out[()]
     return out
 
