@@ -433,3 +433,43 @@ def test_random_basic_and_orthogonal_selections_equal_zarrs() -> None:
         sel = tuple(np.sort(rng.choice(n, rng.integers(1, n), replace=False)) for n in data.shape)
         np.testing.assert_array_equal(read_selection(plan, sel, orthogonal=True), plain.oindex[sel])
     assert store.stats().decoded_hits > 0
+
+
+# -- on a cluster -------------------------------------------------------------------------------
+
+
+def _worker_decoded(dask_worker: Any) -> tuple[int, int, int, int]:
+    from xarray_zcache.distributed.worker import worker_cache_state
+
+    state = worker_cache_state(dask_worker)
+    assert state is not None
+    s = state.cache.stats()
+    return s.decoded_hits, s.decoded_misses, s.decoded_used, s.decoded_capacity
+
+
+def test_workers_serve_decoded_chunks(
+    s3_server: LocalS3Server, s3_bucket: str, s3_options: dict[str, Any], tmp_path: Path
+) -> None:
+    from distributed import Client, LocalCluster
+
+    import xarray_zcache.distributed as zd
+
+    url = f"s3://{s3_bucket}/ds.zarr"
+    data = _data()
+    _write(url, s3_options, data, chunks=(1, 8, 8))
+    cfg = _cfg(tmp_path, "cluster")._replace(memory_fraction=None)
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        zd.install(client, cfg)
+        with _open(url, s3_options, cfg, chunks={}) as ds:
+            _same(ds.t.compute().values, data)
+            gets = s3_server.requests.chunk_gets(s3_bucket)
+            _same(ds.t.compute().values, data)
+            assert s3_server.requests.chunk_gets(s3_bucket) == gets
+        ((hits, misses, used, capacity),) = client.run(_worker_decoded).values()
+    assert (hits, misses) == (32, 32)
+    assert 0 < used <= capacity == 16_000_000  # half of the 32 MB memory tier
