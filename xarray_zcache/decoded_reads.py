@@ -31,6 +31,7 @@ import weakref
 from typing import Any
 
 import numpy as np
+import zarr
 from zarr.core.array_spec import ArraySpec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.chunk_utils import fill_value_or_default
@@ -138,14 +139,8 @@ def _tier(plan: DecodedPlan) -> DecodedTier | None:
 
 async def _load(plan: DecodedPlan, keys: list[str]) -> list[bytes | None]:
     """The encoded bytes of ``keys`` through the store's read path (concurrently)."""
-    limit = int(default_limit())
+    limit = int(zarr.config.get("async.concurrency"))
     return await concurrent_map([(k,) for k in keys], plan.store.get_bytes, limit)
-
-
-def default_limit() -> int:
-    import zarr
-
-    return int(zarr.config.get("async.concurrency"))
 
 
 async def _decode(plan: DecodedPlan, encoded: list[bytes]) -> list[np.ndarray[Any, Any]]:
@@ -182,10 +177,10 @@ def read_selection(plan: DecodedPlan, selection: Any, *, orthogonal: bool) -> An
 
 
 def _fill(plan: DecodedPlan, tier: DecodedTier, indexer: Any, out: np.ndarray[Any, Any]) -> None:
-    store, drop_axes = plan.store, indexer.drop_axes
-    encode_key = plan.metadata.encode_chunk_key
-    later: list[tuple[str, Any, Any]] = []
-    found: list[tuple[str, bytes, Any, Any]] = []  # present, not decoded yet
+    store, drop_axes, cache = plan.store, indexer.drop_axes, plan.store.cache
+    encode_key, prefix = plan.metadata.encode_chunk_key, plan.prefix
+    later: list[tuple[str, str, Any, Any]] = []  # (store key, cache key, selections)
+    found: list[tuple[str, bytes, Any, Any]] = []  # (cache key, bytes, ...): to decode
 
     def place(array: np.ndarray[Any, Any] | None, chunk_sel: Any, out_sel: Any) -> None:
         if array is None:
@@ -196,34 +191,34 @@ def _fill(plan: DecodedPlan, tier: DecodedTier, indexer: Any, out: np.ndarray[An
             selected = selected.squeeze(axis=drop_axes)
         out[out_sel] = selected
 
-    def take(key: str, data: bytes | None, chunk_sel: Any, out_sel: Any) -> None:
+    def take(ck: str, data: bytes | None, chunk_sel: Any, out_sel: Any) -> None:
         if data is None:
             place(None, chunk_sel, out_sel)
             return
-        array = tier.get(store._ck(key), data)
+        array = tier.get(ck, data)
         if array is None:
-            found.append((key, data, chunk_sel, out_sel))
+            found.append((ck, data, chunk_sel, out_sel))
         else:
             place(array, chunk_sel, out_sel)
 
     for coords, chunk_sel, out_sel, _ in indexer:
-        key = plan.prefix + encode_key(coords)
-        data = store.bytes_now(key)
+        key = prefix + encode_key(coords)
+        ck, data = store.bytes_now(key, cache)
         if isinstance(data, Unanswered):
-            later.append((key, chunk_sel, out_sel))
+            later.append((key, ck, chunk_sel, out_sel))
         else:
-            take(key, data, chunk_sel, out_sel)
+            take(ck, data, chunk_sel, out_sel)
     if not later and not found:
         return
 
     async def rest() -> list[np.ndarray[Any, Any]]:
         if later:
-            loaded = await _load(plan, [k for k, _, _ in later])
-            for (key, chunk_sel, out_sel), data in zip(later, loaded, strict=True):
-                take(key, data, chunk_sel, out_sel)
+            loaded = await _load(plan, [key for key, *_ in later])
+            for (_, ck, chunk_sel, out_sel), data in zip(later, loaded, strict=True):
+                take(ck, data, chunk_sel, out_sel)
         return await _decode(plan, [data for _, data, _, _ in found]) if found else []
 
     arrays = sync(rest())
-    for (key, data, chunk_sel, out_sel), array in zip(found, arrays, strict=True):
-        tier.put(store._ck(key), data, array)
+    for (ck, data, chunk_sel, out_sel), array in zip(found, arrays, strict=True):
+        tier.put(ck, data, array)
         place(array, chunk_sel, out_sel)

@@ -470,22 +470,26 @@ class CachedStore(SourceValidation, SourceReads, Store):
             return None if buf is None else buf.to_bytes()
         return await self._get_bytes(self.cache, key, byte_range)
 
-    def bytes_now(self, key: str) -> bytes | _Unanswered | None:
-        """The bytes `get_bytes(key)` would return now, if the cache can tell without I/O
-        and without waiting (the freshness gate open, the object in memory or known
-        missing; counted as such a read is); otherwise `UNANSWERED` (call `get_bytes`)."""
+    def bytes_now(
+        self, key: str, cache: HybridCache | None = None
+    ) -> tuple[str, bytes | _Unanswered | None]:
+        """The cache key of ``key`` and the bytes `get_bytes(key)` would return now, if the
+        cache can tell without I/O and without waiting (the freshness gate open, the
+        object in memory or known missing; counted as such a read is); otherwise
+        `UNANSWERED` (call `get_bytes`). ``cache``: `cache`, if the caller has it."""
+        read = self._read(key, None)
         if self._refs is not None:
-            return UNANSWERED
-        cache = self.cache
+            return read.key, UNANSWERED
+        cache = self.cache if cache is None else cache
         if self._source.supported:  # the gate of `_validated`, without its I/O
             unit, _ = self._unit_of(key)
             freshness = cache.freshness
             since = self._confirmed_by.get(unit.name)
             if since is not None and freshness.confirmed(unit) < since:
-                return UNANSWERED
+                return read.key, UNANSWERED
             if not freshness.is_fresh(unit, time.time()):
-                return UNANSWERED
-        return cache.answer_now(self._read(key, None))
+                return read.key, UNANSWERED
+        return read.key, cache.answer_now(read)
 
     async def _get_bytes(
         self, cache: HybridCache, key: str, byte_range: ByteRequest | None
