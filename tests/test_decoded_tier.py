@@ -500,3 +500,43 @@ def test_scalars_booleans_complex_and_times_are_served_exactly(decodes: dict[str
             assert decodes["chunks"] == 0
     ds.close()
     assert store.stats().decoded_hits >= 4
+
+
+def test_disk_hits_with_equal_bytes_are_decoded_hits(
+    tmp_path: Path, decodes: dict[str, int]
+) -> None:
+    """The memory tier too small for the chunks: every read finds the bytes on disk (a new
+    bytes object each time); equal bytes still serve the decoded array, and a rewrite of
+    a local file by another writer is seen after the validation interval."""
+    import time
+
+    path = tmp_path / "local.zarr"
+    data = _data()
+    xr.Dataset({"t": (("time", "y", "x"), data)}).to_zarr(
+        path, zarr_format=3, encoding={"t": {"chunks": (1, 8, 8)}}, consolidated=False
+    )
+    cfg = (
+        CacheConfig()
+        .with_name("disk-hits")
+        .with_memory_size(4096)  # a few chunks at most
+        .with_disk_cache(tmp_path / "cache", "64MB")
+        .with_decoded_memory_size("1MB")
+        .with_prefetch(0)
+        .with_validation(1)
+    )
+    ds = _open(str(path), None, cfg, consolidated=False)
+    _same(ds.t.values, data)
+    get_cache(cfg).flush()  # the disk writes done
+    before = get_cache(cfg).stats()
+    decodes["chunks"] = 0
+    _same(ds.t.values, data)
+    d = get_cache(cfg).stats() - before
+    assert decodes["chunks"] == 0 and d.decoded_hits == 32
+    assert d.total_hits(tier="disk") > 0 and d.requests_sent == 0
+    other = zarr.open_array(str(path), path="t", mode="r+")
+    other[5] = np.full((16, 16), 7.0, "f4")
+    new = data.copy()
+    new[5] = 7.0
+    time.sleep(1.3)
+    _same(ds.t.values, new)
+    ds.close()
