@@ -255,31 +255,21 @@ def test_memory_store_without_versions_sees_writes(tmp_path: Path) -> None:
 # -- what the tier does not serve goes to zarr ----------------------------------------------------
 
 
-def test_strings_vindex_and_sharded_arrays_go_to_zarr(
+def test_strings_and_vindex_go_to_zarr(
     s3_bucket: str, s3_options: dict[str, Any], tmp_path: Path, decodes: dict[str, int]
 ) -> None:
     url = f"s3://{s3_bucket}/ds.zarr"
     data = _data()
     names = np.array([f"name-{i}" for i in range(8)], dtype=object)
-    ds0 = xr.Dataset(
-        {
-            "t": (("time", "y", "x"), data),
-            "s": (("time",), names),
-            "sh": (("time", "y", "x"), data * 2),
-        }
-    )
+    ds0 = xr.Dataset({"t": (("time", "y", "x"), data), "s": (("time",), names)})
     ds0.to_zarr(
-        url,
-        storage_options=s3_options,
-        zarr_format=3,
-        encoding={"t": {"chunks": (1, 8, 8)}, "sh": {"chunks": (1, 8, 8), "shards": (4, 16, 16)}},
+        url, storage_options=s3_options, zarr_format=3, encoding={"t": {"chunks": (1, 8, 8)}}
     )
     cfg = _cfg(tmp_path, "passthrough")
     with _open(url, s3_options, cfg) as ds:
         for _ in range(2):
             assert ds.s.values.tolist() == names.tolist()
-            _same(ds.sh.values, data * 2)
-        assert get_cache(cfg).stats().decoded_hits == 0  # neither is served decoded
+        assert get_cache(cfg).stats().decoded_hits == 0  # strings: not served decoded
         picks = ds.t.isel(
             time=xr.DataArray([0, 3, 5], dims="p"), y=xr.DataArray([1, 9, 2], dims="p")
         )
@@ -287,6 +277,50 @@ def test_strings_vindex_and_sharded_arrays_go_to_zarr(
             decodes["chunks"] = 0
             np.testing.assert_array_equal(picks.values, data[[0, 3, 5], [1, 9, 2]])
             assert decodes["chunks"] > 0  # vindex: zarr decodes
+
+
+@pytest.mark.parametrize("chunks", [None, {}], ids=["values", "dask"])
+def test_sharded_arrays_are_served_per_inner_chunk(
+    s3_server: LocalS3Server,
+    s3_bucket: str,
+    s3_options: dict[str, Any],
+    tmp_path: Path,
+    decodes: dict[str, int],
+    chunks: Any,
+) -> None:
+    url = f"s3://{s3_bucket}/ds.zarr"
+    data = _data((7, 16, 13))
+    data[2, :8, :8] = np.nan  # an inner chunk of the fill value only: left out of its shard
+    enc = {"chunks": (1, 8, 8), "shards": (2, 16, 16), "write_empty_chunks": False}
+    xr.Dataset({"t": (("time", "y", "x"), data)}).to_zarr(
+        url, storage_options=s3_options, zarr_format=3, encoding={"t": enc}
+    )
+
+    def reads(ds: xr.Dataset) -> list[np.ndarray]:
+        t = ds.t
+        return [
+            np.asarray(t.values),
+            np.asarray(t.isel(time=3, y=slice(2, 11)).values),
+            np.asarray(t.isel(time=[0, 4, 6], x=[1, 12]).values),
+        ]
+
+    with xr.open_dataset(url, engine="zarr", storage_options=s3_options, chunks=None) as plain:
+        expected = reads(plain)
+    cfg = _cfg(tmp_path, f"sharded-{chunks is None}")
+    with _open(url, s3_options, cfg, chunks=chunks) as ds:
+        cache = get_cache(cfg)
+        before, gets = cache.stats(), s3_server.requests.count("GET", bucket=s3_bucket)
+        for got, want in zip(reads(ds), expected, strict=True):
+            _same(got, want)
+        d = cache.stats() - before
+        assert d.requests_sent == s3_server.requests.count("GET", bucket=s3_bucket) - gets
+        decodes["chunks"] = 0
+        before = cache.stats()
+        for got, want in zip(reads(ds), expected, strict=True):
+            _same(got, want)
+        d = cache.stats() - before
+    assert decodes["chunks"] == 0
+    assert d.decoded_hits > 0 and d.decoded_misses == 0 and d.requests_sent == 0
 
 
 def test_variable_chunks_go_to_zarr(tmp_path: Path) -> None:

@@ -20,7 +20,8 @@ and misses. A decoded hit sends no request.
 
 What it cannot serve exactly goes to zarr unchanged (`plan_of` returns None): arrays not
 read through a `CachedStore` with the tier on, object/string/structured dtypes, variable
-chunk grids, sharded arrays, codecs other than zarr's own, arrays that must raise on
+chunk grids, codecs other than zarr's own (sharded arrays are read per inner chunk,
+`xarray_zcache.decoded_shards`), arrays that must raise on
 missing chunks, and every vectorized (``vindex``) selection.
 """
 
@@ -34,6 +35,7 @@ import numpy as np
 import zarr
 from zarr.core.array_spec import ArraySpec
 from zarr.core.buffer import default_buffer_prototype
+from zarr.core.chunk_grids import ChunkGrid
 from zarr.core.chunk_utils import fill_value_or_default
 from zarr.core.common import concurrent_map
 from zarr.core.indexing import BasicIndexer, OrthogonalIndexer
@@ -42,6 +44,7 @@ from zarr.core.sync import sync
 from xarray_zcache.cache.decoded import DecodedTier
 from xarray_zcache.cache.hybrid import Unanswered
 from xarray_zcache.decoded_index import fast_indexer
+from xarray_zcache.decoded_shards import Shards, fill_sharded, shards_of
 from xarray_zcache.store import CachedStore
 
 __all__ = ["DecodedPlan", "plan_of", "read_selection"]
@@ -66,6 +69,7 @@ class DecodedPlan:
     spec: ArraySpec
     dtype: np.dtype[Any]
     order: Any
+    shards: Shards | None = None  # a sharded array: its inner chunks are decoded
 
 
 def _known_codecs(metadata: Any) -> bool:
@@ -113,7 +117,6 @@ def _plan(array: Any) -> DecodedPlan | None:
         or dtype.fields is not None
         or not grid.is_regular
         or config.read_missing_chunks is False
-        or not _known_codecs(metadata)
     ):
         return None
     order = metadata.order if metadata.zarr_format == 2 else config.order
@@ -126,9 +129,22 @@ def _plan(array: Any) -> DecodedPlan | None:
         config=config,
         prototype=default_buffer_prototype(),
     )
+    shards = None
+    if not _known_codecs(metadata):
+        shards = shards_of(metadata.codecs, spec, _CODECS)
+        if shards is None:
+            return None
     path = aa.store_path.path
     return DecodedPlan(
-        store, f"{path}/" if path else "", metadata, aa.codec_pipeline, grid, spec, dtype, order
+        store,
+        f"{path}/" if path else "",
+        metadata,
+        aa.codec_pipeline,
+        grid,
+        spec,
+        dtype,
+        order,
+        shards,
     )
 
 
@@ -160,16 +176,20 @@ def read_selection(plan: DecodedPlan, selection: Any, *, orthogonal: bool) -> An
     tier = _tier(plan)
     if tier is None:
         raise LookupError("the decoded tier is off")
-    shape = plan.metadata.shape
-    indexer: Any = None if orthogonal else fast_indexer(selection, shape, plan.spec.shape)
+    shape, shards = plan.metadata.shape, plan.shards
+    chunks = plan.spec.shape if shards is None else shards.inner
+    indexer: Any = None if orthogonal else fast_indexer(selection, shape, chunks)
     if indexer is None:
+        grid = plan.grid if shards is None else ChunkGrid.from_sizes(shape, chunks)
         indexer = (
-            OrthogonalIndexer(selection, shape, plan.grid)
+            OrthogonalIndexer(selection, shape, grid)
             if orthogonal
-            else BasicIndexer(selection, shape, plan.grid)
+            else BasicIndexer(selection, shape, grid)
         )
     out = np.empty(indexer.shape, dtype=plan.dtype, order=plan.order)
-    if out.size:
+    if out.size and shards is not None:
+        fill_sharded(plan, shards, tier, indexer, out)
+    elif out.size:
         _fill(plan, tier, indexer, out)
     if not orthogonal and indexer.shape == ():
         return out[()]
