@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -45,7 +46,8 @@ def test_a_tier_over_a_quarter_of_memory_limit_is_warned_about(tmp_path: Path) -
     size, warning = worker_memory_size(cfg, "tcp://10.0.0.1:4000", GiB)
     assert size == 512 * MiB
     assert warning is not None
-    for part in ("tcp://10.0.0.1:4000", "512.00 MiB", "1.00 GiB", "50%", "25%"):
+    # 512 MiB memory + 256 MiB decoded (half of it, the default): 75% of 1 GiB
+    for part in ("tcp://10.0.0.1:4000", "512.00 MiB", "1.00 GiB", "75%", "25%"):
         assert part in warning
     assert "zcache.memory-size" in warning and "zcache.distributed.memory-fraction" in warning
     assert worker_memory_size(cfg, "w", 4 * GiB) == (512 * MiB, None)  # 12.5%: fine
@@ -122,7 +124,8 @@ def test_worker_memory_tiers_on_a_cluster(tmp_path: Path, caplog: pytest.LogCapt
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     text = warnings[0].getMessage()
-    assert "512.00 MiB" in text and "1.00 GiB" in text and "50%" in text
+    # the memory tier and its decoded tier (half of it by default): 75% of the limit
+    assert "512.00 MiB" in text and "1.00 GiB" in text and "75%" in text
     assert "zcache.distributed.memory-fraction" in text
     assert f"worker 0 ({address})" in text
 
@@ -176,3 +179,23 @@ def test_warm_reports_the_folders_size_every_time(
     assert code == 0
     assert second["disk_capacity"] == 500 * 10**6  # not the configured 10 GiB
     assert recorded_disk_size(folder) == 500 * 10**6
+
+
+def test_the_decoded_tier_is_sized_with_the_memory_tier_and_counted_in_the_warning() -> None:
+    from xarray_zcache.distributed.worker import worker_decoded_size
+
+    cfg = CacheConfig().with_memory_size("512MiB").without_disk_cache()
+    cfg = dataclasses.replace(cfg, memory_fraction=0.1)
+    # default: half of the worker's (sized) memory tier
+    size, warning = worker_memory_size(cfg, "w", 2 * GiB)
+    assert worker_decoded_size(cfg, size, 2 * GiB) == size // 2 and warning is None
+    # an explicit size is bounded by the fraction too
+    big = cfg.with_decoded_memory_size("1GiB")
+    assert worker_decoded_size(big, size, 2 * GiB) == int(0.2 * GiB)
+    assert worker_decoded_size(big, size, None) == GiB
+    # 20% memory + 20% decoded: over the safe quarter together
+    loose = dataclasses.replace(big, memory_fraction=0.2)
+    _, warning = worker_memory_size(loose, "w", 2 * GiB)
+    assert warning is not None and "decoded tier" in warning
+    off = loose.with_decoded_memory_size(0)
+    assert worker_memory_size(off, "w", 2 * GiB)[1] is None

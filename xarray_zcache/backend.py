@@ -15,6 +15,7 @@ from zarr.abc.store import Store
 
 from xarray_zcache.cache.freshness import ObjectChanged
 from xarray_zcache.config import CacheConfig
+from xarray_zcache.decoded_reads import plan_of, read_selection
 from xarray_zcache.sessions import close_store_session
 from xarray_zcache.sessions import track as track_session
 from xarray_zcache.store import RECHECK_MISSING, CachedStore
@@ -321,11 +322,23 @@ class ZCacheArrayWrapper(ZarrArrayWrapper):
             _again(exc, self._array)
         return await read(key)
 
+    def _decoded(self, name: str, key: Any, *, orthogonal: bool) -> Any:
+        """A basic or orthogonal read served from the decoded tier when the array allows
+        it (`xarray_zcache.decoded_reads`), else by zarr; read again once on a change."""
+        plan = plan_of(self._array)
+        if plan is None or not plan.store.cache.decoded_tier.enabled:
+            return self._twice(name, key)
+        try:
+            return read_selection(plan, key, orthogonal=orthogonal)
+        except BaseException as exc:
+            _again(exc, self._array)
+        return read_selection(plan, key, orthogonal=orthogonal)
+
     def _getitem(self, key: Any) -> Any:
-        return self._twice("_getitem", key)
+        return self._decoded("_getitem", key, orthogonal=False)
 
     def _oindex(self, key: Any) -> Any:
-        return self._twice("_oindex", key)
+        return self._decoded("_oindex", key, orthogonal=True)
 
     def _vindex(self, key: Any) -> Any:
         return self._twice("_vindex", key)

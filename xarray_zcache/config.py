@@ -60,6 +60,10 @@ class CacheConfig:
         plugin's cache of that name serves every store that names it.
     memory_size
         Byte budget of the memory tier (payloads plus measured bookkeeping).
+    decoded_memory_size
+        Byte budget of the decoded tier of the xarray backend: decoded chunks (read-only
+        NumPy arrays) served without decoding again, each counted with the encoded bytes
+        it was decoded from. ``None``: half of ``memory_size``; ``0``: off.
     disk_path
         Folder of the disk tier, or ``None`` for a memory-only cache.
     disk_size
@@ -128,6 +132,9 @@ class CacheConfig:
 
     name: str = dataclasses.field(default_factory=lambda: _cfg("name"))
     memory_size: int = dataclasses.field(default_factory=lambda: _cfg("memory-size"))
+    decoded_memory_size: int | None = dataclasses.field(
+        default_factory=lambda: _cfg("decoded-memory-size")
+    )
     disk_path: str | None = dataclasses.field(default_factory=lambda: _default_disk_path_cfg())
     disk_size: int = dataclasses.field(default_factory=lambda: _cfg("disk.size"))
     max_object_size: int = dataclasses.field(default_factory=lambda: _cfg("max-object-size"))
@@ -180,6 +187,11 @@ class CacheConfig:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"name: invalid cache name {self.name!r}; expected a non-empty str")
         s(self, "memory_size", _size("memory_size", self.memory_size))
+        s(
+            self,
+            "decoded_memory_size",
+            _size("decoded_memory_size", self.decoded_memory_size, allow_none=True),
+        )
         if self.disk_path is not None:
             if not isinstance(self.disk_path, str | os.PathLike) or not str(self.disk_path):
                 raise ValueError(
@@ -301,6 +313,11 @@ class CacheConfig:
     def with_memory_size(self, size: int | str) -> Self:
         """Return a copy whose memory tier holds ``size`` bytes (e.g. ``"512MB"``)."""
         return self._replace(memory_size=size)
+
+    def with_decoded_memory_size(self, size: int | str | None) -> Self:
+        """Return a copy whose decoded tier holds ``size`` bytes (``"128MB"``; ``0``: off;
+        ``None``: half of the memory tier)."""
+        return self._replace(decoded_memory_size=size)
 
     def with_disk_cache(self, path: str | os.PathLike[str], size: int | str | None = None) -> Self:
         """Return a copy with a disk tier in folder ``path`` of ``size`` bytes."""

@@ -22,6 +22,7 @@ __all__ = ["default_disk_path"]
 _FIELD_OF = {
     "name": "name",
     "memory-size": "memory_size",
+    "decoded-memory-size": "decoded_memory_size",
     "disk.size": "disk_size",
     "max-object-size": "max_object_size",
     "ttl.metadata": "metadata_ttl",

@@ -29,7 +29,7 @@ from zarr.abc.store import (
 )
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 
-from xarray_zcache.cache.hybrid import HybridCache
+from xarray_zcache.cache.hybrid import UNANSWERED, HybridCache, _Unanswered
 from xarray_zcache.cache.request import PART_SEP, Read
 from xarray_zcache.cache.stats import CacheStats
 from xarray_zcache.config import CacheConfig
@@ -463,6 +463,42 @@ class CachedStore(SourceValidation, SourceReads, Store):
                 self._read(key, byte_range),
                 lambda: self._store.get(key, prototype, byte_range),
             )
+        data = await self._get_bytes(cache, key, byte_range)
+        return None if data is None else prototype.buffer.from_bytes(data)
+
+    async def get_bytes(self, key: str, byte_range: ByteRequest | None = None) -> bytes | None:
+        """What `get` returns, as the ``bytes`` object the cache holds (no copy): the same
+        read protocol, freshness gate and counting (the decoded tier's token)."""
+        _check_byte_range(byte_range)
+        if self._refs is not None or not is_plain_range(byte_range):
+            buf = await self.get(key, default_buffer_prototype(), byte_range)
+            return None if buf is None else buf.to_bytes()
+        return await self._get_bytes(self.cache, key, byte_range)
+
+    def bytes_now(
+        self, key: str, cache: HybridCache | None = None
+    ) -> tuple[str, bytes | _Unanswered | None]:
+        """The cache key of ``key`` and the bytes `get_bytes(key)` would return now, if the
+        cache can tell without I/O and without waiting (the freshness gate open, the
+        object in memory or known missing; counted as such a read is); otherwise
+        `UNANSWERED` (call `get_bytes`). ``cache``: `cache`, if the caller has it."""
+        read = self._read(key, None)
+        if self._refs is not None:
+            return read.key, UNANSWERED
+        cache = self.cache if cache is None else cache
+        if self._source.supported:  # the gate of `_validated`, without its I/O
+            unit, _ = self._unit_of(key)
+            freshness = cache.freshness
+            since = self._confirmed_by.get(unit.name)
+            if since is not None and freshness.confirmed(unit) < since:
+                return read.key, UNANSWERED
+            if not freshness.is_fresh(unit, time.time()):
+                return read.key, UNANSWERED
+        return read.key, cache.answer_now(read)
+
+    async def _get_bytes(
+        self, cache: HybridCache, key: str, byte_range: ByteRequest | None
+    ) -> bytes | None:
         began = time.time()
         await self._validated(key, cache)
         reader = self._part_reader(key, byte_range, began)
@@ -481,7 +517,7 @@ class CachedStore(SourceValidation, SourceReads, Store):
         self._served(cache, key, reader)
         if pf is not None and not missed and pf.active:
             await pf.observe(key, miss=False)
-        return None if data is None else prototype.buffer.from_bytes(data)
+        return data
 
     def _prefetcher(self) -> ScanPrefetcher | None:
         """The read-ahead of this store on the running event loop (None if disabled)."""

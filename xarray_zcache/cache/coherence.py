@@ -25,6 +25,7 @@ from xarray_zcache.cache.request import PART_SEP, Read
 from xarray_zcache.cache.stats import StatsRecorder
 
 if TYPE_CHECKING:
+    from xarray_zcache.cache.decoded import DecodedTier
     from xarray_zcache.cache.disk import DiskTier
     from xarray_zcache.cache.freshness import Freshness
     from xarray_zcache.cache.memory import MemoryTier
@@ -146,6 +147,7 @@ class Coherence:
     """The write and invalidation half of `HybridCache` (state is the cache's)."""
 
     _memory: MemoryTier
+    _decoded: DecodedTier
     _disk: DiskTier | None
     _writer: DiskWriter | None
     _negatives: NegativeEntries
@@ -243,6 +245,7 @@ class Coherence:
 
     def _invalidate_here(self, key: str, prefix: bool) -> None:
         with self._admit_lock:
+            self._decoded.drop(key, prefix=prefix)
             if prefix:
                 self._inv.bump_prefix(key)
                 self._memory.delete_prefix(key)
@@ -334,6 +337,7 @@ class Coherence:
         process's pending disk writes of them too (they hold the old bytes)."""
         with self._admit_lock:
             self._inv.bump_prefix(prefix)
+            self._decoded.drop(prefix, prefix=True)
             self._memory.delete_prefix(prefix)
             self._negatives.discard_prefix(prefix)
             if self._writer is not None:
@@ -348,6 +352,8 @@ class Coherence:
             self._inv.bump_prefix(part)
             self._memory.delete(key)
             self._memory.delete_prefix(part)
+            self._decoded.drop(key)
+            self._decoded.drop(part, prefix=True)
             self._negatives.discard(key)
             if self._writer is not None:
                 self._writer.discard(key)

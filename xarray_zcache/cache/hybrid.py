@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 from xarray_zcache.cache.access import DirectAccess
 from xarray_zcache.cache.coherence import _LIVE, Coherence
+from xarray_zcache.cache.decoded import DecodedTier
 from xarray_zcache.cache.disk import DiskTier
 from xarray_zcache.cache.fallback import DiskFallback
 from xarray_zcache.cache.flight import SingleFlight
@@ -44,7 +45,7 @@ from xarray_zcache.cache.tiers import SharedTier, open_disk
 from xarray_zcache.cache.versions import VersionBook
 from xarray_zcache.cache.writer import DiskWriter, PendingWrite
 
-__all__ = ["HybridCache", "Read", "SharedTier"]
+__all__ = ["UNANSWERED", "HybridCache", "Read", "SharedTier", "Unanswered"]
 
 logger = logging.getLogger("xarray_zcache.cache")
 
@@ -56,6 +57,8 @@ class _Unanswered:
 
 
 UNANSWERED = _Unanswered()
+#: the type of `UNANSWERED` (for callers' isinstance checks)
+Unanswered = _Unanswered
 
 
 class HybridCache(DirectAccess, CacheReporting, DiskFallback, Coherence):
@@ -84,6 +87,7 @@ class HybridCache(DirectAccess, CacheReporting, DiskFallback, Coherence):
         s = self.settings
         self._memory = MemoryTier(s.memory_size, policy=s.eviction_policy)  # type: ignore[arg-type]
         self._disk = open_disk(s)
+        self._decoded = DecodedTier(s.decoded_capacity())
         super().__init__(s.top_n)
         self._last_hit = 0.0  # time.monotonic() of the last hit: the disk writer yields to hits
         self._writer = (
@@ -135,6 +139,12 @@ class HybridCache(DirectAccess, CacheReporting, DiskFallback, Coherence):
     def memory_tier(self) -> MemoryTier:
         """The memory tier, for inspection by tools and tests."""
         return self._memory
+
+    @property
+    def decoded_tier(self) -> DecodedTier:
+        """The decoded tier (arrays keyed like their encoded entries; see
+        `xarray_zcache.cache.decoded`); its capacity is 0 when it is off."""
+        return self._decoded
 
     @property
     def maintenance_interval(self) -> float:
@@ -279,6 +289,12 @@ class HybridCache(DirectAccess, CacheReporting, DiskFallback, Coherence):
             self._count_negative(read)
             return None
         return UNANSWERED
+
+    def answer_now(self, read: Read) -> bytes | _Unanswered | None:
+        """What `get_or_load` would answer for ``read`` from memory or a negative entry,
+        counted as that read would be; `UNANSWERED` when it would look further (disk,
+        peers, the source). The caller has passed the freshness gate first."""
+        return self._from_memory_or_negatives(read)
 
     def _counted(self, read: Read, found: tuple[bytes | None, bool]) -> bytes | _Unanswered | None:
         """Count what the disk step (`_from_disk`) found."""

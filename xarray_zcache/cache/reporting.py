@@ -15,6 +15,7 @@ from xarray_zcache.cache.logs import events
 from xarray_zcache.cache.stats import TIERS, CacheStats, StatsRecorder
 
 if TYPE_CHECKING:
+    from xarray_zcache.cache.decoded import DecodedTier
     from xarray_zcache.cache.disk import DiskTier
     from xarray_zcache.cache.memory import MemoryTier
     from xarray_zcache.cache.request import Read
@@ -37,6 +38,7 @@ class CacheReporting:
     """
 
     _memory: MemoryTier
+    _decoded: DecodedTier
     _disk: DiskTier | None
 
     if TYPE_CHECKING:  # provided by DiskFallback
@@ -100,6 +102,9 @@ class CacheReporting:
             "memory_capacity": self._memory.capacity,
             "memory_entries": len(self._memory),
             "memory_entry_overhead": self._memory.entry_overhead,
+            "decoded_used": self._decoded.used_bytes(),
+            "decoded_capacity": self._decoded.capacity,
+            "decoded_entries": len(self._decoded),
         }
         evictions = dict.fromkeys(TIERS, 0)
         evictions["memory"] = self._memory.evictions
@@ -110,6 +115,9 @@ class CacheReporting:
             evictions["disk"] = disk.evictions
         snap = self._stats.snapshot(**gauges)
         snap.evictions = evictions
+        snap.decoded_hits = self._decoded.hits
+        snap.decoded_misses = self._decoded.misses
+        snap.decoded_evictions = self._decoded.evictions
         if disk is not None and on_disk is not None:
             # everything the disk tier found damaged: payload files and the index
             snap.corruptions += disk.corruptions - self._corruptions_base
@@ -154,6 +162,7 @@ class CacheReporting:
     def reset_stats(self) -> None:
         """Zero the counters (entries are kept)."""
         self._stats.reset()
+        self._decoded.hits = self._decoded.misses = 0
         disk = self._disk
         self._corruptions_base = disk.corruptions if disk is not None else 0
         self.trace.clear()

@@ -9,7 +9,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-__all__ = ["CacheSettings"]
+__all__ = ["DECODED_FRACTION", "CacheSettings"]
+
+#: the decoded tier's default size: this fraction of the memory tier
+DECODED_FRACTION = 0.5
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -35,6 +38,9 @@ class CacheSettings:
     maintenance_interval: float = 60.0
     write_queue_size: int = 256 * 2**20
     top_n: int = 20
+    #: bytes of the decoded tier (read-only NumPy arrays); None: `DECODED_FRACTION` of
+    #: ``memory_size``; 0: off
+    decoded_memory_size: int | None = None
 
     @classmethod
     def of(cls, config: Any) -> CacheSettings:
@@ -42,6 +48,12 @@ class CacheSettings:
         if isinstance(config, cls):
             return config
         return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
+
+    def decoded_capacity(self) -> int:
+        """Bytes of the decoded tier (``decoded_memory_size``, or its default)."""
+        if self.decoded_memory_size is None:
+            return int(DECODED_FRACTION * self.memory_size)
+        return self.decoded_memory_size
 
     def ttl(self, kind: str) -> float | None:
         """Time to live of entries of ``kind`` (``"metadata"`` or ``"chunk"``)."""

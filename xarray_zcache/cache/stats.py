@@ -123,11 +123,21 @@ class CacheStats:
     disk_write_failures: int = 0
     not_admitted: int = 0
     fetch_latency_ms: list[int] = dataclasses.field(default_factory=_buckets)
+    # the decoded tier (arrays above the byte tiers, xarray backend): reads of a chunk
+    # served without decoding, reads that decoded, arrays evicted. A decoded hit sends
+    # nothing to the source: the byte tier that vouched for its encoded bytes counted
+    # its own hit (or, if it had to load them, its miss) as for any read
+    decoded_hits: int = 0
+    decoded_misses: int = 0
+    decoded_evictions: int = 0
     # gauges
     memory_used: int = _gauge(SUM)
     memory_capacity: int = _gauge(SUM)
     memory_entries: int = _gauge(SUM)
     memory_entry_overhead: int = _gauge(MAX)
+    decoded_used: int = _gauge(SUM)
+    decoded_capacity: int = _gauge(SUM)
+    decoded_entries: int = _gauge(SUM)
     disk_used: int = _gauge(SUM)
     disk_capacity: int = _gauge(SUM)
     disk_entries: int = _gauge(SUM)

@@ -33,6 +33,15 @@ def rows(stats: CacheStats) -> list[tuple[str, str]]:
             f"({stats.memory_entries} entries)",
         ),
     ]
+    if stats.decoded_capacity or stats.decoded_hits or stats.decoded_misses:
+        out.append(
+            (
+                "decoded used (hits / misses)",
+                f"{format_bytes(stats.decoded_used)} / {format_bytes(stats.decoded_capacity)} "
+                f"({stats.decoded_entries} arrays; {stats.decoded_hits} / "
+                f"{stats.decoded_misses})",
+            )
+        )
     if stats.disk_path is not None or stats.disk_capacity:
         out.append(
             (

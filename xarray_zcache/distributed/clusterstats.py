@@ -239,6 +239,9 @@ class ClusterStats:
                 "bytes_saved": s.bytes_saved,
                 "memory_used": s.memory_used,
                 "memory_capacity": s.memory_capacity,
+                "decoded_hits": s.decoded_hits,
+                "decoded_used": s.decoded_used,
+                "decoded_capacity": s.decoded_capacity,
                 "disk_used": s.disk_used,
                 "disk_capacity": s.disk_capacity,
                 "promotions": s.promotions,
@@ -258,7 +261,7 @@ class ClusterStats:
         for w, s in sorted(self.workers.items()):
             lines.append(
                 f"  {w}: hit rate {s.hit_rate():.1%}, memory {format_bytes(s.memory_used)}, "
-                f"disk {format_bytes(s.disk_used)}"
+                f"decoded {format_bytes(s.decoded_used)}, disk {format_bytes(s.disk_used)}"
             )
         return "\n".join(lines)
 
@@ -272,7 +275,8 @@ class ClusterStats:
         table = self.to_dataframe()
         labels = self.labels()
         table.index = [labels.get(w, w) for w in table.index]  # named as on the /zcache page
-        for col in ("bytes_saved", "memory_used", "memory_capacity", "disk_used", "disk_capacity"):
+        sizes = ("memory_used", "memory_capacity", "decoded_used", "decoded_capacity")
+        for col in ("bytes_saved", *sizes, "disk_used", "disk_capacity"):
             table[col] = table[col].map(format_bytes)
         table["hit_rate"] = table["hit_rate"].map("{:.1%}".format)
         hot = "".join(

@@ -22,6 +22,7 @@ from xarray_zcache.cache.coherence import (
     remove_invalidation_listener,
 )
 from xarray_zcache.cache.hybrid import HybridCache
+from xarray_zcache.cache.settings import DECODED_FRACTION
 from xarray_zcache.config import CacheConfig
 from xarray_zcache.distributed.directory import announce_write
 from xarray_zcache.distributed.membership import Membership, host_id
@@ -32,7 +33,13 @@ from xarray_zcache.sessions import close_sessions
 if TYPE_CHECKING:
     from distributed import Worker
 
-__all__ = ["SAFE_MEMORY_SHARE", "ZCacheWorkerPlugin", "worker_config", "worker_memory_size"]
+__all__ = [
+    "SAFE_MEMORY_SHARE",
+    "ZCacheWorkerPlugin",
+    "worker_config",
+    "worker_decoded_size",
+    "worker_memory_size",
+]
 
 logger = logging.getLogger("xarray_zcache.distributed")
 
@@ -58,24 +65,43 @@ def worker_memory_size(
 
     ``min(memory_size, memory_fraction x memory_limit)``; ``memory_size`` as is when
     ``memory_fraction`` is ``None`` or the worker has no memory limit. The warning
-    (or ``None``) is for a tier over `SAFE_MEMORY_SHARE` of ``memory_limit``.
+    (or ``None``) is for a memory tier and decoded tier (`worker_decoded_size`) over
+    `SAFE_MEMORY_SHARE` of ``memory_limit`` together.
     """
     size = config.memory_size
     if not memory_limit or memory_limit <= 0:
         return size, None
     if config.memory_fraction is not None:
         size = min(size, int(config.memory_fraction * memory_limit))
-    if size <= SAFE_MEMORY_SHARE * memory_limit:
+    decoded = worker_decoded_size(config, size, memory_limit)
+    total = size + decoded
+    if total <= SAFE_MEMORY_SHARE * memory_limit:
         return size, None
+    tiers = f"the memory tier of cache {config.name!r} ({format_bytes(size)})"
+    if decoded:
+        tiers += f" with its decoded tier ({format_bytes(decoded)})"
     warning = (
-        f"xarray-zcache: worker {worker_name}: the memory tier of cache {config.name!r} "
-        f"({format_bytes(size)}) is {100 * size / memory_limit:.0f}% of the worker's "
+        f"xarray-zcache: worker {worker_name}: {tiers} "
+        f"is {100 * total / memory_limit:.0f}% of the worker's "
         f"memory_limit ({format_bytes(memory_limit)}), over the safe {SAFE_MEMORY_SHARE:.0%}: "
         "with the worker's own data it may push the worker past Dask's spill and pause "
-        "thresholds. Lower zcache.memory-size, or set zcache.distributed.memory-fraction "
-        "(e.g. 0.1) to size the tier from each worker's memory_limit"
+        "thresholds. Lower zcache.memory-size (and zcache.decoded-memory-size), or set "
+        "zcache.distributed.memory-fraction (e.g. 0.1) to size the tier from each worker's "
+        "memory_limit"
     )
     return size, warning
+
+
+def worker_decoded_size(config: CacheConfig, memory_size: int, memory_limit: int | None) -> int:
+    """The decoded tier size of a worker whose memory tier holds ``memory_size`` bytes:
+    ``decoded_memory_size`` (at most ``memory_fraction x memory_limit``), or by default
+    its fraction of the worker's memory tier."""
+    if config.decoded_memory_size is None:
+        return int(DECODED_FRACTION * memory_size)
+    size = config.decoded_memory_size
+    if memory_limit and memory_limit > 0 and config.memory_fraction is not None:
+        size = min(size, int(config.memory_fraction * memory_limit))
+    return size
 
 
 class _WorkerCache:
@@ -272,15 +298,20 @@ def _sized(cfg: CacheConfig, worker: Worker) -> CacheConfig:
     if warning is not None:
         logger.warning("%s", warning)
     logger.info(
-        "xarray-zcache: worker %s: memory tier %s (zcache.memory-size %s, "
+        "xarray-zcache: worker %s: memory tier %s, decoded tier %s (zcache.memory-size %s, "
         "zcache.distributed.memory-fraction %s, worker memory_limit %s)",
         who,
         format_bytes(size),
+        format_bytes(worker_decoded_size(cfg, size, limit)),
         format_bytes(cfg.memory_size),
         cfg.memory_fraction,
         format_bytes(limit) if limit else "none",
     )
-    return cfg if size == cfg.memory_size else cfg.with_memory_size(size)
+    sized = cfg if size == cfg.memory_size else cfg.with_memory_size(size)
+    decoded = worker_decoded_size(cfg, size, limit)
+    if cfg.decoded_memory_size is not None and decoded != cfg.decoded_memory_size:
+        sized = sized.with_decoded_memory_size(decoded)
+    return sized
 
 
 def _listener_name(worker: Worker) -> str:

@@ -1,0 +1,136 @@
+"""The decoded-chunk tier: warm full reads with and without it, against zarr's MemoryStore.
+
+A 48x256x256 float32 variable in 192 zstd chunks (zarr v3) on the local moto server
+(its own process, `s3proc.S3Process`), and the same data in a `MemoryStore`. Readers:
+
+* ``zarr MemoryStore``: xarray's zarr backend over the in-memory copy (the reference);
+* ``zcache memory, no decoded tier``: ``engine="zcache"``, memory tier only,
+  ``decoded_memory_size=0`` (every read decodes);
+* ``zcache memory + decoded tier``: the same with the default decoded tier.
+
+Two warm workloads per reader: ``ds.t.values`` (no Dask; ``cache=False`` so that xarray
+reads again) and ``ds.t.compute()`` with ``chunks={}`` (Dask's threaded scheduler, one
+task per chunk). Each figure is the median over 3 runs of the mean of 3 reads.
+
+Run: ``python benchmarks/decoded.py`` (prints a Markdown table).
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+
+from common import BUCKET, Settings, make_data, quiet
+from s3proc import S3Process
+
+RUNS, READS = 3, 3
+URL = f"s3://{BUCKET}/decoded.zarr"
+
+
+def _time(fn: Callable[[], Any]) -> tuple[float, float]:
+    """Wall-clock and CPU seconds (this process, every thread) per read, over `READS` reads."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(READS):
+        fn()
+    return (time.perf_counter() - w0) / READS, (time.process_time() - c0) / READS
+
+
+def main() -> None:
+    import xarray as xr
+    import zarr
+    from zarr.storage import MemoryStore
+
+    from xarray_zcache import CacheConfig, get_cache
+
+    s = Settings(nt=48)
+    data = make_data(s)
+    ds0 = xr.Dataset({"t": (("time", "y", "x"), data)})
+    enc = {"t": {"chunks": s.chunks, "compressors": [zarr.codecs.ZstdCodec()]}}
+    server = S3Process(latency=0.0)
+    server.create_bucket(BUCKET)
+    opts = server.storage_options("decoded")
+    with quiet():
+        ds0.to_zarr(URL, storage_options=opts, zarr_format=3, encoding=enc, mode="w")
+        mem = MemoryStore()
+        ds0.to_zarr(mem, zarr_format=3, encoding=enc, consolidated=False)
+
+    rows: list[tuple[str, float, float, str, float, float]] = []
+    readers: list[tuple[str, Callable[..., Any], CacheConfig | None]] = [
+        ("zarr MemoryStore", lambda **kw: xr.open_dataset(mem, engine="zarr", **kw), None)
+    ]
+    for label, decoded in (
+        ("zcache memory, no decoded tier", 0),
+        ("zcache memory + decoded tier", None),
+    ):
+        cfg = (
+            CacheConfig()
+            .with_name(f"bench-decoded-{decoded}")
+            .without_disk_cache()
+            .with_memory_size("256MB")
+            .with_decoded_memory_size(decoded)
+        )
+
+        def opener(cfg: CacheConfig = cfg, **kw: Any) -> Any:
+            return xr.open_dataset(
+                URL, engine="zcache", storage_options=opts, cache_config=cfg, **kw
+            )
+
+        readers.append((label, opener, cfg))
+    # round robin: each run times every reader in turn, so that the load of a shared
+    # machine falls on all of them alike; the median over the runs is reported
+    works = []
+    with quiet():
+        for _, open_, _ in readers:
+            plain = open_(chunks=None, cache=False)
+            lazy = open_(chunks={})
+            assert np.array_equal(plain.t.values, data)  # warm (and exact)
+            assert np.array_equal(lazy.t.compute().values, data)
+            works.append((lambda p=plain: p.t.values, lambda z=lazy: z.t.compute()))
+        times: list[list[tuple[float, float]]] = [[] for _ in range(2 * len(readers))]
+        for _ in range(RUNS):
+            for i, (values, dask) in enumerate(works):
+                times[2 * i].append(_time(values))
+                times[2 * i + 1].append(_time(dask))
+
+    def med(i: int, part: int) -> float:
+        return statistics.median(t[part] for t in times[i])
+
+    for i, (label, _, cfg) in enumerate(readers):
+        held = ""
+        if cfg is not None:
+            st = get_cache(cfg).stats()
+            held = (
+                f"{st.memory_used / 1e6:.1f} MB + {st.decoded_used / 1e6:.1f} MB"
+                f" (decoded hits {st.decoded_hits})"
+            )
+        rows.append(
+            (label, med(2 * i, 0), med(2 * i + 1, 0), held, med(2 * i, 1), med(2 * i + 1, 1))
+        )
+    base_v, base_d = rows[0][1], rows[0][2]
+    print(
+        f"48x256x256 float32, {s.n_chunks} zstd chunks (zarr v3); median of {RUNS} runs "
+        f"(round robin over the readers) of the mean of {READS} warm reads; CPU: this "
+        "process, all threads\n"
+    )
+    print(
+        "| reader | `ds.t.values` | vs MemoryStore | CPU | Dask `.compute()` | vs MemoryStore "
+        "| CPU | memory tier + decoded tier held |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    for label, v, d, held, cv, cd in rows:
+        print(
+            f"| {label} | {v * 1e3:.1f} ms | {v / base_v:.2f}x | {cv * 1e3:.0f} ms "
+            f"| {d * 1e3:.1f} ms | {d / base_d:.2f}x | {cd * 1e3:.0f} ms | {held} |"
+        )
+    server._call("stop")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Sharded arrays in the decoded tier: one decoded array per inner chunk.
+
+A selection maps to inner chunks (the indexer runs over the inner chunk grid); per shard
+the encoded bytes come through the store's read path like zarr's own: a shard whose
+inner chunks are all wanted is read whole (one request when cold, as zarr does), else
+its index (the sharding codec's byte range) and then each wanted inner chunk's byte
+range. An inner chunk's decoded entry is keyed by the byte range's cache key (under the
+shard's parts, so that the shard's invalidation drops it) and its token is the inner
+chunk's encoded bytes: equal bytes, the same array (`xarray_zcache.decoded_reads`).
+Misses are decoded with the sharding codec's inner pipeline. Reads of a shard's parts
+go through `CachedStore.get_bytes`, with their checks that no part of an old version is
+combined with a part of a new one (`ObjectChanged`: the backend reads again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from zarr.abc.store import ByteRequest, RangeByteRequest
+from zarr.codecs.sharding import ShardingCodec
+from zarr.core.array_spec import ArraySpec
+from zarr.core.chunk_utils import fill_value_or_default
+from zarr.core.sync import sync
+
+from xarray_zcache.cache.decoded import DecodedTier
+from xarray_zcache.keys import cut, range_key
+
+if TYPE_CHECKING:
+    from xarray_zcache.decoded_reads import DecodedPlan
+
+__all__ = ["Shards", "fill_sharded", "shards_of"]
+
+_Item = tuple[tuple[int, ...], Any, Any]  # (inner chunk within its shard, chunk sel, out sel)
+_Found = tuple[str, bytes | None, Any, Any]  # (decoded key, inner bytes or None, sels)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Shards:
+    """The sharding codec of an array and what reading its inner chunks needs."""
+
+    codec: ShardingCodec
+    inner: tuple[int, ...]
+    per_shard: tuple[int, ...]
+    index_range: ByteRequest
+    pipeline: Any
+    spec: ArraySpec
+
+
+def shards_of(codecs: Any, spec: ArraySpec, known: frozenset[str]) -> Shards | None:
+    """The `Shards` of an array whose only codec is a sharding codec with inner codecs
+    of zarr's own (``known`` class names), else None."""
+    if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
+        return None
+    codec = codecs[0]
+    inner_ok = all(
+        type(c).__module__.startswith("zarr.codecs") and type(c).__name__ in known
+        for c in codec.codecs
+    )
+    if not inner_ok:
+        return None
+    per = codec._get_chunks_per_shard(spec)
+    return Shards(
+        codec,
+        tuple(codec.chunk_shape),
+        per,
+        codec._shard_index_byte_range(per),
+        codec._get_inner_pipeline(spec),
+        codec._get_chunk_spec(spec),
+    )
+
+
+async def _index(shards: Shards, data: bytes) -> Any:
+    buf = shards.spec.prototype.buffer.from_bytes(data)
+    return await shards.codec._decode_shard_index(buf, shards.per_shard)
+
+
+async def _shard(
+    plan: DecodedPlan, shards: Shards, shard: tuple[int, ...], items: list[_Item]
+) -> list[_Found]:
+    store = plan.store
+    key = plan.prefix + plan.metadata.encode_chunk_key(shard)
+    ck = store._ck(key)
+    whole = None
+    if len(items) == math.prod(shards.per_shard):  # every inner chunk: the shard at once
+        whole = await store.get_bytes(key)
+        index_bytes = None if whole is None else cut(shards.index_range, whole)
+    else:
+        index_bytes = await store.get_bytes(key, shards.index_range)
+    if index_bytes is None:  # no shard: the fill value everywhere
+        return [("", None, cs, os) for _, cs, os in items]
+    index = await _index(shards, index_bytes)
+    ranges = [index.get_chunk_slice(local) for local, _, _ in items]
+
+    async def part(where: tuple[int, int] | None) -> bytes | None:
+        if where is None:
+            return None
+        if whole is not None:
+            return whole[where[0] : where[1]]
+        return await store.get_bytes(key, RangeByteRequest(*where))
+
+    parts = await asyncio.gather(*(part(r) for r in ranges))
+    return [
+        ("" if r is None else range_key(ck, RangeByteRequest(*r)), data, cs, os)
+        for r, data, (_, cs, os) in zip(ranges, parts, items, strict=True)
+    ]
+
+
+def fill_sharded(
+    plan: DecodedPlan, shards: Shards, tier: DecodedTier, indexer: Any, out: np.ndarray[Any, Any]
+) -> None:
+    """Fill ``out`` with the inner chunks ``indexer`` (over the inner chunk grid) touches."""
+    by_shard: dict[tuple[int, ...], list[_Item]] = {}
+    for coords, chunk_sel, out_sel, _ in indexer:
+        shard = tuple(c // p for c, p in zip(coords, shards.per_shard, strict=True))
+        local = tuple(c % p for c, p in zip(coords, shards.per_shard, strict=True))
+        by_shard.setdefault(shard, []).append((local, chunk_sel, out_sel))
+
+    async def run() -> tuple[list[_Found], list[Any], list[np.ndarray[Any, Any]]]:
+        groups = await asyncio.gather(
+            *(_shard(plan, shards, s, items) for s, items in by_shard.items())
+        )
+        found = [f for group in groups for f in group]
+        held = [None if b is None else tier.get(k, b) for k, b, _, _ in found]
+        todo = [f[1] for f, a in zip(found, held, strict=True) if f[1] is not None and a is None]
+        buffer = shards.spec.prototype.buffer
+        decoded = await shards.pipeline.decode([(buffer.from_bytes(b), shards.spec) for b in todo])
+        return found, held, [nd.as_numpy_array() for nd in decoded]
+
+    found, held, arrays = sync(run())
+    fresh = iter(arrays)
+    fill = fill_value_or_default(shards.spec)
+    for (dkey, data, chunk_sel, out_sel), array in zip(found, held, strict=True):
+        if data is None:
+            out[out_sel] = fill
+            continue
+        if array is None:
+            array = next(fresh)
+            tier.put(dkey, data, array)
+        selected = array[chunk_sel]
+        if indexer.drop_axes:
+            selected = selected.squeeze(axis=indexer.drop_axes)
+        out[out_sel] = selected
