@@ -274,3 +274,30 @@ def test_opening_a_filled_folder_reads_no_rows(
     assert statements  # (traced)
     assert not any("entries" in s for s in statements), statements  # no scan, no count
     tier.close()
+
+
+def test_a_due_statistics_flush_runs_off_the_hit_path(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(access, "FLUSH_MAX_PENDING", 5)
+    tier = DiskTier(tmp_path / "c", 1 << 30)
+    tier.put_many([Fill(f"k/{i}", b"v") for i in range(20)])
+    assert tier._conn is not None
+    writers: list[str] = []
+
+    def note(sql: str) -> None:
+        if sql.lstrip().startswith("UPDATE entries SET last_access"):
+            writers.append(threading.current_thread().name)
+
+    tier._conn.set_trace_callback(note)
+    for i in range(20):
+        assert tier.get(f"k/{i}") == b"v"  # due after 5 pending: pokes the flusher
+    deadline = time.monotonic() + 60
+    while tier._flusher.runs == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert tier._flusher.runs >= 1
+    assert writers and threading.current_thread().name not in writers
+    tier.close()  # stops the thread, writes the rest
+    assert not any(t.name == "zcache-disk-stats" and t.is_alive() for t in threading.enumerate())
+    with sqlite3.connect(tmp_path / "c" / "index.db") as conn:
+        assert conn.execute("SELECT SUM(hits) FROM entries").fetchone()[0] == 20
