@@ -506,9 +506,10 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "",
         "Hit latency, `DiskTier.get` (mean; median in brackets). *device* = bare open + fstat + "
         "pread + close of the same files in the same cache state; *own* = get - device; "
-        "*flush* = the part of *own* spent writing access statistics to the index.",
+        "*flush* = time spent writing access statistics to the index, per hit (on the "
+        "flusher thread: not part of *get*).",
         "",
-        "| entries | pass | get | device | own | of which flush | KiB read / hit "
+        "| entries | pass | get | device | own | flush (off the hit path) | KiB read / hit "
         "| device reads / hit |",
         "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
