@@ -325,7 +325,10 @@ def run_size(n: int, args: argparse.Namespace, dev: str | None) -> dict[str, Any
     print(f"[{n:,}] filling ...", file=sys.stderr, flush=True)
     res.update(fill(path, n, args.size, capacity, args.direct_put))
     print(f"[{n:,}] filled at {res['fill_rate']:,.0f}/s", file=sys.stderr, flush=True)
-    res["fs_floor_rate"] = fs_floor(path + "-floor", min(n, 20_000), args.size)
+    # (at most ~2 GiB of files: the floor is a rate, not a second fill)
+    res["fs_floor_rate"] = fs_floor(
+        path + "-floor", min(n, 20_000, (2 << 30) // args.size), args.size
+    )
     res["index_bytes"] = index_bytes(path)
     res["index_bytes_per_entry"] = res["index_bytes"] / n
     res["largest_dir_files"] = largest_dir(path)
@@ -423,9 +426,63 @@ def fmt(x: float, unit: str = "") -> str:
     return f"{x:,.2f}"
 
 
+def _mode(r: dict[str, Any], mode: str) -> dict[str, Any] | None:
+    return next((m for m in r["reads"] if m["mode"] == mode), None)
+
+
+def summary(results: list[dict[str, Any]]) -> str:
+    """The one table of issue 19 item 4: a row per size, the hit split into the cache's own
+    work and the device read (the bare open + fstat + pread + close of the same files)."""
+    lines = [
+        "| entries | fill (entries/s) | filesystem alone (files/s) | open, new process "
+        "| index B/entry "
+        "| hit warm p50 / p99 | warm: own + device (mean) "
+        "| hit cold p50 / mean | cold: own + device (mean) "
+        "| device reads / hit, data cold / all cold "
+        "| evict, per entry |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    nan = float("nan")
+    for r in results:
+        warm = _mode(r, "warm")
+        cold = _mode(r, "cold-data")
+        cells = [f"{r['entries']:,}", f"{r['fill_rate']:,.0f}"]
+        cells.append(f"{r.get('fs_floor_rate', nan):,.0f}")
+        cells.append(fmt(r["open_warm"]["open_s"], "s"))
+        cells.append(f"{r['index_bytes_per_entry']:,.0f}")
+        for m in (warm, cold):
+            if m is None:
+                cells += ["—", "—"]
+                continue
+            second = m["get"]["p99_us"] if m is warm else m["get"]["mean_us"]
+            cells.append(f"{fmt(m['get']['median_us'], 'us')} / {fmt(second, 'us')}")
+            cells.append(f"{fmt(m['own_mean_us'], 'us')} + {fmt(m['raw']['mean_us'], 'us')}")
+        every = _mode(r, "cold-all")
+        cells.append(
+            " / ".join(fmt(m["device_reads_per_hit"]) if m else "—" for m in (cold, every))
+        )
+        per = r["evict_1pct_s"] / r["evict_1pct_entries"] if r["evict_1pct_entries"] else nan
+        cells.append(f"{fmt(per * 1e6, 'us')}")
+        lines.append("| " + " | ".join(cells) + " |")
+    first, last = results[0], results[-1]
+    w0, w1 = _mode(first, "warm"), _mode(last, "warm")
+    if len(results) > 1 and w0 and w1:
+        lines += [
+            "",
+            f"Warm hit at {last['entries']:,} / at {first['entries']:,}: "
+            f"{w1['get']['median_us'] / w0['get']['median_us']:.2f}x (median), "
+            f"{w1['get']['mean_us'] / w0['get']['mean_us']:.2f}x (mean).",
+        ]
+    return "\n".join(lines)
+
+
 def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [
         f"Entries of {args.size:,} B, {args.reads:,} random keys per pass.",
+        "",
+        summary(results),
+        "",
+        "Details:",
         "",
         "| entries | fill (entries/s) | filesystem alone (files/s) | index B/entry "
         "| largest dir (files) | open, new process (warm / cold) | evict 1 % "
@@ -449,9 +506,10 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "",
         "Hit latency, `DiskTier.get` (mean; median in brackets). *device* = bare open + fstat + "
         "pread + close of the same files in the same cache state; *own* = get - device; "
-        "*flush* = the part of *own* spent writing access statistics to the index.",
+        "*flush* = time spent writing access statistics to the index, per hit (on the "
+        "flusher thread: not part of *get*).",
         "",
-        "| entries | pass | get | device | own | of which flush | KiB read / hit "
+        "| entries | pass | get | device | own | flush (off the hit path) | KiB read / hit "
         "| device reads / hit |",
         "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
@@ -494,7 +552,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--keep", action="store_true", help="keep the filled folders")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--render", help="print the tables of an earlier --json file, run nothing")
     args = p.parse_args(argv)
+    if args.render:
+        with open(args.render) as f:
+            saved = json.load(f)
+        args.size, args.reads = saved["args"]["size"], saved["args"]["reads"]
+        print(report(saved["results"], args))
+        return
     os.makedirs(args.dir, mode=0o700, exist_ok=True)
     dev = device_of(args.dir)
     sizes = [int(x.replace("_", "")) for x in args.entries.split(",") if x]

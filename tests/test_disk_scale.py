@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from xarray_zcache.cache.disk import DiskTier, Fill, hooks, reads
+from xarray_zcache.cache.disk import DiskTier, Fill, access, hooks, index, reads, schema
 from xarray_zcache.cache.disk.format import WHOLE_READ
 from xarray_zcache.cache.writer import BATCH_ENTRIES, DiskWriter, PendingWrite
 
@@ -190,3 +190,114 @@ def test_disk_writer_stores_queued_fills_in_batches(tmp_path: pathlib.Path) -> N
     assert writer.pending("k/1") is None and writer.backlog == 0
     writer.close()
     tier.close()
+
+
+def trace(conn: sqlite3.Connection | None) -> list[str]:
+    assert conn is not None
+    seen: list[str] = []
+    conn.set_trace_callback(seen.append)
+    return seen
+
+
+def test_hit_and_miss_open_at_most_one_file_and_run_no_sql(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(access, "FLUSH_INTERVAL_S", 1e9)  # no statistics flush in between
+    tier = DiskTier(tmp_path / "c", 1 << 30)
+    tier.put_many([Fill(f"k/{i}", b"v" * 100) for i in range(50)])
+    tier.put("meta", b"m", kind="metadata")
+    statements = trace(tier._conn)
+    opened: list[str] = []
+    real_open = os.open
+
+    def counting(path: str, flags: int, *args: int, **kwargs: int) -> int:
+        fd = real_open(path, flags, *args, **kwargs)  # only opens that succeed count
+        opened.append(path)
+        return fd
+
+    monkeypatch.setattr(os, "open", counting)
+    for key, expected in (("k/7", b"v" * 100), ("meta", b"m"), ("absent", None)):
+        opened.clear()
+        assert tier.get(key) == expected
+        assert len(opened) == (0 if expected is None else 1)  # one data file per hit
+    monkeypatch.undo()
+    assert statements == []  # neither a hit nor a miss touches the index
+    tier.close()
+
+
+def test_put_many_lookups_do_not_grow_with_the_batch(tmp_path: pathlib.Path) -> None:
+    tier = DiskTier(tmp_path / "c", 1 << 30)
+    started = time.time_ns()
+    tier.put_many([Fill(f"k/{i}", b"old") for i in range(0, 300, 2)])  # half of them exist
+    statements = trace(tier._conn)
+    stored = tier.put_many([Fill(f"k/{i}", b"new", fetch_started_ns=started) for i in range(300)])
+    assert tier._conn is not None
+    tier._conn.set_trace_callback(None)
+    # the existing keys were written (authoritatively) after the fetch started: stale
+    assert stored == [i % 2 == 1 for i in range(300)]
+    selects = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+    # rows, tombstones and tokens of the batch are each read in one query, not one per entry
+    assert len(selects) <= 8, selects
+    assert not any("FROM tombstones WHERE key = " in s for s in selects)
+    assert tier.get("k/1") == b"new" and tier.get("k/2") == b"old"
+    tier.close()
+
+
+def test_put_many_sees_its_own_tombstones(tmp_path: pathlib.Path) -> None:
+    tier = DiskTier(tmp_path / "c", 1 << 30)
+    started = time.time_ns()
+    stored = tier.put_many(
+        [Fill("k", b"written"), Fill("k", b"fetched earlier", fetch_started_ns=started)]
+    )
+    assert stored == [True, False]  # the write's tombstone refuses the older fetch
+    assert tier.get("k") == b"written"
+    tier.close()
+
+
+def test_opening_a_filled_folder_reads_no_rows(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tier = DiskTier(tmp_path / "c", 1 << 30)
+    tier.put_many([Fill(f"k/{i}", b"v") for i in range(200)])
+    tier.close()
+    statements: list[str] = []
+    real_connect = schema.connect
+
+    def traced(db_path: str) -> tuple[sqlite3.Connection, bool]:
+        conn, created = real_connect(db_path)
+        conn.set_trace_callback(statements.append)
+        return conn, created
+
+    monkeypatch.setattr(index, "connect", traced)
+    tier = DiskTier(tmp_path / "c", 1 << 30)
+    assert len(tier) == 200 and tier.used_bytes() == 200  # from the totals row
+    assert statements  # (traced)
+    assert not any("entries" in s for s in statements), statements  # no scan, no count
+    tier.close()
+
+
+def test_a_due_statistics_flush_runs_off_the_hit_path(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(access, "FLUSH_MAX_PENDING", 5)
+    tier = DiskTier(tmp_path / "c", 1 << 30)
+    tier.put_many([Fill(f"k/{i}", b"v") for i in range(20)])
+    assert tier._conn is not None
+    writers: list[str] = []
+
+    def note(sql: str) -> None:
+        if sql.lstrip().startswith("UPDATE entries SET last_access"):
+            writers.append(threading.current_thread().name)
+
+    tier._conn.set_trace_callback(note)
+    for i in range(20):
+        assert tier.get(f"k/{i}") == b"v"  # due after 5 pending: pokes the flusher
+    deadline = time.monotonic() + 60
+    while tier._flusher.runs == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert tier._flusher.runs >= 1
+    assert writers and threading.current_thread().name not in writers
+    tier.close()  # stops the thread, writes the rest
+    assert not any(t.name == "zcache-disk-stats" and t.is_alive() for t in threading.enumerate())
+    with sqlite3.connect(tmp_path / "c" / "index.db") as conn:
+        assert conn.execute("SELECT SUM(hits) FROM entries").fetchone()[0] == 20

@@ -2,7 +2,8 @@
 
 A hit must not cost an SQL write: hits are recorded here and written on ``flush``, ``close``,
 before an eviction (so that LRU order is right), about once a second while hits arrive, or when
-:data:`FLUSH_MAX_PENDING` keys are pending.
+:data:`FLUSH_MAX_PENDING` keys are pending. Those last two are written by a thread of their
+own (:mod:`.flusher`): the hit that finds a flush due only pokes it.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from typing import Final
 from xarray_zcache.cache.disk import check, rows
 from xarray_zcache.cache.disk.access import AccessLog
 from xarray_zcache.cache.disk.entry import DiskEntry
+from xarray_zcache.cache.disk.flusher import Flusher
 from xarray_zcache.cache.disk.folder import prepare_folder, same_file
 from xarray_zcache.cache.disk.format import (
     KINDS,
@@ -45,7 +46,7 @@ EVICT_BATCH: Final = 1024
 #: Tombstones older than this are pruned automatically every ``AUTO_PRUNE_EVERY`` stores.
 TOMBSTONE_TTL_S: Final = 3600.0
 AUTO_PRUNE_EVERY: Final = 4096
-#: Busy timeout for opportunistic access-stat flushes triggered from the hit path.
+#: Busy timeout for opportunistic access-stat flushes (hits poke the flusher thread).
 _OPPORTUNISTIC_BUSY_MS: Final = 0
 
 
@@ -80,6 +81,7 @@ class TierCore:
         self._root = str(self.path)
         self._counter_lock = threading.Lock()
         self._access = AccessLog()
+        self._flusher = Flusher(self._flush_in_background)
         self._warn = Warner(self._root)
         self._stores = 0
         # Invalidations that could not be recorded in the index (disk full, I/O error, index
@@ -255,7 +257,7 @@ class TierCore:
                 self._corrupt(key, path, st, problem or "unreadable header")
                 return None
             if self._access.record(key, t):
-                self._flush(blocking=False)
+                self._flusher.poke()  # the index write happens off the hit path
             expires = None if math.isinf(header.expires) else header.expires
             return DiskEntry(payload, kind, expires, header.namespace.decode("utf-8", "replace"))
         return None
@@ -324,6 +326,9 @@ class TierCore:
     def flush(self) -> None:
         """Write pending access statistics (last access, hit counts) to the index."""
         self._flush(blocking=True)
+
+    def _flush_in_background(self) -> None:
+        self._flush(blocking=False)
 
     def _flush(self, *, blocking: bool) -> None:
         lock = self._index.lock

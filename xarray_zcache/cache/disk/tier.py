@@ -2,8 +2,9 @@
 
 :mod:`.format` (payload files), :mod:`.folder` (the folder), :mod:`.schema` and :mod:`.index`
 (the SQLite index and its recovery), :mod:`.rows` (row operations), :mod:`.writes` (the two
-transactions of ``put``), :mod:`.access` (hit statistics), :mod:`.scan` and :mod:`.check`
-(``verify``, ``rebuild_index``), :mod:`.reads` (state and the read path).
+transactions of ``put``), :mod:`.access` and :mod:`.flusher` (hit statistics, written off the
+hit path), :mod:`.scan` and :mod:`.check` (``verify``, ``rebuild_index``), :mod:`.reads`
+(state and the read path).
 """
 
 from __future__ import annotations
@@ -590,6 +591,7 @@ class DiskTier(TierCore, TierInspection):
         """Flush pending access statistics and close the index. Idempotent."""
         if self._closed:
             return
+        self._flusher.stop()
         self._flush(blocking=True)
         with self._index.lock:
             if self._owed_keys or self._owed_prefixes:
@@ -603,6 +605,7 @@ class DiskTier(TierCore, TierInspection):
         Pending access statistics and unrecorded invalidations are dropped: their owner
         stops using the folder.
         """
+        self._flusher.stop()
         with self._index.lock:
             if self._closed:
                 return

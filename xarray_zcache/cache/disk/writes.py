@@ -74,7 +74,9 @@ def commit_rows(
             if fills
             else []
         )
-        sizes = _sizes(conn, [r.key for r in reqs])
+        keys = [r.key for r in reqs]
+        sizes = _lookup(conn, "SELECT key, size FROM entries", keys)
+        tombs = _lookup(conn, "SELECT key, at FROM tombstones", keys)
         total = rows.used(conn)
         out: list[bool] = []
         for n, req in enumerate(reqs):
@@ -82,9 +84,7 @@ def commit_rows(
             if started is not None:
                 if (
                     started < horizon
-                    or conn.execute(
-                        "SELECT 1 FROM tombstones WHERE key = ? AND at > ?", (req.key, started)
-                    ).fetchone()
+                    or tombs.get(req.key, -1) > started
                     or any(at > started and req.key.startswith(p) for p, at in prefixes)
                 ):
                     out.append(False)
@@ -92,6 +92,7 @@ def commit_rows(
             else:
                 # an authoritative write: older in-flight fetches of the key must be refused
                 rows.tombstone(conn, req.key, req.write_ns)
+                tombs[req.key] = max(tombs.get(req.key, -1), req.write_ns)
             old = sizes.get(req.key)
             if old is not None:  # the key's file of either kind: the new row owns the key
                 for path in req.paths:
@@ -102,21 +103,21 @@ def commit_rows(
             if total > capacity:
                 make_space(conn, req.key)
                 total = rows.used(conn)
-                sizes = _sizes(conn, [r.key for r in reqs[n + 1 :]])  # some may be evicted
+                # some may be evicted
+                sizes = _lookup(conn, "SELECT key, size FROM entries", keys[n + 1 :])
             out.append(True)
         return out
 
 
-def _sizes(conn: sqlite3.Connection, keys: list[str]) -> dict[str, int]:
-    """``key -> size`` of the rows of ``keys`` that exist."""
+def _lookup(conn: sqlite3.Connection, select: str, keys: list[str]) -> dict[str, int]:
+    """``key -> value`` of the rows of ``keys`` that exist: ``select`` (``SELECT key, <column>
+    FROM <table>``) with ``WHERE key IN (...)``, one query per 500 keys."""
     found: dict[str, int] = {}
     unique = list(dict.fromkeys(keys))
     for i in range(0, len(unique), 500):
         part = unique[i : i + 500]
         marks = ",".join("?" * len(part))
-        found.update(
-            conn.execute(f"SELECT key, size FROM entries WHERE key IN ({marks})", part).fetchall()
-        )
+        found.update(conn.execute(f"{select} WHERE key IN ({marks})", part).fetchall())
     return found
 
 
@@ -166,7 +167,8 @@ def place_file(conn: sqlite3.Connection, req: PutRequest) -> bool:
     raised.
     """
     with txn(conn):
-        placed = _place_one(conn, req)
+        row = conn.execute("SELECT token FROM entries WHERE key = ?", (req.key,)).fetchone()
+        placed = _place_one(conn, req, None if row is None else row[0])
     if isinstance(placed, OSError):
         raise placed
     return placed
@@ -179,12 +181,13 @@ def place_files(conn: sqlite3.Connection, reqs: Sequence[PutRequest]) -> list[bo
     row is then deleted; the other requests are not affected).
     """
     with txn(conn):
-        return [_place_one(conn, req) for req in reqs]
+        tokens = _lookup(conn, "SELECT key, token FROM entries", [r.key for r in reqs])
+        return [_place_one(conn, req, tokens.get(req.key)) for req in reqs]
 
 
-def _place_one(conn: sqlite3.Connection, req: PutRequest) -> bool | OSError:
-    row = conn.execute("SELECT token FROM entries WHERE key = ?", (req.key,)).fetchone()
-    if row is None or row[0] != req.token:
+def _place_one(conn: sqlite3.Connection, req: PutRequest, token: int | None) -> bool | OSError:
+    """Rename the temp file of ``req`` into place if ``token`` (its row's) is still ours."""
+    if token != req.token:
         return False  # deleted, evicted or overwritten meanwhile
     hooks.fire("before-replace", req.temp, req.final)
     try:
