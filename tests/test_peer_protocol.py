@@ -52,3 +52,31 @@ def test_a_wrong_or_unknown_checksum_is_a_damaged_answer() -> None:
     damaged[5] ^= 1
     assert tier._check({**_reply("crc32c"), "data": bytes(damaged)}, read) is None
     assert tier._check({**_reply("crc32c"), "confirmed": 6.0}, read) is None
+
+
+def _dated(owner_clock: float, confirmed_ago: float) -> dict[str, Any]:
+    """An owner whose clock reads ``owner_clock`` confirmed ``confirmed_ago`` s before."""
+    confirmed, age = owner_clock - confirmed_ago, confirmed_ago
+    return {
+        **_reply("crc32c"),
+        "confirmed": confirmed,
+        "age": age,
+        "crc": answer_crc(DATA, None, confirmed, "crc32c", age),
+    }
+
+
+def test_a_replica_is_dated_on_the_askers_clock_whatever_the_owners_says() -> None:
+    """Worker clocks disagree (no NTP, a paused VM): the owner's clock 1,000 s ahead or
+    behind must neither stretch nor cut a replica's life. The owner sends how long ago
+    it confirmed (its own clock only); the asker dates that from when it asked."""
+    tier, read = _tier(), Read("ns/k", "chunk", "ns")
+    sent = 10_000.0
+    for skew in (+1000.0, -1000.0, 0.0):
+        got = tier._check(_dated(sent + 0.01 + skew, confirmed_ago=3.0), read, sent)
+        assert got is not None and got.confirmed == sent - 3.0
+    # a negative age (a clock stepped back on the owner) counts as confirmed just now
+    got = tier._check(_dated(sent, confirmed_ago=-2.0), read, sent)
+    assert got is not None and got.confirmed == sent
+    # the age is under the checksum too
+    tampered = {**_dated(sent, confirmed_ago=3.0), "age": 0.5}
+    assert tier._check(tampered, read, sent) is None

@@ -23,7 +23,8 @@ class SharedAnswer:
 
     ``saved=False``: the tier read the source for this read (a request was sent,
     counted where it was sent), so the read saved nothing. ``confirmed``: when the
-    answering cache last confirmed the bytes' version at the source (its clock);
+    answering cache last confirmed the bytes' version at the source (on this
+    process's clock: a peer answer is dated from its age, not the owner's clock);
     a replica kept here is served until ``confirmed`` + the validation interval
     at most, then asked for again (None: no validation, the kind's TTL rules).
     """

@@ -150,6 +150,7 @@ class PeerTier:
             read.key,
         )
         t0 = time.perf_counter()
+        sent = time.time()  # (this clock: the owner's answer is dated from it, `_check`)
         try:
             reply = await self._ask(addr, read)
         except Exception as exc:  # gone, slow, refused: the source answers instead
@@ -158,7 +159,7 @@ class PeerTier:
         finally:
             self._release(addr)
             stats.peer_answer(time.perf_counter() - t0)
-        answer = self._check(reply, read)
+        answer = self._check(reply, read, sent)
         if answer is None:
             stats.add("peer_fallbacks")
             status = reply.get("status") if isinstance(reply, dict) else None
@@ -181,11 +182,17 @@ class PeerTier:
             )
         return answer
 
-    def _check(self, reply: Any, read: Read) -> SharedAnswer | None:
+    def _check(self, reply: Any, read: Read, sent: float | None = None) -> SharedAnswer | None:
         """The answer if it is whole and for this key, else ``None`` (a fallback).
 
         Its version, if any, is recorded with the replica (`_record`): a later
         validation here compares it instead of dropping the replica as unverified.
+
+        Its confirmation time is dated on this worker's clock, not the owner's: the
+        owner says how long before answering it confirmed (``age``, measured on its own
+        clock), and the confirmation happened no earlier than ``sent`` (this clock, when
+        the ask left) - ``age``. Worker clocks that disagree (no NTP, a VM paused) then
+        cannot stretch a replica's life past the bound.
         """
         if not isinstance(reply, dict) or reply.get("status") != "ok":
             return None
@@ -194,18 +201,22 @@ class PeerTier:
             return None
         data = bytes(data)
         version, confirmed = reply.get("version"), reply.get("confirmed")
+        age = reply.get("age")
         kind = reply.get("sum", "crc32")
         if (
             not isinstance(version, str | None)
             or not isinstance(confirmed, float | int | None)
+            or not isinstance(age, float | int | None)
             or kind not in CHECKSUMS
             or len(data) != reply.get("length")
-            or answer_crc(data, version, confirmed, kind) != reply.get("crc")
+            or answer_crc(data, version, confirmed, kind, age) != reply.get("crc")
         ):
             logger.warning("xarray-zcache: a peer answered damaged bytes for %r; ignored", read.key)
             return None
         if version is not None:
             self._record(read, version)
+        if confirmed is not None and age is not None and sent is not None:
+            confirmed = sent - max(0.0, float(age))  # (on this clock: see above)
         return SharedAnswer(
             data, bool(reply.get("saved")), None if confirmed is None else float(confirmed)
         )
@@ -338,26 +349,35 @@ class PeerServer:
         if data is None:
             return {"status": "missing"}
         kind = next((k for k in CHECKSUMS if k in sums), "crc32")  # an old asker: CRC-32
+        # how long ago it was confirmed, on this clock alone: the asker dates it on its own
+        age = None if confirmed is None else max(0.0, time.time() - confirmed)
         return {
             "status": "ok",
             "key": key,
             # a frame of its own, not packed into (and copied through) the msgpack header
             "data": to_serialize(data),  # type: ignore[no-untyped-call]
             "length": len(data),
-            "crc": answer_crc(data, version, confirmed, kind),
+            "crc": answer_crc(data, version, confirmed, kind, age),
             "sum": kind,
             "saved": saved,
             "version": version,
             "confirmed": confirmed,
+            "age": age,
         }
 
 
 def answer_crc(
-    data: bytes, version: str | None, confirmed: float | None, kind: str = "crc32"
+    data: bytes,
+    version: str | None,
+    confirmed: float | None,
+    kind: str = "crc32",
+    age: float | None = None,
 ) -> int:
-    """The checksum of an answer (``kind``: one of `CHECKSUMS`): its bytes, their version
-    and its confirmation time."""
+    """The checksum of an answer (``kind``: one of `CHECKSUMS`): its bytes, their version,
+    its confirmation time and that time's age (if the owner sent one)."""
     meta = f"{version}\x00{confirmed!r}".encode()
+    if age is not None:
+        meta += f"\x00{age!r}".encode()
     if kind == "crc32c":
         return int(google_crc32c.extend(google_crc32c.value(data), meta))
     return zlib.crc32(meta, zlib.crc32(data))
