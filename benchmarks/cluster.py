@@ -10,14 +10,13 @@ it must be a disk hit on B, with no S3 request.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import time
 from typing import Any
 
 import numpy as np
-from common import PROBE, VAR, Settings, quiet, request_counts
+from common import PROBE, VAR, Settings, quiet, request_counts, zcache_cluster
 
 
 def _read_probe(url: str, so: dict[str, Any], cfg_dict: dict[str, Any], flush: bool) -> dict:
@@ -59,10 +58,8 @@ def _worker_stats(dask_worker: Any) -> dict[str, Any]:
 def run_cluster(s: Settings, server: Any, workdir: str, data: np.ndarray) -> dict[str, Any]:
     import cloudpickle
     import xarray as xr
-    from distributed import Client, LocalCluster
     from readers import zcache_config
 
-    import xarray_zcache.distributed as zd
     from xarray_zcache import CacheConfig
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -72,17 +69,7 @@ def run_cluster(s: Settings, server: Any, workdir: str, data: np.ndarray) -> dic
     expect = data.mean(axis=(1, 2))
     out: dict[str, Any] = {"workers": s.cluster_workers, "threads_per_worker": s.cluster_threads}
     t0 = time.perf_counter()
-    with (
-        LocalCluster(
-            n_workers=s.cluster_workers,
-            threads_per_worker=s.cluster_threads,
-            processes=True,
-            dashboard_address=None,
-            silence_logs=logging.ERROR,
-        ) as cluster,
-        Client(cluster) as client,
-    ):
-        zd.install(client, cfg)
+    with zcache_cluster(cfg, s.cluster_workers, s.cluster_threads) as client:
         out["startup_seconds"] = time.perf_counter() - t0
         with quiet():
             ds = xr.open_dataset(

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import shutil
 import statistics
@@ -194,21 +193,9 @@ def _measure(
 ) -> None:
     """The passes of one set-up on a fresh cluster, into ``out``."""
     import xarray as xr
-    from distributed import Client, LocalCluster
+    from common import zcache_cluster
 
-    import xarray_zcache.distributed as zd
-
-    with (
-        LocalCluster(
-            n_workers=workers,
-            threads_per_worker=2,
-            processes=True,
-            dashboard_address=None,
-            silence_logs=logging.ERROR,
-        ) as cluster,
-        Client(cluster) as client,
-    ):
-        zd.install(client, cfg)
+    with zcache_cluster(cfg, workers) as client:
         ds = xr.open_dataset(
             url, engine="zcache", chunks={}, storage_options=opts, cache_config=cfg
         )

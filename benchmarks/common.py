@@ -183,3 +183,27 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 
 def median(xs: list[float]) -> float:
     return float(statistics.median(xs)) if xs else float("nan")
+
+
+@contextlib.contextmanager
+def zcache_cluster(cfg: Any, workers: int, threads: int = 2) -> Iterator[Any]:
+    """A `LocalCluster` of ``workers`` processes with the zcache plugin installed
+    (``cfg``); yields its `Client`."""
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    import xarray_zcache.distributed as zd
+
+    with (
+        LocalCluster(
+            n_workers=workers,
+            threads_per_worker=threads,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        zd.install(client, cfg)
+        yield client

@@ -20,7 +20,6 @@ Chunk GETs the server saw during (b) and the peer counters are printed as a chec
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import shutil
 import sys
@@ -104,10 +103,9 @@ def main() -> None:
     p.add_argument("--sizes", nargs="*", default=["64k", "1m"])
     args = p.parse_args()
 
-    from distributed import Client, LocalCluster
+    from common import zcache_cluster
     from s3proc import S3Process
 
-    import xarray_zcache.distributed as zd
     from xarray_zcache import CacheConfig
 
     tmp = tempfile.mkdtemp(prefix="zcache-peer-latency-")
@@ -130,17 +128,7 @@ def main() -> None:
             .with_peer_reads(True)
             ._replace(per_worker=True, report_interval=1.0)
         )
-        with (
-            LocalCluster(
-                n_workers=2,
-                threads_per_worker=2,
-                processes=True,
-                dashboard_address=None,
-                silence_logs=logging.ERROR,
-            ) as cluster,
-            Client(cluster) as client,
-        ):
-            zd.install(client, cfg)
+        with zcache_cluster(cfg, workers=2) as client:
             workers = sorted(client.scheduler_info()["workers"])
             time.sleep(2.0)  # the membership reaches both workers
             for lat, size in cases:
