@@ -323,6 +323,31 @@ def test_sharded_arrays_are_served_per_inner_chunk(
     assert d.decoded_hits > 0 and d.decoded_misses == 0 and d.requests_sent == 0
 
 
+def test_a_partial_shard_read_sends_the_requests_zarr_sends(
+    s3_server: LocalS3Server, s3_bucket: str, s3_options: dict[str, Any], tmp_path: Path
+) -> None:
+    """Inner chunks of one shard are read as zarr reads them: neighbours coalesced into
+    one range (zarr's ``sharding_coalesce_*`` settings), not one GET per inner chunk.
+    Before: 5 GETs (the index + 4 inner chunks) where zarr sends 2."""
+    url = f"s3://{s3_bucket}/ds.zarr"
+    data = _data((64, 64))
+    enc = {"chunks": (8, 64), "shards": (64, 64)}
+    xr.Dataset({"t": (("y", "x"), data)}).to_zarr(
+        url, storage_options=s3_options, zarr_format=3, encoding={"t": enc}
+    )
+    sent = {}
+    for decoded in (0, "8MB"):
+        cfg = _cfg(tmp_path / str(decoded), f"coalesce-{decoded}", decoded=decoded)
+        with _open(url, s3_options, cfg) as ds:
+            gets = s3_server.requests.chunk_gets(s3_bucket)
+            _same(ds.t[0:32].values, data[0:32])  # 4 of the shard's 8 inner chunks
+            sent[decoded] = s3_server.requests.chunk_gets(s3_bucket) - gets
+            gets = s3_server.requests.chunk_gets(s3_bucket)
+            _same(ds.t[0:32].values, data[0:32])
+            assert s3_server.requests.chunk_gets(s3_bucket) == gets  # warm: none
+    assert sent["8MB"] == sent[0] == 2  # the index, then one range of 4 inner chunks
+
+
 def test_variable_chunks_go_to_zarr(tmp_path: Path) -> None:
     inner = MemoryStore()
     with zarr.config.set({"array.rectilinear_chunks": True}):

@@ -94,19 +94,48 @@ async def _shard(
         return [("", None, cs, os) for _, cs, os in items]
     index = await _index(shards, index_bytes)
     ranges = [index.get_chunk_slice(local) for local, _, _ in items]
+    if whole is None:
+        config = shards.spec.config
+        spans = coalesce(
+            [r for r in ranges if r is not None],
+            config.sharding_coalesce_max_gap_bytes,
+            config.sharding_coalesce_max_bytes,
+        )
+        read = await asyncio.gather(
+            *(store.get_bytes(key, RangeByteRequest(*span)) for span in spans)
+        )
+        held = dict(zip(spans, read, strict=True))
 
-    async def part(where: tuple[int, int] | None) -> bytes | None:
+    def part(where: tuple[int, int] | None) -> bytes | None:
         if where is None:
             return None
         if whole is not None:
             return whole[where[0] : where[1]]
-        return await store.get_bytes(key, RangeByteRequest(*where))
+        span = next(sp for sp in held if sp[0] <= where[0] and where[1] <= sp[1])
+        got = held[span]
+        return None if got is None else got[where[0] - span[0] : where[1] - span[0]]
 
-    parts = await asyncio.gather(*(part(r) for r in ranges))
+    parts = [part(r) for r in ranges]
     return [
         ("" if r is None else range_key(ck, RangeByteRequest(*r)), data, cs, os)
         for r, data, (_, cs, os) in zip(ranges, parts, items, strict=True)
     ]
+
+
+def coalesce(ranges: list[tuple[int, int]], max_gap: int, max_bytes: int) -> list[tuple[int, int]]:
+    """Byte ranges covering ``ranges`` (inner chunks of one shard), neighbours merged
+    when the gap between them is at most ``max_gap`` and the merged range at most
+    ``max_bytes`` long: the requests zarr's own sharding codec sends for the same read
+    (its ``sharding_coalesce_*`` settings), so that a cold read costs what it costs
+    without the decoded tier, and a repeated read asks the byte tiers for the same
+    ranges."""
+    spans: list[tuple[int, int]] = []
+    for start, end in sorted(set(ranges)):
+        if spans and start - spans[-1][1] <= max_gap and end - spans[-1][0] <= max_bytes:
+            spans[-1] = (spans[-1][0], max(end, spans[-1][1]))
+        else:
+            spans.append((start, end))
+    return spans
 
 
 def fill_sharded(
