@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -26,7 +25,6 @@ import xarray as xr
 import zarr
 
 from xarray_zcache import CacheConfig, get_cache, open_store
-from xarray_zcache.testing.s3server import LocalS3Server
 
 INTERVAL = 1.0
 MARGIN = 0.6
@@ -137,3 +135,192 @@ def test_metadata_change_under_identical_chunk_bytes(
         got = ds.t.values
         _same(got, expected)
         _same(ds.t.values, expected)
+
+
+# -- 2, 3, 4: another writer rewrites a chunk -----------------------------------------------------
+
+
+@pytest.mark.parametrize("memory", ["32MB", "600B"], ids=["memory", "disk-only"])
+@pytest.mark.parametrize("bytes_", ["same-length", "identical"])
+def test_another_writer_rewrites_a_chunk(
+    s3_bucket: str, s3_options: dict[str, Any], tmp_path: Path, memory: str, bytes_: str
+) -> None:
+    """Uncompressed chunks of 1 KB: a rewrite has the same length (different content) or
+    the very same bytes. ``600B``: the memory tier holds no chunk, the encoded bytes come
+    from the disk tier each time (a new ``bytes`` object, equal content)."""
+    url = f"s3://{s3_bucket}/rw.zarr"
+    data = _data((4, 16, 16))
+    _write(url, s3_options, data, chunks=(1, 16, 16))
+    cfg = _cfg(tmp_path, f"rw-{memory}-{bytes_}", memory=memory)
+    with _open(url, s3_options, cfg) as ds:
+        _same(ds.t.values, data)
+        before = get_cache(cfg).stats()
+        _same(ds.t.values, data)
+        d = get_cache(cfg).stats() - before
+        assert d.decoded_hits == 4 and d.decoded_misses == 0
+        if memory == "600B":
+            s = get_cache(cfg).stats()
+            assert d.total_hits("chunk", "disk") >= 3, (s.memory_capacity, s.memory_used)
+        new = data.copy()
+        new[2] = data[2] if bytes_ == "identical" else data[2][::-1] + 0.5
+        other = zarr.open_array(url, path="t", mode="r+", storage_options=s3_options)
+        other[2] = new[2]
+        assert len(_raw(url, s3_options, "c/2/0/0")) == data[2].nbytes
+        got = ds.t.values  # within the interval: old or new, whole
+        assert np.array_equal(got, data) or np.array_equal(got, new)
+        time.sleep(INTERVAL + MARGIN)
+        for _ in range(3):
+            _same(ds.t.values, new)
+        _same(new, _zarr_values(url, s3_options))
+
+
+# -- 6. fill value changed, a chunk deleted at the source -----------------------------------------
+
+
+@pytest.mark.parametrize("fill_change", [True, False], ids=["new-fill", "same-fill"])
+def test_missing_chunk_takes_the_new_fill_value(
+    s3_bucket: str, s3_options: dict[str, Any], tmp_path: Path, fill_change: bool
+) -> None:
+    import fsspec
+
+    url = f"s3://{s3_bucket}/fill.zarr"
+    data = np.arange(128, dtype="i2").reshape(2, 8, 8)
+    _raw_array(url, s3_options, data, (1, 4, 4), fill_value=-1)
+    cfg = _cfg(tmp_path, f"fill-{fill_change}")
+    with _open(url, s3_options, cfg, mask_and_scale=False) as ds:
+        _same(ds.t.values, data)
+        _same(ds.t.values, data)
+    fill = -9 if fill_change else -1
+    if fill_change:
+        _raw_array(url, s3_options, data, (1, 4, 4), fill_value=fill)
+    fsspec.filesystem("s3", **s3_options).rm(f"{url.removeprefix('s3://')}/t/c/1/1/0")
+    new = data.copy()
+    new[1, 4:, :4] = fill
+    time.sleep(INTERVAL + MARGIN)
+    with _open(url, s3_options, cfg, mask_and_scale=False) as ds:
+        _same(ds.t.values, new)
+        _same(ds.t.values, new)
+        _same(ds.t[1, 3:6, 2:5].values, new[1, 3:6, 2:5])
+    with xr.open_dataset(url, engine="zarr", storage_options=s3_options, mask_and_scale=False) as z:
+        _same(z.t.values, new)
+
+
+# -- 1. another process writes through zcache into the same cache folder --------------------------
+
+_WRITER = """
+import json, sys
+import numpy as np, zarr
+from xarray_zcache import CacheConfig, open_store
+args = json.loads(sys.argv[1])
+cfg = (CacheConfig().with_name("p1").with_memory_size("32MB")
+       .with_disk_cache(args["folder"], "64MB").with_prefetch(0)
+       .with_validation(args["interval"]).with_client("s3fs"))
+store = open_store(args["url"], storage_options=args["opts"], cache_config=cfg, read_only=False)
+arr = zarr.open_array(store, path="t", mode="r+")
+for line in sys.stdin:
+    value = float(line)
+    arr[1, :8, :8] = np.full((8, 8), value, "f4")
+    print("written", flush=True)
+"""
+
+
+def test_another_process_writes_through_zcache(
+    s3_bucket: str, s3_options: dict[str, Any], tmp_path: Path
+) -> None:
+    url = f"s3://{s3_bucket}/proc.zarr"
+    data = _data((4, 16, 16))
+    _write(url, s3_options, data, chunks=(1, 8, 8))
+    cfg = _cfg(tmp_path, "p2")
+    args = {"folder": str(tmp_path / "cache"), "interval": INTERVAL, "url": url, "opts": s3_options}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, json.dumps(args)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        with _open(url, s3_options, cfg) as ds:
+            current = data
+            for value in (5.0, -7.0):
+                _same(ds.t.values, current)
+                _same(ds.t.values, current)  # decoded hits in this process
+                new = current.copy()
+                new[1, :8, :8] = value
+                proc.stdin.write(f"{value}\n")
+                proc.stdin.flush()
+                assert proc.stdout.readline().strip() == "written"
+                written = time.monotonic()
+                seen_new_at = None
+                while time.monotonic() - written < INTERVAL + MARGIN:
+                    got = ds.t.values
+                    if np.array_equal(got, new):
+                        seen_new_at = seen_new_at or time.monotonic() - written
+                    else:  # old values only before the new ones were ever seen
+                        _same(got, current)
+                        assert seen_new_at is None, "old values after the new ones"
+                    time.sleep(0.05)
+                for _ in range(3):
+                    _same(ds.t.values, new)
+                assert seen_new_at is not None  # (within the interval + margin)
+                current = new
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+    assert proc.returncode == 0
+
+
+# -- 7. readers racing a writer through the cache -------------------------------------------------
+
+
+@pytest.mark.parametrize("chunks", [None, {}], ids=["values", "dask"])
+def test_readers_racing_a_writer_see_whole_chunks(
+    s3_bucket: str, s3_options: dict[str, Any], tmp_path: Path, chunks: Any
+) -> None:
+    url = f"s3://{s3_bucket}/race.zarr"
+    base = np.arange(8 * 8, dtype="f8").reshape(8, 8)  # within a chunk: distinct values
+
+    def version(k: int) -> np.ndarray:
+        return np.tile(base, (2, 2, 2)) + 1000.0 * k  # (2, 16, 16), chunks (1, 8, 8)
+
+    _write(url, s3_options, version(0), chunks=(1, 8, 8), compressors=[zarr.codecs.ZstdCodec()])
+    cfg = _cfg(tmp_path, f"race-{chunks}")
+    writer = open_store(url, storage_options=s3_options, cache_config=cfg, read_only=False)
+    arr = zarr.open_array(writer, path="t", mode="r+")
+    last = 40
+    problems: list[str] = []
+    done = threading.Event()
+    with _open(url, s3_options, cfg, chunks=chunks) as ds:
+        _same(ds.t.values, version(0))
+
+        def check(got: np.ndarray) -> None:
+            for i in range(2):
+                for y in (0, 8):
+                    for x in (0, 8):
+                        block = got[i, y : y + 8, x : x + 8]
+                        k = (block[0, 0] - base[0, 0]) / 1000.0
+                        if not (k == int(k) and np.array_equal(block, base + 1000.0 * k)):
+                            problems.append(f"chunk {(i, y, x)} mixed: {np.unique(block // 1000)}")
+
+        def read() -> None:
+            while not done.is_set():
+                check(np.asarray(ds.t.values))
+                check(np.asarray(ds.t[:, ::-1, :][:, ::-1, :].values))
+
+        def write() -> None:
+            try:
+                for k in range(1, last + 1):
+                    arr[...] = version(k)
+            finally:
+                done.set()
+
+        threads = [threading.Thread(target=read) for _ in range(3)]
+        threads.append(threading.Thread(target=write))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not problems, problems[:5]
+        _same(ds.t.values, version(last))
+        _same(ds.t.values, version(last))
+    _same(_zarr_values(url, s3_options), version(last))
