@@ -324,3 +324,145 @@ def test_readers_racing_a_writer_see_whole_chunks(
         _same(ds.t.values, version(last))
         _same(ds.t.values, version(last))
     _same(_zarr_values(url, s3_options), version(last))
+
+
+# -- 8. a sharded array: an inner chunk rewritten by another writer -------------------------------
+
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["raw", "zstd"])
+def test_sharded_inner_chunk_rewritten_by_another_writer(
+    s3_bucket: str, s3_options: dict[str, Any], tmp_path: Path, compressed: bool
+) -> None:
+    url = f"s3://{s3_bucket}/shard.zarr"
+    data = _data((4, 16, 16))
+    enc: dict[str, Any] = {"chunks": (1, 8, 8), "shards": (2, 16, 16)}
+    enc["compressors"] = [zarr.codecs.ZstdCodec()] if compressed else None
+    _write(url, s3_options, data, **enc)
+    cfg = _cfg(tmp_path, f"shard-{compressed}")
+
+    def reads(ds: xr.Dataset) -> list[np.ndarray]:
+        t = ds.t
+        return [
+            t[1, :8, 8:].values,  # one inner chunk: the index, then its range
+            t[0:2, 4:12, 4:12].values,  # four inner chunks of two shards... of one shard
+            t[:, ::-1, ::3].values,
+            t.values,  # whole shards
+        ]
+
+    def expect(a: np.ndarray) -> list[np.ndarray]:
+        return [a[1, :8, 8:], a[0:2, 4:12, 4:12], a[:, ::-1, ::3], a]
+
+    with _open(url, s3_options, cfg) as ds:
+        for _ in range(2):
+            for got, want in zip(reads(ds), expect(data), strict=True):
+                _same(got, want)
+        assert get_cache(cfg).stats().decoded_hits > 0
+        new = data.copy()
+        new[1, :8, 8:] = data[0, 8:, :8] * -1.0  # the same length raw; its neighbours kept
+        new[0, 8:, :8] = data[1, :8, 8:]  # two inner chunks swap places (raw: same ranges)
+        other = zarr.open_array(url, path="t", mode="r+", storage_options=s3_options)
+        other[0:2] = new[0:2]
+        time.sleep(INTERVAL + MARGIN)
+        for _ in range(2):
+            for got, want in zip(reads(ds), expect(new), strict=True):
+                _same(got, want)
+    _same(_zarr_values(url, s3_options), new)
+
+
+# -- 9. the decoded tier stays within its bound ---------------------------------------------------
+
+
+def test_decoded_tier_stays_bounded_under_many_arrays(
+    s3_bucket: str, s3_options: dict[str, Any], tmp_path: Path
+) -> None:
+    url = f"s3://{s3_bucket}/many.zarr"
+    rng = np.random.default_rng(3)
+    vars_ = {f"v{i}": rng.normal(size=(4, 16, 16)).astype("f4") for i in range(24)}
+    big = rng.normal(size=(1, 128, 128)).astype("f8")  # one chunk of 128 KB: never admitted
+    ds0 = xr.Dataset({k: (("time", "y", "x"), v) for k, v in vars_.items()})
+    ds0["big"] = (("one", "yy", "xx"), big)
+    enc = {k: {"chunks": (1, 16, 16), "compressors": None} for k in vars_}
+    ds0.to_zarr(url, storage_options=s3_options, zarr_format=3, encoding=enc, mode="w")
+    cfg = _cfg(tmp_path, "bounded").with_decoded_memory_size("40KB")
+    problems: list[str] = []
+    with _open(url, s3_options, cfg) as ds:
+        cache = get_cache(cfg)
+        cap = cache.stats().decoded_capacity
+        assert 0 < cap <= 40 * 1024
+
+        def hammer(seed: int) -> None:
+            r = np.random.default_rng(seed)
+            for _ in range(60):
+                name = f"v{r.integers(24)}"
+                i = int(r.integers(4))
+                if not np.array_equal(ds[name][i, ::-1].values, vars_[name][i, ::-1]):
+                    problems.append(name)
+                s = cache.stats()
+                if s.decoded_used > s.decoded_capacity:
+                    problems.append(f"used {s.decoded_used} > {s.decoded_capacity}")
+            if not np.array_equal(ds.big.values, big):
+                problems.append("big")
+
+        threads = [threading.Thread(target=hammer, args=(s,)) for s in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        s = cache.stats()
+    assert not problems, problems[:5]
+    assert 0 < s.decoded_used <= s.decoded_capacity
+    assert s.decoded_evictions > 0 and s.decoded_hits > 0
+
+
+# -- 10. selections of the backend equal zarr's own reads -----------------------------------------
+
+
+def test_selections_equal_zarrs_own_reads(
+    s3_bucket: str, s3_options: dict[str, Any], tmp_path: Path
+) -> None:
+    url = f"s3://{s3_bucket}/sel.zarr"
+    rng = np.random.default_rng(11)
+    shape = (5, 13, 11)
+    ds0 = xr.Dataset(
+        {
+            "f": (("time", "y", "x"), rng.normal(size=shape).astype("f8")),
+            "i": (("time", "y", "x"), rng.integers(-1000, 1000, shape).astype("i4")),
+            "b": (("time", "y", "x"), rng.integers(0, 2, shape).astype(bool)),
+            "u": (("time", "y", "x"), rng.integers(0, 200, shape).astype("u1")),
+        },
+        coords={"y": np.arange(13) * 10.0, "x": np.arange(11) * -2},
+    )
+    enc = {
+        "f": {"chunks": (2, 4, 3)},
+        "i": {"chunks": (1, 5, 4), "compressors": None},
+        "b": {"chunks": (3, 3, 3)},
+        "u": {"chunks": (2, 13, 2), "fill_value": 7, "write_empty_chunks": False},
+    }
+    ds0["u"][1:3, :, 0:4] = 7  # chunks of the fill value only: missing at the source
+    ds0.to_zarr(url, storage_options=s3_options, zarr_format=3, encoding=enc, mode="w")
+    mask = rng.integers(0, 2, 13).astype(bool)
+    sels: list[Any] = [
+        lambda d: d,
+        lambda d: d.isel(y=slice(None, None, -1)),
+        lambda d: d.isel(time=slice(4, 0, -2), x=slice(-1, None, -3)),
+        lambda d: d.isel(y=[12, 0, 5, 5, 3], x=[10, 1]),
+        lambda d: d.isel(y=mask),
+        lambda d: d.isel(time=-1, y=mask, x=slice(9, 2, -1)),
+        lambda d: d.isel(time=2, y=7, x=3),
+        lambda d: d.sel(y=slice(100.0, 20.0, -2)),
+        lambda d: d.sel(x=slice(-2, -16), y=[30.0, 0.0]),
+        lambda d: d.isel(x=slice(3, 3)),
+        lambda d: d.isel(y=np.array([], dtype=int)),
+    ]
+    cfg = _cfg(tmp_path, "sel", validation="never")
+    with xr.open_dataset(url, engine="zarr", storage_options=s3_options, chunks=None) as z:
+        want = [{v: np.asarray(sel(z)[v].values) for v in ds0.data_vars} for sel in sels]
+    for chunks in (None, {}):
+        with _open(url, s3_options, cfg, chunks=chunks) as ds:
+            for _ in range(2):  # cold, then decoded hits
+                for n, sel in enumerate(sels):
+                    for v in ds0.data_vars:
+                        got = np.asarray(sel(ds)[v].values)
+                        assert got.dtype == want[n][v].dtype, (n, v)
+                        np.testing.assert_array_equal(got, want[n][v], err_msg=f"sel {n} {v}")
+    assert get_cache(cfg).stats().decoded_hits > 0
