@@ -79,17 +79,22 @@ def _raw_array(
     url: str, opts: dict[str, Any], data: np.ndarray, chunks: tuple[int, ...], **kw: Any
 ) -> None:
     """``data`` as array ``t`` of a fresh zarr v3 group, written by plain zarr (no zcache)."""
-    root = zarr.open_group(url, mode="w", storage_options=opts, zarr_format=3)
+    v2 = kw.pop("zarr_format", 3) == 2
+    root = zarr.open_group(url, mode="w", storage_options=opts, zarr_format=2 if v2 else 3)
+    dims = ("time", "y", "x")[: data.ndim]
+    if not v2:
+        kw["dimension_names"] = dims
     arr = root.create_array(
         "t",
         shape=data.shape,
         dtype=data.dtype,
         chunks=chunks,
         compressors=None,
-        dimension_names=("time", "y", "x")[: data.ndim],
-        fill_value=kw.pop("fill_value", 0),
+        fill_value=kw.pop("fill_value", None if v2 else 0),
         **kw,
     )
+    if v2:
+        arr.attrs["_ARRAY_DIMENSIONS"] = list(dims)
     arr[...] = data
 
 
@@ -100,22 +105,23 @@ def _raw(url: str, opts: dict[str, Any], key: str) -> bytes:
     return bytes(fs.cat_file(f"{url.removeprefix('s3://')}/t/{key}"))
 
 
-@pytest.mark.parametrize("change", ["dtype", "endian", "chunk-shape"])
+@pytest.mark.parametrize("change", ["dtype", "endian", "chunk-shape", "v2-dtype"])
 def test_metadata_change_under_identical_chunk_bytes(
     s3_bucket: str, s3_options: dict[str, Any], tmp_path: Path, change: str
 ) -> None:
     url = f"s3://{s3_bucket}/meta-{change}.zarr"
     old = np.arange(64, dtype="<i4").reshape(1, 8, 8) * 1000 + 1
-    _raw_array(url, s3_options, old, (1, 4, 4))
+    fmt = 2 if change.startswith("v2") else 3
+    _raw_array(url, s3_options, old, (1, 4, 4), zarr_format=fmt)
     cfg = _cfg(tmp_path, f"meta-{change}")
     with _open(url, s3_options, cfg) as ds:
         _same(ds.t.values, old)
         _same(ds.t.values, old)  # decoded entries now
     assert get_cache(cfg).stats().decoded_hits > 0
     # the other writer: the same chunk keys, byte-identical chunk objects, new metadata
-    if change == "dtype":
+    if change in ("dtype", "v2-dtype"):
         new = old.view("<f4")
-        _raw_array(url, s3_options, new, (1, 4, 4))
+        _raw_array(url, s3_options, new, (1, 4, 4), zarr_format=fmt)
     elif change == "endian":
         new = old.byteswap()  # its big-endian encoding: the bytes of ``old`` little-endian
         big = zarr.codecs.BytesCodec(endian="big")
@@ -224,13 +230,14 @@ for line in sys.stdin:
 """
 
 
+@pytest.mark.parametrize("memory", ["32MB", "600B"], ids=["memory", "disk-only"])
 def test_another_process_writes_through_zcache(
-    s3_bucket: str, s3_options: dict[str, Any], tmp_path: Path
+    s3_bucket: str, s3_options: dict[str, Any], tmp_path: Path, memory: str
 ) -> None:
     url = f"s3://{s3_bucket}/proc.zarr"
     data = _data((4, 16, 16))
-    _write(url, s3_options, data, chunks=(1, 8, 8))
-    cfg = _cfg(tmp_path, "p2")
+    _write(url, s3_options, data, chunks=(1, 8, 8) if memory == "32MB" else (1, 16, 16))
+    cfg = _cfg(tmp_path, f"p2-{memory}", memory=memory)
     args = {"folder": str(tmp_path / "cache"), "interval": INTERVAL, "url": url, "opts": s3_options}
     proc = subprocess.Popen(
         [sys.executable, "-c", _WRITER, json.dumps(args)],
@@ -466,3 +473,66 @@ def test_selections_equal_zarrs_own_reads(
                         assert got.dtype == want[n][v].dtype, (n, v)
                         np.testing.assert_array_equal(got, want[n][v], err_msg=f"sel {n} {v}")
     assert get_cache(cfg).stats().decoded_hits > 0
+
+
+# -- 8b. a partial shard read within the interval: a cached index, an uncached inner chunk -------
+
+
+def test_partial_shard_read_never_mixes_an_old_index_with_new_bytes(
+    s3_bucket: str, s3_options: dict[str, Any], tmp_path: Path
+) -> None:
+    """The shard's index (and inner chunk A) are cached; another writer rewrites the shard
+    (compressed: every inner chunk moves); inner chunk B, never read, is read within the
+    interval: its byte range from the old index must not be cut from the new shard."""
+    url = f"s3://{s3_bucket}/mix.zarr"
+    rng = np.random.default_rng(5)
+    data = rng.integers(0, 50, (2, 16, 16)).astype("i4")  # compressible, sizes vary
+    enc = {"chunks": (1, 8, 8), "shards": (2, 16, 16), "compressors": [zarr.codecs.ZstdCodec()]}
+    _write(url, s3_options, data, **enc)
+    cfg = _cfg(tmp_path, "mix", validation=30)  # the interval does not pass in this test
+    with _open(url, s3_options, cfg) as ds:
+        _same(ds.t[0, :8, :8].values, data[0, :8, :8])  # the index and inner chunk A
+        _same(ds.t[0, :8, :8].values, data[0, :8, :8])
+        new = rng.integers(0, 5000, (2, 16, 16)).astype("i4")  # other sizes
+        other = zarr.open_array(url, path="t", mode="r+", storage_options=s3_options)
+        other[...] = new
+        for sel in (np.s_[1, 8:, 8:], np.s_[0, :8, 8:], np.s_[:, 4:12, 4:12], np.s_[...]):
+            got = ds.t[sel].values
+            assert np.array_equal(got, data[sel]) or np.array_equal(got, new[sel]), sel
+    _same(_zarr_values(url, s3_options), new)
+
+
+# -- 10b. zarr v2: big-endian, Fortran order; values handed out are copies ------------------------
+
+
+def test_v2_big_endian_fortran_and_mutating_results(
+    s3_bucket: str, s3_options: dict[str, Any], tmp_path: Path
+) -> None:
+    url = f"s3://{s3_bucket}/v2.zarr"
+    rng = np.random.default_rng(2)
+    root = zarr.open_group(url, mode="w", storage_options=s3_options, zarr_format=2)
+    values = {}
+    for name, dtype, order in (("be", ">f8", "C"), ("fo", "<i8", "F"), ("bf", ">i2", "F")):
+        a = rng.integers(-300, 300, (3, 7, 5)).astype(dtype)
+        arr = root.create_array(
+            name, shape=a.shape, dtype=dtype, chunks=(2, 3, 4), order=order, fill_value=None
+        )
+        arr.attrs["_ARRAY_DIMENSIONS"] = ["time", "y", "x"]
+        arr[...] = a
+        values[name] = a
+    zarr.consolidate_metadata(root.store)
+    cfg = _cfg(tmp_path, "v2", validation="never")
+    sels = [np.s_[...], np.s_[::-1, 1:6, ::-2], np.s_[2, :, 3]]
+    with xr.open_dataset(url, engine="zarr", storage_options=s3_options, chunks=None) as z:
+        want = {(n, i): np.asarray(z[n][s].values) for n in values for i, s in enumerate(sels)}
+    with _open(url, s3_options, cfg) as ds:
+        for _ in range(2):
+            for n in values:
+                for i, s in enumerate(sels):
+                    got = np.asarray(ds[n][s].values)
+                    assert got.dtype == want[n, i].dtype, (n, got.dtype, want[n, i].dtype)
+                    np.testing.assert_array_equal(got, want[n, i], err_msg=f"{n} {s}")
+                    np.testing.assert_array_equal(got, values[n][s])
+                    if got.ndim and got.flags.writeable:
+                        got[...] = 0  # must not reach the decoded arrays
+        assert get_cache(cfg).stats().decoded_hits > 0
