@@ -27,7 +27,7 @@ import zarr
 from xarray_zcache import CacheConfig, get_cache, open_store
 
 INTERVAL = 1.0
-MARGIN = 0.6
+MARGIN = 0.5
 
 
 def _cfg(
@@ -105,49 +105,60 @@ def _raw(url: str, opts: dict[str, Any], key: str) -> bytes:
     return bytes(fs.cat_file(f"{url.removeprefix('s3://')}/t/{key}"))
 
 
-@pytest.mark.parametrize("change", ["dtype", "endian", "chunk-shape", "v2-dtype"])
+_CHANGES = ("dtype", "endian", "chunk-shape", "v2-dtype")
+
+
 def test_metadata_change_under_identical_chunk_bytes(
-    s3_bucket: str, s3_options: dict[str, Any], tmp_path: Path, change: str
+    s3_bucket: str, s3_options: dict[str, Any], tmp_path: Path
 ) -> None:
-    url = f"s3://{s3_bucket}/meta-{change}.zarr"
+    """Another writer rewrites the array at the same path with new metadata whose chunk
+    objects are byte for byte the old ones: int32 -> float32 (v3 and v2), little ->
+    big endian, chunks 4x4 -> 2x8. The old decoded arrays must not be served (before the
+    fix: int values cast to float, unswapped ints, a broadcast error)."""
     old = np.arange(64, dtype="<i4").reshape(1, 8, 8) * 1000 + 1
-    fmt = 2 if change.startswith("v2") else 3
-    _raw_array(url, s3_options, old, (1, 4, 4), zarr_format=fmt)
-    cfg = _cfg(tmp_path, f"meta-{change}")
-    with _open(url, s3_options, cfg) as ds:
-        _same(ds.t.values, old)
-        _same(ds.t.values, old)  # decoded entries now
-    assert get_cache(cfg).stats().decoded_hits > 0
-    # the other writer: the same chunk keys, byte-identical chunk objects, new metadata
-    if change in ("dtype", "v2-dtype"):
-        new = old.view("<f4")
-        _raw_array(url, s3_options, new, (1, 4, 4), zarr_format=fmt)
-    elif change == "endian":
-        new = old.byteswap()  # its big-endian encoding: the bytes of ``old`` little-endian
-        big = zarr.codecs.BytesCodec(endian="big")
-        _raw_array(url, s3_options, new, (1, 4, 4), serializer=big)
-    else:  # chunks of 4x4 -> 2x8, and chunks c/0/0/0, c/0/1/0 hold the same 64 bytes
-        new = old.copy() + 7
-        new[0, 0:2, :] = old[0, 0:4, 0:4].reshape(2, 8)
-        new[0, 2:4, :] = old[0, 4:8, 0:4].reshape(2, 8)
-        _raw_array(url, s3_options, new, (1, 2, 8))
-    expected = _zarr_values(url, s3_options)
-    _same(expected.astype(new.dtype), new)
-    if change == "chunk-shape":  # the test's premise: identical chunk objects
-        for key in ("c/0/0/0", "c/0/1/0"):
-            assert _raw(url, s3_options, key) == old[0, 0:4, 0:4].tobytes() or key != "c/0/0/0"
+    cfg = _cfg(tmp_path, "meta")
+    url = {c: f"s3://{s3_bucket}/meta-{c}.zarr" for c in _CHANGES}
+    fmt = {c: 2 if c.startswith("v2") else 3 for c in _CHANGES}
+    for c in _CHANGES:
+        _raw_array(url[c], s3_options, old, (1, 4, 4), zarr_format=fmt[c])
+        with _open(url[c], s3_options, cfg) as ds:
+            _same(ds.t.values, old)
+            _same(ds.t.values, old)  # decoded entries now
+    assert get_cache(cfg).stats().decoded_hits == 4 * len(_CHANGES)
+    expected = {}
+    for c in _CHANGES:  # the same chunk keys, byte-identical chunk objects, new metadata
+        if c in ("dtype", "v2-dtype"):
+            new = old.view("<f4")
+            _raw_array(url[c], s3_options, new, (1, 4, 4), zarr_format=fmt[c])
+        elif c == "endian":
+            new = old.byteswap()  # its big-endian encoding: the bytes of ``old`` little-endian
+            big = zarr.codecs.BytesCodec(endian="big")
+            _raw_array(url[c], s3_options, new, (1, 4, 4), serializer=big)
+        else:  # chunks c/0/0/0 and c/0/1/0 hold the same 64 bytes as before
+            new = old.copy() + 7
+            new[0, 0:2, :] = old[0, 0:4, 0:4].reshape(2, 8)
+            new[0, 2:4, :] = old[0, 4:8, 0:4].reshape(2, 8)
+            _raw_array(url[c], s3_options, new, (1, 2, 8))
+        first = "c/0/0/0" if fmt[c] == 3 else "0.0.0"
+        assert _raw(url[c], s3_options, first) == old[0, 0:4, 0:4].tobytes()  # the premise
+        expected[c] = _zarr_values(url[c], s3_options)
+        _same(expected[c].astype(new.dtype), new)
     time.sleep(INTERVAL + MARGIN)
-    with _open(url, s3_options, cfg) as ds:
-        got = ds.t.values
-        _same(got, expected)
-        _same(ds.t.values, expected)
+    for c in _CHANGES:
+        with _open(url[c], s3_options, cfg) as ds:
+            _same(ds.t.values, expected[c])
+            _same(ds.t.values, expected[c])
+            _same(ds.t[0, 1:7, ::-3].values, expected[c][0, 1:7, ::-3])
 
 
 # -- 2, 3, 4: another writer rewrites a chunk -----------------------------------------------------
 
 
-@pytest.mark.parametrize("memory", ["32MB", "600B"], ids=["memory", "disk-only"])
-@pytest.mark.parametrize("bytes_", ["same-length", "identical"])
+@pytest.mark.parametrize(
+    ("memory", "bytes_"),
+    [("32MB", "same-length"), ("600B", "same-length"), ("32MB", "identical")],
+    ids=["same-length", "same-length-disk-only", "identical"],
+)
 def test_another_writer_rewrites_a_chunk(
     s3_bucket: str, s3_options: dict[str, Any], tmp_path: Path, memory: str, bytes_: str
 ) -> None:
@@ -183,22 +194,20 @@ def test_another_writer_rewrites_a_chunk(
 # -- 6. fill value changed, a chunk deleted at the source -----------------------------------------
 
 
-@pytest.mark.parametrize("fill_change", [True, False], ids=["new-fill", "same-fill"])
 def test_missing_chunk_takes_the_new_fill_value(
-    s3_bucket: str, s3_options: dict[str, Any], tmp_path: Path, fill_change: bool
+    s3_bucket: str, s3_options: dict[str, Any], tmp_path: Path
 ) -> None:
     import fsspec
 
     url = f"s3://{s3_bucket}/fill.zarr"
     data = np.arange(128, dtype="i2").reshape(2, 8, 8)
     _raw_array(url, s3_options, data, (1, 4, 4), fill_value=-1)
-    cfg = _cfg(tmp_path, f"fill-{fill_change}")
+    cfg = _cfg(tmp_path, "fill")
     with _open(url, s3_options, cfg, mask_and_scale=False) as ds:
         _same(ds.t.values, data)
         _same(ds.t.values, data)
-    fill = -9 if fill_change else -1
-    if fill_change:
-        _raw_array(url, s3_options, data, (1, 4, 4), fill_value=fill)
+    fill = -9
+    _raw_array(url, s3_options, data, (1, 4, 4), fill_value=fill)
     fsspec.filesystem("s3", **s3_options).rm(f"{url.removeprefix('s3://')}/t/c/1/1/0")
     new = data.copy()
     new[1, 4:, :4] = fill
@@ -249,7 +258,7 @@ def test_another_process_writes_through_zcache(
     try:
         with _open(url, s3_options, cfg) as ds:
             current = data
-            for value in (5.0, -7.0):
+            for value in (5.0,):
                 _same(ds.t.values, current)
                 _same(ds.t.values, current)  # decoded hits in this process
                 new = current.copy()
@@ -294,7 +303,7 @@ def test_readers_racing_a_writer_see_whole_chunks(
     cfg = _cfg(tmp_path, f"race-{chunks}")
     writer = open_store(url, storage_options=s3_options, cache_config=cfg, read_only=False)
     arr = zarr.open_array(writer, path="t", mode="r+")
-    last = 40
+    last = 10
     problems: list[str] = []
     done = threading.Event()
     with _open(url, s3_options, cfg, chunks=chunks) as ds:
@@ -399,7 +408,7 @@ def test_decoded_tier_stays_bounded_under_many_arrays(
 
         def hammer(seed: int) -> None:
             r = np.random.default_rng(seed)
-            for _ in range(60):
+            for _ in range(20):
                 name = f"v{r.integers(24)}"
                 i = int(r.integers(4))
                 if not np.array_equal(ds[name][i, ::-1].values, vars_[name][i, ::-1]):
@@ -466,8 +475,9 @@ def test_selections_equal_zarrs_own_reads(
         want = [{v: np.asarray(sel(z)[v].values) for v in ds0.data_vars} for sel in sels]
     for chunks in (None, {}):
         with _open(url, s3_options, cfg, chunks=chunks) as ds:
-            for _ in range(2):  # cold, then decoded hits
-                for n, sel in enumerate(sels):
+            for _ in range(2 if chunks is None else 1):  # cold, then decoded hits
+                for n, sel in enumerate(sels if chunks is None else sels[1:9:2]):
+                    n = n if chunks is None else 1 + 2 * n
                     for v in ds0.data_vars:
                         got = np.asarray(sel(ds)[v].values)
                         assert got.dtype == want[n][v].dtype, (n, v)
