@@ -225,6 +225,7 @@ def test_missing_chunk_takes_the_new_fill_value(
 _WRITER = """
 import json, sys
 import numpy as np, zarr
+from zarr.core.sync import sync
 from xarray_zcache import CacheConfig, open_store
 args = json.loads(sys.argv[1])
 cfg = (CacheConfig().with_name("p1").with_memory_size("32MB")
@@ -233,8 +234,10 @@ cfg = (CacheConfig().with_name("p1").with_memory_size("32MB")
 store = open_store(args["url"], storage_options=args["opts"], cache_config=cfg, read_only=False)
 arr = zarr.open_array(store, path="t", mode="r+")
 for line in sys.stdin:
-    value = float(line)
-    arr[1, :8, :8] = np.full((8, 8), value, "f4")
+    if line.strip() == "delete":
+        sync(store.delete("t/c/2/0/0"))
+    else:
+        arr[1, :8, :8] = np.full((8, 8), float(line), "f4")
     print("written", flush=True)
 """
 
@@ -258,11 +261,15 @@ def test_another_process_writes_through_zcache(
     try:
         with _open(url, s3_options, cfg) as ds:
             current = data
-            for value in (5.0,):
+            for value in ("5.0", "delete"):
                 _same(ds.t.values, current)
                 _same(ds.t.values, current)  # decoded hits in this process
                 new = current.copy()
-                new[1, :8, :8] = value
+                if value == "delete":  # the chunk at the source gone: the fill value (NaN)
+                    side = 8 if memory == "32MB" else 16  # the chunk c/2/0/0
+                    new[2, :side, :side] = np.nan
+                else:
+                    new[1, :8, :8] = float(value)
                 proc.stdin.write(f"{value}\n")
                 proc.stdin.flush()
                 assert proc.stdout.readline().strip() == "written"
@@ -270,7 +277,7 @@ def test_another_process_writes_through_zcache(
                 seen_new_at = None
                 while time.monotonic() - written < INTERVAL + MARGIN:
                     got = ds.t.values
-                    if np.array_equal(got, new):
+                    if np.array_equal(got, new, equal_nan=True):
                         seen_new_at = seen_new_at or time.monotonic() - written
                     else:  # old values only before the new ones were ever seen
                         _same(got, current)
@@ -289,10 +296,17 @@ def test_another_process_writes_through_zcache(
 # -- 7. readers racing a writer through the cache -------------------------------------------------
 
 
-@pytest.mark.parametrize("chunks", [None, {}], ids=["values", "dask"])
+@pytest.mark.parametrize(
+    ("chunks", "memory"),
+    [(None, "32MB"), ({}, "32MB"), (None, "100B")],
+    ids=["values", "dask", "values-disk-only"],
+)
 def test_readers_racing_a_writer_see_whole_chunks(
-    s3_bucket: str, s3_options: dict[str, Any], tmp_path: Path, chunks: Any
+    s3_bucket: str, s3_options: dict[str, Any], tmp_path: Path, chunks: Any, memory: str
 ) -> None:
+    """``100B``: no chunk fits the memory tier; the bytes come from the disk tier, whose
+    writer runs behind (and yields to reads): an old version landing on disk after a
+    newer write would be served."""
     url = f"s3://{s3_bucket}/race.zarr"
     base = np.arange(8 * 8, dtype="f8").reshape(8, 8)  # within a chunk: distinct values
 
@@ -300,7 +314,7 @@ def test_readers_racing_a_writer_see_whole_chunks(
         return np.tile(base, (2, 2, 2)) + 1000.0 * k  # (2, 16, 16), chunks (1, 8, 8)
 
     _write(url, s3_options, version(0), chunks=(1, 8, 8), compressors=[zarr.codecs.ZstdCodec()])
-    cfg = _cfg(tmp_path, f"race-{chunks}")
+    cfg = _cfg(tmp_path, f"race-{chunks}-{memory}", memory=memory)
     writer = open_store(url, storage_options=s3_options, cache_config=cfg, read_only=False)
     arr = zarr.open_array(writer, path="t", mode="r+")
     last = 10
