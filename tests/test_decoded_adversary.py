@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numcodecs
 import numpy as np
 import pytest
 import xarray as xr
@@ -89,7 +90,7 @@ def _raw_array(
         shape=data.shape,
         dtype=data.dtype,
         chunks=chunks,
-        compressors=None,
+        compressors=kw.pop("compressors", None),
         fill_value=kw.pop("fill_value", None if v2 else 0),
         **kw,
     )
@@ -105,7 +106,7 @@ def _raw(url: str, opts: dict[str, Any], key: str) -> bytes:
     return bytes(fs.cat_file(f"{url.removeprefix('s3://')}/t/{key}"))
 
 
-_CHANGES = ("dtype", "endian", "chunk-shape", "v2-dtype")
+_CHANGES = ("dtype", "endian", "chunk-shape", "v2-dtype", "codec")
 
 
 def test_metadata_change_under_identical_chunk_bytes(
@@ -113,14 +114,16 @@ def test_metadata_change_under_identical_chunk_bytes(
 ) -> None:
     """Another writer rewrites the array at the same path with new metadata whose chunk
     objects are byte for byte the old ones: int32 -> float32 (v3 and v2), little ->
-    big endian, chunks 4x4 -> 2x8. The old decoded arrays must not be served (before the
-    fix: int values cast to float, unswapped ints, a broadcast error)."""
+    big endian, chunks 4x4 -> 2x8 (and zstd -> no compressor, other bytes). The old
+    decoded arrays must not be served (before the fix: int values cast to float,
+    unswapped ints, a broadcast error)."""
     old = np.arange(64, dtype="<i4").reshape(1, 8, 8) * 1000 + 1
     cfg = _cfg(tmp_path, "meta")
     url = {c: f"s3://{s3_bucket}/meta-{c}.zarr" for c in _CHANGES}
     fmt = {c: 2 if c.startswith("v2") else 3 for c in _CHANGES}
     for c in _CHANGES:
-        _raw_array(url[c], s3_options, old, (1, 4, 4), zarr_format=fmt[c])
+        zstd = [zarr.codecs.ZstdCodec()] if c == "codec" else None
+        _raw_array(url[c], s3_options, old, (1, 4, 4), zarr_format=fmt[c], compressors=zstd)
         with _open(url[c], s3_options, cfg) as ds:
             _same(ds.t.values, old)
             _same(ds.t.values, old)  # decoded entries now
@@ -134,13 +137,17 @@ def test_metadata_change_under_identical_chunk_bytes(
             new = old.byteswap()  # its big-endian encoding: the bytes of ``old`` little-endian
             big = zarr.codecs.BytesCodec(endian="big")
             _raw_array(url[c], s3_options, new, (1, 4, 4), serializer=big)
+        elif c == "codec":  # zstd -> no compressor (other bytes: a plain miss)
+            new = old * -3
+            _raw_array(url[c], s3_options, new, (1, 4, 4))
         else:  # chunks c/0/0/0 and c/0/1/0 hold the same 64 bytes as before
             new = old.copy() + 7
             new[0, 0:2, :] = old[0, 0:4, 0:4].reshape(2, 8)
             new[0, 2:4, :] = old[0, 4:8, 0:4].reshape(2, 8)
             _raw_array(url[c], s3_options, new, (1, 2, 8))
         first = "c/0/0/0" if fmt[c] == 3 else "0.0.0"
-        assert _raw(url[c], s3_options, first) == old[0, 0:4, 0:4].tobytes()  # the premise
+        if c != "codec":  # the premise: the very same chunk bytes
+            assert _raw(url[c], s3_options, first) == old[0, 0:4, 0:4].tobytes()
         expected[c] = _zarr_values(url[c], s3_options)
         _same(expected[c].astype(new.dtype), new)
     time.sleep(INTERVAL + MARGIN)
@@ -536,13 +543,33 @@ def test_v2_big_endian_fortran_and_mutating_results(
     rng = np.random.default_rng(2)
     root = zarr.open_group(url, mode="w", storage_options=s3_options, zarr_format=2)
     values = {}
-    for name, dtype, order in (("be", ">f8", "C"), ("fo", "<i8", "F"), ("bf", ">i2", "F")):
+    delta = [numcodecs.Delta(dtype="<i8")]
+    scale = [numcodecs.FixedScaleOffset(offset=0, scale=10, dtype="<f8", astype="<i4")]
+    for name, dtype, order, filters in (
+        ("be", ">f8", "C", None),
+        ("fo", "<i8", "F", None),
+        ("bf", ">i2", "F", None),
+        ("de", "<i8", "C", delta),  # numcodecs filters: zarr's V2Codec decodes them
+        ("sc", "<f8", "F", scale),
+        ("mi", "<u2", "C", None),  # no fill value, chunks missing at the source
+    ):
         a = rng.integers(-300, 300, (3, 7, 5)).astype(dtype)
         arr = root.create_array(
-            name, shape=a.shape, dtype=dtype, chunks=(2, 3, 4), order=order, fill_value=None
+            name,
+            shape=a.shape,
+            dtype=dtype,
+            chunks=(2, 3, 4),
+            order=order,
+            fill_value=None,
+            filters=filters,
+            compressors=numcodecs.Zlib(level=1),
         )
         arr.attrs["_ARRAY_DIMENSIONS"] = ["time", "y", "x"]
-        arr[...] = a
+        if name == "mi":
+            arr[0:2, 0:3] = a[0:2, 0:3]
+            a[:, 3:] = a[2:, :] = 0  # zarr's default for no fill value
+        else:
+            arr[...] = a
         values[name] = a
     zarr.consolidate_metadata(root.store)
     cfg = _cfg(tmp_path, "v2", validation="never")
