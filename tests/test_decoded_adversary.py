@@ -26,6 +26,7 @@ import xarray as xr
 import zarr
 
 from xarray_zcache import CacheConfig, get_cache, open_store
+from xarray_zcache.cache.decoded import DecodedTier
 
 INTERVAL = 1.0
 MARGIN = 0.5
@@ -587,3 +588,14 @@ def test_v2_big_endian_fortran_and_mutating_results(
                     if got.ndim and got.flags.writeable:
                         got[...] = 0  # must not reach the decoded arrays
         assert get_cache(cfg).stats().decoded_hits > 0
+
+
+def test_decoded_tier_entry_needs_the_same_decoding_spec() -> None:
+    tier = DecodedTier(10_000)
+    raw = np.arange(4, dtype="<i4").tobytes()
+    assert tier.put("k", raw, np.arange(4, dtype="<i4"), "int32")
+    assert tier.get("k", bytes(raw), "float32") is None  # equal bytes, another dtype
+    assert "k" not in tier and tier.used_bytes() == 0  # dropped: it could never hit
+    assert tier.put("k", raw, np.arange(4, dtype="<i4"), "int32")
+    got = tier.get("k", bytes(raw), "int32")
+    assert got is not None and got.tolist() == [0, 1, 2, 3]
