@@ -498,8 +498,8 @@ def test_selections_equal_zarrs_own_reads(
     for chunks in (None, {}):
         with _open(url, s3_options, cfg, chunks=chunks) as ds:
             for _ in range(2 if chunks is None else 1):  # cold, then decoded hits
-                for n, sel in enumerate(sels if chunks is None else sels[1:9:2]):
-                    n = n if chunks is None else 1 + 2 * n
+                for n, sel in enumerate(sels if chunks is None else sels[1:9:4]):
+                    n = n if chunks is None else 1 + 4 * n
                     for v in ds0.data_vars:
                         got = np.asarray(sel(ds)[v].values)
                         assert got.dtype == want[n][v].dtype, (n, v)
@@ -549,7 +549,6 @@ def test_v2_big_endian_fortran_and_mutating_results(
     for name, dtype, order, filters in (
         ("be", ">f8", "C", None),
         ("fo", "<i8", "F", None),
-        ("bf", ">i2", "F", None),
         ("de", "<i8", "C", delta),  # numcodecs filters: zarr's V2Codec decodes them
         ("sc", "<f8", "F", scale),
         ("mi", "<u2", "C", None),  # no fill value, chunks missing at the source
@@ -574,7 +573,7 @@ def test_v2_big_endian_fortran_and_mutating_results(
         values[name] = a
     zarr.consolidate_metadata(root.store)
     cfg = _cfg(tmp_path, "v2", validation="never")
-    sels = [np.s_[...], np.s_[::-1, 1:6, ::-2], np.s_[2, :, 3]]
+    sels = [np.s_[::-1, 1:6, ::-2], np.s_[2, :, 3]]
     with xr.open_dataset(url, engine="zarr", storage_options=s3_options, chunks=None) as z:
         want = {(n, i): np.asarray(z[n][s].values) for n in values for i, s in enumerate(sels)}
     with _open(url, s3_options, cfg) as ds:
