@@ -6,7 +6,8 @@ would serve the very same encoded bytes for its key right now. Each read first a
 `CachedStore` for the chunk's encoded bytes through its own read path (the freshness
 gate - TTLs, validation interval, versions, another process's change log -, the memory
 tier, negative entries; `CachedStore.bytes_now` without I/O, else `get_bytes`), then
-asks the decoded tier for the array decoded from bytes equal to those (the same object
+asks the decoded tier for the array decoded, with this array's dtype, chunk shape and
+codecs (`DecodedPlan.tag`), from bytes equal to those (the same object
 in the usual case: a pointer comparison). A write, a delete, a validation that found
 the object changed or a peer's invalidation changes or drops those bytes, so the old
 array can never be served; the tier also drops it with the encoded key. Stores without
@@ -70,6 +71,18 @@ class DecodedPlan:
     dtype: np.dtype[Any]
     order: Any
     shards: Shards | None = None  # a sharded array: its inner chunks are decoded
+    #: how a chunk is decoded (dtype, chunk shape, codecs, order): part of a decoded
+    #: entry's identity, since another array's metadata over equal bytes decodes otherwise
+    tag: str = ""
+
+
+#: metadata fields a chunk's decoding does not depend on (an append changes ``shape``)
+_NOT_DECODING = frozenset({"shape", "attributes", "dimension_names"})
+
+
+def _tag(metadata: Any, dtype: np.dtype[Any], order: Any) -> str:
+    fields = {k: v for k, v in metadata.to_dict().items() if k not in _NOT_DECODING}
+    return repr((dtype.str, str(order), sorted(fields.items(), key=lambda kv: kv[0])))
 
 
 def _known_codecs(metadata: Any) -> bool:
@@ -145,6 +158,7 @@ def _plan(array: Any) -> DecodedPlan | None:
         dtype,
         order,
         shards,
+        _tag(metadata, dtype, order),
     )
 
 
@@ -215,7 +229,7 @@ def _fill(plan: DecodedPlan, tier: DecodedTier, indexer: Any, out: np.ndarray[An
         if data is None:
             place(None, chunk_sel, out_sel)
             return
-        array = tier.get(ck, data)
+        array = tier.get(ck, data, plan.tag)
         if array is None:
             found.append((ck, data, chunk_sel, out_sel))
         else:
@@ -240,5 +254,5 @@ def _fill(plan: DecodedPlan, tier: DecodedTier, indexer: Any, out: np.ndarray[An
 
     arrays = sync(rest())
     for (ck, data, chunk_sel, out_sel), array in zip(found, arrays, strict=True):
-        tier.put(ck, data, array)
+        tier.put(ck, data, array, plan.tag)
         place(array, chunk_sel, out_sel)

@@ -153,7 +153,7 @@ def fill_sharded(
             *(_shard(plan, shards, s, items) for s, items in by_shard.items())
         )
         found = [f for group in groups for f in group]
-        held = [None if b is None else tier.get(k, b) for k, b, _, _ in found]
+        held = [None if b is None else tier.get(k, b, plan.tag) for k, b, _, _ in found]
         todo = [f[1] for f, a in zip(found, held, strict=True) if f[1] is not None and a is None]
         buffer = shards.spec.prototype.buffer
         decoded = await shards.pipeline.decode([(buffer.from_bytes(b), shards.spec) for b in todo])
@@ -168,7 +168,7 @@ def fill_sharded(
             continue
         if array is None:
             array = next(fresh)
-            tier.put(dkey, data, array)
+            tier.put(dkey, data, array, plan.tag)
         selected = array[chunk_sel]
         if indexer.drop_axes:
             selected = selected.squeeze(axis=indexer.drop_axes)

@@ -5,8 +5,11 @@ Generic: it maps a key (an encoded entry's cache key, or that key and a suffix) 
 decodes). The token is the encoded ``bytes`` the array was decoded from, and the rule
 that makes a hit exact is the caller's: `get` returns the array only when the caller
 hands it the bytes the byte tiers serve for that key *now* (through their own
-freshness path) and they are the very same object or equal byte for byte. Equal
-encoded bytes decode to equal arrays, so a hit is always what decoding would give.
+freshness path) and they are the very same object or equal byte for byte, and the
+same decoding *spec* (a string naming the dtype, chunk shape and codecs the array was
+decoded with: an array rewritten as float32 over the very same chunk bytes as its old
+int32 must not be served the int32 array). Equal encoded bytes decoded the same way
+give equal arrays, so a hit is always what decoding would give.
 
 Entries pin the encoded bytes they were decoded from: the cost of an entry is the
 array's ``nbytes`` plus the length of its token plus a fixed overhead (the bytes are
@@ -47,7 +50,7 @@ class DecodedTier:
     def __init__(self, capacity: int) -> None:
         self.capacity = int(capacity)
         self._lock = threading.Lock()
-        self._table: OrderedDict[str, tuple[bytes, np.ndarray[Any, Any], int]] = OrderedDict()
+        self._table: OrderedDict[str, tuple[bytes, np.ndarray[Any, Any], int, str]] = OrderedDict()
         self._used = 0
         self.hits = 0
         self.misses = 0
@@ -67,26 +70,29 @@ class DecodedTier:
         """Bytes charged for the entries held (arrays, their tokens, overheads)."""
         return self._used
 
-    def get(self, key: str, token: bytes) -> np.ndarray[Any, Any] | None:
-        """The array of ``key`` if it was decoded from bytes equal to ``token``; counts a
-        hit or a miss. An entry whose token differs is dropped (it can never hit)."""
+    def get(self, key: str, token: bytes, spec: str = "") -> np.ndarray[Any, Any] | None:
+        """The array of ``key`` if it was decoded from bytes equal to ``token`` with the
+        decoding ``spec`` (the array's dtype, chunk shape and codecs: equal bytes of
+        another array's metadata decode differently); counts a hit or a miss. An entry
+        whose token or spec differs is dropped (it can never hit)."""
         with self._lock:
             entry = self._table.get(key)
             if entry is not None:
-                held, array, cost = entry
-                if held is token or held == token:
+                held, array, cost, how = entry
+                if (held is token or held == token) and (how is spec or how == spec):
                     self._table.move_to_end(key)
                     if held is not token:  # share the object the byte tiers hold now
-                        self._table[key] = (token, array, cost)
+                        self._table[key] = (token, array, cost, how)
                     self.hits += 1
                     return array
                 self._remove(key)
             self.misses += 1
             return None
 
-    def put(self, key: str, token: bytes, array: np.ndarray[Any, Any]) -> bool:
-        """Hold ``array`` (made read-only) for ``key``, decoded from ``token``; False if it
-        does not fit at all. Evicts the least recently used entries to make room."""
+    def put(self, key: str, token: bytes, array: np.ndarray[Any, Any], spec: str = "") -> bool:
+        """Hold ``array`` (made read-only) for ``key``, decoded from ``token`` with the
+        decoding ``spec`` (see `get`); False if it does not fit at all. Evicts the least
+        recently used entries to make room."""
         cost = int(array.nbytes) + len(token) + ENTRY_OVERHEAD
         if cost > self.capacity:
             return False
@@ -97,7 +103,7 @@ class DecodedTier:
             while self._table and self._used + cost > self.capacity:
                 self._remove(next(iter(self._table)))
                 self.evictions += 1
-            self._table[key] = (token, array, cost)
+            self._table[key] = (token, array, cost, spec)
             self._used += cost
         return True
 
@@ -122,5 +128,5 @@ class DecodedTier:
             self._used = 0
 
     def _remove(self, key: str) -> None:
-        _, _, cost = self._table.pop(key)
+        _, _, cost, _ = self._table.pop(key)
         self._used -= cost
