@@ -182,8 +182,10 @@ async def test_latency_overlaps_for_concurrent_requests(s3_bucket: str) -> None:
         elapsed = time.perf_counter() - start
         assert all(isinstance(r, FileNotFoundError) for r in results)
         assert server.requests.count("GET", bucket=s3_bucket) == n
-        assert elapsed >= 0.9 * latency
-        assert elapsed < 0.9 * n * latency  # serial handling would take n * latency
+        assert elapsed >= 0.9 * latency  # (a lower bound: the sleep happened)
+        # concurrent requests sleep at once (a threaded server), as against real S3: seen
+        # by the server itself, not by a wall-clock threshold a loaded machine can miss
+        assert server.most_delayed >= 2
 
 
 # -- lifecycle and options ------------------------------------------------------------------

@@ -122,7 +122,11 @@ class _RecordingMiddleware:
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         delay = self._server.latency
         if delay > 0:
-            time.sleep(delay)
+            self._server._delay_started()
+            try:
+                time.sleep(delay)
+            finally:
+                self._server._delay_ended()
 
         bucket, key = _parse_target(environ, self._server.host)
         method = str(environ.get("REQUEST_METHOD", "")).upper()
@@ -226,6 +230,10 @@ class LocalS3Server:
         self.host: str = host
         self._requested_port = port
         self.latency: float = float(latency)
+        #: the most requests that were in their latency sleep at once (concurrency seen)
+        self.most_delayed = 0
+        self._delayed = 0
+        self._delay_lock = threading.Lock()
         self.requests: RequestLog = RequestLog()
         self._server: BaseWSGIServer | None = None
         self._thread: threading.Thread | None = None
@@ -305,6 +313,15 @@ class LocalS3Server:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+    def _delay_started(self) -> None:
+        with self._delay_lock:
+            self._delayed += 1
+            self.most_delayed = max(self.most_delayed, self._delayed)
+
+    def _delay_ended(self) -> None:
+        with self._delay_lock:
+            self._delayed -= 1
 
     def __repr__(self) -> str:
         where = self.endpoint_url if self.running else "stopped"
