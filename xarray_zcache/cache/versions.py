@@ -196,8 +196,7 @@ class VersionBook:
         conn, self._conn = self._conn, None
         if conn is None:
             return
-        with contextlib.suppress(sqlite3.Error):
-            conn.close()
+        _release(conn)
         if self.on_lost is not None:
             self.on_lost(exc, f"{what} in the versions book")
         else:
@@ -212,8 +211,7 @@ class VersionBook:
         """Keep the book in memory only from now on (its folder is no longer used)."""
         conn, self._conn = self._conn, None
         if conn is not None:
-            with contextlib.suppress(sqlite3.Error):
-                conn.close()
+            _release(conn)
 
     @contextlib.contextmanager
     def _write(self, conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
@@ -549,10 +547,19 @@ class VersionBook:
 
     def close(self) -> None:
         with self._lock:
-            if self._conn is not None:
-                with contextlib.suppress(sqlite3.Error):
-                    self._conn.close()
-                self._conn = None
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            _release(conn)
+
+
+def _release(conn: sqlite3.Connection) -> None:
+    """Let go of the book's connection, which another thread may be using right now (an
+    operation that began before the book was detached, closed or lost holds it in a
+    local): closing it from here would free what that thread is using (a segfault inside
+    ``sqlite3_close``, seen once when a vanished folder was detached by the disk writer
+    while a write was recording a change). Dropping the reference closes it as soon as the
+    last user lets go, in that user's thread."""
+    del conn
 
 
 def now() -> float:
