@@ -45,6 +45,9 @@ def _serve(conn: Any, latency: float) -> None:  # runs in the child process
             elif op == "reset":
                 server.requests.reset()
                 conn.send(None)
+            elif op == "most_delayed":  # the most requests in flight at once since the last ask
+                conn.send(server.most_delayed)
+                server.most_delayed = 0
             elif op == "latency":
                 server.latency = float(arg)
                 conn.send(None)
@@ -144,6 +147,11 @@ class S3Process:
         import s3fs
 
         return s3fs.S3FileSystem(**self.storage_options(skip_instance_cache=True, **extra))
+
+    def most_delayed(self) -> int:
+        """The most requests the server held in their latency sleep at once since the
+        last call (the concurrency a reader reached)."""
+        return int(self._call("most_delayed"))
 
     def create_bucket(self, name: str) -> None:
         self.filesystem().call_s3("create_bucket", Bucket=name)

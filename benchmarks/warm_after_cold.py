@@ -70,6 +70,7 @@ def _one(env: dict[str, Any], disk: bool, tag: str) -> dict[str, float]:
     cache = get_cache(open_.config)  # type: ignore[attr-defined]
     backlog = cache.disk_backlog
     cpu0 = _background_cpu()
+    before = cache.stats()
     server.requests.reset()
     p0 = time.process_time()
     warm, got2 = timed(lambda: analysis(ds, s.threads))
@@ -79,6 +80,13 @@ def _one(env: dict[str, Any], disk: bool, tag: str) -> dict[str, float]:
     ticks = sum(n - cpu0.get(tid, 0) for tid, n in cpu1.items())
     bg_ms = 1000 * ticks / os.sysconf("SC_CLK_TCK")
     assert np.allclose(got, env["expect"], rtol=1e-5) and np.allclose(got2, got)
+    after = cache.stats()
+    served = {
+        "decoded": after.decoded_hits - before.decoded_hits,
+        "memory": after.total_hits(tier="memory") - before.total_hits(tier="memory"),
+        "disk": after.total_hits(tier="disk") - before.total_hits(tier="disk"),
+        "decoded_misses": after.decoded_misses - before.decoded_misses,
+    }
     flush, _ = timed(cache.flush)
     stats = cache.stats().to_dict()
     ds.close()
@@ -92,7 +100,13 @@ def _one(env: dict[str, Any], disk: bool, tag: str) -> dict[str, float]:
         "bg_ms": bg_ms,
         "dropped": stats.get("disk_write_failures", 0),
         "requests": requests,  # type: ignore[dict-item]
+        "served": served,  # type: ignore[dict-item]
     }
+
+
+def _served(x: dict[str, Any]) -> str:
+    v = x["served"]
+    return f"{v['decoded']} / {v['memory']} / {v['disk']}; {v['decoded_misses']}"
 
 
 def main() -> None:
@@ -135,9 +149,10 @@ def main() -> None:
             "| run | cold, memory | warm, memory | cold, memory + disk | warm, memory + disk "
             "| ratio warm disk / memory | process CPU of the warm reads (memory / memory + disk) "
             "| write queue at warm start | background CPU during warm | flush after "
-            "| disk writes dropped |"
+            "| disk writes dropped | warm reads served, memory + disk (decoded / memory / disk;"
+            " decoded misses) |"
         )
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         ratios = []
         for i, (m, d) in enumerate(rows, 1):
             r = d["warm"] / m["warm"]
@@ -147,7 +162,8 @@ def main() -> None:
                 f"{d['cold'] * 1000:.0f} ms | {d['warm'] * 1000:.1f} ms | {r:.2f}x | "
                 f"{m['warm_cpu'] * 1000:.0f} / {d['warm_cpu'] * 1000:.0f} ms | "
                 f"{d['backlog']:.2%} | {d['bg_ms']:.0f} ms | "
-                f"{d['flush'] * 1000:.0f} ms | {d['dropped']:.0f} |"
+                f"{d['flush'] * 1000:.0f} ms | {d['dropped']:.0f} | "
+                f"{_served(d)} |"
             )
         med_m = statistics.median(m["warm"] for m, _ in rows)
         med_d = statistics.median(d["warm"] for _, d in rows)
@@ -155,7 +171,7 @@ def main() -> None:
             f"| median | | {med_m * 1000:.1f} ms | | {med_d * 1000:.1f} ms | "
             f"{statistics.median(ratios):.2f}x | "
             f"{statistics.median(m['warm_cpu'] for m, _ in rows) * 1000:.0f} / "
-            f"{statistics.median(d['warm_cpu'] for _, d in rows) * 1000:.0f} ms | | | | |"
+            f"{statistics.median(d['warm_cpu'] for _, d in rows) * 1000:.0f} ms | | | | | |"
         )
         for i, (m, d) in enumerate(rows, 1):
             for name, x in (("memory", m), ("memory + disk", d)):

@@ -253,6 +253,64 @@ def test_sequential_scan_reads_ahead_without_duplicate_requests(
     assert log.chunk_gets(s3_bucket) - before == 64  # each chunk fetched exactly once
 
 
+def _dask_like_order(n: int) -> list[int]:
+    """The order Dask's threaded scheduler reads the chunks of a full array in: back to
+    front in runs, interleaved (39..20, 191..160, 19..16, 159..120, ... for 192 chunks)."""
+    low = list(range(n // 4 - 1, -1, -1))
+    high = list(range(n - 1, n // 4 - 1, -1))
+    order: list[int] = low[:20]
+    low = low[20:]
+    while high or low:
+        order += high[:32]
+        high = high[32:]
+        order += low[:4]
+        low = low[4:]
+    return order
+
+
+def test_read_ahead_follows_dask_runs_around_the_end(
+    s3_server: LocalS3Server, s3_bucket: str, s3_options: dict[str, Any], config: CacheConfig
+) -> None:
+    """Dask reads a full array back to front in interleaved runs: the read-ahead walks on
+    around the end of the array, so the later runs are read ahead too; every chunk is
+    fetched exactly once."""
+    url = f"s3://{s3_bucket}/long.zarr"
+    _long_dataset(url, s3_options)
+    cfg = config.with_prefetch(16)
+    ds = xr.open_dataset(
+        url, engine="zcache", chunks={}, storage_options=s3_options, cache_config=cfg
+    )
+    log = s3_server.requests
+    before = log.chunk_gets(s3_bucket)
+    order = _dask_like_order(64)
+    assert sorted(order) == list(range(64))
+    for t in order:
+        assert float(ds.v.isel(time=t).sum()) == float(np.arange(t * 100, t * 100 + 100).sum())
+    get_cache(cfg).flush()
+    assert log.chunk_gets(s3_bucket) - before == 64  # each chunk fetched exactly once
+    # all but the first run of misses that made the scan came by read-ahead
+    assert get_cache(cfg).stats().prefetches >= 64 - 8
+
+
+def test_partial_scan_reads_at_most_depth_in_vain(
+    s3_server: LocalS3Server, s3_bucket: str, s3_options: dict[str, Any], config: CacheConfig
+) -> None:
+    """A scan of part of an array (time 39 down to 20) reads at most ``depth`` chunks
+    past what it read, even though the read-ahead may walk around the array's end."""
+    url = f"s3://{s3_bucket}/long.zarr"
+    _long_dataset(url, s3_options)
+    cfg = config.with_prefetch(8)
+    ds = xr.open_dataset(
+        url, engine="zcache", chunks={}, storage_options=s3_options, cache_config=cfg
+    )
+    log = s3_server.requests
+    before = log.chunk_gets(s3_bucket)
+    for t in range(39, 19, -1):
+        ds.v.isel(time=t).compute()
+    get_cache(cfg).flush()
+    assert 20 <= log.chunk_gets(s3_bucket) - before <= 20 + 8
+
+
 def test_scattered_reads_do_not_read_ahead(
     s3_server: LocalS3Server, s3_bucket: str, s3_options: dict[str, Any], config: CacheConfig
 ) -> None:

@@ -7,7 +7,9 @@ scattered like random access), `ScanPrefetcher` reads the next chunks ahead, wit
 bounded concurrency, through the store's single-flight fetch: the reader's own
 request for a chunk then joins the fetch already in flight or hits the cache.
 Read-ahead never changes what a read returns; at most ``depth`` chunks past the end
-of what is read are fetched in vain.
+of what is read are fetched in vain. The read-ahead walks around the end of the array
+(Dask reads a full array in interleaved runs, back to front) and stops once it has
+passed every chunk.
 """
 
 from __future__ import annotations
@@ -162,6 +164,7 @@ class _Scan:
     scanning: bool = False
     step: int = 1  # +1: ascending scan, -1: descending (dask often reduces back to front)
     frontier: int = -1  # furthest ordinal scheduled so far, in the direction of the scan
+    walked: int = 0  # chunks the read-ahead has passed (read ahead, or already read)
     # chunks already read once: a miss on one of them is a re-read (an eviction), which
     # says nothing about a scan: random reads of a hot set must not look like one
     seen: bytearray | None = None
@@ -261,8 +264,20 @@ class ScanPrefetcher:
                 scan.frontier = ordinal
                 scan.scanning = True
                 self._scanning.add(scan.grid.array)
-        if scan.scanning and (scan.frontier - ordinal) * scan.step < self.depth // 2:
+        if not scan.scanning:
+            return
+        if miss and scan.seen is not None and not scan.seen[ordinal]:
+            # a chunk the read-ahead has not reached: the reader jumped past it
+            scan.seen[ordinal] = 1
+            scan.frontier = ordinal
+        if self._ahead(scan, ordinal) < self.depth // 2:
             self._read_ahead(scan, ordinal)
+
+    @staticmethod
+    def _ahead(scan: _Scan, ordinal: int) -> int:
+        """How far the frontier is ahead of ``ordinal``, walking in the scan's direction
+        and around the end of the array."""
+        return ((scan.frontier - ordinal) * scan.step) % scan.grid.total
 
     def _read_ahead(self, scan: _Scan, ordinal: int) -> None:
         if self._sem is None:
@@ -275,14 +290,18 @@ class ScanPrefetcher:
             depth = min(depth, capacity // (4 * scan.grid.chunk_nbytes))
         if depth < 2 or backlog > 0.5:
             return  # (and never outrun the disk writer: its queue would drop writes)
-        step = scan.step
-        last = scan.grid.total - 1 if step > 0 else 0
-        start = max(scan.frontier * step, ordinal * step) + 1  # in "step space"
-        stop = min((ordinal + step * depth) * step, last * step)
-        for m in range(start, stop + 1):
-            n = m * step
+        total, step = scan.grid.total, scan.step
+        # The walk goes around the end of the array: Dask reads a full array in runs
+        # (back to front: 39..20, then 191..160, then 19..16, ...), so the chunks past
+        # the end are the next run's. It never gets more than ``depth`` chunks ahead of
+        # the last read, and ends once it has passed every chunk of the array.
+        while self._ahead(scan, ordinal) < depth and scan.walked < total:
+            n = (scan.frontier + step) % total
             scan.frontier = n
+            scan.walked += 1
             if scan.seen is not None:
+                if scan.seen[n]:
+                    continue  # read (or read ahead) already
                 scan.seen[n] = 1
             key = scan.grid.key(n)
             if self.store.is_cached(key):
@@ -290,8 +309,8 @@ class ScanPrefetcher:
             task = asyncio.ensure_future(self._fetch(key))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        if scan.frontier == last:
-            # the end of the array: nothing more to read ahead
+        if scan.walked >= total:
+            # every chunk of the array read or read ahead: the scan is over
             scan.scanning = False
             scan.misses.clear()
             self._scanning.discard(scan.grid.array)
