@@ -46,6 +46,29 @@ def _background_cpu() -> dict[int, int]:
     return out
 
 
+class _GcTimer:
+    """Milliseconds the garbage collector ran (all generations) until `stop`."""
+
+    def __init__(self) -> None:
+        import gc
+
+        self.total = 0.0
+        self._t0 = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.total += time.perf_counter() - self._t0
+
+    def stop(self) -> float:
+        import gc
+
+        gc.callbacks.remove(self._callback)
+        return 1000 * self.total
+
+
 def _one(env: dict[str, Any], disk: bool, tag: str) -> dict[str, float]:
     """Fresh cache -> cold read -> warm read; the seconds of each and of the flush after,
     and the CPU the background threads used during the warm read."""
@@ -71,10 +94,12 @@ def _one(env: dict[str, Any], disk: bool, tag: str) -> dict[str, float]:
     backlog = cache.disk_backlog
     cpu0 = _background_cpu()
     before = cache.stats()
+    gc_time = _GcTimer()
     server.requests.reset()
     p0 = time.process_time()
     warm, got2 = timed(lambda: analysis(ds, s.threads))
     warm_cpu = time.process_time() - p0
+    gc_ms = gc_time.stop()
     cpu1 = _background_cpu()
     requests = [f"{r.method} {r.key or ''}" for r in server.requests.records()]
     ticks = sum(n - cpu0.get(tid, 0) for tid, n in cpu1.items())
@@ -101,6 +126,7 @@ def _one(env: dict[str, Any], disk: bool, tag: str) -> dict[str, float]:
         "dropped": stats.get("disk_write_failures", 0),
         "requests": requests,  # type: ignore[dict-item]
         "served": served,  # type: ignore[dict-item]
+        "gc_ms": gc_ms,
     }
 
 
@@ -150,9 +176,9 @@ def main() -> None:
             "| ratio warm disk / memory | process CPU of the warm reads (memory / memory + disk) "
             "| write queue at warm start | background CPU during warm | flush after "
             "| disk writes dropped | warm reads served, memory + disk (decoded / memory / disk;"
-            " decoded misses) |"
+            " decoded misses) | GC during warm (memory / memory + disk) |"
         )
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         ratios = []
         for i, (m, d) in enumerate(rows, 1):
             r = d["warm"] / m["warm"]
@@ -163,7 +189,7 @@ def main() -> None:
                 f"{m['warm_cpu'] * 1000:.0f} / {d['warm_cpu'] * 1000:.0f} ms | "
                 f"{d['backlog']:.2%} | {d['bg_ms']:.0f} ms | "
                 f"{d['flush'] * 1000:.0f} ms | {d['dropped']:.0f} | "
-                f"{_served(d)} |"
+                f"{_served(d)} | {m['gc_ms']:.0f} / {d['gc_ms']:.0f} ms |"
             )
         med_m = statistics.median(m["warm"] for m, _ in rows)
         med_d = statistics.median(d["warm"] for _, d in rows)
@@ -171,7 +197,7 @@ def main() -> None:
             f"| median | | {med_m * 1000:.1f} ms | | {med_d * 1000:.1f} ms | "
             f"{statistics.median(ratios):.2f}x | "
             f"{statistics.median(m['warm_cpu'] for m, _ in rows) * 1000:.0f} / "
-            f"{statistics.median(d['warm_cpu'] for _, d in rows) * 1000:.0f} ms | | | | | |"
+            f"{statistics.median(d['warm_cpu'] for _, d in rows) * 1000:.0f} ms | | | | | | |"
         )
         for i, (m, d) in enumerate(rows, 1):
             for name, x in (("memory", m), ("memory + disk", d)):
