@@ -16,6 +16,7 @@ from zarr.abc.store import Store
 from xarray_zcache.cache.freshness import ObjectChanged
 from xarray_zcache.config import CacheConfig
 from xarray_zcache.decoded_reads import plan_of, read_selection
+from xarray_zcache.open_ahead import read_index_coordinates
 from xarray_zcache.sessions import close_store_session
 from xarray_zcache.sessions import track as track_session
 from xarray_zcache.store import RECHECK_MISSING, CachedStore
@@ -234,6 +235,8 @@ def _delegate(
     )
     if kwargs.get("consolidated") is None and kwargs.get("mode", "r") == "r":
         kwargs["consolidated"] = _probe_consolidated(store, kwargs.get("zarr_format"))
+    if method == "open_dataset" and kwargs.get("mode", "r") == "r":
+        _read_index_coordinates(store, kwargs.get("group"), kwargs.get("drop_variables"))
     cache = store.cache
     remembered = cache.stats().negative_hits
     try:
@@ -258,6 +261,17 @@ def _delegate(
             store.namespace,
         )
         return _closing_session(_retrying(result), store)
+
+
+def _read_index_coordinates(store: CachedStore, group: str | None, drop: Any) -> None:
+    """Read the index coordinates' chunks all at once before xarray reads them one
+    after the other (`xarray_zcache.open_ahead`); not when read-ahead is off."""
+    if store.config.prefetch_depth <= 0:
+        return
+    from zarr.core.sync import sync
+
+    dropped = [drop] if isinstance(drop, str) else list(drop or ())
+    sync(read_index_coordinates(store, group, dropped))
 
 
 def _closing_session(result: Any, store: CachedStore) -> Any:
