@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from xarray_zcache import CacheConfig, get_cache
-from xarray_zcache import open_ahead
+from xarray_zcache import CacheConfig, get_cache, open_ahead
 from xarray_zcache.testing.s3server import LocalS3Server
 
 # time: 4 chunks, y: 3, x: 2 -> 9 coordinate chunks
