@@ -355,6 +355,48 @@ def test_panels_show_one_by_one() -> None:
         plotting.panel("pie", stats, [])
 
 
+def _runtime_imports(path: Path) -> set[str]:
+    """The package modules a module imports at run time (at import or in a function)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):  # imports for the type checker only are no circle
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            node.body = []
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+    return {m for m in found if m.startswith("xarray_zcache")}
+
+
+def test_no_import_circle_between_the_page_the_stats_and_the_scheduler() -> None:
+    import xarray_zcache
+
+    root = Path(xarray_zcache.__file__).parent
+    modules = {
+        ".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in [*root.glob("distributed/*.py"), *root.glob("plotting/*.py")]
+    }
+    graph = {m: _runtime_imports(p) & set(modules) - {m} for m, p in modules.items()}
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), list(graph[start])
+        while todo:
+            m = todo.pop()
+            if m == goal:
+                return True
+            if m not in seen:
+                seen.add(m)
+                todo += graph.get(m, set())
+        return False
+
+    circles = sorted(m for m in modules if reaches(m, m))
+    assert circles == [], circles
+
+
 def test_no_http_server_no_crash() -> None:
     class Bare:
         plugins: dict[str, Any] = {}

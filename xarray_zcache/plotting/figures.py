@@ -449,14 +449,14 @@ def evictions_figure(tiers: ColumnDataSource) -> figure:
     step = 0.8 / n
     bars = [
         p.hbar(
-            y=dodge("label", (i - (n - 1) / 2) * step, range=y_range),
+            y=dodge("label", ((n - 1) / 2 - i) * step, range=y_range),  # first on top
             right=f"evictions_{tier}",
             height=step * 0.9,
             source=tiers,
             color=COLORS[tier],
             legend_label=tier,
         )
-        for i, tier in enumerate(reversed(EVICTION_TIERS))  # first tier on top
+        for i, tier in enumerate(EVICTION_TIERS)
     ]
     p.legend.location = "top_center"
     p.legend.orientation = "horizontal"
