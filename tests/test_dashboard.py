@@ -248,7 +248,7 @@ def test_plotting_from_plain_data() -> None:
     assert data["tiers"]["decoded_hits"] == [5, 0, 5]
     assert data["tiers"]["decoded_misses"] == [3, 2, 5]
     assert data["tiers"]["decoded_hit_rate"] == [5 / 8, 0.0, 0.5]
-    assert data["tiers"]["decoded_text"][0] == "62.5% of 8 served decoded"
+    assert data["tiers"]["decoded_text"] == ["hit rate 62.5%", "hit rate 0.0%", "hit rate 50.0%"]
     assert data["tiers"]["evictions_memory"] == [4, 2, 6]
     assert data["tiers"]["evictions_decoded"] == [1, 0, 1]
     assert data["tiers"]["evictions_disk"] == [1, 0, 1]

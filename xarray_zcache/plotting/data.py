@@ -267,9 +267,7 @@ def _tier_columns(cs: ClusterStats, labels: Mapping[str, str]) -> Columns:
         cols["decoded_reads"].append(s.decoded_hits + s.decoded_misses)
         cols["decoded_hit_rate"].append(rate)
         cols["decoded_text"].append(
-            f"{_pct_text(rate)} of {s.decoded_hits + s.decoded_misses} served decoded"
-            if s.decoded_hits + s.decoded_misses
-            else "no decoded reads"
+            f"hit rate {_pct_text(rate)}" if s.decoded_hits + s.decoded_misses else "no reads"
         )
         for tier in EVICTION_TIERS:
             cols[f"evictions_{tier}"].append(evictions(s, tier))

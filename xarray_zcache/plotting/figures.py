@@ -368,9 +368,10 @@ def decoded_figure(tiers: ColumnDataSource) -> figure:
     """
     labels = list(tiers.data["label"])
     p = figure(
-        title="Decoded tier: chunk reads served decoded (hits) or decoded by zarr (misses)",
+        title="Decoded tier: reads served without decoding",
         y_range=FactorRange(factors=list(reversed(labels))),
-        x_range=DataRange1d(start=0),
+        # room on the right of the longest bar for its hit rate in words
+        x_range=DataRange1d(start=0, range_padding=0.75, range_padding_units="percent"),
         sizing_mode=SIZING,
         min_width=MIN_WIDTH,
         height=_bar_height(len(labels)) + 30,
@@ -384,18 +385,16 @@ def decoded_figure(tiers: ColumnDataSource) -> figure:
         height=0.7,
         source=tiers,
         color=[COLORS["decoded"], COLORS["miss"]],
-        legend_label=["decoded hits", "decoded misses"],
+        legend_label=["decoded hits", "decoded misses (zarr decoded)"],
     )
-    words = Text(
-        x=0,
+    words = Text(  # after the bar: its hit rate
+        x="decoded_reads",
         y="label",
         text="decoded_text",
         x_offset=6,
         text_baseline="middle",
         text_font_size="12px",
         text_color="#222222",
-        background_fill_color="white",
-        background_fill_alpha=0.75,
     )
     p.add_glyph(tiers, words)
     p.legend.location = "top_center"
@@ -435,7 +434,7 @@ def evictions_figure(tiers: ColumnDataSource) -> figure:
     labels = list(tiers.data["label"])
     y_range = FactorRange(factors=list(reversed(labels)))
     p = figure(
-        title="Evictions by tier (entries dropped to stay within capacity)",
+        title="Evictions by tier (to stay within capacity)",
         y_range=y_range,
         x_range=DataRange1d(start=0),
         sizing_mode=SIZING,
