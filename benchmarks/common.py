@@ -101,32 +101,54 @@ def make_dataset(s: Settings) -> Any:
     )
 
 
+@contextlib.contextmanager
+def s3fs_store(url: str, storage_options: dict[str, Any]) -> Iterator[Any]:
+    """A zarr `FsspecStore` writing ``url`` through s3fs, its aiohttp session closed after.
+
+    zarr builds an *asynchronous* s3fs filesystem, which s3fs never closes itself: its
+    session would be reported as "Unclosed client session" when collected (at exit).
+    ``ds.to_zarr(url, storage_options=...)`` builds such a store and drops it: write
+    to the store of this context instead.
+    """
+    from zarr.storage import FsspecStore
+
+    from xarray_zcache.sessions import close_store_session, track
+
+    store = FsspecStore.from_url(url, storage_options=storage_options, read_only=False)
+    track(store, owned=True)  # ours: close_store_session closes it now
+    try:
+        yield store
+    finally:
+        close_store_session(store)
+
+
 def write_datasets(s: Settings, storage_options: dict[str, Any]) -> Any:
     """Write the main dataset, its sharded copy and the probe array; return the dataset."""
     import zarr
 
     ds = make_dataset(s)
-    with quiet():
+    with (
+        quiet(),
+        s3fs_store(s.url(DATASET), storage_options) as main,
+        s3fs_store(s.url(SHARDED), storage_options) as sharded,
+        s3fs_store(s.url(PROBE), storage_options) as probe_store,
+    ):
         ds.to_zarr(
-            s.url(DATASET),
+            main,
             mode="w",
             zarr_format=3,
             consolidated=True,
             encoding={VAR: {"chunks": s.chunks}},
-            storage_options=storage_options,
         )
         ds.to_zarr(
-            s.url(SHARDED),
+            sharded,
             mode="w",
             zarr_format=3,
             consolidated=True,
             encoding={VAR: {"chunks": s.chunks, "shards": (s.shard_t, s.ny, s.nx)}},
-            storage_options=storage_options,
         )
         probe = zarr.open_array(
-            zarr.storage.FsspecStore.from_url(
-                s.url(PROBE), storage_options=storage_options, read_only=False
-            ),
+            probe_store,
             mode="w",
             shape=(4, s.chunk_y, s.chunk_x),
             chunks=(1, s.chunk_y, s.chunk_x),

@@ -38,18 +38,17 @@ N_CHUNKS = {"64k": 96, "1m": 32}
 
 def _write(server: Any, url: str, size: str) -> None:
     import zarr
+    from common import s3fs_store
 
     ny, nx = SIZES[size]
     n = N_CHUNKS[size]
-    store = zarr.storage.FsspecStore.from_url(
-        url, storage_options=server.storage_options(skip_instance_cache=True), read_only=False
-    )
-    arr = zarr.create_array(
-        store, name="v", shape=(n, ny, nx), chunks=(1, ny, nx), dtype="f4", zarr_format=3
-    )
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        arr[i] = rng.normal(280, 5, (ny, nx)).astype("f4")
+    with s3fs_store(url, server.storage_options(skip_instance_cache=True)) as store:
+        arr = zarr.create_array(
+            store, name="v", shape=(n, ny, nx), chunks=(1, ny, nx), dtype="f4", zarr_format=3
+        )
+        rng = np.random.default_rng(0)
+        for i in range(n):
+            arr[i] = rng.normal(280, 5, (ny, nx)).astype("f4")
 
 
 def _read_keys(url: str, opts: dict[str, Any], cfg_dict: dict[str, Any], n: int, own: bool) -> Any:

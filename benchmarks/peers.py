@@ -61,7 +61,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import Settings, make_dataset, median, quiet, request_counts
+from common import Settings, make_dataset, median, quiet, request_counts, s3fs_store
 
 BUCKET = "zcache-peers"
 PREFIX = "peers.zarr"
@@ -435,15 +435,9 @@ def write_data(env: Env) -> np.ndarray:
     ds = make_dataset(s)
     env.server.create_bucket(BUCKET)
     encoding = {VAR: {"chunks": s.chunks, "compressors": [ZstdCodec(level=3)]}}
-    with quiet():
-        ds.to_zarr(
-            env.url,
-            mode="w",
-            zarr_format=3,
-            consolidated=True,
-            encoding=encoding,
-            storage_options=env.server.storage_options(skip_instance_cache=True),
-        )
+    opts = env.server.storage_options(skip_instance_cache=True)
+    with quiet(), s3fs_store(env.url, opts) as store:
+        ds.to_zarr(store, mode="w", zarr_format=3, consolidated=True, encoding=encoding)
     fs = env.server.filesystem()
     proto = default_buffer_prototype()
     objects = {}
@@ -756,9 +750,8 @@ def run(
 ) -> dict[str, Any]:
     from s3proc import S3Process
 
-    from xarray_zcache._quiet import silence_unclosed_sessions
-
-    silence_unclosed_sessions()
+    # (no filter on aiohttp's "Unclosed client session": the data is written through
+    # s3fs_store, which closes its session, and the readers close theirs)
     # TensorStore's s3 kvstore reads its credentials from the environment
     for k, v in (
         ("AWS_ACCESS_KEY_ID", KEY),

@@ -190,6 +190,10 @@ def _fake_stats() -> dict[str, Any]:
     for s, used in ((a, 100), (b, 300)):
         s.memory_used, s.memory_capacity = used, 1000
         s.disk_used, s.disk_capacity, s.disk_path = 5000, 10_000, "/cache"
+    a.decoded_hits, a.decoded_misses, a.decoded_evictions = 5, 3, 1
+    a.decoded_used, a.decoded_capacity = 200, 400
+    b.decoded_misses, b.decoded_capacity = 2, 400
+    a.evictions["memory"], a.evictions["disk"], b.evictions["memory"] = 4, 1, 2
     total = a + b
     return {
         "workers": {
@@ -240,6 +244,18 @@ def test_plotting_from_plain_data() -> None:
     assert data["tiers"]["label"] == ["worker 0", "worker 1", "cluster"]
     assert data["tiers"]["memory"] == [6, 2, 8]  # the known-missing hit counts as memory
     assert data["tiers"]["miss"] == [2, 3, 5]
+    # the decoded tier beside the byte tiers: its reads, hit rate, use and evictions
+    assert data["tiers"]["decoded_hits"] == [5, 0, 5]
+    assert data["tiers"]["decoded_misses"] == [3, 2, 5]
+    assert data["tiers"]["decoded_hit_rate"] == [5 / 8, 0.0, 0.5]
+    assert data["tiers"]["decoded_text"] == ["hit rate 62.5%", "hit rate 0.0%", "hit rate 50.0%"]
+    assert data["tiers"]["evictions_memory"] == [4, 2, 6]
+    assert data["tiers"]["evictions_decoded"] == [1, 0, 1]
+    assert data["tiers"]["evictions_disk"] == [1, 0, 1]
+    assert data["workers"]["decoded_used"] == [200, 0]
+    assert data["workers"]["decoded_capacity"] == [400, 400]
+    assert data["workers"]["decoded_pct"] == [0.5, 0.0]
+    assert data["workers"]["decoded_text"] == ["200 B of 400 B (50.0%)", "0 B of 400 B (0.0%)"]
     assert data["hot_keys"]["workers"] == ["worker 0: disk"]
     assert data["hot_keys"]["rate"] == [1.5] and data["hot_keys"]["peak"] == [4.0]
     assert data["decisions"]["worker"] == ["worker 0"]
@@ -257,6 +273,9 @@ def test_plotting_from_plain_data() -> None:
         None,
     )
     assert plotting.summary_text(stats).startswith("cluster hit rate: 66.7% | 2 workers")
+    assert "| decoded 200 B of 800 B (hit rate 50.0%) |" in plotting.summary_text(stats)
+    assert (s["decoded_hits"], s["decoded_misses"], s["decoded_hit_rate"]) == (5, 5, 0.5)
+    assert (s["evictions_memory"], s["evictions_decoded"], s["evictions_disk"]) == (6, 1, 1)
 
     layout = plotting.dashboard(stats, series)
     json_item(layout)  # serializes
@@ -268,11 +287,15 @@ def test_plotting_from_plain_data() -> None:
         "hit_rate",
         "saved",
         "memory",
+        "decoded",
         "disk",
         "tiers",
+        "decoded_reads",
+        "evictions",
         "hot_keys",
         "decisions",
     }
+    assert {"zcache-decoded", "zcache-decoded-reads", "zcache-evictions"} <= names
 
 
 def test_plotting_with_no_data() -> None:
@@ -330,6 +353,48 @@ def test_panels_show_one_by_one() -> None:
         json_item(plotting.panel(name, stats, []))
     with pytest.raises(ValueError, match="unknown panel"):
         plotting.panel("pie", stats, [])
+
+
+def _runtime_imports(path: Path) -> set[str]:
+    """The package modules a module imports at run time (at import or in a function)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):  # imports for the type checker only are no circle
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            node.body = []
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+    return {m for m in found if m.startswith("xarray_zcache")}
+
+
+def test_no_import_circle_between_the_page_the_stats_and_the_scheduler() -> None:
+    import xarray_zcache
+
+    root = Path(xarray_zcache.__file__).parent
+    modules = {
+        ".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in [*root.glob("distributed/*.py"), *root.glob("plotting/*.py")]
+    }
+    graph = {m: _runtime_imports(p) & set(modules) - {m} for m, p in modules.items()}
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), list(graph[start])
+        while todo:
+            m = todo.pop()
+            if m == goal:
+                return True
+            if m not in seen:
+                seen.add(m)
+                todo += graph.get(m, set())
+        return False
+
+    circles = sorted(m for m in modules if reaches(m, m))
+    assert circles == [], circles
 
 
 def test_no_http_server_no_crash() -> None:
@@ -416,6 +481,133 @@ def test_stats_json_matches_cluster_stats(work: Work, s3_options: dict[str, Any]
     assert ">xarray-zcache</a>" in dask_page  # the "More..." menu too
     assert _get(link + "/")[0] == 200  # redirected to the page (its links are relative)
     assert _get(link + "?refresh=nope")[0] == 400
+
+
+def _worker_decoded(dask_worker: Any) -> dict[str, int]:
+    """A worker's decoded-tier figures, as its own cache counts them."""
+    from xarray_zcache.distributed.worker import worker_cache_state
+
+    state = worker_cache_state(dask_worker)
+    assert state is not None
+    s = state.cache.stats()
+    return {
+        "decoded_hits": s.decoded_hits,
+        "decoded_misses": s.decoded_misses,
+        "decoded_evictions": s.decoded_evictions,
+        "decoded_used": s.decoded_used,
+        "decoded_capacity": s.decoded_capacity,
+        "memory_evictions": s.evictions["memory"],
+    }
+
+
+def _as_seen(s: Any) -> dict[str, int]:
+    return {
+        "decoded_hits": s.decoded_hits,
+        "decoded_misses": s.decoded_misses,
+        "decoded_evictions": s.decoded_evictions,
+        "decoded_used": s.decoded_used,
+        "decoded_capacity": s.decoded_capacity,
+        "memory_evictions": s.evictions["memory"],
+    }
+
+
+def _page_sources(page: str) -> dict[str, dict[str, list[Any]]]:
+    """The data of the ``zcache-source-*`` sources in the page's embedded Bokeh document."""
+    import html
+
+    found = re.search(r"const docs_json = '(.*?)';\n", page)
+    assert found, "no Bokeh document in the page"
+    # Bokeh embeds the JSON HTML-escaped, backslashes doubled, in a JS string
+    docs = json.loads(html.unescape(found.group(1).replace("\\\\", "\\")))
+    out: dict[str, dict[str, list[Any]]] = {}
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            attrs = node.get("attributes") or {}
+            name = str(attrs.get("name", "")) if isinstance(attrs, dict) else ""
+            if node.get("name") == "ColumnDataSource" and name.startswith("zcache-source-"):
+                out[name.removeprefix("zcache-source-")] = dict(attrs["data"]["entries"])
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(docs)
+    return out
+
+
+def test_page_shows_the_decoded_tier(
+    s3_bucket: str, s3_options: dict[str, Any], tmp_path: Path
+) -> None:
+    """Real decoded reads through xarray on a cluster: the page's Bokeh sources, its
+    sources.json and its summary carry each worker's own decoded-tier figures, exactly."""
+    url = f"s3://{s3_bucket}/decoded.zarr"
+    _write(url, s3_options)
+    # ~4.5 KiB per decoded chunk (2 KiB array, its encoded bytes, overhead): 48 KiB hold ~10
+    # per worker, so reading t2m's 32 chunks evicts; a 4-chunk selection read twice hits
+    cfg = (
+        CacheConfig()
+        .with_name("dashboard-decoded")
+        .with_memory_size("64MB")
+        .with_decoded_memory_size("48KiB")
+        .with_prefetch(0)
+        ._replace(report_interval=0.2)
+    )
+    with _cluster() as cluster, Client(cluster) as client:
+        zd.install(client, cfg)
+        ds = xr.open_dataset(
+            url, engine="zcache", chunks={}, storage_options=s3_options, cache_config=cfg
+        )
+        expected = ds.t2m.mean("time").values
+        np.testing.assert_allclose(ds.t2m.mean("time").compute().values, expected)
+        part = ds.t2m.isel(time=slice(0, 2))
+        first = part.sum().compute().item()
+        assert part.sum().compute().item() == first  # decoded hits: the same values
+        ds.close()
+
+        def settled() -> bool:
+            own = client.run(_worker_decoded)
+            seen = zd.cluster_stats(client).workers
+            return set(own) == set(seen) and all(_as_seen(seen[w]) == o for w, o in own.items())
+
+        _wait(settled, what="the aggregator's decoded figures settling")
+        own = client.run(_worker_decoded)
+        total = {k: sum(o[k] for o in own.values()) for k in next(iter(own.values()))}
+        assert total["decoded_hits"] >= 4 and total["decoded_evictions"] > 0
+        assert total["decoded_misses"] >= 32 and total["decoded_capacity"] == 2 * 48 * 1024
+        assert all(0 < o["decoded_used"] <= o["decoded_capacity"] for o in own.values())
+
+        link = zd.dashboard_link(client)
+        labels = zd.cluster_stats(client).labels()
+        status, _, page = _get(link + "?refresh=0")
+        assert status == 200
+        served = {"page": _page_sources(page), "json": _get_json(link + "/api/sources.json")}
+        served["json"] = served["json"]["sources"]
+        for where, sources in served.items():
+            tiers, workers = sources["tiers"], sources["workers"]
+            assert tiers["label"] == [*labels.values(), "cluster"], where
+            assert workers["label"] == list(labels.values()), where
+            rows = [own[w] for w in labels] + [total]
+            assert tiers["decoded_hits"] == [r["decoded_hits"] for r in rows], where
+            assert tiers["decoded_misses"] == [r["decoded_misses"] for r in rows], where
+            assert tiers["decoded_reads"] == [
+                r["decoded_hits"] + r["decoded_misses"] for r in rows
+            ], where
+            assert tiers["decoded_hit_rate"] == pytest.approx(
+                [r["decoded_hits"] / (r["decoded_hits"] + r["decoded_misses"]) for r in rows]
+            ), where
+            assert tiers["evictions_decoded"] == [r["decoded_evictions"] for r in rows], where
+            assert tiers["evictions_memory"] == [r["memory_evictions"] for r in rows], where
+            assert workers["decoded_used"] == [own[w]["decoded_used"] for w in labels], where
+            assert workers["decoded_capacity"] == [own[w]["decoded_capacity"] for w in labels], (
+                where
+            )
+        # the figures that draw them, and the headline line
+        for name in ("zcache-decoded", "zcache-decoded-reads", "zcache-evictions"):
+            assert f'"name":"{name}"' in page
+        rate = total["decoded_hits"] / (total["decoded_hits"] + total["decoded_misses"])
+        assert f"(hit rate {rate:.1%})" in page
 
 
 def test_routes_follow_the_plugin(work: Work) -> None:

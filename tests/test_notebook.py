@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,7 @@ def test_notebook_runs_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", "")) for o in outputs
     )
     assert "cluster hit rate:" in text
+    assert re.search(r"\| decoded [\d.]+ \w+ of 128\.00 MiB \(hit rate [\d.]+%\)", text), text
     assert "/zcache" in text
     html = "\n".join(str(o.get("data", {}).get("text/html", "")) for o in outputs)
     assert "xarray-zcache cluster" in html  # the per-worker table

@@ -298,3 +298,138 @@ def test_gs_and_az_urls_through_obstore(config: CacheConfig) -> None:
     )
     assert isinstance(az.inner, ObjectStore)
     assert az.namespace == "abfs+https://acct.blob.core.windows.net/cont/x.zarr"
+
+
+# -- built stores reused ---------------------------------------------------------------------
+
+
+def _gets(s3_server: LocalS3Server, bucket: str) -> list[tuple[str, str, int]]:
+    return [(r.method, r.key, r.status) for r in s3_server.requests.records() if r.bucket == bucket]
+
+
+def test_the_same_url_and_options_reuse_one_s3store(
+    s3_server: LocalS3Server, s3_bucket: str, s3_options: dict[str, Any], config: CacheConfig
+) -> None:
+    from obstore.store import S3Store
+
+    from xarray_zcache import clients
+
+    url = f"s3://{s3_bucket}/x.zarr"
+    expected = _write(url, s3_options)
+    clients.clear_built_stores()
+    first = open_store(url, storage_options=s3_options, cache_config=config.with_name("a"))
+    again = open_store(url, storage_options=dict(s3_options), cache_config=config.with_name("b"))
+    assert isinstance(first.inner, ObjectStore) and isinstance(again.inner, ObjectStore)
+    obs = first.inner.store
+    assert isinstance(obs, S3Store)
+    assert again.inner.store is obs  # one S3Store for the same URL and options
+    assert again.inner is not first.inner  # (zarr's ObjectStore around it: one per open)
+    assert clients.obstore_store(url, s3_options, True).store is obs  # type: ignore[union-attr]
+    assert clients.obstore_store(f"s3a://{s3_bucket}/x.zarr/", s3_options, False).store is obs  # type: ignore[union-attr]
+
+    # other options, credentials, endpoint or prefix: stores of their own
+    endpoint = str(s3_options["endpoint_url"])
+    others = {
+        "region": {**s3_options, "region": "us-west-2"},
+        "secret": {**s3_options, "secret": "another-secret"},
+        "endpoint": {**s3_options, "endpoint_url": endpoint.replace("127.0.0.1", "localhost")},
+    }
+    built = {name: clients.obstore_store(url, o, True) for name, o in others.items()}
+    built["prefix"] = clients.obstore_store(f"s3://{s3_bucket}/x.zarr/t", s3_options, True)
+    stores = [obs] + [b.store for b in built.values()]  # type: ignore[union-attr]
+    assert len({id(s) for s in stores}) == len(stores)
+    # the credentials are in no key, not even the ones only one store uses
+    for key in clients._built:
+        assert "another-secret" not in repr(key) and "testing" not in repr(key)
+
+    # each reads the right bytes, with exactly one GET per chunk
+    want = s3_server.filesystem().cat_file(f"{s3_bucket}/x.zarr/t/c/3/0")
+    for name, store in [("reused", again.inner), *built.items()]:
+        key = "c/3/0" if name == "prefix" else "t/c/3/0"
+        s3_server.requests.reset()
+        got = sync(store.get(key, P))
+        assert got is not None and got.to_bytes() == want, name
+        gets = [g for g in _gets(s3_server, s3_bucket) if g[0] == "GET"]
+        assert gets == [("GET", "x.zarr/t/c/3/0", 200)], name
+    # and through xarray, twice, the request log is what one open always sent
+    clients.clear_built_stores()
+    counts = []
+    for _ in range(2):
+        s3_server.requests.reset()
+        ds = xr.open_dataset(
+            url,
+            engine="zcache",
+            chunks={},
+            storage_options=s3_options,
+            cache_config=config.with_name(f"x{len(counts)}").without_disk_cache(),
+        )
+        xr.testing.assert_identical(ds.load(), expected)
+        ds.close()
+        counts.append(
+            (s3_server.requests.chunk_gets(bucket=s3_bucket), s3_server.requests.heads(s3_bucket))
+        )
+    assert counts == [(9, 0), (9, 0)]  # two fresh caches: 8 t chunks + coordinate z each
+
+
+def test_built_stores_are_bounded_thread_safe_and_picklable(
+    s3_bucket: str, s3_options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pickle
+    from concurrent.futures import ThreadPoolExecutor
+
+    from xarray_zcache import clients
+
+    url = f"s3://{s3_bucket}/x.zarr"
+    _write(url, s3_options)
+    clients.clear_built_stores()
+    with ThreadPoolExecutor(8) as pool:
+        opened = list(pool.map(lambda _: clients.obstore_store(url, s3_options, True), range(32)))
+    assert len({id(s.store) for s in opened}) == 1  # type: ignore[union-attr]
+    # Dask pickles stores to its workers: the same reads on the other side
+    copy = pickle.loads(pickle.dumps(opened[0]))
+    assert copy == opened[0]
+    got, want = sync(copy.get("t/c/1/0", P)), sync(opened[0].get("t/c/1/0", P))
+    assert got is not None and want is not None and got.to_bytes() == want.to_bytes()
+    # bounded: the least recently used goes first
+    monkeypatch.setattr(clients, "MAX_BUILT_STORES", 2)
+    a = clients.obstore_store(f"s3://{s3_bucket}/a", s3_options, True)
+    b = clients.obstore_store(f"s3://{s3_bucket}/b", s3_options, True)
+    assert clients.obstore_store(f"s3://{s3_bucket}/a", s3_options, True).store is a.store  # type: ignore[union-attr]
+    clients.obstore_store(f"s3://{s3_bucket}/c", s3_options, True)
+    assert len(clients._built) == 2
+    assert clients.obstore_store(f"s3://{s3_bucket}/a", s3_options, True).store is a.store  # type: ignore[union-attr]
+    assert clients.obstore_store(f"s3://{s3_bucket}/b", s3_options, True).store is not b.store  # type: ignore[union-attr]
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_forked_child_builds_its_own_s3store(s3_bucket: str, s3_options: dict[str, Any]) -> None:
+    import os
+
+    from xarray_zcache import clients
+
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork here")
+    url = f"s3://{s3_bucket}/x.zarr"
+    _write(url, s3_options)
+    parent = clients.obstore_store(url, s3_options, True)
+    assert parent is not None
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: only build a store (no I/O), say whether it is the parent's
+        try:
+            os.close(read)
+            child = clients.obstore_store(url, s3_options, True)
+            again = clients.obstore_store(url, s3_options, True)
+            ok = child is not None and again is not None
+            answer = b"new" if ok and child.store is not parent.store else b"parent's"
+            answer += b" reused" if ok and again.store is child.store else b" rebuilt"  # type: ignore[union-attr]
+            os.write(write, answer)
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        answer = pipe.read()
+    os.waitpid(pid, 0)
+    assert answer == b"new reused"
+    # the parent's is still the parent's
+    assert clients.obstore_store(url, s3_options, True).store is parent.store  # type: ignore[union-attr]

@@ -34,21 +34,44 @@ The endpoint s3fs would use without one given (``AWS_ENDPOINT_URL_S3``,
 ``AWS_ENDPOINT_URL``, the profile's ``endpoint_url``) is passed to obstore explicitly, so
 both clients read the same service and share one namespace (`names.canonical`).
 Chained URLs (``simplecache::s3://...``) and ``reference://`` stay on fsspec.
+
+Building an obstore store costs 10-20 ms (its HTTP client, TLS setup): `obstore_store`
+keeps the last `MAX_BUILT_STORES` built (`built_store`), keyed by the process, the
+service, bucket and prefix, the mapped options and the obstore settings of the
+environment, so that opening the same dataset again reuses its store (and its
+connections). Credentials enter the key as a digest only, and no key is logged. A
+child process never uses a store its parent built (the key holds the process id, and
+the cache empties in a forked child). The zarr `ObjectStore` around it is new on each
+open; pickled (Dask sends stores to its workers), a store is rebuilt on the other side
+as before.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import logging
 import os
-from collections.abc import Mapping
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
     from zarr.abc.store import Store
 
-__all__ = ["SCHEMES", "Unmapped", "available", "map_s3_options", "obstore_store"]
+__all__ = [
+    "MAX_BUILT_STORES",
+    "SCHEMES",
+    "Unmapped",
+    "available",
+    "built_store",
+    "clear_built_stores",
+    "map_s3_options",
+    "obstore_store",
+]
 
 logger = logging.getLogger("xarray_zcache.backend")
 
@@ -282,14 +305,95 @@ def obstore_store(
             scheme,
         )
         return None
-    from obstore.store import AzureStore, GCSStore, S3Store
     from zarr.storage import ObjectStore
 
-    obs: Any
-    if service == "s3":
-        obs = S3Store(bucket, prefix=prefix or None, config=config, client_options=client or None)  # type: ignore[arg-type]
-    elif service == "gs":
-        obs = GCSStore(bucket, prefix=prefix or None, config=config)  # type: ignore[arg-type]
-    else:
-        obs = AzureStore(bucket, prefix=prefix or None, config=config)  # type: ignore[arg-type]
+    def build() -> Any:
+        from obstore.store import AzureStore, GCSStore, S3Store
+
+        if service == "s3":
+            opts: Any = client or None
+            return S3Store(bucket, prefix=prefix or None, config=config, client_options=opts)  # type: ignore[arg-type]
+        if service == "gs":
+            return GCSStore(bucket, prefix=prefix or None, config=config)  # type: ignore[arg-type]
+        return AzureStore(bucket, prefix=prefix or None, config=config)  # type: ignore[arg-type]
+
+    obs = built_store((service, bucket, prefix), config, client, build)
     return ObjectStore(obs, read_only=read_only)
+
+
+# -- built stores, reused ----------------------------------------------------------------------
+
+#: how many built obstore stores `built_store` keeps (least recently used dropped first)
+MAX_BUILT_STORES = 32
+#: the options that are credentials: in a key by their digest only
+_SECRETS = frozenset({"access_key_id", "secret_access_key", "session_token", "account_key"})
+#: the environment variables obstore's stores read their settings from
+_ENV_PREFIXES = ("AWS_", "GOOGLE_", "AZURE_", "OBJECT_STORE_")
+
+_built_lock = threading.Lock()
+_built: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+
+
+def _digest(items: Mapping[str, Any]) -> str:
+    text = json.dumps(sorted((str(k), str(v)) for k, v in items.items()))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _store_key(
+    where: tuple[str, str, str], config: Mapping[str, Any], client: Mapping[str, Any]
+) -> tuple[Any, ...]:
+    """The key of a built store: no credential in it, only their digest."""
+    plain = {k: v for k, v in config.items() if k not in _SECRETS}
+    secrets = {k: v for k, v in config.items() if k in _SECRETS}
+    env = {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)}
+    return (
+        os.getpid(),
+        *where,
+        json.dumps(sorted((str(k), str(v)) for k, v in plain.items())),
+        json.dumps(sorted((str(k), str(v)) for k, v in client.items())),
+        _digest(secrets) if secrets else "",
+        _digest(env) if env else "",
+    )
+
+
+def built_store(
+    where: tuple[str, str, str],
+    config: Mapping[str, Any],
+    client: Mapping[str, Any],
+    build: Callable[[], Any],
+) -> Any:
+    """The obstore store ``build()`` makes for ``where`` (service, bucket, prefix) with
+    ``config`` and ``client`` options, built once and reused while it is among the
+    last `MAX_BUILT_STORES` used in this process. Thread-safe: two threads asking at
+    once may both build, and both get the one kept."""
+    key = _store_key(where, config, client)
+    with _built_lock:
+        obs = _built.get(key)
+        if obs is not None:
+            _built.move_to_end(key)
+            return obs
+    obs = build()  # outside the lock: 10-20 ms
+    with _built_lock:
+        kept = _built.setdefault(key, obs)
+        _built.move_to_end(key)
+        while len(_built) > MAX_BUILT_STORES:
+            _built.popitem(last=False)
+    return kept
+
+
+def clear_built_stores() -> None:
+    """Forget the stores `built_store` kept (the ones in use stay usable)."""
+    with _built_lock:
+        _built.clear()
+
+
+def _after_fork_in_child() -> None:
+    # the parent's stores (and their connection pools) are not the child's; a lock
+    # another thread held at the fork would never be released in the child
+    global _built_lock, _built
+    _built_lock = threading.Lock()
+    _built = OrderedDict()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

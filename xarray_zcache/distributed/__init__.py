@@ -13,6 +13,8 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from xarray_zcache.config import CacheConfig
+from xarray_zcache.distributed.calls import cluster_stats
+from xarray_zcache.distributed.calls import scheduler_call as _scheduler_call
 from xarray_zcache.distributed.clusterstats import ClusterStats
 from xarray_zcache.distributed.scheduler import ZCacheSchedulerPlugin
 from xarray_zcache.distributed.worker import ZCacheWorkerPlugin
@@ -131,38 +133,6 @@ def _announce_writes_from(client: Client) -> None:
         return asyncio.run_coroutine_threadsafe(coro, loop.asyncio_loop)
 
     add_invalidation_listener(name, announce)
-
-
-def _has_handler(dask_scheduler: Any, op: str = "") -> bool:
-    return op in dask_scheduler.handlers
-
-
-def _scheduler_call(client: Client, op: str, **kwargs: Any) -> Any:
-    """Call a handler of the scheduler (``None`` if the scheduler does not have it).
-
-    Asks first whether the handler exists: calling a missing one makes the scheduler
-    log a ``KeyError`` traceback, which blames Dask for a missing `install`.
-    """
-    if not client.run_on_scheduler(_has_handler, op=op):  # type: ignore[no-untyped-call]
-        return None
-    scheduler: Any = client.scheduler
-    return client.sync(getattr(scheduler, op), **kwargs)  # type: ignore[no-untyped-call]
-
-
-def cluster_stats(client: Client) -> ClusterStats:
-    """Per-worker and total cache figures from the scheduler's aggregator.
-
-    Raises
-    ------
-    RuntimeError
-        If the aggregator is not installed (see `install`).
-    """
-    raw = _scheduler_call(client, "zcache_cluster_stats")
-    if raw is None:
-        raise RuntimeError(
-            "the scheduler has no zcache aggregator: call xarray_zcache.distributed.install(client)"
-        )
-    return ClusterStats.from_dict(raw)
 
 
 def dashboard_link(client: Client) -> str:

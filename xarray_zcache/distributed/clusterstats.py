@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 from dask.utils import format_bytes
 
 from xarray_zcache.cache.stats import TIERS, CacheStats
+from xarray_zcache.distributed.common import worker_labels
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -267,8 +268,6 @@ class ClusterStats:
 
     def labels(self) -> dict[str, str]:
         """Worker address -> its display label, the same as on the ``/zcache`` page."""
-        from xarray_zcache.distributed.dashboard import worker_labels
-
         return worker_labels({w: self.names.get(w, "") for w in self.workers})
 
     def _repr_html_(self) -> str:

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from tornado import web
 
+from xarray_zcache.distributed.common import PLUGIN_NAME, Aggregator
 from xarray_zcache.distributed.dashboard_json import (
     MAX_DECISIONS,
     _dumps,
@@ -62,8 +63,6 @@ from xarray_zcache.distributed.dashboard_page import (
 
 if TYPE_CHECKING:
     from distributed import Scheduler
-
-    from xarray_zcache.distributed.scheduler import ZCacheSchedulerPlugin
 
 __all__ = [
     "DEFAULT_NAV",
@@ -88,8 +87,6 @@ __all__ = [
 
 logger = logging.getLogger("xarray_zcache.distributed")
 
-PLUGIN_NAME = "zcache-scheduler"
-
 
 # -- handlers ------------------------------------------------------------------------------------
 
@@ -104,11 +101,9 @@ class _Handler(web.RequestHandler):
     def set_default_headers(self) -> None:
         self.set_header("Cache-Control", "no-store")
 
-    def plugin(self) -> ZCacheSchedulerPlugin | None:
-        from xarray_zcache.distributed.scheduler import ZCacheSchedulerPlugin
-
+    def plugin(self) -> Aggregator | None:
         plugin = self.scheduler.plugins.get(PLUGIN_NAME)
-        if not isinstance(plugin, ZCacheSchedulerPlugin) or not hasattr(plugin, "series"):
+        if not isinstance(plugin, Aggregator):  # not installed, or not started
             self.set_status(503)
             self.set_header("Content-Type", "application/json; charset=UTF-8")
             self.finish(

@@ -13,6 +13,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 
 from xarray_zcache.cache.stats import MAX, CacheStats
 from xarray_zcache.distributed.clusterstats import ClusterStats, Decision, HotKey, series_point
+from xarray_zcache.distributed.common import PLUGIN_NAME
 from xarray_zcache.distributed.directory import Directory
 from xarray_zcache.distributed.placement import Placer
 from xarray_zcache.keys import array_of
@@ -113,7 +114,7 @@ class ZCacheSchedulerPlugin(SchedulerPlugin):
         ``xarray_zcache/distributed/placement.py``).
     """
 
-    name = "zcache-scheduler"
+    name = PLUGIN_NAME
     idempotent = True
 
     def __init__(

@@ -39,9 +39,13 @@ Examples
 from __future__ import annotations
 
 from xarray_zcache.plotting.data import (
+    CAPACITY_TIERS,
     CLUSTER_LABEL,
+    EVICTION_TIERS,
     NO_WORKERS_LABEL,
     SOURCE_NAMES,
+    decoded_hit_rate,
+    evictions,
     layout_key,
     notes,
     source_data,
@@ -59,6 +63,8 @@ from xarray_zcache.plotting.figures import (
     bytes_saved_figure,
     capacity_figure,
     decisions_table,
+    decoded_figure,
+    evictions_figure,
     hit_rate_figure,
     hot_keys_table,
     tier_figure,
@@ -67,8 +73,10 @@ from xarray_zcache.plotting.layout import dashboard, figures, make_sources, pane
 
 __all__ = [
     "BINARY_TICKS",
+    "CAPACITY_TIERS",
     "CLUSTER_LABEL",
     "COLORS",
+    "EVICTION_TIERS",
     "MIN_WIDTH",
     "NO_WORKERS_LABEL",
     "SIZING",
@@ -79,6 +87,10 @@ __all__ = [
     "capacity_figure",
     "dashboard",
     "decisions_table",
+    "decoded_figure",
+    "decoded_hit_rate",
+    "evictions",
+    "evictions_figure",
     "figures",
     "hit_rate_figure",
     "hot_keys_table",

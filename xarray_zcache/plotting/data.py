@@ -19,9 +19,13 @@ from xarray_zcache.cache.stats import TIERS, CacheStats
 from xarray_zcache.distributed.clusterstats import ClusterStats, as_cluster_stats
 
 __all__ = [
+    "CAPACITY_TIERS",
     "CLUSTER_LABEL",
+    "EVICTION_TIERS",
     "NO_WORKERS_LABEL",
     "SOURCE_NAMES",
+    "decoded_hit_rate",
+    "evictions",
     "layout_key",
     "notes",
     "source_data",
@@ -44,8 +48,18 @@ Stats = ClusterStats | Mapping[str, Any]
 Series = Sequence[Mapping[str, Any]]
 Columns = dict[str, list[Any]]
 
-#: the tiers with a capacity (the peer tier is other workers' caches)
-CAPACITY_TIERS = ("memory", "disk")
+#: the tiers with a capacity (the peer tier is other workers' caches), as the page shows them
+CAPACITY_TIERS = ("memory", "decoded", "disk")
+#: the tiers that evict (`CacheStats.evictions` and ``decoded_evictions``)
+EVICTION_TIERS = ("memory", "decoded", "disk")
+#: the decoded tier's columns of the ``tiers`` source
+_DECODED_COLUMNS = (
+    "decoded_hits",
+    "decoded_misses",
+    "decoded_reads",
+    "decoded_hit_rate",
+    "decoded_text",
+)
 
 
 def worker_labels(stats: Stats) -> dict[str, str]:
@@ -69,9 +83,12 @@ def summary(stats: Stats) -> dict[str, Any]:
     dict
         ``workers``, ``hit_rate`` (0..1), ``hits_<tier>`` for each tier (memory,
         disk, peer), ``misses``, ``requests_saved``, ``bytes_saved``, ``memory_used``,
-        ``memory_capacity``, ``disk_used``, ``disk_capacity``, ``disk_folders``,
-        ``decisions``. Disk figures count each disk folder once, even when several
-        workers of a host share it (and each reports it whole), when the reports
+        ``memory_capacity``, ``decoded_hits``, ``decoded_misses``,
+        ``decoded_hit_rate`` (0..1), ``decoded_used``, ``decoded_capacity``,
+        ``disk_used``, ``disk_capacity``, ``disk_folders``, ``evictions_<tier>`` for
+        each of `EVICTION_TIERS`, ``decisions``. Disk figures count each disk folder
+        once, even when several workers of a host share it (and each reports it
+        whole), when the reports
         say which folder each worker uses (``disk_path``; ``disk_folders`` is
         ``None`` otherwise, and the figures are the plain sums).
     """
@@ -87,11 +104,35 @@ def summary(stats: Stats) -> dict[str, Any]:
         "bytes_saved": total.bytes_saved,
         "memory_used": total.memory_used,
         "memory_capacity": total.memory_capacity,
+        "decoded_hits": total.decoded_hits,
+        "decoded_misses": total.decoded_misses,
+        "decoded_hit_rate": decoded_hit_rate(total),
+        "decoded_used": total.decoded_used,
+        "decoded_capacity": total.decoded_capacity,
         "disk_used": disk_used,
         "disk_capacity": disk_capacity,
         "disk_folders": folders,
+        **{f"evictions_{tier}": evictions(total, tier) for tier in EVICTION_TIERS},
         "decisions": len(cs.decisions),
     }
+
+
+def decoded_hit_rate(s: CacheStats) -> float:
+    """Share of the decoded tier's reads it served without decoding (0.0 with none).
+
+    The decoded tier sits above the byte tiers: each of its reads, hit or miss, was
+    also counted by the byte tier that vouched for (or loaded) the encoded bytes, so
+    its hits are a rate of their own, not a share of `CacheStats.hit_rate`.
+    """
+    reads = s.decoded_hits + s.decoded_misses
+    return s.decoded_hits / reads if reads else 0.0
+
+
+def evictions(s: CacheStats, tier: str) -> int:
+    """Entries ``tier`` (one of `EVICTION_TIERS`) evicted to stay within its capacity."""
+    if tier == "decoded":
+        return s.decoded_evictions
+    return int(s.evictions.get(tier, 0))
 
 
 def summary_text(stats: Stats) -> str:
@@ -114,6 +155,11 @@ def summary_text(stats: Stats) -> str:
         f"{s['requests_saved']} requests and {format_bytes(s['bytes_saved'])} saved",
         f"memory {format_bytes(s['memory_used'])} of {format_bytes(s['memory_capacity'])}",
     ]
+    if s["decoded_capacity"] or s["decoded_hits"] or s["decoded_misses"]:
+        parts.append(
+            f"decoded {format_bytes(s['decoded_used'])} of "
+            f"{format_bytes(s['decoded_capacity'])} (hit rate {s['decoded_hit_rate']:.1%})"
+        )
     if s["disk_capacity"]:
         n = s["disk_folders"]
         folders = "" if n is None else f" ({n} folder{'' if n == 1 else 's'})"
@@ -180,7 +226,7 @@ def _capacity_text(tier: str, used: int, cap: int) -> str:
 
 
 def _worker_columns(cs: ClusterStats, labels: Mapping[str, str]) -> Columns:
-    """The ``workers`` source: memory and disk use and capacity of each worker."""
+    """The ``workers`` source: memory, decoded and disk use and capacity of each worker."""
     cols: Columns = {"label": [], "address": []}
     for tier in CAPACITY_TIERS:
         for k in ("used", "capacity", "pct", "text"):
@@ -201,8 +247,9 @@ def _worker_columns(cs: ClusterStats, labels: Mapping[str, str]) -> Columns:
 
 
 def _tier_columns(cs: ClusterStats, labels: Mapping[str, str]) -> Columns:
-    """The ``tiers`` source: reads by tier, per worker and cluster-wide."""
-    cols: Columns = {k: [] for k in ("label", *TIERS, "miss", "negative", "hit_rate", "reads")}
+    """The ``tiers`` source: reads by tier, decoded reads, evictions; per worker and cluster."""
+    names = ("label", *TIERS, "miss", "negative", "hit_rate", "reads", *_DECODED_COLUMNS)
+    cols: Columns = {k: [] for k in (*names, *(f"evictions_{t}" for t in EVICTION_TIERS))}
     rows = [(label, cs.workers[addr]) for addr, label in labels.items()]
     for label, s in [*rows, (CLUSTER_LABEL, cs.total)]:
         by_tier = {tier: s.total_hits(tier=tier) for tier in TIERS}
@@ -214,6 +261,16 @@ def _tier_columns(cs: ClusterStats, labels: Mapping[str, str]) -> Columns:
         cols["negative"].append(s.negative_hits)
         cols["hit_rate"].append(s.hit_rate())
         cols["reads"].append(sum(by_tier.values()) + s.total_misses())
+        rate = decoded_hit_rate(s)
+        cols["decoded_hits"].append(s.decoded_hits)
+        cols["decoded_misses"].append(s.decoded_misses)
+        cols["decoded_reads"].append(s.decoded_hits + s.decoded_misses)
+        cols["decoded_hit_rate"].append(rate)
+        cols["decoded_text"].append(
+            f"hit rate {_pct_text(rate)}" if s.decoded_hits + s.decoded_misses else "no reads"
+        )
+        for tier in EVICTION_TIERS:
+            cols[f"evictions_{tier}"].append(evictions(s, tier))
     return cols
 
 
@@ -233,8 +290,12 @@ def source_data(stats: Stats, series: Series) -> dict[str, Columns]:
         Source name (see `SOURCE_NAMES`) -> column name -> values. ``series``: the
         cumulative cluster figures over time (``time`` in epoch milliseconds);
         ``recent``: the hit rate between consecutive points that saw reads;
-        ``workers``: one row per worker (memory/disk use and capacity);
-        ``tiers``: one row per worker plus the cluster (hits by tier, misses);
+        ``workers``: one row per worker (memory/decoded/disk use and capacity:
+        ``<tier>_used``, ``<tier>_capacity``, ``<tier>_pct``, ``<tier>_text``);
+        ``tiers``: one row per worker plus the cluster (hits by tier, misses; the
+        decoded tier's ``decoded_hits``, ``decoded_misses``, ``decoded_reads``,
+        ``decoded_hit_rate``, ``decoded_text``; ``evictions_<tier>`` for each of
+        `EVICTION_TIERS`);
         ``hot_keys``: the cluster's hottest keys (``rate``: reads/s across the
         cluster in the workers' latest report interval, ``peak``: the highest
         such rate the aggregator saw); ``decisions``: the latest promotion/warm

@@ -24,8 +24,10 @@ from bokeh.models import (
 )
 from bokeh.models.widgets.tables import DataTable, NumberFormatter, TableColumn
 from bokeh.plotting import figure
+from bokeh.transform import dodge
 
 from xarray_zcache.cache.stats import TIERS
+from xarray_zcache.plotting.data import CAPACITY_TIERS, EVICTION_TIERS
 
 __all__ = [
     "BINARY_TICKS",
@@ -37,6 +39,8 @@ __all__ = [
     "bytes_saved_figure",
     "capacity_figure",
     "decisions_table",
+    "decoded_figure",
+    "evictions_figure",
     "hit_rate_figure",
     "hot_keys_table",
     "tier_figure",
@@ -46,6 +50,7 @@ COLORS = {
     "memory": "#2b83ba",
     "disk": "#abdda4",
     "peer": "#fdae61",
+    "decoded": "#7b3294",
     "miss": "#d7191c",
     "capacity": "#e0e0e0",
     "requests": "#fdae61",
@@ -210,24 +215,30 @@ def bytes_saved_figure(series: ColumnDataSource) -> figure:
     return p
 
 
+#: the color of each tier's bar in words, for the figures' titles
+_SHADES = {"memory": "blue", "decoded": "purple", "disk": "green"}
+
+
 def capacity_figure(workers: ColumnDataSource, tier: str) -> figure:
-    """Use vs capacity of one tier (``"memory"`` or ``"disk"``) on each worker.
+    """Use vs capacity of one tier (``"memory"``, ``"decoded"`` or ``"disk"``) on each worker.
 
     Parameters
     ----------
     workers
         The ``workers`` source of `make_sources`.
     tier
-        ``"memory"`` or ``"disk"``.
+        ``"memory"``, ``"decoded"`` or ``"disk"`` (`CAPACITY_TIERS`).
 
     Returns
     -------
     bokeh.plotting.figure
     """
-    if tier not in ("memory", "disk"):
-        raise ValueError(f"tier must be 'memory' or 'disk', not {tier!r}")
+    if tier not in CAPACITY_TIERS:
+        raise ValueError(
+            f"tier must be one of {', '.join(map(repr, CAPACITY_TIERS))}, not {tier!r}"
+        )
     labels = list(workers.data["label"])
-    shade = "blue" if tier == "memory" else "green"
+    shade = _SHADES[tier]
     p = figure(
         title=f"{tier.capitalize()} tier per worker: used ({shade}) of capacity (grey)",
         y_range=FactorRange(factors=list(reversed(labels))),
@@ -331,7 +342,133 @@ def tier_figure(tiers: ColumnDataSource) -> figure:
                 ("peer hits (owner had it)", "@peer"),
                 ("misses", "@miss"),
                 ("hit rate", "@hit_rate{0.0%}"),
+                ("decoded hits / misses", "@decoded_hits / @decoded_misses"),
             ],
+        )
+    )
+    return p
+
+
+def decoded_figure(tiers: ColumnDataSource) -> figure:
+    """The decoded tier's reads, per worker and cluster-wide: served decoded, or decoded again.
+
+    The decoded tier holds decoded chunks above the byte tiers: a hit skips zarr's
+    decoding, a miss decodes (its encoded bytes came from a byte tier, or from the
+    store: the "Reads by tier" figure counts those reads too). Each bar says its
+    hit rate in words.
+
+    Parameters
+    ----------
+    tiers
+        The ``tiers`` source of `make_sources`.
+
+    Returns
+    -------
+    bokeh.plotting.figure
+    """
+    labels = list(tiers.data["label"])
+    p = figure(
+        title="Decoded tier: reads served without decoding",
+        y_range=FactorRange(factors=list(reversed(labels))),
+        # room on the right of the longest bar for its hit rate in words
+        x_range=DataRange1d(start=0, range_padding=0.75, range_padding_units="percent"),
+        sizing_mode=SIZING,
+        min_width=MIN_WIDTH,
+        height=_bar_height(len(labels)) + 30,
+        tools="save",
+        toolbar_location=None,
+        name="zcache-decoded-reads",
+    )
+    bars = p.hbar_stack(
+        ["decoded_hits", "decoded_misses"],
+        y="label",
+        height=0.7,
+        source=tiers,
+        color=[COLORS["decoded"], COLORS["miss"]],
+        legend_label=["decoded hits", "decoded misses (zarr decoded)"],
+    )
+    words = Text(  # after the bar: its hit rate
+        x="decoded_reads",
+        y="label",
+        text="decoded_text",
+        x_offset=6,
+        text_baseline="middle",
+        text_font_size="12px",
+        text_color="#222222",
+    )
+    p.add_glyph(tiers, words)
+    p.legend.location = "top_center"
+    p.legend.orientation = "horizontal"
+    p.add_layout(p.legend[0], "below")
+    p.ygrid.grid_line_color = None
+    p.xaxis.axis_label = "chunk reads"
+    p.xaxis.ticker = BasicTicker(min_interval=1)
+    p.xaxis.formatter = NumeralTickFormatter(format="0,0")
+    p.add_tools(
+        HoverTool(
+            renderers=list(bars),
+            tooltips=[
+                ("", "@label"),
+                ("decoded hits", "@decoded_hits"),
+                ("decoded misses", "@decoded_misses"),
+                ("hit rate", "@decoded_hit_rate{0.0%}"),
+                ("evictions", "@evictions_decoded"),
+            ],
+        )
+    )
+    return p
+
+
+def evictions_figure(tiers: ColumnDataSource) -> figure:
+    """Entries each tier evicted to stay within its capacity, per worker and cluster-wide.
+
+    Parameters
+    ----------
+    tiers
+        The ``tiers`` source of `make_sources`.
+
+    Returns
+    -------
+    bokeh.plotting.figure
+    """
+    labels = list(tiers.data["label"])
+    y_range = FactorRange(factors=list(reversed(labels)))
+    p = figure(
+        title="Evictions by tier (to stay within capacity)",
+        y_range=y_range,
+        x_range=DataRange1d(start=0),
+        sizing_mode=SIZING,
+        min_width=MIN_WIDTH,
+        height=_bar_height(len(labels)) + 30,
+        tools="save",
+        toolbar_location=None,
+        name="zcache-evictions",
+    )
+    n = len(EVICTION_TIERS)
+    step = 0.8 / n
+    bars = [
+        p.hbar(
+            y=dodge("label", ((n - 1) / 2 - i) * step, range=y_range),  # first on top
+            right=f"evictions_{tier}",
+            height=step * 0.9,
+            source=tiers,
+            color=COLORS[tier],
+            legend_label=tier,
+        )
+        for i, tier in enumerate(EVICTION_TIERS)
+    ]
+    p.legend.location = "top_center"
+    p.legend.orientation = "horizontal"
+    p.add_layout(p.legend[0], "below")
+    p.ygrid.grid_line_color = None
+    p.xaxis.axis_label = "evictions"
+    p.xaxis.ticker = BasicTicker(min_interval=1)
+    p.xaxis.formatter = NumeralTickFormatter(format="0,0")
+    p.add_tools(
+        HoverTool(
+            renderers=list(bars),
+            tooltips=[("", "@label")]
+            + [(f"{tier} evictions", f"@evictions_{tier}") for tier in EVICTION_TIERS],
         )
     )
     return p

@@ -19,6 +19,8 @@ from xarray_zcache.plotting.figures import (
     bytes_saved_figure,
     capacity_figure,
     decisions_table,
+    decoded_figure,
+    evictions_figure,
     hit_rate_figure,
     hot_keys_table,
     tier_figure,
@@ -78,10 +80,10 @@ def figures(stats: Stats, series: Series) -> dict[str, LayoutDOM]:
     Returns
     -------
     dict
-        ``hit_rate``, ``saved``, ``memory``, ``disk``, ``tiers``, ``hot_keys``,
-        ``decisions`` -> Bokeh model (the two tables with their `notes` above
-        them). They share data sources: show them together (in one layout), or
-        use `panel` for one on its own.
+        ``hit_rate``, ``saved``, ``memory``, ``decoded``, ``disk``, ``tiers``,
+        ``decoded_reads``, ``evictions``, ``hot_keys``, ``decisions`` -> Bokeh model
+        (the two tables with their `notes` above them). They share data sources:
+        show them together (in one layout), or use `panel` for one on its own.
     """
     stats = as_cluster_stats(stats)  # once, not once per figure
     src = make_sources(stats, series)
@@ -89,8 +91,11 @@ def figures(stats: Stats, series: Series) -> dict[str, LayoutDOM]:
         "hit_rate": hit_rate_figure(src["series"], src["recent"]),
         "saved": bytes_saved_figure(src["series"]),
         "memory": capacity_figure(src["workers"], "memory"),
+        "decoded": capacity_figure(src["workers"], "decoded"),
         "disk": capacity_figure(src["workers"], "disk"),
         "tiers": tier_figure(src["tiers"]),
+        "decoded_reads": decoded_figure(src["tiers"]),
+        "evictions": evictions_figure(src["tiers"]),
         "hot_keys": _with_note("hot_keys", hot_keys_table(src["hot_keys"]), stats),
         "decisions": _with_note("decisions", decisions_table(src["decisions"]), stats),
     }
@@ -106,8 +111,9 @@ def panel(name: str, stats: Stats, series: Series) -> LayoutDOM:
     Parameters
     ----------
     name
-        ``"hit_rate"``, ``"saved"``, ``"memory"``, ``"disk"``, ``"tiers"``,
-        ``"hot_keys"`` or ``"decisions"``.
+        ``"hit_rate"``, ``"saved"``, ``"memory"``, ``"decoded"``, ``"disk"``,
+        ``"tiers"``, ``"decoded_reads"``, ``"evictions"``, ``"hot_keys"`` or
+        ``"decisions"``.
     stats
         The aggregator's cluster stats (a `ClusterStats`, or its dict).
     series
@@ -122,8 +128,11 @@ def panel(name: str, stats: Stats, series: Series) -> LayoutDOM:
         "hit_rate": lambda s: hit_rate_figure(s["series"], s["recent"]),
         "saved": lambda s: bytes_saved_figure(s["series"]),
         "memory": lambda s: capacity_figure(s["workers"], "memory"),
+        "decoded": lambda s: capacity_figure(s["workers"], "decoded"),
         "disk": lambda s: capacity_figure(s["workers"], "disk"),
         "tiers": lambda s: tier_figure(s["tiers"]),
+        "decoded_reads": lambda s: decoded_figure(s["tiers"]),
+        "evictions": lambda s: evictions_figure(s["tiers"]),
         "hot_keys": lambda s: _with_note("hot_keys", hot_keys_table(s["hot_keys"]), stats),
         "decisions": lambda s: _with_note("decisions", decisions_table(s["decisions"]), stats),
     }
@@ -168,7 +177,11 @@ def dashboard(stats: Stats, series: Series, *, with_summary: bool = True) -> Lay
         )
     parts += [
         _row(f["hit_rate"], f["saved"]),
-        _row(f["tiers"], column(f["memory"], f["disk"], sizing_mode=SIZING, min_width=MIN_WIDTH)),
+        _row(
+            f["tiers"],
+            column(f["memory"], f["decoded"], f["disk"], sizing_mode=SIZING, min_width=MIN_WIDTH),
+        ),
+        _row(f["decoded_reads"], f["evictions"]),
         _heading("Hot keys"),
         f["hot_keys"],
         _heading("Promotion decisions"),

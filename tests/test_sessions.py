@@ -1,0 +1,124 @@
+"""No aiohttp session left open: zcache's s3fs client, and the benchmarks' s3fs writer.
+
+aiohttp reports a session collected while open as "Unclosed client session" on stderr.
+zarr's `FsspecStore` builds *asynchronous* s3fs filesystems, which s3fs never closes
+itself; zcache closes the ones behind its stores (`xarray_zcache.sessions`), and the
+benchmarks write their data through `benchmarks/common.py`'s ``s3fs_store``, which
+closes its own. Every session created during a test is followed to its end here.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+from xarray_zcache import CacheConfig, open_store
+
+aiohttp = pytest.importorskip("aiohttp")
+pytest.importorskip("s3fs")
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+class Sessions:
+    """The aiohttp sessions created while installed: the live ones, and how the others ended."""
+
+    def __init__(self) -> None:
+        self.created = 0
+        self.live: list[Any] = []  # weak references
+        self.collected_open = 0
+
+    def open_now(self) -> int:
+        gc.collect()
+        return sum(1 for ref in self.live if (s := ref()) is not None and not s.closed)
+
+
+@pytest.fixture
+def sessions(monkeypatch: pytest.MonkeyPatch) -> Iterator[Sessions]:
+    import weakref
+
+    seen = Sessions()
+    init, delete = aiohttp.ClientSession.__init__, aiohttp.ClientSession.__del__
+
+    def counting_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        seen.created += 1
+        seen.live.append(weakref.ref(self))
+
+    def counting_del(self: Any, *args: Any, **kwargs: Any) -> None:
+        if not self.closed:
+            seen.collected_open += 1
+        delete(self, *args, **kwargs)
+
+    monkeypatch.setattr(aiohttp.ClientSession, "__init__", counting_init)
+    monkeypatch.setattr(aiohttp.ClientSession, "__del__", counting_del)
+    yield seen
+
+
+def _dataset() -> xr.Dataset:
+    return xr.Dataset(
+        {"t": (("z", "y"), np.arange(64.0, dtype="f4").reshape(8, 8))},
+        coords={"z": np.arange(8)},
+    )
+
+
+def _write_sync(s3_server: Any, bucket: str) -> str:
+    """Written through s3fs's synchronous filesystem (s3fs closes that one itself)."""
+    fs = s3_server.filesystem()
+    _dataset().to_zarr(fs.get_mapper(f"{bucket}/x.zarr"), zarr_format=3, consolidated=False)
+    return f"s3://{bucket}/x.zarr"
+
+
+def test_reading_through_the_s3fs_client_leaves_no_session_open(
+    s3_server: Any, s3_bucket: str, s3_options: dict[str, Any], tmp_path: Path, sessions: Sessions
+) -> None:
+    url = _write_sync(s3_server, s3_bucket)
+    sessions.created, sessions.live = 0, []  # the writer's is s3fs's own business
+    cfg = CacheConfig(validation=None).with_memory_size("16MB").with_client("s3fs")
+    for i, chunks in enumerate((None, {})):
+        ds = xr.open_dataset(
+            url,
+            engine="zcache",
+            chunks=chunks,
+            storage_options=s3_options,
+            cache_config=cfg.with_name(f"sessions-{i}").with_disk_cache(tmp_path / str(i)),
+            consolidated=False,
+        )
+        xr.testing.assert_identical(ds.load(), _dataset())
+        ds.close()
+        del ds
+    store = open_store(url, storage_options=s3_options, cache_config=cfg.with_name("sessions-s"))
+    assert zarr.open_group(store, mode="r")["t"][:].sum() == _dataset().t.values.sum()
+    store.close()
+    del store
+    assert sessions.created > 0  # s3fs did read (its sessions are aiohttp's)
+    assert sessions.open_now() == 0
+    assert sessions.collected_open == 0
+
+
+def test_the_benchmarks_s3fs_writer_closes_its_session(
+    s3_bucket: str, s3_options: dict[str, Any], sessions: Sessions, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(BENCH))
+    monkeypatch.delitem(sys.modules, "common", raising=False)
+    from common import s3fs_store  # benchmarks/common.py
+
+    url = f"s3://{s3_bucket}/w.zarr"
+    with s3fs_store(url, s3_options) as store:
+        _dataset().to_zarr(store, mode="w", zarr_format=3, consolidated=False)
+    assert sessions.created > 0
+    assert sessions.open_now() == 0
+    assert sessions.collected_open == 0
+    # what it replaces: to_zarr(url, storage_options=...) leaves its session open
+    _dataset().to_zarr(
+        f"s3://{s3_bucket}/v.zarr", storage_options=s3_options, zarr_format=3, mode="w"
+    )
+    assert sessions.open_now() + sessions.collected_open == 1
