@@ -16,8 +16,8 @@ if TYPE_CHECKING:
     from xarray_zcache.cache.memory import MemoryTier
     from xarray_zcache.cache.negatives import Listings, NegativeEntries
     from xarray_zcache.cache.policy import Invalidations
+    from xarray_zcache.cache.recorder import StatsRecorder
     from xarray_zcache.cache.request import Read
-    from xarray_zcache.cache.stats import StatsRecorder
     from xarray_zcache.cache.writer import DiskWriter
 
 __all__ = ["DirectAccess"]

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 from xarray_zcache.cache.logs import events
 from xarray_zcache.cache.negatives import NEGATIVE_SUFFIX, Listings, NegativeEntries
 from xarray_zcache.cache.policy import Invalidations
+from xarray_zcache.cache.recorder import StatsRecorder
 from xarray_zcache.cache.request import PART_SEP, Read
-from xarray_zcache.cache.stats import StatsRecorder
 
 if TYPE_CHECKING:
     from xarray_zcache.cache.decoded import DecodedTier

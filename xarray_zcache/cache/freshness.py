@@ -70,7 +70,7 @@ from xarray_zcache.cache.request import PART_SEP
 from xarray_zcache.cache.versions import UnitState, VersionBook
 
 if TYPE_CHECKING:
-    from xarray_zcache.cache.stats import StatsRecorder
+    from xarray_zcache.cache.recorder import StatsRecorder
 
 __all__ = [
     "RETRY_AFTER",
