@@ -21,10 +21,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 from zarr.abc.store import (
     ByteRequest,
-    OffsetByteRequest,
-    RangeByteRequest,
     Store,
-    SuffixByteRequest,
     _store_supports_sync_io,
 )
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
@@ -36,6 +33,7 @@ from xarray_zcache.config import CacheConfig
 from xarray_zcache.identity import Identity, fresh_private, identify, store_namespace
 from xarray_zcache.keys import (
     array_of,
+    check_byte_range,
     cut,
     entry_key,
     file_key,
@@ -55,6 +53,7 @@ from xarray_zcache.registry import (
 from xarray_zcache.sessions import close_store_session
 from xarray_zcache.sessions import track as track_session
 from xarray_zcache.store_sources import SourceReads, fetched_bytes, source_versions
+from xarray_zcache.store_sync import SyncReads
 from xarray_zcache.store_validation import SourceValidation, ValidationReport
 from xarray_zcache.store_versions import SourceVersions
 
@@ -64,6 +63,7 @@ if TYPE_CHECKING:
 __all__ = [
     "RECHECK_MISSING",
     "CachedStore",
+    "SyncCachedStore",
     "array_of",
     "key_kind",
     "store_namespace",
@@ -77,13 +77,6 @@ logger = logging.getLogger("xarray_zcache.store")
 RECHECK_MISSING: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "zcache_recheck_missing", default=False
 )
-
-
-def _check_byte_range(byte_range: object) -> None:
-    if byte_range is not None and not isinstance(
-        byte_range, RangeByteRequest | OffsetByteRequest | SuffixByteRequest
-    ):
-        raise TypeError(f"Unexpected byte_range, got {byte_range}.")
 
 
 _bytes = fetched_bytes
@@ -147,8 +140,6 @@ class CachedStore(SourceValidation, SourceReads, Store):
     def __new__(cls, store: Store | None = None, *args: Any, **kwargs: Any) -> CachedStore:
         # (store is None when unpickling: the class was chosen when the object was made)
         if cls is CachedStore and store is not None and _store_supports_sync_io(store):
-            from xarray_zcache.store_sync import SyncCachedStore
-
             cls = SyncCachedStore
         return super().__new__(cls)
 
@@ -452,7 +443,7 @@ class CachedStore(SourceValidation, SourceReads, Store):
         byte_range: ByteRequest | None = None,
     ) -> Buffer | None:
         # docstring inherited
-        _check_byte_range(byte_range)
+        check_byte_range(byte_range)
         prototype = prototype or default_buffer_prototype()
         if self._refs is not None:
             return await self._get_referenced(self._refs, key, prototype, byte_range)
@@ -469,7 +460,7 @@ class CachedStore(SourceValidation, SourceReads, Store):
     async def get_bytes(self, key: str, byte_range: ByteRequest | None = None) -> bytes | None:
         """What `get` returns, as the ``bytes`` object the cache holds (no copy): the same
         read protocol, freshness gate and counting (the decoded tier's token)."""
-        _check_byte_range(byte_range)
+        check_byte_range(byte_range)
         if self._refs is not None or not is_plain_range(byte_range):
             buf = await self.get(key, default_buffer_prototype(), byte_range)
             return None if buf is None else buf.to_bytes()
@@ -679,9 +670,11 @@ class CachedStore(SourceValidation, SourceReads, Store):
         await self.cache.invalidating(self._dir_keys(""), self._store.clear)
 
 
-def __getattr__(name: str) -> Any:
-    if name == "SyncCachedStore":  # defined beside, in store_sync (it subclasses CachedStore)
-        from xarray_zcache.store_sync import SyncCachedStore
+class SyncCachedStore(SyncReads, CachedStore):
+    """A `CachedStore` over a store with synchronous I/O (`LocalStore`, `MemoryStore`).
 
-        return SyncCachedStore
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    `CachedStore(store)` returns one of these when ``store`` supports zarr's sync
+    surface, so that ``isinstance(store, SupportsGetSync)`` (how zarr decides to
+    take its sync path) tells the truth: hits are then served without an event loop.
+    Its synchronous reads and writes are `xarray_zcache.store_sync.SyncReads`.
+    """
