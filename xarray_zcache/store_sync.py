@@ -5,29 +5,21 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
 
 from zarr.abc.store import ByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 
 from xarray_zcache.keys import check_byte_range, is_plain_range
-from xarray_zcache.store_sources import SourceReads
-from xarray_zcache.store_validation import SourceValidation
+from xarray_zcache.store_writes import CachedWrites
 
 __all__ = ["SyncReads"]
 
 logger = logging.getLogger("xarray_zcache.store")
 
 
-class SyncReads(SourceValidation, SourceReads):
+class SyncReads(CachedWrites):
     """Part of `SyncCachedStore` (its state is the store's): the synchronous surface,
     used only when the wrapped store supports synchronous I/O."""
-
-    if TYPE_CHECKING:  # (defined by `CachedStore`, which follows this class in the MRO)
-
-        def _check_writable(self) -> None: ...
-        def _value_bytes(self, value: Buffer) -> bytes: ...
-        def _object_keys(self, key: str) -> list[str]: ...
 
     def get_sync(
         self,
