@@ -13,6 +13,7 @@ This module imports no zarr at import time (the scheduler uses `array_of` and
 
 from __future__ import annotations
 
+import functools
 import posixpath
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,7 @@ __all__ = [
     "RANGE_SEP",
     "array_of",
     "byte_request",
+    "check_byte_range",
     "cut",
     "digest_key",
     "entry_key",
@@ -90,6 +92,19 @@ def file_key(key: str) -> str:
 def entry_key(namespace: str, key: str) -> str:
     """The cache key of the whole object ``key`` of the store named ``namespace``."""
     return f"{namespace}/{escape(key)}"
+
+
+@functools.cache
+def _byte_requests() -> tuple[type, ...]:
+    from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
+
+    return (RangeByteRequest, OffsetByteRequest, SuffixByteRequest)
+
+
+def check_byte_range(byte_range: object) -> None:
+    """Raise `TypeError` (as zarr's stores do) if ``byte_range`` is no `ByteRequest`."""
+    if byte_range is not None and not isinstance(byte_range, _byte_requests()):
+        raise TypeError(f"Unexpected byte_range, got {byte_range}.")
 
 
 def is_plain_range(byte_range: ByteRequest | None) -> bool:

@@ -3,39 +3,42 @@
 The store only maps zarr keys and byte ranges to cache reads (`xarray_zcache.keys`);
 the read protocol — tiers, single flight, admission, invalidation — belongs to
 `HybridCache.get_or_load` and its write/delete counterparts.
+
+This module holds the class, its construction and zarr's `Store` surface; its parts
+(mixins sharing the store's state) are in ``store_bytes`` (reads through the cache),
+``store_sources`` (reads of the wrapped store, peers), ``store_validation`` (the
+freshness gate), ``store_references`` (reference stores), ``store_writes`` (writes and
+deletes), ``store_copies`` (pickling) and ``store_sync`` (`SyncCachedStore`'s
+synchronous surface).
 """
 
 from __future__ import annotations
 
 import asyncio
-import builtins
 import contextvars
 import dataclasses
 import functools
 import logging
 import secrets
-import time
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from typing import TYPE_CHECKING, Any, Self
 
 from zarr.abc.store import (
     ByteRequest,
-    OffsetByteRequest,
-    RangeByteRequest,
     Store,
-    SuffixByteRequest,
     _store_supports_sync_io,
 )
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 
-from xarray_zcache.cache.hybrid import UNANSWERED, HybridCache, _Unanswered
-from xarray_zcache.cache.request import PART_SEP, Read
+from xarray_zcache.cache.hybrid import HybridCache
+from xarray_zcache.cache.request import Read
 from xarray_zcache.cache.stats import CacheStats
 from xarray_zcache.config import CacheConfig
-from xarray_zcache.identity import Identity, fresh_private, identify, store_namespace
+from xarray_zcache.identity import Identity, identify, store_namespace
 from xarray_zcache.keys import (
     array_of,
+    check_byte_range,
     cut,
     entry_key,
     file_key,
@@ -48,15 +51,19 @@ from xarray_zcache.prefetch import ScanPrefetcher
 from xarray_zcache.references import DIRECT, References, Target, references_of
 from xarray_zcache.registry import (
     bind_cache,
-    on_dask_worker,
     release_cache,
     resolve_config,
 )
 from xarray_zcache.sessions import close_store_session
 from xarray_zcache.sessions import track as track_session
-from xarray_zcache.store_sources import SourceReads, fetched_bytes, source_versions
-from xarray_zcache.store_validation import SourceValidation, ValidationReport
+from xarray_zcache.store_bytes import CachedBytes
+from xarray_zcache.store_copies import StoreCopies
+from xarray_zcache.store_references import ReferencedReads
+from xarray_zcache.store_sources import SourceReads, source_versions
+from xarray_zcache.store_sync import SyncReads
+from xarray_zcache.store_validation import SourceValidation
 from xarray_zcache.store_versions import SourceVersions
+from xarray_zcache.store_writes import CachedWrites
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -64,6 +71,7 @@ if TYPE_CHECKING:
 __all__ = [
     "RECHECK_MISSING",
     "CachedStore",
+    "SyncCachedStore",
     "array_of",
     "key_kind",
     "store_namespace",
@@ -79,17 +87,9 @@ RECHECK_MISSING: contextvars.ContextVar[bool] = contextvars.ContextVar(
 )
 
 
-def _check_byte_range(byte_range: object) -> None:
-    if byte_range is not None and not isinstance(
-        byte_range, RangeByteRequest | OffsetByteRequest | SuffixByteRequest
-    ):
-        raise TypeError(f"Unexpected byte_range, got {byte_range}.")
-
-
-_bytes = fetched_bytes
-
-
-class CachedStore(SourceValidation, SourceReads, Store):
+class CachedStore(
+    ReferencedReads, CachedBytes, CachedWrites, StoreCopies, SourceValidation, SourceReads, Store
+):
     """A zarr store that serves reads of another store from a persistent hybrid cache.
 
     Every read path goes through the cache: `get` (whole objects and every
@@ -147,8 +147,6 @@ class CachedStore(SourceValidation, SourceReads, Store):
     def __new__(cls, store: Store | None = None, *args: Any, **kwargs: Any) -> CachedStore:
         # (store is None when unpickling: the class was chosen when the object was made)
         if cls is CachedStore and store is not None and _store_supports_sync_io(store):
-            from xarray_zcache.store_sync import SyncCachedStore
-
             cls = SyncCachedStore
         return super().__new__(cls)
 
@@ -211,7 +209,7 @@ class CachedStore(SourceValidation, SourceReads, Store):
         self._units = {}
         self._unit_memo = {}
 
-    # -- identity, pickling --------------------------------------------------------------------
+    # -- identity (pickling: store_copies.py) --------------------------------------------------
 
     @property
     def inner(self) -> Store:
@@ -247,34 +245,6 @@ class CachedStore(SourceValidation, SourceReads, Store):
 
     def __hash__(self) -> int:
         return hash((type(self), self._namespace))
-
-    def __dask_tokenize__(self) -> tuple[object, ...]:
-        return (type(self).__qualname__, self._namespace, self._store.read_only, self._config)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {
-            "store": self._store,
-            "config": self._config,
-            "identity": self._identity,
-            "named": self._named,
-            "object_units": self._object_units,
-            "confirmed": self._confirmations(),
-            "opened": self._opened,
-        }
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self._store = state["store"]
-        self._config = state["config"]
-        identity: Identity = state["identity"]
-        if identity.private and not state["named"]:
-            # private to the store object: this copy holds its own data (a MemoryStore's
-            # copy, a session's copy), never what the original cached
-            identity = dataclasses.replace(identity, namespace=fresh_private("copy"))
-        self._adopt(identity, named=state["named"])
-        self._object_units = state["object_units"]
-        self._opened = state.get("opened") or secrets.token_hex(8)
-        self._init_local()
-        self._confirmed_by = state.get("confirmed", {})
 
     def __repr__(self) -> str:
         return f"CachedStore({self._store!r}, cache={self._config.name!r})"
@@ -317,11 +287,6 @@ class CachedStore(SourceValidation, SourceReads, Store):
             recheck=recheck,
         )
 
-    def _object_keys(self, key: str) -> list[str]:
-        """Cache keys that hold ``key`` or a part of it (ranges, negative entries)."""
-        ck = self._ck(key)
-        return [ck, ck + PART_SEP]
-
     # -- open/close, read-only -----------------------------------------------------------------
 
     @classmethod
@@ -361,7 +326,7 @@ class CachedStore(SourceValidation, SourceReads, Store):
         other._adopt(self._identity, named=self._named)
         return other
 
-    # -- reference stores: chunks cached under their targets (references.py) ------------------
+    # -- reference stores: chunks cached under their targets (store_references.py) ------------
 
     def _target(self, target: Target) -> CachedStore:
         """The `CachedStore` of the folder holding a referenced object (one per folder)."""
@@ -371,36 +336,6 @@ class CachedStore(SourceValidation, SourceReads, Store):
             found._object_units = True
             self._targets[target.memo] = found
         return found
-
-    async def _get_referenced(
-        self, refs: References, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None
-    ) -> Buffer | None:
-        found = refs.resolve(key, byte_range)
-        if isinstance(found, Target):
-            return await self._target(found).get(found.key, prototype, found.byte_range)
-        if found is DIRECT:
-            return await self._store.get(key, prototype, byte_range)
-        if isinstance(found, bytes):
-            return prototype.buffer.from_bytes(found)
-        return None
-
-    async def revalidate(
-        self, progress: Callable[[int, int], None] | None = None
-    ) -> ValidationReport:
-        # docstring inherited
-        if self._refs is None:
-            return await super().revalidate(progress)
-        for url in self._refs.target_urls():  # (every target folder: not only those read here)
-            target = self._refs.target_of(url)
-            if target is not None:
-                self._target(target)
-        report = ValidationReport(0, 0, 0, 0, 0.0)
-        folders = list(self._targets.values())
-        for done, store in enumerate(folders, 1):
-            report = report + await store.revalidate()
-            if progress is not None:
-                progress(done, len(folders))
-        return report
 
     def __enter__(self) -> Self:
         return self
@@ -452,7 +387,7 @@ class CachedStore(SourceValidation, SourceReads, Store):
         byte_range: ByteRequest | None = None,
     ) -> Buffer | None:
         # docstring inherited
-        _check_byte_range(byte_range)
+        check_byte_range(byte_range)
         prototype = prototype or default_buffer_prototype()
         if self._refs is not None:
             return await self._get_referenced(self._refs, key, prototype, byte_range)
@@ -465,74 +400,6 @@ class CachedStore(SourceValidation, SourceReads, Store):
             )
         data = await self._get_bytes(cache, key, byte_range)
         return None if data is None else prototype.buffer.from_bytes(data)
-
-    async def get_bytes(self, key: str, byte_range: ByteRequest | None = None) -> bytes | None:
-        """What `get` returns, as the ``bytes`` object the cache holds (no copy): the same
-        read protocol, freshness gate and counting (the decoded tier's token)."""
-        _check_byte_range(byte_range)
-        if self._refs is not None or not is_plain_range(byte_range):
-            buf = await self.get(key, default_buffer_prototype(), byte_range)
-            return None if buf is None else buf.to_bytes()
-        return await self._get_bytes(self.cache, key, byte_range)
-
-    def bytes_now(
-        self, key: str, cache: HybridCache | None = None
-    ) -> tuple[str, bytes | _Unanswered | None]:
-        """The cache key of ``key`` and the bytes `get_bytes(key)` would return now, if the
-        cache can tell without I/O and without waiting (the freshness gate open, the
-        object in memory or known missing; counted as such a read is); otherwise
-        `UNANSWERED` (call `get_bytes`). ``cache``: `cache`, if the caller has it."""
-        read = self._read(key, None)
-        if self._refs is not None:
-            return read.key, UNANSWERED
-        cache = self.cache if cache is None else cache
-        if self._source.supported:  # the gate of `_validated`, without its I/O
-            unit, _ = self._unit_of(key)
-            freshness = cache.freshness
-            since = self._confirmed_by.get(unit.name)
-            if since is not None and freshness.confirmed(unit) < since:
-                return read.key, UNANSWERED
-            if not freshness.is_fresh(unit, time.time()):
-                return read.key, UNANSWERED
-        return read.key, cache.answer_now(read)
-
-    async def _get_bytes(
-        self, cache: HybridCache, key: str, byte_range: ByteRequest | None
-    ) -> bytes | None:
-        began = time.time()
-        await self._validated(key, cache)
-        reader = self._part_reader(key, byte_range, began)
-        read = self._read(key, byte_range)
-        pf = self._prefetcher() if byte_range is None and read.kind == "chunk" else None
-        missed = False
-
-        async def load() -> bytes | None:
-            nonlocal missed
-            missed = True
-            if pf is not None:
-                await pf.observe(key, miss=True)  # may start reading ahead
-            return await self._fetch(cache, key, byte_range, began, reader)
-
-        data = await cache.get_or_load(read, load)
-        self._served(cache, key, reader)
-        if pf is not None and not missed and pf.active:
-            await pf.observe(key, miss=False)
-        return data
-
-    def _prefetcher(self) -> ScanPrefetcher | None:
-        """The read-ahead of this store on the running event loop (None if disabled)."""
-        depth = self._config.prefetch_depth
-        if depth <= 0:
-            return None
-        loop = asyncio.get_running_loop()
-        pf = self._prefetchers.get(loop)
-        if pf is None:
-            if on_dask_worker():
-                # on a Dask cluster the workers split the scan between them: one worker's
-                # read-ahead would fetch chunks that other workers are about to read
-                return None
-            pf = self._prefetchers[loop] = ScanPrefetcher(self, depth)
-        return pf
 
     async def get_partial_values(
         self,
@@ -594,7 +461,7 @@ class CachedStore(SourceValidation, SourceReads, Store):
             return False
         return True
 
-    # -- listings ------------------------------------------------------------------------------
+    # -- listings (writes and deletes: store_writes.py) ----------------------------------------
 
     async def _listing(
         self, op: str, prefix: str, source: AsyncIterator[str]
@@ -621,67 +488,12 @@ class CachedStore(SourceValidation, SourceReads, Store):
         # docstring inherited
         return self._listing("dir", prefix, self._store.list_dir(prefix))
 
-    # -- writes --------------------------------------------------------------------------------
 
-    def _value_bytes(self, value: Buffer) -> bytes:
-        if not isinstance(value, Buffer):
-            raise TypeError(
-                f"CachedStore.set(): `value` must be a Buffer instance. Got an instance of "
-                f"{type(value)} instead."
-            )
-        return value.to_bytes()
+class SyncCachedStore(SyncReads, CachedStore):
+    """A `CachedStore` over a store with synchronous I/O (`LocalStore`, `MemoryStore`).
 
-    async def set(self, key: str, value: Buffer) -> None:
-        # docstring inherited
-        self._check_writable()
-        data = self._value_bytes(value)
-        await self.cache.write_through(
-            self._read(key, None),
-            data,
-            lambda: self._store.set(key, value),
-            keep=self._config.cache_on_write,
-        )
-
-    async def set_if_not_exists(self, key: str, value: Buffer) -> None:
-        # docstring inherited
-        self._check_writable()
-        # we cannot tell whether our value or an existing one won: cache neither
-        await self.cache.invalidating(
-            self._object_keys(key), lambda: self._store.set_if_not_exists(key, value)
-        )
-
-    async def _set_many(self, values: Iterable[tuple[str, Buffer]]) -> None:
-        await asyncio.gather(*(self.set(k, v) for k, v in values))
-
-    async def delete(self, key: str) -> None:
-        # docstring inherited
-        self._check_writable()
-        await self.cache.invalidating(self._object_keys(key), lambda: self._store.delete(key))
-
-    def _dir_keys(self, prefix: str) -> builtins.list[str]:
-        """What ``delete_dir(prefix)`` may remove: everything under ``prefix/`` and, on
-        object stores (FsspecStore), the object named exactly ``prefix``."""
-        prefix = prefix.rstrip("/")
-        if not prefix:
-            return [self._namespace + "/"]
-        return [self._ck(prefix) + "/", *self._object_keys(prefix)]
-
-    async def delete_dir(self, prefix: str) -> None:
-        # docstring inherited
-        self._check_writable()
-        await self.cache.invalidating(
-            self._dir_keys(prefix), lambda: self._store.delete_dir(prefix)
-        )
-
-    async def clear(self) -> None:
-        # docstring inherited
-        self._check_writable()
-        await self.cache.invalidating(self._dir_keys(""), self._store.clear)
-
-
-def __getattr__(name: str) -> Any:
-    if name == "SyncCachedStore":  # defined beside, in store_sync (it subclasses CachedStore)
-        from xarray_zcache.store_sync import SyncCachedStore
-
-        return SyncCachedStore
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    `CachedStore(store)` returns one of these when ``store`` supports zarr's sync
+    surface, so that ``isinstance(store, SupportsGetSync)`` (how zarr decides to
+    take its sync path) tells the truth: hits are then served without an event loop.
+    Its synchronous reads and writes are `xarray_zcache.store_sync.SyncReads`.
+    """

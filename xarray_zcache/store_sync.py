@@ -1,4 +1,5 @@
-"""`SyncCachedStore`: the `CachedStore` of a store with synchronous I/O."""
+"""The synchronous reads and writes of a `~xarray_zcache.store.SyncCachedStore` (the
+`CachedStore` of a store with synchronous I/O): `get_sync`, `set_sync`, `delete_sync`."""
 
 from __future__ import annotations
 
@@ -8,21 +9,17 @@ import time
 from zarr.abc.store import ByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 
-from xarray_zcache.keys import is_plain_range
-from xarray_zcache.store import CachedStore, _check_byte_range
+from xarray_zcache.keys import check_byte_range, is_plain_range
+from xarray_zcache.store_writes import CachedWrites
 
-__all__ = ["SyncCachedStore"]
+__all__ = ["SyncReads"]
 
 logger = logging.getLogger("xarray_zcache.store")
 
 
-class SyncCachedStore(CachedStore):
-    """A `CachedStore` over a store with synchronous I/O (`LocalStore`, `MemoryStore`).
-
-    `CachedStore(store)` returns one of these when ``store`` supports zarr's sync
-    surface, so that ``isinstance(store, SupportsGetSync)`` (how zarr decides to
-    take its sync path) tells the truth: hits are then served without an event loop.
-    """
+class SyncReads(CachedWrites):
+    """Part of `SyncCachedStore` (its state is the store's): the synchronous surface,
+    used only when the wrapped store supports synchronous I/O."""
 
     def get_sync(
         self,
@@ -36,7 +33,7 @@ class SyncCachedStore(CachedStore):
         The same read protocol as `get` (`HybridCache.get_or_load_sync`), without
         single flight across threads.
         """
-        _check_byte_range(byte_range)
+        check_byte_range(byte_range)
         prototype = prototype or default_buffer_prototype()
         getter = self._store.get_sync  # type: ignore[attr-defined]
         cache = self.cache

@@ -24,7 +24,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from xarray_zcache import store_versions
-from xarray_zcache.cache.freshness import AsyncListing, Listing, SyncListing, Tally, Unit
+from xarray_zcache.cache.listing import AsyncListing, Listing, SyncListing, Tally, Unit
 from xarray_zcache.keys import array_of, file_key, key_kind, parse_entry_key
 from xarray_zcache.listing_plan import Plan, grid_of, plan
 

@@ -8,6 +8,7 @@ import time
 from collections.abc import Awaitable, Callable, Sized
 from typing import TYPE_CHECKING, TypeVar
 
+from xarray_zcache.cache.admission import Admission
 from xarray_zcache.cache.negatives import NEGATIVE_SUFFIX
 from xarray_zcache.cache.request import PART_SEP
 
@@ -16,8 +17,8 @@ if TYPE_CHECKING:
     from xarray_zcache.cache.memory import MemoryTier
     from xarray_zcache.cache.negatives import Listings, NegativeEntries
     from xarray_zcache.cache.policy import Invalidations
+    from xarray_zcache.cache.recorder import StatsRecorder
     from xarray_zcache.cache.request import Read
-    from xarray_zcache.cache.stats import StatsRecorder
     from xarray_zcache.cache.writer import DiskWriter
 
 __all__ = ["DirectAccess"]
@@ -25,7 +26,7 @@ __all__ = ["DirectAccess"]
 _T = TypeVar("_T")
 
 
-class DirectAccess:
+class DirectAccess(Admission):
     """Part of `HybridCache` (its state is the cache's)."""
 
     _memory: MemoryTier
@@ -42,17 +43,6 @@ class DirectAccess:
         def _count_miss(self, read: Read, nbytes: int, seconds: float) -> None: ...
 
         def _on_disk(self, action: str, op: Callable[[DiskTier], _T], default: _T) -> _T: ...
-
-        def _admit(
-            self,
-            key: str,
-            token: tuple[int, int],
-            value: bytes,
-            kind: str,
-            *,
-            disk: bool = True,
-            ex: float | bool | None = False,
-        ) -> bool: ...
 
     async def load_uncached(self, read: Read, load: Callable[[], Awaitable[_T]]) -> _T:
         """A request the cache passes on unanswered (e.g. an odd byte range): counted as sent."""

@@ -18,11 +18,12 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from xarray_zcache.cache.admission import Admission
 from xarray_zcache.cache.logs import events
 from xarray_zcache.cache.negatives import NEGATIVE_SUFFIX, Listings, NegativeEntries
 from xarray_zcache.cache.policy import Invalidations
+from xarray_zcache.cache.recorder import StatsRecorder
 from xarray_zcache.cache.request import PART_SEP, Read
-from xarray_zcache.cache.stats import StatsRecorder
 
 if TYPE_CHECKING:
     from xarray_zcache.cache.decoded import DecodedTier
@@ -143,7 +144,7 @@ def _log_failures(results: list[object]) -> None:
             )
 
 
-class Coherence:
+class Coherence(Admission):
     """The write and invalidation half of `HybridCache` (state is the cache's)."""
 
     _memory: MemoryTier
@@ -166,18 +167,6 @@ class Coherence:
         raise NotImplementedError
 
     def _lose_disk(self, exc: BaseException, action: str) -> None:
-        raise NotImplementedError
-
-    def _admit(
-        self,
-        key: str,
-        token: tuple[int, int],
-        value: bytes,
-        kind: str,
-        *,
-        own: int = 0,
-        disk: bool = True,
-    ) -> bool:
         raise NotImplementedError
 
     # -- writes and deletes --------------------------------------------------------------------

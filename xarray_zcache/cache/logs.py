@@ -18,10 +18,9 @@ import logging
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol
 
 if TYPE_CHECKING:
-    from xarray_zcache.cache.disk import DiskTier
     from xarray_zcache.cache.settings import CacheSettings
 
 __all__ = ["EventLog", "events", "flush_suppressed", "log_created", "set_rate_limit"]
@@ -132,7 +131,18 @@ def events(name: str) -> EventLog:
         return log
 
 
-def log_created(settings: CacheSettings, disk: DiskTier | None) -> None:
+class _Disk(Protocol):
+    """What `log_created` tells of a disk tier (a `~xarray_zcache.cache.disk.DiskTier`: the
+    disk tier logs through this module, so this module does not import it)."""
+
+    @property
+    def path(self) -> object: ...
+
+    @property
+    def capacity(self) -> int: ...
+
+
+def log_created(settings: CacheSettings, disk: _Disk | None) -> None:
     """INFO once per cache: its name, memory size, disk folder and size, policy."""
     log = logging.getLogger("xarray_zcache.cache")
     if not log.isEnabledFor(logging.INFO):

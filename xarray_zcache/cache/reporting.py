@@ -12,7 +12,8 @@ from xarray_zcache.cache.analytics import (
     recommendation,
 )
 from xarray_zcache.cache.logs import events
-from xarray_zcache.cache.stats import TIERS, CacheStats, StatsRecorder
+from xarray_zcache.cache.recorder import StatsRecorder
+from xarray_zcache.cache.stats import TIERS, CacheStats
 
 if TYPE_CHECKING:
     from xarray_zcache.cache.decoded import DecodedTier

@@ -1,16 +1,15 @@
-"""Cache statistics: live thread-safe counters and immutable snapshots (`CacheStats`)."""
+"""Cache statistics: the immutable snapshot `CacheStats` (how its fields combine and
+travel, and its text and HTML forms); the live counters are `xarray_zcache.cache.recorder`."""
 
 from __future__ import annotations
 
 import dataclasses
+import html
 import math
-import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
-from xarray_zcache.cache import stats_text
 from xarray_zcache.cache.stats_fields import (
     COUNTER,
     KINDS,
@@ -31,6 +30,7 @@ from xarray_zcache.cache.stats_fields import (
     _wire_paths,
     _zeros,
 )
+from xarray_zcache.cache.units import format_bytes
 
 __all__ = [
     "COUNTER",
@@ -42,36 +42,8 @@ __all__ = [
     "TIERS",
     "TOP",
     "CacheStats",
-    "HotKeys",
     "Path",
-    "StatsRecorder",
 ]
-
-
-class HotKeys:
-    """Approximate top-N access counter with bounded memory.
-
-    Keeps at most ``4 * n`` counters; when full, it drops all but the ``2 * n``
-    most frequent (a space-saving style sketch: heavy hitters survive, the long
-    tail is forgotten). Not thread-safe on its own: `StatsRecorder` locks it.
-    """
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self._counts: Counter[str] = Counter()
-
-    def add(self, key: str, count: int = 1) -> None:
-        if self.n <= 0:
-            return
-        self._counts[key] += count
-        if len(self._counts) > 4 * self.n:
-            self._counts = Counter(dict(self._counts.most_common(2 * self.n)))
-
-    def top(self, n: int | None = None) -> list[tuple[str, int]]:
-        return self._counts.most_common(self.n if n is None else n)
-
-    def clear(self) -> None:
-        self._counts.clear()
 
 
 @dataclasses.dataclass
@@ -341,13 +313,13 @@ class CacheStats:
         return s
 
     def _rows(self) -> list[tuple[str, str]]:
-        return stats_text.rows(self)
+        return _text_rows(self)
 
     def __str__(self) -> str:
-        return stats_text.as_text(self)
+        return _as_text(self)
 
     def _repr_html_(self) -> str:
-        return stats_text.as_html(self)
+        return _as_html(self)
 
 
 def _derive_wire_form() -> None:
@@ -373,77 +345,92 @@ _WIRE_READERS: list[tuple[str, Callable[[Any], list[int]]]] = []
 _derive_wire_form()
 
 
-class StatsRecorder:
-    """Live counters of one cache. Thread-safe; cheap enough for the hit path."""
+# -- the text and HTML forms (``str``, notebooks) ----------------------------------------
 
-    def __init__(self, top_n: int = 20) -> None:
-        self._lock = threading.Lock()
-        self._s = CacheStats()
-        self._hot = HotKeys(top_n)
-        self.started = time.monotonic()
 
-    def hit(self, tier: str, kind: str, nbytes: int, key: str) -> None:
-        with self._lock:
-            self._s.hits[tier][kind] += 1
-            self._s.hit_bytes[tier][kind] += nbytes
-            self._hot.add(key)
-
-    def negative_hit(self, key: str) -> None:
-        with self._lock:
-            self._s.negative_hits += 1
-            self._hot.add(key)
-
-    def miss(self, kind: str, nbytes: int, seconds: float, key: str | None) -> None:
-        """A request sent to the source; ``key=None``: no reader asked (a read-ahead)."""
-        ms = seconds * 1000
-        with self._lock:
-            self._s.misses[kind] += 1
-            self._s.miss_bytes[kind] += nbytes
-            if key is not None:
-                self._hot.add(key)
-            for i, bound in enumerate(LATENCY_BUCKETS_MS):
-                if ms <= bound:
-                    self._s.fetch_latency_ms[i] += 1
-                    break
-
-    def peer_answer(self, seconds: float) -> None:
-        """The latency of one answer from a peer (any outcome)."""
-        ms = seconds * 1000
-        with self._lock:
-            for i, bound in enumerate(LATENCY_BUCKETS_MS):
-                if ms <= bound:
-                    self._s.peer_latency_ms[i] += 1
-                    break
-
-    def add(self, field: str, n: int = 1) -> None:
-        """Increment a scalar counter such as ``"invalidations"`` or ``"corruptions"``."""
-        with self._lock:
-            setattr(self._s, field, getattr(self._s, field) + n)
-
-    def write(self, nbytes: int) -> None:
-        with self._lock:
-            self._s.writes += 1
-            self._s.write_bytes += nbytes
-
-    def hot_keys(self, n: int | None = None) -> list[tuple[str, int]]:
-        with self._lock:
-            return self._hot.top(n)
-
-    def snapshot(self, **gauges: Any) -> CacheStats:
-        """A copy of the counters, with the given gauges filled in."""
-        with self._lock:
-            s = dataclasses.replace(
-                self._s,
-                **{f.name: _clone(getattr(self._s, f.name)) for f in dataclasses.fields(self._s)},
+def _text_rows(stats: CacheStats) -> list[tuple[str, str]]:
+    """The (label, value) rows of the text and HTML forms."""
+    mem_hits = stats.total_hits(tier="memory")
+    disk_hits = stats.total_hits(tier="disk")
+    peer_hits = stats.total_hits(tier="peer")
+    out = [
+        ("hit rate", f"{stats.hit_rate():.1%}"),
+        ("  chunks", f"{stats.hit_rate('chunk'):.1%}"),
+        ("  metadata", f"{stats.hit_rate('metadata'):.1%}"),
+        ("hits memory / disk / peer", f"{mem_hits} / {disk_hits} / {peer_hits}"),
+        ("misses (requests sent)", str(stats.requests_sent)),
+        ("requests saved", str(stats.requests_saved)),
+        ("bytes saved", format_bytes(stats.bytes_saved)),
+        ("bytes fetched", format_bytes(sum(stats.miss_bytes.values()))),
+        (
+            "memory used",
+            f"{format_bytes(stats.memory_used)} / {format_bytes(stats.memory_capacity)} "
+            f"({stats.memory_entries} entries)",
+        ),
+    ]
+    if stats.decoded_capacity or stats.decoded_hits or stats.decoded_misses:
+        out.append(
+            (
+                "decoded used (hits / misses)",
+                f"{format_bytes(stats.decoded_used)} / {format_bytes(stats.decoded_capacity)} "
+                f"({stats.decoded_entries} arrays; {stats.decoded_hits} / "
+                f"{stats.decoded_misses})",
             )
-            s.hot_keys = self._hot.top()
-            s.uptime = time.monotonic() - self.started
-        for k, v in gauges.items():
-            setattr(s, k, v)
-        return s
+        )
+    if stats.disk_path is not None or stats.disk_capacity:
+        out.append(
+            (
+                "disk used",
+                f"{format_bytes(stats.disk_used)} / {format_bytes(stats.disk_capacity)} "
+                f"({stats.disk_entries} entries)",
+            )
+        )
+    if stats.prefetches or stats.prefetch_hits:
+        out.append(("read ahead (hits on it)", f"{stats.prefetches} ({stats.prefetch_hits})"))
+    if stats.peer_served or stats.peer_loads or stats.peer_fallbacks or peer_hits:
+        out.append(
+            (
+                "peers: served / loads / fallbacks",
+                f"{stats.peer_served} / {stats.peer_loads} / {stats.peer_fallbacks}",
+            )
+        )
+    if stats.validations or stats.validation_errors:
+        out.append(
+            (
+                "validations (listings, changed, failed)",
+                f"{stats.validations} ({stats.validation_requests}, "
+                f"{stats.validation_changes}, {stats.validation_errors})",
+            )
+        )
+    out += [
+        ("evictions memory / disk", f"{stats.evictions['memory']} / {stats.evictions['disk']}"),
+        ("corrupt entries dropped", str(stats.corruptions)),
+        ("errors from store (not cached)", str(stats.inner_errors)),
+    ]
+    return out
 
-    def reset(self) -> None:
-        with self._lock:
-            self._s = CacheStats()
-            self._hot.clear()
-            self.started = time.monotonic()
+
+def _as_text(stats: CacheStats) -> str:
+    """``str(stats)``: an aligned table, then the hot keys."""
+    table = _text_rows(stats)
+    width = max(len(k) for k, _ in table)
+    lines = ["CacheStats"] + [f"  {k:<{width}}  {v}" for k, v in table]
+    if stats.hot_keys:
+        lines.append("  hot keys")
+        lines += [f"    {c:>6}  {k}" for k, c in stats.hot_keys[:10]]
+    return "\n".join(lines)
+
+
+def _as_html(stats: CacheStats) -> str:
+    """``stats._repr_html_()``: the table of the notebook view."""
+    cells = "".join(
+        f"<tr><th style='text-align:left'>{html.escape(k.strip())}</th>"
+        f"<td style='text-align:left'>{html.escape(v)}</td></tr>"
+        for k, v in _text_rows(stats)
+    )
+    hot = "".join(
+        f"<tr><td>{c}</td><td style='text-align:left'><code>{html.escape(k)}</code></td></tr>"
+        for k, c in stats.hot_keys[:10]
+    )
+    hot_table = f"<details><summary>hot keys</summary><table>{hot}</table></details>" if hot else ""
+    return f"<div><strong>xarray-zcache</strong><table>{cells}</table>{hot_table}</div>"

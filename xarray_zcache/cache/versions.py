@@ -7,12 +7,12 @@ folder (``versions.db``), shared by every process using the folder, with the row
 so far mirrored in memory; a cache without a disk tier keeps the book in memory only.
 
 The book is advice about freshness, not the authority on what is cached (the disk
-index is): a lost or missing row only makes the cache validate or re-read more.
+index is): a lost or missing row only makes the cache validate or re-read more. Its
+file (opening, the rule for SQL errors, losing it) is `xarray_zcache.cache.book_file`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
@@ -20,41 +20,19 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from typing import Any, Final, TypeVar
+from collections.abc import Callable
+from typing import Final
+
+from xarray_zcache.cache.book_file import BOOK_NAME, BookFile
 
 __all__ = ["BOOK_NAME", "UnitState", "VersionBook"]
 
 logger = logging.getLogger("xarray_zcache.cache")
 
-BOOK_NAME: Final = "versions.db"
-_BUSY_TIMEOUT_S: Final = 30.0
 #: seconds a claim to validate a unit lasts unless its holder renews it (it does, while
 #: it lists); a claim of a cancelled validation is released at once, one of a dead
 #: process lapses after this (at once on the same host: its process id is gone)
 LEASE: float = 5.0
-
-_SCHEMA: Final = """
-CREATE TABLE IF NOT EXISTS versions(key TEXT PRIMARY KEY, version TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS units(
-    unit TEXT PRIMARY KEY,
-    validated REAL NOT NULL,
-    changed REAL NOT NULL DEFAULT 0,
-    claimed REAL NOT NULL DEFAULT 0,
-    ended REAL NOT NULL DEFAULT 0,
-    holder TEXT NOT NULL DEFAULT '',
-    lease REAL NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS meta(name TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS seen(key TEXT PRIMARY KEY, version TEXT NOT NULL, at REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS changes(
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    key TEXT NOT NULL,
-    prefix INTEGER NOT NULL,
-    holder TEXT NOT NULL,
-    at REAL NOT NULL
-);
-"""
 
 #: seconds a row of the change log is kept; a process that has not read the log for
 #: longer drops its whole memory tier (it cannot tell what it missed)
@@ -62,14 +40,6 @@ LOG_KEEP: float = 3600.0
 #: rows written between two prunings of the change log
 _PRUNE_EVERY: Final = 1000
 
-#: columns added to ``units`` since its first release (a folder of an older release gets them)
-_ADDED: Final = {
-    "ended": "REAL NOT NULL DEFAULT 0",
-    "holder": "TEXT NOT NULL DEFAULT ''",
-    "lease": "REAL NOT NULL DEFAULT 0",
-}
-
-_T = TypeVar("_T")
 _HOST: Final = socket.gethostname()
 
 
@@ -117,7 +87,7 @@ class UnitState:
         self.lease = lease
 
 
-class VersionBook:
+class VersionBook(BookFile):
     """Object versions and unit validation times (thread-safe, one lock).
 
     Parameters
@@ -144,89 +114,7 @@ class VersionBook:
         self.legacy = False
         if folder is None:
             return
-        path = os.path.join(folder, BOOK_NAME)
-        try:
-            new = not os.path.exists(path)
-            # created private before SQLite opens it (its -wal/-shm files take its mode)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
-            try:
-                os.fchmod(fd, 0o600)
-            finally:
-                os.close(fd)
-            conn = sqlite3.connect(
-                path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
-            )
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.executescript(_SCHEMA)
-            have = {str(r[1]) for r in conn.execute("PRAGMA table_info(units)")}
-            for column, kind in _ADDED.items():
-                if column not in have:
-                    with contextlib.suppress(sqlite3.OperationalError):  # (another process)
-                        conn.execute(f"ALTER TABLE units ADD COLUMN {column} {kind}")
-            if new and had_entries:
-                conn.execute("INSERT OR REPLACE INTO meta VALUES ('legacy', '1')")
-            row = conn.execute("SELECT value FROM meta WHERE name = 'legacy'").fetchone()
-            self.legacy = row is not None
-            self._conn = conn
-        except (sqlite3.Error, OSError) as exc:
-            logger.warning(
-                "xarray-zcache: cannot use %s (%s): versions are kept in memory only", path, exc
-            )
-
-    # -- SQL, with one rule for errors: log, and go on from memory ----------------------------
-
-    def _sql(self, what: str, op: Callable[[sqlite3.Connection], _T], default: _T) -> _T:
-        conn = self._conn
-        if conn is None:
-            return default
-        try:
-            return op(conn)
-        except sqlite3.Error as exc:
-            if self._conn is not conn:
-                return default  # detached or lost meanwhile (by another thread): memory only
-            if self._folder is not None and not os.path.isdir(self._folder):
-                self._lost(exc, what)
-            else:
-                logger.warning("xarray-zcache: versions book: %s failed (%s)", what, exc)
-            return default
-
-    def _lost(self, exc: BaseException, what: str) -> None:
-        """The folder vanished: keep the book in memory only, and tell `on_lost` once."""
-        conn, self._conn = self._conn, None
-        if conn is None:
-            return
-        _release(conn)
-        if self.on_lost is not None:
-            self.on_lost(exc, f"{what} in the versions book")
-        else:
-            logger.warning(
-                "xarray-zcache: the cache folder %s vanished (%s); versions are kept in "
-                "memory only",
-                self._folder,
-                exc,
-            )
-
-    def detach(self) -> None:
-        """Keep the book in memory only from now on (its folder is no longer used)."""
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            _release(conn)
-
-    @contextlib.contextmanager
-    def _write(self, conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-
-    def _row(self, what: str, query: str, key: str) -> tuple[Any, ...] | None:
-        """The one row ``query`` finds for ``key`` (None: none, or the file failed)."""
-        row = self._sql(what, lambda c: c.execute(query, (key,)).fetchone(), None)
-        return None if row is None else tuple(row)
+        self._open(folder, had_entries)
 
     # -- object versions ------------------------------------------------------------------------
 
@@ -544,22 +432,6 @@ class VersionBook:
 
             self._sql("clearing", op, None)
             self.legacy = False
-
-    def close(self) -> None:
-        with self._lock:
-            conn, self._conn = self._conn, None
-        if conn is not None:
-            _release(conn)
-
-
-def _release(conn: sqlite3.Connection) -> None:
-    """Let go of the book's connection, which another thread may be using right now (an
-    operation that began before the book was detached, closed or lost holds it in a
-    local): closing it from here would free what that thread is using (a segfault inside
-    ``sqlite3_close``, seen once when a vanished folder was detached by the disk writer
-    while a write was recording a change). Dropping the reference closes it as soon as the
-    last user lets go, in that user's thread."""
-    del conn
 
 
 def now() -> float:

@@ -11,7 +11,7 @@ from zarr.storage import LocalStore
 from xarray_zcache import CacheConfig
 from xarray_zcache.cache.disk import DiskTier
 from xarray_zcache.registry import close_all
-from xarray_zcache.store_sync import SyncCachedStore
+from xarray_zcache.store import SyncCachedStore
 from xarray_zcache.testing.faults.damage import payload_files
 from xarray_zcache.testing.faults.report import ScenarioResult
 

@@ -1,0 +1,117 @@
+"""Live counters of one cache: `StatsRecorder` (thread-safe; its `snapshot` is a
+`~xarray_zcache.cache.stats.CacheStats`) and the top-N counter of its hot keys (`HotKeys`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+from xarray_zcache.cache.stats import CacheStats
+from xarray_zcache.cache.stats_fields import LATENCY_BUCKETS_MS, _clone
+
+__all__ = ["HotKeys", "StatsRecorder"]
+
+
+class HotKeys:
+    """Approximate top-N access counter with bounded memory.
+
+    Keeps at most ``4 * n`` counters; when full, it drops all but the ``2 * n``
+    most frequent (a space-saving style sketch: heavy hitters survive, the long
+    tail is forgotten). Not thread-safe on its own: `StatsRecorder` locks it.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self._counts: Counter[str] = Counter()
+
+    def add(self, key: str, count: int = 1) -> None:
+        if self.n <= 0:
+            return
+        self._counts[key] += count
+        if len(self._counts) > 4 * self.n:
+            self._counts = Counter(dict(self._counts.most_common(2 * self.n)))
+
+    def top(self, n: int | None = None) -> list[tuple[str, int]]:
+        return self._counts.most_common(self.n if n is None else n)
+
+    def clear(self) -> None:
+        self._counts.clear()
+
+
+class StatsRecorder:
+    """Live counters of one cache. Thread-safe; cheap enough for the hit path."""
+
+    def __init__(self, top_n: int = 20) -> None:
+        self._lock = threading.Lock()
+        self._s = CacheStats()
+        self._hot = HotKeys(top_n)
+        self.started = time.monotonic()
+
+    def hit(self, tier: str, kind: str, nbytes: int, key: str) -> None:
+        with self._lock:
+            self._s.hits[tier][kind] += 1
+            self._s.hit_bytes[tier][kind] += nbytes
+            self._hot.add(key)
+
+    def negative_hit(self, key: str) -> None:
+        with self._lock:
+            self._s.negative_hits += 1
+            self._hot.add(key)
+
+    def miss(self, kind: str, nbytes: int, seconds: float, key: str | None) -> None:
+        """A request sent to the source; ``key=None``: no reader asked (a read-ahead)."""
+        ms = seconds * 1000
+        with self._lock:
+            self._s.misses[kind] += 1
+            self._s.miss_bytes[kind] += nbytes
+            if key is not None:
+                self._hot.add(key)
+            for i, bound in enumerate(LATENCY_BUCKETS_MS):
+                if ms <= bound:
+                    self._s.fetch_latency_ms[i] += 1
+                    break
+
+    def peer_answer(self, seconds: float) -> None:
+        """The latency of one answer from a peer (any outcome)."""
+        ms = seconds * 1000
+        with self._lock:
+            for i, bound in enumerate(LATENCY_BUCKETS_MS):
+                if ms <= bound:
+                    self._s.peer_latency_ms[i] += 1
+                    break
+
+    def add(self, field: str, n: int = 1) -> None:
+        """Increment a scalar counter such as ``"invalidations"`` or ``"corruptions"``."""
+        with self._lock:
+            setattr(self._s, field, getattr(self._s, field) + n)
+
+    def write(self, nbytes: int) -> None:
+        with self._lock:
+            self._s.writes += 1
+            self._s.write_bytes += nbytes
+
+    def hot_keys(self, n: int | None = None) -> list[tuple[str, int]]:
+        with self._lock:
+            return self._hot.top(n)
+
+    def snapshot(self, **gauges: Any) -> CacheStats:
+        """A copy of the counters, with the given gauges filled in."""
+        with self._lock:
+            s = dataclasses.replace(
+                self._s,
+                **{f.name: _clone(getattr(self._s, f.name)) for f in dataclasses.fields(self._s)},
+            )
+            s.hot_keys = self._hot.top()
+            s.uptime = time.monotonic() - self.started
+        for k, v in gauges.items():
+            setattr(s, k, v)
+        return s
+
+    def reset(self) -> None:
+        with self._lock:
+            self._s = CacheStats()
+            self._hot.clear()
+            self.started = time.monotonic()
