@@ -42,8 +42,9 @@ def url(s3_bucket: str, s3_options: dict[str, Any]) -> str:
 
 @pytest.fixture
 def slow(s3_server: LocalS3Server) -> Iterator[LocalS3Server]:
-    """The server with 50 ms per request and its concurrency gauge reset."""
-    s3_server.latency = 0.05
+    """The server with 300 ms per request (requests sent together overlap even on a
+    loaded machine) and its concurrency gauge reset."""
+    s3_server.latency = 0.3
     s3_server.most_delayed = 0
     try:
         yield s3_server
@@ -75,13 +76,13 @@ def test_index_coordinates_are_read_together_at_open(
         url, engine="zcache", chunks={}, storage_options=s3_options, cache_config=cfg
     )
     # xarray reads each coordinate's chunks together (at most 4 here), one coordinate
-    # after the other; read at open, all 9 are in flight at once
-    assert slow.most_delayed >= COORD_CHUNKS
+    # after the other; read at open, the 9 are sent together
+    stats = get_cache(cfg).stats()
+    assert stats.prefetches == COORD_CHUNKS  # all of them read ahead, before xarray asked
+    assert slow.most_delayed > 4
     assert _coordinate_gets(slow, s3_bucket) == COORD_CHUNKS  # each once
     assert ds.time.values.tolist() == (np.arange(NT) * 10).tolist()
     assert ds.x.values.tolist() == (np.arange(NX) - 2).tolist()
-    stats = get_cache(cfg).stats()
-    assert stats.prefetches >= COORD_CHUNKS
     # xarray's own reads of them were hits on the read-ahead entries: nothing sent twice
     assert _coordinate_gets(slow, s3_bucket) == COORD_CHUNKS
     xr.testing.assert_identical(ds.compute(), _dataset())
@@ -135,7 +136,7 @@ def test_read_ahead_off_reads_coordinates_as_xarray_does(
     ds = xr.open_dataset(
         url, engine="zcache", chunks={}, storage_options=s3_options, cache_config=cfg
     )
-    assert slow.most_delayed < COORD_CHUNKS
+    assert slow.most_delayed <= 4  # one coordinate's chunks at a time
     assert get_cache(cfg).stats().prefetches == 0
     assert _coordinate_gets(slow, s3_bucket) == COORD_CHUNKS
     assert ds.y.values.tolist() == (np.arange(NY) * 0.5).tolist()
