@@ -33,6 +33,7 @@ from xarray_zcache.cache.hybrid import UNANSWERED, HybridCache, _Unanswered
 from xarray_zcache.cache.request import PART_SEP, Read
 from xarray_zcache.cache.stats import CacheStats
 from xarray_zcache.config import CacheConfig
+from xarray_zcache.decoded_pipeline import install as _install_decoded_pipeline
 from xarray_zcache.identity import Identity, fresh_private, identify, store_namespace
 from xarray_zcache.keys import (
     array_of,
@@ -685,3 +686,7 @@ def __getattr__(name: str) -> Any:
 
         return SyncCachedStore
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# zarr's array API over a CachedStore: decoded chunks (decoded_pipeline.py; switchable)
+_install_decoded_pipeline()
