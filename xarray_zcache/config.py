@@ -472,13 +472,17 @@ def _flatten(m: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+#: process-wide settings under ``zcache.`` that are not a cache's (decoded_pipeline.py)
+_PROCESS_KEYS = ("decoded-array-api",)
+
+
 def _kwargs_from_mapping(m: Mapping[str, Any]) -> dict[str, Any]:
     flat = _flatten(m)
     kwargs: dict[str, Any] = {}
     for key, value in flat.items():
         if key in _FIELD_OF:
             kwargs[_FIELD_OF[key]] = value
-        elif key not in ("disk.path", "disk.enabled"):
+        elif key not in ("disk.path", "disk.enabled", *_PROCESS_KEYS):
             env = _env_var_of(f"zcache.{key}", value)
             raise ValueError(
                 f"{env + ' (environment variable), ' if env else ''}"
