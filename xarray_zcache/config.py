@@ -61,9 +61,9 @@ class CacheConfig:
     memory_size
         Byte budget of the memory tier (payloads plus measured bookkeeping).
     decoded_memory_size
-        Byte budget of the decoded tier of the xarray backend: decoded chunks (read-only
-        NumPy arrays) served without decoding again, each counted with the encoded bytes
-        it was decoded from. ``None``: half of ``memory_size``; ``0``: off.
+        Byte budget of the decoded tier (xarray backend, zarr's array API): decoded
+        chunks (read-only NumPy arrays) served without decoding again, each counted with
+        the encoded bytes it was decoded from. ``None``: half of ``memory_size``; ``0``: off.
     disk_path
         Folder of the disk tier, or ``None`` for a memory-only cache.
     disk_size
