@@ -66,10 +66,11 @@ async def shard_parts(
             config.sharding_coalesce_max_gap_bytes,
             config.sharding_coalesce_max_bytes,
         )
-        read = await asyncio.gather(
-            *(store.get_bytes(key, RangeByteRequest(*span)) for span in spans)
-        )
-        held = dict(zip(spans, read, strict=True))
+        # a task group, as zarr's coalesced reads: a failure (`ObjectChanged`) surfaces
+        # as an exception group, what zarr's own read raises
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(store.get_bytes(key, RangeByteRequest(*sp))) for sp in spans]
+        held = dict(zip(spans, [t.result() for t in tasks], strict=True))
 
     def part(where: tuple[int, int] | None) -> bytes | None:
         if where is None:
