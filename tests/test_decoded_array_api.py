@@ -499,3 +499,53 @@ def test_a_pipeline_the_user_chose_is_left_alone(
         assert type(_pipeline(a)) is FusedCodecPipeline
         same(a[:], data)
     assert zarr.config.get("codec_pipeline.path") == dp.PATH
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["chunks", "shards"])
+def test_readers_racing_a_writer_see_each_chunk_of_one_version(sharded: bool) -> None:
+    """Three threads read ``a[:]`` through their own array objects while a fourth writes
+    whole new versions (every element ``k``) through the same store: every chunk read is
+    one version's (never a decoded chunk of a version the bytes no longer hold mixed
+    with another's), and after the last write every reader sees the last version."""
+    import threading
+
+    inner = MemoryStore()
+    kw: dict[str, Any] = {"shards": (2, 16, 16)} if sharded else {}
+    zarr.create_array(inner, name="t", shape=(4, 16, 16), chunks=(1, 8, 8), dtype="i4", **kw)
+    store = CachedStore(inner, _mem_cfg(f"race-{sharded}"), read_only=False)
+    w = zarr.open_array(store, path="t", mode="r+")
+    w[...] = 1
+    stop = threading.Event()
+    seen: list[set[int]] = [set() for _ in range(3)]
+    errors: list[BaseException] = []
+
+    def reader(i: int) -> None:
+        r = zarr.open_array(store, path="t", mode="r")
+        try:
+            while not stop.is_set():
+                got = r[:]
+                for t in range(4):
+                    for y in (0, 8):
+                        for x in (0, 8):
+                            values = np.unique(got[t, y : y + 8, x : x + 8])
+                            assert len(values) == 1, values
+                            seen[i].add(int(values[0]))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(3)]
+    for th in threads:
+        th.start()
+    last = 1
+    for k in range(2, 25):
+        w[...] = k
+        last = k
+    time.sleep(0.05)
+    stop.set()
+    for th in threads:
+        th.join()
+    assert not errors, errors[0]
+    assert all(s <= set(range(1, last + 1)) for s in seen)
+    for _ in range(2):
+        for arr in (w, zarr.open_array(store, path="t", mode="r")):
+            same(arr[:], np.full((4, 16, 16), last, dtype="i4"))
