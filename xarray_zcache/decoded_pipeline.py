@@ -228,7 +228,7 @@ class DecodedCodecPipeline(BatchedCodecPipeline):
         target: np.ndarray[Any, Any],
         drop_axes: tuple[int, ...],
     ) -> tuple[GetResult, ...]:
-        from xarray_zcache.decoded_reads import _decoder, serve_now, serve_rest
+        from xarray_zcache.decoded_reads import chunk_decoder, serve_now, serve_rest
 
         fill = fill_value_or_default(spec)
         missing: list[int] = []
@@ -247,7 +247,7 @@ class DecodedCodecPipeline(BatchedCodecPipeline):
         items = [(g.path, (i, cs, os)) for i, (g, _, cs, os, _) in enumerate(batch)]  # type: ignore[attr-defined]
         later, found = serve_now(store, tier, tag, items, place)
         if later or found:
-            await serve_rest(store, tier, tag, later, found, _decoder(self, spec), place)
+            await serve_rest(store, tier, tag, later, found, chunk_decoder(self, spec), place)
         return _results(len(batch), missing)
 
 

@@ -51,7 +51,7 @@ from xarray_zcache.decoded_plan import DecodedPlan, plan_of
 from xarray_zcache.decoded_shards import fill_sharded
 from xarray_zcache.store import CachedStore
 
-__all__ = ["DecodedPlan", "plan_of", "read_selection", "serve_now", "serve_rest"]
+__all__ = ["DecodedPlan", "chunk_decoder", "plan_of", "read_selection", "serve_now", "serve_rest"]
 
 #: puts a decoded chunk (None: missing, the fill value) where a selection wants it
 Place = Callable[[np.ndarray[Any, Any] | None, Any], None]
@@ -66,7 +66,7 @@ def _tier(plan: DecodedPlan) -> DecodedTier | None:
     return tier if tier.enabled else None
 
 
-def _decoder(pipeline: Any, spec: Any) -> Decode:
+def chunk_decoder(pipeline: Any, spec: Any) -> Decode:
     """Decode whole chunks with ``pipeline`` (zarr's codec pipeline of the array)."""
 
     async def decode(encoded: list[bytes]) -> list[np.ndarray[Any, Any]]:
@@ -179,5 +179,5 @@ def _fill(plan: DecodedPlan, tier: DecodedTier, indexer: Any, out: np.ndarray[An
     items = ((prefix + encode_key(c), (cs, os)) for c, cs, os, _ in indexer)
     later, found = serve_now(plan.store, tier, plan.tag, items, place)
     if later or found:
-        decode = _decoder(plan.pipeline, plan.spec)
+        decode = chunk_decoder(plan.pipeline, plan.spec)
         sync(serve_rest(plan.store, tier, plan.tag, later, found, decode, place))
