@@ -12,6 +12,11 @@ Two warm workloads per reader: ``ds.t.values`` (no Dask; ``cache=False`` so that
 reads again) and ``ds.t.compute()`` with ``chunks={}`` (Dask's threaded scheduler, one
 task per chunk). Each figure is the median over 3 runs of the mean of 3 reads.
 
+A second table: zarr's array API, warm ``a[:]`` (``zarr.open_array``), over the
+`MemoryStore`, over zcache (memory tier only) without and with the decoded tier (which
+zarr reads through `xarray_zcache.decoded_pipeline`), and TensorStore's zarr3 driver over
+its s3 kvstore with a ``cache_pool`` (when tensorstore is installed).
+
 Run: ``python benchmarks/decoded.py`` (prints a Markdown table).
 """
 
@@ -129,7 +134,76 @@ def main() -> None:
             f"| {label} | {v * 1e3:.1f} ms | {v / base_v:.2f}x | {cv * 1e3:.0f} ms "
             f"| {d * 1e3:.1f} ms | {d / base_d:.2f}x | {cd * 1e3:.0f} ms | {held} |"
         )
+    array_api(s, data, mem, server, opts)
     server._call("stop")
+
+
+def array_api(s: Settings, data: np.ndarray, mem: Any, server: Any, opts: dict[str, Any]) -> None:
+    """Warm ``a[:]`` through zarr's array API (and TensorStore's read), round robin."""
+    import importlib.util
+    import os
+
+    import zarr
+
+    from xarray_zcache import CacheConfig, open_store
+
+    reads: list[tuple[str, Callable[[], Any]]] = []
+    a = zarr.open_array(mem, path="t", mode="r")
+    reads.append(("zarr a[:] over MemoryStore", lambda a=a: a[:]))
+    for label, decoded in (
+        ("zarr a[:] over zcache, no decoded tier", 0),
+        ("zarr a[:] over zcache + decoded tier", None),
+    ):
+        cfg = (
+            CacheConfig()
+            .with_name(f"bench-decoded-api-{decoded}")
+            .without_disk_cache()
+            .with_memory_size("256MB")
+            .with_decoded_memory_size(decoded)
+        )
+        store = open_store(URL, storage_options=opts, cache_config=cfg)
+        arr = zarr.open_array(store, path="t", mode="r")
+        reads.append((label, lambda arr=arr: arr[:]))
+    if importlib.util.find_spec("tensorstore") is not None:
+        import tensorstore as ts
+
+        for k, v in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing")):
+            os.environ.setdefault(k, v)
+        spec: dict[str, Any] = {
+            "driver": "zarr3",
+            "kvstore": {
+                "driver": "s3",
+                "bucket": BUCKET,
+                "path": "decoded.zarr/t/",
+                "endpoint": server.endpoint_url,
+                "aws_region": "us-east-1",
+                "aws_credentials": {"type": "environment"},
+            },
+            "recheck_cached_data": "open",
+        }
+        ctx = ts.Context({"cache_pool": {"total_bytes_limit": 256_000_000}})
+        t = ts.open(spec, read=True, context=ctx).result()
+        reads.append(("TensorStore zarr3 + cache_pool", lambda t=t: t.read().result()))
+    with quiet():
+        for _, read in reads:
+            assert np.array_equal(np.asarray(read()), data)  # cold, and exact
+        times: list[list[tuple[float, float]]] = [[] for _ in reads]
+        for _ in range(RUNS * 3):
+            for i, (_, read) in enumerate(reads):
+                times[i].append(_time(read))
+    walls = [statistics.median(w for w, _ in t) for t in times]
+    base = walls[0]
+    ts_wall = walls[-1] if reads[-1][0].startswith("TensorStore") else None
+    print(
+        f"\nzarr's array API: warm a[:], median of {RUNS * 3} runs (round robin) of the mean "
+        f"of {READS} reads\n"
+    )
+    print("| reader | warm `a[:]` | vs MemoryStore | vs TensorStore | CPU |")
+    print("|---|---:|---:|---:|---:|")
+    for (label, _), w, t in zip(reads, walls, times, strict=True):
+        cpu = statistics.median(c for _, c in t)
+        vs_ts = f"{w / ts_wall:.1f}x" if ts_wall else "-"
+        print(f"| {label} | {w * 1e3:.1f} ms | {w / base:.2f}x | {vs_ts} | {cpu * 1e3:.0f} ms |")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ each other, for every read):
   to 0: bytes tiers only), zarr's bare `ObjectStore` (no
   cache), Icechunk with its chunk cache (``CachingConfig(num_bytes_chunks=...)``), and
   zarr's `MemoryStore` (the data already in memory: a bound);
-* zarr's array API (``a[:]``) over zcache (obstore, memory only), over the bare
-  `ObjectStore` and over `MemoryStore`;
+* zarr's array API (``a[:]``) over zcache (obstore, memory only; and the same with the
+  decoded tier, which zarr's array API reads through `xarray_zcache.decoded_pipeline`),
+  over the bare `ObjectStore` and over `MemoryStore`;
 * TensorStore's zarr3 driver over its s3 kvstore, with a ``cache_pool`` (and
   ``recheck_cached_data="open"``) and without a cache;
 * the raw-fetch floor: the chunk objects fetched raw with obstore (no decoding, no
@@ -108,6 +109,7 @@ class Env:
     workdir: str
     icechunk_storage: dict[str, Any] | None = None
     memory_store: Any = None
+    rows: frozenset[str] | None = None  # only these rows (``--rows``); None: every row
     closers: list[Callable[[], None]] = dataclasses.field(default_factory=list)
 
     @property
@@ -265,13 +267,14 @@ def array_reader(env: Env, make_store: Callable[[int], Any]) -> Callable[[int], 
     return fresh
 
 
-def zcache_array_store(env: Env) -> Callable[[int], Any]:
+def zcache_array_store(env: Env, *, decoded: bool = False) -> Callable[[int], Any]:
     def make(run: int) -> Any:
         from zarr.storage import ObjectStore
 
         from xarray_zcache import CachedStore
 
-        cfg = zcache_config(env, f"peers-arr-{run}-{time.monotonic_ns()}", "obstore")
+        name = f"peers-arr{'-dec' if decoded else ''}-{run}-{time.monotonic_ns()}"
+        cfg = zcache_config(env, name, "obstore", decoded=decoded)
         return CachedStore(ObjectStore(env.s3_store(), read_only=True), cfg)
 
     return make
@@ -375,6 +378,18 @@ def build_readers(env: Env) -> tuple[list[Reader], list[str]]:
             array_reader(env, zcache_array_store(env)),
             library="obstore",
         ),
+    ]
+    if has_decoded_tier():
+        readers.append(
+            Reader(
+                "arr_decoded",
+                "zarr a[:] over zcache (obstore, decoded tier)",
+                "array",
+                array_reader(env, zcache_array_store(env, decoded=True)),
+                library="obstore",
+            )
+        )
+    readers += [
         Reader(
             "arr_bare",
             "zarr a[:] over bare ObjectStore (no cache)",
@@ -407,6 +422,8 @@ def build_readers(env: Env) -> tuple[list[Reader], list[str]]:
     ]
     kept = []
     for r in readers:
+        if env.rows is not None and r.key not in env.rows:
+            continue
         if r.library and importlib.util.find_spec(r.library) is None:
             notes.append(f"{r.label}: skipped, {r.library} is not installed")
         elif r.key == "icechunk" and env.icechunk_storage is None:
@@ -747,6 +764,7 @@ def run(
     threads: int,
     quick: bool,
     workdir: str | None = None,
+    rows: frozenset[str] | None = None,
 ) -> dict[str, Any]:
     from s3proc import S3Process
 
@@ -763,7 +781,7 @@ def run(
     scratch = tempfile.mkdtemp(prefix="zcache-peers-", dir=workdir)
     server = S3Process(latency=0.0)
     try:
-        env = Env(server=server, settings=s, threads=threads, workdir=scratch)
+        env = Env(server=server, settings=s, threads=threads, workdir=scratch, rows=rows)
         t0 = time.perf_counter()
         expected = write_data(env)
         log(f"peers: data written in {time.perf_counter() - t0:.1f} s ({s.n_chunks} chunks)")
@@ -815,6 +833,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", type=Path, default=None, help=f"the plot (e.g. {DEFAULT_PLOT})")
     p.add_argument("--workdir", default=None)
     p.add_argument("--from-json", type=Path, default=None, help="only render saved results")
+    p.add_argument(
+        "--rows",
+        default=None,
+        help="only these rows, comma-separated keys (e.g. arr_zcache,arr_decoded,"
+        "arr_memorystore,ts_cache); default: every row",
+    )
     args = p.parse_args(argv)
     if args.from_json:
         res = json.loads(args.from_json.read_text())
@@ -822,7 +846,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     latencies = args.latency or ([0.005] if args.quick else [0.02, 0.1])
     runs = args.runs or (1 if args.quick else 3)
-    res = run(latencies, runs, args.reads, args.threads, args.quick, args.workdir)
+    rows = None if args.rows is None else frozenset(args.rows.split(","))
+    res = run(latencies, runs, args.reads, args.threads, args.quick, args.workdir, rows)
     write_outputs(res, args)
     return 0
 

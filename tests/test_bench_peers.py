@@ -27,6 +27,7 @@ ROWS = {
     "icechunk": "icechunk",
     "memorystore": "",
     "arr_zcache": "obstore",
+    "arr_decoded": "obstore",
     "arr_bare": "obstore",
     "arr_memorystore": "",
     "ts_cache": "tensorstore",
@@ -87,7 +88,7 @@ def test_values_identical_across_readers_and_to_the_data(outputs: dict[str, Any]
 def test_caches_serve_warm_reads_without_requests(outputs: dict[str, Any]) -> None:
     (lat,) = outputs["res"]["latencies"]
     rows = lat["rows"]
-    for key in ("zc_obstore", "zc_disk", "arr_zcache"):
+    for key in ("zc_obstore", "zc_disk", "arr_zcache", "arr_decoded"):
         assert rows[key]["cold_requests"]["chunk_get"] > 0
         assert rows[key]["warm_requests"] == 0, key
     assert rows["bare"]["warm_requests"] > 0  # no cache: S3 again

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import xarray as xr
 import zarr
+from decoded_helpers import make_cfg, open_zcache, random_data, same, write_var, zarr_values
 
 from xarray_zcache import CacheConfig, get_cache, open_store
 from xarray_zcache.cache.decoded import DecodedTier
@@ -35,43 +36,18 @@ MARGIN = 0.5
 def _cfg(
     tmp_path: Path, name: str, *, memory: str = "32MB", validation: Any = INTERVAL
 ) -> CacheConfig:
-    return (
-        CacheConfig()
-        .with_name(name)
-        .with_memory_size(memory)
-        .with_disk_cache(tmp_path / "cache", "64MB")
-        .with_prefetch(0)
-        .with_validation(validation)
-        .with_client("s3fs")
-        .with_decoded_memory_size("16MB")
-    )
-
-
-def _open(url: str, opts: dict[str, Any], cfg: CacheConfig, **kw: Any) -> xr.Dataset:
-    kw.setdefault("chunks", None)
-    return xr.open_dataset(
-        url, engine="zcache", storage_options=opts, cache_config=cfg, cache=False, **kw
-    )
-
-
-def _zarr_values(url: str, opts: dict[str, Any], var: str = "t") -> np.ndarray:
-    with xr.open_dataset(url, engine="zarr", storage_options=opts, chunks=None) as ds:
-        return np.asarray(ds[var].values)
+    return make_cfg(tmp_path, name, memory=memory, validation=validation, decoded="16MB")
 
 
 def _write(url: str, opts: dict[str, Any], data: np.ndarray, **enc: Any) -> None:
-    enc.setdefault("compressors", None)
-    ds = xr.Dataset({"t": (("time", "y", "x")[: data.ndim], data)})
-    ds.to_zarr(url, storage_options=opts, zarr_format=3, encoding={"t": enc}, mode="w")
-
-
-def _same(a: np.ndarray, b: np.ndarray) -> None:
-    assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, a.shape, b.dtype, b.shape)
-    np.testing.assert_array_equal(a, b)
+    write_var(url, opts, data, compressors=enc.pop("compressors", None), **enc)
 
 
 def _data(shape: tuple[int, ...] = (4, 8, 8), dtype: str = "f4", seed: int = 7) -> np.ndarray:
-    return np.random.default_rng(seed).normal(0, 100, shape).astype(dtype)
+    return random_data(shape, dtype, seed)
+
+
+_open, _zarr_values, _same = open_zcache, zarr_values, same
 
 
 # -- 5. metadata changed under identical chunk bytes ----------------------------------------------

@@ -61,9 +61,9 @@ class CacheConfig:
     memory_size
         Byte budget of the memory tier (payloads plus measured bookkeeping).
     decoded_memory_size
-        Byte budget of the decoded tier of the xarray backend: decoded chunks (read-only
-        NumPy arrays) served without decoding again, each counted with the encoded bytes
-        it was decoded from. ``None``: half of ``memory_size``; ``0``: off.
+        Byte budget of the decoded tier (xarray backend, zarr's array API): decoded
+        chunks (read-only NumPy arrays) served without decoding again, each counted with
+        the encoded bytes it was decoded from. ``None``: half of ``memory_size``; ``0``: off.
     disk_path
         Folder of the disk tier, or ``None`` for a memory-only cache.
     disk_size
@@ -472,13 +472,17 @@ def _flatten(m: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+#: process-wide settings under ``zcache.`` that are not a cache's (decoded_pipeline.py)
+_PROCESS_KEYS = ("decoded-array-api",)
+
+
 def _kwargs_from_mapping(m: Mapping[str, Any]) -> dict[str, Any]:
     flat = _flatten(m)
     kwargs: dict[str, Any] = {}
     for key, value in flat.items():
         if key in _FIELD_OF:
             kwargs[_FIELD_OF[key]] = value
-        elif key not in ("disk.path", "disk.enabled"):
+        elif key not in ("disk.path", "disk.enabled", *_PROCESS_KEYS):
             env = _env_var_of(f"zcache.{key}", value)
             raise ValueError(
                 f"{env + ' (environment variable), ' if env else ''}"

@@ -15,11 +15,16 @@ versions (a MemoryStore) are covered the same way: their writes and deletes go t
 the cache. A miss decodes the bytes with the array's own codec pipeline (the spec zarr
 builds for a regular grid) and admits the array.
 
+`serve_now` and `serve_rest` are the two halves of a read over whole chunks, shared with
+zarr's array API (`xarray_zcache.decoded_pipeline`): the first serves what the tiers
+answer without I/O, the second reads and decodes the rest.
+
 Counting: the byte tier counts what it served (a memory hit, a negative hit, or a miss
 that asked the source, exactly as for zarr's own read); the decoded tier counts its hits
 and misses. A decoded hit sends no request.
 
-What it cannot serve exactly goes to zarr unchanged (`plan_of` returns None): arrays not
+What it cannot serve exactly goes to zarr unchanged (`plan_of`, in
+`xarray_zcache.decoded_plan`, returns None): arrays not
 read through a `CachedStore` with the tier on, object/string/structured dtypes, variable
 chunk grids, codecs other than zarr's own (sharded arrays are read per inner chunk,
 `xarray_zcache.decoded_shards`), arrays that must raise on
@@ -28,14 +33,11 @@ missing chunks, and every vectorized (``vindex``) selection.
 
 from __future__ import annotations
 
-import dataclasses
-import weakref
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import numpy as np
 import zarr
-from zarr.core.array_spec import ArraySpec
-from zarr.core.buffer import default_buffer_prototype
 from zarr.core.chunk_grids import ChunkGrid
 from zarr.core.chunk_utils import fill_value_or_default
 from zarr.core.common import concurrent_map
@@ -45,121 +47,18 @@ from zarr.core.sync import sync
 from xarray_zcache.cache.decoded import DecodedTier
 from xarray_zcache.cache.hybrid import Unanswered
 from xarray_zcache.decoded_index import fast_indexer
-from xarray_zcache.decoded_shards import Shards, fill_sharded, shards_of
+from xarray_zcache.decoded_plan import DecodedPlan, plan_of
+from xarray_zcache.decoded_shards import fill_sharded
 from xarray_zcache.store import CachedStore
 
-__all__ = ["DecodedPlan", "plan_of", "read_selection"]
+__all__ = ["DecodedPlan", "chunk_decoder", "plan_of", "read_selection", "serve_now", "serve_rest"]
 
-#: dtype kinds decoded here (numbers, booleans, dates); others go to zarr
-_KINDS = frozenset("biufcmM")
-#: zarr's own codecs (module ``zarr.codecs``) known to decode a whole chunk on their own
-_CODECS = frozenset(
-    {"BytesCodec", "ZstdCodec", "BloscCodec", "GzipCodec", "Crc32cCodec", "TransposeCodec"}
-)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class DecodedPlan:
-    """What a read of one array needs (built once per array object, `plan_of`)."""
-
-    store: CachedStore
-    prefix: str  # the array's path in the store, with a trailing "/" (or "")
-    metadata: Any
-    pipeline: Any
-    grid: Any
-    spec: ArraySpec
-    dtype: np.dtype[Any]
-    order: Any
-    shards: Shards | None = None  # a sharded array: its inner chunks are decoded
-    #: how a chunk is decoded (dtype, chunk shape, codecs, order): part of a decoded
-    #: entry's identity, since another array's metadata over equal bytes decodes otherwise
-    tag: str = ""
-
-
-#: metadata fields a chunk's decoding does not depend on (an append changes ``shape``)
-_NOT_DECODING = frozenset({"shape", "attributes", "dimension_names"})
-
-
-def _tag(metadata: Any, dtype: np.dtype[Any], order: Any) -> str:
-    fields = {k: v for k, v in metadata.to_dict().items() if k not in _NOT_DECODING}
-    return repr((dtype.str, str(order), sorted(fields.items(), key=lambda kv: kv[0])))
-
-
-def _known_codecs(metadata: Any) -> bool:
-    if metadata.zarr_format == 2:
-        return True  # numcodecs through zarr's V2Codec; object dtypes are refused first
-    return all(
-        type(c).__module__.startswith("zarr.codecs") and type(c).__name__ in _CODECS
-        for c in metadata.codecs
-    )
-
-
-#: plans by array object (id -> (weak reference, plan)); zarr arrays are not hashable
-_PLANS: dict[int, tuple[weakref.ref[Any], DecodedPlan | None]] = {}
-
-
-def plan_of(array: Any) -> DecodedPlan | None:
-    """The plan of zarr array ``array`` (a `zarr.Array`), or None: zarr reads it (built
-    once per array object: its metadata and store never change)."""
-    key = id(array)
-    held = _PLANS.get(key)
-    if held is not None and held[0]() is array:
-        return held[1]
-    plan = _plan(array)
-    try:
-        ref = weakref.ref(array, lambda _: _PLANS.pop(key, None))
-    except TypeError:
-        return plan
-    _PLANS[key] = (ref, plan)
-    return plan
-
-
-def _plan(array: Any) -> DecodedPlan | None:
-    aa = getattr(array, "_async_array", None)
-    store = getattr(getattr(aa, "store_path", None), "store", None)
-    if aa is None or not isinstance(store, CachedStore):
-        return None
-    metadata, config = aa.metadata, aa.config
-    grid = aa._chunk_grid
-    try:
-        dtype = np.dtype(metadata.dtype.to_native_dtype())
-    except TypeError:
-        return None
-    if (
-        dtype.kind not in _KINDS
-        or dtype.fields is not None
-        or not grid.is_regular
-        or config.read_missing_chunks is False
-    ):
-        return None
-    order = metadata.order if metadata.zarr_format == 2 else config.order
-    if metadata.zarr_format == 2:
-        config = dataclasses.replace(config, order=order)
-    spec = ArraySpec(
-        shape=grid.chunk_shape,
-        dtype=metadata.dtype,
-        fill_value=metadata.fill_value,
-        config=config,
-        prototype=default_buffer_prototype(),
-    )
-    shards = None
-    if not _known_codecs(metadata):
-        shards = shards_of(metadata.codecs, spec, _CODECS)
-        if shards is None:
-            return None
-    path = aa.store_path.path
-    return DecodedPlan(
-        store,
-        f"{path}/" if path else "",
-        metadata,
-        aa.codec_pipeline,
-        grid,
-        spec,
-        dtype,
-        order,
-        shards,
-        _tag(metadata, dtype, order),
-    )
+#: puts a decoded chunk (None: missing, the fill value) where a selection wants it
+Place = Callable[[np.ndarray[Any, Any] | None, Any], None]
+#: decodes whole chunks' encoded bytes
+Decode = Callable[[list[bytes]], Awaitable[list[np.ndarray[Any, Any]]]]
+_Later = tuple[str, str, Any]  # (store key, cache key, where)
+_Found = tuple[str, bytes, Any]  # (cache key, encoded bytes, where): to decode
 
 
 def _tier(plan: DecodedPlan) -> DecodedTier | None:
@@ -167,21 +66,74 @@ def _tier(plan: DecodedPlan) -> DecodedTier | None:
     return tier if tier.enabled else None
 
 
-async def _load(plan: DecodedPlan, keys: list[str]) -> list[bytes | None]:
-    """The encoded bytes of ``keys`` through the store's read path (concurrently)."""
-    limit = int(zarr.config.get("async.concurrency"))
-    return await concurrent_map([(k,) for k in keys], plan.store.get_bytes, limit)
+def chunk_decoder(pipeline: Any, spec: Any) -> Decode:
+    """Decode whole chunks with ``pipeline`` (zarr's codec pipeline of the array)."""
+
+    async def decode(encoded: list[bytes]) -> list[np.ndarray[Any, Any]]:
+        buffer = spec.prototype.buffer
+        decoded = await pipeline.decode([(buffer.from_bytes(b), spec) for b in encoded])
+        out = []
+        for nd in decoded:
+            assert nd is not None  # (only present chunks are decoded)
+            out.append(nd.as_numpy_array())
+        return out
+
+    return decode
 
 
-async def _decode(plan: DecodedPlan, encoded: list[bytes]) -> list[np.ndarray[Any, Any]]:
-    """Decode whole chunks with the array's codec pipeline."""
-    buffer = plan.spec.prototype.buffer
-    decoded = await plan.pipeline.decode([(buffer.from_bytes(b), plan.spec) for b in encoded])
-    out = []
-    for nd in decoded:
-        assert nd is not None  # (only present chunks are decoded)
-        out.append(nd.as_numpy_array())
-    return out
+def serve_now(
+    store: CachedStore, tier: DecodedTier, tag: str, items: Iterable[tuple[str, Any]], place: Place
+) -> tuple[list[_Later], list[_Found]]:
+    """Serve the chunks ``items`` (store key, where) whose encoded bytes the byte tiers
+    answer without I/O and whose decoded array the tier holds under ``tag`` (a missing
+    chunk: ``place(None, where)``); the rest: to read, to decode (`serve_rest`)."""
+    cache = store.cache
+    later: list[_Later] = []
+    found: list[_Found] = []
+    for key, where in items:
+        ck, data = store.bytes_now(key, cache)
+        if isinstance(data, Unanswered):
+            later.append((key, ck, where))
+        elif data is None:
+            place(None, where)
+        else:
+            array = tier.get(ck, data, tag)
+            if array is None:
+                found.append((ck, data, where))
+            else:
+                place(array, where)
+    return later, found
+
+
+async def serve_rest(
+    store: CachedStore,
+    tier: DecodedTier,
+    tag: str,
+    later: list[_Later],
+    found: list[_Found],
+    decode: Decode,
+    place: Place,
+) -> None:
+    """Read ``later`` through the store's read path, decode what the tier does not hold
+    (``found`` and the misses among ``later``), admit it under ``tag``, place it."""
+    if later:
+        limit = int(zarr.config.get("async.concurrency"))
+        loaded = await concurrent_map([(k,) for k, _, _ in later], store.get_bytes, limit)
+        for (_, ck, where), data in zip(later, loaded, strict=True):
+            if data is None:
+                place(None, where)
+                continue
+            array = tier.get(ck, data, tag)
+            if array is None:
+                found.append((ck, data, where))
+            else:
+                place(array, where)
+    if not found:
+        return
+    arrays = await decode([data for _, data, _ in found])
+    for (ck, data, where), array in zip(found, arrays, strict=True):
+        tier.put(ck, data, array, tag)
+        place(array, where)
 
 
 def read_selection(plan: DecodedPlan, selection: Any, *, orthogonal: bool) -> Any:
@@ -211,48 +163,21 @@ def read_selection(plan: DecodedPlan, selection: Any, *, orthogonal: bool) -> An
 
 
 def _fill(plan: DecodedPlan, tier: DecodedTier, indexer: Any, out: np.ndarray[Any, Any]) -> None:
-    store, drop_axes, cache = plan.store, indexer.drop_axes, plan.store.cache
-    encode_key, prefix = plan.metadata.encode_chunk_key, plan.prefix
-    later: list[tuple[str, str, Any, Any]] = []  # (store key, cache key, selections)
-    found: list[tuple[str, bytes, Any, Any]] = []  # (cache key, bytes, ...): to decode
+    drop_axes, encode_key, prefix = indexer.drop_axes, plan.metadata.encode_chunk_key, plan.prefix
+    fill = fill_value_or_default(plan.spec)
 
-    def place(array: np.ndarray[Any, Any] | None, chunk_sel: Any, out_sel: Any) -> None:
+    def place(array: np.ndarray[Any, Any] | None, where: Any) -> None:
+        chunk_sel, out_sel = where
         if array is None:
-            out[out_sel] = fill_value_or_default(plan.spec)
+            out[out_sel] = fill
             return
         selected = array[chunk_sel]
         if drop_axes:
             selected = selected.squeeze(axis=drop_axes)
         out[out_sel] = selected
 
-    def take(ck: str, data: bytes | None, chunk_sel: Any, out_sel: Any) -> None:
-        if data is None:
-            place(None, chunk_sel, out_sel)
-            return
-        array = tier.get(ck, data, plan.tag)
-        if array is None:
-            found.append((ck, data, chunk_sel, out_sel))
-        else:
-            place(array, chunk_sel, out_sel)
-
-    for coords, chunk_sel, out_sel, _ in indexer:
-        key = prefix + encode_key(coords)
-        ck, data = store.bytes_now(key, cache)
-        if isinstance(data, Unanswered):
-            later.append((key, ck, chunk_sel, out_sel))
-        else:
-            take(ck, data, chunk_sel, out_sel)
-    if not later and not found:
-        return
-
-    async def rest() -> list[np.ndarray[Any, Any]]:
-        if later:
-            loaded = await _load(plan, [key for key, *_ in later])
-            for (_, ck, chunk_sel, out_sel), data in zip(later, loaded, strict=True):
-                take(ck, data, chunk_sel, out_sel)
-        return await _decode(plan, [data for _, data, _, _ in found]) if found else []
-
-    arrays = sync(rest())
-    for (ck, data, chunk_sel, out_sel), array in zip(found, arrays, strict=True):
-        tier.put(ck, data, array, plan.tag)
-        place(array, chunk_sel, out_sel)
+    items = ((prefix + encode_key(c), (cs, os)) for c, cs, os, _ in indexer)
+    later, found = serve_now(plan.store, tier, plan.tag, items, place)
+    if later or found:
+        decode = chunk_decoder(plan.pipeline, plan.spec)
+        sync(serve_rest(plan.store, tier, plan.tag, later, found, decode, place))

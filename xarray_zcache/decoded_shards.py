@@ -10,67 +10,31 @@ chunk's encoded bytes: equal bytes, the same array (`xarray_zcache.decoded_reads
 Misses are decoded with the sharding codec's inner pipeline. Reads of a shard's parts
 go through `CachedStore.get_bytes`, with their checks that no part of an old version is
 combined with a part of a new one (`ObjectChanged`: the backend reads again).
+
+`shard_parts` and `decoded_parts` are shared with zarr's array API
+(`xarray_zcache.decoded_pipeline`), which reads one shard at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-from zarr.abc.store import ByteRequest, RangeByteRequest
-from zarr.codecs.sharding import ShardingCodec
-from zarr.core.array_spec import ArraySpec
+from zarr.abc.store import RangeByteRequest
 from zarr.core.chunk_utils import fill_value_or_default
 from zarr.core.sync import sync
 
 from xarray_zcache.cache.decoded import DecodedTier
+from xarray_zcache.decoded_plan import DecodedPlan, Shards
 from xarray_zcache.keys import cut, range_key
+from xarray_zcache.store import CachedStore
 
-if TYPE_CHECKING:
-    from xarray_zcache.decoded_reads import DecodedPlan
-
-__all__ = ["Shards", "fill_sharded", "shards_of"]
+__all__ = ["coalesce", "decoded_parts", "fill_sharded", "shard_parts"]
 
 _Item = tuple[tuple[int, ...], Any, Any]  # (inner chunk within its shard, chunk sel, out sel)
 _Found = tuple[str, bytes | None, Any, Any]  # (decoded key, inner bytes or None, sels)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Shards:
-    """The sharding codec of an array and what reading its inner chunks needs."""
-
-    codec: ShardingCodec
-    inner: tuple[int, ...]
-    per_shard: tuple[int, ...]
-    index_range: ByteRequest
-    pipeline: Any
-    spec: ArraySpec
-
-
-def shards_of(codecs: Any, spec: ArraySpec, known: frozenset[str]) -> Shards | None:
-    """The `Shards` of an array whose only codec is a sharding codec with inner codecs
-    of zarr's own (``known`` class names), else None."""
-    if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
-        return None
-    codec = codecs[0]
-    inner_ok = all(
-        type(c).__module__.startswith("zarr.codecs") and type(c).__name__ in known
-        for c in codec.codecs
-    )
-    if not inner_ok:
-        return None
-    per = codec._get_chunks_per_shard(spec)
-    return Shards(
-        codec,
-        tuple(codec.chunk_shape),
-        per,
-        codec._shard_index_byte_range(per),
-        codec._get_inner_pipeline(spec),
-        codec._get_chunk_spec(spec),
-    )
 
 
 async def _index(shards: Shards, data: bytes) -> Any:
@@ -78,11 +42,12 @@ async def _index(shards: Shards, data: bytes) -> Any:
     return await shards.codec._decode_shard_index(buf, shards.per_shard)
 
 
-async def _shard(
-    plan: DecodedPlan, shards: Shards, shard: tuple[int, ...], items: list[_Item]
-) -> list[_Found]:
-    store = plan.store
-    key = plan.prefix + plan.metadata.encode_chunk_key(shard)
+async def shard_parts(
+    store: CachedStore, shards: Shards, key: str, items: list[_Item]
+) -> list[_Found] | None:
+    """The encoded bytes of the inner chunks ``items`` of shard ``key`` through the
+    store's read path, each with its decoded entry's key (None: a missing inner chunk);
+    None if the shard is missing."""
     ck = store._ck(key)
     whole = None
     if len(items) == math.prod(shards.per_shard):  # every inner chunk: the shard at once
@@ -91,7 +56,7 @@ async def _shard(
     else:
         index_bytes = await store.get_bytes(key, shards.index_range)
     if index_bytes is None:  # no shard: the fill value everywhere
-        return [("", None, cs, os) for _, cs, os in items]
+        return None
     index = await _index(shards, index_bytes)
     ranges = [index.get_chunk_slice(local) for local, _, _ in items]
     if whole is None:
@@ -101,10 +66,11 @@ async def _shard(
             config.sharding_coalesce_max_gap_bytes,
             config.sharding_coalesce_max_bytes,
         )
-        read = await asyncio.gather(
-            *(store.get_bytes(key, RangeByteRequest(*span)) for span in spans)
-        )
-        held = dict(zip(spans, read, strict=True))
+        # a task group, as zarr's coalesced reads: a failure (`ObjectChanged`) surfaces
+        # as an exception group, what zarr's own read raises
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(store.get_bytes(key, RangeByteRequest(*sp))) for sp in spans]
+        held = dict(zip(spans, [t.result() for t in tasks], strict=True))
 
     def part(where: tuple[int, int] | None) -> bytes | None:
         if where is None:
@@ -120,6 +86,34 @@ async def _shard(
         ("" if r is None else range_key(ck, RangeByteRequest(*r)), data, cs, os)
         for r, data, (_, cs, os) in zip(ranges, parts, items, strict=True)
     ]
+
+
+async def decoded_parts(
+    tier: DecodedTier, tag: str, shards: Shards, found: list[_Found]
+) -> list[np.ndarray[Any, Any] | None]:
+    """The decoded arrays of inner chunks ``found`` (`shard_parts`; None: missing): from
+    the tier under ``tag``, else decoded with the sharding codec's inner pipeline and
+    admitted."""
+    held = [None if b is None else tier.get(k, b, tag) for k, b, _, _ in found]
+    todo = [
+        i
+        for i, (f, a) in enumerate(zip(found, held, strict=True))
+        if f[1] is not None and a is None
+    ]
+    if not todo:
+        return held
+    buffer = shards.spec.prototype.buffer
+    encoded = [found[i][1] for i in todo]
+    decoded = await shards.pipeline.decode(
+        [(buffer.from_bytes(b), shards.spec) for b in encoded if b is not None]
+    )
+    for i, nd in zip(todo, decoded, strict=True):
+        array = nd.as_numpy_array()
+        key, data = found[i][0], found[i][1]
+        assert data is not None
+        tier.put(key, data, array, tag)
+        held[i] = array
+    return held
 
 
 def coalesce(ranges: list[tuple[int, int]], max_gap: int, max_bytes: int) -> list[tuple[int, int]]:
@@ -147,29 +141,25 @@ def fill_sharded(
         shard = tuple(c // p for c, p in zip(coords, shards.per_shard, strict=True))
         local = tuple(c % p for c, p in zip(coords, shards.per_shard, strict=True))
         by_shard.setdefault(shard, []).append((local, chunk_sel, out_sel))
+    encode_key = plan.metadata.encode_chunk_key
 
-    async def run() -> tuple[list[_Found], list[Any], list[np.ndarray[Any, Any]]]:
-        groups = await asyncio.gather(
-            *(_shard(plan, shards, s, items) for s, items in by_shard.items())
-        )
-        found = [f for group in groups for f in group]
-        held = [None if b is None else tier.get(k, b, plan.tag) for k, b, _, _ in found]
-        todo = [f[1] for f, a in zip(found, held, strict=True) if f[1] is not None and a is None]
-        buffer = shards.spec.prototype.buffer
-        decoded = await shards.pipeline.decode([(buffer.from_bytes(b), shards.spec) for b in todo])
-        return found, held, [nd.as_numpy_array() for nd in decoded]
+    async def one(shard: tuple[int, ...], items: list[_Item]) -> list[Any]:
+        found = await shard_parts(plan.store, shards, plan.prefix + encode_key(shard), items)
+        if found is None:
+            return [(None, cs, os) for _, cs, os in items]
+        arrays = await decoded_parts(tier, plan.tag, shards, found)
+        return [(a, cs, os) for a, (_, _, cs, os) in zip(arrays, found, strict=True)]
 
-    found, held, arrays = sync(run())
-    fresh = iter(arrays)
+    async def run() -> list[list[Any]]:
+        return await asyncio.gather(*(one(s, items) for s, items in by_shard.items()))
+
     fill = fill_value_or_default(shards.spec)
-    for (dkey, data, chunk_sel, out_sel), array in zip(found, held, strict=True):
-        if data is None:
-            out[out_sel] = fill
-            continue
-        if array is None:
-            array = next(fresh)
-            tier.put(dkey, data, array, plan.tag)
-        selected = array[chunk_sel]
-        if indexer.drop_axes:
-            selected = selected.squeeze(axis=indexer.drop_axes)
-        out[out_sel] = selected
+    for group in sync(run()):
+        for array, chunk_sel, out_sel in group:
+            if array is None:
+                out[out_sel] = fill
+                continue
+            selected = array[chunk_sel]
+            if indexer.drop_axes:
+                selected = selected.squeeze(axis=indexer.drop_axes)
+            out[out_sel] = selected

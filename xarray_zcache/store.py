@@ -35,6 +35,7 @@ from xarray_zcache.cache.hybrid import HybridCache
 from xarray_zcache.cache.request import Read
 from xarray_zcache.cache.stats import CacheStats
 from xarray_zcache.config import CacheConfig
+from xarray_zcache.decoded_pipeline import install as _install_decoded_pipeline
 from xarray_zcache.identity import Identity, identify, store_namespace
 from xarray_zcache.keys import (
     array_of,
@@ -497,3 +498,7 @@ class SyncCachedStore(SyncReads, CachedStore):
     take its sync path) tells the truth: hits are then served without an event loop.
     Its synchronous reads and writes are `xarray_zcache.store_sync.SyncReads`.
     """
+
+
+# zarr's array API over a CachedStore: decoded chunks (decoded_pipeline.py; switchable)
+_install_decoded_pipeline()

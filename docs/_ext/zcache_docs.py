@@ -133,6 +133,7 @@ def env_var(dotted_without_prefix: str) -> str:
 _SPECIAL_FIELDS = {
     "disk.path": "disk_path",
     "disk.enabled": "disk_path (None when false)",
+    "decoded-array-api": "- (process-wide: zarr's codec pipeline, not a cache's setting)",
 }
 
 
