@@ -9,6 +9,7 @@ import zlib
 from typing import NamedTuple
 
 from xarray_zcache.cache.disk.format import KINDS, digest, pack_header, payload_path, temp_path
+from xarray_zcache.cache.disk.segments import SEGMENT_THRESHOLD, segment_path
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -45,6 +46,19 @@ class PutRequest:
     header: bytes
     #: random; the row carries it between the two transactions of ``put`` (see writes.py)
     token: int
+    #: whether the entry goes to a segment (:mod:`.segments`) rather than a file of its own
+    small: bool = False
+    #: where its record was appended (``small`` entries, once appended; see :meth:`at`)
+    segment: str | None = None
+    offset: int | None = None
+    #: the full path of ``segment`` (checked to exist when the row is committed)
+    segment_file: str | None = None
+
+    def at(self, root: str, segment: str, offset: int) -> PutRequest:
+        """This request, its record appended at ``offset`` of ``segment``."""
+        return dataclasses.replace(
+            self, segment=segment, offset=offset, segment_file=segment_path(root, segment)
+        )
 
     @classmethod
     def build(
@@ -58,6 +72,7 @@ class PutRequest:
         expires: float | None,
         fetch_started_ns: int | None,
         write_ns: int,
+        small_limit: int = SEGMENT_THRESHOLD,
     ) -> PutRequest:
         """The request for ``value`` (key and namespace must be encodable as UTF-8)."""
         key_bytes = key.encode("utf-8")
@@ -85,6 +100,7 @@ class PutRequest:
             temp=temp_path(final, hexdigest),
             header=header,
             token=int.from_bytes(os.urandom(8), "little") >> 2,
+            small=size <= small_limit,
         )
 
 

@@ -26,17 +26,20 @@ HORIZON_SLACK_NS: Final = 86_400 * 10**9
 
 UPSERT: Final = """
 INSERT INTO entries(key, namespace, kind, size, created, last_access, hits, expires, checksum,
-                    token)
-VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?)
+                    token, segment, offset)
+VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?)
 ON CONFLICT(key) DO UPDATE SET
     namespace = excluded.namespace, kind = excluded.kind, size = excluded.size,
     created = excluded.created, last_access = excluded.last_access, expires = excluded.expires,
-    checksum = excluded.checksum, token = excluded.token
+    checksum = excluded.checksum, token = excluded.token, segment = excluded.segment,
+    offset = excluded.offset
 """
 
 #: Called with ``(exc, action)`` when a file cannot be removed.
 OnError = Callable[[BaseException, str], None]
-Row = tuple[str, str, int]  # key, kind, size
+Row = tuple[str, str, int, str | None]  # key, kind, size, segment (None: a file of its own)
+#: The columns of a :data:`Row`.
+ROW: Final = "key, kind, size, segment"
 
 
 def sql_safe(text: str) -> bool:
@@ -149,14 +152,19 @@ def delete_key(conn: sqlite3.Connection, root: str, key: str) -> None:
 
 
 def remove_rows(conn: sqlite3.Connection, root: str, rows: Iterable[Row], on_error: OnError) -> int:
-    """Unlink the files of ``(key, kind, size)`` rows, then delete the rows.
+    """Unlink the files of ``(key, kind, size, segment)`` rows, then delete the rows.
 
     Files go first so that a visible file always has a row. A row whose file cannot be
-    unlinked (other than already gone) is kept. Returns the sum of sizes removed.
+    unlinked (other than already gone) is kept. The record of a row in a segment becomes
+    dead bytes (reclaimed by compaction). Returns the sum of sizes removed.
     """
     done: list[tuple[str]] = []
     freed = 0
-    for key, kind, size in rows:
+    for key, kind, size, segment in rows:
+        if segment is not None:
+            done.append((key,))
+            freed += size
+            continue
         path = payload_path(root, digest(key).hex(), kind)
         try:
             os.unlink(path)
@@ -176,36 +184,32 @@ def delete_prefix(conn: sqlite3.Connection, root: str, prefix: str, on_error: On
     """Remove the entries whose key starts with ``prefix``; record a prefix tombstone."""
     upper = prefix_upper(prefix)
     if upper is None:
-        cur = conn.execute("SELECT key, kind FROM entries WHERE key >= ?", (prefix,))
+        cur = conn.execute(f"SELECT {ROW} FROM entries WHERE key >= ?", (prefix,))
     else:
-        cur = conn.execute(
-            "SELECT key, kind FROM entries WHERE key >= ? AND key < ?", (prefix, upper)
-        )
-    rows = [(k, kind, 0) for k, kind in cur.fetchall() if k.startswith(prefix)]
+        cur = conn.execute(f"SELECT {ROW} FROM entries WHERE key >= ? AND key < ?", (prefix, upper))
+    rows: list[Row] = [r for r in cur.fetchall() if r[0].startswith(prefix)]
     remove_rows(conn, root, rows, on_error)
     conn.execute(
         "INSERT INTO prefix_tombstones(prefix, at) VALUES (?, ?) "
         "ON CONFLICT(prefix) DO UPDATE SET at = MAX(at, excluded.at)",
         (prefix, time.time_ns()),
     )
-    return [k for k, _kind, _size in rows]
+    return [r[0] for r in rows]
 
 
 def delete_namespace(
     conn: sqlite3.Connection, root: str, namespace: str, on_error: OnError
 ) -> list[str]:
     """Remove the entries of ``namespace`` and record a tombstone for each of their keys."""
-    rows = conn.execute(
-        "SELECT key, kind, size FROM entries WHERE namespace = ?", (namespace,)
-    ).fetchall()
+    rows = conn.execute(f"SELECT {ROW} FROM entries WHERE namespace = ?", (namespace,)).fetchall()
     remove_rows(conn, root, rows, on_error)
     now_ns = time.time_ns()
     conn.executemany(
         "INSERT INTO tombstones(key, at) VALUES (?, ?) "
         "ON CONFLICT(key) DO UPDATE SET at = MAX(at, excluded.at)",
-        [(key, now_ns) for key, _kind, _size in rows],
+        [(r[0], now_ns) for r in rows],
     )
-    return [key for key, _kind, _size in rows]
+    return [r[0] for r in rows]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -223,7 +227,7 @@ class Freed:
 
 
 def drop_expired(conn: sqlite3.Connection, root: str, now: float, on_error: OnError) -> Freed:
-    rows = conn.execute("SELECT key, kind, size FROM entries WHERE expires < ?", (now,)).fetchall()
+    rows = conn.execute(f"SELECT {ROW} FROM entries WHERE expires < ?", (now,)).fetchall()
     freed = remove_rows(conn, root, rows, on_error) if rows else 0
     return Freed(expired=len(rows), expired_bytes=freed)
 
@@ -253,7 +257,7 @@ def evict(
     must = need if hard_target is None else max(0, total - hard_target)
     victims: list[Row] = []
     got = 0
-    cur = conn.execute("SELECT key, kind, size FROM entries ORDER BY last_access")
+    cur = conn.execute(f"SELECT {ROW} FROM entries ORDER BY last_access")
     try:
         while got < need:
             batch = cur.fetchmany(256)

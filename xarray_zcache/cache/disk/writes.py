@@ -78,8 +78,12 @@ def commit_rows(
         sizes = _lookup(conn, "SELECT key, size FROM entries", keys)
         tombs = _lookup(conn, "SELECT key, at FROM tombstones", keys)
         total = rows.used(conn)
+        gone = _gone_segments(reqs)
         out: list[bool] = []
         for n, req in enumerate(reqs):
+            if req.segment_file in gone:
+                out.append(False)
+                continue
             started = req.fetch_started_ns
             if started is not None:
                 if (
@@ -109,6 +113,13 @@ def commit_rows(
         return out
 
 
+def _gone_segments(reqs: Sequence[PutRequest]) -> set[str]:
+    """The segment files of ``reqs`` that no longer exist (compacted away after the records
+    were appended; under the write lock, as compaction's unlink): no row may point there."""
+    files = {r.segment_file for r in reqs if r.segment_file is not None}
+    return {f for f in files if not os.path.exists(f)}
+
+
 def _lookup(conn: sqlite3.Connection, select: str, keys: list[str]) -> dict[str, int]:
     """``key -> value`` of the rows of ``keys`` that exist: ``select`` (``SELECT key, <column>
     FROM <table>``) with ``WHERE key IN (...)``, one query per 500 keys."""
@@ -127,6 +138,8 @@ def _commit_one(
     capacity: int,
     make_space: Callable[[sqlite3.Connection, str], None],
 ) -> bool:
+    if _gone_segments([req]):
+        return False
     if req.fetch_started_ns is not None:
         if rows.is_stale(conn, req.key, req.fetch_started_ns):
             return False
@@ -155,6 +168,8 @@ def _upsert(conn: sqlite3.Connection, req: PutRequest) -> None:
             req.expires,
             req.checksum,
             req.token,
+            req.segment,
+            req.offset,
         ),
     )
 
@@ -189,6 +204,8 @@ def _place_one(conn: sqlite3.Connection, req: PutRequest, token: int | None) -> 
     """Rename the temp file of ``req`` into place if ``token`` (its row's) is still ours."""
     if token != req.token:
         return False  # deleted, evicted or overwritten meanwhile
+    if req.segment is not None:
+        return True  # a record: nothing to place, the committed row points to it
     hooks.fire("before-replace", req.temp, req.final)
     try:
         os.replace(req.temp, req.final)
@@ -218,7 +235,7 @@ def make_room(
     cannot be written now (rows without file are allowed and cleaned later).
     """
     candidates = conn.execute(
-        f"SELECT key, kind, size FROM entries ORDER BY last_access LIMIT {_ROOM_CANDIDATES}"
+        f"SELECT {rows.ROW} FROM entries ORDER BY last_access LIMIT {_ROOM_CANDIDATES}"
     ).fetchall()
     victims: list[rows.Row] = []
     got = 0
