@@ -17,8 +17,8 @@ import time
 from collections.abc import Iterator
 
 import pytest
-
 from entry_location import locate, stored_bytes
+
 from xarray_zcache.cache.disk import HEADER, DiskTier, Fill, schema
 from xarray_zcache.cache.disk.compact import dead_limit
 from xarray_zcache.cache.disk.segments import SEGMENT_THRESHOLD, seal_size
