@@ -23,9 +23,10 @@ class DiskEntry:
     namespace: str
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class PutRequest:
-    """One ``put``: what goes in the index row and where the payload file goes."""
+    """One ``put``: what goes in the index row and where the payload goes (changed only by
+    :meth:`at`, once its record is appended)."""
 
     key: str
     namespace: str
@@ -38,9 +39,8 @@ class PutRequest:
     #: ``time.time_ns()`` of the ``put`` (the tombstone time of an authoritative write)
     write_ns: int
     hexdigest: str
-    final: str
-    #: the key's payload paths of every kind (``final`` among them)
-    paths: tuple[str, ...]
+    root: str
+    #: the temp file of the payload ("" for a ``small`` entry: it has none)
     temp: str
     #: file header (fixed part, key, namespace); the payload follows it
     header: bytes
@@ -54,11 +54,21 @@ class PutRequest:
     #: the full path of ``segment`` (checked to exist when the row is committed)
     segment_file: str | None = None
 
-    def at(self, root: str, segment: str, offset: int) -> PutRequest:
+    @property
+    def final(self) -> str:
+        """Where the payload file goes (a large entry)."""
+        return payload_path(self.root, self.hexdigest, self.kind)
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """The key's payload paths of every kind (``final`` among them)."""
+        return tuple(payload_path(self.root, self.hexdigest, k) for k in KINDS)
+
+    def at(self, segment: str, offset: int) -> PutRequest:
         """This request, its record appended at ``offset`` of ``segment``."""
-        return dataclasses.replace(
-            self, segment=segment, offset=offset, segment_file=segment_path(root, segment)
-        )
+        self.segment, self.offset = segment, offset
+        self.segment_file = segment_path(self.root, segment)
+        return self
 
     @classmethod
     def build(
@@ -84,7 +94,7 @@ class PutRequest:
         header = pack_header(
             key_bytes, namespace.encode("utf-8"), size, checksum, expiry, key_digest
         )
-        final = payload_path(root, hexdigest, kind)
+        small = size <= small_limit
         return cls(
             key=key,
             namespace=namespace,
@@ -95,12 +105,11 @@ class PutRequest:
             fetch_started_ns=fetch_started_ns,
             write_ns=write_ns,
             hexdigest=hexdigest,
-            final=final,
-            paths=tuple(payload_path(root, hexdigest, k) for k in KINDS),
-            temp=temp_path(final, hexdigest),
+            root=root,
+            temp="" if small else temp_path(payload_path(root, hexdigest, kind), hexdigest),
             header=header,
             token=int.from_bytes(os.urandom(8), "little") >> 2,
-            small=size <= small_limit,
+            small=small,
         )
 
 

@@ -121,7 +121,7 @@ class TierFills(TierCore):
         """Write the payload (a record appended, or a temp file), then the index transactions."""
         if req.small:
             ((segment, offset),) = self._segments.append([(req.header, value)])
-            return self._install(req.at(self._root, segment, offset))
+            return self._install(req.at(segment, offset))
         write_temp(req.temp, req.header, value)
         return self._install(req)
 
@@ -269,7 +269,7 @@ class TierFills(TierCore):
             alone.extend(i for i, _req in small)
             return []
         return [
-            (i, req.at(self._root, segment, offset))
+            (i, req.at(segment, offset))
             for (i, req), (segment, offset) in zip(small, where, strict=True)
         ]
 

@@ -80,6 +80,7 @@ def commit_rows(
         total = rows.used(conn)
         gone = _gone_segments(reqs)
         out: list[bool] = []
+        pending: list[tuple[object, ...]] = []  # rows to upsert (in order: later ones win)
         for n, req in enumerate(reqs):
             if req.segment_file in gone:
                 out.append(False)
@@ -101,15 +102,18 @@ def commit_rows(
             if old is not None:  # the key's file of either kind: the new row owns the key
                 for path in req.paths:
                     unlink_missing_ok(path)
-            _upsert(conn, req)
+            pending.append(_row(req))
             sizes[req.key] = req.size
             total += req.size - (old or 0)
             if total > capacity:
+                conn.executemany(rows.UPSERT, pending)
+                pending.clear()
                 make_space(conn, req.key)
                 total = rows.used(conn)
                 # some may be evicted
                 sizes = _lookup(conn, "SELECT key, size FROM entries", keys[n + 1 :])
             out.append(True)
+        conn.executemany(rows.UPSERT, pending)
         return out
 
 
@@ -155,22 +159,23 @@ def _commit_one(
 
 
 def _upsert(conn: sqlite3.Connection, req: PutRequest) -> None:
+    conn.execute(rows.UPSERT, _row(req))
+
+
+def _row(req: PutRequest) -> tuple[object, ...]:
     now = req.write_ns / 1e9
-    conn.execute(
-        rows.UPSERT,
-        (
-            req.key,
-            req.namespace,
-            req.kind,
-            req.size,
-            now,
-            now,
-            req.expires,
-            req.checksum,
-            req.token,
-            req.segment,
-            req.offset,
-        ),
+    return (
+        req.key,
+        req.namespace,
+        req.kind,
+        req.size,
+        now,
+        now,
+        req.expires,
+        req.checksum,
+        req.token,
+        req.segment,
+        req.offset,
     )
 
 
