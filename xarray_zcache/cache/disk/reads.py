@@ -20,7 +20,7 @@ from typing import Final
 from xarray_zcache.cache.disk import check, compact, rows
 from xarray_zcache.cache.disk.access import AccessLog
 from xarray_zcache.cache.disk.entry import DiskEntry
-from xarray_zcache.cache.disk.flusher import Flusher
+from xarray_zcache.cache.disk.flusher import Flusher, StatsFlush
 from xarray_zcache.cache.disk.folder import prepare_folder, same_file
 from xarray_zcache.cache.disk.format import (
     KINDS,
@@ -31,10 +31,9 @@ from xarray_zcache.cache.disk.format import (
     read_header,
     read_payload,
 )
-from xarray_zcache.cache.disk.index import Index, Recovered
+from xarray_zcache.cache.disk.index import Index
 from xarray_zcache.cache.disk.log import Warner, logger
 from xarray_zcache.cache.disk.schema import (
-    BUSY_TIMEOUT_MS,
     IndexUnavailable,
     is_resource_error,
     txn,
@@ -61,8 +60,6 @@ EVICT_BATCH: Final = 1024
 #: Tombstones older than this are pruned automatically every ``AUTO_PRUNE_EVERY`` stores.
 TOMBSTONE_TTL_S: Final = 3600.0
 AUTO_PRUNE_EVERY: Final = 4096
-#: Busy timeout for opportunistic access-stat flushes (hits poke the flusher thread).
-_OPPORTUNISTIC_BUSY_MS: Final = 0
 
 #: The row of a hit: kind, segment, offset, size, namespace, token.
 _LOOKUP: Final = "SELECT kind, segment, offset, size, namespace, token FROM entries WHERE key = ?"
@@ -71,7 +68,7 @@ Found = tuple[str, str | None, int | None, int, str, int]
 _NO_INDEX: Final = "no index"
 
 
-class TierCore:
+class TierCore(StatsFlush):
     """State, reads and access statistics of a :class:`~.tier.DiskTier` (see there)."""
 
     path: pathlib.Path
@@ -459,49 +456,3 @@ class TierCore:
                     os.unlink(path)
         except (OSError, sqlite3.Error, RuntimeError) as exc:
             self._warn.error(exc, f"removing {path}")
-
-    # ------------------------------------------------------------------ access statistics
-
-    def flush(self) -> None:
-        """Write pending access statistics (last access, hit counts) to the index."""
-        self._flush(blocking=True)
-
-    def _flush_in_background(self) -> None:
-        self._flush(blocking=False)
-
-    def _flush(self, *, blocking: bool) -> None:
-        lock = self._index.lock
-        if blocking:
-            lock.acquire()
-        elif not lock.acquire(blocking=False):
-            return  # another thread is writing; try again on a later hit
-        try:
-            if self._closed:
-                return
-            batch = self._access.take()
-            if not batch:
-                return
-
-            def write(conn: sqlite3.Connection) -> None:
-                if not blocking:
-                    conn.execute(f"PRAGMA busy_timeout={_OPPORTUNISTIC_BUSY_MS}")
-                try:
-                    with txn(conn):
-                        AccessLog.write(conn, batch)
-                finally:
-                    if not blocking:
-                        with contextlib.suppress(sqlite3.Error):
-                            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-
-            try:
-                self._index.run_locked("writing access statistics", write, retry=False)
-            except (Recovered, IndexUnavailable):
-                pass  # statistics of a damaged or unavailable index are not worth keeping
-            except sqlite3.Error as exc:
-                self._access.requeue(batch)
-                if blocking or not isinstance(exc, sqlite3.OperationalError):
-                    self._warn.error(exc, "writing access statistics")
-            except (OSError, RuntimeError) as exc:
-                self._warn.error(exc, "writing access statistics")
-        finally:
-            lock.release()
