@@ -1,5 +1,9 @@
 """The two transactions of ``put``, and making room when the filesystem is full.
 
+A small entry whose record was appended to a segment (:mod:`.segments`) needs only the first:
+its row is committed pointing to the complete record (if the segment still exists, checked
+under the write lock), and there is nothing to place. What follows is about payload files.
+
 **Crash safety.** The payload is first written completely to a temp file beside its final
 name (:func:`~xarray_zcache.cache.disk.format.write_temp`); only :func:`place_file` renames it
 into place, atomically. A reader therefore never sees a half-written entry; a crash leaves at
