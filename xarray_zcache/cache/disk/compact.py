@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import os
 import sqlite3
 from collections.abc import Iterator
@@ -43,6 +44,7 @@ from xarray_zcache.cache.disk.segments import (
     SegmentWriter,
     check_record,
     is_segment_name,
+    kill_records,
     record_length,
     segment_dir,
     segment_path,
@@ -193,7 +195,11 @@ def _move(
                 for (key, token, old), (segment, new) in zip(keep, where, strict=True)
                 if os.path.exists(segment_path(job.root, segment))
             ]
-            conn.executemany(_MOVE, moved)
+            done_moves = [m for m in moved if conn.execute(_MOVE, m).rowcount]
+            # the originals are dead now: an older index state must not find them alive
+            failed = kill_records(job.root, [(name, m[5]) for m in done_moves])
+            if failed:
+                raise OSError(errno.EIO, f"segment {name} cannot be written")
             dropped = 0
             for row in bad:
                 dropped += conn.execute(_DROP, row).rowcount

@@ -40,6 +40,7 @@ from xarray_zcache.cache.disk.schema import (
 )
 from xarray_zcache.cache.disk.segments import (
     DEFAULT_SEGMENT_THRESHOLD,
+    DELETED,
     FdCache,
     SegmentWriter,
     has_segments,
@@ -315,6 +316,9 @@ class TierCore(StatsFlush):
             self._fds.release(fd)
         if header is not None and header.expires < t:
             self._drop_row(key, segment, offset, token, expired=True)
+            return None
+        if problem == DELETED:  # deleted or replaced meanwhile (or an index gone back in time)
+            self._drop_row(key, segment, offset, token, expired=False)
             return None
         if problem is not None or header is None:
             self._count_damage()

@@ -10,6 +10,7 @@ and is cleaned by eviction or ``verify``).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import sqlite3
 import time
@@ -20,6 +21,7 @@ from xarray_zcache.cache.disk import hooks
 from xarray_zcache.cache.disk.folder import unlink_missing_ok
 from xarray_zcache.cache.disk.format import KINDS, digest, payload_path
 from xarray_zcache.cache.disk.schema import SchemaDamaged
+from xarray_zcache.cache.disk.segments import kill_records
 
 #: A ``horizon`` (see ``prune``) further in the future than this is damage: reset it.
 HORIZON_SLACK_NS: Final = 86_400 * 10**9
@@ -37,9 +39,10 @@ ON CONFLICT(key) DO UPDATE SET
 
 #: Called with ``(exc, action)`` when a file cannot be removed.
 OnError = Callable[[BaseException, str], None]
-Row = tuple[str, str, int, str | None]  # key, kind, size, segment (None: a file of its own)
+#: key, kind, size, segment (None: a file of its own), offset
+Row = tuple[str, str, int, str | None, int | None]
 #: The columns of a :data:`Row`.
-ROW: Final = "key, kind, size, segment"
+ROW: Final = "key, kind, size, segment, offset"
 
 
 def sql_safe(text: str) -> bool:
@@ -144,9 +147,15 @@ def unlink_key_files(root: str, key: str) -> None:
 
 
 def delete_key(conn: sqlite3.Connection, root: str, key: str) -> None:
-    """Unlink the files of ``key``, delete its row, record a tombstone."""
+    """Unlink the files of ``key`` (or mark its record dead), delete its row, record a
+    tombstone."""
     unlink_key_files(root, key)
     if sql_safe(key):
+        found = conn.execute(
+            "SELECT segment, offset FROM entries WHERE key = ? AND segment IS NOT NULL", (key,)
+        ).fetchone()
+        if found is not None and kill_records(root, [found]):
+            raise OSError(errno.EIO, f"segment {found[0]} cannot be written")
         conn.execute("DELETE FROM entries WHERE key = ?", (key,))
         tombstone(conn, key, time.time_ns())
 
@@ -155,13 +164,21 @@ def remove_rows(conn: sqlite3.Connection, root: str, rows: Iterable[Row], on_err
     """Unlink the files of ``(key, kind, size, segment)`` rows, then delete the rows.
 
     Files go first so that a visible file always has a row. A row whose file cannot be
-    unlinked (other than already gone) is kept. The record of a row in a segment becomes
-    dead bytes (reclaimed by compaction). Returns the sum of sizes removed.
+    unlinked (other than already gone) is kept. The record of a row in a segment is marked
+    dead first (:func:`.segments.kill_records`), its bytes reclaimed by compaction. Returns the
+    sum of sizes removed.
     """
     done: list[tuple[str]] = []
     freed = 0
-    for key, kind, size, segment in rows:
+    rows = list(rows)
+    failed = kill_records(
+        root, [(r[3], r[4]) for r in rows if r[3] is not None and r[4] is not None]
+    )
+    for key, kind, size, segment, _offset in rows:
         if segment is not None:
+            if segment in failed:
+                on_error(OSError(f"segment {segment} cannot be written"), "removing a record")
+                continue
             done.append((key,))
             freed += size
             continue

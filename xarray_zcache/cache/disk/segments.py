@@ -33,7 +33,7 @@ import errno
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Final
 
 from xarray_zcache.cache.disk.format import (
@@ -61,6 +61,10 @@ SEGMENT_EXT: Final = ".seg"
 #: A segment is sealed once it holds this many bytes (or ``capacity / 8``, if smaller).
 MAX_SEGMENT_BYTES: Final = 64 * 1024 * 1024
 MIN_SEGMENT_BYTES: Final = 256 * 1024
+#: Written over the magic of a record whose row is deleted or changed (:func:`kill_records`).
+DEAD_MAGIC: Final = b"ZCDX"
+#: The problem :func:`check_record` reports for such a record: a miss, not damage.
+DELETED: Final = "deleted record"
 #: Open segment descriptors kept per tier for reads.
 FD_CACHE_SIZE: Final = 64
 #: ``writev`` takes at most ``IOV_MAX`` (1,024 on Linux) buffers: two per record.
@@ -307,6 +311,37 @@ class FdCache:
             self._fds.clear()
 
 
+def kill_records(root: str, locations: Iterable[tuple[str, int]]) -> set[str]:
+    """Mark the records at ``(segment, offset)`` dead (:data:`DEAD_MAGIC` over their magic).
+
+    Called, under the write lock, before the rows that point to them are deleted or changed:
+    should the index ever go back to an older state (lost WAL frames, a damaged WAL), a row
+    of that state then finds a dead record, a miss, and never the value that was deleted or
+    replaced since (payload files are unlinked for the same reason). A segment that is gone
+    needs nothing. Returns the segments that could not be written (keep their rows).
+    """
+    by_segment: dict[str, list[int]] = {}
+    for segment, offset in locations:
+        by_segment.setdefault(segment, []).append(offset)
+    failed: set[str] = set()
+    for segment, offsets in by_segment.items():
+        try:
+            fd = os.open(segment_path(root, segment), os.O_WRONLY)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            failed.add(segment)
+            continue
+        try:
+            for offset in offsets:
+                os.pwrite(fd, DEAD_MAGIC, offset)
+        except OSError:
+            failed.add(segment)
+        finally:
+            os.close(fd)
+    return failed
+
+
 def read_record(
     fd: int, offset: int, length: int, key_digest: bytes, key: bytes
 ) -> tuple[str | None, Header | None, bytes]:
@@ -326,6 +361,8 @@ def check_record(
     """
     if len(data) != length:
         return "truncated record", None, b""
+    if data[:4] == DEAD_MAGIC:
+        return DELETED, None, b""
     problem, header = read_header(-1, length, key_digest, key, head=data)
     if header is None:
         return problem or "unreadable header", None, b""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import os
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -32,6 +33,7 @@ from xarray_zcache.cache.disk import hooks, rows
 from xarray_zcache.cache.disk.entry import PutRequest
 from xarray_zcache.cache.disk.folder import unlink_missing_ok
 from xarray_zcache.cache.disk.schema import txn
+from xarray_zcache.cache.disk.segments import kill_records
 
 #: How many least recently used rows ``make_room`` considers at most.
 _ROOM_CANDIDATES: Final = 1024
@@ -80,6 +82,7 @@ def commit_rows(
         )
         keys = [r.key for r in reqs]
         sizes = _lookup(conn, "SELECT key, size FROM entries", keys)
+        records = _records(conn, keys)
         tombs = _lookup(conn, "SELECT key, at FROM tombstones", keys)
         total = rows.used(conn)
         gone = _gone_segments(reqs)
@@ -104,6 +107,7 @@ def commit_rows(
                 tombs[req.key] = max(tombs.get(req.key, -1), req.write_ns)
             old = sizes.get(req.key)
             if old is not None:  # the key's file of either kind: the new row owns the key
+                _drop_record(req, records.pop(req.key, None))
                 for path in req.paths:
                     unlink_missing_ok(path)
             pending.append(_row(req))
@@ -116,9 +120,33 @@ def commit_rows(
                 total = rows.used(conn)
                 # some may be evicted
                 sizes = _lookup(conn, "SELECT key, size FROM entries", keys[n + 1 :])
+                records = _records(conn, keys[n + 1 :])
             out.append(True)
         conn.executemany(rows.UPSERT, pending)
         return out
+
+
+def _records(conn: sqlite3.Connection, keys: list[str]) -> dict[str, tuple[str, int]]:
+    """``key -> (segment, offset)`` of the rows of ``keys`` that point to a record."""
+    found: dict[str, tuple[str, int]] = {}
+    unique = list(dict.fromkeys(keys))
+    for i in range(0, len(unique), 500):
+        part = unique[i : i + 500]
+        marks = ",".join("?" * len(part))
+        cur = conn.execute(
+            f"SELECT key, segment, offset FROM entries WHERE key IN ({marks}) "
+            "AND segment IS NOT NULL",
+            part,
+        )
+        found.update((k, (seg, off)) for k, seg, off in cur.fetchall())
+    return found
+
+
+def _drop_record(req: PutRequest, found: tuple[str, int] | None) -> None:
+    """Mark the record the key's row points to dead before the row changes (see
+    :func:`.segments.kill_records`)."""
+    if found is not None and kill_records(req.root, [found]):
+        raise OSError(errno.EIO, f"segment {found[0]} cannot be written")
 
 
 def _gone_segments(reqs: Sequence[PutRequest]) -> set[str]:
@@ -154,6 +182,10 @@ def _commit_one(
     else:
         # an authoritative write: older in-flight fetches of the key must be refused
         rows.tombstone(conn, req.key, req.write_ns)
+    found = conn.execute(
+        "SELECT segment, offset FROM entries WHERE key = ? AND segment IS NOT NULL", (req.key,)
+    ).fetchone()
+    _drop_record(req, found)
     for path in req.paths:  # the key's file of either kind: the new row owns the key
         unlink_missing_ok(path)
     _upsert(conn, req)
