@@ -21,7 +21,7 @@ from xarray_zcache.cache.disk import check, compact, rows
 from xarray_zcache.cache.disk.access import AccessLog
 from xarray_zcache.cache.disk.entry import DiskEntry
 from xarray_zcache.cache.disk.flusher import Flusher, StatsFlush
-from xarray_zcache.cache.disk.folder import prepare_folder, same_file
+from xarray_zcache.cache.disk.folder import FolderGone, prepare_folder, same_file
 from xarray_zcache.cache.disk.format import (
     KINDS,
     WHOLE_READ,
@@ -236,6 +236,8 @@ class TierCore(StatsFlush):
             )
         except RuntimeError:
             return None  # closed meanwhile
+        except FolderGone:
+            return None  # the folder vanished: nothing in it is served (its owner decides)
         except (OSError, sqlite3.OperationalError) as exc:
             if not is_resource_error(exc):
                 raise
