@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import os
 import sqlite3
 from collections.abc import Iterator
@@ -114,16 +115,55 @@ def compact(job: Compaction) -> Done:
     dead = {name: max(0, size - max(0, live.get(name, 0))) for name, size in sizes.items()}
     total = sum(dead.values())
     limit = dead_limit(job.capacity)
-    for name in sorted(dead, key=lambda n: -dead[n]):
+    error: OSError | None = None
+    # wholly dead segments first (nothing to copy: they free space even on a full disk)
+    for name in sorted(dead, key=lambda n: (dead[n] < sizes[n], -dead[n])):
         size = sizes[name]
         due = dead[name] >= size or dead[name] >= DEAD_FRACTION * size or total > limit
         if not due or dead[name] == 0:
             continue
-        if _compact_one(job, name, done):
-            done.freed += dead[name]
-            done.compacted += 1
-            total -= dead[name]
+        try:
+            if not _compact_one(job, name, done):
+                continue
+        except OSError as exc:  # (a full disk: copies cannot be written) try the others
+            error = error or exc
+            continue
+        done.freed += dead[name]
+        done.compacted += 1
+        total -= dead[name]
+    if error is not None and not done.compacted:
+        raise error
     return done
+
+
+def free_segment(job: Compaction) -> tuple[int, int]:
+    """Drop every row of the sealed segment with the fewest live bytes and unlink it, copying
+    nothing: space for a full disk. Returns ``(entries, payload bytes)`` evicted."""
+    sizes = segment_sizes(job.root)
+    sizes.pop(job.writer.current or "", None)
+    live = dict(
+        job.index.run(
+            "reading segment totals",
+            lambda conn: conn.execute("SELECT name, live FROM segments").fetchall(),
+        )
+    )
+    for name in sorted(sizes, key=lambda n: live.get(n, 0)):
+        path = segment_path(job.root, name)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            if not try_lock(fd):
+                continue
+
+            return job.index.run(
+                "freeing a segment", functools.partial(_free, path=path, name=name)
+            )
+        finally:
+            os.close(fd)
+            job.fds.forget(name)
+    return 0, 0
 
 
 def _compact_one(job: Compaction, name: str, done: Done) -> bool:
@@ -206,6 +246,20 @@ def _move(
             return dropped
 
     done.corrupt += job.index.run("compacting a segment", commit)
+
+
+def _free(conn: sqlite3.Connection, *, path: str, name: str) -> tuple[int, int]:
+    """Delete every row of segment ``name`` and unlink it (no record to mark dead: the file
+    goes in this transaction)."""
+    with txn(conn):
+        n, freed = conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM entries WHERE segment = ?", (name,)
+        ).fetchone()
+        conn.execute("DELETE FROM entries WHERE segment = ?", (name,))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        conn.execute("DELETE FROM segments WHERE name = ?", (name,))
+    return int(n), int(freed)
 
 
 def _drop(conn: sqlite3.Connection, path: str, name: str) -> bool:

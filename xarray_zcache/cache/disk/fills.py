@@ -371,6 +371,15 @@ class TierFills(TierCore):
 
         try:
             with self._index.lock:
-                return room(self._index.require())
+                freed = room(self._index.require())
+            if self._lookup_first:  # records free no space until their segment goes
+                self._segments.close()  # seal ours: it may be compacted too
+                freed = self.compact() > 0 or freed
+                if not freed:
+                    n, nbytes = compact.free_segment(self._compaction())
+                    self.evictions += n
+                    self.evicted_bytes += nbytes
+                    freed = n > 0
+            return freed
         except (OSError, sqlite3.Error, TypeError, ValueError):
             return False
