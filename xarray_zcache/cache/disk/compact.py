@@ -136,9 +136,10 @@ def compact(job: Compaction) -> Done:
     return done
 
 
-def free_segment(job: Compaction) -> tuple[int, int]:
-    """Drop every row of the sealed segment with the fewest live bytes and unlink it, copying
-    nothing: space for a full disk. Returns ``(entries, payload bytes)`` evicted."""
+def free_segment(job: Compaction) -> tuple[int, int, int]:
+    """Drop every row of the sealed, non-empty segment with the fewest live bytes and unlink
+    it, copying nothing: space for a full disk. Returns ``(entries, payload bytes)`` evicted
+    and the bytes of the file."""
     sizes = segment_sizes(job.root)
     sizes.pop(job.writer.current or "", None)
     live = dict(
@@ -147,7 +148,7 @@ def free_segment(job: Compaction) -> tuple[int, int]:
             lambda conn: conn.execute("SELECT name, live FROM segments").fetchall(),
         )
     )
-    for name in sorted(sizes, key=lambda n: live.get(n, 0)):
+    for name in sorted((n for n in sizes if sizes[n] > 0), key=lambda n: live.get(n, 0)):
         path = segment_path(job.root, name)
         try:
             fd = os.open(path, os.O_RDONLY)
@@ -157,13 +158,14 @@ def free_segment(job: Compaction) -> tuple[int, int]:
             if not try_lock(fd):
                 continue
 
-            return job.index.run(
+            n, freed = job.index.run(
                 "freeing a segment", functools.partial(_free, path=path, name=name)
             )
+            return n, freed, sizes[name]
         finally:
             os.close(fd)
             job.fds.forget(name)
-    return 0, 0
+    return 0, 0, 0
 
 
 def _compact_one(job: Compaction, name: str, done: Done) -> bool:
@@ -249,15 +251,16 @@ def _move(
 
 
 def _free(conn: sqlite3.Connection, *, path: str, name: str) -> tuple[int, int]:
-    """Delete every row of segment ``name`` and unlink it (no record to mark dead: the file
-    goes in this transaction)."""
-    with txn(conn):
-        n, freed = conn.execute(
-            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM entries WHERE segment = ?", (name,)
-        ).fetchone()
+    """Unlink segment ``name``, then delete its rows. The file goes first, so that the space
+    comes back even if the index cannot be written now (a full disk): a row left pointing
+    into it reads as a miss and is dropped then (no record needs marking dead)."""
+    n, freed = conn.execute(
+        "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM entries WHERE segment = ?", (name,)
+    ).fetchone()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    with contextlib.suppress(sqlite3.OperationalError), txn(conn):
         conn.execute("DELETE FROM entries WHERE segment = ?", (name,))
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
         conn.execute("DELETE FROM segments WHERE name = ?", (name,))
     return int(n), int(freed)
 
