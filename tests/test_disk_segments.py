@@ -364,3 +364,56 @@ def test_an_index_gone_back_in_time_never_serves_a_replaced_or_deleted_record(
         for i in range(30):
             got = t.get(f"k/{i}")
             assert got is None or (i >= 25 and got == b"old %d" % i), (i, got)
+
+
+_CHURN = """
+import os, random, sys
+from xarray_zcache.cache.disk import DiskTier
+path, seed = sys.argv[1], int(sys.argv[2])
+rng = random.Random(seed)
+t = DiskTier(path, 64 * 1024, segment_threshold=65536)
+bad = hits = 0
+for i in range(4000):
+    key = f"k/{rng.randrange(150)}"
+    op = rng.random()
+    if op < 0.5:
+        tag = f"<{key}|{seed}|{i}>".encode()
+        t.put(key, tag * rng.randrange(1, 60))
+    elif op < 0.6:
+        t.delete(key)
+    else:
+        got = t.get(key)
+        if got is not None:
+            hits += 1
+            end = got.find(b">") + 1
+            tag = got[:end]
+            if not tag.startswith(f"<{key}|".encode()) or got != tag * (len(got) // len(tag)):
+                bad += 1
+t.close()
+print(bad, hits)
+"""
+
+
+def test_two_processes_churning_one_folder_never_read_wrong_bytes(tmp_path: pathlib.Path) -> None:
+    """Both at once: puts, deletes and reads of the same keys, eviction and compaction in a
+    small tier; every hit is a whole value written for its key."""
+    path = tmp_path / "c"
+    _tier(path).close()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _CHURN, str(path), str(seed)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for seed in (1, 2)
+    ]
+    results = [p.communicate(timeout=300)[0].split() for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert [int(bad) for bad, _hits in results] == [0, 0]
+    assert all(int(hits) > 100 for _bad, hits in results)
+    with _tier(path) as t:
+        report = t.verify()
+        assert report["corrupt"] == 0 and report["ok"] == len(t)
+        assert stored_bytes(path) <= 64 * 1024 * 5 // 4 + len(t) * 100 + 3 * seal_size(64 * 1024)
