@@ -41,6 +41,11 @@ class DiskTier(TierFills, TierInspection):
         Maximum total payload bytes. 0 stores nothing.
     max_object_size : int, optional
         Payloads larger than this are not stored. ``None``: only ``capacity`` limits them.
+    segment_threshold : int, default -1
+        Entries of at most this many bytes are appended as records to segment files
+        (:mod:`.segments`; ``SEGMENT_THRESHOLD`` = 64 KiB is the designed size); larger ones
+        are files of their own. -1 (the default for now): every entry is a file. Any tier
+        reads both, whatever its own setting.
 
     Attributes
     ----------
