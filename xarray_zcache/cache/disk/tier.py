@@ -44,8 +44,10 @@ class DiskTier(TierFills, TierInspection):
     segment_threshold : int, default -1
         Entries of at most this many bytes are appended as records to segment files
         (:mod:`.segments`; ``SEGMENT_THRESHOLD`` = 64 KiB is the designed size); larger ones
-        are files of their own. -1 (the default for now): every entry is a file. Any tier
-        reads both, whatever its own setting.
+        are files of their own. -1 (the default for now): every entry is a file. A tier reads
+        records when it writes them or when the folder held segment files at its opening;
+        otherwise records written later by another process are misses to it (never stale:
+        a record replacing a file unlinks the file).
 
     Attributes
     ----------
