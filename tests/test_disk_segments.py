@@ -417,3 +417,13 @@ def test_two_processes_churning_one_folder_never_read_wrong_bytes(tmp_path: path
         report = t.verify()
         assert report["corrupt"] == 0 and report["ok"] == len(t)
         assert stored_bytes(path) <= 64 * 1024 * 5 // 4 + len(t) * 100 + 3 * seal_size(64 * 1024)
+
+
+def test_clearing_gives_the_space_back(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "c"
+    with _tier(path) as t:
+        assert all(t.put_many([Fill(f"k/{i}", os.urandom(2000)) for i in range(200)]))
+        assert stored_bytes(path) > 400_000
+    with _tier(path) as t:  # as `zcache clear` does: another tier, all sealed
+        assert t.delete_prefix("") == 200
+        assert _segments(path) == [] and stored_bytes(path) == 0

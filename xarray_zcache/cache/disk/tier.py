@@ -187,6 +187,7 @@ class DiskTier(TierFills, TierInspection):
             self._owe(self._owed_prefixes, prefix, exc)
             return 0
         self._access.forget(removed)
+        self._reclaim(len(removed))
         return len(removed)
 
     def delete_namespace(self, namespace: str) -> int:
@@ -210,6 +211,7 @@ class DiskTier(TierFills, TierInspection):
 
         count = self._index.maintain("deleting a namespace", remove)
         self._access.forget(removed)
+        self._reclaim(count)
         return count
 
     # ------------------------------------------------------------------ maintenance
@@ -223,7 +225,9 @@ class DiskTier(TierFills, TierInspection):
             with txn(conn):
                 return self._evict_locked(conn, goal, time.time())
 
-        return self._index.maintain("evicting", evict)
+        freed = self._index.maintain("evicting", evict)
+        self._reclaim(freed)
+        return freed
 
     def drop_expired(self, now: float | None = None) -> int:
         """Remove entries whose ``expires`` is before ``now`` (default ``time.time()``).
@@ -236,7 +240,15 @@ class DiskTier(TierFills, TierInspection):
             self.expirations += freed.expired
             return freed.expired
 
-        return self._index.maintain("dropping expired entries", drop)
+        dropped = self._index.maintain("dropping expired entries", drop)
+        self._reclaim(dropped)
+        return dropped
+
+    def _reclaim(self, removed: int) -> None:
+        """After a bulk removal, compact the segments it left dead (``zcache clear`` gives
+        the space back at once)."""
+        if removed and self._lookup_first:
+            self.compact()
 
     def prune_tombstones(self, older_than_s: float = 3600) -> None:
         """Forget tombstones older than ``older_than_s`` seconds.
