@@ -106,9 +106,9 @@ def drop_caches() -> None:
         f.write("3\n")
 
 
-def fadvise_dontneed(paths: list[str]) -> None:
+def fadvise_dontneed(locs: list[Loc]) -> None:
     os.sync()  # DONTNEED leaves dirty pages (the fill's) in the page cache
-    for p in paths:
+    for p in dict.fromkeys(p for p, _o, _n in locs):
         try:
             fd = os.open(p, os.O_RDONLY)
         except FileNotFoundError:
@@ -132,16 +132,54 @@ def percentiles(lat_ns: list[int]) -> dict[str, float]:
     }
 
 
-def raw_pass(paths: list[str]) -> list[int]:
-    """What any reader of these files pays: open, fstat, one pread of the file, close."""
+#: Where an entry's bytes are: a payload file (offset and length None: read whole) or
+#: ``length`` bytes at ``offset`` of a segment file.
+Loc = tuple[str, int | None, int | None]
+
+
+def raw_pass(paths: list[Loc]) -> list[int]:
+    """What any reader of these bytes pays: for a file, open, fstat, one pread of the file,
+    close; for a record, one pread from an open descriptor of its segment (opened before)."""
     out = []
-    for p in paths:
+    fds: dict[str, int] = {}
+    for p, offset, length in paths:
+        if offset is not None and length is not None:
+            if p not in fds:
+                fds[p] = os.open(p, os.O_RDONLY)
+            t0 = time.perf_counter_ns()
+            os.pread(fds[p], length, offset)
+            out.append(time.perf_counter_ns() - t0)
+            continue
         t0 = time.perf_counter_ns()
         fd = os.open(p, os.O_RDONLY)
         st = os.fstat(fd)
         os.pread(fd, st.st_size, 0)
         os.close(fd)
         out.append(time.perf_counter_ns() - t0)
+    for fd in fds.values():
+        os.close(fd)
+    return out
+
+
+def locations(path: str, keys: list[str]) -> list[Loc]:
+    """Where the entries of ``keys`` are (from the index rows)."""
+    import sqlite3
+
+    from xarray_zcache.cache.disk.format import digest, payload_path
+    from xarray_zcache.cache.disk.segments import record_length, segment_path
+
+    out: list[Loc] = []
+    with contextlib.closing(sqlite3.connect(os.path.join(path, "index.db"))) as conn:
+        for k in keys:
+            row = conn.execute(
+                "SELECT kind, size, namespace, segment, offset FROM entries WHERE key = ?", (k,)
+            ).fetchone()
+            kind, size, ns, segment, offset = row
+            if segment is None:
+                out.append((payload_path(path, digest(k).hex(), kind), None, None))
+            else:
+                length = record_length(k.encode(), ns.encode(), size)
+                out.append((segment_path(path, segment), offset, length))
     return out
 
 
@@ -175,7 +213,7 @@ def timed_flushes(tier: Any) -> list[int]:
 def measure_reads(
     tier: Any,
     keys: list[str],
-    paths: list[str],
+    paths: list[Loc],
     mode: str,
     dev: str | None,
     prepare: Callable[[], None],
@@ -233,12 +271,14 @@ def open_in_new_process(path: str, capacity: int) -> dict[str, float]:
     }
 
 
-def fill(path: str, n: int, size: int, capacity: int, direct: bool) -> dict[str, Any]:
+def fill(
+    path: str, n: int, size: int, capacity: int, direct: bool, threshold: int
+) -> dict[str, Any]:
     from xarray_zcache.cache.disk import DiskTier
     from xarray_zcache.cache.writer import DiskWriter, PendingWrite
 
     base = os.urandom(size)
-    tier = DiskTier(path, capacity)
+    tier = DiskTier(path, capacity, segment_threshold=threshold)
     dropped = [0]
 
     def on_drop() -> None:
@@ -316,14 +356,13 @@ def largest_dir(path: str) -> int:
 
 def run_size(n: int, args: argparse.Namespace, dev: str | None) -> dict[str, Any]:
     from xarray_zcache.cache.disk import DiskTier
-    from xarray_zcache.cache.disk.format import digest, payload_path
 
     path = os.path.join(args.dir, f"n{n}")
     shutil.rmtree(path, ignore_errors=True)
     capacity = 1 << 50
     res: dict[str, Any] = {"entries": n, "size": args.size}
     print(f"[{n:,}] filling ...", file=sys.stderr, flush=True)
-    res.update(fill(path, n, args.size, capacity, args.direct_put))
+    res.update(fill(path, n, args.size, capacity, args.direct_put, args.segment_threshold))
     print(f"[{n:,}] filled at {res['fill_rate']:,.0f}/s", file=sys.stderr, flush=True)
     # (at most ~2 GiB of files: the floor is a rate, not a second fill)
     res["fs_floor_rate"] = fs_floor(
@@ -336,7 +375,7 @@ def run_size(n: int, args: argparse.Namespace, dev: str | None) -> dict[str, Any
     rng = random.Random(n)
     sample = [key_of(rng.randrange(n)) for _ in range(min(args.reads, n))]
     sample = list(dict.fromkeys(sample))
-    paths = [payload_path(path, digest(k).hex(), "chunk") for k in sample]
+    paths = locations(path, sample)
 
     # a new process opens the folder (page cache warm: the fill just wrote it)
     res["open_warm"] = min(
@@ -347,7 +386,7 @@ def run_size(n: int, args: argparse.Namespace, dev: str | None) -> dict[str, Any
     noop: Callable[[], None] = lambda: None  # noqa: E731
     # "first": the same keys, first read since the fill (the bare pass reads other keys)
     other = [key_of(rng.randrange(n)) for _ in range(len(sample))]
-    other_paths = [payload_path(path, digest(k).hex(), "chunk") for k in other]
+    other_paths = locations(path, other)
     raw_first = raw_pass(other_paths)
     spent = timed_flushes(tier)
     lat = get_pass(tier, sample)
@@ -549,6 +588,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument(
         "--direct-put", action="store_true", help="fill with DiskTier.put instead of the DiskWriter"
+    )
+    p.add_argument(
+        "--segment-threshold",
+        type=int,
+        default=-1,
+        help="DiskTier(segment_threshold=...): entries up to this size go to segment files "
+        "(65536: the designed size; -1: none, one file per entry)",
     )
     p.add_argument("--keep", action="store_true", help="keep the filled folders")
     p.add_argument("--json", help="also write the results here")

@@ -4,13 +4,16 @@ Layout under the cache folder (created with mode 0700)::
 
     <path>/chunks/<hh>/<sha256hex>.cache     payloads of kind "chunk"
     <path>/metadata/<hh>/<sha256hex>.meta    payloads of kind "metadata"
+    <path>/segments/<pid>-<random>.seg       records of small entries (``segment_threshold``)
     <path>/index.db                          SQLite index (WAL mode)
 
 One module per job: :mod:`.format` (the payload file format), :mod:`.folder` (the folder),
 :mod:`.schema` and :mod:`.index` (the SQLite index and its recovery), :mod:`.rows` (row
 operations), :mod:`.writes` (the two transactions of ``put``), :mod:`.access` (hit
 statistics), :mod:`.scan` and :mod:`.check` (``verify``, ``rebuild_index``), :mod:`.reads` and
-:mod:`.tier` (:class:`DiskTier`), :mod:`.hooks` (named points for fault tests). Only the
+:mod:`.tier` (:class:`DiskTier`), :mod:`.fills` (``put``, ``put_many``), :mod:`.segments`
+and :mod:`.compact` (segment files and their compaction), :mod:`.hooks` (named points for
+fault tests). Only the
 standard library is imported.
 """
 

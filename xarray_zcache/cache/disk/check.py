@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+import os
 import sqlite3
 import time
 from collections.abc import Callable
 
-from xarray_zcache.cache.disk import rows, scan
+from xarray_zcache.cache.disk import rows, scan, segments
 from xarray_zcache.cache.disk.format import digest
 from xarray_zcache.cache.disk.index import Index
 from xarray_zcache.cache.disk.schema import as_damage, txn
@@ -62,9 +63,15 @@ def _verify_rows(
 ) -> None:
     """The file pass of ``verify`` against the rows (in a transaction)."""
     found: dict[tuple[str, str], tuple[str, int, int]] = {}
-    for key, kind, size, checksum in conn.execute("SELECT key, kind, size, checksum FROM entries"):
-        found[(digest(key).hex(), kind)] = (key, size, checksum)
+    records: list[tuple[str, str, int, int, str, int]] = []
+    cur = conn.execute("SELECT key, kind, size, checksum, segment, offset, namespace FROM entries")
+    for key, kind, size, checksum, segment, offset, namespace in cur:
+        if segment is None:
+            found[(digest(key).hex(), kind)] = (key, size, checksum)
+        else:
+            records.append((key, segment, offset, size, namespace, checksum))
     bad_keys = scan.verify_files(root, found, counts, repair=repair)
+    bad_keys += _verify_records(root, records, counts)
     if repair:
         conn.executemany("DELETE FROM entries WHERE key = ?", [(k,) for k in bad_keys])
         rows.recount(conn)
@@ -74,6 +81,50 @@ def _verify_rows(
         )
 
 
+def _verify_records(
+    root: str, records: list[tuple[str, str, int, int, str, int]], counts: dict[str, int]
+) -> list[str]:
+    """Check the record of each segment row (header, key, both checksums, the row's size and
+    checksum); the keys whose record is damaged (``corrupt``) or whose segment is gone
+    (``missing_files``)."""
+    bad: list[str] = []
+    fds: dict[str, int | None] = {}
+    try:
+        for key, segment, offset, size, namespace, checksum in sorted(
+            records, key=lambda r: (r[1], r[2])
+        ):
+            if segment not in fds:
+                try:
+                    fds[segment] = os.open(segments.segment_path(root, segment), os.O_RDONLY)
+                except OSError:
+                    fds[segment] = None
+            fd = fds[segment]
+            if fd is None:
+                counts["missing_files"] += 1
+                bad.append(key)
+                continue
+            key_bytes = key.encode("utf-8")
+            length = segments.record_length(key_bytes, namespace.encode("utf-8"), size)
+            try:
+                problem, header, _payload = segments.read_record(
+                    fd, offset, length, digest(key), key_bytes
+                )
+            except OSError as exc:
+                problem, header = f"unreadable: {exc.strerror}", None
+            if problem is None and header is not None and header.crc != checksum:
+                problem = "checksum differs from the index"
+            if problem is not None or header is None:
+                counts["corrupt"] += 1
+                bad.append(key)
+            else:
+                counts["ok"] += 1
+    finally:
+        for fd in fds.values():
+            if fd is not None:
+                os.close(fd)
+    return bad
+
+
 def fill_from_files(
     conn: sqlite3.Connection,
     root: str,
@@ -81,6 +132,11 @@ def fill_from_files(
     shrink: Callable[[sqlite3.Connection, float], None],
 ) -> dict[str, int]:
     """Fill the (new, empty) index ``conn`` from the payload files (folder lock held).
+
+    Records in segment files are not recovered: a dead record (deleted, overwritten, evicted)
+    cannot be told from a live one without the index, so recovering them could serve a value
+    that was deleted or replaced. Those entries are misses (fetched again from the source);
+    their segments hold dead bytes only and are removed by compaction.
 
     ``shrink(conn, now)`` is called in the transaction if the entries exceed ``capacity``.
     Returns the counts of ``rebuild_index``.
@@ -99,6 +155,8 @@ def fill_from_files(
             None if math.isinf(e.header.expires) else e.header.expires,
             e.header.crc,
             0,
+            None,
+            None,
         )
         for e in found
     ]

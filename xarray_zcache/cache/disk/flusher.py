@@ -8,16 +8,28 @@ takes tens of milliseconds: run on the hit path, it was most of the cache's own 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sqlite3
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Final
+from typing import TYPE_CHECKING, Final
+
+from xarray_zcache.cache.disk.access import AccessLog
+from xarray_zcache.cache.disk.index import Recovered
+from xarray_zcache.cache.disk.schema import BUSY_TIMEOUT_MS, IndexUnavailable, txn
+
+if TYPE_CHECKING:
+    from xarray_zcache.cache.disk.index import Index
+    from xarray_zcache.cache.disk.log import Warner
 
 logger = logging.getLogger("xarray_zcache.disk")
 
 #: The idle thread checks this often whether its owner is gone (then it ends).
 _IDLE_CHECK_S: Final = 30.0
+#: Busy timeout for opportunistic access-stat flushes (hits poke the flusher thread).
+_OPPORTUNISTIC_BUSY_MS: Final = 0
 
 
 class Flusher:
@@ -72,3 +84,59 @@ class Flusher:
         self._wake.set()
         if thread is not None and thread is not threading.current_thread():
             thread.join()
+
+
+class StatsFlush:
+    """Writing a tier's pending access statistics to its index (a part of ``TierCore``)."""
+
+    _index: Index
+    _access: AccessLog
+    _warn: Warner
+
+    @property
+    def _closed(self) -> bool:
+        return self._index.closed
+
+    def flush(self) -> None:
+        """Write pending access statistics (last access, hit counts) to the index."""
+        self._flush(blocking=True)
+
+    def _flush_in_background(self) -> None:
+        self._flush(blocking=False)
+
+    def _flush(self, *, blocking: bool) -> None:
+        lock = self._index.lock
+        if blocking:
+            lock.acquire()
+        elif not lock.acquire(blocking=False):
+            return  # another thread is writing; try again on a later hit
+        try:
+            if self._closed:
+                return
+            batch = self._access.take()
+            if not batch:
+                return
+
+            def write(conn: sqlite3.Connection) -> None:
+                if not blocking:
+                    conn.execute(f"PRAGMA busy_timeout={_OPPORTUNISTIC_BUSY_MS}")
+                try:
+                    with txn(conn):
+                        AccessLog.write(conn, batch)
+                finally:
+                    if not blocking:
+                        with contextlib.suppress(sqlite3.Error):
+                            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+
+            try:
+                self._index.run_locked("writing access statistics", write, retry=False)
+            except (Recovered, IndexUnavailable):
+                pass  # statistics of a damaged or unavailable index are not worth keeping
+            except sqlite3.Error as exc:
+                self._access.requeue(batch)
+                if blocking or not isinstance(exc, sqlite3.OperationalError):
+                    self._warn.error(exc, "writing access statistics")
+            except (OSError, RuntimeError) as exc:
+                self._warn.error(exc, "writing access statistics")
+        finally:
+            lock.release()

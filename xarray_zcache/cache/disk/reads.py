@@ -1,4 +1,9 @@
-"""The core of a disk tier: its state, the read path (no SQL) and access statistics."""
+"""The core of a disk tier: its state, the read path and access statistics.
+
+A hit is one primary-key lookup of the entry's row, then one ``pread``: of the record, from an
+open descriptor of its segment (:mod:`.segments`), or of the entry's own payload file. The
+access statistics are written off the hit path (:mod:`.access`, :mod:`.flusher`).
+"""
 
 from __future__ import annotations
 
@@ -12,11 +17,11 @@ import threading
 import time
 from typing import Final
 
-from xarray_zcache.cache.disk import check, rows
+from xarray_zcache.cache.disk import check, compact, rows
 from xarray_zcache.cache.disk.access import AccessLog
 from xarray_zcache.cache.disk.entry import DiskEntry
-from xarray_zcache.cache.disk.flusher import Flusher
-from xarray_zcache.cache.disk.folder import prepare_folder, same_file
+from xarray_zcache.cache.disk.flusher import Flusher, StatsFlush
+from xarray_zcache.cache.disk.folder import FolderGone, prepare_folder, same_file
 from xarray_zcache.cache.disk.format import (
     KINDS,
     WHOLE_READ,
@@ -26,12 +31,22 @@ from xarray_zcache.cache.disk.format import (
     read_header,
     read_payload,
 )
-from xarray_zcache.cache.disk.index import Index, Recovered
+from xarray_zcache.cache.disk.index import Index
 from xarray_zcache.cache.disk.log import Warner, logger
 from xarray_zcache.cache.disk.schema import (
-    BUSY_TIMEOUT_MS,
     IndexUnavailable,
+    is_resource_error,
     txn,
+)
+from xarray_zcache.cache.disk.segments import (
+    DEFAULT_SEGMENT_THRESHOLD,
+    DELETED,
+    FdCache,
+    SegmentWriter,
+    has_segments,
+    read_record,
+    record_length,
+    seal_size,
 )
 from xarray_zcache.cache.logs import events
 
@@ -46,11 +61,15 @@ EVICT_BATCH: Final = 1024
 #: Tombstones older than this are pruned automatically every ``AUTO_PRUNE_EVERY`` stores.
 TOMBSTONE_TTL_S: Final = 3600.0
 AUTO_PRUNE_EVERY: Final = 4096
-#: Busy timeout for opportunistic access-stat flushes (hits poke the flusher thread).
-_OPPORTUNISTIC_BUSY_MS: Final = 0
+
+#: The row of a hit: kind, segment, offset, size, namespace, token.
+_LOOKUP: Final = "SELECT kind, segment, offset, size, namespace, token FROM entries WHERE key = ?"
+Found = tuple[str, str | None, int | None, int, str, int]
+#: ``_lookup`` could not read the index (unavailable): only payload files can be served.
+_NO_INDEX: Final = "no index"
 
 
-class TierCore:
+class TierCore(StatsFlush):
     """State, reads and access statistics of a :class:`~.tier.DiskTier` (see there)."""
 
     path: pathlib.Path
@@ -63,6 +82,7 @@ class TierCore:
         capacity: int,
         *,
         max_object_size: int | None = None,
+        segment_threshold: int = DEFAULT_SEGMENT_THRESHOLD,
     ) -> None:
         if capacity < 0:
             raise ValueError(f"capacity must be >= 0, got {capacity}")
@@ -77,8 +97,16 @@ class TierCore:
         self.expirations = 0
         self.stale_rejections = 0
         self.index_rebuilds = 0
+        self.compactions = 0
         self.last_rebuild: dict[str, int] = {}
+        #: entries up to this many bytes are appended to segment files (-1: none are)
+        self.segment_threshold = int(segment_threshold)
         self._root = str(self.path)
+        self._segments = SegmentWriter(self._root, seal_size(self.capacity))
+        self._fds = FdCache(self._root)
+        self._appended = 0
+        self._compacting = threading.Lock()
+        self._lookup_first = self.segment_threshold >= 0 or has_segments(self._root)
         self._counter_lock = threading.Lock()
         self._access = AccessLog()
         self._flusher = Flusher(self._flush_in_background)
@@ -101,6 +129,9 @@ class TierCore:
     @property
     def _closed(self) -> bool:
         return self._index.closed
+
+    def _compaction(self) -> compact.Compaction:
+        return compact.Compaction(self._root, self._index, self._segments, self._fds, self.capacity)
 
     def _count_damage(self, n: int = 1) -> None:
         with self._counter_lock:
@@ -180,15 +211,38 @@ class TierCore:
     # ------------------------------------------------------------------ reads
 
     def might_contain(self, key: str) -> bool:
-        """Cheap pre-check for `get`: whether a payload file exists for ``key``.
+        """Cheap pre-check for `get`: whether the index has a row for ``key``.
 
-        One hash and a ``stat`` per kind, no open, no SQL. ``True`` does not promise a hit
-        (the file may be expired or damaged; `get` decides).
+        One primary-key lookup (a ``stat`` per kind of payload file while the index is
+        unavailable). ``True`` does not promise a hit (the entry may be expired or damaged;
+        `get` decides).
         """
         if self._closed:
             return False
-        hexdigest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
-        return any(os.path.exists(payload_path(self._root, hexdigest, k)) for k in KINDS)
+        found = self._lookup(key) if self._lookup_first else _NO_INDEX
+        if found == _NO_INDEX:
+            hexdigest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+            return any(os.path.exists(payload_path(self._root, hexdigest, k)) for k in KINDS)
+        return found is not None
+
+    def _lookup(self, key: str) -> Found | str | None:
+        """The row of ``key`` (:data:`_LOOKUP`), None if none, :data:`_NO_INDEX` if the index
+        cannot be read now."""
+        if not rows.sql_safe(key):
+            return None  # no stored key holds a lone surrogate
+        try:
+            found: Found | None = self._index.run(
+                "looking up a key", lambda conn: conn.execute(_LOOKUP, (key,)).fetchone()
+            )
+        except RuntimeError:
+            return None  # closed meanwhile
+        except FolderGone:
+            return None  # the folder vanished: nothing in it is served (its owner decides)
+        except (OSError, sqlite3.OperationalError) as exc:
+            if not is_resource_error(exc):
+                raise
+            return _NO_INDEX
+        return found
 
     def get(self, key: str, *, now: float | None = None) -> bytes | None:
         """Return the payload stored for ``key``, or None (see :meth:`get_entry`)."""
@@ -198,10 +252,12 @@ class TierCore:
     def get_entry(self, key: str, *, now: float | None = None) -> DiskEntry | None:
         """Return the entry stored for ``key`` (value, kind, expiry, namespace), or None.
 
-        The file alone is read, no SQL: a visible payload file always has a committed row
-        (:mod:`.rows`), and its header carries the key, length, CRC-32s and expiry, so the
-        bytes returned are exactly what was stored for this key. A file without row can only
-        come from outside tampering; it is served if it verifies, and ``verify`` removes it.
+        Its row is looked up (one primary-key ``SELECT``), then one ``pread`` reads its record
+        from a cached descriptor of its segment, or its payload file is read. The header
+        carries the key, length, CRC-32s and expiry, so the bytes returned are exactly what was
+        stored for this key. A tier that writes no segments, on a folder without any, reads
+        payload files alone, without SQL (a visible payload file always has a committed row).
+        While the index is unavailable, payload files are still served; records are not.
 
         Parameters
         ----------
@@ -221,11 +277,97 @@ class TierCore:
             return None
         if (self._owed_keys or self._owed_prefixes) and self._owes(key):
             return None  # invalidated while the index was unwritable: not trusted until recorded
+        t = time.time() if now is None else now
+        if not self._lookup_first:
+            return self._get_file(key, KINDS, t)  # no segments here: files alone, no SQL
+        found = self._lookup(key)
+        if found == _NO_INDEX:
+            return self._get_file(key, KINDS, t)  # self-checking files serve without the index
+        for attempt in (0, 1):
+            if not isinstance(found, tuple):
+                return None
+            kind, segment, offset, _size, _ns, token = found
+            if segment is None:
+                return self._get_file(key, (kind,), t)
+            try:
+                return self._get_record(key, found, t)
+            except FileNotFoundError:
+                # compacted away since the lookup: the row has moved (or is gone)
+                again = self._lookup(key) if attempt == 0 else None
+                if again == found or attempt:
+                    self._drop_row(key, segment, offset, token, expired=False)
+                    return None
+                found = again
+        return None
+
+    def _get_record(self, key: str, found: Found, t: float) -> DiskEntry | None:
+        """Read the record of row ``found``; FileNotFoundError if its segment is gone."""
+        kind, segment, offset, size, namespace, token = found
+        assert segment is not None and offset is not None
+        key_bytes = key.encode("utf-8")
+        length = record_length(key_bytes, namespace.encode("utf-8"), size)
+        fd = self._fds.acquire(segment)
+        try:
+            problem, header, payload = read_record(
+                fd, offset, length, hashlib.sha256(key_bytes).digest(), key_bytes
+            )
+        except OSError as exc:
+            self._warn.error(exc, f"reading segment {segment}")
+            return None
+        finally:
+            self._fds.release(fd)
+        if header is not None and header.expires < t:
+            self._drop_row(key, segment, offset, token, expired=True)
+            return None
+        if problem == DELETED:  # deleted or replaced meanwhile (or an index gone back in time)
+            self._drop_row(key, segment, offset, token, expired=False)
+            return None
+        if problem is not None or header is None:
+            self._count_damage()
+            self._warn.once(
+                "corrupt",
+                "disk cache %s: damaged record of %r in segment %s (%s); dropped and treated "
+                "as a miss (further damaged entries logged at debug level)",
+                self._root,
+                key,
+                segment,
+                problem,
+            )
+            self._drop_row(key, segment, offset, token, expired=False)
+            return None
+        if self._access.record(key, t):
+            self._flusher.poke()  # the index write happens off the hit path
+        expires = None if math.isinf(header.expires) else header.expires
+        return DiskEntry(payload, kind, expires, header.namespace.decode("utf-8", "replace"))
+
+    def _drop_row(
+        self, key: str, segment: str, offset: int | None, token: int, *, expired: bool
+    ) -> None:
+        """Delete the row of ``key`` if it still points to the record that was read."""
+
+        def drop(conn: sqlite3.Connection) -> None:
+            with txn(conn):
+                cur = conn.execute(
+                    "DELETE FROM entries WHERE key = ? AND token = ? AND segment = ? "
+                    "AND offset = ?",
+                    (key, token, segment, offset),
+                )
+                if expired and cur.rowcount:
+                    self.expirations += 1
+
+        if self._closed:
+            return
+        try:
+            self._index.run("removing a damaged or expired entry", drop)
+        except (OSError, sqlite3.Error, RuntimeError) as exc:
+            self._warn.error(exc, "removing a damaged or expired entry")
+
+    def _get_file(self, key: str, kinds: tuple[str, ...], t: float) -> DiskEntry | None:
+        """Read the payload file of ``key`` (of one of ``kinds``) alone."""
         key_bytes = key.encode("utf-8", "surrogatepass")
         key_digest = hashlib.sha256(key_bytes).digest()
         hexdigest = key_digest.hex()
-        t = time.time() if now is None else now
-        for kind in KINDS:
+        for kind in kinds:
             path = payload_path(self._root, hexdigest, kind)
             try:
                 fd = os.open(path, os.O_RDONLY)
@@ -320,49 +462,3 @@ class TierCore:
                     os.unlink(path)
         except (OSError, sqlite3.Error, RuntimeError) as exc:
             self._warn.error(exc, f"removing {path}")
-
-    # ------------------------------------------------------------------ access statistics
-
-    def flush(self) -> None:
-        """Write pending access statistics (last access, hit counts) to the index."""
-        self._flush(blocking=True)
-
-    def _flush_in_background(self) -> None:
-        self._flush(blocking=False)
-
-    def _flush(self, *, blocking: bool) -> None:
-        lock = self._index.lock
-        if blocking:
-            lock.acquire()
-        elif not lock.acquire(blocking=False):
-            return  # another thread is writing; try again on a later hit
-        try:
-            if self._closed:
-                return
-            batch = self._access.take()
-            if not batch:
-                return
-
-            def write(conn: sqlite3.Connection) -> None:
-                if not blocking:
-                    conn.execute(f"PRAGMA busy_timeout={_OPPORTUNISTIC_BUSY_MS}")
-                try:
-                    with txn(conn):
-                        AccessLog.write(conn, batch)
-                finally:
-                    if not blocking:
-                        with contextlib.suppress(sqlite3.Error):
-                            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-
-            try:
-                self._index.run_locked("writing access statistics", write, retry=False)
-            except (Recovered, IndexUnavailable):
-                pass  # statistics of a damaged or unavailable index are not worth keeping
-            except sqlite3.Error as exc:
-                self._access.requeue(batch)
-                if blocking or not isinstance(exc, sqlite3.OperationalError):
-                    self._warn.error(exc, "writing access statistics")
-            except (OSError, RuntimeError) as exc:
-                self._warn.error(exc, "writing access statistics")
-        finally:
-            lock.release()

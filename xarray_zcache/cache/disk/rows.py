@@ -10,6 +10,7 @@ and is cleaned by eviction or ``verify``).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import sqlite3
 import time
@@ -20,23 +21,28 @@ from xarray_zcache.cache.disk import hooks
 from xarray_zcache.cache.disk.folder import unlink_missing_ok
 from xarray_zcache.cache.disk.format import KINDS, digest, payload_path
 from xarray_zcache.cache.disk.schema import SchemaDamaged
+from xarray_zcache.cache.disk.segments import kill_records
 
 #: A ``horizon`` (see ``prune``) further in the future than this is damage: reset it.
 HORIZON_SLACK_NS: Final = 86_400 * 10**9
 
 UPSERT: Final = """
 INSERT INTO entries(key, namespace, kind, size, created, last_access, hits, expires, checksum,
-                    token)
-VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?)
+                    token, segment, offset)
+VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?)
 ON CONFLICT(key) DO UPDATE SET
     namespace = excluded.namespace, kind = excluded.kind, size = excluded.size,
     created = excluded.created, last_access = excluded.last_access, expires = excluded.expires,
-    checksum = excluded.checksum, token = excluded.token
+    checksum = excluded.checksum, token = excluded.token, segment = excluded.segment,
+    offset = excluded.offset
 """
 
 #: Called with ``(exc, action)`` when a file cannot be removed.
 OnError = Callable[[BaseException, str], None]
-Row = tuple[str, str, int]  # key, kind, size
+#: key, kind, size, segment (None: a file of its own), offset
+Row = tuple[str, str, int, str | None, int | None]
+#: The columns of a :data:`Row`.
+ROW: Final = "key, kind, size, segment, offset"
 
 
 def sql_safe(text: str) -> bool:
@@ -141,22 +147,41 @@ def unlink_key_files(root: str, key: str) -> None:
 
 
 def delete_key(conn: sqlite3.Connection, root: str, key: str) -> None:
-    """Unlink the files of ``key``, delete its row, record a tombstone."""
+    """Unlink the files of ``key`` (or mark its record dead), delete its row, record a
+    tombstone."""
     unlink_key_files(root, key)
     if sql_safe(key):
+        found = conn.execute(
+            "SELECT segment, offset FROM entries WHERE key = ? AND segment IS NOT NULL", (key,)
+        ).fetchone()
+        if found is not None and kill_records(root, [found]):
+            raise OSError(errno.EIO, f"segment {found[0]} cannot be written")
         conn.execute("DELETE FROM entries WHERE key = ?", (key,))
         tombstone(conn, key, time.time_ns())
 
 
 def remove_rows(conn: sqlite3.Connection, root: str, rows: Iterable[Row], on_error: OnError) -> int:
-    """Unlink the files of ``(key, kind, size)`` rows, then delete the rows.
+    """Unlink the files of ``(key, kind, size, segment)`` rows, then delete the rows.
 
     Files go first so that a visible file always has a row. A row whose file cannot be
-    unlinked (other than already gone) is kept. Returns the sum of sizes removed.
+    unlinked (other than already gone) is kept. The record of a row in a segment is marked
+    dead first (:func:`.segments.kill_records`), its bytes reclaimed by compaction. Returns the
+    sum of sizes removed.
     """
     done: list[tuple[str]] = []
     freed = 0
-    for key, kind, size in rows:
+    rows = list(rows)
+    failed = kill_records(
+        root, [(r[3], r[4]) for r in rows if r[3] is not None and r[4] is not None]
+    )
+    for key, kind, size, segment, _offset in rows:
+        if segment is not None:
+            if segment in failed:
+                on_error(OSError(f"segment {segment} cannot be written"), "removing a record")
+                continue
+            done.append((key,))
+            freed += size
+            continue
         path = payload_path(root, digest(key).hex(), kind)
         try:
             os.unlink(path)
@@ -176,36 +201,32 @@ def delete_prefix(conn: sqlite3.Connection, root: str, prefix: str, on_error: On
     """Remove the entries whose key starts with ``prefix``; record a prefix tombstone."""
     upper = prefix_upper(prefix)
     if upper is None:
-        cur = conn.execute("SELECT key, kind FROM entries WHERE key >= ?", (prefix,))
+        cur = conn.execute(f"SELECT {ROW} FROM entries WHERE key >= ?", (prefix,))
     else:
-        cur = conn.execute(
-            "SELECT key, kind FROM entries WHERE key >= ? AND key < ?", (prefix, upper)
-        )
-    rows = [(k, kind, 0) for k, kind in cur.fetchall() if k.startswith(prefix)]
+        cur = conn.execute(f"SELECT {ROW} FROM entries WHERE key >= ? AND key < ?", (prefix, upper))
+    rows: list[Row] = [r for r in cur.fetchall() if r[0].startswith(prefix)]
     remove_rows(conn, root, rows, on_error)
     conn.execute(
         "INSERT INTO prefix_tombstones(prefix, at) VALUES (?, ?) "
         "ON CONFLICT(prefix) DO UPDATE SET at = MAX(at, excluded.at)",
         (prefix, time.time_ns()),
     )
-    return [k for k, _kind, _size in rows]
+    return [r[0] for r in rows]
 
 
 def delete_namespace(
     conn: sqlite3.Connection, root: str, namespace: str, on_error: OnError
 ) -> list[str]:
     """Remove the entries of ``namespace`` and record a tombstone for each of their keys."""
-    rows = conn.execute(
-        "SELECT key, kind, size FROM entries WHERE namespace = ?", (namespace,)
-    ).fetchall()
+    rows = conn.execute(f"SELECT {ROW} FROM entries WHERE namespace = ?", (namespace,)).fetchall()
     remove_rows(conn, root, rows, on_error)
     now_ns = time.time_ns()
     conn.executemany(
         "INSERT INTO tombstones(key, at) VALUES (?, ?) "
         "ON CONFLICT(key) DO UPDATE SET at = MAX(at, excluded.at)",
-        [(key, now_ns) for key, _kind, _size in rows],
+        [(r[0], now_ns) for r in rows],
     )
-    return [key for key, _kind, _size in rows]
+    return [r[0] for r in rows]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -223,7 +244,7 @@ class Freed:
 
 
 def drop_expired(conn: sqlite3.Connection, root: str, now: float, on_error: OnError) -> Freed:
-    rows = conn.execute("SELECT key, kind, size FROM entries WHERE expires < ?", (now,)).fetchall()
+    rows = conn.execute(f"SELECT {ROW} FROM entries WHERE expires < ?", (now,)).fetchall()
     freed = remove_rows(conn, root, rows, on_error) if rows else 0
     return Freed(expired=len(rows), expired_bytes=freed)
 
@@ -253,7 +274,7 @@ def evict(
     must = need if hard_target is None else max(0, total - hard_target)
     victims: list[Row] = []
     got = 0
-    cur = conn.execute("SELECT key, kind, size FROM entries ORDER BY last_access")
+    cur = conn.execute(f"SELECT {ROW} FROM entries ORDER BY last_access")
     try:
         while got < need:
             batch = cur.fetchmany(256)

@@ -17,12 +17,18 @@ INDEX_NAME: Final = "index.db"
 INDEX_SIDE_FILES: Final = ("-wal", "-shm")
 #: Lock file serializing the opening, rebuilding and replacing of ``index.db`` across processes.
 LOCK_NAME: Final = "index.db.lock"
-SCHEMA_VERSION: Final = 2  # 2: payload format 2
+SCHEMA_VERSION: Final = 3  # 2: payload format 2; 3: segment files (columns added in place)
 BUSY_TIMEOUT_MS: Final = 30_000
 _WAL_CHECKPOINT_PAGES: Final = 256
 _WAL_SIZE_LIMIT: Final = 1 << 20
 #: SQLite page cache per connection, KiB (allocated as used).
 _CACHE_KIB: Final = 16384
+
+#: Bytes of the record of entries row ``{r}`` in its segment (as :func:`.segments.record_length`,
+#: but for a namespace longer than 65,535 bytes, which is not recorded: accounting only).
+_RECORD_BYTES: Final = (
+    "(72 + length(CAST({r}.key AS BLOB)) + length(CAST({r}.namespace AS BLOB)) + {r}.size)"
+)
 
 SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS entries(
@@ -57,6 +63,35 @@ CREATE TRIGGER IF NOT EXISTS entries_after_delete AFTER DELETE ON entries BEGIN
 END;
 CREATE TRIGGER IF NOT EXISTS entries_after_update_size AFTER UPDATE OF size ON entries BEGIN
     UPDATE totals SET used = used + NEW.size - OLD.size WHERE id = 0;
+END;
+"""
+
+#: Schema 2 -> 3 (segment files, :mod:`.segments`), run in place on a schema-2 index (``ALTER
+#: TABLE``: nothing is lost) and after :data:`SCHEMA` on a new one, so that both end with the
+#: same stored schema. ``segment``/``offset``: where the entry's record is (NULL: a payload
+#: file of its own). ``segments.live``: bytes of the records rows point to, per segment file
+#: (kept by triggers); the rest of the file is dead bytes, reclaimed by compaction.
+MIGRATE_3: Final = f"""
+ALTER TABLE entries ADD COLUMN segment TEXT NULL;
+ALTER TABLE entries ADD COLUMN offset INTEGER NULL;
+CREATE INDEX IF NOT EXISTS entries_segment ON entries(segment) WHERE segment IS NOT NULL;
+CREATE TABLE IF NOT EXISTS segments(name TEXT PRIMARY KEY, live INTEGER NOT NULL);
+CREATE TRIGGER IF NOT EXISTS segment_after_insert AFTER INSERT ON entries
+WHEN NEW.segment IS NOT NULL BEGIN
+    INSERT INTO segments(name, live) VALUES (NEW.segment, {_RECORD_BYTES.format(r="NEW")})
+    ON CONFLICT(name) DO UPDATE SET live = live + excluded.live;
+END;
+CREATE TRIGGER IF NOT EXISTS segment_after_delete AFTER DELETE ON entries
+WHEN OLD.segment IS NOT NULL BEGIN
+    UPDATE segments SET live = live - ({_RECORD_BYTES.format(r="OLD")}) WHERE name = OLD.segment;
+END;
+CREATE TRIGGER IF NOT EXISTS segment_after_update AFTER UPDATE OF segment, offset ON entries
+BEGIN
+    UPDATE segments SET live = live - ({_RECORD_BYTES.format(r="OLD")})
+    WHERE OLD.segment IS NOT NULL AND name = OLD.segment;
+    INSERT INTO segments(name, live) SELECT NEW.segment, {_RECORD_BYTES.format(r="NEW")}
+    WHERE NEW.segment IS NOT NULL
+    ON CONFLICT(name) DO UPDATE SET live = live + excluded.live;
 END;
 """
 
@@ -163,7 +198,7 @@ def expected_schema() -> list[tuple[str, str, str, str | None]]:
     """What :func:`schema_of` returns for an index created by :func:`connect`."""
     if not _EXPECTED:
         with contextlib.closing(sqlite3.connect(":memory:")) as mem:
-            for statement in split_sql(SCHEMA):
+            for statement in split_sql(SCHEMA) + split_sql(MIGRATE_3):
                 mem.execute(statement)
             _EXPECTED.append(schema_of(mem))
     return _EXPECTED[0]
@@ -190,8 +225,9 @@ def txn(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 def connect(db_path: str) -> tuple[sqlite3.Connection, bool]:
     """Connect to ``db_path`` (WAL) and create the schema if needed; ``(conn, created)``.
 
-    ``created`` is True when the index was new, or of an older schema (its tables are dropped:
-    the payload files of an older layout are unreadable now).
+    ``created`` is True when the index was new, or of schema 1 (its tables are dropped: the
+    payload files of that layout are unreadable now). A schema-2 index is migrated in place
+    (:data:`MIGRATE_3`: two columns and a table added; every entry kept).
 
     Raises
     ------
@@ -228,12 +264,16 @@ def connect(db_path: str) -> tuple[sqlite3.Connection, bool]:
                     f"disk cache index {db_path} has schema version {version}, newer than "
                     f"this xarray-zcache supports ({SCHEMA_VERSION})"
                 )
-            if version < SCHEMA_VERSION:
+            if version == 2:  # schema 2: the same payload files; add the segment columns
+                for statement in split_sql(MIGRATE_3):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            elif version < SCHEMA_VERSION:
                 created = True
                 if version > 0:  # an older layout: its payload files are unreadable now
                     for table in ("entries", "tombstones", "prefix_tombstones", "totals"):
                         conn.execute(f"DROP TABLE IF EXISTS {table}")
-                for statement in split_sql(SCHEMA):
+                for statement in split_sql(SCHEMA) + split_sql(MIGRATE_3):
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
     except BaseException:

@@ -1,5 +1,9 @@
 """The two transactions of ``put``, and making room when the filesystem is full.
 
+A small entry whose record was appended to a segment (:mod:`.segments`) needs only the first:
+its row is committed pointing to the complete record (if the segment still exists, checked
+under the write lock), and there is nothing to place. What follows is about payload files.
+
 **Crash safety.** The payload is first written completely to a temp file beside its final
 name (:func:`~xarray_zcache.cache.disk.format.write_temp`); only :func:`place_file` renames it
 into place, atomically. A reader therefore never sees a half-written entry; a crash leaves at
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import os
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -28,6 +33,7 @@ from xarray_zcache.cache.disk import hooks, rows
 from xarray_zcache.cache.disk.entry import PutRequest
 from xarray_zcache.cache.disk.folder import unlink_missing_ok
 from xarray_zcache.cache.disk.schema import txn
+from xarray_zcache.cache.disk.segments import kill_records
 
 #: How many least recently used rows ``make_room`` considers at most.
 _ROOM_CANDIDATES: Final = 1024
@@ -76,10 +82,16 @@ def commit_rows(
         )
         keys = [r.key for r in reqs]
         sizes = _lookup(conn, "SELECT key, size FROM entries", keys)
+        records = _records(conn, keys)
         tombs = _lookup(conn, "SELECT key, at FROM tombstones", keys)
         total = rows.used(conn)
+        gone = _gone_segments(reqs)
         out: list[bool] = []
+        pending: list[tuple[object, ...]] = []  # rows to upsert (in order: later ones win)
         for n, req in enumerate(reqs):
+            if req.segment_file in gone:
+                out.append(False)
+                continue
             started = req.fetch_started_ns
             if started is not None:
                 if (
@@ -95,18 +107,53 @@ def commit_rows(
                 tombs[req.key] = max(tombs.get(req.key, -1), req.write_ns)
             old = sizes.get(req.key)
             if old is not None:  # the key's file of either kind: the new row owns the key
+                _drop_record(req, records.pop(req.key, None))
                 for path in req.paths:
                     unlink_missing_ok(path)
-            _upsert(conn, req)
+            pending.append(_row(req))
             sizes[req.key] = req.size
             total += req.size - (old or 0)
             if total > capacity:
+                conn.executemany(rows.UPSERT, pending)
+                pending.clear()
                 make_space(conn, req.key)
                 total = rows.used(conn)
                 # some may be evicted
                 sizes = _lookup(conn, "SELECT key, size FROM entries", keys[n + 1 :])
+                records = _records(conn, keys[n + 1 :])
             out.append(True)
+        conn.executemany(rows.UPSERT, pending)
         return out
+
+
+def _records(conn: sqlite3.Connection, keys: list[str]) -> dict[str, tuple[str, int]]:
+    """``key -> (segment, offset)`` of the rows of ``keys`` that point to a record."""
+    found: dict[str, tuple[str, int]] = {}
+    unique = list(dict.fromkeys(keys))
+    for i in range(0, len(unique), 500):
+        part = unique[i : i + 500]
+        marks = ",".join("?" * len(part))
+        cur = conn.execute(
+            f"SELECT key, segment, offset FROM entries WHERE key IN ({marks}) "
+            "AND segment IS NOT NULL",
+            part,
+        )
+        found.update((k, (seg, off)) for k, seg, off in cur.fetchall())
+    return found
+
+
+def _drop_record(req: PutRequest, found: tuple[str, int] | None) -> None:
+    """Mark the record the key's row points to dead before the row changes (see
+    :func:`.segments.kill_records`)."""
+    if found is not None and kill_records(req.root, [found]):
+        raise OSError(errno.EIO, f"segment {found[0]} cannot be written")
+
+
+def _gone_segments(reqs: Sequence[PutRequest]) -> set[str]:
+    """The segment files of ``reqs`` that no longer exist (compacted away after the records
+    were appended; under the write lock, as compaction's unlink): no row may point there."""
+    files = {r.segment_file for r in reqs if r.segment_file is not None}
+    return {f for f in files if not os.path.exists(f)}
 
 
 def _lookup(conn: sqlite3.Connection, select: str, keys: list[str]) -> dict[str, int]:
@@ -127,12 +174,18 @@ def _commit_one(
     capacity: int,
     make_space: Callable[[sqlite3.Connection, str], None],
 ) -> bool:
+    if _gone_segments([req]):
+        return False
     if req.fetch_started_ns is not None:
         if rows.is_stale(conn, req.key, req.fetch_started_ns):
             return False
     else:
         # an authoritative write: older in-flight fetches of the key must be refused
         rows.tombstone(conn, req.key, req.write_ns)
+    found = conn.execute(
+        "SELECT segment, offset FROM entries WHERE key = ? AND segment IS NOT NULL", (req.key,)
+    ).fetchone()
+    _drop_record(req, found)
     for path in req.paths:  # the key's file of either kind: the new row owns the key
         unlink_missing_ok(path)
     _upsert(conn, req)
@@ -142,20 +195,23 @@ def _commit_one(
 
 
 def _upsert(conn: sqlite3.Connection, req: PutRequest) -> None:
+    conn.execute(rows.UPSERT, _row(req))
+
+
+def _row(req: PutRequest) -> tuple[object, ...]:
     now = req.write_ns / 1e9
-    conn.execute(
-        rows.UPSERT,
-        (
-            req.key,
-            req.namespace,
-            req.kind,
-            req.size,
-            now,
-            now,
-            req.expires,
-            req.checksum,
-            req.token,
-        ),
+    return (
+        req.key,
+        req.namespace,
+        req.kind,
+        req.size,
+        now,
+        now,
+        req.expires,
+        req.checksum,
+        req.token,
+        req.segment,
+        req.offset,
     )
 
 
@@ -189,6 +245,8 @@ def _place_one(conn: sqlite3.Connection, req: PutRequest, token: int | None) -> 
     """Rename the temp file of ``req`` into place if ``token`` (its row's) is still ours."""
     if token != req.token:
         return False  # deleted, evicted or overwritten meanwhile
+    if req.segment is not None:
+        return True  # a record: nothing to place, the committed row points to it
     hooks.fire("before-replace", req.temp, req.final)
     try:
         os.replace(req.temp, req.final)
@@ -218,7 +276,7 @@ def make_room(
     cannot be written now (rows without file are allowed and cleaned later).
     """
     candidates = conn.execute(
-        f"SELECT key, kind, size FROM entries ORDER BY last_access LIMIT {_ROOM_CANDIDATES}"
+        f"SELECT {rows.ROW} FROM entries ORDER BY last_access LIMIT {_ROOM_CANDIDATES}"
     ).fetchall()
     victims: list[rows.Row] = []
     got = 0

@@ -1,0 +1,370 @@
+"""Segment files: small entries appended as records to per-writer files.
+
+Layout::
+
+    <path>/segments/<pid>-<random>.seg
+
+An entry of at most :data:`SEGMENT_THRESHOLD` bytes is not a file of its own: its *record*
+(exactly the bytes a payload file would hold, :mod:`.format`: the 72-byte header with key,
+namespace, length, payload CRC-32, header CRC-32 and expiry, then key, namespace, payload) is
+appended to the current segment of its writer, and its index row records ``segment`` (the
+file name) and ``offset``. A hit is one primary-key lookup and one ``pread`` of the record
+from an open descriptor (:class:`FdCache`); the header then proves the bytes belong to the
+key and are intact, exactly as for a file.
+
+**Rows are the authority.** A record is appended first, outside any transaction, then its row
+is committed; so a row only ever points to a fully written record. A crash between the two
+leaves an unreferenced record: dead bytes. Deleting, overwriting, evicting or expiring an
+entry only removes or changes its row: the record becomes dead bytes too.
+
+**One writer per segment.** Each tier instance appends only to its own segment, created with
+``O_EXCL`` and held under an exclusive ``flock`` for as long as it may be appended to. A
+segment is *sealed* when its writer moves on (it reached :func:`seal_size`) or is gone (the
+lock is released with the descriptor, also when the process dies): whoever can take the lock
+may compact it (:mod:`.compact`). Compaction unlinks a segment inside a write transaction; a
+writer commits rows into a segment only if the file still exists (checked in its commit
+transaction), so no row can point into a segment that compaction removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from typing import Final
+
+from xarray_zcache.cache.disk.format import (
+    HEADER_SIZE,
+    MAX_NAMESPACE,
+    Header,
+    check_payload,
+    pread_exact,
+    read_header,
+)
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None  # type: ignore[assignment]
+
+#: Entries up to this many payload bytes go to segment files; larger ones to files of their own
+#: (``DiskTier(..., segment_threshold=SEGMENT_THRESHOLD)``).
+SEGMENT_THRESHOLD: Final = 64 * 1024
+#: What a tier does unless told: -1, no segments (every entry a file of its own), until the
+#: adversarial tests written for payload files are ported to records (see docs/benchmarks.md).
+DEFAULT_SEGMENT_THRESHOLD: Final = -1
+SEGMENT_DIR: Final = "segments"
+SEGMENT_EXT: Final = ".seg"
+#: A segment is sealed once it holds this many bytes (or ``capacity / 8``, if smaller).
+MAX_SEGMENT_BYTES: Final = 64 * 1024 * 1024
+MIN_SEGMENT_BYTES: Final = 256 * 1024
+#: Written over the magic of a record whose row is deleted or changed (:func:`kill_records`).
+DEAD_MAGIC: Final = b"ZCDX"
+#: The problem :func:`check_record` reports for such a record: a miss, not damage.
+DELETED: Final = "deleted record"
+#: Open segment descriptors kept per tier for reads.
+FD_CACHE_SIZE: Final = 64
+#: ``writev`` takes at most ``IOV_MAX`` (1,024 on Linux) buffers: two per record.
+_WRITEV_RECORDS: Final = 500
+
+
+def seal_size(capacity: int) -> int:
+    """Size at which a writer leaves its segment for a new one."""
+    return max(MIN_SEGMENT_BYTES, min(MAX_SEGMENT_BYTES, capacity // 8))
+
+
+def segment_dir(root: str) -> str:
+    return os.path.join(root, SEGMENT_DIR)
+
+
+def has_segments(root: str) -> bool:
+    """Whether the folder holds any segment file."""
+    try:
+        with os.scandir(segment_dir(root)) as it:
+            return any(is_segment_name(e.name) for e in it)
+    except OSError:
+        return False
+
+
+def segment_path(root: str, name: str) -> str:
+    sep = "" if root.endswith(os.sep) else os.sep
+    return f"{root}{sep}{SEGMENT_DIR}{os.sep}{name}"
+
+
+def is_segment_name(name: str) -> bool:
+    """Whether ``name`` is a segment file name as :class:`SegmentWriter` makes them."""
+    stem = name[: -len(SEGMENT_EXT)]
+    pid, _, rand = stem.partition("-")
+    return (
+        name.endswith(SEGMENT_EXT)
+        and pid.isdigit()
+        and len(rand) == 16
+        and all(c in "0123456789abcdef" for c in rand)
+    )
+
+
+def record_length(key: bytes, namespace: bytes, size: int) -> int:
+    """Bytes of the record of an entry (header, key, namespace, payload)."""
+    ns = len(namespace) if len(namespace) <= MAX_NAMESPACE else 0
+    return HEADER_SIZE + len(key) + ns + size
+
+
+def try_lock(fd: int) -> bool:
+    """Take the exclusive writer lock of a segment without waiting; whether it was taken."""
+    if fcntl is None:  # pragma: no cover - not POSIX
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+class SegmentWriter:
+    """The current segment of one tier: appends records, moves on at :func:`seal_size`.
+
+    Thread-safe. The segment folder is created if missing (the cache folder must exist).
+    """
+
+    def __init__(self, root: str, seal_bytes: int) -> None:
+        self.root = root
+        self.seal_bytes = seal_bytes
+        self.lock = threading.Lock()
+        self._fd: int | None = None
+        self.name: str | None = None
+        self._size = 0
+        #: segments this writer left (sealed) since the last :meth:`take_sealed`
+        self._sealed = 0
+
+    def append(self, records: Sequence[tuple[bytes, bytes | memoryview]]) -> list[tuple[str, int]]:
+        """Append ``(header, payload)`` records; ``(segment, offset)`` of each, in order.
+
+        Raises OSError (disk full...): records before the failing write are appended (their
+        locations are lost with the exception: they are dead bytes).
+        """
+        out: list[tuple[str, int]] = []
+        with self.lock:
+            i = 0
+            while i < len(records):
+                fd, name = self._current(len(records[i][0]) + len(records[i][1]))
+                start = self._size
+                group: list[bytes | memoryview] = []
+                offsets: list[int] = []
+                size = start
+                while i < len(records) and len(offsets) < _WRITEV_RECORDS:
+                    header, value = records[i]
+                    n = len(header) + memoryview(value).nbytes
+                    if offsets and size + n > self.seal_bytes:
+                        break
+                    offsets.append(size)
+                    group += (header, value)
+                    size += n
+                    i += 1
+                try:
+                    _writev_all(fd, group, size - start)
+                except OSError:
+                    self._leave()  # the file's end is uncertain now: a fresh segment next time
+                    raise
+                self._size = size
+                out += [(name, off) for off in offsets]
+        return out
+
+    def _current(self, need: int) -> tuple[int, str]:
+        """The open segment (a new one if there is none or ``need`` bytes would overfill it)."""
+        if self._fd is not None and self.name is not None:
+            fits = self._size == 0 or self._size + need <= self.seal_bytes
+            # (unlinked: compaction took an empty segment before its lock; rows cannot go there)
+            if fits and os.fstat(self._fd).st_nlink > 0:
+                return self._fd, self.name
+            self._leave()
+        name = f"{os.getpid()}-{os.urandom(8).hex()}{SEGMENT_EXT}"
+        path = segment_path(self.root, name)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND
+        try:
+            fd = os.open(path, flags, 0o600)
+        except FileNotFoundError:
+            if not os.path.isdir(self.root):
+                raise
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(segment_dir(self.root), 0o700)
+            fd = os.open(path, flags, 0o600)
+        try_lock(fd)  # a new name: nobody else holds it
+        self._fd, self.name, self._size = fd, name, 0
+        return fd, name
+
+    def _leave(self) -> None:
+        """Stop appending to the current segment (it becomes sealed)."""
+        fd, self._fd, self.name = self._fd, None, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)  # releases the writer lock
+            self._sealed += 1
+
+    def take_sealed(self) -> int:
+        with self.lock:
+            n, self._sealed = self._sealed, 0
+        return n
+
+    @property
+    def current(self) -> str | None:
+        return self.name
+
+    def close(self) -> None:
+        with self.lock:
+            self._leave()
+
+
+def _writev_all(fd: int, buffers: list[bytes | memoryview], total: int) -> None:
+    written = os.writev(fd, buffers)
+    if written == total:
+        return
+    # a short write (rare: a signal, a full disk): write the rest plainly
+    rest = memoryview(b"".join(bytes(b) for b in buffers))[written:]
+    while rest:
+        n = os.write(fd, rest)
+        rest = rest[n:]
+
+
+class FdCache:
+    """Open read descriptors of segments, at most :data:`FD_CACHE_SIZE` idle ones (LRU).
+
+    A descriptor in use by a reader is never closed under it (reference counts): a closed
+    number could be reused by another file meanwhile. Descriptors of segments unlinked by
+    compaction keep their bytes on disk while open: they are closed when seen (each time a
+    new segment is opened, idle descriptors whose file has no link left are closed).
+    """
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self._lock = threading.Lock()
+        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._users: dict[int, int] = {}
+        self._doomed: set[int] = set()
+
+    def acquire(self, name: str) -> int:
+        """An open descriptor of segment ``name`` (FileNotFoundError if it is gone)."""
+        with self._lock:
+            fd = self._fds.get(name)
+            if fd is not None:
+                self._fds.move_to_end(name)
+                self._users[fd] = self._users.get(fd, 0) + 1
+                return fd
+        fd = os.open(segment_path(self.root, name), os.O_RDONLY)
+        with self._lock:
+            old = self._fds.get(name)
+            if old is not None:  # opened by another thread meanwhile
+                os.close(fd)
+                fd = old
+            else:
+                self._sweep_locked()
+                self._fds[name] = fd
+                while len(self._fds) > FD_CACHE_SIZE:
+                    _name, victim = self._fds.popitem(last=False)
+                    self._drop_locked(victim)
+            self._users[fd] = self._users.get(fd, 0) + 1
+            return fd
+
+    def release(self, fd: int) -> None:
+        with self._lock:
+            n = self._users.get(fd, 1) - 1
+            if n > 0:
+                self._users[fd] = n
+                return
+            self._users.pop(fd, None)
+            if fd in self._doomed:
+                self._doomed.discard(fd)
+                os.close(fd)
+
+    def forget(self, name: str) -> None:
+        """Close the descriptor of ``name`` (its segment was unlinked)."""
+        with self._lock:
+            fd = self._fds.pop(name, None)
+            if fd is not None:
+                self._drop_locked(fd)
+
+    def _drop_locked(self, fd: int) -> None:
+        if self._users.get(fd):
+            self._doomed.add(fd)
+        else:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _sweep_locked(self) -> None:
+        for name, fd in list(self._fds.items()):
+            try:
+                gone = os.fstat(fd).st_nlink == 0
+            except OSError:
+                gone = True
+            if gone:
+                del self._fds[name]
+                self._drop_locked(fd)
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                self._drop_locked(fd)
+            self._fds.clear()
+
+
+def kill_records(root: str, locations: Iterable[tuple[str, int]]) -> set[str]:
+    """Mark the records at ``(segment, offset)`` dead (:data:`DEAD_MAGIC` over their magic).
+
+    Called, under the write lock, before the rows that point to them are deleted or changed:
+    should the index ever go back to an older state (lost WAL frames, a damaged WAL), a row
+    of that state then finds a dead record, a miss, and never the value that was deleted or
+    replaced since (payload files are unlinked for the same reason). A segment that is gone
+    needs nothing. Returns the segments that could not be written (keep their rows).
+    """
+    by_segment: dict[str, list[int]] = {}
+    for segment, offset in locations:
+        by_segment.setdefault(segment, []).append(offset)
+    failed: set[str] = set()
+    for segment, offsets in by_segment.items():
+        try:
+            fd = os.open(segment_path(root, segment), os.O_WRONLY)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            failed.add(segment)
+            continue
+        try:
+            for offset in offsets:
+                os.pwrite(fd, DEAD_MAGIC, offset)
+        except OSError:
+            failed.add(segment)
+        finally:
+            os.close(fd)
+    return failed
+
+
+def read_record(
+    fd: int, offset: int, length: int, key_digest: bytes, key: bytes
+) -> tuple[str | None, Header | None, bytes]:
+    """Read and check the record of ``key`` at ``offset`` (one ``pread``); see
+    :func:`check_record`."""
+    return check_record(pread_exact(fd, length, offset), length, key_digest, key)
+
+
+def check_record(
+    data: bytes, length: int, key_digest: bytes, key: bytes
+) -> tuple[str | None, Header | None, bytes]:
+    """Check the record ``data`` of ``key``, expected to be ``length`` bytes long.
+
+    Returns ``(problem, header, payload)``; ``problem`` is None when the record is intact
+    (header and payload checksums) and belongs to ``key``; ``header`` is None when the
+    header itself is unusable. Expiry is the caller's to judge.
+    """
+    if len(data) != length:
+        return "truncated record", None, b""
+    if data[:4] == DEAD_MAGIC:
+        return DELETED, None, b""
+    problem, header = read_header(-1, length, key_digest, key, head=data)
+    if header is None:
+        return problem or "unreadable header", None, b""
+    problem, payload = check_payload(data[header.offset :], header)
+    return problem, header, payload
