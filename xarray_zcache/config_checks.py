@@ -24,6 +24,7 @@ _FIELD_OF = {
     "memory-size": "memory_size",
     "decoded-memory-size": "decoded_memory_size",
     "disk.size": "disk_size",
+    "disk.pack-below": "disk_pack_below",
     "max-object-size": "max_object_size",
     "ttl.metadata": "metadata_ttl",
     "ttl.chunks": "chunk_ttl",
@@ -73,6 +74,20 @@ def _size(field: str, value: object, *, allow_none: bool = False) -> int | None:
         raise ValueError(f"{field}: invalid size {value!r}; expected {allowed}")
     if n < 0:
         raise ValueError(f"{field}: invalid size {value!r}; expected {allowed}")
+    return n
+
+
+def _pack_below(value: object) -> int:
+    """``disk_pack_below``: a size from 0 (off) to 64 KiB, or raise naming the field."""
+    from xarray_zcache.cache.disk.segments import SEGMENT_THRESHOLD
+
+    n = _size("disk_pack_below", value)
+    assert n is not None
+    if n > SEGMENT_THRESHOLD:
+        raise ValueError(
+            f"disk_pack_below: invalid size {value!r}; expected 0 (off) up to "
+            f"{SEGMENT_THRESHOLD} bytes ('64KiB')"
+        )
     return n
 
 

@@ -57,7 +57,10 @@ def open_disk(settings: CacheSettings) -> DiskTier | None:
         return None
     try:
         disk = DiskTier(
-            settings.disk_path, settings.disk_size, max_object_size=settings.max_object_size
+            settings.disk_path,
+            settings.disk_size,
+            max_object_size=settings.max_object_size,
+            segment_threshold=settings.disk_pack_below or -1,
         )
     except OSError as exc:
         if exc.errno in _OFFLINE_ERRNOS:
