@@ -39,6 +39,24 @@ def s3_options(s3_server: LocalS3Server) -> dict[str, Any]:
     return s3_server.storage_options()
 
 
+@pytest.fixture
+def decodes(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts the chunks zarr's codec pipelines decode (zarr's reads and the decoded
+    tier's misses; the decoded-tier tests)."""
+    from zarr.core.codec_pipeline import BatchedCodecPipeline
+
+    counter = {"chunks": 0}
+    original = BatchedCodecPipeline.decode
+
+    async def counting(self: Any, items: Any) -> Any:
+        items = list(items)
+        counter["chunks"] += len(items)
+        return await original(self, items)
+
+    monkeypatch.setattr(BatchedCodecPipeline, "decode", counting)
+    return counter
+
+
 @pytest.fixture(autouse=True)
 def _close_caches() -> Iterator[None]:
     """Close every cache a test created (threads, SQLite handles), so tests stay independent."""

@@ -35,21 +35,6 @@ INTERVAL = 1.0
 MARGIN = 0.5
 
 
-@pytest.fixture
-def decodes(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """Counts the chunks zarr's codec pipelines decode (zarr's reads and the tier's misses)."""
-    counter = {"chunks": 0}
-    original = BatchedCodecPipeline.decode
-
-    async def counting(self: Any, items: Any) -> Any:
-        items = list(items)
-        counter["chunks"] += len(items)
-        return await original(self, items)
-
-    monkeypatch.setattr(BatchedCodecPipeline, "decode", counting)
-    return counter
-
-
 def _pipeline(a: zarr.Array) -> Any:
     return a._async_array.codec_pipeline
 

@@ -18,7 +18,6 @@ import xarray as xr
 import zarr
 from decoded_helpers import make_cfg, open_zcache, random_data, same, write_var, zarr_values, zstd
 from zarr.core.buffer import default_buffer_prototype
-from zarr.core.codec_pipeline import BatchedCodecPipeline
 from zarr.core.sync import sync
 from zarr.storage import MemoryStore
 
@@ -27,21 +26,6 @@ from xarray_zcache.cache.decoded import DecodedTier
 from xarray_zcache.testing.s3server import LocalS3Server
 
 P = default_buffer_prototype()
-
-
-@pytest.fixture
-def decodes(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """Counts the chunks zarr's codec pipeline decodes (zarr's reads and the tier's misses)."""
-    counter = {"chunks": 0}
-    original = BatchedCodecPipeline.decode
-
-    async def counting(self: Any, items: Any) -> Any:
-        items = list(items)
-        counter["chunks"] += len(items)
-        return await original(self, items)
-
-    monkeypatch.setattr(BatchedCodecPipeline, "decode", counting)
-    return counter
 
 
 def _cfg(tmp_path: Path, name: str, **kw: Any) -> CacheConfig:

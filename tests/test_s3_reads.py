@@ -253,6 +253,13 @@ def test_sequential_scan_reads_ahead_without_duplicate_requests(
     assert log.chunk_gets(s3_bucket) - before == 64  # each chunk fetched exactly once
 
 
+def _open_long(bucket: str, opts: dict[str, Any], cfg: CacheConfig) -> xr.Dataset:
+    """`_long_dataset` written to ``bucket`` and opened through zcache with ``cfg``."""
+    url = f"s3://{bucket}/long.zarr"
+    _long_dataset(url, opts)
+    return xr.open_dataset(url, engine="zcache", chunks={}, storage_options=opts, cache_config=cfg)
+
+
 def _dask_like_order(n: int) -> list[int]:
     """The order Dask's threaded scheduler reads the chunks of a full array in: back to
     front in runs, interleaved (39..20, 191..160, 19..16, 159..120, ... for 192 chunks)."""
@@ -274,12 +281,8 @@ def test_read_ahead_follows_dask_runs_around_the_end(
     """Dask reads a full array back to front in interleaved runs: the read-ahead walks on
     around the end of the array, so the later runs are read ahead too; every chunk is
     fetched exactly once."""
-    url = f"s3://{s3_bucket}/long.zarr"
-    _long_dataset(url, s3_options)
     cfg = config.with_prefetch(16)
-    ds = xr.open_dataset(
-        url, engine="zcache", chunks={}, storage_options=s3_options, cache_config=cfg
-    )
+    ds = _open_long(s3_bucket, s3_options, cfg)
     log = s3_server.requests
     before = log.chunk_gets(s3_bucket)
     order = _dask_like_order(64)
@@ -297,12 +300,8 @@ def test_partial_scan_reads_at_most_depth_in_vain(
 ) -> None:
     """A scan of part of an array (time 39 down to 20) reads at most ``depth`` chunks
     past what it read, even though the read-ahead may walk around the array's end."""
-    url = f"s3://{s3_bucket}/long.zarr"
-    _long_dataset(url, s3_options)
     cfg = config.with_prefetch(8)
-    ds = xr.open_dataset(
-        url, engine="zcache", chunks={}, storage_options=s3_options, cache_config=cfg
-    )
+    ds = _open_long(s3_bucket, s3_options, cfg)
     log = s3_server.requests
     before = log.chunk_gets(s3_bucket)
     for t in range(39, 19, -1):
@@ -314,12 +313,8 @@ def test_partial_scan_reads_at_most_depth_in_vain(
 def test_scattered_reads_do_not_read_ahead(
     s3_server: LocalS3Server, s3_bucket: str, s3_options: dict[str, Any], config: CacheConfig
 ) -> None:
-    url = f"s3://{s3_bucket}/long.zarr"
-    _long_dataset(url, s3_options)
     cfg = config.with_prefetch(16)
-    ds = xr.open_dataset(
-        url, engine="zcache", chunks={}, storage_options=s3_options, cache_config=cfg
-    )
+    ds = _open_long(s3_bucket, s3_options, cfg)
     log = s3_server.requests
     before = log.chunk_gets(s3_bucket)
     for t in (3, 40, 17, 60, 29, 8, 51):

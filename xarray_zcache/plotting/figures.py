@@ -325,13 +325,7 @@ def tier_figure(tiers: ColumnDataSource) -> figure:
         color=[COLORS.get(name, COLORS["other"]) for name in stack],
         legend_label=[f"{tier} hits" for tier in TIERS] + ["misses"],
     )
-    p.legend.location = "top_center"
-    p.legend.orientation = "horizontal"
-    p.add_layout(p.legend[0], "below")
-    p.ygrid.grid_line_color = None
-    p.xaxis.axis_label = "reads"
-    p.xaxis.ticker = BasicTicker(min_interval=1)  # whole reads
-    p.xaxis.formatter = NumeralTickFormatter(format="0,0")
+    _legend_below_counts_across(p, "reads")
     p.add_tools(
         HoverTool(
             renderers=list(bars),
@@ -347,6 +341,17 @@ def tier_figure(tiers: ColumnDataSource) -> figure:
         )
     )
     return p
+
+
+def _legend_below_counts_across(p: figure, label: str) -> None:
+    """Horizontal bars of counts: the legend in a row below, whole numbers along x."""
+    p.legend.location = "top_center"
+    p.legend.orientation = "horizontal"
+    p.add_layout(p.legend[0], "below")
+    p.ygrid.grid_line_color = None
+    p.xaxis.axis_label = label
+    p.xaxis.ticker = BasicTicker(min_interval=1)  # whole counts
+    p.xaxis.formatter = NumeralTickFormatter(format="0,0")
 
 
 def decoded_figure(tiers: ColumnDataSource) -> figure:
@@ -397,13 +402,7 @@ def decoded_figure(tiers: ColumnDataSource) -> figure:
         text_color="#222222",
     )
     p.add_glyph(tiers, words)
-    p.legend.location = "top_center"
-    p.legend.orientation = "horizontal"
-    p.add_layout(p.legend[0], "below")
-    p.ygrid.grid_line_color = None
-    p.xaxis.axis_label = "chunk reads"
-    p.xaxis.ticker = BasicTicker(min_interval=1)
-    p.xaxis.formatter = NumeralTickFormatter(format="0,0")
+    _legend_below_counts_across(p, "chunk reads")
     p.add_tools(
         HoverTool(
             renderers=list(bars),
@@ -457,13 +456,7 @@ def evictions_figure(tiers: ColumnDataSource) -> figure:
         )
         for i, tier in enumerate(EVICTION_TIERS)
     ]
-    p.legend.location = "top_center"
-    p.legend.orientation = "horizontal"
-    p.add_layout(p.legend[0], "below")
-    p.ygrid.grid_line_color = None
-    p.xaxis.axis_label = "evictions"
-    p.xaxis.ticker = BasicTicker(min_interval=1)
-    p.xaxis.formatter = NumeralTickFormatter(format="0,0")
+    _legend_below_counts_across(p, "evictions")
     p.add_tools(
         HoverTool(
             renderers=list(bars),
