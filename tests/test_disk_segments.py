@@ -14,7 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from entry_location import locate, stored_bytes
@@ -427,3 +427,92 @@ def test_clearing_gives_the_space_back(tmp_path: pathlib.Path) -> None:
     with _tier(path) as t:  # as `zcache clear` does: another tier, all sealed
         assert t.delete_prefix("") == 200
         assert _segments(path) == [] and stored_bytes(path) == 0
+
+
+def _forked(child: Callable[[], None]) -> int:
+    """Run ``child`` in a real fork()ed process; its exit status (0: no exception)."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            child()
+            code = 0
+        finally:
+            os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_tier_used_on_both_sides_of_fork_never_serves_a_refused_value(
+    tmp_path: pathlib.Path,
+) -> None:
+    t = _tier(tmp_path / "c")
+    assert t.put("warm", b"w" * 100)  # the writer's segment is open now
+    r, w = os.pipe()
+
+    def child() -> None:
+        os.read(r, 1)
+        assert t.put("K", b"NEW-v2.." * 9)  # the latest value of K
+        assert t.get("K") == b"NEW-v2.." * 9
+        assert t.get("warm") == b"w" * 100
+
+    started = time.time_ns()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            child()
+        finally:
+            os._exit(0 if t.get("K") == b"NEW-v2.." * 9 else 1)
+    t.delete("K")
+    assert not t.put("K", b"STALE-v1" * 9, fetch_started_ns=started)  # refused as stale
+    os.write(w, b"x")
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    assert t.put("after", b"a" * 50)  # the parent's writer goes on, at right offsets
+    t2 = _tier(tmp_path / "c")
+    try:
+        assert t2.get("K") == b"NEW-v2.." * 9
+        assert t2.get("after") == b"a" * 50
+        assert t2.get("warm") == b"w" * 100
+    finally:
+        t2.close()
+        t.close()
+
+
+def _disk(cache: object) -> DiskTier:
+    tier = getattr(cache, "disk_tier", None)
+    assert isinstance(tier, DiskTier)
+    return tier
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+@pytest.mark.filterwarnings("ignore:This process.*multi-threaded")
+def test_a_forked_child_builds_its_own_caches(tmp_path: pathlib.Path) -> None:
+    from xarray_zcache import registry
+    from xarray_zcache.config import CacheConfig
+
+    cfg = CacheConfig().with_disk_cache(tmp_path / "c", "1GiB").with_disk_packing()
+    parent = registry.get_cache(cfg)
+    try:
+        _disk(parent).put("p", b"parent" * 10)
+        r, w = os.pipe()
+
+        def child() -> None:
+            os.close(r)
+            mine = registry.get_cache(cfg)
+            assert mine is not parent
+            assert _disk(mine).get("p") == b"parent" * 10
+            _disk(mine).put("c", b"child" * 10)
+            assert _disk(mine).get("c") == b"child" * 10
+            mine.close()  # the child's own
+            os.write(w, b"ok")
+
+        assert _forked(child) == 0
+        os.close(w)
+        assert os.read(r, 2) == b"ok"
+        os.close(r)
+        assert registry.get_cache(cfg) is parent
+        _disk(parent).put("p2", b"again" * 10)
+        assert _disk(parent).get("p2") == b"again" * 10
+        assert _disk(parent).get("c") == b"child" * 10
+    finally:
+        registry.close_all()

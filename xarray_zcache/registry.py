@@ -14,6 +14,7 @@ a bounded number of threads and file descriptors.
 from __future__ import annotations
 
 import contextvars
+import os
 import sys
 import threading
 import weakref
@@ -45,6 +46,21 @@ _caches: dict[CacheConfig, HybridCache] = {}
 _worker_caches: dict[tuple[str, str], HybridCache] = {}
 # the stores bound to each cache (weakly): a cache with none is idle
 _users: weakref.WeakKeyDictionary[HybridCache, weakref.WeakSet[Any]] = weakref.WeakKeyDictionary()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child starts with no caches: the parent's hold SQLite connections (which must
+    not cross fork()), descriptors and threads (which do not exist in the child). Only the
+    references are dropped: closing would act on what the parent still uses."""
+    global _lock, _caches, _worker_caches, _users
+    _lock = threading.Lock()
+    _caches = {}
+    _worker_caches = {}
+    _users = weakref.WeakKeyDictionary()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def resolve_config(config: CacheConfig | str | None) -> CacheConfig:
@@ -147,7 +163,7 @@ def bind_cache(
         return serving
     address = current_worker_address()
     cache = bindings.get(address)
-    if cache is None or cache.closed:
+    if cache is None or cache.closed or cache not in _users:  # (not in _users: a forked child)
         cache = get_cache(config)
         bindings[address] = cache
         with _lock:

@@ -138,6 +138,8 @@ class SegmentWriter:
         self._fd: int | None = None
         self.name: str | None = None
         self._size = 0
+        #: the process that opened ``_fd``: after fork() the child never appends to it
+        self._pid = os.getpid()
         #: segments this writer left (sealed) since the last :meth:`take_sealed`
         self._sealed = 0
 
@@ -176,10 +178,20 @@ class SegmentWriter:
 
     def _current(self, need: int) -> tuple[int, str]:
         """The open segment (a new one if there is none or ``need`` bytes would overfill it)."""
+        if self._pid != os.getpid():
+            # a forked child: the descriptor (and its O_APPEND end) is shared with the parent,
+            # whose appends this writer's ``_size`` does not see. Close the child's copy only
+            # (the parent keeps its descriptor and lock) and start a segment of its own.
+            fd, self._fd, self.name, self._pid = self._fd, None, None, os.getpid()
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
         if self._fd is not None and self.name is not None:
             fits = self._size == 0 or self._size + need <= self.seal_bytes
-            # (unlinked: compaction took an empty segment before its lock; rows cannot go there)
-            if fits and os.fstat(self._fd).st_nlink > 0:
+            st = os.fstat(self._fd)
+            # (unlinked: compaction took an empty segment before its lock; rows cannot go there;
+            # a size other than ours: someone else appended, our offsets would be wrong)
+            if fits and st.st_nlink > 0 and st.st_size == self._size:
                 return self._fd, self.name
             self._leave()
         name = f"{os.getpid()}-{os.urandom(8).hex()}{SEGMENT_EXT}"
@@ -245,10 +257,25 @@ class FdCache:
         self._fds: OrderedDict[str, int] = OrderedDict()
         self._users: dict[int, int] = {}
         self._doomed: set[int] = set()
+        #: the process the descriptors belong to (a forked child opens its own)
+        self._pid = os.getpid()
+
+    def _check_pid_locked(self) -> None:
+        """In a forked child, forget the inherited descriptors (closing only its copies)."""
+        if self._pid == os.getpid():
+            return
+        for fd in {*self._fds.values(), *self._doomed}:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds.clear()
+        self._users.clear()
+        self._doomed.clear()
+        self._pid = os.getpid()
 
     def acquire(self, name: str) -> int:
         """An open descriptor of segment ``name`` (FileNotFoundError if it is gone)."""
         with self._lock:
+            self._check_pid_locked()
             fd = self._fds.get(name)
             if fd is not None:
                 self._fds.move_to_end(name)
@@ -271,6 +298,8 @@ class FdCache:
 
     def release(self, fd: int) -> None:
         with self._lock:
+            if self._pid != os.getpid():
+                return
             n = self._users.get(fd, 1) - 1
             if n > 0:
                 self._users[fd] = n
