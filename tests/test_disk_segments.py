@@ -7,6 +7,7 @@ Every adversarial check here goes through ``tests/entry_location.py``: where an 
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import os
 import pathlib
 import random
@@ -433,6 +434,7 @@ def _forked(child: Callable[[], None]) -> int:
     """Run ``child`` in a real fork()ed process; its exit status (0: no exception)."""
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
+        faulthandler.dump_traceback_later(60, exit=True)  # a hang: its stack, then exit 1
         code = 1
         try:
             child()
@@ -459,6 +461,7 @@ def test_a_tier_used_on_both_sides_of_fork_never_serves_a_refused_value(
     started = time.time_ns()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
+        faulthandler.dump_traceback_later(60, exit=True)  # a hang: its stack, then exit 1
         try:
             child()
         finally:
@@ -516,3 +519,61 @@ def test_a_forked_child_builds_its_own_caches(tmp_path: pathlib.Path) -> None:
         assert _disk(parent).get("c") == b"child" * 10
     finally:
         registry.close_all()
+
+
+def _back_in_time(path: pathlib.Path, snap: pathlib.Path) -> None:
+    for suffix in ("-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{path}/index.db{suffix}")
+    os.replace(snap, path / "index.db")
+
+
+def test_make_room_racing_an_overwrite_never_leaves_a_live_record_without_row(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk's ``make_room`` races another process overwriting K: the row it deletes is
+    the one whose record it marked dead, so a later delete of K kills the new record and an
+    index gone back in time never serves the deleted value."""
+    from xarray_zcache.cache.disk import writes
+
+    path, snap = tmp_path / "c", tmp_path / "old.db"
+    a, b = _tier(path), _tier(path)
+    assert a.put("K", b"v1" * 10)
+    orig = writes.txn
+    fired: list[int] = []
+
+    def racing_txn(conn: sqlite3.Connection) -> object:
+        if not fired:  # the first transaction of a's make_room
+            fired.append(1)
+            assert b.put("K", b"v2-NEW" * 10)  # another process overwrites K
+            with contextlib.closing(sqlite3.connect(snap)) as dst:
+                assert b._conn is not None
+                b._conn.backup(dst)  # the index as of now: K -> the v2 record
+        return orig(conn)
+
+    monkeypatch.setattr(writes, "txn", racing_txn)
+    a._make_room(1)
+    monkeypatch.setattr(writes, "txn", orig)
+    assert fired
+    b.delete("K")  # K must never be served again
+    assert b.get("K") is None
+    a.close()
+    b.close()
+    _back_in_time(path, snap)
+    with _tier(path) as t:
+        assert t.get("K") is None
+
+
+def test_removing_a_stale_row_never_deletes_the_newer_row_of_its_key(tier: DiskTier) -> None:
+    """``remove_rows`` given a row read before an overwrite deletes nothing of the new row
+    (whose record stays live): it deletes only the row whose record it marked dead."""
+    from xarray_zcache.cache.disk import rows
+
+    assert tier.put("K", b"old" * 10)
+    conn = tier._conn
+    assert conn is not None
+    stale = conn.execute(f"SELECT {rows.ROW} FROM entries WHERE key = 'K'").fetchone()
+    assert tier.put("K", b"new" * 10)
+    with tier._index.lock, schema.txn(conn):
+        rows.remove_rows(conn, tier._root, [stale], tier._warn.error)
+    assert tier.get("K") == b"new" * 10

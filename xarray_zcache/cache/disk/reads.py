@@ -448,7 +448,9 @@ class TierCore(StatsFlush):
                     return  # replaced by a newer value meanwhile
                 os.unlink(path)
                 if rows.sql_safe(key):
-                    cur = conn.execute("DELETE FROM entries WHERE key = ?", (key,))
+                    cur = conn.execute(
+                        "DELETE FROM entries WHERE key = ? AND segment IS NULL", (key,)
+                    )
                     if expired and cur.rowcount:
                         self.expirations += 1
 

@@ -161,25 +161,28 @@ def delete_key(conn: sqlite3.Connection, root: str, key: str) -> None:
 
 
 def remove_rows(conn: sqlite3.Connection, root: str, rows: Iterable[Row], on_error: OnError) -> int:
-    """Unlink the files of ``(key, kind, size, segment)`` rows, then delete the rows.
+    """Unlink the files of ``(key, kind, size, segment, offset)`` rows, then delete the rows.
+
+    The rows must be read in the caller's transaction; a row is deleted only if it still
+    points where it did (its segment and offset), never a newer row of its key.
 
     Files go first so that a visible file always has a row. A row whose file cannot be
     unlinked (other than already gone) is kept. The record of a row in a segment is marked
     dead first (:func:`.segments.kill_records`), its bytes reclaimed by compaction. Returns the
     sum of sizes removed.
     """
-    done: list[tuple[str]] = []
+    done: list[tuple[str, str | None, int | None]] = []
     freed = 0
     rows = list(rows)
     failed = kill_records(
         root, [(r[3], r[4]) for r in rows if r[3] is not None and r[4] is not None]
     )
-    for key, kind, size, segment, _offset in rows:
+    for key, kind, size, segment, offset in rows:
         if segment is not None:
             if segment in failed:
                 on_error(OSError(f"segment {segment} cannot be written"), "removing a record")
                 continue
-            done.append((key,))
+            done.append((key, segment, offset))
             freed += size
             continue
         path = payload_path(root, digest(key).hex(), kind)
@@ -191,9 +194,10 @@ def remove_rows(conn: sqlite3.Connection, root: str, rows: Iterable[Row], on_err
             on_error(exc, f"removing {path}")
             continue
         hooks.fire("after-unlink", path)
-        done.append((key,))
+        done.append((key, None, None))
         freed += size
-    conn.executemany("DELETE FROM entries WHERE key = ?", done)
+    # only the row whose record was marked dead (or file unlinked): never a newer row of the key
+    conn.executemany("DELETE FROM entries WHERE key = ? AND segment IS ? AND offset IS ?", done)
     return freed
 
 

@@ -272,25 +272,28 @@ def make_room(
     """Evict least recently used entries worth about ``2 * nbytes`` (the disk is full),
     then checkpoint and truncate the WAL.
 
-    Files are unlinked before the index is updated, so space is freed even if the index
-    cannot be written now (rows without file are allowed and cleaned later).
+    Victims are chosen inside the write transaction; their files are unlinked before their
+    rows are deleted, so space is freed even if the commit fails now (rows without file are
+    allowed and cleaned later).
     """
-    candidates = conn.execute(
-        f"SELECT {rows.ROW} FROM entries ORDER BY last_access LIMIT {_ROOM_CANDIDATES}"
-    ).fetchall()
     victims: list[rows.Row] = []
     got = 0
-    for row in candidates:
-        if got >= 2 * nbytes:
-            break
-        victims.append(row)
-        got += row[2]
-    if victims:
-        try:
-            with txn(conn):
+    try:
+        with txn(conn):
+            # the victims are read in the transaction that removes them: a row changed by
+            # another process meanwhile is never deleted in place of the one whose record dies
+            candidates = conn.execute(
+                f"SELECT {rows.ROW} FROM entries ORDER BY last_access LIMIT {_ROOM_CANDIDATES}"
+            ).fetchall()
+            for row in candidates:
+                if got >= 2 * nbytes:
+                    break
+                victims.append(row)
+                got += row[2]
+            if victims:
                 rows.remove_rows(conn, root, victims, on_error)
-        except sqlite3.OperationalError:
-            pass  # the files are gone; their rows go at the next eviction or verify
+    except sqlite3.OperationalError:
+        pass  # files unlinked are gone; their rows go at the next eviction or verify
     wal = db_path + "-wal"
     before = os.path.getsize(wal) if os.path.exists(wal) else 0
     with contextlib.suppress(sqlite3.OperationalError):
