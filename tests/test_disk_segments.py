@@ -577,3 +577,49 @@ def test_removing_a_stale_row_never_deletes_the_newer_row_of_its_key(tier: DiskT
     with tier._index.lock, schema.txn(conn):
         rows.remove_rows(conn, tier._root, [stale], tier._warn.error)
     assert tier.get("K") == b"new" * 10
+
+
+def _held_unlinked_segments() -> int:
+    """Bytes of unlinked segment files this process still holds open."""
+    held = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.endswith(".seg (deleted)"):
+                held += os.fstat(int(fd)).st_size
+        except OSError:
+            continue
+    return held
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_readers_let_go_of_compacted_segments(tmp_path: pathlib.Path) -> None:
+    """Another tier (as another process would) that read from segments since compacted does
+    not keep them open: periodic maintenance, or its next read, closes them."""
+    path = tmp_path / "c"
+    a, b = _tier(path, 8 << 20), _tier(path, 8 << 20)
+    try:
+        val = os.urandom(60_000)
+        for i in range(100):
+            assert a.put(f"k/{i}", val)
+        assert all(b.get(f"k/{i}") == val for i in range(100))
+        a.delete_prefix("k/")  # zcache clear: compacts at once
+        assert _held_unlinked_segments() > 0  # b's descriptors, until it looks
+        b.drop_expired()  # periodic maintenance
+        assert _held_unlinked_segments() == 0
+        # on use: a descriptor of a segment unlinked since is dropped, the read finds it gone
+        assert a.put("x", val)
+        assert b.get("x") == val
+        (seg,) = _segments(path)
+        fd = b._fds.acquire(seg.name)
+        b._fds.release(fd)
+        os.unlink(seg)
+        a._segments.close()  # (the writer's own descriptor of it)
+        time.sleep(0.15)
+        with pytest.raises(FileNotFoundError):
+            b._fds.acquire(seg.name)
+        assert _held_unlinked_segments() == 0
+        assert b.get("x") is None  # a miss, not an error
+    finally:
+        a.close()
+        b.close()

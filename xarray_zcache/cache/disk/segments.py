@@ -32,6 +32,7 @@ import contextlib
 import errno
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Final
@@ -67,6 +68,9 @@ DEAD_MAGIC: Final = b"ZCDX"
 DELETED: Final = "deleted record"
 #: Open segment descriptors kept per tier for reads.
 FD_CACHE_SIZE: Final = 64
+#: Seconds between two checks that an open segment still has a link (per descriptor on use,
+#: and of all idle ones on release): a descriptor of an unlinked segment holds its bytes.
+FD_CHECK_S: Final = 0.1
 #: ``writev`` takes at most ``IOV_MAX`` (1,024 on Linux) buffers: two per record.
 _WRITEV_RECORDS: Final = 500
 
@@ -247,8 +251,10 @@ class FdCache:
 
     A descriptor in use by a reader is never closed under it (reference counts): a closed
     number could be reused by another file meanwhile. Descriptors of segments unlinked by
-    compaction keep their bytes on disk while open: they are closed when seen (each time a
-    new segment is opened, idle descriptors whose file has no link left are closed).
+    compaction (of any process) keep their bytes on disk while open: a descriptor is checked
+    on use (at most every :data:`FD_CHECK_S`) and dropped if its file has no link left (the
+    read then finds the segment gone); idle ones are swept on release (at most every
+    :data:`FD_CHECK_S`), when a segment is opened, and by :meth:`sweep` (periodic maintenance).
     """
 
     def __init__(self, root: str) -> None:
@@ -257,6 +263,9 @@ class FdCache:
         self._fds: OrderedDict[str, int] = OrderedDict()
         self._users: dict[int, int] = {}
         self._doomed: set[int] = set()
+        #: descriptor -> ``time.monotonic()`` of its last link check
+        self._checked: dict[int, float] = {}
+        self._last_sweep = 0.0
         #: the process the descriptors belong to (a forked child opens its own)
         self._pid = os.getpid()
 
@@ -270,6 +279,7 @@ class FdCache:
         self._fds.clear()
         self._users.clear()
         self._doomed.clear()
+        self._checked.clear()
         self._pid = os.getpid()
 
     def acquire(self, name: str) -> int:
@@ -277,10 +287,13 @@ class FdCache:
         with self._lock:
             self._check_pid_locked()
             fd = self._fds.get(name)
-            if fd is not None:
+            if fd is not None and self._linked_locked(fd, time.monotonic()):
                 self._fds.move_to_end(name)
                 self._users[fd] = self._users.get(fd, 0) + 1
                 return fd
+            if fd is not None:  # unlinked: drop it; the segment is gone (names are not reused)
+                del self._fds[name]
+                self._drop_locked(fd)
         fd = os.open(segment_path(self.root, name), os.O_RDONLY)
         with self._lock:
             old = self._fds.get(name)
@@ -290,6 +303,7 @@ class FdCache:
             else:
                 self._sweep_locked()
                 self._fds[name] = fd
+                self._checked[fd] = time.monotonic()
                 while len(self._fds) > FD_CACHE_SIZE:
                     _name, victim = self._fds.popitem(last=False)
                     self._drop_locked(victim)
@@ -308,6 +322,27 @@ class FdCache:
             if fd in self._doomed:
                 self._doomed.discard(fd)
                 os.close(fd)
+            now = time.monotonic()
+            if now - self._last_sweep >= FD_CHECK_S:
+                self._sweep_locked()
+
+    def sweep(self) -> None:
+        """Close the idle descriptors of segments unlinked since (periodic maintenance)."""
+        with self._lock:
+            self._check_pid_locked()
+            self._sweep_locked()
+
+    def _linked_locked(self, fd: int, now: float) -> bool:
+        """Whether ``fd``'s file still has a link (checked at most every FD_CHECK_S)."""
+        if now - self._checked.get(fd, 0.0) < FD_CHECK_S:
+            return True
+        try:
+            linked = os.fstat(fd).st_nlink > 0
+        except OSError:
+            linked = False
+        if linked:
+            self._checked[fd] = now
+        return linked
 
     def forget(self, name: str) -> None:
         """Close the descriptor of ``name`` (its segment was unlinked)."""
@@ -317,6 +352,7 @@ class FdCache:
                 self._drop_locked(fd)
 
     def _drop_locked(self, fd: int) -> None:
+        self._checked.pop(fd, None)
         if self._users.get(fd):
             self._doomed.add(fd)
         else:
@@ -324,6 +360,7 @@ class FdCache:
                 os.close(fd)
 
     def _sweep_locked(self) -> None:
+        self._last_sweep = time.monotonic()
         for name, fd in list(self._fds.items()):
             try:
                 gone = os.fstat(fd).st_nlink == 0

@@ -231,8 +231,11 @@ class DiskTier(TierFills, TierInspection):
 
     def drop_expired(self, now: float | None = None) -> int:
         """Remove entries whose ``expires`` is before ``now`` (default ``time.time()``).
-        Returns the number of entries removed."""
+        Returns the number of entries removed. Also closes the read descriptors of segments
+        unlinked since (by any process), so that their space comes back (periodic maintenance).
+        """
         t = time.time() if now is None else now
+        self._fds.sweep()
 
         def drop(conn: sqlite3.Connection) -> int:
             with txn(conn):
