@@ -623,3 +623,36 @@ def test_readers_let_go_of_compacted_segments(tmp_path: pathlib.Path) -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_might_contain_never_raises(tier: DiskTier, monkeypatch: pytest.MonkeyPatch) -> None:
+    """It runs unguarded in the caller's thread: on any error, True (``get`` decides)."""
+    assert tier.put("K", b"v" * 10)
+
+    def broken(*args: object, **kwargs: object) -> object:
+        raise sqlite3.DatabaseError("database disk image is malformed")
+
+    monkeypatch.setattr(tier._index, "run", broken)
+    assert tier.might_contain("K") is True
+    assert tier.might_contain("other") is True
+
+
+def test_free_segment_counts_only_rows_it_deleted(
+    tier: DiskTier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from xarray_zcache.cache.disk import compact
+
+    for i in range(5):
+        assert tier.put(f"k/{i}", b"x" * 100)
+    tier._segments.close()  # sealed: free_segment may take it
+
+    def full(conn: sqlite3.Connection) -> object:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(compact, "txn", full)
+    n, nbytes, space = compact.free_segment(tier._compaction())
+    assert (n, nbytes) == (0, 0)  # the rows could not be deleted: nothing counted
+    assert space > 0  # the file went: its space came back
+    monkeypatch.undo()
+    for i in range(5):
+        assert tier.get(f"k/{i}") is None  # the rows left read as misses

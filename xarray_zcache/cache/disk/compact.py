@@ -253,15 +253,19 @@ def _move(
 def _free(conn: sqlite3.Connection, *, path: str, name: str) -> tuple[int, int]:
     """Unlink segment ``name``, then delete its rows. The file goes first, so that the space
     comes back even if the index cannot be written now (a full disk): a row left pointing
-    into it reads as a miss and is dropped then (no record needs marking dead)."""
-    n, freed = conn.execute(
-        "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM entries WHERE segment = ?", (name,)
-    ).fetchone()
+    into it reads as a miss and is dropped then (no record needs marking dead). Returns the
+    rows deleted (0 if the index could not be written) and their payload bytes."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    with contextlib.suppress(sqlite3.OperationalError), txn(conn):
-        conn.execute("DELETE FROM entries WHERE segment = ?", (name,))
-        conn.execute("DELETE FROM segments WHERE name = ?", (name,))
+    try:
+        with txn(conn):
+            (freed,) = conn.execute(
+                "SELECT COALESCE(SUM(size), 0) FROM entries WHERE segment = ?", (name,)
+            ).fetchone()
+            n = conn.execute("DELETE FROM entries WHERE segment = ?", (name,)).rowcount
+            conn.execute("DELETE FROM segments WHERE name = ?", (name,))
+    except sqlite3.OperationalError:
+        return 0, 0  # nothing deleted (yet): those rows read as misses and go later
     return int(n), int(freed)
 
 

@@ -215,10 +215,17 @@ class TierCore(StatsFlush):
 
         One primary-key lookup (a ``stat`` per kind of payload file while the index is
         unavailable). ``True`` does not promise a hit (the entry may be expired or damaged;
-        `get` decides).
+        `get` decides). Never raises (it runs in the caller's thread, unguarded): on any
+        error, True, so that the read goes on to `get`, which handles errors.
         """
         if self._closed:
             return False
+        try:
+            return self._might_contain(key)
+        except Exception:
+            return True
+
+    def _might_contain(self, key: str) -> bool:
         found = self._lookup(key) if self._lookup_first else _NO_INDEX
         if found == _NO_INDEX:
             hexdigest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
