@@ -48,11 +48,17 @@ _worker_caches: dict[tuple[str, str], HybridCache] = {}
 _users: weakref.WeakKeyDictionary[HybridCache, weakref.WeakSet[Any]] = weakref.WeakKeyDictionary()
 
 
+_inherited: list[Any] = []  # a forked child's references to its parent's caches
+
+
 def _after_fork_in_child() -> None:
     """A forked child starts with no caches: the parent's hold SQLite connections (which must
     not cross fork()), descriptors and threads (which do not exist in the child). Only the
     references are dropped: closing would act on what the parent still uses."""
     global _lock, _caches, _worker_caches, _users
+    # kept referenced, never collected here: collecting them would close the parent's
+    # SQLite connections from the child
+    _inherited.append((_caches, _worker_caches, _users))
     _lock = threading.Lock()
     _caches = {}
     _worker_caches = {}

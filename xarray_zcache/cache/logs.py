@@ -15,6 +15,7 @@ invalidations), ``xarray_zcache.disk`` (the disk tier), ``xarray_zcache.store``
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import weakref
@@ -120,6 +121,17 @@ class EventLog:
 
 _by_name: dict[str, EventLog] = {}
 _by_name_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child gets its own event logs (a parent's thread may have held a lock)."""
+    global _by_name, _by_name_lock
+    _by_name = {}
+    _by_name_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def events(name: str) -> EventLog:

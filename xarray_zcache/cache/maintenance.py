@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import weakref
@@ -29,6 +30,20 @@ _lock = threading.Lock()
 _wake = threading.Condition(_lock)
 _due: weakref.WeakKeyDictionary[Maintained, float] = weakref.WeakKeyDictionary()
 _thread: threading.Thread | None = None
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has no maintenance thread, and the parent's may have held the lock at
+    the fork: the child starts afresh (its caches schedule themselves again)."""
+    global _lock, _wake, _due, _thread
+    _lock = threading.Lock()
+    _wake = threading.Condition(_lock)
+    _due = weakref.WeakKeyDictionary()
+    _thread = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def schedule(cache: Maintained) -> None:
