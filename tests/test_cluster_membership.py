@@ -179,9 +179,15 @@ def test_stale_membership_is_at_worst_a_hop_or_a_source_read(
     n = len(client.scheduler_info()["workers"])
     url = f"s3://{s3_bucket}/era5.zarr"
     _write(url, s3_options)
-    keys = _cache_keys(url, s3_options, cfg)
     fs = s3_server.filesystem()
     root = url.removeprefix("s3://")
+    # more chunk-like objects than the array's 32 (past its shape: read by key only), so
+    # that whatever ring the workers' random ports make, the new worker owns some of them
+    extra = [f"t/c/{i}/0/0" for i in range(8, 200)]
+    for i, k in enumerate(extra):
+        fs.pipe_file(f"{root}/{k}", i.to_bytes(4, "little") * 64)
+    store = open_store(url, storage_options=s3_options, cache_config=cfg)
+    keys = {k: store._ck(k) for k in [*CHUNKS, *extra]}
     small = _settled(client, n)
     old = set(client.scheduler_info()["workers"])
     cl.scale(n + 1)
