@@ -37,6 +37,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Final
 
+from xarray_zcache.cache.disk import hooks
 from xarray_zcache.cache.disk.format import (
     HEADER_SIZE,
     MAX_NAMESPACE,
@@ -172,8 +173,12 @@ class SegmentWriter:
                     size += n
                     i += 1
                 try:
+                    hooks.fire("before-append", segment_path(self.root, name))
                     _writev_all(fd, group, size - start)
                 except OSError:
+                    if start == 0:  # (a full disk) no row can point into it: never leave it
+                        with contextlib.suppress(OSError):
+                            os.unlink(segment_path(self.root, name))
                     self._leave()  # the file's end is uncertain now: a fresh segment next time
                     raise
                 self._size = size
