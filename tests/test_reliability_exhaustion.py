@@ -15,6 +15,7 @@ import shutil
 import threading
 import time
 
+import dask.config
 import pytest
 from pympler.asizeof import asizeof
 from zarr.abc.store import RangeByteRequest
@@ -31,8 +32,12 @@ from xarray_zcache.testing import faults
 P = default_buffer_prototype()
 
 
-def test_disk_full_rounds(tmp_path: pathlib.Path) -> None:
-    result = faults.run_disk_full_rounds(tmp_path, rounds=3, seed=4)
+@pytest.mark.parametrize("pack_below", ["64KiB", 0], ids=["records", "files"])
+def test_disk_full_rounds(tmp_path: pathlib.Path, pack_below: int | str) -> None:
+    """With packing (the default) and without: the WAL must not fill a small filesystem
+    for good (it then cannot be checkpointed and the tier never stores again)."""
+    with dask.config.set({"zcache.disk.pack-below": pack_below}):
+        result = faults.run_disk_full_rounds(tmp_path, rounds=3, seed=4)
     result.assert_clean()
 
 
