@@ -128,6 +128,11 @@ def test_s3fs_options_map_exactly(no_aws_env: None) -> None:
     assert client == {}
     config, _ = map_s3_options({"client_kwargs": {"endpoint_url": "https://minio.example"}})
     assert config == {"endpoint": "https://minio.example"}
+    # botocore's user_agent_extra (a header: the same objects are read) -> obstore's user_agent
+    _, client = map_s3_options(
+        {"anon": True, "region": "x", "config_kwargs": {"user_agent_extra": "job-7"}}
+    )
+    assert client["user_agent"].endswith(" job-7")
 
 
 @pytest.mark.parametrize(
