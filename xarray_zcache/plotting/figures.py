@@ -460,15 +460,3 @@ def evictions_figure(tiers: ColumnDataSource) -> figure:
         )
     )
     return p
-
-
-_MOVED_TO_TABLES = ("TABLE_NAMES", "decisions_table", "hot_keys_table")
-
-
-def __getattr__(name: str) -> Any:
-    """The tables' old address (``plotting.figures.hot_keys_table``): now plotting.tables."""
-    if name in _MOVED_TO_TABLES:
-        from xarray_zcache.plotting import tables
-
-        return getattr(tables, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
