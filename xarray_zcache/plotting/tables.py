@@ -18,6 +18,23 @@ __all__ = ["TABLE_NAMES", "decisions_table", "hot_keys_table"]
 TABLE_NAMES = ("hot_keys", "decisions")
 
 
+def _table(
+    source: ColumnDataSource, name: str, height: int, columns: list[TableColumn]
+) -> DataTable:
+    """Table ``zcache-table-<name>`` of ``source``, hidden while it has no ``key``."""
+    return DataTable(
+        source=source,
+        columns=columns,
+        sizing_mode=SIZING,
+        min_width=MIN_WIDTH,
+        autosize_mode="fit_columns",
+        height=height,
+        index_position=None,
+        visible=bool(source.data["key"]),
+        name=f"zcache-table-{name}",
+    )
+
+
 def hot_keys_table(hot_keys: ColumnDataSource) -> DataTable:
     """The cluster's hottest keys: reads, cluster read rate now and at peak, who holds them where.
 
@@ -32,22 +49,17 @@ def hot_keys_table(hot_keys: ColumnDataSource) -> DataTable:
         Hidden while there are no hot keys (`notes` says so instead).
     """
     rate = NumberFormatter(format="0.00")
-    return DataTable(
-        source=hot_keys,
-        columns=[
+    return _table(
+        hot_keys,
+        "hot_keys",
+        260,
+        [
             TableColumn(field="count", title="reads", width=60),
             TableColumn(field="rate", title="rate now (/s)", width=90, formatter=rate),
             TableColumn(field="peak", title="peak (/s)", width=80, formatter=rate),
             TableColumn(field="key", title="key", width=560),
             TableColumn(field="workers", title="held by (tier)", width=260),
         ],
-        sizing_mode=SIZING,
-        min_width=MIN_WIDTH,
-        autosize_mode="fit_columns",
-        height=260,
-        index_position=None,
-        visible=bool(hot_keys.data["key"]),
-        name="zcache-table-hot_keys",
     )
 
 
@@ -64,9 +76,11 @@ def decisions_table(decisions: ColumnDataSource) -> DataTable:
     bokeh.models.DataTable
         Hidden while the aggregator made no decision (`notes` says so instead).
     """
-    return DataTable(
-        source=decisions,
-        columns=[
+    return _table(
+        decisions,
+        "decisions",
+        220,
+        [
             TableColumn(field="time", title="time", width=70),
             TableColumn(field="action", title="action", width=70),
             TableColumn(field="worker", title="worker", width=150),
@@ -78,11 +92,4 @@ def decisions_table(decisions: ColumnDataSource) -> DataTable:
             ),
             TableColumn(field="key", title="key", width=600),
         ],
-        sizing_mode=SIZING,
-        min_width=MIN_WIDTH,
-        autosize_mode="fit_columns",
-        height=220,
-        index_position=None,
-        visible=bool(decisions.data["key"]),
-        name="zcache-table-decisions",
     )
