@@ -94,16 +94,17 @@ def _bar_height(rows: int) -> int:
 
 def _bar_figure(
     title: str,
-    labels: list[str],
+    source: ColumnDataSource,
     name: str,
     *,
     legend_below: bool = True,
     x_range: DataRange1d | None = None,
 ) -> figure:
-    """A figure of horizontal bars, one row per label (first label on top).
+    """A figure of horizontal bars, one row per ``label`` of ``source`` (the first on top).
 
     ``legend_below``: the figure leaves 30 px more for a legend in a row below its bars.
     """
+    labels = list(source.data["label"])
     return figure(
         title=title,
         y_range=FactorRange(factors=list(reversed(labels))),
@@ -274,11 +275,10 @@ def capacity_figure(workers: ColumnDataSource, tier: str) -> figure:
         raise ValueError(
             f"tier must be one of {', '.join(map(repr, CAPACITY_TIERS))}, not {tier!r}"
         )
-    labels = list(workers.data["label"])
     shade = _SHADES[tier]
     p = _bar_figure(
         f"{tier.capitalize()} tier per worker: used ({shade}) of capacity (grey)",
-        labels,
+        workers,
         f"zcache-{tier}",
         legend_below=False,
     )
@@ -333,8 +333,7 @@ def tier_figure(tiers: ColumnDataSource) -> figure:
     -------
     bokeh.plotting.figure
     """
-    labels = list(tiers.data["label"])
-    p = _bar_figure("Reads by tier (misses went to the store)", labels, "zcache-tiers")
+    p = _bar_figure("Reads by tier (misses went to the store)", tiers, "zcache-tiers")
     stack = [*TIERS, "miss"]
     bars = p.hbar_stack(
         stack,
@@ -344,26 +343,25 @@ def tier_figure(tiers: ColumnDataSource) -> figure:
         color=[COLORS.get(name, COLORS["other"]) for name in stack],
         legend_label=[f"{tier} hits" for tier in TIERS] + ["misses"],
     )
-    _legend_below_counts_across(p, "reads")
-    p.add_tools(
-        HoverTool(
-            renderers=list(bars),
-            tooltips=[
-                ("", "@label"),
-                ("memory hits", "@memory (@negative known-missing)"),
-                ("disk hits", "@disk"),
-                ("peer hits (owner had it)", "@peer"),
-                ("misses", "@miss"),
-                ("hit rate", "@hit_rate{0.0%}"),
-                ("decoded hits / misses", "@decoded_hits / @decoded_misses"),
-            ],
-        )
+    _counts_across(
+        p,
+        "reads",
+        bars,
+        [
+            ("memory hits", "@memory (@negative known-missing)"),
+            ("disk hits", "@disk"),
+            ("peer hits (owner had it)", "@peer"),
+            ("misses", "@miss"),
+            ("hit rate", "@hit_rate{0.0%}"),
+            ("decoded hits / misses", "@decoded_hits / @decoded_misses"),
+        ],
     )
     return p
 
 
-def _legend_below_counts_across(p: figure, label: str) -> None:
-    """Horizontal bars of counts: the legend in a row below, whole numbers along x."""
+def _counts_across(p: figure, label: str, bars: list[Any], tooltips: list[tuple[str, str]]) -> None:
+    """Horizontal bars of counts: the legend in a row below, whole numbers along x, and a
+    hover over ``bars`` naming the row, then ``tooltips``."""
     p.legend.location = "top_center"
     p.legend.orientation = "horizontal"
     p.add_layout(p.legend[0], "below")
@@ -371,6 +369,7 @@ def _legend_below_counts_across(p: figure, label: str) -> None:
     p.xaxis.axis_label = label
     p.xaxis.ticker = BasicTicker(min_interval=1)  # whole counts
     p.xaxis.formatter = NumeralTickFormatter(format="0,0")
+    p.add_tools(HoverTool(renderers=list(bars), tooltips=[("", "@label"), *tooltips]))
 
 
 def decoded_figure(tiers: ColumnDataSource) -> figure:
@@ -390,10 +389,9 @@ def decoded_figure(tiers: ColumnDataSource) -> figure:
     -------
     bokeh.plotting.figure
     """
-    labels = list(tiers.data["label"])
     p = _bar_figure(
         "Decoded tier: reads served without decoding",
-        labels,
+        tiers,
         "zcache-decoded-reads",
         # room on the right of the longest bar for its hit rate in words
         x_range=DataRange1d(start=0, range_padding=0.75, range_padding_units="percent"),
@@ -407,18 +405,16 @@ def decoded_figure(tiers: ColumnDataSource) -> figure:
         legend_label=["decoded hits", "decoded misses (zarr decoded)"],
     )
     _bar_words(p, tiers, "decoded_reads", "decoded_text")  # after the bar: its hit rate
-    _legend_below_counts_across(p, "chunk reads")
-    p.add_tools(
-        HoverTool(
-            renderers=list(bars),
-            tooltips=[
-                ("", "@label"),
-                ("decoded hits", "@decoded_hits"),
-                ("decoded misses", "@decoded_misses"),
-                ("hit rate", "@decoded_hit_rate{0.0%}"),
-                ("evictions", "@evictions_decoded"),
-            ],
-        )
+    _counts_across(
+        p,
+        "chunk reads",
+        bars,
+        [
+            ("decoded hits", "@decoded_hits"),
+            ("decoded misses", "@decoded_misses"),
+            ("hit rate", "@decoded_hit_rate{0.0%}"),
+            ("evictions", "@evictions_decoded"),
+        ],
     )
     return p
 
@@ -435,8 +431,7 @@ def evictions_figure(tiers: ColumnDataSource) -> figure:
     -------
     bokeh.plotting.figure
     """
-    labels = list(tiers.data["label"])
-    p = _bar_figure("Evictions by tier (to stay within capacity)", labels, "zcache-evictions")
+    p = _bar_figure("Evictions by tier (to stay within capacity)", tiers, "zcache-evictions")
     y_range = p.y_range
     n = len(EVICTION_TIERS)
     step = 0.8 / n
@@ -451,12 +446,7 @@ def evictions_figure(tiers: ColumnDataSource) -> figure:
         )
         for i, tier in enumerate(EVICTION_TIERS)
     ]
-    _legend_below_counts_across(p, "evictions")
-    p.add_tools(
-        HoverTool(
-            renderers=list(bars),
-            tooltips=[("", "@label")]
-            + [(f"{tier} evictions", f"@evictions_{tier}") for tier in EVICTION_TIERS],
-        )
+    _counts_across(
+        p, "evictions", bars, [(f"{t} evictions", f"@evictions_{t}") for t in EVICTION_TIERS]
     )
     return p
