@@ -21,7 +21,7 @@ s3fs option                                 obstore `S3Store`
 endpoint
 ``requester_pays=True``                     ``request_payer=True``
 ``config_kwargs.user_agent_extra``          the client option ``user_agent``
-                                            (``xarray-zcache/<version> <extra>``)
+                                            (``xarray-zcache <extra>``)
 ==========================================  =============================================
 
 s3fs's own tuning (``max_concurrency``, ``skip_instance_cache``, listings caches, block
@@ -217,9 +217,7 @@ def map_s3_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str
         config["request_payer"] = True
     extra = config_kwargs.get("user_agent_extra")
     if extra:  # a header only: what is read does not change
-        from xarray_zcache import __version__
-
-        client["user_agent"] = f"xarray-zcache/{__version__} {extra}"
+        client["user_agent"] = f"xarray-zcache {extra}"
     style = s3_config.get("addressing_style", "auto")
     if style == "virtual":
         if endpoint:
