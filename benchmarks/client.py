@@ -38,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import Settings, make_dataset, median, quiet, request_counts
+from common import Settings, make_dataset, median, quiet, request_counts, write_zarr
 from s3proc import S3Process
 
 BUCKET = "zcache-client"
@@ -53,13 +53,14 @@ def write(server: S3Process, opts: dict[str, Any]) -> Any:
     ds = make_dataset(s)
     server.create_bucket(BUCKET)
     with quiet():
-        ds.to_zarr(
+        write_zarr(
+            ds,
             URL,
+            opts,
             mode="w",
             zarr_format=3,
             consolidated=True,
             encoding={"t2m": {"chunks": s.chunks, "compressors": [ZstdCodec(level=3)]}},
-            storage_options=opts,
         )
     return np.asarray(ds["t2m"].values.mean(axis=(1, 2)))
 

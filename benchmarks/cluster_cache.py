@@ -55,6 +55,8 @@ def _write(server: Any, url: str) -> Any:
     import s3fs
     import xarray as xr
 
+    from xarray_zcache.testing.writers import write_zarr
+
     # a new server may get the port of the last one: no listings cached from that one
     s3fs.S3FileSystem.clear_instance_cache()
 
@@ -66,7 +68,7 @@ def _write(server: Any, url: str) -> Any:
     enc = {"t": {"chunks": (8, 32, 64)}}  # 24 x 4 x 4 = 384 chunks of 64 KiB
     opts = server.storage_options()
     # mode "w": moto keeps its buckets across servers of one process (the last run's data)
-    ds.to_zarr(url, storage_options=opts, zarr_format=3, encoding=enc, mode="w")
+    write_zarr(ds, url, opts, zarr_format=3, encoding=enc, mode="w")
     return ds
 
 

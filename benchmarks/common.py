@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from xarray_zcache._quiet import silence_unclosed_sessions  # noqa: F401 (used by run.py)
+from xarray_zcache.testing.writers import s3fs_store, write_zarr  # noqa: F401 (the writers)
 
 BUCKET = "zcache-bench"
 DATASET = "dataset.zarr"  # the main dataset (one variable, "t2m")
@@ -99,27 +100,6 @@ def make_dataset(s: Settings) -> Any:
             "x": np.arange(s.nx, dtype="float64"),
         },
     )
-
-
-@contextlib.contextmanager
-def s3fs_store(url: str, storage_options: dict[str, Any]) -> Iterator[Any]:
-    """A zarr `FsspecStore` writing ``url`` through s3fs, its aiohttp session closed after.
-
-    zarr builds an *asynchronous* s3fs filesystem, which s3fs never closes itself: its
-    session would be reported as "Unclosed client session" when collected (at exit).
-    ``ds.to_zarr(url, storage_options=...)`` builds such a store and drops it: write
-    to the store of this context instead.
-    """
-    from zarr.storage import FsspecStore
-
-    from xarray_zcache.sessions import close_store_session, track
-
-    store = FsspecStore.from_url(url, storage_options=storage_options, read_only=False)
-    track(store, owned=True)  # ours: close_store_session closes it now
-    try:
-        yield store
-    finally:
-        close_store_session(store)
 
 
 def write_datasets(s: Settings, storage_options: dict[str, Any]) -> Any:

@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 
-from common import BUCKET, Settings, make_data, quiet
+from common import BUCKET, Settings, make_data, quiet, write_zarr
 from s3proc import S3Process
 
 RUNS, READS = 3, 3
@@ -62,7 +62,7 @@ def main() -> None:
     server.create_bucket(BUCKET)
     opts = server.storage_options("decoded")
     with quiet():
-        ds0.to_zarr(URL, storage_options=opts, zarr_format=3, encoding=enc, mode="w")
+        write_zarr(ds0, URL, opts, zarr_format=3, encoding=enc, mode="w")
         mem = MemoryStore()
         ds0.to_zarr(mem, zarr_format=3, encoding=enc, consolidated=False)
 

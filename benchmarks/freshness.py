@@ -58,7 +58,12 @@ def _read(url: str, opts: dict[str, Any], cfg: Any) -> np.ndarray:
 def _source(url: str, opts: dict[str, Any]) -> np.ndarray:
     import xarray as xr
 
-    with xr.open_dataset(url, engine="zarr", storage_options=opts) as ds:
+    from xarray_zcache.testing.writers import s3fs_store
+
+    with (
+        s3fs_store(url, opts, read_only=True) as store,
+        xr.open_dataset(store, engine="zarr") as ds,
+    ):
         return np.asarray(ds.v.values)
 
 
@@ -81,6 +86,7 @@ def main() -> None:
     from xarray_zcache import CacheConfig, open_store
     from xarray_zcache.registry import close_all
     from xarray_zcache.testing.s3server import LocalS3Server
+    from xarray_zcache.testing.writers import write_zarr
 
     server = LocalS3Server().start()
     server.create_bucket("fresh")
@@ -89,7 +95,7 @@ def main() -> None:
     n, width = args.chunks, args.width
     t0 = time.perf_counter()
     ds = _dataset(n, width)
-    ds.to_zarr(url, storage_options=opts, encoding={"v": {"chunks": (1, width)}}, zarr_format=3)
+    write_zarr(ds, url, opts, encoding={"v": {"chunks": (1, width)}}, zarr_format=3)
     print(f"wrote {n} chunks in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     folder = tempfile.mkdtemp(prefix="zcache-fresh-")
     base = CacheConfig().with_name("fresh").with_disk_cache(folder, "2GB").with_prefetch(0)
@@ -133,10 +139,10 @@ def main() -> None:
 
     for i in changed:
         part = xr.Dataset({"v": (("time", "x"), np.full((1, width), -1.0, dtype="f4"))})
-        part.to_zarr(url, storage_options=opts, region={"time": slice(int(i), int(i) + 1)})
+        write_zarr(part, url, opts, region={"time": slice(int(i), int(i) + 1)})
     extra = _dataset(10, width)
     extra = extra.assign_coords(time=np.arange(n, n + 10))
-    extra.to_zarr(url, storage_options=opts, append_dim="time")
+    write_zarr(extra, url, opts, append_dim="time")
     print(f"rewrote {len(changed)} chunks and appended 10", file=sys.stderr)
     # each pass after the change starts from the same cached state: a copy of the folder
     # as the passes before the change left it (one pass's validation cannot serve another)
@@ -179,12 +185,17 @@ def _region_rows(server: Any, opts: dict[str, Any], cfg: Any, args: Any) -> str:
     from zarr.core.sync import sync
 
     from xarray_zcache import open_store
+    from xarray_zcache.testing.writers import s3fs_store, write_zarr
 
     rows, cols, width = args.grid_rows, 10, args.width
     url = "s3://fresh/grid.zarr"
     data = np.arange(rows * cols * width, dtype="f4").reshape(rows, cols * width)
-    xr.Dataset({"g": (("t", "x"), data)}).to_zarr(
-        url, storage_options=opts, encoding={"g": {"chunks": (1, width)}}, zarr_format=3
+    write_zarr(
+        xr.Dataset({"g": (("t", "x"), data)}),
+        url,
+        opts,
+        encoding={"g": {"chunks": (1, width)}},
+        zarr_format=3,
     )
     log = server.requests
     first, last = rows // 10, rows // 10 + 5  # 5 rows of the grid: 50 chunks
@@ -193,16 +204,17 @@ def _region_rows(server: Any, opts: dict[str, Any], cfg: Any, args: Any) -> str:
         ds.g[first:last].load()
     part = xr.Dataset({"g": (("t", "x"), np.full((1, width), -1.0, dtype="f4"))})
     for row in (first + 1, rows - 1):  # a cached chunk and one that is not cached
-        part.to_zarr(
-            url, storage_options=opts, region={"t": slice(row, row + 1), "x": slice(0, width)}
-        )
+        write_zarr(part, url, opts, region={"t": slice(row, row + 1), "x": slice(0, width)})
     lists, gets = log.lists("fresh"), log.chunk_gets("fresh")
     report = sync(open_store(url, storage_options=opts, cache_config=cfg).revalidate())
     lists2 = log.lists("fresh")
     with xr.open_dataset(url, **kw) as ds:
         got = np.asarray(ds.g[first:last].values)
     gets2 = log.chunk_gets("fresh")
-    with xr.open_dataset(url, engine="zarr", storage_options=opts) as ds:
+    with (
+        s3fs_store(url, opts, read_only=True) as store,
+        xr.open_dataset(store, engine="zarr") as ds,
+    ):
         same = bool(np.array_equal(got, ds.g[first:last].values))
     whole = math.ceil((rows * cols + 1) / 1000)
     return (

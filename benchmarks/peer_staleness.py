@@ -12,6 +12,7 @@ chunk every 0.25 s. Prints when B last served the old bytes, after the change.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import tempfile
 import time
@@ -24,6 +25,7 @@ import xarray_zcache.distributed as zd
 from xarray_zcache import CacheConfig, open_store
 from xarray_zcache.distributed.membership import Membership
 from xarray_zcache.testing.s3server import LocalS3Server
+from xarray_zcache.testing.writers import s3fs_store
 
 SHAPE, CHUNKS = (8, 16), (2, 16)
 
@@ -40,11 +42,12 @@ def main() -> None:
     interval = args.interval
     folder = tempfile.mkdtemp(prefix="zcache-peer-staleness-")
     server = LocalS3Server().start()
+    closing = contextlib.ExitStack()  # the writer's store: its aiohttp session closed after
     try:
         server.create_bucket("peers-bench")
         opts = server.storage_options()
         url = "s3://peers-bench/peers.zarr"
-        store = zarr.storage.FsspecStore.from_url(url, storage_options=opts)
+        store = closing.enter_context(s3fs_store(url, opts))
         for name in ("u", "t"):
             writer = zarr.create_array(
                 store, name=name, shape=SHAPE, chunks=CHUNKS, dtype="f4", zarr_format=3
@@ -100,6 +103,7 @@ def main() -> None:
                 + " after the change"
             )
     finally:
+        closing.close()
         server.stop()
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -46,13 +46,49 @@ def _background_cpu() -> dict[int, int]:
     return out
 
 
+def _thread_cpu() -> dict[int, tuple[str, int]]:
+    """CPU time (clock ticks) and name of every thread of this process, from ``/proc``."""
+    out: dict[int, tuple[str, int]] = {}
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                head, rest = f.read().rsplit(")", 1)
+        except OSError:
+            continue
+        fields = rest.split()
+        out[int(tid)] = (head.split("(", 1)[1], int(fields[11]) + int(fields[12]))
+    return out
+
+
+def _by_thread(before: dict[int, tuple[str, int]], after: dict[int, tuple[str, int]]) -> str:
+    """The threads that used CPU between two `_thread_cpu` snapshots, most first (ms)."""
+    tick_ms = 1000 / os.sysconf("SC_CLK_TCK")
+    import threading
+
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    used: dict[str, float] = {}
+    for tid, (comm, n) in after.items():
+        name = names.get(tid, comm).rstrip("_0123456789")
+        d = n - before.get(tid, (comm, 0))[1]
+        if d:
+            label = "main" if tid == os.getpid() else name
+            used[label] = used.get(label, 0.0) + d * tick_ms
+    return ", ".join(f"{k} {v:.0f}" for k, v in sorted(used.items(), key=lambda kv: -kv[1]))
+
+
 class _GcTimer:
-    """Milliseconds the garbage collector ran (all generations) until `stop`."""
+    """Milliseconds the garbage collector ran (all generations) until `stop`, and how many
+    of its runs were full (generation 2) collections."""
 
     def __init__(self) -> None:
         import gc
 
         self.total = 0.0
+        self.full = 0
         self._t0 = 0.0
         gc.callbacks.append(self._callback)
 
@@ -61,6 +97,7 @@ class _GcTimer:
             self._t0 = time.perf_counter()
         else:
             self.total += time.perf_counter() - self._t0
+            self.full += info.get("generation") == 2
 
     def stop(self) -> float:
         import gc
@@ -93,7 +130,12 @@ def _one(env: dict[str, Any], disk: bool, tag: str) -> dict[str, float]:
     cache = get_cache(open_.config)  # type: ignore[attr-defined]
     backlog = cache.disk_backlog
     cpu0 = _background_cpu()
+    threads0 = _thread_cpu()
     before = cache.stats()
+    if env["collect"]:  # both configurations start the warm read with no collection due
+        import gc
+
+        gc.collect()
     gc_time = _GcTimer()
     server.requests.reset()
     p0 = time.process_time()
@@ -101,6 +143,7 @@ def _one(env: dict[str, Any], disk: bool, tag: str) -> dict[str, float]:
     warm_cpu = time.process_time() - p0
     gc_ms = gc_time.stop()
     cpu1 = _background_cpu()
+    threads1 = _thread_cpu()
     requests = [f"{r.method} {r.key or ''}" for r in server.requests.records()]
     ticks = sum(n - cpu0.get(tid, 0) for tid, n in cpu1.items())
     bg_ms = 1000 * ticks / os.sysconf("SC_CLK_TCK")
@@ -116,7 +159,10 @@ def _one(env: dict[str, Any], disk: bool, tag: str) -> dict[str, float]:
     stats = cache.stats().to_dict()
     ds.close()
     cache.close()
+    import gc
+
     return {
+        "objects": len(gc.get_objects()),
         "cold": cold,
         "warm": warm,
         "warm_cpu": warm_cpu,
@@ -127,6 +173,8 @@ def _one(env: dict[str, Any], disk: bool, tag: str) -> dict[str, float]:
         "requests": requests,  # type: ignore[dict-item]
         "served": served,  # type: ignore[dict-item]
         "gc_ms": gc_ms,
+        "gc_full": gc_time.full,
+        "threads": _by_thread(threads0, threads1),  # type: ignore[dict-item]
     }
 
 
@@ -141,6 +189,11 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=20.0)
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--nt", type=int, default=48)
+    parser.add_argument(
+        "--collect-before-warm",
+        action="store_true",
+        help="run a full garbage collection just before each warm read (both configurations)",
+    )
     args = parser.parse_args()
 
     from common import BUCKET, Settings, expected_result, quiet, write_datasets
@@ -156,7 +209,13 @@ def main() -> None:
         server.latency = s.latency
         with quiet():
             _warm_up(s.threads)
-        env = {"settings": s, "server": server, "work": work, "expect": expected_result(ds)}
+        env = {
+            "settings": s,
+            "server": server,
+            "work": work,
+            "expect": expected_result(ds),
+            "collect": args.collect_before_warm,
+        }
         _one(env, True, "warmup-disk")  # one-time costs (imports, SQLite, thread pools)
         _one(env, False, "warmup-mem")
         rows = []
@@ -176,7 +235,7 @@ def main() -> None:
             "| ratio warm disk / memory | process CPU of the warm reads (memory / memory + disk) "
             "| write queue at warm start | background CPU during warm | flush after "
             "| disk writes dropped | warm reads served, memory + disk (decoded / memory / disk;"
-            " decoded misses) | GC during warm (memory / memory + disk) |"
+            " decoded misses) | GC during warm, ms (full collections) (memory / memory + disk) |"
         )
         print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         ratios = []
@@ -189,7 +248,8 @@ def main() -> None:
                 f"{m['warm_cpu'] * 1000:.0f} / {d['warm_cpu'] * 1000:.0f} ms | "
                 f"{d['backlog']:.2%} | {d['bg_ms']:.0f} ms | "
                 f"{d['flush'] * 1000:.0f} ms | {d['dropped']:.0f} | "
-                f"{_served(d)} | {m['gc_ms']:.0f} / {d['gc_ms']:.0f} ms |"
+                f"{_served(d)} | {m['gc_ms']:.0f} ({m['gc_full']}) / "
+                f"{d['gc_ms']:.0f} ({d['gc_full']}) ms |"
             )
         med_m = statistics.median(m["warm"] for m, _ in rows)
         med_d = statistics.median(d["warm"] for _, d in rows)
@@ -203,6 +263,14 @@ def main() -> None:
             for name, x in (("memory", m), ("memory + disk", d)):
                 if x["requests"]:
                     print(f"run {i}, {name}: S3 requests during the warm read: {x['requests']}")
+        print("\nCPU by thread during each warm read (ms; threads of one name summed):")
+        for i, (m, d) in enumerate(rows, 1):
+            print(f"run {i}, memory: {m['threads']}")
+            print(f"run {i}, memory + disk: {d['threads']}")
+        print(
+            "live objects after each run (memory / memory + disk): "
+            + ", ".join(f"{m['objects']} / {d['objects']}" for m, d in rows)
+        )
         ok = sum(r <= 1.05 for r in ratios)
         print(f"\nruns with warm(memory + disk) <= 1.05x warm(memory): {ok} of {len(ratios)}")
     finally:

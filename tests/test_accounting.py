@@ -27,6 +27,7 @@ from xarray_zcache import CacheConfig, CachedStore, get_cache
 from xarray_zcache.cache.stats import CacheStats
 from xarray_zcache.registry import close_all
 from xarray_zcache.testing.s3server import LocalS3Server
+from xarray_zcache.testing.writers import write_zarr
 
 P = default_buffer_prototype()
 
@@ -59,7 +60,7 @@ def _write_dataset(url: str, opts: dict[str, Any]) -> None:
         {"t": (("time", "y", "x"), rng.normal(size=(16, 8, 8)).astype("f4"))},
         coords={"time": np.arange(16)},
     )
-    ds.to_zarr(url, storage_options=opts, zarr_format=3, encoding={"t": {"chunks": (1, 8, 8)}})
+    write_zarr(ds, url, opts, zarr_format=3, encoding={"t": {"chunks": (1, 8, 8)}})
 
 
 def _uncached_gets(server: LocalS3Server, bucket: str, work: Callable[[], Any]) -> int:

@@ -13,6 +13,7 @@ import zarr
 from xarray_zcache import CacheConfig, get_cache
 from xarray_zcache.backend import ZCacheBackendEntrypoint, open_store
 from xarray_zcache.testing.s3server import LocalS3Server
+from xarray_zcache.testing.writers import write_zarr
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -47,9 +48,9 @@ def test_s3_groups_datatree_and_options(
     s3_server: LocalS3Server, s3_bucket: str, s3_options: dict[str, Any], config: CacheConfig
 ) -> None:
     url = f"s3://{s3_bucket}/tree.zarr"
-    _ds().to_zarr(url, storage_options=s3_options, group="a", zarr_format=3)
+    write_zarr(_ds(), url, s3_options, group="a", zarr_format=3)
     child = _ds().isel(time=slice(0, 2)).rename(time="step", x="y")  # a tree must align
-    child.to_zarr(url, storage_options=s3_options, group="a/b", zarr_format=3)
+    write_zarr(child, url, s3_options, group="a/b", zarr_format=3)
     ds = xr.open_dataset(
         url,
         engine="zcache",
@@ -73,11 +74,8 @@ def test_sharded_dataset_through_engine(
 ) -> None:
     url = f"s3://{s3_bucket}/sharded.zarr"
     ds = xr.Dataset({"v": (("y", "x"), np.arange(64 * 64, dtype="i4").reshape(64, 64))})
-    ds.to_zarr(
-        url,
-        storage_options=s3_options,
-        zarr_format=3,
-        encoding={"v": {"chunks": (8, 8), "shards": (32, 32)}},
+    write_zarr(
+        ds, url, s3_options, zarr_format=3, encoding={"v": {"chunks": (8, 8), "shards": (32, 32)}}
     )
     opened = xr.open_dataset(url, engine="zcache", storage_options=s3_options, cache_config=config)
     np.testing.assert_array_equal(opened.v.values, ds.v.values)
@@ -121,7 +119,7 @@ def test_chained_s3_url_opens_as_with_the_zarr_engine(
     tmp_path: Any,
     prefix: str,
 ) -> None:
-    _ds().to_zarr(f"s3://{s3_bucket}/x.zarr", storage_options=s3_options, zarr_format=3)
+    write_zarr(_ds(), f"s3://{s3_bucket}/x.zarr", s3_options, zarr_format=3)
     url = f"simplecache::s3://{s3_bucket}/x.zarr"
     options = _chain_options(s3_options, tmp_path)
     expected = xr.open_dataset(url, engine="zarr", storage_options=options).load()

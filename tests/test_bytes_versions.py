@@ -28,6 +28,7 @@ from zarr.core.sync import sync
 
 from xarray_zcache import CacheConfig, open_store
 from xarray_zcache.testing.s3server import LocalS3Server
+from xarray_zcache.testing.writers import write_zarr
 
 INTERVAL = 2.0
 #: a listing of these small arrays on the local server, plus a loaded machine's slack
@@ -104,13 +105,8 @@ def _env() -> dict[str, str]:
 
 def _write(url: str, opts: dict[str, Any], n: int = 20) -> None:
     ds = xr.Dataset({"v": ("x", np.arange(n, dtype="f8"))})
-    ds.to_zarr(
-        url,
-        storage_options=opts,
-        encoding={"v": {"chunks": (4,)}},
-        zarr_format=3,
-        consolidated=False,
-        mode="w",
+    write_zarr(
+        ds, url, opts, encoding={"v": {"chunks": (4,)}}, zarr_format=3, consolidated=False, mode="w"
     )
 
 
@@ -226,7 +222,7 @@ def test_c_a_change_of_an_object_held_only_in_memory_is_seen(
         assert disk is not None
         disk.delete(store._ck("v/c/2"))  # evicted from the folder: in this memory only
         part = xr.Dataset({"v": ("x", np.full(4, -3.0))})  # another writer, plain xarray
-        part.to_zarr(url, storage_options=s3_options, region={"x": slice(8, 12)})
+        write_zarr(part, url, s3_options, region={"x": slice(8, 12)})
         expected = [float(x) for x in range(20)]
         expected[8:12] = [-3.0] * 4
         took = _until_equal(store, expected, INTERVAL + MARGIN)
@@ -258,7 +254,7 @@ def test_one_version_per_array_read_on_a_cluster(
         ds = xr.open_dataset(url, chunks={}, **kw)
         assert ds.v.compute().values.tolist() == list(range(10))  # workers cache it
         more = xr.Dataset({"v": ("x", np.arange(10, 12, dtype="f8"))})
-        more.to_zarr(url, storage_options=s3_options, append_dim="x")
+        write_zarr(more, url, s3_options, append_dim="x")
         store = open_store(url, storage_options=s3_options, cache_config=cfg)
         report = sync(store.revalidate())  # the client validates: it sees the new shape
         assert report.changed >= 1

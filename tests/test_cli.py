@@ -31,6 +31,7 @@ from xarray_zcache.identity import identify
 from xarray_zcache.registry import close_all
 from xarray_zcache.testing.faults import Span, entry_spans
 from xarray_zcache.testing.s3server import LocalS3Server
+from xarray_zcache.testing.writers import write_zarr
 
 # zarr warns that consolidated metadata is not part of the Zarr v3 spec (when writing)
 pytestmark = pytest.mark.filterwarnings("ignore:Consolidated metadata:UserWarning")
@@ -55,7 +56,7 @@ def _dataset() -> xr.Dataset:
 def _write(url: str, opts: dict[str, Any] | None = None) -> xr.Dataset:
     ds = _dataset()
     encoding = {v: {"chunks": (2, 8, 8)} for v in ds.data_vars}
-    ds.to_zarr(url, storage_options=opts, zarr_format=3, encoding=encoding)
+    write_zarr(ds, url, opts, zarr_format=3, encoding=encoding)
     return ds
 
 

@@ -24,6 +24,7 @@ import xarray_zcache.distributed as zd
 from xarray_zcache import CacheConfig
 from xarray_zcache.distributed.membership import Membership
 from xarray_zcache.testing.s3server import LocalS3Server
+from xarray_zcache.testing.writers import write_zarr
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.slow]
 
@@ -34,7 +35,7 @@ def _write(url: str, opts: dict[str, Any]) -> xr.Dataset:
         {"t": (("time", "lat", "lon"), rng.normal(280, 5, (16, 16, 32)).astype("f4"))},
         coords={"time": np.arange(16)},
     )
-    ds.to_zarr(url, storage_options=opts, zarr_format=3, encoding={"t": {"chunks": (2, 8, 16)}})
+    write_zarr(ds, url, opts, zarr_format=3, encoding={"t": {"chunks": (2, 8, 16)}})
     return ds  # 8 x 2 x 2 = 32 chunks
 
 
@@ -264,8 +265,11 @@ def test_revalidate_on_every_worker_sees_another_writers_change(env: Env) -> Non
     # another writer (plain xarray, not through zcache) rewrites the first time chunk
     new = expected.copy(deep=True)
     new["t"][0:2] = -3.0
-    new[["t"]].isel(time=slice(0, 2)).drop_vars("time").to_zarr(
-        url, storage_options=env.opts, region={"time": slice(0, 2)}
+    write_zarr(
+        new[["t"]].isel(time=slice(0, 2)).drop_vars("time"),
+        url,
+        env.opts,
+        region={"time": slice(0, 2)},
     )
     reports = zd.revalidate(env.client, url, env.opts)
     assert len(reports) == len(env.client.scheduler_info()["workers"])

@@ -26,6 +26,7 @@ from distributed import Client, LocalCluster
 import xarray_zcache.distributed as zd
 from xarray_zcache import CacheConfig, plotting
 from xarray_zcache.distributed import dashboard
+from xarray_zcache.testing.writers import write_zarr
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -81,7 +82,7 @@ def _write(url: str, opts: dict[str, Any]) -> None:
         coords={"time": np.arange(16)},
     )
     chunks = {"chunks": (2, 16, 16)}
-    ds.to_zarr(url, storage_options=opts, zarr_format=3, encoding={"t2m": chunks, "tp": chunks})
+    write_zarr(ds, url, opts, zarr_format=3, encoding={"t2m": chunks, "tp": chunks})
 
 
 def _worker_own_totals(dask_worker: Any) -> tuple[int, int]:

@@ -16,6 +16,7 @@ from distributed import Client, LocalCluster
 import xarray_zcache.distributed as zd
 from xarray_zcache import CacheConfig
 from xarray_zcache.testing.s3server import LocalS3Server
+from xarray_zcache.testing.writers import write_zarr
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -26,7 +27,7 @@ def _write(url: str, opts: dict[str, Any]) -> xr.Dataset:
         {"t2m": (("time", "lat", "lon"), rng.normal(280, 5, (16, 32, 32)).astype("f4"))},
         coords={"time": np.arange(16)},
     )
-    ds.to_zarr(url, storage_options=opts, zarr_format=3, encoding={"t2m": {"chunks": (2, 16, 16)}})
+    write_zarr(ds, url, opts, zarr_format=3, encoding={"t2m": {"chunks": (2, 16, 16)}})
     return ds  # 8 x 2 x 2 = 32 chunks
 
 

@@ -22,6 +22,8 @@ from xarray_zcache.testing.s3server import LocalS3Server
 pytest.importorskip("obstore")
 from zarr.storage import ObjectStore
 
+from xarray_zcache.testing.writers import write_zarr
+
 P = default_buffer_prototype()
 
 
@@ -56,7 +58,7 @@ def _write(url: str, opts: dict[str, Any]) -> xr.Dataset:
         {"t": (("z", "y"), np.arange(64.0, dtype="f4").reshape(8, 8))},
         coords={"z": np.arange(8)},
     )
-    ds.to_zarr(url, storage_options=opts, zarr_format=3, encoding={"t": {"chunks": (1, 8)}})
+    write_zarr(ds, url, opts, zarr_format=3, encoding={"t": {"chunks": (1, 8)}})
     return ds
 
 
@@ -128,6 +130,11 @@ def test_s3fs_options_map_exactly(no_aws_env: None) -> None:
     assert client == {}
     config, _ = map_s3_options({"client_kwargs": {"endpoint_url": "https://minio.example"}})
     assert config == {"endpoint": "https://minio.example"}
+    # botocore's user_agent_extra (a header: the same objects are read) -> obstore's user_agent
+    _, client = map_s3_options(
+        {"anon": True, "region": "x", "config_kwargs": {"user_agent_extra": "job-7"}}
+    )
+    assert client["user_agent"].endswith(" job-7")
 
 
 @pytest.mark.parametrize(

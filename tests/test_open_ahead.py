@@ -13,6 +13,7 @@ import xarray as xr
 
 from xarray_zcache import CacheConfig, get_cache, open_ahead
 from xarray_zcache.testing.s3server import LocalS3Server
+from xarray_zcache.testing.writers import write_zarr
 
 # time: 4 chunks, y: 3, x: 2 -> 9 coordinate chunks
 NT, NY, NX = 8, 6, 4
@@ -36,7 +37,7 @@ def _dataset() -> xr.Dataset:
 @pytest.fixture
 def url(s3_bucket: str, s3_options: dict[str, Any]) -> str:
     url = f"s3://{s3_bucket}/d.zarr"
-    _dataset().to_zarr(url, storage_options=s3_options, zarr_format=3, encoding=ENCODING)
+    write_zarr(_dataset(), url, s3_options, zarr_format=3, encoding=ENCODING)
     return url
 
 
@@ -150,9 +151,7 @@ def test_bounded_and_without_consolidated_metadata_nothing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     url = f"s3://{s3_bucket}/plain.zarr"
-    _dataset().to_zarr(
-        url, storage_options=s3_options, zarr_format=3, encoding=ENCODING, consolidated=False
-    )
+    write_zarr(_dataset(), url, s3_options, zarr_format=3, encoding=ENCODING, consolidated=False)
     cfg = _config(tmp_path)
     with pytest.warns(RuntimeWarning):
         ds = xr.open_dataset(
@@ -162,7 +161,7 @@ def test_bounded_and_without_consolidated_metadata_nothing(
     xr.testing.assert_identical(ds.compute(), _dataset())
     # beyond the bound: only the coordinates that fit in it
     url2 = f"s3://{s3_bucket}/d2.zarr"
-    _dataset().to_zarr(url2, storage_options=s3_options, zarr_format=3, encoding=ENCODING)
+    write_zarr(_dataset(), url2, s3_options, zarr_format=3, encoding=ENCODING)
     monkeypatch.setattr(open_ahead, "MAX_CHUNKS", 5)
     cfg2 = _config(tmp_path / "2")
     ds2 = xr.open_dataset(

@@ -20,6 +20,7 @@ import xarray_zcache.distributed as zd
 from xarray_zcache import CacheConfig
 from xarray_zcache.distributed.placement import region_bytes, zarr_source
 from xarray_zcache.store import CachedStore
+from xarray_zcache.testing.writers import write_zarr
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -32,7 +33,7 @@ def _write(url: str, opts: dict[str, Any]) -> xr.Dataset:
         {"t": (("time", "lat", "lon"), rng.normal(280, 5, (16, 16, 32)).astype("f4"))},
         coords={"time": np.arange(16)},
     )
-    ds.to_zarr(url, storage_options=opts, zarr_format=3, encoding={"t": {"chunks": (2, 8, 16)}})
+    write_zarr(ds, url, opts, zarr_format=3, encoding={"t": {"chunks": (2, 8, 16)}})
     return ds  # 8 x 2 x 2 = 32 chunks
 
 

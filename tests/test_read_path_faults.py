@@ -334,6 +334,36 @@ def test_11_many_configs_do_not_leak_threads_or_files(tmp_path: pathlib.Path) ->
     assert fds - fds0 <= 28, f"40 closed stores left {fds - fds0} more open files"
 
 
+def test_11_a_closed_cache_releases_its_memory(tmp_path: pathlib.Path) -> None:
+    """Closing a cache drops what its memory and decoded tiers hold, and the registry lets
+    it go: a process that opens and closes caches does not keep their bytes (before, up to
+    `MAX_IDLE` closed caches kept their full memory tiers, 4 x 256 MiB by default)."""
+    from xarray_zcache.registry import get_cache
+
+    inner = LocalStore(tmp_path / "data")
+    arr = zarr.create_array(
+        inner, name="a", shape=(64, 64), chunks=(8, 64), dtype="f8", dimension_names=("y", "x")
+    )
+    arr[:] = np.arange(64 * 64, dtype="f8").reshape(64, 64)
+    refs: list[weakref.ref[Any]] = []
+    for i in range(6):
+        cfg = _config(tmp_path, f"c{i}")
+        store = CachedStore(inner, cfg)
+        ds = xr.open_dataset(store, engine="zarr", consolidated=False, chunks=None)
+        assert float(ds["a"].values.sum()) == float(np.arange(64 * 64).sum())
+        cache = get_cache(cfg)
+        assert cache.memory_tier.used_bytes() > 0
+        ds.close()
+        store.close()
+        cache.close()
+        assert cache.memory_tier.used_bytes() == 0 and cache.decoded_tier.used_bytes() == 0
+        refs.append(weakref.ref(cache))
+        del ds, store, cache
+    gc.collect()
+    alive = [i for i, r in enumerate(refs[:-1]) if r() is not None]
+    assert not alive, f"closed caches {alive} are still referenced"
+
+
 def _zcache_and_asyncio_objects() -> collections.Counter[str]:
     counts: collections.Counter[str] = collections.Counter()
     for obj in gc.get_objects():

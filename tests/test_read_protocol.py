@@ -189,63 +189,6 @@ def test_scheduler_module_does_not_import_zarr() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def _top_level_imports(path: Path, package: str) -> set[str]:
-    """Modules of ``package`` that ``path`` imports at import time (not under
-    ``TYPE_CHECKING``, not inside functions)."""
-    import ast
-
-    tree = ast.parse(path.read_text())
-    out: set[str] = set()
-    for node in tree.body:
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            continue
-        for sub in [node] if not isinstance(node, ast.Try) else node.body:
-            if isinstance(sub, ast.ImportFrom) and sub.module and sub.module.startswith(package):
-                # "from pkg import submodule" depends on the submodule
-                out.update(f"{sub.module}.{a.name}" for a in sub.names)
-                out.add(sub.module)
-            elif isinstance(sub, ast.Import):
-                out.update(a.name for a in sub.names if a.name.startswith(package))
-    return out
-
-
-def test_no_import_cycles_in_the_package() -> None:
-    """The package's import-time dependency graph has no cycle."""
-    root = Path(__file__).resolve().parents[1] / "xarray_zcache"
-    graph: dict[str, set[str]] = {}
-    for p in root.rglob("*.py"):
-        parts = p.relative_to(root.parent).with_suffix("").parts
-        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-        graph[name] = _top_level_imports(p, "xarray_zcache")
-    for name in list(graph):
-        deps = {d for d in graph[name] if d in graph and d != name}
-        # "from pkg import submodule" (the package being a parent of the importer, or
-        # the name a submodule) is resolved by Python without running pkg again
-        graph[name] = {
-            d
-            for d in deps
-            if not (name.startswith(d + ".") or any(e.startswith(d + ".") for e in deps))
-        }
-    state: dict[str, int] = {}
-    stack: list[str] = []
-
-    def visit(n: str) -> None:
-        state[n] = 1
-        stack.append(n)
-        for d in sorted(graph[n]):
-            if state.get(d) == 1:
-                cycle = [*stack[stack.index(d) :], d]
-                raise AssertionError("import cycle: " + " -> ".join(cycle))
-            if d not in state:
-                visit(d)
-        stack.pop()
-        state[n] = 2
-
-    for n in sorted(graph):
-        if n not in state:
-            visit(n)
-
-
 def test_zarr_array_round_trip_through_the_chain(tmp_path: Path) -> None:
     store = CachedStore(LocalStore(tmp_path / "data"), _disk_config(tmp_path))
     arr = zarr.create_array(store, shape=(8,), chunks=(2,), dtype="i4")

@@ -20,6 +20,7 @@ from zarr.core.sync import sync
 from xarray_zcache.backend import open_store
 from xarray_zcache.testing import faults
 from xarray_zcache.testing.s3server import LocalS3Server
+from xarray_zcache.testing.writers import write_zarr
 
 P = default_buffer_prototype()
 
@@ -76,9 +77,10 @@ def test_xarray_reads_fail_clearly_then_succeed(
         {"t2m": (("time", "x"), np.arange(64, dtype="float32").reshape(8, 8))},
         coords={"time": np.arange(8)},
     )
-    expected.to_zarr(
+    write_zarr(
+        expected,
         url,
-        storage_options=s3_server.storage_options(),
+        s3_server.storage_options(),
         zarr_format=3,
         encoding={"t2m": {"chunks": (2, 8)}},
     )

@@ -29,6 +29,7 @@ from xarray_zcache import CacheConfig, CachedStore
 from xarray_zcache.cache.hybrid import HybridCache
 from xarray_zcache.testing import faults
 from xarray_zcache.testing.s3server import LocalS3Server
+from xarray_zcache.testing.writers import write_zarr
 
 P = default_buffer_prototype()
 PAYLOAD_NAME = re.compile(r"^[0-9a-f]{64}\.(cache|meta)$")
@@ -196,7 +197,7 @@ def test_credentials_never_leak(
 ) -> None:
     url = f"s3://{s3_bucket}/secret.zarr"
     expected = xr.Dataset({"t": (("x",), np.arange(16.0))})
-    expected.to_zarr(url, storage_options=s3_server.storage_options(), zarr_format=3)
+    write_zarr(expected, url, s3_server.storage_options(), zarr_format=3)
     # moto accepts any credentials; the endpoint carries user:password too
     endpoint = s3_server.endpoint_url.replace("http://", f"http://{KEY_ID}:{SECRET}@")
     opts = s3_server.storage_options(key=KEY_ID, secret=SECRET, token=TOKEN)
@@ -244,8 +245,11 @@ def test_credentials_never_reach_the_cluster_stats(
     import xarray_zcache.distributed as zd
 
     url = f"s3://{s3_bucket}/cluster.zarr"
-    xr.Dataset({"t": (("x",), np.arange(32.0))}).to_zarr(
-        url, storage_options=s3_server.storage_options(), zarr_format=3
+    write_zarr(
+        xr.Dataset({"t": (("x",), np.arange(32.0))}),
+        url,
+        s3_server.storage_options(),
+        zarr_format=3,
     )
     opts = s3_server.storage_options(key=KEY_ID, secret=SECRET, token=TOKEN)
     cfg = faults.config(tmp_path / "cache", "cluster-secrets")._replace(report_interval=0.1)

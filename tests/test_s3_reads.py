@@ -18,6 +18,7 @@ from zarr.storage import FsspecStore
 
 from xarray_zcache import CacheConfig, CachedStore, get_cache
 from xarray_zcache.testing.s3server import LocalS3Server
+from xarray_zcache.testing.writers import write_zarr
 
 
 def _dataset() -> xr.Dataset:
@@ -36,7 +37,7 @@ def _dataset() -> xr.Dataset:
 def _write(url: str, opts: dict[str, Any], **kwargs: Any) -> xr.Dataset:
     ds = _dataset()
     encoding = {v: {"chunks": (2, 8, 8)} for v in ds.data_vars}
-    ds.to_zarr(url, storage_options=opts, zarr_format=3, encoding=encoding, **kwargs)
+    write_zarr(ds, url, opts, zarr_format=3, encoding=encoding, **kwargs)
     return ds
 
 
@@ -230,7 +231,7 @@ async def _get_or_error(store: CachedStore, key: str, proto: Any) -> str | None:
 
 def _long_dataset(url: str, opts: dict[str, Any]) -> None:
     ds = xr.Dataset({"v": (("time", "x"), np.arange(64 * 100, dtype="f4").reshape(64, 100))})
-    ds.to_zarr(url, storage_options=opts, zarr_format=3, encoding={"v": {"chunks": (1, 100)}})
+    write_zarr(ds, url, opts, zarr_format=3, encoding={"v": {"chunks": (1, 100)}})
 
 
 def test_sequential_scan_reads_ahead_without_duplicate_requests(

@@ -1,10 +1,12 @@
-"""No aiohttp session left open: zcache's s3fs client, and the benchmarks' s3fs writer.
+"""No aiohttp session left open: zcache's s3fs client, and the s3fs writers.
 
 aiohttp reports a session collected while open as "Unclosed client session" on stderr.
 zarr's `FsspecStore` builds *asynchronous* s3fs filesystems, which s3fs never closes
 itself; zcache closes the ones behind its stores (`xarray_zcache.sessions`), and the
-benchmarks write their data through `benchmarks/common.py`'s ``s3fs_store``, which
-closes its own. Every session created during a test is followed to its end here.
+tests, the benchmarks and the demo write their data through
+`xarray_zcache.testing.writers` (``s3fs_store``, ``write_zarr``; the benchmarks'
+``common.s3fs_store`` is the same), which close their own. Every session created
+during a test is followed to its end here.
 """
 
 from __future__ import annotations
@@ -127,3 +129,59 @@ def test_the_benchmarks_s3fs_writer_closes_its_session(
         f"s3://{s3_bucket}/v.zarr", storage_options=s3_options, zarr_format=3, mode="w"
     )
     assert sessions.open_now() + sessions.collected_open == 1
+
+
+def test_write_zarr_closes_its_session_writes_regions_and_reads_back(
+    s3_bucket: str, s3_options: dict[str, Any], sessions: Sessions
+) -> None:
+    from xarray_zcache.testing.writers import s3fs_store, write_zarr
+
+    url = f"s3://{s3_bucket}/r.zarr"
+    write_zarr(_dataset(), url, s3_options, mode="w", zarr_format=3, consolidated=False)
+    part = _dataset().isel(z=slice(2, 3)).drop_vars("z") * 0 - 1
+    write_zarr(part, url, s3_options, region={"z": slice(2, 3)}, consolidated=False)
+    with (
+        s3fs_store(url, s3_options, read_only=True) as store,
+        xr.open_dataset(store, engine="zarr", consolidated=False) as back,
+    ):
+        want = _dataset().t.values.copy()
+        want[2] = -1
+        np.testing.assert_array_equal(back.t.values, want)
+        with pytest.raises(ValueError, match="read-only"):
+            store._check_writable()
+    assert sessions.created > 0
+    assert sessions.open_now() == 0
+    assert sessions.collected_open == 0
+
+
+#: writers through ``to_zarr(url, storage_options=...)`` still to route through
+#: `xarray_zcache.testing.writers`: this file's demonstration of the leak, and the files
+#: other changes are editing now (the decoded tier's tests, the disk packing tests)
+_LEFT = {
+    "tests/test_sessions.py",
+    "tests/decoded_helpers.py",
+    "tests/test_decoded_adversary.py",
+    "tests/test_decoded_tier.py",
+    "tests/test_disk_packing.py",
+}
+
+
+def test_no_writer_leaves_its_session_open() -> None:
+    """No test, benchmark or demo writes with ``to_zarr(url, storage_options=...)``."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent
+    found = []
+    for folder in ("tests", "benchmarks", "xarray_zcache/demo"):
+        for path in sorted((root / folder).rglob("*.py")):
+            name = path.relative_to(root).as_posix()
+            for node in ast.walk(ast.parse(path.read_text())):
+                if (
+                    isinstance(node, ast.Call)
+                    and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "to_zarr"
+                    and any(k.arg == "storage_options" for k in node.keywords)
+                    and name not in _LEFT
+                ):
+                    found.append(f"{name}:{node.lineno}")
+    assert found == [], "write through xarray_zcache.testing.writers.write_zarr: " + str(found)

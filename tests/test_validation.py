@@ -29,6 +29,7 @@ from xarray_zcache.cache.freshness import ObjectChanged
 from xarray_zcache.registry import close_all
 from xarray_zcache.testing import faults
 from xarray_zcache.testing.s3server import LocalS3Server
+from xarray_zcache.testing.writers import write_zarr
 
 P = default_buffer_prototype()
 
@@ -49,9 +50,10 @@ def _cfg(tmp_path: Path, name: str, validation: Any = "never") -> CacheConfig:
 
 def _write(url: str, opts: dict[str, Any] | None, n: int = 40, chunk: int = 4) -> xr.Dataset:
     ds = xr.Dataset({"v": ("x", np.arange(n, dtype="f8"))})
-    ds.to_zarr(
+    write_zarr(
+        ds,
         url,
-        storage_options=opts,
+        opts,
         encoding={"v": {"chunks": (chunk,)}},
         zarr_format=3,
         consolidated=True,
@@ -71,7 +73,7 @@ def _rewrite(url: str, opts: dict[str, Any] | None, where: slice, value: float) 
     """Another writer (plain xarray) rewrites ``v[where]`` in place."""
     n = where.stop - where.start
     part = xr.Dataset({"v": ("x", np.full(n, value))})
-    part.to_zarr(url, storage_options=opts, region={"x": where}, consolidated=False)
+    write_zarr(part, url, opts, region={"x": where}, consolidated=False)
 
 
 def _counts(server: LocalS3Server, bucket: str) -> tuple[int, int]:
@@ -125,9 +127,7 @@ def test_append_and_delete_and_create_by_another_writer(
     store = open_store(url, storage_options=opts, cache_config=cfg)
     assert _read(url, opts, cfg).tolist() == list(range(10))
     # append 2 steps (the last, partial chunk is rewritten; a new chunk appears)
-    xr.Dataset({"v": ("x", np.arange(10.0, 12.0))}).to_zarr(
-        url, storage_options=opts, append_dim="x"
-    )
+    write_zarr(xr.Dataset({"v": ("x", np.arange(10.0, 12.0))}), url, opts, append_dim="x")
     report = sync(store.revalidate())
     assert report.changed >= 2  # the partial chunk and the metadata documents
     lists = s3_server.requests.lists(s3_bucket)
@@ -200,7 +200,7 @@ def test_one_listing_per_page_of_objects(
 def _write_grid(url: str, opts: dict[str, Any] | None) -> None:
     """A 6 x 10 array of 1 x 1 chunks: 60 chunk objects, in rows ``v/c/<i>/``."""
     ds = xr.Dataset({"v": (("y", "x"), np.arange(60.0).reshape(6, 10))})
-    ds.to_zarr(url, storage_options=opts, encoding={"v": {"chunks": (1, 1)}}, zarr_format=3)
+    write_zarr(ds, url, opts, encoding={"v": {"chunks": (1, 1)}}, zarr_format=3)
 
 
 @pytest.mark.parametrize("where", ["s3", "local"])
@@ -224,8 +224,8 @@ def test_only_the_rows_of_the_grid_that_are_cached_are_listed(
         assert ds.v[4].values.tolist() == list(range(40, 50))
     # another writer changes a cached chunk and one that is not cached
     part = xr.Dataset({"v": (("y", "x"), np.array([[-1.0]]))})
-    part.to_zarr(url, storage_options=opts, region={"y": slice(2, 3), "x": slice(3, 4)})
-    part.to_zarr(url, storage_options=opts, region={"y": slice(5, 6), "x": slice(5, 6)})
+    write_zarr(part, url, opts, region={"y": slice(2, 3), "x": slice(3, 4)})
+    write_zarr(part, url, opts, region={"y": slice(5, 6), "x": slice(5, 6)})
     lists = s3_server.requests.lists(s3_bucket)
     report = sync(store.revalidate())
     assert report.changed == 1

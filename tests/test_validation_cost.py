@@ -37,6 +37,7 @@ from xarray_zcache.cache import versions
 from xarray_zcache.registry import close_all
 from xarray_zcache.testing import faults
 from xarray_zcache.testing.s3server import LocalS3Server
+from xarray_zcache.testing.writers import write_zarr
 
 P = default_buffer_prototype()
 
@@ -57,9 +58,10 @@ def _cfg(tmp_path: Path, name: str, validation: Any) -> CacheConfig:
 
 def _write(url: str, opts: dict[str, Any] | None, n: int, chunk: int, fmt: int = 3) -> None:
     ds = xr.Dataset({"v": ("x", np.arange(n, dtype="f8"))})
-    ds.to_zarr(
+    write_zarr(
+        ds,
         url,
-        storage_options=opts,
+        opts,
         encoding={"v": {"chunks": (chunk,)}},
         zarr_format=fmt,
         consolidated=True,
@@ -447,8 +449,8 @@ def test_flat_keys_list_only_the_cached_rows(
     monkeypatch.setattr(store_versions, "PAGE", 10)  # a page of 10: the array is 7 pages
     url = f"s3://{s3_bucket}/flat2d.zarr"
     ds = xr.Dataset({"v": (("y", "x"), np.arange(60.0).reshape(6, 10))})
-    ds.to_zarr(
-        url, storage_options=s3_options, encoding={"v": {"chunks": (1, 1)}}, zarr_format=2
+    write_zarr(
+        ds, url, s3_options, encoding={"v": {"chunks": (1, 1)}}, zarr_format=2
     )  # keys v/0.0 ... v/5.9
     cfg = _cfg(tmp_path, "flat2d", validation="never")
     store = open_store(url, storage_options=s3_options, cache_config=cfg)
@@ -456,7 +458,7 @@ def test_flat_keys_list_only_the_cached_rows(
         assert f.v[2].values.tolist() == list(range(20, 30))  # rows 2 and 4 cached
         assert f.v[4].values.tolist() == list(range(40, 50))
     part = xr.Dataset({"v": (("y", "x"), np.array([[-1.0]]))})
-    part.to_zarr(url, storage_options=s3_options, region={"y": slice(2, 3), "x": slice(3, 4)})
+    write_zarr(part, url, s3_options, region={"y": slice(2, 3), "x": slice(3, 4)})
     lists = s3_server.requests.lists(s3_bucket)
     report = sync(store.revalidate())
     assert report.changed == 1

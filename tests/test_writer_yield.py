@@ -3,6 +3,8 @@ after a cold one does not share the GIL with the cold read's disk writes."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import pathlib
 import threading
 import time
@@ -11,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from xarray_zcache.cache import writer as writer_mod
+from xarray_zcache.cache.background import BACKGROUND_NICENESS
 from xarray_zcache.cache.disk import DiskTier
 from xarray_zcache.cache.hybrid import HybridCache, Read
 from xarray_zcache.cache.settings import CacheSettings
@@ -131,3 +134,38 @@ def test_memory_hits_hold_back_the_caches_disk_writes(
     assert _wait(lambda: cache.disk_tier is not None and "ns/new" in cache.disk_tier)
     assert cache.stats().requests_sent == 2 and cache.stats().disk_write_failures == 0
     cache.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="no per-thread priorities here")
+def test_background_threads_run_at_a_lower_priority_than_readers(tmp_path: pathlib.Path) -> None:
+    """The disk writer and maintenance threads lower their own scheduling priority
+    (`background.lower_priority`): on a busy machine the kernel runs a reader's thread
+    first. The calling (reading) thread's priority does not change."""
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("per-thread priorities are a Linux feature")
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    cache = HybridCache(CacheSettings(disk_path=str(tmp_path / "c"), disk_size=1 << 30))
+    try:
+        cache.start_maintenance()
+
+        async def load() -> bytes:
+            return b"x" * 100
+
+        asyncio.run(cache.get_or_load(Read("ns/k/c/0", "chunk"), load))  # a fill: queued
+        cache.flush()
+
+        def niceness(name: str) -> int | None:
+            for t in threading.enumerate():
+                if t.name == name and t.native_id is not None:
+                    return os.getpriority(os.PRIO_PROCESS, t.native_id)
+            return None
+
+        assert _wait(lambda: niceness("zcache-disk-writer") is not None)
+        assert niceness("zcache-disk-writer") == min(19, mine + BACKGROUND_NICENESS)
+        assert _wait(lambda: niceness("zcache-maintenance") is not None)
+        assert _wait(lambda: niceness("zcache-maintenance") == min(19, mine + BACKGROUND_NICENESS))
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
+    finally:
+        cache.close()

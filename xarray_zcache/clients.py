@@ -20,6 +20,8 @@ s3fs option                                 obstore `S3Store`
 ``use_ssl=False`` with an ``http://``       ``allow_http=True``
 endpoint
 ``requester_pays=True``                     ``request_payer=True``
+``config_kwargs.user_agent_extra``          the client option ``user_agent``
+                                            (``xarray-zcache <extra>``)
 ==========================================  =============================================
 
 s3fs's own tuning (``max_concurrency``, ``skip_instance_cache``, listings caches, block
@@ -213,6 +215,9 @@ def map_s3_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str
         raise Unmapped("region", "none given for AWS (s3fs finds the bucket's region)")
     if opts.pop("requester_pays", False):
         config["request_payer"] = True
+    extra = config_kwargs.get("user_agent_extra")
+    if extra:  # a header only: what is read does not change
+        client["user_agent"] = f"xarray-zcache {extra}"
     style = s3_config.get("addressing_style", "auto")
     if style == "virtual":
         if endpoint:
@@ -235,7 +240,7 @@ def _check_names(
         if name not in ("endpoint_url", "region_name"):
             raise Unmapped(f"client_kwargs.{name}")
     for name in config_kwargs:
-        if name != "s3" and name not in _CONFIG_KWARGS_TUNING:
+        if name not in ("s3", "user_agent_extra") and name not in _CONFIG_KWARGS_TUNING:
             raise Unmapped(f"config_kwargs.{name}")
     s3_config = dict(config_kwargs.get("s3") or {})
     for name in s3_config:

@@ -1,45 +1,37 @@
 """One configuration object for the cache, read from dask config ``zcache.*``.
 
 The defaults live in ``zcache.yaml`` beside this module and are registered with
-``dask.config.update_defaults`` on import, so ``DASK_ZCACHE__MEMORY_SIZE=2GiB``
-and ``dask.config.set({"zcache.memory-size": "2GiB"})`` work as for any dask
-setting.
+``dask.config.update_defaults`` on import (by `xarray_zcache.config_dask`), so
+``DASK_ZCACHE__MEMORY_SIZE=2GiB`` and ``dask.config.set({"zcache.memory-size": "2GiB"})``
+work as for any dask setting.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import pathlib
 from collections.abc import Mapping
 from typing import Any, Literal, Self
 
-import dask.config
-import yaml
 from dask.utils import format_bytes
 
 from xarray_zcache.config_checks import (
-    _FIELD_OF,
+    _FIELD_OF,  # noqa: F401 - docs/_ext/zcache_docs.py reads config._FIELD_OF
     _check_disk_folder,
     _duration,
-    _env_var_of,
     _origin,
     _pack_below,
     _size,
     _validation,
     default_disk_path,
 )
+from xarray_zcache.config_dask import _cfg, _default_disk_path_cfg, kwargs_from_dask_config
 
 __all__ = ["CLIENTS", "EVICTION_POLICIES", "CacheConfig", "default_disk_path"]
 
 EVICTION_POLICIES = ("lru", "slru", "tinylfu")
 #: what reads s3:// (gs://, az://) URLs: obstore, or fsspec's s3fs (gcsfs, adlfs)
 CLIENTS = ("obstore", "s3fs")
-
-_YAML = pathlib.Path(__file__).with_name("zcache.yaml")
-with _YAML.open() as _f:
-    _DEFAULTS: dict[str, Any] = yaml.safe_load(_f)
-dask.config.update_defaults(_DEFAULTS)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -282,17 +274,7 @@ class CacheConfig:
         ValueError
             If ``name`` is not configured, or a configured value is invalid.
         """
-        base: dict[str, Any] = dict(dask.config.get("zcache", default={}) or {})
-        caches = base.pop("caches", None) or {}
-        if name is not None and name != base.get("name", "default"):
-            if name not in caches:
-                known = ", ".join(map(repr, sorted(caches))) or "none configured"
-                raise ValueError(
-                    f"cache_config: unknown cache name {name!r}; expected a CacheConfig or one "
-                    f"of the names under dask config 'zcache.caches' ({known})"
-                )
-            base = _merge(base, {"name": name, **dict(caches[name] or {})})
-        return cls(**_kwargs_from_mapping(base))
+        return cls(**kwargs_from_dask_config(name))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CacheConfig:
@@ -456,60 +438,3 @@ class CacheConfig:
             f"CacheConfig(name={self.name!r}, memory={format_bytes(self.memory_size)}, {disk}, "
             f"policy={self.eviction_policy})"
         )
-
-
-def _cfg(key: str) -> Any:
-    return dask.config.get(f"zcache.{key}")
-
-
-def _default_disk_path_cfg() -> str | None:
-    if not dask.config.get("zcache.disk.enabled", default=True):
-        return None
-    path = dask.config.get("zcache.disk.path", default=None)
-    return str(path) if path else default_disk_path()
-
-
-def _merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(a)
-    for k, v in b.items():
-        k = k.replace("_", "-")
-        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
-def _flatten(m: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in m.items():
-        key = prefix + str(k).replace("_", "-")
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-#: process-wide settings under ``zcache.`` that are not a cache's (decoded_pipeline.py)
-_PROCESS_KEYS = ("decoded-array-api",)
-
-
-def _kwargs_from_mapping(m: Mapping[str, Any]) -> dict[str, Any]:
-    flat = _flatten(m)
-    kwargs: dict[str, Any] = {}
-    for key, value in flat.items():
-        if key in _FIELD_OF:
-            kwargs[_FIELD_OF[key]] = value
-        elif key not in ("disk.path", "disk.enabled", *_PROCESS_KEYS):
-            env = _env_var_of(f"zcache.{key}", value)
-            raise ValueError(
-                f"{env + ' (environment variable), ' if env else ''}"
-                f"zcache.{key}: unknown setting; expected one of "
-                f"{', '.join(sorted([*_FIELD_OF, 'disk.path', 'disk.enabled']))}"
-            )
-    if not flat.get("disk.enabled", True):
-        kwargs["disk_path"] = None
-    else:
-        kwargs["disk_path"] = flat.get("disk.path") or default_disk_path()
-    return kwargs

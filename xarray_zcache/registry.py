@@ -120,6 +120,8 @@ def _process_cache(cfg: CacheConfig) -> HybridCache:
         cache = HybridCache(cfg)
         cache.start_maintenance()
         _caches[cfg] = cache
+        for k in [k for k, c in _caches.items() if c.closed]:  # closed by their user
+            del _caches[k]
         idle = [c for c in _caches.values() if c is not cache and not _users.get(c)]
     for old in idle[: max(0, len(idle) - MAX_IDLE)]:
         _forget(old)

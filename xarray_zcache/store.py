@@ -8,8 +8,8 @@ This module holds the class, its construction and zarr's `Store` surface; its pa
 (mixins sharing the store's state) are in ``store_bytes`` (reads through the cache),
 ``store_sources`` (reads of the wrapped store, peers), ``store_validation`` (the
 freshness gate), ``store_references`` (reference stores), ``store_writes`` (writes and
-deletes), ``store_copies`` (pickling) and ``store_sync`` (`SyncCachedStore`'s
-synchronous surface).
+deletes), ``store_listings`` (listings through the cache), ``store_copies`` (pickling)
+and ``store_sync`` (`SyncCachedStore`'s synchronous surface).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import functools
 import logging
 import secrets
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, Iterable
 from typing import TYPE_CHECKING, Any, Self
 
 from zarr.abc.store import (
@@ -45,7 +45,6 @@ from xarray_zcache.keys import (
     file_key,
     is_plain_range,
     key_kind,
-    listing_key,
     range_key,
 )
 from xarray_zcache.prefetch import ScanPrefetcher
@@ -59,6 +58,7 @@ from xarray_zcache.sessions import close_store_session
 from xarray_zcache.sessions import track as track_session
 from xarray_zcache.store_bytes import CachedBytes
 from xarray_zcache.store_copies import StoreCopies
+from xarray_zcache.store_listings import CachedListings
 from xarray_zcache.store_references import ReferencedReads
 from xarray_zcache.store_sources import SourceReads, source_versions
 from xarray_zcache.store_sync import SyncReads
@@ -89,7 +89,14 @@ RECHECK_MISSING: contextvars.ContextVar[bool] = contextvars.ContextVar(
 
 
 class CachedStore(
-    ReferencedReads, CachedBytes, CachedWrites, StoreCopies, SourceValidation, SourceReads, Store
+    ReferencedReads,
+    CachedBytes,
+    CachedWrites,
+    CachedListings,
+    StoreCopies,
+    SourceValidation,
+    SourceReads,
+    Store,
 ):
     """A zarr store that serves reads of another store from a persistent hybrid cache.
 
@@ -453,41 +460,6 @@ class CachedStore(
     async def getsize_prefix(self, prefix: str) -> int:
         # docstring inherited
         return await self._store.getsize_prefix(prefix)
-
-    async def is_empty(self, prefix: str) -> bool:
-        # docstring inherited
-        if prefix != "" and not prefix.endswith("/"):
-            prefix += "/"
-        async for _ in self.list_prefix(prefix):
-            return False
-        return True
-
-    # -- listings (writes and deletes: store_writes.py) ----------------------------------------
-
-    async def _listing(
-        self, op: str, prefix: str, source: AsyncIterator[str]
-    ) -> AsyncIterator[str]:
-        cache = self.cache
-        lk = listing_key(self._namespace, op, prefix)
-        names = cache.get_listing(lk)
-        if names is None:
-            generation = cache.listing_generation()
-            names = tuple([name async for name in source])
-            cache.put_listing(lk, names, generation)
-        for name in names:
-            yield name
-
-    def list(self) -> AsyncIterator[str]:
-        # docstring inherited
-        return self._listing("list", "", self._store.list())
-
-    def list_prefix(self, prefix: str) -> AsyncIterator[str]:
-        # docstring inherited
-        return self._listing("prefix", prefix, self._store.list_prefix(prefix))
-
-    def list_dir(self, prefix: str) -> AsyncIterator[str]:
-        # docstring inherited
-        return self._listing("dir", prefix, self._store.list_dir(prefix))
 
 
 class SyncCachedStore(SyncReads, CachedStore):

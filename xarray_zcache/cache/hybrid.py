@@ -123,7 +123,7 @@ class HybridCache(DirectAccess, CacheReporting, DiskFallback, Coherence):
 
     def __repr__(self) -> str:
         disk = self._disk
-        return f"<HybridCache {self.settings.name!r} {disk.path if disk else 'memory'}>"
+        return f"<HybridCache {self.settings.name!r} {disk.path if disk is not None else 'memory'}>"
 
     @property
     def config(self) -> CacheSettings:
@@ -454,7 +454,9 @@ class HybridCache(DirectAccess, CacheReporting, DiskFallback, Coherence):
         self._on_disk("flushing access statistics", DiskTier.flush, None)
 
     def close(self) -> None:
-        """Flush, stop the disk writer and close the disk index. Idempotent."""
+        """Flush, stop the disk writer, close the disk index and release the memory the
+        memory and decoded tiers hold (a closed cache serves nothing: its stores bind to a
+        new one). Idempotent."""
         if self._closed:
             return
         writer = self._writer
@@ -464,6 +466,8 @@ class HybridCache(DirectAccess, CacheReporting, DiskFallback, Coherence):
             self._closed = True
         self._on_disk("closing", DiskTier.close, None)
         self._freshness.book.close()
+        self._memory.clear()
+        self._decoded.clear()
         _LIVE.discard(self)
 
     @property

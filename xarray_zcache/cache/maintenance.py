@@ -9,6 +9,7 @@ import time
 import weakref
 from typing import Protocol
 
+from xarray_zcache.cache.background import lower_priority
 from xarray_zcache.cache.logs import flush_suppressed
 
 __all__ = ["Maintained", "schedule"]
@@ -61,6 +62,7 @@ def schedule(cache: Maintained) -> None:
 
 
 def _run() -> None:
+    lower_priority()  # readers' threads first (background.py)
     while True:
         with _lock:
             now = time.monotonic()

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
+from xarray_zcache.cache.background import lower_priority
 from xarray_zcache.cache.disk.entry import Fill
 from xarray_zcache.cache.logs import events
 from xarray_zcache.cache.units import format_bytes
@@ -163,6 +164,7 @@ class DiskWriter:
                 self._bytes -= len(self._pending.pop(k).value)
 
     def _run(self) -> None:
+        lower_priority()  # readers' threads first (background.py)
         while True:
             keys = self._next_batch()
             try:

@@ -118,13 +118,9 @@ def write_sample_dataset(ds: xr.Dataset, url: str, storage_options: dict[str, An
         for name, v in ds.data_vars.items()
     }
     encoding["time"] = {"units": "hours since 2024-01-01", "dtype": "int64"}
-    from zarr.storage import FsspecStore
+    from xarray_zcache.testing.writers import write_zarr
 
-    from xarray_zcache.sessions import close_store_session, track
-
-    store = FsspecStore.from_url(url, storage_options=storage_options, read_only=False)
-    track(store, owned=True)
-    try:
-        ds.to_zarr(store, mode="w", zarr_format=3, consolidated=True, encoding=encoding)
-    finally:
-        close_store_session(store)  # no aiohttp session left open
+    # (through a store whose aiohttp session is closed after: none left open)
+    write_zarr(
+        ds, url, storage_options, mode="w", zarr_format=3, consolidated=True, encoding=encoding
+    )

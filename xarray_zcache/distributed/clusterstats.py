@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 from dask.utils import format_bytes
 
 from xarray_zcache.cache.stats import TIERS, CacheStats
-from xarray_zcache.distributed.common import worker_labels
+from xarray_zcache.distributed.labels import worker_labels
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -1,6 +1,6 @@
 """The data of the ``/zcache`` page: JSON-able documents, ``api/stats.json``, `snapshot`.
 
-`worker_labels` and `short_address` live in `xarray_zcache.distributed.common` (the
+`worker_labels` and `short_address` live in `xarray_zcache.distributed.labels` (the
 stats model labels workers too) and are re-exported here.
 
 See `xarray_zcache.distributed.dashboard` for the page and its routes.
@@ -13,7 +13,8 @@ import math
 import time
 from typing import TYPE_CHECKING, Any
 
-from xarray_zcache.distributed.common import Aggregator, short_address, worker_labels
+from xarray_zcache.distributed.common import Aggregator
+from xarray_zcache.distributed.labels import short_address, worker_labels
 
 if TYPE_CHECKING:
     from distributed import Client

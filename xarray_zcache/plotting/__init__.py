@@ -22,10 +22,11 @@ objects (``zcache-source-<name>``), so a page can update them in place from
 `source_data` without rebuilding the layout; `layout_key` tells when it must
 rebuild instead (the set of workers changed).
 
-The package has three modules: `~xarray_zcache.plotting.data` (headline figures,
-source columns, notes: no Bokeh), `~xarray_zcache.plotting.figures` (one figure or
-table each) and `~xarray_zcache.plotting.layout` (figures on shared sources, panels,
-the whole dashboard). Their public names are all here.
+The package has four modules: `~xarray_zcache.plotting.data` (headline figures,
+source columns, notes: no Bokeh), `~xarray_zcache.plotting.figures` (one figure
+each), `~xarray_zcache.plotting.tables` (one table each) and
+`~xarray_zcache.plotting.layout` (figures on shared sources, panels, the whole
+dashboard). Their public names are all here.
 
 Examples
 --------
@@ -58,18 +59,16 @@ from xarray_zcache.plotting.figures import (
     COLORS,
     MIN_WIDTH,
     SIZING,
-    TABLE_NAMES,
     bytes_axis,
     bytes_saved_figure,
     capacity_figure,
-    decisions_table,
     decoded_figure,
     evictions_figure,
     hit_rate_figure,
-    hot_keys_table,
     tier_figure,
 )
 from xarray_zcache.plotting.layout import dashboard, figures, make_sources, panel
+from xarray_zcache.plotting.tables import TABLE_NAMES, decisions_table, hot_keys_table
 
 __all__ = [
     "BINARY_TICKS",

@@ -22,7 +22,6 @@ from bokeh.models import (
     Range1d,
     Text,
 )
-from bokeh.models.widgets.tables import DataTable, NumberFormatter, TableColumn
 from bokeh.plotting import figure
 from bokeh.transform import dodge
 
@@ -34,15 +33,12 @@ __all__ = [
     "COLORS",
     "MIN_WIDTH",
     "SIZING",
-    "TABLE_NAMES",
     "bytes_axis",
     "bytes_saved_figure",
     "capacity_figure",
-    "decisions_table",
     "decoded_figure",
     "evictions_figure",
     "hit_rate_figure",
-    "hot_keys_table",
     "tier_figure",
 ]
 
@@ -96,6 +92,63 @@ def _bar_height(rows: int) -> int:
     return max(150, 70 + 32 * rows)
 
 
+def _bar_figure(
+    title: str,
+    source: ColumnDataSource,
+    name: str,
+    *,
+    legend_below: bool = True,
+    x_range: DataRange1d | None = None,
+) -> figure:
+    """A figure of horizontal bars, one row per ``label`` of ``source`` (the first on top).
+
+    ``legend_below``: the figure leaves 30 px more for a legend in a row below its bars.
+    """
+    labels = list(source.data["label"])
+    return figure(
+        title=title,
+        y_range=FactorRange(factors=list(reversed(labels))),
+        x_range=DataRange1d(start=0) if x_range is None else x_range,
+        sizing_mode=SIZING,
+        min_width=MIN_WIDTH,
+        height=_bar_height(len(labels)) + (30 if legend_below else 0),
+        tools="save",
+        toolbar_location=None,
+        name=name,
+    )
+
+
+def _bar_words(
+    p: figure, source: ColumnDataSource, x: float | str, text: str, **style: Any
+) -> None:
+    """Words on each bar's row of ``p``: column ``text`` of ``source``, starting at ``x``."""
+    words = Text(
+        x=x,
+        y="label",
+        text=text,
+        x_offset=6,
+        text_baseline="middle",
+        text_font_size="12px",
+        text_color="#222222",
+        **style,
+    )
+    p.add_glyph(source, words)
+
+
+def _time_figure(title: str, name: str, **kwargs: Any) -> figure:
+    """A figure with time along x (the series' figures)."""
+    return figure(
+        title=title,
+        x_axis_type="datetime",
+        sizing_mode=SIZING,
+        min_width=MIN_WIDTH,
+        height=300,
+        tools=_TOOLS,
+        name=name,
+        **kwargs,
+    )
+
+
 def hit_rate_figure(series: ColumnDataSource, recent: ColumnDataSource) -> figure:
     """Cluster hit rate over time: cumulative (line) and per report interval (dots).
 
@@ -110,15 +163,8 @@ def hit_rate_figure(series: ColumnDataSource, recent: ColumnDataSource) -> figur
     -------
     bokeh.plotting.figure
     """
-    p = figure(
-        title="Cluster hit rate over time",
-        x_axis_type="datetime",
-        sizing_mode=SIZING,
-        min_width=MIN_WIDTH,
-        height=300,
-        y_range=Range1d(start=0, end=1.05),
-        tools=_TOOLS,
-        name="zcache-hit-rate",
+    p = _time_figure(
+        "Cluster hit rate over time", "zcache-hit-rate", y_range=Range1d(start=0, end=1.05)
     )
     line = p.line(
         "time", "hit_rate", source=series, line_width=2, color=COLORS["memory"], legend_label="all"
@@ -162,15 +208,7 @@ def bytes_saved_figure(series: ColumnDataSource) -> figure:
     -------
     bokeh.plotting.figure
     """
-    p = figure(
-        title="Saved: bytes not downloaded, requests not sent",
-        x_axis_type="datetime",
-        sizing_mode=SIZING,
-        min_width=MIN_WIDTH,
-        height=300,
-        tools=_TOOLS,
-        name="zcache-saved",
-    )
+    p = _time_figure("Saved: bytes not downloaded, requests not sent", "zcache-saved")
     nbytes = p.line(
         "time",
         "bytes_saved",
@@ -237,18 +275,12 @@ def capacity_figure(workers: ColumnDataSource, tier: str) -> figure:
         raise ValueError(
             f"tier must be one of {', '.join(map(repr, CAPACITY_TIERS))}, not {tier!r}"
         )
-    labels = list(workers.data["label"])
     shade = _SHADES[tier]
-    p = figure(
-        title=f"{tier.capitalize()} tier per worker: used ({shade}) of capacity (grey)",
-        y_range=FactorRange(factors=list(reversed(labels))),
-        x_range=DataRange1d(start=0),
-        sizing_mode=SIZING,
-        min_width=MIN_WIDTH,
-        height=_bar_height(len(labels)),
-        tools="save",
-        toolbar_location=None,
-        name=f"zcache-{tier}",
+    p = _bar_figure(
+        f"{tier.capitalize()} tier per worker: used ({shade}) of capacity (grey)",
+        workers,
+        f"zcache-{tier}",
+        legend_below=False,
     )
     p.hbar(
         y="label",
@@ -264,18 +296,15 @@ def capacity_figure(workers: ColumnDataSource, tier: str) -> figure:
         source=workers,
         color=COLORS[tier],
     )
-    words = Text(  # the figures in words: a few kB in a GB tier is no visible bar
-        x=0,
-        y="label",
-        text=f"{tier}_text",
-        x_offset=6,
-        text_baseline="middle",
-        text_font_size="12px",
-        text_color="#222222",
+    # the figures in words: a few kB in a GB tier is no visible bar
+    _bar_words(
+        p,
+        workers,
+        0,
+        f"{tier}_text",
         background_fill_color="white",
         background_fill_alpha=0.75,
     )
-    p.add_glyph(workers, words)
     bytes_axis(p.xaxis)
     p.ygrid.grid_line_color = None
     p.add_tools(
@@ -304,18 +333,7 @@ def tier_figure(tiers: ColumnDataSource) -> figure:
     -------
     bokeh.plotting.figure
     """
-    labels = list(tiers.data["label"])
-    p = figure(
-        title="Reads by tier (misses went to the store)",
-        y_range=FactorRange(factors=list(reversed(labels))),
-        x_range=DataRange1d(start=0),
-        sizing_mode=SIZING,
-        min_width=MIN_WIDTH,
-        height=_bar_height(len(labels)) + 30,
-        tools="save",
-        toolbar_location=None,
-        name="zcache-tiers",
-    )
+    p = _bar_figure("Reads by tier (misses went to the store)", tiers, "zcache-tiers")
     stack = [*TIERS, "miss"]
     bars = p.hbar_stack(
         stack,
@@ -325,26 +343,25 @@ def tier_figure(tiers: ColumnDataSource) -> figure:
         color=[COLORS.get(name, COLORS["other"]) for name in stack],
         legend_label=[f"{tier} hits" for tier in TIERS] + ["misses"],
     )
-    _legend_below_counts_across(p, "reads")
-    p.add_tools(
-        HoverTool(
-            renderers=list(bars),
-            tooltips=[
-                ("", "@label"),
-                ("memory hits", "@memory (@negative known-missing)"),
-                ("disk hits", "@disk"),
-                ("peer hits (owner had it)", "@peer"),
-                ("misses", "@miss"),
-                ("hit rate", "@hit_rate{0.0%}"),
-                ("decoded hits / misses", "@decoded_hits / @decoded_misses"),
-            ],
-        )
+    _counts_across(
+        p,
+        "reads",
+        bars,
+        [
+            ("memory hits", "@memory (@negative known-missing)"),
+            ("disk hits", "@disk"),
+            ("peer hits (owner had it)", "@peer"),
+            ("misses", "@miss"),
+            ("hit rate", "@hit_rate{0.0%}"),
+            ("decoded hits / misses", "@decoded_hits / @decoded_misses"),
+        ],
     )
     return p
 
 
-def _legend_below_counts_across(p: figure, label: str) -> None:
-    """Horizontal bars of counts: the legend in a row below, whole numbers along x."""
+def _counts_across(p: figure, label: str, bars: list[Any], tooltips: list[tuple[str, str]]) -> None:
+    """Horizontal bars of counts: the legend in a row below, whole numbers along x, and a
+    hover over ``bars`` naming the row, then ``tooltips``."""
     p.legend.location = "top_center"
     p.legend.orientation = "horizontal"
     p.add_layout(p.legend[0], "below")
@@ -352,6 +369,7 @@ def _legend_below_counts_across(p: figure, label: str) -> None:
     p.xaxis.axis_label = label
     p.xaxis.ticker = BasicTicker(min_interval=1)  # whole counts
     p.xaxis.formatter = NumeralTickFormatter(format="0,0")
+    p.add_tools(HoverTool(renderers=list(bars), tooltips=[("", "@label"), *tooltips]))
 
 
 def decoded_figure(tiers: ColumnDataSource) -> figure:
@@ -371,18 +389,12 @@ def decoded_figure(tiers: ColumnDataSource) -> figure:
     -------
     bokeh.plotting.figure
     """
-    labels = list(tiers.data["label"])
-    p = figure(
-        title="Decoded tier: reads served without decoding",
-        y_range=FactorRange(factors=list(reversed(labels))),
+    p = _bar_figure(
+        "Decoded tier: reads served without decoding",
+        tiers,
+        "zcache-decoded-reads",
         # room on the right of the longest bar for its hit rate in words
         x_range=DataRange1d(start=0, range_padding=0.75, range_padding_units="percent"),
-        sizing_mode=SIZING,
-        min_width=MIN_WIDTH,
-        height=_bar_height(len(labels)) + 30,
-        tools="save",
-        toolbar_location=None,
-        name="zcache-decoded-reads",
     )
     bars = p.hbar_stack(
         ["decoded_hits", "decoded_misses"],
@@ -392,28 +404,17 @@ def decoded_figure(tiers: ColumnDataSource) -> figure:
         color=[COLORS["decoded"], COLORS["miss"]],
         legend_label=["decoded hits", "decoded misses (zarr decoded)"],
     )
-    words = Text(  # after the bar: its hit rate
-        x="decoded_reads",
-        y="label",
-        text="decoded_text",
-        x_offset=6,
-        text_baseline="middle",
-        text_font_size="12px",
-        text_color="#222222",
-    )
-    p.add_glyph(tiers, words)
-    _legend_below_counts_across(p, "chunk reads")
-    p.add_tools(
-        HoverTool(
-            renderers=list(bars),
-            tooltips=[
-                ("", "@label"),
-                ("decoded hits", "@decoded_hits"),
-                ("decoded misses", "@decoded_misses"),
-                ("hit rate", "@decoded_hit_rate{0.0%}"),
-                ("evictions", "@evictions_decoded"),
-            ],
-        )
+    _bar_words(p, tiers, "decoded_reads", "decoded_text")  # after the bar: its hit rate
+    _counts_across(
+        p,
+        "chunk reads",
+        bars,
+        [
+            ("decoded hits", "@decoded_hits"),
+            ("decoded misses", "@decoded_misses"),
+            ("hit rate", "@decoded_hit_rate{0.0%}"),
+            ("evictions", "@evictions_decoded"),
+        ],
     )
     return p
 
@@ -430,19 +431,8 @@ def evictions_figure(tiers: ColumnDataSource) -> figure:
     -------
     bokeh.plotting.figure
     """
-    labels = list(tiers.data["label"])
-    y_range = FactorRange(factors=list(reversed(labels)))
-    p = figure(
-        title="Evictions by tier (to stay within capacity)",
-        y_range=y_range,
-        x_range=DataRange1d(start=0),
-        sizing_mode=SIZING,
-        min_width=MIN_WIDTH,
-        height=_bar_height(len(labels)) + 30,
-        tools="save",
-        toolbar_location=None,
-        name="zcache-evictions",
-    )
+    p = _bar_figure("Evictions by tier (to stay within capacity)", tiers, "zcache-evictions")
+    y_range = p.y_range
     n = len(EVICTION_TIERS)
     step = 0.8 / n
     bars = [
@@ -456,86 +446,7 @@ def evictions_figure(tiers: ColumnDataSource) -> figure:
         )
         for i, tier in enumerate(EVICTION_TIERS)
     ]
-    _legend_below_counts_across(p, "evictions")
-    p.add_tools(
-        HoverTool(
-            renderers=list(bars),
-            tooltips=[("", "@label")]
-            + [(f"{tier} evictions", f"@evictions_{tier}") for tier in EVICTION_TIERS],
-        )
+    _counts_across(
+        p, "evictions", bars, [(f"{t} evictions", f"@evictions_{t}") for t in EVICTION_TIERS]
     )
     return p
-
-
-#: the tables, and the note above each (``zcache-table-<name>``, ``zcache-note-<name>``)
-TABLE_NAMES = ("hot_keys", "decisions")
-
-
-def hot_keys_table(hot_keys: ColumnDataSource) -> DataTable:
-    """The cluster's hottest keys: reads, cluster read rate now and at peak, who holds them where.
-
-    Parameters
-    ----------
-    hot_keys
-        The ``hot_keys`` source of `make_sources`.
-
-    Returns
-    -------
-    bokeh.models.DataTable
-        Hidden while there are no hot keys (`notes` says so instead).
-    """
-    rate = NumberFormatter(format="0.00")
-    return DataTable(
-        source=hot_keys,
-        columns=[
-            TableColumn(field="count", title="reads", width=60),
-            TableColumn(field="rate", title="rate now (/s)", width=90, formatter=rate),
-            TableColumn(field="peak", title="peak (/s)", width=80, formatter=rate),
-            TableColumn(field="key", title="key", width=560),
-            TableColumn(field="workers", title="held by (tier)", width=260),
-        ],
-        sizing_mode=SIZING,
-        min_width=MIN_WIDTH,
-        autosize_mode="fit_columns",
-        height=260,
-        index_position=None,
-        visible=bool(hot_keys.data["key"]),
-        name="zcache-table-hot_keys",
-    )
-
-
-def decisions_table(decisions: ColumnDataSource) -> DataTable:
-    """The aggregator's latest promotion and warm decisions, newest first.
-
-    Parameters
-    ----------
-    decisions
-        The ``decisions`` source of `make_sources`.
-
-    Returns
-    -------
-    bokeh.models.DataTable
-        Hidden while the aggregator made no decision (`notes` says so instead).
-    """
-    return DataTable(
-        source=decisions,
-        columns=[
-            TableColumn(field="time", title="time", width=70),
-            TableColumn(field="action", title="action", width=70),
-            TableColumn(field="worker", title="worker", width=150),
-            TableColumn(
-                field="rate",
-                title="cluster rate (/s)",
-                width=110,
-                formatter=NumberFormatter(format="0.00"),
-            ),
-            TableColumn(field="key", title="key", width=600),
-        ],
-        sizing_mode=SIZING,
-        min_width=MIN_WIDTH,
-        autosize_mode="fit_columns",
-        height=220,
-        index_position=None,
-        visible=bool(decisions.data["key"]),
-        name="zcache-table-decisions",
-    )

@@ -18,13 +18,12 @@ from xarray_zcache.plotting.figures import (
     SIZING,
     bytes_saved_figure,
     capacity_figure,
-    decisions_table,
     decoded_figure,
     evictions_figure,
     hit_rate_figure,
-    hot_keys_table,
     tier_figure,
 )
+from xarray_zcache.plotting.tables import decisions_table, hot_keys_table
 
 __all__ = ["dashboard", "figures", "make_sources", "panel"]
 
