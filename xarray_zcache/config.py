@@ -64,7 +64,7 @@ class CacheConfig:
     disk_pack_below
         Disk entries of at most this many bytes are appended as records to segment files
         instead of a file each (fills of small entries about 25x faster, see
-        ``docs/benchmarks.md``); ``0``: off (the default for now: every entry a file).
+        ``docs/benchmarks.md``); default 64 KiB; ``0``: off (every entry a file).
         At most 64 KiB.
     max_object_size
         Objects larger than this are never cached.
