@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 from uuid import uuid4
@@ -9,6 +13,12 @@ from uuid import uuid4
 import pytest
 
 from xarray_zcache.testing.s3server import LocalS3Server
+
+# No test uses the user's own cache folder (~/.cache/xarray-zcache, the default disk tier):
+# a test that forgets `with_disk_cache(tmp_path)` gets a folder of this session instead.
+_HOME_CACHE = tempfile.mkdtemp(prefix="zcache-tests-cache-home-")
+os.environ["XDG_CACHE_HOME"] = _HOME_CACHE
+atexit.register(shutil.rmtree, _HOME_CACHE, True)
 
 
 @pytest.fixture(scope="session")

@@ -102,7 +102,11 @@ def test_reading_through_the_s3fs_client_leaves_no_session_open(
         xr.testing.assert_identical(ds.load(), _dataset())
         ds.close()
         del ds
-    store = open_store(url, storage_options=s3_options, cache_config=cfg.with_name("sessions-s"))
+    store = open_store(
+        url,
+        storage_options=s3_options,
+        cache_config=cfg.with_name("sessions-s").with_disk_cache(tmp_path / "s"),
+    )
     assert zarr.open_group(store, mode="r")["t"][:].sum() == _dataset().t.values.sum()
     store.close()
     del store
