@@ -31,6 +31,7 @@ from xarray_zcache.cache.disk.folder import (
 from xarray_zcache.cache.disk.log import Warner
 from xarray_zcache.cache.disk.scan import has_payload_files
 from xarray_zcache.cache.disk.schema import (
+    INDEX_CACHE_BYTES,
     INDEX_NAME,
     INDEX_SIDE_FILES,
     LOCK_NAME,
@@ -69,6 +70,8 @@ class Index:
         ``fill(conn)`` fills a new, empty index from the payload files (folder lock held).
     on_damage : callable
         Called each time a damaged index is replaced.
+    cache_bytes : int
+        Bound of the connection's SQLite page cache (:data:`.schema.INDEX_CACHE_BYTES`).
     """
 
     def __init__(
@@ -78,6 +81,7 @@ class Index:
         *,
         fill: Callable[[sqlite3.Connection], None],
         on_damage: Callable[[], None],
+        cache_bytes: int = INDEX_CACHE_BYTES,
     ) -> None:
         self.root = root
         self.lock = threading.Lock()
@@ -88,6 +92,7 @@ class Index:
         self._warner = warner
         self._fill = fill
         self._on_damage = on_damage
+        self.cache_bytes = cache_bytes
         self._db_id: tuple[int, int] | None = None
         self._retry_at = 0.0
 
@@ -190,7 +195,7 @@ class Index:
         for attempt in (0, 1):
             conn: sqlite3.Connection | None = None
             try:
-                conn, created = connect(self.db_path)
+                conn, created = connect(self.db_path, self.cache_bytes)
                 if created and has_payload_files(self.root):
                     self._fill(conn)
                 else:
