@@ -291,3 +291,120 @@ def test_put_into_a_full_tier_counts_exactly_what_it_evicted(tmp_path: pathlib.P
         assert t.used_bytes() == 10_000 + 100 - 100 * len(gone)
     finally:
         t.close()
+
+
+def test_the_index_page_cache_is_bounded_as_asked(tmp_path: pathlib.Path) -> None:
+    with _tier(tmp_path / "a") as t:
+        assert t.index_cache_bytes == schema.INDEX_CACHE_BYTES
+        assert t._index.run("size", lambda c: c.execute("PRAGMA cache_size").fetchone()[0]) == -(
+            schema.INDEX_CACHE_BYTES >> 10
+        )
+    with DiskTier(tmp_path / "b", 1 << 20, index_cache_bytes=64 << 20) as t:
+        assert t.index_cache_bytes == 64 << 20
+        t._index.replace()  # a reopened index keeps the bound
+        assert t._index.run("size", lambda c: c.execute("PRAGMA cache_size").fetchone()[0]) == -(
+            64 << 10
+        )
+
+
+# -- the read connection of hits -------------------------------------------------------------
+
+
+def test_a_hit_does_not_wait_for_a_write_of_its_own_process(tmp_path: pathlib.Path) -> None:
+    """A statistics flush, fill or eviction holds the index lock and a write transaction;
+    a hit's lookup runs on the read connection meanwhile and sees the committed row."""
+    import threading
+
+    t = _tier(tmp_path / "c")
+    try:
+        assert t.put("k", b"committed") and t.get("k") == b"committed"
+        holding, release = threading.Event(), threading.Event()
+
+        def writer() -> None:
+            def hold(conn: sqlite3.Connection) -> None:
+                with schema.txn(conn):
+                    conn.execute("UPDATE entries SET hits = hits + 1 WHERE key = 'k'")
+                    holding.set()
+                    release.wait(10)
+
+            t._index.run("holding", hold)
+
+        thread = threading.Thread(target=writer)
+        thread.start()
+        try:
+            assert holding.wait(10)
+            t0 = time.monotonic()
+            assert t.get("k") == b"committed"
+            assert t.might_contain("k") and not t.might_contain("absent")
+            assert time.monotonic() - t0 < 5  # did not wait for the 10 s transaction
+        finally:
+            release.set()
+            thread.join()
+    finally:
+        t.close()
+
+
+def test_the_read_connection_follows_an_index_replaced_by_another_process(
+    tmp_path: pathlib.Path,
+) -> None:
+    """Another process rebuilds the index (records are not recovered, so their rows go and
+    nothing marks those records dead), then writes and deletes: the hits of this process
+    never come from its read connection to the old index file."""
+    a, b = _tier(tmp_path / "c"), _tier(tmp_path / "c")
+    try:
+        for k in ("k/1", "k/2"):
+            assert a.put(k, b"old " + k.encode())
+        assert a.get("k/1") == b"old k/1" and a._index._reader is not None
+        b.rebuild_index()  # a new index.db: the records' rows are gone, the records live
+        assert b.put("k/1", b"new") and b.get("k/1") == b"new"
+        assert a.get("k/1") == b"new"  # not the old record the old index points to
+        assert a.get("k/2") is None  # lost with the old index, never served from it
+        b.put("k/2", b"again")
+        b.delete("k/2")
+        assert a.get("k/2") is None
+    finally:
+        a.close()
+        b.close()
+
+
+def test_another_process_deleting_or_replacing_an_entry_wins_over_the_read_connection(
+    tmp_path: pathlib.Path,
+) -> None:
+    a, b = _tier(tmp_path / "c"), _tier(tmp_path / "c")
+    try:
+        assert a.put("k", b"v1") and a.get("k") == b"v1"
+        assert b.put("k", b"v2 longer") and a.get("k") == b"v2 longer"
+        b.delete("k")
+        assert a.get("k") is None and not a.might_contain("k")
+        assert b.put("k", b"v3") and a.get("k") == b"v3"
+        b.delete_prefix("")
+        assert a.get("k") is None
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_damaged_index_found_by_the_read_connection_is_recovered(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error on the read connection sends the lookup through ``Index.run`` (recovery)."""
+    t = _tier(tmp_path / "c")
+    try:
+        assert t.put("k", b"v") and t.get("k") == b"v"
+        reader = t._index._reader
+        assert reader is not None
+        calls: list[str] = []
+        real_run = t._index.run
+
+        def run(action: str, op: object, **kw: bool) -> object:
+            calls.append(action)
+            return real_run(action, op, **kw)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(t._index, "run", run)
+        reader.close()  # any error: ProgrammingError (a closed connection)
+        assert t.get("k") == b"v"
+        assert calls.count("looking up a key") == 1
+        assert t.get("k") == b"v" and t._index._reader is not None
+        assert t._index._reader is not reader
+    finally:
+        t.close()

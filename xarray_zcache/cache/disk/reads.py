@@ -1,8 +1,10 @@
 """The core of a disk tier: its state, the read path and access statistics.
 
-A hit is one primary-key lookup of the entry's row, then one ``pread``: of the record, from an
-open descriptor of its segment (:mod:`.segments`), or of the entry's own payload file. The
-access statistics are written off the hit path (:mod:`.access`, :mod:`.flusher`).
+A hit is one primary-key lookup of the entry's row (on the index's read connection, so that
+it never waits for this process's writes: :meth:`.index.Index.query`), then one ``pread``: of
+the record, from an open descriptor of its segment (:mod:`.segments`), or of the entry's own
+payload file. The access statistics are written off the hit path (:mod:`.access`,
+:mod:`.flusher`).
 """
 
 from __future__ import annotations
@@ -248,7 +250,8 @@ class TierCore(StatsFlush):
         if not rows.sql_safe(key):
             return None  # no stored key holds a lone surrogate
         try:
-            found: Found | None = self._index.run(
+            # on the read connection: a hit does not queue behind a flush, fill or eviction
+            found: Found | None = self._index.query(
                 "looking up a key", lambda conn: conn.execute(_LOOKUP, (key,)).fetchone()
             )
         except RuntimeError:
