@@ -7,13 +7,14 @@ import contextlib
 import os
 import pathlib
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 from entry_location import locate
 
-from xarray_zcache.cache.disk import DiskTier, rows, schema
+from xarray_zcache.cache.disk import DiskTier, reads, rows, schema
 
 THRESHOLD = 65536
 
@@ -313,8 +314,6 @@ def test_the_index_page_cache_is_bounded_as_asked(tmp_path: pathlib.Path) -> Non
 def test_a_hit_does_not_wait_for_a_write_of_its_own_process(tmp_path: pathlib.Path) -> None:
     """A statistics flush, fill or eviction holds the index lock and a write transaction;
     a hit's lookup runs on the read connection meanwhile and sees the committed row."""
-    import threading
-
     t = _tier(tmp_path / "c")
     try:
         assert t.put("k", b"committed") and t.get("k") == b"committed"
@@ -344,6 +343,45 @@ def test_a_hit_does_not_wait_for_a_write_of_its_own_process(tmp_path: pathlib.Pa
         t.close()
 
 
+@contextlib.contextmanager
+def busy(t: DiskTier, hold_s: float = 30.0) -> Iterator[None]:
+    """Another thread holds the index lock (as a flush, fill or eviction does) for at most
+    ``hold_s``: meanwhile lookups go to the read connection."""
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with t._index.lock:
+            holding.set()
+            release.wait(hold_s)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    assert holding.wait(10)
+    try:
+        yield
+    finally:
+        release.set()
+        thread.join()
+
+
+def _reader_lookup(t: DiskTier, key: str) -> object:
+    """The row of ``key`` as the read connection sees it (the index lock must be held)."""
+    return t._index.query("test", lambda c: c.execute(reads._LOOKUP, (key,)).fetchone())
+
+
+def test_lookups_use_the_writer_connection_when_it_is_free(tmp_path: pathlib.Path) -> None:
+    """SQLite drops a connection's page cache when another commits: the read connection is
+    for contention only, the writer's cache serves the rest."""
+    with _tier(tmp_path / "c") as t:
+        assert t.put("k", b"v")
+        for _ in range(3):
+            assert t.get("k") == b"v"
+        assert t._index._reader is None
+        with busy(t):
+            assert _reader_lookup(t, "k") is not None
+        assert t._index._reader is not None
+
+
 def test_the_read_connection_follows_an_index_replaced_by_another_process(
     tmp_path: pathlib.Path,
 ) -> None:
@@ -354,14 +392,21 @@ def test_the_read_connection_follows_an_index_replaced_by_another_process(
     try:
         for k in ("k/1", "k/2"):
             assert a.put(k, b"old " + k.encode())
-        assert a.get("k/1") == b"old k/1" and a._index._reader is not None
+        with busy(a):
+            assert _reader_lookup(a, "k/1") is not None and a._index._reader is not None
         b.rebuild_index()  # a new index.db: the records' rows are gone, the records live
         assert b.put("k/1", b"new") and b.get("k/1") == b"new"
+        with busy(a), a._index.read_lock:
+            assert a._index._reader_locked() is None  # not on the old index file
         assert a.get("k/1") == b"new"  # not the old record the old index points to
         assert a.get("k/2") is None  # lost with the old index, never served from it
         b.put("k/2", b"again")
         b.delete("k/2")
         assert a.get("k/2") is None
+        with busy(a):
+            assert _reader_lookup(a, "k/2") is None
+            assert _reader_lookup(a, "k/1") is not None  # the reader is back, on the new file
+            assert a.get("k/1") == b"new"
     finally:
         a.close()
         b.close()
@@ -372,25 +417,30 @@ def test_another_process_deleting_or_replacing_an_entry_wins_over_the_read_conne
 ) -> None:
     a, b = _tier(tmp_path / "c"), _tier(tmp_path / "c")
     try:
-        assert a.put("k", b"v1") and a.get("k") == b"v1"
-        assert b.put("k", b"v2 longer") and a.get("k") == b"v2 longer"
-        b.delete("k")
-        assert a.get("k") is None and not a.might_contain("k")
-        assert b.put("k", b"v3") and a.get("k") == b"v3"
-        b.delete_prefix("")
-        assert a.get("k") is None
+        assert a.put("k", b"v1")
+        with busy(a):
+            assert a.get("k") == b"v1"
+            assert b.put("k", b"v2 longer") and a.get("k") == b"v2 longer"
+            b.delete("k")
+            assert a.get("k") is None and not a.might_contain("k")
+            assert b.put("k", b"v3") and a.get("k") == b"v3"
+            b.delete_prefix("")
+            assert a.get("k") is None
+            assert a._index._reader is not None
     finally:
         a.close()
         b.close()
 
 
-def test_a_damaged_index_found_by_the_read_connection_is_recovered(
+def test_an_error_on_the_read_connection_goes_through_recovery(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An error on the read connection sends the lookup through ``Index.run`` (recovery)."""
     t = _tier(tmp_path / "c")
     try:
-        assert t.put("k", b"v") and t.get("k") == b"v"
+        assert t.put("k", b"v")
+        with busy(t):
+            assert _reader_lookup(t, "k") is not None
         reader = t._index._reader
         assert reader is not None
         calls: list[str] = []
@@ -402,9 +452,12 @@ def test_a_damaged_index_found_by_the_read_connection_is_recovered(
 
         monkeypatch.setattr(t._index, "run", run)
         reader.close()  # any error: ProgrammingError (a closed connection)
-        assert t.get("k") == b"v"
+        with busy(t, hold_s=0.5):  # run() waits for the lock, then looks up
+            assert t.get("k") == b"v"
         assert calls.count("looking up a key") == 1
-        assert t.get("k") == b"v" and t._index._reader is not None
-        assert t._index._reader is not reader
+        assert t._index._reader is None  # dropped; opened again when next needed
+        with busy(t):
+            assert _reader_lookup(t, "k") is not None
+        assert t._index._reader not in (None, reader)
     finally:
         t.close()

@@ -150,18 +150,27 @@ class Index:
 
     def query(self, action: str, op: Callable[[sqlite3.Connection], _T]) -> _T:
         """:meth:`run` for a query of committed rows that need not wait for this process's
-        writes: ``op`` runs on a second connection (WAL: a reader never waits for the
-        writer), so that a hit's lookup does not queue behind a statistics flush, a fill or
-        an eviction holding :attr:`lock` (at a million entries, a flush of a few thousand
-        hits rewrites that many random pages: tens of milliseconds to seconds).
+        writes (a hit's lookup).
 
-        Only while that connection is beside the current :attr:`conn` on the current
-        ``index.db`` (checked on every call, as :meth:`require` does), in the process that
-        opened the tier; otherwise, and on any error (damage, busy, I/O), ``op`` goes through
-        :meth:`run` and its recovery. ``op`` sees the last committed state: a row of another
-        thread's transaction in progress is not seen until it commits (as with another
+        When :attr:`lock` is free, ``op`` runs on :attr:`conn`, as :meth:`run`. When it is
+        held (a statistics flush, a fill, an eviction: at a million entries a flush of a few
+        thousand hits rewrites that many random pages, tens of milliseconds to seconds),
+        ``op`` runs on a second connection instead (WAL: a reader never waits for the
+        writer). Not the other way round: SQLite drops a connection's whole page cache when
+        another connection has committed, which the writer does all the time.
+
+        The second connection is used only while it is beside the current :attr:`conn` on
+        the current ``index.db`` (checked on every call, as :meth:`require` does), in the
+        process that opened the tier; otherwise, and on any error (damage, busy, I/O), ``op``
+        goes through :meth:`run` and its recovery. ``op`` sees the last committed state: a
+        row of the transaction in progress is not seen until it commits (as with another
         process's).
         """
+        if self.lock.acquire(blocking=False):
+            try:
+                return self.run_locked(action, op)
+            finally:
+                self.lock.release()
         if self.conn is not None and os.getpid() == self._pid:
             with self.read_lock:
                 reader = self._reader_locked()
