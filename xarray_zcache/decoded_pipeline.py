@@ -61,6 +61,8 @@ from zarr.core.indexing import get_indexer
 from zarr.registry import register_pipeline
 from zarr.storage import StorePath
 
+from xarray_zcache.cache.hybrid import Unanswered
+
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
@@ -101,6 +103,8 @@ class _Decoding:
     sharded: bool
     _tags: dict[str, str] = dataclasses.field(default_factory=dict)
     _shards: dict[Any, Shards | None] = dataclasses.field(default_factory=dict)
+    #: the byte tiers' reads of batches of chunk keys read again (`bytes_now_many`)
+    reads: dict[Any, Any] = dataclasses.field(default_factory=dict)
 
     def tag(self, order: Any) -> str:
         """The decoding tag of a chunk decoded into ``order`` (as the xarray path's)."""
@@ -216,7 +220,9 @@ class DecodedCodecPipeline(BatchedCodecPipeline):
             if shards is None:
                 return None
             return await _read_shards(store, tier, tag, shards, batch, target, drop_axes)
-        return await self._read_chunks(store, tier, tag, spec, batch, target, drop_axes)
+        return await self._read_chunks(
+            store, tier, tag, spec, batch, target, drop_axes, decoding.reads
+        )
 
     async def _read_chunks(
         self,
@@ -227,8 +233,9 @@ class DecodedCodecPipeline(BatchedCodecPipeline):
         batch: _Batch,
         target: np.ndarray[Any, Any],
         drop_axes: tuple[int, ...],
+        memo: dict[Any, Any],
     ) -> tuple[GetResult, ...]:
-        from xarray_zcache.decoded_reads import chunk_decoder, serve_now, serve_rest
+        from xarray_zcache.decoded_reads import chunk_decoder, look_up, serve_rest
 
         fill = fill_value_or_default(spec)
         missing: list[int] = []
@@ -244,8 +251,26 @@ class DecodedCodecPipeline(BatchedCodecPipeline):
                 selected = selected.squeeze(axis=drop_axes)
             target[out_sel] = selected
 
-        items = [(g.path, (i, cs, os)) for i, (g, _, cs, os, _) in enumerate(batch)]  # type: ignore[attr-defined]
-        later, found = serve_now(store, tier, tag, items, place)
+        keys = [item[0].path for item in batch]  # type: ignore[attr-defined]
+        cks, answers, arrays = look_up(store, tier, tag, keys, memo)
+        later: list[tuple[str, str, Any]] = []
+        found: list[tuple[str, bytes, Any]] = []
+        whole = not drop_axes
+        for i, array in enumerate(arrays):
+            _, _, chunk_sel, out_sel, complete = batch[i]
+            if array is not None:
+                if whole and complete and _all_of(chunk_sel, array.shape):
+                    target[out_sel] = array  # the whole chunk: no view of it to make
+                else:
+                    place(array, (i, chunk_sel, out_sel))
+                continue
+            data = answers[i]
+            if isinstance(data, Unanswered):
+                later.append((keys[i], cks[i], (i, chunk_sel, out_sel)))
+            elif data is None:
+                place(None, (i, chunk_sel, out_sel))
+            else:
+                found.append((cks[i], data, (i, chunk_sel, out_sel)))
         if later or found:
             await serve_rest(store, tier, tag, later, found, chunk_decoder(self, spec), place)
         return _results(len(batch), missing)
@@ -297,6 +322,17 @@ async def _read_shards(
         limit,
     )
     return _results(len(batch), missing)
+
+
+def _all_of(chunk_sel: Any, shape: tuple[int, ...]) -> bool:
+    """Whether ``chunk_sel`` (zarr's selection of a complete chunk) selects every element
+    of a chunk of ``shape`` (not so for a chunk past the array's end)."""
+    if len(chunk_sel) != len(shape):
+        return False
+    for sel, n in zip(chunk_sel, shape, strict=True):
+        if type(sel) is not slice or sel.stop != n:
+            return False
+    return True
 
 
 _PRESENT = GetResult(status="present")

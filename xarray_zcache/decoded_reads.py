@@ -51,7 +51,15 @@ from xarray_zcache.decoded_plan import DecodedPlan, plan_of
 from xarray_zcache.decoded_shards import fill_sharded
 from xarray_zcache.store import CachedStore
 
-__all__ = ["DecodedPlan", "chunk_decoder", "plan_of", "read_selection", "serve_now", "serve_rest"]
+__all__ = [
+    "DecodedPlan",
+    "chunk_decoder",
+    "look_up",
+    "plan_of",
+    "read_selection",
+    "serve_now",
+    "serve_rest",
+]
 
 #: puts a decoded chunk (None: missing, the fill value) where a selection wants it
 Place = Callable[[np.ndarray[Any, Any] | None, Any], None]
@@ -87,22 +95,33 @@ def serve_now(
     """Serve the chunks ``items`` (store key, where) whose encoded bytes the byte tiers
     answer without I/O and whose decoded array the tier holds under ``tag`` (a missing
     chunk: ``place(None, where)``); the rest: to read, to decode (`serve_rest`)."""
-    cache = store.cache
+    pairs = list(items)
+    cks, answers, arrays = look_up(store, tier, tag, [key for key, _ in pairs])
     later: list[_Later] = []
     found: list[_Found] = []
-    for key, where in items:
-        ck, data = store.bytes_now(key, cache)
-        if isinstance(data, Unanswered):
+    for (key, where), ck, data, array in zip(pairs, cks, answers, arrays, strict=True):
+        if array is not None:
+            place(array, where)
+        elif isinstance(data, Unanswered):
             later.append((key, ck, where))
         elif data is None:
             place(None, where)
         else:
-            array = tier.get(ck, data, tag)
-            if array is None:
-                found.append((ck, data, where))
-            else:
-                place(array, where)
+            found.append((ck, data, where))
     return later, found
+
+
+def look_up(
+    store: CachedStore, tier: DecodedTier, tag: str, keys: list[str], memo: Any = None
+) -> tuple[list[str], list[bytes | Unanswered | None], list[np.ndarray[Any, Any] | None]]:
+    """For each of the chunks ``keys``: its cache key, the encoded bytes the byte tiers
+    serve now without I/O (`CachedStore.bytes_now_many`: `Unanswered` if they cannot
+    tell, None if the chunk is missing) and the array the tier holds decoded from those
+    very bytes under ``tag`` (else None). One pass over the gate, one look-up in each
+    tier for the lot. ``memo``: see `CachedStore.bytes_now_many`."""
+    cks, answers = store.bytes_now_many(keys, store.cache, memo)
+    tokens = [None if isinstance(a, Unanswered) else a for a in answers]
+    return cks, answers, tier.get_many(cks, tokens, tag)
 
 
 async def serve_rest(

@@ -296,6 +296,31 @@ class HybridCache(DirectAccess, CacheReporting, DiskFallback, Coherence):
         peers, the source). The caller has passed the freshness gate first."""
         return self._from_memory_or_negatives(read)
 
+    def answer_now_many(self, reads: list[Read]) -> list[bytes | _Unanswered | None]:
+        """`answer_now` of each of ``reads`` (in order; the caller has passed the freshness
+        gate of each): the memory tier asked once, the hits counted at once."""
+        if any(r.whole is not None for r in reads):
+            return [self.answer_now(r) for r in reads]
+        values = self._memory.get_many([r.key for r in reads])
+        writer = self._writer
+        out: list[bytes | _Unanswered | None] = []
+        hits: list[tuple[Read, bytes]] = []
+        for read, value in zip(reads, values, strict=True):
+            if value is None and writer is not None:
+                value = writer.pending(read.key)
+            if value is not None:
+                hits.append((read, value))
+                out.append(value)
+            elif self._known_missing(read):
+                self._count_negative(read)
+                out.append(None)
+            else:
+                out.append(UNANSWERED)
+        if hits:
+            self._last_hit = time.monotonic()
+            self._count_memory_hits(hits)
+        return out
+
     def _counted(self, read: Read, found: tuple[bytes | None, bool]) -> bytes | _Unanswered | None:
         """Count what the disk step (`_from_disk`) found."""
         value, missing = found
