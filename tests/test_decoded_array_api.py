@@ -534,3 +534,49 @@ def test_readers_racing_a_writer_see_each_chunk_of_one_version(sharded: bool) ->
     for _ in range(2):
         for arr in (w, zarr.open_array(store, path="t", mode="r")):
             same(arr[:], np.full((4, 16, 16), last, dtype="i4"))
+
+
+# -- the modules: no import circle with the store -----------------------------------------------
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module of the package ``path`` imports anywhere (at import time, in
+    functions, under ``TYPE_CHECKING``)."""
+    import ast
+
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            if node.module == "xarray_zcache":
+                out.update(f"xarray_zcache.{a.name}" for a in node.names)
+            elif node.module.startswith("xarray_zcache."):
+                out.add(node.module)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith("xarray_zcache."))
+    return out
+
+
+def test_no_import_circle_between_the_decoded_modules_and_the_store() -> None:
+    """The decoded modules import the store nowhere (they read through
+    `DecodedSource`); the store imports only the installer, and nothing the installer
+    reaches - every import statement followed, in functions too - leads back to it."""
+    root = Path(dp.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for p in root.rglob("*.py"):
+        parts = p.relative_to(root.parent).with_suffix("").parts
+        graph[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = _imports(p)
+    decoded = {n for n in graph if n.startswith("xarray_zcache.decoded_")}
+    assert "xarray_zcache.decoded_install" in decoded and "xarray_zcache.decoded_source" in decoded
+    for name in decoded:
+        assert "xarray_zcache.store" not in graph[name], name
+    assert graph["xarray_zcache.store"] & decoded == {"xarray_zcache.decoded_install"}
+    # nothing reachable from the installer imports the store
+    seen: set[str] = set()
+    todo = ["xarray_zcache.decoded_install"]
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in graph:
+            continue
+        seen.add(name)
+        todo.extend(graph[name])
+    assert "xarray_zcache.store" not in seen, sorted(seen)

@@ -12,7 +12,8 @@ array, and falls back to `from_codecs` when that raises `NotImplementedError`.
   array's metadata; its `read` serves each chunk from the decoded tier under the same
   rule as the xarray backend (`xarray_zcache.decoded_reads`): the chunk's encoded bytes
   come through the store's own read path (freshness gate, memory tier, negative entries
-  without I/O: `CachedStore.bytes_now`; else `get_bytes`), and a decoded array is served
+  without I/O: `CachedStore.bytes_now_many`, one look-up for all the chunks of a read;
+  else `get_bytes`), and a decoded array is served
   only when it was decoded from those very bytes under the same decoding tag (dtype,
   chunk shape, codecs, fill value, order). A miss is decoded by zarr's own codecs (this
   pipeline's `decode`) and admitted. The selection of a decoded chunk and its placement
@@ -29,15 +30,16 @@ a decoded entry whose bytes changed is never served again). A read also falls to
 when the tier is off (``decoded-memory-size: 0``), when the output buffer or the
 prototype is not a NumPy one (GPU buffers), or when a batch mixes stores or specs.
 
-Registration (`install`, when `xarray_zcache.store` is imported): only when zarr's
+Registration (`install`, when `xarray_zcache.store` is imported: it imports
+`xarray_zcache.decoded_install`): only when zarr's
 ``codec_pipeline.path`` is zarr's default; a pipeline the user chose (zarrs'
 ``zarrs.ZarrsCodecPipeline``, zarr's ``FusedCodecPipeline``) is left alone, with one INFO
 log line. Dask config ``zcache.decoded-array-api: false`` (``DASK_ZCACHE__DECODED_ARRAY_API``)
 turns it off: nothing is registered, and arrays opened while it is off get zarr's own
 pipeline. `uninstall` restores zarr's default.
 
-This module imports the store and the decoded tier's modules when they are first needed
-(it is imported by `xarray_zcache.store` itself).
+This module imports the decoded tier's modules when they are first needed; none of them
+imports `xarray_zcache.store` (they read through `xarray_zcache.decoded_source`).
 """
 
 from __future__ import annotations
@@ -145,9 +147,9 @@ class DecodedCodecPipeline(BatchedCodecPipeline):
         """This pipeline for an array the decoded tier can serve over a `CachedStore`;
         `NotImplementedError` (zarr then builds its own) for any other."""
         from xarray_zcache.decoded_plan import decodable
-        from xarray_zcache.store import CachedStore
+        from xarray_zcache.decoded_source import decoded_source
 
-        if not isinstance(store, CachedStore) or not enabled():
+        if decoded_source(store) is None or not enabled():
             raise NotImplementedError("not a CachedStore, or zcache.decoded-array-api is off")
         dtype = decodable(array_metadata)
         if dtype is None:
@@ -192,13 +194,14 @@ class DecodedCodecPipeline(BatchedCodecPipeline):
     async def _served(
         self, decoding: _Decoding, batch: _Batch, out: NDBuffer, drop_axes: tuple[int, ...]
     ) -> tuple[GetResult, ...] | None:
-        from xarray_zcache.store import CachedStore
+        from xarray_zcache.decoded_source import decoded_source
 
         if not batch:
             return None
         first, spec = batch[0][0], batch[0][1]
-        store = getattr(first, "store", None)
-        if not isinstance(store, CachedStore) or not isinstance(out, cpu.NDBuffer):
+        raw = getattr(first, "store", None)
+        store = decoded_source(raw)
+        if store is None or not isinstance(out, cpu.NDBuffer):
             return None
         tier = store.cache.decoded_tier
         target: Any = out.as_ndarray_like()
@@ -210,7 +213,7 @@ class DecodedCodecPipeline(BatchedCodecPipeline):
         ):
             return None
         for getter, s, *_ in batch:
-            if type(getter) is not StorePath or getter.store is not store:
+            if type(getter) is not StorePath or getter.store is not raw:
                 return None
             if s is not spec and s != spec:
                 return None

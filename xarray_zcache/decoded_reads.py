@@ -5,7 +5,8 @@ The rule that keeps a hit exact: a decoded chunk is served only when the byte ti
 would serve the very same encoded bytes for its key right now. Each read first asks the
 `CachedStore` for the chunk's encoded bytes through its own read path (the freshness
 gate - TTLs, validation interval, versions, another process's change log -, the memory
-tier, negative entries; `CachedStore.bytes_now` without I/O, else `get_bytes`), then
+tier, negative entries; `CachedStore.bytes_now_many` without I/O, one look-up for all
+the chunks of a read; else `get_bytes`), then
 asks the decoded tier for the array decoded, with this array's dtype, chunk shape and
 codecs (`DecodedPlan.tag`), from bytes equal to those (the same object
 in the usual case: a pointer comparison). A write, a delete, a validation that found
@@ -49,7 +50,7 @@ from xarray_zcache.cache.hybrid import Unanswered
 from xarray_zcache.decoded_index import fast_indexer
 from xarray_zcache.decoded_plan import DecodedPlan, plan_of
 from xarray_zcache.decoded_shards import fill_sharded
-from xarray_zcache.store import CachedStore
+from xarray_zcache.decoded_source import DecodedSource
 
 __all__ = [
     "DecodedPlan",
@@ -90,7 +91,11 @@ def chunk_decoder(pipeline: Any, spec: Any) -> Decode:
 
 
 def serve_now(
-    store: CachedStore, tier: DecodedTier, tag: str, items: Iterable[tuple[str, Any]], place: Place
+    store: DecodedSource,
+    tier: DecodedTier,
+    tag: str,
+    items: Iterable[tuple[str, Any]],
+    place: Place,
 ) -> tuple[list[_Later], list[_Found]]:
     """Serve the chunks ``items`` (store key, where) whose encoded bytes the byte tiers
     answer without I/O and whose decoded array the tier holds under ``tag`` (a missing
@@ -112,7 +117,7 @@ def serve_now(
 
 
 def look_up(
-    store: CachedStore, tier: DecodedTier, tag: str, keys: list[str], memo: Any = None
+    store: DecodedSource, tier: DecodedTier, tag: str, keys: list[str], memo: Any = None
 ) -> tuple[list[str], list[bytes | Unanswered | None], list[np.ndarray[Any, Any] | None]]:
     """For each of the chunks ``keys``: its cache key, the encoded bytes the byte tiers
     serve now without I/O (`CachedStore.bytes_now_many`: `Unanswered` if they cannot
@@ -125,7 +130,7 @@ def look_up(
 
 
 async def serve_rest(
-    store: CachedStore,
+    store: DecodedSource,
     tier: DecodedTier,
     tag: str,
     later: list[_Later],
