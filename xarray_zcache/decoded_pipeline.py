@@ -212,11 +212,14 @@ class DecodedCodecPipeline(BatchedCodecPipeline):
             or spec.prototype.buffer is not cpu.Buffer
         ):
             return None
-        for getter, s, *_ in batch:
+        keys: list[str] = []
+        for item in batch:  # one store, one spec (else zarr reads)
+            getter, s = item[0], item[1]
             if type(getter) is not StorePath or getter.store is not raw:
                 return None
             if s is not spec and s != spec:
                 return None
+            keys.append(getter.path)
         tag = decoding.tag(spec.config.order)
         if decoding.sharded:
             shards = decoding.shards(spec)
@@ -224,7 +227,7 @@ class DecodedCodecPipeline(BatchedCodecPipeline):
                 return None
             return await _read_shards(store, tier, tag, shards, batch, target, drop_axes)
         return await self._read_chunks(
-            store, tier, tag, spec, batch, target, drop_axes, decoding.reads
+            store, tier, tag, spec, batch, keys, target, drop_axes, decoding.reads
         )
 
     async def _read_chunks(
@@ -234,6 +237,7 @@ class DecodedCodecPipeline(BatchedCodecPipeline):
         tag: str,
         spec: ArraySpec,
         batch: _Batch,
+        keys: list[str],
         target: np.ndarray[Any, Any],
         drop_axes: tuple[int, ...],
         memo: dict[Any, Any],
@@ -254,26 +258,24 @@ class DecodedCodecPipeline(BatchedCodecPipeline):
                 selected = selected.squeeze(axis=drop_axes)
             target[out_sel] = selected
 
-        keys = [item[0].path for item in batch]  # type: ignore[attr-defined]
         cks, answers, arrays = look_up(store, tier, tag, keys, memo)
         later: list[tuple[str, str, Any]] = []
         found: list[tuple[str, bytes, Any]] = []
-        whole = not drop_axes
         for i, array in enumerate(arrays):
-            _, _, chunk_sel, out_sel, complete = batch[i]
-            if array is not None:
-                if whole and complete and _all_of(chunk_sel, array.shape):
-                    target[out_sel] = array  # the whole chunk: no view of it to make
-                else:
-                    place(array, (i, chunk_sel, out_sel))
+            item = batch[i]
+            if array is not None and not drop_axes:
+                target[item[3]] = array[item[2]]  # (the hot path: a warm read's every chunk)
                 continue
+            where = (i, item[2], item[3])
             data = answers[i]
-            if isinstance(data, Unanswered):
-                later.append((keys[i], cks[i], (i, chunk_sel, out_sel)))
+            if array is not None:
+                place(array, where)
+            elif isinstance(data, Unanswered):
+                later.append((keys[i], cks[i], where))
             elif data is None:
-                place(None, (i, chunk_sel, out_sel))
+                place(None, where)
             else:
-                found.append((cks[i], data, (i, chunk_sel, out_sel)))
+                found.append((cks[i], data, where))
         if later or found:
             await serve_rest(store, tier, tag, later, found, chunk_decoder(self, spec), place)
         return _results(len(batch), missing)
@@ -325,17 +327,6 @@ async def _read_shards(
         limit,
     )
     return _results(len(batch), missing)
-
-
-def _all_of(chunk_sel: Any, shape: tuple[int, ...]) -> bool:
-    """Whether ``chunk_sel`` (zarr's selection of a complete chunk) selects every element
-    of a chunk of ``shape`` (not so for a chunk past the array's end)."""
-    if len(chunk_sel) != len(shape):
-        return False
-    for sel, n in zip(chunk_sel, shape, strict=True):
-        if type(sel) is not slice or sel.stop != n:
-            return False
-    return True
 
 
 _PRESENT = GetResult(status="present")

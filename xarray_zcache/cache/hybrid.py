@@ -301,21 +301,22 @@ class HybridCache(DirectAccess, CacheReporting, DiskFallback, Coherence):
         gate of each): the memory tier asked once, the hits counted at once."""
         if any(r.whole is not None for r in reads):
             return [self.answer_now(r) for r in reads]
-        values = self._memory.get_many([r.key for r in reads])
+        out: list[bytes | _Unanswered | None] = list(self._memory.get_many([r.key for r in reads]))
         writer = self._writer
-        out: list[bytes | _Unanswered | None] = []
-        hits: list[tuple[Read, bytes]] = []
-        for read, value in zip(reads, values, strict=True):
-            if value is None and writer is not None:
-                value = writer.pending(read.key)
-            if value is not None:
-                hits.append((read, value))
-                out.append(value)
-            elif self._known_missing(read):
-                self._count_negative(read)
-                out.append(None)
-            else:
-                out.append(UNANSWERED)
+        for i, read in enumerate(reads):
+            if out[i] is None:  # (the rare case: every chunk of a warm read is in memory)
+                value = None if writer is None else writer.pending(read.key)
+                if value is not None:
+                    out[i] = value
+                elif not self._known_missing(read):
+                    out[i] = UNANSWERED
+                else:
+                    self._count_negative(read)
+        hits = [
+            (r, v)
+            for r, v in zip(reads, out, strict=True)
+            if v is not None and not isinstance(v, _Unanswered)
+        ]
         if hits:
             self._last_hit = time.monotonic()
             self._count_memory_hits(hits)
