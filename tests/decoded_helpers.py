@@ -66,9 +66,10 @@ def zstd() -> list[Any]:
 
 
 def same(a: np.ndarray, b: np.ndarray) -> None:
-    """Same dtype, shape and values (NaN == NaN; bit-identical for these data)."""
+    """Same dtype, shape and values, bit for bit (NaN payloads and -0.0 included)."""
     assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, a.shape, b.dtype, b.shape)
     np.testing.assert_array_equal(a, b)
+    assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
 
 
 def random_data(

@@ -534,3 +534,62 @@ def test_readers_racing_a_writer_see_each_chunk_of_one_version(sharded: bool) ->
     for _ in range(2):
         for arr in (w, zarr.open_array(store, path="t", mode="r")):
             same(arr[:], np.full((4, 16, 16), last, dtype="i4"))
+
+
+# -- the batched look-up: what the per-chunk one answered, counted the same ------------------------
+
+
+def test_batched_look_up_answers_and_counts_as_one_look_up_per_chunk() -> None:
+    """`bytes_now_many` and `DecodedTier.get_many` answer, chunk for chunk, what
+    `bytes_now` and `DecodedTier.get` answer (memory hits, negative entries, chunks never
+    read), and count the same hits; the memo of a batch's reads is not used once the
+    read's context changes (`RECHECK_MISSING`), and a write still changes the answer."""
+    from xarray_zcache.cache.hybrid import Unanswered
+    from xarray_zcache.store import RECHECK_MISSING
+
+    inner = MemoryStore()
+    data, _ = _array(inner, "int16-missing")  # chunks t/c/1/...: missing (negative entries)
+    store = CachedStore(inner, _mem_cfg("batched"), read_only=False)
+    a = zarr.open_array(store, path="t", mode="r+")
+    same(a[:], data)  # warm: every chunk in memory and decoded
+    keys = [f"t/c/{i}/{j}/{k}" for i in range(2) for j in range(3) for k in range(3)]
+    keys += ["t/c/9/9/9"]  # never read: not in memory, no negative entry
+    cache = store.cache
+    one = [store.bytes_now(k, cache) for k in keys]
+    before = store.stats()
+    memo: dict[Any, Any] = {}
+    cks, answers = store.bytes_now_many(keys, cache, memo)
+    after = store.stats()
+    assert cks == [ck for ck, _ in one] and any(w is None for _, w in one)
+    for (_, want), got in zip(one, answers, strict=True):
+        assert (isinstance(got, Unanswered) and isinstance(want, Unanswered)) or got is want
+    hits = after.total_hits(tier="memory") - before.total_hits(tier="memory")
+    assert hits == sum(isinstance(w, bytes) for _, w in one) > 0
+    tier = cache.decoded_tier
+    tag = _pipeline(a).decoding.tag(a._async_array.config.order)
+    tokens = [a if isinstance(a, bytes) else None for a in answers]
+    hits0 = tier.hits
+    arrays = tier.get_many(cks, tokens, tag)
+    assert [x is None for x in arrays] == [t is None for t in tokens]
+    assert tier.hits - hits0 == sum(t is not None for t in tokens)
+    for ck, token, array in zip(cks, tokens, arrays, strict=True):
+        if token is not None:
+            assert tier.get(ck, token, tag) is array and not array.flags.writeable
+    # the memo serves the same reads again; another context builds them anew
+    assert store.bytes_now_many(keys, cache, memo)[0] == cks and len(memo) == 1
+    held = next(iter(memo.values()))[1]
+    token = RECHECK_MISSING.set(True)
+    try:
+        store.bytes_now_many(keys, cache, memo)
+        assert next(iter(memo.values()))[1] is not held
+        assert all(r.recheck for r in next(iter(memo.values()))[1])
+    finally:
+        RECHECK_MISSING.reset(token)
+    # a write: the batched answer is the new bytes, the old decoded array is not served
+    old = answers[0]
+    a[0:1, 0:4, 0:4] = -1
+    _, again = store.bytes_now_many(keys, cache, memo)
+    assert again[0] is not old
+    got = tier.get_many(cks[:1], [again[0] if isinstance(again[0], bytes) else None], tag)
+    assert got == [None]
+    same(a[:], zarr.open_array(inner, path="t", mode="r")[:])

@@ -192,23 +192,10 @@ def test_no_import_cycles_at_import_time() -> None:
     assert cycles(import_graph("top")) == []
 
 
-# The one cycle left through deferred (function-level) imports: the decoded tier's modules
-# and store.py (store.py installs the decoded pipeline, whose parts import CachedStore).
-# Another change is taking it apart; then this allowance goes and the test wants none.
-_ALLOWED_DEFERRED = {
-    "xarray_zcache.store",
-    "xarray_zcache.decoded_pipeline",
-    "xarray_zcache.decoded_plan",
-    "xarray_zcache.decoded_reads",
-    "xarray_zcache.decoded_shards",
-}
-
-
 def test_no_import_cycles_even_through_deferred_and_type_checking_imports() -> None:
     """Modules that need each other only in functions or for the type checker are one
-    module's job spread over two: nothing but the allowance above may do that."""
-    found = cycles(import_graph("typing"))
-    assert [c for c in found if not set(c) <= _ALLOWED_DEFERRED] == [], found
+    module's job spread over two: none may do that."""
+    assert cycles(import_graph("typing")) == []
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ array, and falls back to `from_codecs` when that raises `NotImplementedError`.
   array's metadata; its `read` serves each chunk from the decoded tier under the same
   rule as the xarray backend (`xarray_zcache.decoded_reads`): the chunk's encoded bytes
   come through the store's own read path (freshness gate, memory tier, negative entries
-  without I/O: `CachedStore.bytes_now`; else `get_bytes`), and a decoded array is served
+  without I/O: `CachedStore.bytes_now_many`, one look-up for all the chunks of a read;
+  else `get_bytes`), and a decoded array is served
   only when it was decoded from those very bytes under the same decoding tag (dtype,
   chunk shape, codecs, fill value, order). A miss is decoded by zarr's own codecs (this
   pipeline's `decode`) and admitted. The selection of a decoded chunk and its placement
@@ -29,15 +30,16 @@ a decoded entry whose bytes changed is never served again). A read also falls to
 when the tier is off (``decoded-memory-size: 0``), when the output buffer or the
 prototype is not a NumPy one (GPU buffers), or when a batch mixes stores or specs.
 
-Registration (`install`, when `xarray_zcache.store` is imported): only when zarr's
+Registration (`install`, when `xarray_zcache.store` is imported: it imports
+`xarray_zcache.decoded_install`): only when zarr's
 ``codec_pipeline.path`` is zarr's default; a pipeline the user chose (zarrs'
 ``zarrs.ZarrsCodecPipeline``, zarr's ``FusedCodecPipeline``) is left alone, with one INFO
 log line. Dask config ``zcache.decoded-array-api: false`` (``DASK_ZCACHE__DECODED_ARRAY_API``)
 turns it off: nothing is registered, and arrays opened while it is off get zarr's own
 pipeline. `uninstall` restores zarr's default.
 
-This module imports the store and the decoded tier's modules when they are first needed
-(it is imported by `xarray_zcache.store` itself).
+This module imports the decoded tier's modules when they are first needed; none of them
+imports `xarray_zcache.store` (they read through `xarray_zcache.decoded_source`).
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ from zarr.core.common import concurrent_map
 from zarr.core.indexing import get_indexer
 from zarr.registry import register_pipeline
 from zarr.storage import StorePath
+
+from xarray_zcache.cache.hybrid import Unanswered
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -101,6 +105,8 @@ class _Decoding:
     sharded: bool
     _tags: dict[str, str] = dataclasses.field(default_factory=dict)
     _shards: dict[Any, Shards | None] = dataclasses.field(default_factory=dict)
+    #: the byte tiers' reads of batches of chunk keys read again (`bytes_now_many`)
+    reads: dict[Any, Any] = dataclasses.field(default_factory=dict)
 
     def tag(self, order: Any) -> str:
         """The decoding tag of a chunk decoded into ``order`` (as the xarray path's)."""
@@ -141,9 +147,9 @@ class DecodedCodecPipeline(BatchedCodecPipeline):
         """This pipeline for an array the decoded tier can serve over a `CachedStore`;
         `NotImplementedError` (zarr then builds its own) for any other."""
         from xarray_zcache.decoded_plan import decodable
-        from xarray_zcache.store import CachedStore
+        from xarray_zcache.decoded_source import decoded_source
 
-        if not isinstance(store, CachedStore) or not enabled():
+        if decoded_source(store) is None or not enabled():
             raise NotImplementedError("not a CachedStore, or zcache.decoded-array-api is off")
         dtype = decodable(array_metadata)
         if dtype is None:
@@ -188,13 +194,14 @@ class DecodedCodecPipeline(BatchedCodecPipeline):
     async def _served(
         self, decoding: _Decoding, batch: _Batch, out: NDBuffer, drop_axes: tuple[int, ...]
     ) -> tuple[GetResult, ...] | None:
-        from xarray_zcache.store import CachedStore
+        from xarray_zcache.decoded_source import decoded_source
 
         if not batch:
             return None
         first, spec = batch[0][0], batch[0][1]
-        store = getattr(first, "store", None)
-        if not isinstance(store, CachedStore) or not isinstance(out, cpu.NDBuffer):
+        raw = getattr(first, "store", None)
+        store = decoded_source(raw)
+        if store is None or not isinstance(out, cpu.NDBuffer):
             return None
         tier = store.cache.decoded_tier
         target: Any = out.as_ndarray_like()
@@ -205,18 +212,23 @@ class DecodedCodecPipeline(BatchedCodecPipeline):
             or spec.prototype.buffer is not cpu.Buffer
         ):
             return None
-        for getter, s, *_ in batch:
-            if type(getter) is not StorePath or getter.store is not store:
+        keys: list[str] = []
+        for item in batch:  # one store, one spec (else zarr reads)
+            getter, s = item[0], item[1]
+            if type(getter) is not StorePath or getter.store is not raw:
                 return None
             if s is not spec and s != spec:
                 return None
+            keys.append(getter.path)
         tag = decoding.tag(spec.config.order)
         if decoding.sharded:
             shards = decoding.shards(spec)
             if shards is None:
                 return None
             return await _read_shards(store, tier, tag, shards, batch, target, drop_axes)
-        return await self._read_chunks(store, tier, tag, spec, batch, target, drop_axes)
+        return await self._read_chunks(
+            store, tier, tag, spec, batch, keys, target, drop_axes, decoding.reads
+        )
 
     async def _read_chunks(
         self,
@@ -225,10 +237,12 @@ class DecodedCodecPipeline(BatchedCodecPipeline):
         tag: str,
         spec: ArraySpec,
         batch: _Batch,
+        keys: list[str],
         target: np.ndarray[Any, Any],
         drop_axes: tuple[int, ...],
+        memo: dict[Any, Any],
     ) -> tuple[GetResult, ...]:
-        from xarray_zcache.decoded_reads import chunk_decoder, serve_now, serve_rest
+        from xarray_zcache.decoded_reads import chunk_decoder, look_up, serve_rest
 
         fill = fill_value_or_default(spec)
         missing: list[int] = []
@@ -244,8 +258,24 @@ class DecodedCodecPipeline(BatchedCodecPipeline):
                 selected = selected.squeeze(axis=drop_axes)
             target[out_sel] = selected
 
-        items = [(g.path, (i, cs, os)) for i, (g, _, cs, os, _) in enumerate(batch)]  # type: ignore[attr-defined]
-        later, found = serve_now(store, tier, tag, items, place)
+        cks, answers, arrays = look_up(store, tier, tag, keys, memo)
+        later: list[tuple[str, str, Any]] = []
+        found: list[tuple[str, bytes, Any]] = []
+        for i, array in enumerate(arrays):
+            item = batch[i]
+            if array is not None and not drop_axes:
+                target[item[3]] = array[item[2]]  # (the hot path: a warm read's every chunk)
+                continue
+            where = (i, item[2], item[3])
+            data = answers[i]
+            if array is not None:
+                place(array, where)
+            elif isinstance(data, Unanswered):
+                later.append((keys[i], cks[i], where))
+            elif data is None:
+                place(None, where)
+            else:
+                found.append((cks[i], data, where))
         if later or found:
             await serve_rest(store, tier, tag, later, found, chunk_decoder(self, spec), place)
         return _results(len(batch), missing)

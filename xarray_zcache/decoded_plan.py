@@ -22,7 +22,7 @@ from zarr.core.array_spec import ArraySpec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.metadata.v3 import RegularChunkGridMetadata
 
-from xarray_zcache.store import CachedStore
+from xarray_zcache.decoded_source import DecodedSource, decoded_source
 
 __all__ = [
     "CODECS",
@@ -88,7 +88,7 @@ def _sharded(codecs: Any, known: frozenset[str]) -> bool:
 class DecodedPlan:
     """What a read of one array needs (built once per array object, `plan_of`)."""
 
-    store: CachedStore
+    store: DecodedSource  # a CachedStore
     prefix: str  # the array's path in the store, with a trailing "/" (or "")
     metadata: Any
     pipeline: Any
@@ -154,8 +154,8 @@ def plan_of(array: Any) -> DecodedPlan | None:
 
 def _plan(array: Any) -> DecodedPlan | None:
     aa = getattr(array, "_async_array", None)
-    store = getattr(getattr(aa, "store_path", None), "store", None)
-    if aa is None or not isinstance(store, CachedStore):
+    store = decoded_source(getattr(getattr(aa, "store_path", None), "store", None))
+    if aa is None or store is None:
         return None
     metadata, config = aa.metadata, aa.config
     grid = aa._chunk_grid

@@ -5,7 +5,8 @@ The rule that keeps a hit exact: a decoded chunk is served only when the byte ti
 would serve the very same encoded bytes for its key right now. Each read first asks the
 `CachedStore` for the chunk's encoded bytes through its own read path (the freshness
 gate - TTLs, validation interval, versions, another process's change log -, the memory
-tier, negative entries; `CachedStore.bytes_now` without I/O, else `get_bytes`), then
+tier, negative entries; `CachedStore.bytes_now_many` without I/O, one look-up for all
+the chunks of a read; else `get_bytes`), then
 asks the decoded tier for the array decoded, with this array's dtype, chunk shape and
 codecs (`DecodedPlan.tag`), from bytes equal to those (the same object
 in the usual case: a pointer comparison). A write, a delete, a validation that found
@@ -49,9 +50,17 @@ from xarray_zcache.cache.hybrid import Unanswered
 from xarray_zcache.decoded_index import fast_indexer
 from xarray_zcache.decoded_plan import DecodedPlan, plan_of
 from xarray_zcache.decoded_shards import fill_sharded
-from xarray_zcache.store import CachedStore
+from xarray_zcache.decoded_source import DecodedSource
 
-__all__ = ["DecodedPlan", "chunk_decoder", "plan_of", "read_selection", "serve_now", "serve_rest"]
+__all__ = [
+    "DecodedPlan",
+    "chunk_decoder",
+    "look_up",
+    "plan_of",
+    "read_selection",
+    "serve_now",
+    "serve_rest",
+]
 
 #: puts a decoded chunk (None: missing, the fill value) where a selection wants it
 Place = Callable[[np.ndarray[Any, Any] | None, Any], None]
@@ -82,31 +91,46 @@ def chunk_decoder(pipeline: Any, spec: Any) -> Decode:
 
 
 def serve_now(
-    store: CachedStore, tier: DecodedTier, tag: str, items: Iterable[tuple[str, Any]], place: Place
+    store: DecodedSource,
+    tier: DecodedTier,
+    tag: str,
+    items: Iterable[tuple[str, Any]],
+    place: Place,
 ) -> tuple[list[_Later], list[_Found]]:
     """Serve the chunks ``items`` (store key, where) whose encoded bytes the byte tiers
     answer without I/O and whose decoded array the tier holds under ``tag`` (a missing
     chunk: ``place(None, where)``); the rest: to read, to decode (`serve_rest`)."""
-    cache = store.cache
+    pairs = list(items)
+    cks, answers, arrays = look_up(store, tier, tag, [key for key, _ in pairs])
     later: list[_Later] = []
     found: list[_Found] = []
-    for key, where in items:
-        ck, data = store.bytes_now(key, cache)
-        if isinstance(data, Unanswered):
+    for (key, where), ck, data, array in zip(pairs, cks, answers, arrays, strict=True):
+        if array is not None:
+            place(array, where)
+        elif isinstance(data, Unanswered):
             later.append((key, ck, where))
         elif data is None:
             place(None, where)
         else:
-            array = tier.get(ck, data, tag)
-            if array is None:
-                found.append((ck, data, where))
-            else:
-                place(array, where)
+            found.append((ck, data, where))
     return later, found
 
 
+def look_up(
+    store: DecodedSource, tier: DecodedTier, tag: str, keys: list[str], memo: Any = None
+) -> tuple[list[str], list[bytes | Unanswered | None], list[np.ndarray[Any, Any] | None]]:
+    """For each of the chunks ``keys``: its cache key, the encoded bytes the byte tiers
+    serve now without I/O (`CachedStore.bytes_now_many`: `Unanswered` if they cannot
+    tell, None if the chunk is missing) and the array the tier holds decoded from those
+    very bytes under ``tag`` (else None). One pass over the gate, one look-up in each
+    tier for the lot. ``memo``: see `CachedStore.bytes_now_many`."""
+    cks, answers = store.bytes_now_many(keys, store.cache, memo)
+    tokens = [None if isinstance(a, Unanswered) else a for a in answers]
+    return cks, answers, tier.get_many(cks, tokens, tag)
+
+
 async def serve_rest(
-    store: CachedStore,
+    store: DecodedSource,
     tier: DecodedTier,
     tag: str,
     later: list[_Later],

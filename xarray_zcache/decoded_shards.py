@@ -28,8 +28,8 @@ from zarr.core.sync import sync
 
 from xarray_zcache.cache.decoded import DecodedTier
 from xarray_zcache.decoded_plan import DecodedPlan, Shards
+from xarray_zcache.decoded_source import DecodedSource
 from xarray_zcache.keys import cut, range_key
-from xarray_zcache.store import CachedStore
 
 __all__ = ["coalesce", "decoded_parts", "fill_sharded", "shard_parts"]
 
@@ -43,7 +43,7 @@ async def _index(shards: Shards, data: bytes) -> Any:
 
 
 async def shard_parts(
-    store: CachedStore, shards: Shards, key: str, items: list[_Item]
+    store: DecodedSource, shards: Shards, key: str, items: list[_Item]
 ) -> list[_Found] | None:
     """The encoded bytes of the inner chunks ``items`` of shard ``key`` through the
     store's read path, each with its decoded entry's key (None: a missing inner chunk);

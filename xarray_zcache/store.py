@@ -31,11 +31,11 @@ from zarr.abc.store import (
 )
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 
+from xarray_zcache import decoded_install  # noqa: F401  (zarr's array API: decoded chunks)
 from xarray_zcache.cache.hybrid import HybridCache
 from xarray_zcache.cache.request import Read
 from xarray_zcache.cache.stats import CacheStats
 from xarray_zcache.config import CacheConfig
-from xarray_zcache.decoded_pipeline import install as _install_decoded_pipeline
 from xarray_zcache.identity import Identity, identify, store_namespace
 from xarray_zcache.keys import (
     array_of,
@@ -470,7 +470,3 @@ class SyncCachedStore(SyncReads, CachedStore):
     take its sync path) tells the truth: hits are then served without an event loop.
     Its synchronous reads and writes are `xarray_zcache.store_sync.SyncReads`.
     """
-
-
-# zarr's array API over a CachedStore: decoded chunks (decoded_pipeline.py; switchable)
-_install_decoded_pipeline()

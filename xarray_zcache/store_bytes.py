@@ -25,9 +25,15 @@ if TYPE_CHECKING:
     from zarr.abc.store import ByteRequest
     from zarr.core.buffer import Buffer, BufferPrototype
 
+    from xarray_zcache.cache.request import Read
     from xarray_zcache.references import References
 
-__all__ = ["CachedBytes"]
+__all__ = ["CachedBytes", "ReadsMemo"]
+
+#: batches of keys whose reads a caller's memo holds (`CachedBytes.bytes_now_many`)
+_MEMO_BATCHES = 16
+#: such a memo: keys -> (the store, their reads, their units' gates to check)
+ReadsMemo = dict[tuple[str, ...], tuple[object, list["Read"], list[tuple[str, list[int]]]]]
 
 
 class CachedBytes(SourceValidation, SourceReads):
@@ -69,6 +75,62 @@ class CachedBytes(SourceValidation, SourceReads):
         if not self._gate_open(key, cache):  # the gate of `_validated`, without its I/O
             return read.key, UNANSWERED
         return read.key, cache.answer_now(read)
+
+    def bytes_now_many(
+        self, keys: list[str], cache: HybridCache | None = None, memo: ReadsMemo | None = None
+    ) -> tuple[list[str], list[bytes | _Unanswered | None]]:
+        """`bytes_now` of each of ``keys`` (whole objects), in order: the cache keys and the
+        answers. The freshness gate is checked once per unit, the memory tier asked and
+        the hits counted once for the lot. ``memo``: the caller's memo of the reads of
+        batches of keys it asks for again (the same keys: the same reads, unless this
+        store or the read's context changed: checked on the first key)."""
+        reads, units = self._reads_of(keys, memo)
+        cks = [read.key for read in reads]
+        if self._refs is not None:
+            return cks, [UNANSWERED] * len(keys)
+        cache = self.cache if cache is None else cache
+        if self._source.supported:
+            shut = [i for key, at in units if not self._gate_open(key, cache) for i in at]
+            if len(shut) == len(keys):
+                return cks, [UNANSWERED] * len(keys)
+            if shut:
+                closed = set(shut)
+                asked = [r for i, r in enumerate(reads) if i not in closed]
+                answers = iter(cache.answer_now_many(asked))
+                return cks, [UNANSWERED if i in closed else next(answers) for i in range(len(keys))]
+        return cks, cache.answer_now_many(reads)
+
+    def _reads_of(
+        self, keys: list[str], memo: ReadsMemo | None
+    ) -> tuple[list[Read], list[tuple[str, list[int]]]]:
+        """The reads of ``keys`` and their units' gates to check: (a key of the unit, the
+        positions of its keys)."""
+        if memo is None or not keys:
+            return [self._read(key, None) for key in keys], self._gates_of(keys)
+        first = self._read(keys[0], None)
+        batch = tuple(keys)
+        held = memo.get(batch)
+        if held is not None and held[0] is self and held[1][0] == first:
+            return held[1], held[2]
+        reads = [first, *(self._read(key, None) for key in keys[1:])]
+        units = self._gates_of(keys)
+        if len(memo) >= _MEMO_BATCHES:
+            memo.clear()
+        memo[batch] = (self, reads, units)
+        return reads, units
+
+    def _gates_of(self, keys: list[str]) -> list[tuple[str, list[int]]]:
+        if not self._source.supported:
+            return []
+        groups: dict[str, tuple[str, list[int]]] = {}
+        for i, key in enumerate(keys):
+            unit = self._unit_of(key)[0].name
+            group = groups.get(unit)
+            if group is None:
+                groups[unit] = (key, [i])
+            else:
+                group[1].append(i)
+        return list(groups.values())
 
     async def _get_bytes(
         self, cache: HybridCache, key: str, byte_range: ByteRequest | None

@@ -42,6 +42,10 @@ class AccessTrace:
     def add(self, key: str, size: int) -> None:
         self._items.append((key, size))  # deque.append is atomic
 
+    def add_many(self, items: list[tuple[str, int]]) -> None:
+        """`add` of each (key, size) of ``items``, in order."""
+        self._items.extend(items)  # (one C call: atomic, as append)
+
     def snapshot(self) -> list[tuple[str, int]]:
         with self._lock:
             return list(self._items)

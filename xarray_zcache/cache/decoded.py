@@ -89,6 +89,34 @@ class DecodedTier:
             self.misses += 1
             return None
 
+    def get_many(
+        self, keys: list[str], tokens: list[bytes | None], spec: str = ""
+    ) -> list[np.ndarray[Any, Any] | None]:
+        """`get` of each key with its token (in order) under one acquisition of the lock;
+        a None token (no bytes: a missing or unanswered chunk) is neither looked up nor
+        counted."""
+        out: list[np.ndarray[Any, Any] | None] = []
+        table = self._table
+        with self._lock:
+            for key, token in zip(keys, tokens, strict=True):
+                if token is None:
+                    out.append(None)
+                    continue
+                entry = table.get(key)
+                if entry is not None:
+                    held, array, cost, how = entry
+                    if (held is token or held == token) and (how is spec or how == spec):
+                        table.move_to_end(key)
+                        if held is not token:  # share the object the byte tiers hold now
+                            table[key] = (token, array, cost, how)
+                        self.hits += 1
+                        out.append(array)
+                        continue
+                    self._remove(key)
+                self.misses += 1
+                out.append(None)
+        return out
+
     def put(self, key: str, token: bytes, array: np.ndarray[Any, Any], spec: str = "") -> bool:
         """Hold ``array`` (made read-only) for ``key``, decoded from ``token`` with the
         decoding ``spec`` (see `get`); False if it does not fit at all. Evicts the least

@@ -296,6 +296,32 @@ class HybridCache(DirectAccess, CacheReporting, DiskFallback, Coherence):
         peers, the source). The caller has passed the freshness gate first."""
         return self._from_memory_or_negatives(read)
 
+    def answer_now_many(self, reads: list[Read]) -> list[bytes | _Unanswered | None]:
+        """`answer_now` of each of ``reads`` (in order; the caller has passed the freshness
+        gate of each): the memory tier asked once, the hits counted at once."""
+        if any(r.whole is not None for r in reads):
+            return [self.answer_now(r) for r in reads]
+        out: list[bytes | _Unanswered | None] = list(self._memory.get_many([r.key for r in reads]))
+        writer = self._writer
+        for i, read in enumerate(reads):
+            if out[i] is None:  # (the rare case: every chunk of a warm read is in memory)
+                value = None if writer is None else writer.pending(read.key)
+                if value is not None:
+                    out[i] = value
+                elif not self._known_missing(read):
+                    out[i] = UNANSWERED
+                else:
+                    self._count_negative(read)
+        hits = [
+            (r, v)
+            for r, v in zip(reads, out, strict=True)
+            if v is not None and not isinstance(v, _Unanswered)
+        ]
+        if hits:
+            self._last_hit = time.monotonic()
+            self._count_memory_hits(hits)
+        return out
+
     def _counted(self, read: Read, found: tuple[bytes | None, bool]) -> bytes | _Unanswered | None:
         """Count what the disk step (`_from_disk`) found."""
         value, missing = found

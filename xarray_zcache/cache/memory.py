@@ -171,25 +171,34 @@ class MemoryTier:
     def get(self, key: str, now: float | None = None) -> bytes | None:
         """Return the value of ``key`` and mark it recently used, or ``None``."""
         with self._lock:
-            if self._sketch is not None:
-                self._sketch.increment(key)
-            entry = self._probation.get(key)
-            segment = self._probation
+            return self._get_locked(key, now)
+
+    def get_many(self, keys: list[str], now: float | None = None) -> list[bytes | None]:
+        """`get` of each of ``keys``, in order, under one acquisition of the lock."""
+        when = time.time() if now is None else now
+        with self._lock:
+            return [self._get_locked(key, when) for key in keys]
+
+    def _get_locked(self, key: str, now: float | None) -> bytes | None:
+        if self._sketch is not None:
+            self._sketch.increment(key)
+        entry = self._probation.get(key)
+        segment = self._probation
+        if entry is None:
+            entry = self._protected.get(key)
+            segment = self._protected
             if entry is None:
-                entry = self._protected.get(key)
-                segment = self._protected
-                if entry is None:
-                    return None
-            if entry.expires is not None and entry.expires <= (now or time.time()):
-                self._remove(key, entry)
                 return None
-            if segment is self._protected:
-                segment.move_to_end(key)
-            elif self._protected_capacity:
-                self._promote_locked(key, entry)
-            else:
-                segment.move_to_end(key)
-            return entry.value
+        if entry.expires is not None and entry.expires <= (now or time.time()):
+            self._remove(key, entry)
+            return None
+        if segment is self._protected:
+            segment.move_to_end(key)
+        elif self._protected_capacity:
+            self._promote_locked(key, entry)
+        else:
+            segment.move_to_end(key)
+        return entry.value
 
     def peek(self, key: str) -> bytes | None:
         """Return the value of ``key`` without touching recency or expiry."""

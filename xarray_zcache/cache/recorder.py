@@ -34,6 +34,16 @@ class HotKeys:
         if len(self._counts) > 4 * self.n:
             self._counts = Counter(dict(self._counts.most_common(2 * self.n)))
 
+    def add_many(self, keys: list[str]) -> None:
+        """`add` of each of ``keys`` (in one step when no pruning can happen)."""
+        if self.n <= 0:
+            return
+        if len(self._counts) + len(keys) <= 4 * self.n:
+            self._counts.update(keys)
+            return
+        for key in keys:
+            self.add(key)
+
     def top(self, n: int | None = None) -> list[tuple[str, int]]:
         return self._counts.most_common(self.n if n is None else n)
 
@@ -55,6 +65,21 @@ class StatsRecorder:
             self._s.hits[tier][kind] += 1
             self._s.hit_bytes[tier][kind] += nbytes
             self._hot.add(key)
+
+    def hit_many(self, tier: str, hits: list[tuple[str, int, str]]) -> None:
+        """`hit` of each ``(kind, nbytes, key)`` of ``hits``, under one acquisition of the lock."""
+        kinds = {kind for kind, _, _ in hits}
+        with self._lock:
+            counts, sizes = self._s.hits[tier], self._s.hit_bytes[tier]
+            if len(kinds) == 1:
+                (kind,) = kinds
+                counts[kind] += len(hits)
+                sizes[kind] += sum(nbytes for _, nbytes, _ in hits)
+            else:
+                for kind, nbytes, _ in hits:
+                    counts[kind] += 1
+                    sizes[kind] += nbytes
+            self._hot.add_many([key for _, _, key in hits])
 
     def negative_hit(self, key: str) -> None:
         with self._lock:

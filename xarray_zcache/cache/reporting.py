@@ -68,6 +68,16 @@ class CacheReporting:
         self._stats.hit(tier, read.kind, len(value), read.key)
         self.trace.add(read.key, len(value))
 
+    def _count_memory_hits(self, hits: list[tuple[Read, bytes]]) -> None:
+        """`_count_hit` ``("memory", read, value)`` of each of ``hits`` (one lock)."""
+        if self._prefetched or any(r.prefetch or r.for_peer for r, _ in hits):
+            for read, value in hits:
+                self._count_hit("memory", read, value)
+            return
+        plain = [(read.kind, len(value), read.key) for read, value in hits]
+        self._stats.hit_many("memory", plain)
+        self.trace.add_many([(key, nbytes) for _, nbytes, key in plain])
+
     def _count_negative(self, read: Read) -> None:
         if not read.prefetch and not read.for_peer:
             self._stats.negative_hit(read.key)
