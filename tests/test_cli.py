@@ -20,6 +20,7 @@ import dask.config
 import numpy as np
 import pytest
 import xarray as xr
+from entry_location import locate
 from zarr.storage import LocalStore
 
 from xarray_zcache import CacheConfig
@@ -28,6 +29,7 @@ from xarray_zcache.cache.disk import DiskTier
 from xarray_zcache.cli import main
 from xarray_zcache.identity import identify
 from xarray_zcache.registry import close_all
+from xarray_zcache.testing.faults import Span, entry_spans
 from xarray_zcache.testing.s3server import LocalS3Server
 from xarray_zcache.testing.writers import write_zarr
 
@@ -78,10 +80,9 @@ def _storage_args(opts: dict[str, Any]) -> list[str]:
     return args
 
 
-def _payload_files(folder: Path) -> list[Path]:
-    return sorted(
-        p for sub in ("chunks", "metadata") for p in (folder / sub).rglob("*") if p.is_file()
-    )
+def _stored(folder: Path) -> list[Span]:
+    """The bytes of the stored entries: payload files, and records in segment files."""
+    return sorted(entry_spans(folder), key=lambda s: (str(s.path), s.start))
 
 
 def _entries(folder: Path) -> list[dict[str, Any]]:
@@ -100,6 +101,7 @@ class Template:
     folder: Path
     ns_a: str  # read twice (hits recorded), never expires
     ns_b: str  # chunk TTL 0.5 s: its chunk entries are expired
+    file_folder: Path  # the same, written with packing off: every entry a payload file
 
 
 @pytest.fixture(scope="module")
@@ -112,22 +114,29 @@ def template(s3_server: LocalS3Server, tmp_path_factory: pytest.TempPathFactory)
     _write(url_a, opts)
     _write(url_b, opts)
     folder = tmp_path_factory.mktemp("cli") / "cache"
-    config = CacheConfig().with_memory_size("32MB").with_disk_cache(folder, "256MB")
-    try:
-        _read(url_a, opts, config)
-        close_all()  # flushes the disk writes, like the end of a script
-        _read(url_a, opts, config)  # a "new process": disk hits, recorded in the index
-        close_all()
-        _read(url_b, opts, config.with_ttl(chunks=0.5))
-        close_all()
-    finally:
-        close_all()
-    rows = _entries(folder)
+    file_folder = folder.parent / "files"
     ns_a = open_store(url_a, storage_options=opts).namespace
     ns_b = open_store(url_b, storage_options=opts).namespace
-    expiry = max(r["expires"] for r in rows if r["namespace"] == ns_b and r["kind"] == "chunk")
+    expiry = 0.0
+    for where, pack in ((folder, "64KiB"), (file_folder, 0)):
+        config = CacheConfig().with_memory_size("32MB").with_disk_cache(where, "256MB")
+        config = config.with_disk_packing(pack)
+        try:
+            _read(url_a, opts, config)
+            close_all()  # flushes the disk writes, like the end of a script
+            _read(url_a, opts, config)  # a "new process": disk hits, recorded in the index
+            close_all()
+            _read(url_b, opts, config.with_ttl(chunks=0.5))
+            close_all()
+        finally:
+            close_all()
+        rows = _entries(where)
+        expiry = max(
+            expiry,
+            *(r["expires"] for r in rows if r["namespace"] == ns_b and r["kind"] == "chunk"),
+        )
     time.sleep(max(0.0, expiry - time.time()) + 0.05)
-    return Template(folder, ns_a, ns_b)
+    return Template(folder, ns_a, ns_b, file_folder)
 
 
 @pytest.fixture
@@ -136,6 +145,20 @@ def cache_dir(template: Template, tmp_path: Path) -> Path:
     target = tmp_path / "cache"
     shutil.copytree(template.folder, target)
     return target
+
+
+@pytest.fixture
+def file_cache_dir(template: Template, tmp_path: Path) -> Path:
+    """The same, with every entry a payload file (packing off)."""
+    target = tmp_path / "cache"
+    shutil.copytree(template.file_folder, target)
+    return target
+
+
+@pytest.fixture(params=["record", "file"])
+def any_cache_dir(request: pytest.FixtureRequest) -> Path:
+    """:func:`cache_dir` (records: the default), then :func:`file_cache_dir`."""
+    return request.getfixturevalue("cache_dir" if request.param == "record" else "file_cache_dir")
 
 
 # -- stats --------------------------------------------------------------------------------------
@@ -218,7 +241,7 @@ def test_clear_namespace_removes_only_that_namespace(
     assert f"Removed {len(gone)} entries of namespace {template.ns_a}" in out
 
     assert _entries(cache_dir) == keep  # rows of b untouched, hit counts included
-    assert len(_payload_files(cache_dir)) == len(keep)
+    assert len(_stored(cache_dir)) == len(keep)
     with DiskTier(cache_dir, 2**40) as tier:
         counts = tier.verify()
     assert counts["ok"] == len(keep)
@@ -263,7 +286,7 @@ def test_clear_expired_removes_only_expired_entries(
 
     left = _entries(cache_dir)
     assert left == [r for r in rows if r not in expired]
-    assert len(_payload_files(cache_dir)) == len(left)
+    assert len(_stored(cache_dir)) == len(left)
 
     code, out, err = _run(capsys, "clear", cache_dir, "--expired")
     assert code == 0, err
@@ -277,7 +300,8 @@ def test_clear_all_keeps_the_folder_and_foreign_files(
     rows = _entries(cache_dir)
     notes = cache_dir / "NOTES.txt"
     notes.write_text("not a cache file")
-    bucket = next(p for p in (cache_dir / "chunks").iterdir() if p.is_dir())
+    bucket = cache_dir / "chunks" / "ab"  # (records: the default, leave chunks/ empty)
+    bucket.mkdir(exist_ok=True)
     foreign = bucket / "foreign.bin"
     foreign.write_bytes(b"not ours")
     stale_temp = bucket / f".{'ab' * 32}.1234.{uuid4().hex}.tmp"  # left by a crashed writer
@@ -293,7 +317,7 @@ def test_clear_all_keeps_the_folder_and_foreign_files(
     assert notes.read_text() == "not a cache file"
     assert foreign.read_bytes() == b"not ours"
     assert not stale_temp.exists()
-    assert [p for p in _payload_files(cache_dir) if p.suffix in (".cache", ".meta")] == []
+    assert _stored(cache_dir) == []
     assert _entries(cache_dir) == []
 
     code, out, err = _run(capsys, "stats", cache_dir, "--json")
@@ -305,17 +329,20 @@ def test_clear_all_keeps_the_folder_and_foreign_files(
 
 
 def test_verify_reports_a_truncated_payload_and_repair_fixes_it(
-    cache_dir: Path, capsys: pytest.CaptureFixture[str]
+    any_cache_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """A truncated payload file, or a truncated record (its end zeroed)."""
+    cache_dir = any_cache_dir
     n = len(_entries(cache_dir))
     code, out, err = _run(capsys, "verify", cache_dir)
     assert code == 0, err
     assert "Consistent: no damage found." in out
 
-    victim = next(p for p in _payload_files(cache_dir) if p.suffix == ".cache")
-    size = victim.stat().st_size
-    with victim.open("r+b") as f:
-        f.truncate(size // 2)
+    key = next(r["key"] for r in _entries(cache_dir) if r["kind"] == "chunk")
+    victim = locate(cache_dir, key)
+    assert victim.in_segment == (cache_dir.joinpath("segments").is_dir())
+    victim.truncate(len(victim.read()) // 2)
+    damaged = victim.read()
 
     code, out, err = _run(capsys, "verify", cache_dir)
     assert code == 1
@@ -326,12 +353,13 @@ def test_verify_reports_a_truncated_payload_and_repair_fixes_it(
     assert report["found"]["corrupt"] == 1
     assert report["found"]["ok"] == n - 1
     assert report["consistent"] is False and report["repaired"] is False
-    assert victim.exists()  # verify without --repair changes nothing
+    assert victim.read() == damaged  # verify without --repair changes nothing
 
     code, out, err = _run(capsys, "verify", cache_dir, "--repair")
     assert code == 0, err
     assert f"Repaired 1 problem; now consistent ({n - 1} entries ok)." in out
-    assert not victim.exists()
+    assert key not in {r["key"] for r in _entries(cache_dir)}
+    assert victim.in_segment or not victim.exists()
     assert len(_entries(cache_dir)) == n - 1
 
     code, out, err = _run(capsys, "verify", cache_dir, "--json")
@@ -342,8 +370,12 @@ def test_verify_reports_a_truncated_payload_and_repair_fixes_it(
 
 
 def test_verify_repair_rebuilds_a_lost_or_damaged_index(
-    cache_dir: Path, capsys: pytest.CaptureFixture[str]
+    file_cache_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """Payload files (packing off) carry all a row holds; records are not recovered by a
+    rebuild (misses: fetched again, never stale), see tests/test_reliability_crash.py."""
+    cache_dir = file_cache_dir
+
     def index_view() -> list[tuple[str, str, str, int]]:
         return [(r["key"], r["namespace"], r["kind"], r["size"]) for r in _entries(cache_dir)]
 
@@ -728,7 +760,7 @@ def test_clear_dry_run_says_what_clear_removes_and_removes_nothing(
 ) -> None:
     which = [template.ns_a if w == "NS_A" else w for w in which]
     rows = _entries(cache_dir)
-    files = _payload_files(cache_dir)
+    files = _stored(cache_dir)
     code, out, err = _run(capsys, "clear", cache_dir, *which, "--dry-run")
     assert code == 0, err
     assert out.startswith("Would remove ") and "Dry run: nothing was removed." in out
@@ -736,7 +768,7 @@ def test_clear_dry_run_says_what_clear_removes_and_removes_nothing(
     assert code == 0, err
     planned = json.loads(out)
     assert planned["dry_run"] is True
-    assert _entries(cache_dir) == rows and _payload_files(cache_dir) == files
+    assert _entries(cache_dir) == rows and _stored(cache_dir) == files
 
     code, out, err = _run(capsys, "clear", cache_dir, *which, "--json")
     assert code == 0, err

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import multiprocessing as mp
 import os
-import pathlib
 import random
 from typing import Any
 
 import pytest
+from entry_location import locate
 from zarr.core.buffer import cpu, default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
@@ -18,12 +17,6 @@ from xarray_zcache import CacheConfig, CachedStore
 from xarray_zcache.cache.hybrid import HybridCache
 
 P = default_buffer_prototype()
-
-
-def _payload_file(cache_dir: pathlib.Path, cache_key: str) -> pathlib.Path:
-    digest = hashlib.sha256(cache_key.encode("utf-8", "surrogatepass")).hexdigest()
-    (path,) = list(cache_dir.glob(f"*/{digest[:2]}/{digest}.*"))
-    return path
 
 
 def _fresh_reader(tmp_path: Any) -> CachedStore:
@@ -37,8 +30,13 @@ def _fresh_reader(tmp_path: Any) -> CachedStore:
     return CachedStore(LocalStore(tmp_path / "data"), cfg)
 
 
-def _filled(tmp_path: Any) -> tuple[CachedStore, bytes]:
-    cfg = CacheConfig().with_memory_size("16MB").with_disk_cache(tmp_path / "cache", "64MB")
+def _filled(tmp_path: Any, pack_below: int | str = "64KiB") -> tuple[CachedStore, bytes]:
+    cfg = (
+        CacheConfig()
+        .with_memory_size("16MB")
+        .with_disk_cache(tmp_path / "cache", "64MB")
+        .with_disk_packing(pack_below)
+    )
     store = CachedStore(LocalStore(tmp_path / "data"), cfg)
     value = os.urandom(10_000)
     sync(store.inner.set("v/c/0", cpu.Buffer.from_bytes(value)))
@@ -47,27 +45,30 @@ def _filled(tmp_path: Any) -> tuple[CachedStore, bytes]:
     return store, value
 
 
+@pytest.mark.parametrize("pack_below", [0, "64KiB"], ids=["file", "record"])
 @pytest.mark.parametrize("damage", ["truncate", "bitflip", "delete_file", "delete_row", "garbage"])
-def test_damaged_entry_returns_correct_bytes(tmp_path: Any, damage: str) -> None:
-    store, value = _filled(tmp_path)
+def test_damaged_entry_returns_correct_bytes(
+    tmp_path: Any, damage: str, pack_below: int | str
+) -> None:
+    store, value = _filled(tmp_path, pack_below)
     ck = store.namespace + "/v/c/0"
-    path = _payload_file(tmp_path / "cache", ck)
+    where = locate(tmp_path / "cache", ck)  # a payload file, or a record in a segment
+    assert where.in_segment == (pack_below != 0)
     if damage == "truncate":
-        with open(path, "r+b") as f:
-            f.truncate(os.path.getsize(path) // 2)
+        where.truncate(len(where.read()) // 2)
     elif damage == "bitflip":
-        raw = bytearray(path.read_bytes())
+        raw = bytearray(where.read())
         raw[-100] ^= 0x10
-        path.write_bytes(bytes(raw))
+        where.write(bytes(raw))
     elif damage == "delete_file":
-        path.unlink()
+        where.remove()
     elif damage == "delete_row":
         import sqlite3
 
         with sqlite3.connect(tmp_path / "cache" / "index.db") as db:
             db.execute("DELETE FROM entries WHERE key = ?", (ck,))
     else:
-        path.write_bytes(b"not a cache file at all")
+        where.write(b"not a cache file at all")
 
     reader = _fresh_reader(tmp_path)
     got = sync(reader.get("v/c/0", P))
@@ -119,7 +120,9 @@ def test_memory_and_disk_stay_within_budget(tmp_path: Any) -> None:
 def test_cache_folder_is_private(tmp_path: Any) -> None:
     _filled(tmp_path)
     assert (tmp_path / "cache").stat().st_mode & 0o777 == 0o700
-    for p in (tmp_path / "cache").glob("*/*/*.cache"):
+    stored = [*(tmp_path / "cache").glob("*/*/*.cache"), *(tmp_path / "cache").glob("segments/*")]
+    assert stored  # payload files, or segment files (records: the default)
+    for p in stored:
         assert p.stat().st_mode & 0o777 == 0o600
 
 

@@ -13,6 +13,8 @@ import pytest
 import xarray as xr
 
 from xarray_zcache import CacheConfig, get_cache
+from xarray_zcache.cache.disk.segments import DEFAULT_SEGMENT_THRESHOLD, SEGMENT_THRESHOLD
+from xarray_zcache.cache.settings import CacheSettings
 from xarray_zcache.registry import close_all
 from xarray_zcache.testing.s3server import LocalS3Server
 
@@ -110,7 +112,12 @@ def test_packing_off_then_on_reads_what_the_other_wrote(
 def test_the_setting_from_dask_config_and_bad_values() -> None:
     with dask.config.set({"zcache.disk.pack-below": "32KiB"}):
         assert CacheConfig().disk_pack_below == 32 * 1024
-    assert CacheConfig().disk_pack_below == 0  # off by default
+    assert CacheConfig().disk_pack_below == 64 * 1024  # on by default
+    with dask.config.set({"zcache.disk.pack-below": 0}):
+        assert CacheConfig().disk_pack_below == 0  # off
+    assert CacheConfig().with_disk_packing(0).disk_pack_below == 0
+    assert CacheSettings().disk_pack_below == 64 * 1024
+    assert DEFAULT_SEGMENT_THRESHOLD == SEGMENT_THRESHOLD == 64 * 1024  # a DiskTier's default
     with pytest.raises(ValueError, match=r"disk_pack_below: .*up to 65536"):
         CacheConfig().with_disk_packing("1MiB")
     with pytest.raises(ValueError, match="disk_pack_below: invalid size"):

@@ -13,10 +13,15 @@ import threading
 import time
 
 import pytest
+from entry_location import locate
 
 from xarray_zcache.cache.disk import DiskTier, Fill, access, hooks, index, reads, schema
 from xarray_zcache.cache.disk.format import WHOLE_READ
 from xarray_zcache.cache.writer import BATCH_ENTRIES, DiskWriter, PendingWrite
+
+#: ``segment_threshold`` of each layout: every entry a payload file; small ones records
+FILES, RECORDS = -1, 64 * 1024
+LAYOUTS = pytest.mark.parametrize("threshold", [FILES, RECORDS], ids=["file", "record"])
 
 
 def temp_files(root: pathlib.Path) -> list[pathlib.Path]:
@@ -86,8 +91,9 @@ def test_put_many_refuses_a_bad_batch_before_writing(tmp_path: pathlib.Path) -> 
     assert tier.put_many([Fill("a", b"1")]) == [False]  # closed
 
 
-def test_put_many_never_exceeds_capacity(tmp_path: pathlib.Path) -> None:
-    tier = DiskTier(tmp_path / "c", 10_000)
+@LAYOUTS
+def test_put_many_never_exceeds_capacity(tmp_path: pathlib.Path, threshold: int) -> None:
+    tier = DiskTier(tmp_path / "c", 10_000, segment_threshold=threshold)
     fills = [Fill(f"k/{i}", bytes([i % 256]) * 300) for i in range(200)]  # 60,000 bytes
     seen: list[int] = []
 
@@ -97,7 +103,8 @@ def test_put_many_never_exceeds_capacity(tmp_path: pathlib.Path) -> None:
 
     with hooks.registered("after-replace", check):
         stored = tier.put_many(fills)
-    assert seen and max(seen) <= 10_000
+    if threshold == FILES:  # (checked at each file installed)
+        assert seen and max(seen) <= 10_000
     assert tier.used_bytes() <= 10_000
     # the newest fills survive (LRU); every surviving entry is readable and intact
     assert stored[-1] and tier.get("k/199") == bytes([199]) * 300
@@ -126,10 +133,11 @@ def test_eviction_by_put_goes_in_bounded_batches(
     tier.close()
 
 
+@LAYOUTS
 def test_small_hit_is_one_read_large_hit_two(
-    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, threshold: int
 ) -> None:
-    tier = DiskTier(tmp_path / "c", 1 << 30)
+    tier = DiskTier(tmp_path / "c", 1 << 30, segment_threshold=threshold)
     small, large = b"s" * 1000, os.urandom(WHOLE_READ + 1)
     tier.put("small", small)
     tier.put("large", large)
@@ -147,20 +155,19 @@ def test_small_hit_is_one_read_large_hit_two(
     assert tier.get("large") == large
     assert len(calls) == 2  # the header, then the payload (not copied out of a larger read)
     monkeypatch.undo()
-    # a damaged small file is still caught by the checksum
-    path = next((tmp_path / "c" / "chunks").rglob("*.cache"))
-    for p in (tmp_path / "c" / "chunks").rglob("*.cache"):
-        if p.stat().st_size < 2000:
-            path = p
-    data = bytearray(path.read_bytes())
+    # a damaged small file (or record) is still caught by the checksum
+    where = locate(tier, "small")
+    assert where.in_segment == (threshold == RECORDS)
+    data = bytearray(where.read())
     data[-1] ^= 1
-    path.write_bytes(bytes(data))
+    where.write(bytes(data))
     assert tier.get("small") is None and tier.corruptions == 1
     tier.close()
 
 
-def test_disk_writer_stores_queued_fills_in_batches(tmp_path: pathlib.Path) -> None:
-    tier = DiskTier(tmp_path / "c", 1 << 30)
+@LAYOUTS
+def test_disk_writer_stores_queued_fills_in_batches(tmp_path: pathlib.Path, threshold: int) -> None:
+    tier = DiskTier(tmp_path / "c", 1 << 30, segment_threshold=threshold)
     drops: list[int] = []
     writer = DiskWriter(tier, 1 << 30, lambda: drops.append(1))
     gate, first = threading.Event(), threading.Event()
@@ -171,7 +178,8 @@ def test_disk_writer_stores_queued_fills_in_batches(tmp_path: pathlib.Path) -> N
 
     n = 2 * BATCH_ENTRIES + 10
     now = time.time_ns()
-    with hooks.registered("after-temp-write", hold):
+    point = "after-temp-write" if threshold == FILES else "before-append"
+    with hooks.registered(point, hold):
         writer.submit(PendingWrite("k/0", b"v0", "chunk", "ns", None, now))
         assert first.wait(10)
         for i in range(1, n):
@@ -203,7 +211,8 @@ def test_hit_and_miss_open_at_most_one_file_and_run_no_sql(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(access, "FLUSH_INTERVAL_S", 1e9)  # no statistics flush in between
-    tier = DiskTier(tmp_path / "c", 1 << 30)
+    # payload files: a record's hit looks its row up first (one SELECT, then one read)
+    tier = DiskTier(tmp_path / "c", 1 << 30, segment_threshold=FILES)
     tier.put_many([Fill(f"k/{i}", b"v" * 100) for i in range(50)])
     tier.put("meta", b"m", kind="metadata")
     statements = trace(tier._conn)
@@ -293,7 +302,7 @@ def test_a_due_statistics_flush_runs_off_the_hit_path(
     for i in range(20):
         assert tier.get(f"k/{i}") == b"v"  # due after 5 pending: pokes the flusher
     deadline = time.monotonic() + 60
-    while tier._flusher.runs == 0 and time.monotonic() < deadline:
+    while not writers and time.monotonic() < deadline:  # (a run may come before the hits)
         time.sleep(0.01)
     assert tier._flusher.runs >= 1
     assert writers and threading.current_thread().name not in writers

@@ -11,6 +11,7 @@ import faulthandler
 import os
 import pathlib
 import random
+import re
 import sqlite3
 import subprocess
 import sys
@@ -656,3 +657,39 @@ def test_free_segment_counts_only_rows_it_deleted(
     monkeypatch.undo()
     for i in range(5):
         assert tier.get(f"k/{i}") is None  # the rows left read as misses
+
+
+def test_hostile_keys_never_name_a_file_and_records_stay_private(tmp_path: pathlib.Path) -> None:
+    """Records carry the key inside the segment only: whatever the key, the folder holds the
+    index, ``segments/<pid>-<random>.seg`` (mode 0600, folder 0700) and nothing else; no
+    path is made of a key (the equivalents for payload files: ``tests/test_disk_tier.py``)."""
+    keys = ["../../etc/passwd", "/abs/path", "a\x00b", "é漢字", "k" * 10_000, "..", ""]
+    keys += ["a/../../b\\..\\c", "segments/../index.db", "x.seg"]
+    abs_existed = os.path.exists("/abs")
+    t = _tier(tmp_path / "cache", 1 << 20)
+    try:
+        for i, key in enumerate(keys):
+            assert t.put(key, f"value-{i}".encode(), kind=("chunk", "metadata")[i % 2])
+            assert t.get(key) == f"value-{i}".encode()
+            assert locate(t, key).in_segment
+        assert sorted(os.listdir(tmp_path)) == ["cache"]
+        assert os.path.exists("/abs") == abs_existed
+        for dirpath, dirs, files in os.walk(tmp_path / "cache"):
+            rel = pathlib.Path(dirpath).relative_to(tmp_path / "cache")
+            if rel == pathlib.Path("."):
+                assert all(n.startswith("index.db") or n == "settings.json" for n in files)
+                continue
+            if rel.parts[0] in ("chunks", "metadata"):  # (created empty with the folder)
+                assert files == [], files
+                continue
+            assert rel == pathlib.Path("segments") and not dirs, rel
+            assert oct(os.stat(dirpath).st_mode & 0o777) == oct(0o700)
+            for name in files:
+                assert re.fullmatch(r"\d+-[0-9a-f]{16}\.seg", name), name
+                assert os.stat(os.path.join(dirpath, name)).st_mode & 0o777 == 0o600
+        assert set(t.keys()) == set(keys)
+        for key in keys:
+            t.delete(key)
+        assert len(t) == 0 and t.verify()["ok"] == 0
+    finally:
+        t.close()

@@ -1,4 +1,10 @@
-"""Tests of the persistent disk tier (real files under tmp_path, no mocks)."""
+"""Tests of the persistent disk tier (real files under tmp_path, no mocks).
+
+The tests of payload files (their names, modes, damage, the rebuild from them) run with
+packing off (``segment_threshold=FILES``); the same guarantees for records in segment files
+are in ``tests/test_disk_segments.py``. The other tests run on both layouts (the ``tier``
+fixture).
+"""
 
 from __future__ import annotations
 
@@ -29,6 +35,9 @@ def file_overhead(f: pathlib.Path) -> int:
     fields = HEADER.unpack(f.read_bytes()[:HEADER_SIZE])
     return HEADER_SIZE + fields[6] + fields[3]  # + key length + namespace length
 
+
+#: ``segment_threshold`` of a tier whose every entry is a payload file (packing off)
+FILES = -1
 
 PAYLOAD_NAME = re.compile(r"^[0-9a-f]{64}\.(cache|meta)$")
 
@@ -67,9 +76,18 @@ def file_of(tier: DiskTier, key: str, kind: str = "chunk") -> pathlib.Path:
     return tier.path / sub / h[:2] / f"{h}{ext}"
 
 
+@pytest.fixture(params=[FILES, 64 * 1024], ids=["file", "record"])
+def tier(tmp_path: pathlib.Path, request: pytest.FixtureRequest) -> Iterator[DiskTier]:
+    """A tier on each layout: entries as payload files, and as records (the default)."""
+    t = DiskTier(tmp_path / "cache", 1 << 20, segment_threshold=request.param)
+    yield t
+    t.close()
+
+
 @pytest.fixture
-def tier(tmp_path: pathlib.Path) -> Iterator[DiskTier]:
-    t = DiskTier(tmp_path / "cache", 1 << 20)
+def file_tier(tmp_path: pathlib.Path) -> Iterator[DiskTier]:
+    """A tier whose entries are payload files (for tests of the files themselves)."""
+    t = DiskTier(tmp_path / "cache", 1 << 20, segment_threshold=FILES)
     yield t
     t.close()
 
@@ -77,7 +95,8 @@ def tier(tmp_path: pathlib.Path) -> Iterator[DiskTier]:
 # --------------------------------------------------------------------------- basics
 
 
-def test_roundtrip(tier: DiskTier) -> None:
+def test_roundtrip(file_tier: DiskTier) -> None:
+    tier = file_tier
     assert tier.get("a") is None
     assert tier.put("a", b"hello", namespace="ns")
     assert tier.put("m/zarr.json", b"{}", kind="metadata")
@@ -149,7 +168,7 @@ def test_modes(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "cache"
     path.mkdir(mode=0o755)
     os.chmod(path, 0o755)
-    t = DiskTier(path, 10_000)
+    t = DiskTier(path, 10_000, segment_threshold=FILES)
     try:
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o700
         assert t.put("k", b"v") and t.put("m", b"v", kind="metadata")
@@ -203,7 +222,7 @@ def test_hostile_keys_stay_inside_folder(tmp_path: pathlib.Path) -> None:
         "\udcff-lone-surrogate",
     ]
     abs_existed = os.path.exists("/abs")
-    t = DiskTier(tmp_path / "cache", 1 << 20)
+    t = DiskTier(tmp_path / "cache", 1 << 20, segment_threshold=FILES)
     try:
         for i, key in enumerate(keys):
             value = f"value-{i}".encode()
@@ -238,7 +257,7 @@ def test_hostile_keys_stay_inside_folder(tmp_path: pathlib.Path) -> None:
 
 def test_capacity_bound_under_10x_workload(tmp_path: pathlib.Path) -> None:
     capacity = 50_000
-    t = DiskTier(tmp_path / "cache", capacity)
+    t = DiskTier(tmp_path / "cache", capacity, segment_threshold=FILES)
     rng = random.Random(0)
     try:
         written = 0
@@ -332,7 +351,8 @@ def test_ttl_expiry(tier: DiskTier) -> None:
 # --------------------------------------------------------------------------- damage
 
 
-def test_damaged_files_are_misses(tier: DiskTier, caplog: pytest.LogCaptureFixture) -> None:
+def test_damaged_files_are_misses(file_tier: DiskTier, caplog: pytest.LogCaptureFixture) -> None:
+    tier = file_tier
     values = {f"k{i}": f"value-{i}".encode() * 50 for i in range(6)}
     for k, v in values.items():
         assert tier.put(k, v)
@@ -378,7 +398,8 @@ def test_damaged_files_are_misses(tier: DiskTier, caplog: pytest.LogCaptureFixtu
     assert tier.used_bytes() == 0
 
 
-def test_verify_reports_and_repairs_corruption(tier: DiskTier) -> None:
+def test_verify_reports_and_repairs_corruption(file_tier: DiskTier) -> None:
+    tier = file_tier
     for i in range(4):
         assert tier.put(f"k{i}", b"abc" * 100)
     f = file_of(tier, "k0")
@@ -444,7 +465,8 @@ def test_delete_prefix_with_sql_wildcards(tier: DiskTier) -> None:
     assert len(tier) == 0 and payload_files(tier.path) == []
 
 
-def test_get_entry_keeps_kind_expiry_and_namespace(tier: DiskTier) -> None:
+def test_get_entry_keeps_kind_expiry_and_namespace(file_tier: DiskTier) -> None:
+    tier = file_tier
     expires = time.time() + 3600
     assert tier.put("c", b"chunk", namespace="s3://b", expires=expires)
     assert tier.put("m", b"{}", kind="metadata")
@@ -556,7 +578,7 @@ def test_probe_and_open_existing_create_nothing(tmp_path: pathlib.Path) -> None:
     assert DiskTier.probe(other).state == "foreign"
 
     folder = tmp_path / "cache"
-    with DiskTier(folder, 1 << 20) as t:
+    with DiskTier(folder, 1 << 20, segment_threshold=FILES) as t:
         assert t.put("k", b"v", namespace="n")
     assert DiskTier.probe(folder).ok
     with DiskTier.open_existing(folder) as t:
@@ -580,7 +602,8 @@ def test_probe_and_open_existing_create_nothing(tmp_path: pathlib.Path) -> None:
     assert damaged.state == "damaged" and damaged.recoverable
 
 
-def test_delete_namespace(tier: DiskTier) -> None:
+def test_delete_namespace(file_tier: DiskTier) -> None:
+    tier = file_tier
     fetch = time.time_ns()
     assert tier.put("a/1", b"1", namespace="a")
     assert tier.put("a/zarr.json", b"{}", namespace="a", kind="metadata")
@@ -622,7 +645,7 @@ print(",".join(sorted({{"zarr", "dask", "xarray", "distributed", "numpy"}} & loa
 def test_crash_hooks_name_the_points_of_a_put(tmp_path: pathlib.Path) -> None:
     from xarray_zcache.cache.disk import hooks
 
-    tier = DiskTier(tmp_path / "cache", 1 << 20)
+    tier = DiskTier(tmp_path / "cache", 1 << 20, segment_threshold=FILES)
     seen: list[str] = []
 
     def fail(*_args: object) -> None:
@@ -700,7 +723,7 @@ def _process_worker(
     Versions written by this process are ``seed * 10**6 + n``, so hits on values written by
     the other process ("foreign hits") show that the two really share the folder.
     """
-    t = DiskTier(path, capacity)
+    t = DiskTier(path, capacity, segment_threshold=FILES)
     rng = random.Random(seed)
     hits = foreign = stored = 0
     bad: list[str] = []
@@ -743,7 +766,9 @@ def _process_worker(
 def test_two_processes_share_one_folder(tmp_path: pathlib.Path) -> None:
     path = str(tmp_path / "cache")
     capacity = 15_000
-    DiskTier(path, capacity).close()  # create the folder and schema up front
+    DiskTier(
+        path, capacity, segment_threshold=FILES
+    ).close()  # create the folder and schema up front
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(2)
     results = ctx.Queue()
@@ -761,7 +786,7 @@ def test_two_processes_share_one_folder(tmp_path: pathlib.Path) -> None:
         assert bad == []
         assert hits > 50 and stored > 200
     assert sum(foreign for _h, foreign, _s, _b in reports) > 0
-    t = DiskTier(path, capacity)
+    t = DiskTier(path, capacity, segment_threshold=FILES)
     try:
         report = t.verify()
         assert report["corrupt"] == report["orphan_files"] == report["mismatched"] == 0

@@ -10,14 +10,28 @@ from __future__ import annotations
 import logging
 import pathlib
 import random
+import re
 import sqlite3
 import time
 from typing import Any
 
 import pytest
+from entry_location import locate
 
 from xarray_zcache.cache.disk import HEADER, DiskTier
 from xarray_zcache.testing import faults
+
+#: both layouts of an entry: a payload file of its own, a record in a segment file
+LAYOUTS = pytest.mark.parametrize("threshold", [-1, 64 * 1024], ids=["file", "record"])
+
+
+def _gone(tier: DiskTier, key: str) -> bool:
+    """The damaged entry left the index (its file, if it had one, removed)."""
+    try:
+        where = locate(tier, key)
+    except KeyError:
+        return True
+    return not where.in_segment and not where.exists()
 
 
 @pytest.mark.parametrize("kind", faults.DAMAGE_KINDS)
@@ -50,17 +64,22 @@ _REGIONS = {
 }
 
 
+@LAYOUTS
 @pytest.mark.parametrize("region", [*_REGIONS, "key", "namespace", "payload"])
-def test_every_bit_of_a_payload_file_is_checked(tmp_path: pathlib.Path, region: str) -> None:
-    """A flip anywhere but in the 4 padding bytes is caught (the expiry and the key too)."""
-    tier = DiskTier(tmp_path / "cache", 1 << 20)
+def test_every_bit_of_a_payload_file_is_checked(
+    tmp_path: pathlib.Path, region: str, threshold: int
+) -> None:
+    """A flip anywhere but in the 4 padding bytes is caught (the expiry and the key too),
+    in a payload file and in a record."""
+    tier = DiskTier(tmp_path / "cache", 1 << 20, segment_threshold=threshold)
     key, ns = "ns/v/c/0", "ns"
     value = faults.make_value(key, 3)
     try:
         rng = random.Random(region)
         for _ in range(8):
             assert tier.put(key, value, namespace=ns, expires=time.time() + 3600)
-            (path,) = faults.payload_files(tier.path)
+            where = locate(tier, key)
+            assert where.in_segment == (threshold > 0)
             key_len = len(key)
             start, stop = _REGIONS.get(region, (0, 0))
             if region == "key":
@@ -68,31 +87,34 @@ def test_every_bit_of_a_payload_file_is_checked(tmp_path: pathlib.Path, region: 
             elif region == "namespace":
                 start, stop = HEADER.size + key_len, HEADER.size + key_len + len(ns)
             elif region == "payload":
-                start, stop = HEADER.size + key_len + len(ns), path.stat().st_size
-            faults.flip_bit(path, rng, rng.randrange(start, stop))
+                start, stop = HEADER.size + key_len + len(ns), where.length
+            faults.flip_bit(where.path, rng, where.start + rng.randrange(start, stop))
             before = tier.corruptions
             assert tier.get(key) is None
             assert tier.corruptions == before + 1
-            assert not path.exists()
+            assert _gone(tier, key)
         # the padding carries nothing: a flip there is harmless
         assert tier.put(key, value, namespace=ns)
-        (path,) = faults.payload_files(tier.path)
-        faults.flip_bit(path, rng, faults.HEADER_PAD.start)
+        where = locate(tier, key)
+        faults.flip_bit(where.path, rng, where.start + faults.HEADER_PAD.start)
         assert tier.get(key) == value
     finally:
         tier.close()
 
 
-def test_flipped_expiry_never_serves_an_expired_entry(tmp_path: pathlib.Path) -> None:
+@LAYOUTS
+def test_flipped_expiry_never_serves_an_expired_entry(
+    tmp_path: pathlib.Path, threshold: int
+) -> None:
     """The expiry sits in the header: before format 2 a flip could make an entry immortal."""
-    tier = DiskTier(tmp_path / "cache", 1 << 20)
+    tier = DiskTier(tmp_path / "cache", 1 << 20, segment_threshold=threshold)
     try:
         for bit in range(64):
             tier.put("k", b"v", expires=time.time() + 0.05)
-            (path,) = faults.payload_files(tier.path)
-            raw = bytearray(path.read_bytes())
+            where = locate(tier, "k")
+            raw = bytearray(where.read())
             raw[24 + bit // 8] ^= 1 << (bit % 8)
-            path.write_bytes(bytes(raw))
+            where.write(bytes(raw))
             assert tier.get("k") is None
     finally:
         tier.close()
@@ -118,11 +140,18 @@ def test_damage_is_counted_and_logged_once(
 ) -> None:
     _store, keys = _fill(tmp_path)
     rng = random.Random(5)
-    files = faults.payload_files(tmp_path / "cache")
-    for f in files[:10]:
-        faults.truncate_file(f, rng)
-    for f in files[10:15]:
-        faults.flip_bit(f, rng, f.stat().st_size - 1)
+    spans = [s for s in faults.entry_spans(tmp_path / "cache") if s.kind == "chunk"]
+    assert len(spans) == 17 and all(s.in_segment for s in spans)  # records (the default)
+    for span in spans[:10]:
+        with open(span.path, "r+b") as f:  # truncated: the end of its bytes gone (zeroed)
+            cut = rng.randrange(span.length)
+            if span.in_segment:
+                f.seek(span.start + cut)
+                f.write(bytes(span.length - cut))
+            else:
+                f.truncate(cut)
+    for span in spans[10:15]:
+        faults.flip_bit(span.path, rng, span.start + span.length - 1)
     reader = faults.cached(tmp_path / "data", tmp_path / "cache", "reader")
     result = faults.ScenarioResult("counted")
     with caplog.at_level(logging.DEBUG, logger="xarray_zcache"):
@@ -133,7 +162,8 @@ def test_damage_is_counted_and_logged_once(
     assert stats.total_misses() == 15  # exactly the damaged entries were fetched again
     assert "corrupt entries dropped" in str(stats) and stats.to_dict()["corruptions"] == 15
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
-    assert len(warnings) == 1 and "damaged payload file" in warnings[0].getMessage()
+    assert len(warnings) == 1
+    assert re.search("damaged (payload file|record)", warnings[0].getMessage())
     reader.cache.close()
 
 
@@ -150,9 +180,16 @@ def test_damaged_index_is_counted_in_stats(tmp_path: pathlib.Path) -> None:
     reader.cache.close()
 
 
-def test_damaged_index_under_a_running_store_is_rebuilt(tmp_path: pathlib.Path) -> None:
-    """SQLite reports the damage mid-operation: the tier rebuilds the index and retries."""
-    tier = DiskTier(tmp_path / "cache", 1 << 20)
+@LAYOUTS
+def test_damaged_index_under_a_running_store_is_rebuilt(
+    tmp_path: pathlib.Path, threshold: int
+) -> None:
+    """SQLite reports the damage mid-operation: the tier rebuilds the index and retries.
+
+    The rebuild recovers payload files; records are not recovered (without the index a dead
+    record cannot be told from a live one): they are misses, never stale values.
+    """
+    tier = DiskTier(tmp_path / "cache", 1 << 20, segment_threshold=threshold)
     try:
         for i in range(300):
             tier.put(f"k{i}", bytes([i % 256]) * 50)
@@ -170,9 +207,15 @@ def test_damaged_index_under_a_running_store_is_rebuilt(tmp_path: pathlib.Path) 
         tier.delete("k1")  # must not raise; the tombstone is recorded in the new index
         assert tier.put("k-new", b"new")
         assert tier.get("k-new") == b"new" and tier.get("k1") is None
-        assert all(tier.get(f"k{i}") == bytes([i % 256]) * 50 for i in range(2, 300))
-        assert tier.index_rebuilds >= 1
         report = tier.verify()
-        assert report["index_damaged"] == 0 and report["ok"] == len(tier) == 300
+        if threshold < 0:
+            assert tier.index_rebuilds >= 1
+            assert all(tier.get(f"k{i}") == bytes([i % 256]) * 50 for i in range(2, 300))
+            assert report["index_damaged"] == 0 and report["ok"] == len(tier) == 300
+        else:
+            got = [tier.get(f"k{i}") for i in range(2, 300)]
+            assert all(g is None for g in got)  # misses (fetched again), never stale
+            assert report["index_damaged"] == 0 and report["ok"] == len(tier) == 1
+            assert tier.put("k2", b"again") and tier.get("k2") == b"again"
     finally:
         tier.close()

@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 import pytest
+from entry_location import locate
 
 from xarray_zcache.cache.disk import FORMAT_VERSION, HEADER, DiskTier
 from xarray_zcache.testing import faults
@@ -29,11 +30,12 @@ def test_sigkill_while_filling_many_times_in_a_row(tmp_path: pathlib.Path) -> No
     assert result.runs == 6
 
 
-@pytest.mark.parametrize("point", ["before_replace", "mid_temp_write", "mid_eviction"])
+@pytest.mark.parametrize("point", list(faults.DISK_CRASH_POINTS))
 def test_sigkill_at_each_step_of_a_disk_write(tmp_path: pathlib.Path, point: str) -> None:
-    """Killed between the two transactions of a put, half-way through its temp file, or in
-    the middle of an eviction: a miss at worst, never a wrong byte; the leftovers (rows
-    without file, temp files of the dead process) are repaired by ``verify(repair=True)``."""
+    """Killed between the two transactions of a put, half-way through its temp file, in
+    the middle of an eviction (payload files: packing off), or about to append a record: a
+    miss at worst, never a wrong byte; the leftovers (rows without file, temp files of the
+    dead process) are repaired by ``verify(repair=True)``."""
     faults.crash_at(tmp_path, point).assert_clean()
 
 
@@ -47,12 +49,14 @@ def test_sigkill_between_inner_write_and_invalidation(tmp_path: pathlib.Path, po
 # --------------------------------------------------------------------------- index.db lost
 
 
-def _filled_store(tmp_path: pathlib.Path, name: str = "filler") -> tuple[Any, list[str]]:
+def _filled_store(
+    tmp_path: pathlib.Path, name: str = "filler", pack_below: int | None = None
+) -> tuple[Any, list[str]]:
     keys = faults.dataset_keys(20)
     data = faults.local_store(tmp_path / "data")
     for i, key in enumerate(keys):
         data.set_sync(key, faults.buf(faults.make_value(key, i)))
-    store = faults.cached(tmp_path / "data", tmp_path / "cache", name)
+    store = faults.cached(tmp_path / "data", tmp_path / "cache", name, pack_below=pack_below)
     for key in keys:
         store.get_sync(key)
     store.cache.flush()
@@ -67,7 +71,9 @@ def _reader(tmp_path: pathlib.Path) -> Any:
 def test_index_deleted_while_stopped_is_rebuilt_from_payload_headers(
     tmp_path: pathlib.Path, side_files: str
 ) -> None:
-    store, keys = _filled_store(tmp_path)
+    """Payload files (packing off) carry what their rows held: the rebuilt index serves them
+    all (records: ``test_index_deleted_with_packing_only_costs_fetches``)."""
+    store, keys = _filled_store(tmp_path, pack_below=0)
     entries = {e["key"]: e for e in store.cache.disk_tier.entries()}
     store.cache.close()
     (tmp_path / "cache" / "index.db").unlink()
@@ -115,9 +121,37 @@ def test_index_deleted_while_running_keeps_working(tmp_path: pathlib.Path) -> No
     assert _verify_clean(tmp_path)
 
 
+@pytest.mark.parametrize("side_files", ["kept", "deleted"])
+def test_index_deleted_with_packing_only_costs_fetches(
+    tmp_path: pathlib.Path, side_files: str
+) -> None:
+    """Records are not recovered by a rebuild (a dead record cannot be told from a live one
+    without the index): every read is right, the entries are fetched again and stored anew,
+    and the folder verifies clean (the old segments are dead bytes, compacted away)."""
+    store, keys = _filled_store(tmp_path)
+    assert store.cache.disk_tier.segment_threshold > 0  # packing is on by default
+    store.cache.close()
+    (tmp_path / "cache" / "index.db").unlink()
+    if side_files == "deleted":
+        for name in ("index.db-wal", "index.db-shm"):
+            (tmp_path / "cache" / name).unlink(missing_ok=True)
+    reference = faults.local_store(tmp_path / "data")
+    reader = _reader(tmp_path)
+    result = faults.ScenarioResult("index deleted, packing on")
+    faults.compare_all(reader, reference, keys, result, "after the loss")
+    reader.cache.flush()
+    reader.cache.memory_tier.clear()
+    faults.compare_all(reader, reference, keys, result, "stored again")
+    result.assert_clean()
+    assert reader.stats().total_hits(tier="disk") > 0  # served from disk again
+    reader.cache.close()
+    assert _verify_clean(tmp_path)
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "zeroed-header", "empty"])
 def test_unreadable_index_at_open_is_rebuilt(tmp_path: pathlib.Path, damage: str) -> None:
-    store, keys = _filled_store(tmp_path)
+    """(Payload files: packing off; records are misses after a rebuild, see above.)"""
+    store, keys = _filled_store(tmp_path, pack_below=0)
     entries = store.cache.disk_tier.entries()
     store.cache.close()
     db = tmp_path / "cache" / "index.db"
@@ -156,7 +190,7 @@ def _verify_clean(tmp_path: pathlib.Path) -> bool:
 def test_rebuild_index_restores_entries_and_drops_what_it_cannot_trust(
     tmp_path: pathlib.Path,
 ) -> None:
-    tier = DiskTier(tmp_path / "cache", 1 << 20)
+    tier = DiskTier(tmp_path / "cache", 1 << 20, segment_threshold=-1)  # payload files
     now = time.time()
     tier.put("ns/a", b"alpha", namespace="ns", kind="chunk")
     tier.put("ns/zarr.json", b"{}", namespace="ns", kind="metadata", expires=now + 3600)
@@ -192,8 +226,10 @@ def test_rebuild_index_restores_entries_and_drops_what_it_cannot_trust(
     tier.close()
 
 
-def test_verify_repair_rebuilds_a_damaged_index(tmp_path: pathlib.Path) -> None:
-    tier = DiskTier(tmp_path / "cache", 1 << 20)
+@pytest.mark.parametrize("threshold", [-1, 64 * 1024], ids=["file", "record"])
+def test_verify_repair_rebuilds_a_damaged_index(tmp_path: pathlib.Path, threshold: int) -> None:
+    """Payload files are all recovered; records are misses (never stale)."""
+    tier = DiskTier(tmp_path / "cache", 1 << 20, segment_threshold=threshold)
     for i in range(200):
         tier.put(f"k{i}", bytes([i % 256]) * 100)
     tier.close()
@@ -204,24 +240,33 @@ def test_verify_repair_rebuilds_a_damaged_index(tmp_path: pathlib.Path) -> None:
     with open(db, "r+b") as f:  # damage b-tree pages (not page 1: the file still opens)
         f.seek(page_size * 2)
         f.write(b"\xff" * page_size)
-    tier = DiskTier(tmp_path / "cache", 1 << 20)
+    tier = DiskTier(tmp_path / "cache", 1 << 20, segment_threshold=threshold)
     try:
         report = tier.verify()
         assert report["index_damaged"] == 1
         tier.verify(repair=True)
         report = tier.verify()
-        assert report["index_damaged"] == 0 and report["ok"] == 200 == len(tier)
-        assert all(tier.get(f"k{i}") == bytes([i % 256]) * 100 for i in range(200))
-        assert tier.corruptions >= 1 and tier.index_rebuilds >= 1
+        if threshold < 0:
+            assert report["index_damaged"] == 0 and report["ok"] == 200 == len(tier)
+            assert all(tier.get(f"k{i}") == bytes([i % 256]) * 100 for i in range(200))
+            assert tier.corruptions >= 1 and tier.index_rebuilds >= 1
+        else:
+            assert report["index_damaged"] == 0 and report["ok"] == len(tier)
+            assert all(tier.get(f"k{i}") in (None, bytes([i % 256]) * 100) for i in range(200))
+            assert tier.corruptions >= 1
+            assert tier.put("k1", b"again") and tier.get("k1") == b"again"
     finally:
         tier.close()
 
 
-def test_payload_header_carries_key_and_namespace(tmp_path: pathlib.Path) -> None:
-    tier = DiskTier(tmp_path / "cache", 1 << 20)
+@pytest.mark.parametrize("threshold", [-1, 64 * 1024], ids=["file", "record"])
+def test_payload_header_carries_key_and_namespace(tmp_path: pathlib.Path, threshold: int) -> None:
+    """A payload file and a record start with the same header."""
+    tier = DiskTier(tmp_path / "cache", 1 << 20, segment_threshold=threshold)
     tier.put("s3+http://h/b/ds/v/c/0", b"payload", namespace="s3+http://h/b/ds", expires=5e9)
-    (path,) = faults.payload_files(tier.path)
-    raw = path.read_bytes()
+    where = locate(tier, "s3+http://h/b/ds/v/c/0")
+    assert where.in_segment == (threshold > 0)
+    raw = where.read()
     fields = HEADER.unpack_from(raw)
     assert fields[0] == b"ZCCH" and fields[1] == FORMAT_VERSION == 2
     ns_len, length, key_len, expires = fields[3], fields[4], fields[6], fields[7]

@@ -77,9 +77,13 @@ def test_new_cache_on_a_full_filesystem(
         store.cache.close()
 
 
-def test_no_partial_files_after_enospc_mid_write(tmp_path: pathlib.Path) -> None:
-    """ENOSPC after the header is written: the temp file is removed, nothing is installed."""
-    tier = disk_module.DiskTier(tmp_path / "cache", 1 << 20)
+@pytest.mark.parametrize("packing", [False, True], ids=["file", "record"])
+def test_no_partial_files_after_enospc_mid_write(tmp_path: pathlib.Path, packing: bool) -> None:
+    """ENOSPC after the header is written (a file) or at the append (a record): the temp
+    file is removed, no empty segment is left, nothing is installed."""
+    tier = disk_module.DiskTier(
+        tmp_path / "cache", 1 << 20, segment_threshold=64 * 1024 if packing else -1
+    )
     temps: list[str] = []
 
     def no_space(temp: str) -> None:  # the payload write, after the header
@@ -87,10 +91,12 @@ def test_no_partial_files_after_enospc_mid_write(tmp_path: pathlib.Path) -> None
         raise OSError(28, "No space left on device")
 
     try:
-        with hooks.registered("after-header-write", no_space):
+        point = "before-append" if packing else "after-header-write"
+        with hooks.registered(point, no_space):
             assert not tier.put("k", b"x" * 1000)
-        assert temps  # the header of a temp file was written each time
+        assert temps  # the header of a temp file was written (a segment created) each time
         assert faults.temp_files(tier.path) == [] and faults.payload_files(tier.path) == []
+        assert list((tier.path / "segments").glob("*")) == []
         assert tier.get("k") is None and "k" not in tier
         assert tier.put("k", b"y" * 1000) and tier.get("k") == b"y" * 1000
     finally:

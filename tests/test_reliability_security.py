@@ -33,6 +33,7 @@ from xarray_zcache.testing.writers import write_zarr
 
 P = default_buffer_prototype()
 PAYLOAD_NAME = re.compile(r"^[0-9a-f]{64}\.(cache|meta)$")
+SEGMENT_NAME = re.compile(r"^\d+-[0-9a-f]{16}\.seg$")
 ROOT_FILES = {
     "index.db",
     "index.db-wal",
@@ -77,25 +78,40 @@ def _check_folder(cache_dir: pathlib.Path) -> None:
         assert not path.is_symlink(), rel
         if path.is_dir():
             assert mode == 0o700, (rel, oct(mode))
+            if rel == pathlib.Path("segments"):
+                continue
             assert len(rel.parts) <= 2 and rel.parts[0] in ("chunks", "metadata"), rel
             continue
         assert mode == 0o600, (rel, oct(mode))
         if len(rel.parts) == 1:
             assert rel.name in ROOT_FILES, rel
+        elif rel.parts[0] == "segments":  # records: named by process and random, not by key
+            assert len(rel.parts) == 2 and SEGMENT_NAME.match(rel.name), rel
         else:
             assert len(rel.parts) == 3 and rel.parts[0] in ("chunks", "metadata"), rel
             assert PAYLOAD_NAME.match(rel.name), rel
 
 
-@pytest.mark.parametrize("umask", [0o022, 0o000])
-def test_hostile_keys_never_leave_the_cache_folder(tmp_path: pathlib.Path, umask: int) -> None:
+@pytest.mark.parametrize(
+    ("umask", "pack_below"),
+    [(0o022, "64KiB"), (0o000, "64KiB"), (0o000, 0)],
+    ids=["022-records", "000-records", "000-files"],
+)
+def test_hostile_keys_never_leave_the_cache_folder(
+    tmp_path: pathlib.Path, umask: int, pack_below: int | str
+) -> None:
     old_umask = os.umask(umask)
     try:
         escape = [pathlib.Path("/tmp/zcache-escape"), pathlib.Path("/tmp/zcache-escape-abs")]
         passwd = pathlib.Path("/etc/passwd")
         passwd_before = passwd.stat() if passwd.exists() else None
         cache_dir = tmp_path / "cache"
-        cfg = CacheConfig().with_name(f"hostile-{umask}").with_disk_cache(cache_dir, "64MB")
+        cfg = (
+            CacheConfig()
+            .with_name(f"hostile-{umask}-{pack_below}")
+            .with_disk_cache(cache_dir, "64MB")
+            .with_disk_packing(pack_below)
+        )
         store = CachedStore(MemoryStore(), cfg.with_prefetch(0))
         outside_before = _tree(tmp_path) - _tree(cache_dir)
         for i, key in enumerate(HOSTILE_KEYS):

@@ -28,7 +28,7 @@ class CacheSettings:
     disk_size: int = 0
     max_object_size: int = 64 * 2**20
     #: disk entries of at most this many bytes go to segment files; 0: off
-    disk_pack_below: int = 0
+    disk_pack_below: int = 64 * 2**10
     metadata_ttl: float | None = 300.0
     chunk_ttl: float | None = None
     listing_ttl: float = 60.0

@@ -374,12 +374,12 @@ class TierFills(TierCore):
                 freed = room(self._index.require())
             if self._lookup_first:  # records free no space until their segment goes
                 self._segments.close()  # seal ours: it may be compacted too
-                freed = self.compact() > 0
-                if not freed:
-                    n, nbytes, space = compact.free_segment(self._compaction())
-                    self.evictions += n
-                    self.evicted_bytes += nbytes
-                    freed = space > 0
+                if self.compact() > 0:
+                    return True
+                n, nbytes, space = compact.free_segment(self._compaction())
+                self.evictions += n
+                self.evicted_bytes += nbytes
+                freed = freed or space > 0
             return freed
         except (OSError, sqlite3.Error, TypeError, ValueError):
             return False

@@ -12,6 +12,9 @@ patching ``os.replace`` or ``os.write`` for the whole process. With nothing regi
     ``put``'s second transaction holds the write lock and found its row: the rename is next.
 ``after-replace`` (final path)
     The payload file is in place; the second transaction is not yet committed.
+``before-append`` (segment path)
+    Records of small entries are about to be appended to a segment file (nothing of them
+    written yet; their rows are committed after the append).
 ``after-unlink`` (path)
     A payload file of a removed row (eviction, deletion) was unlinked; the row is not yet
     deleted (it is, in the same transaction).
@@ -26,7 +29,14 @@ from typing import Final
 __all__ = ["POINTS", "clear", "fire", "register", "registered"]
 
 POINTS: Final = frozenset(
-    {"after-header-write", "after-temp-write", "before-replace", "after-replace", "after-unlink"}
+    {
+        "after-header-write",
+        "after-temp-write",
+        "before-replace",
+        "after-replace",
+        "before-append",
+        "after-unlink",
+    }
 )
 
 _hooks: dict[str, list[Callable[..., object]]] = {}

@@ -21,6 +21,8 @@ SCHEMA_VERSION: Final = 3  # 2: payload format 2; 3: segment files (columns adde
 BUSY_TIMEOUT_MS: Final = 30_000
 _WAL_CHECKPOINT_PAGES: Final = 256
 _WAL_SIZE_LIMIT: Final = 1 << 20
+#: ... but at most this fraction of the filesystem (never under 16 pages)
+_WAL_FS_FRACTION: Final = 64
 #: SQLite page cache per connection, KiB (allocated as used).
 _CACHE_KIB: Final = 16384
 
@@ -122,6 +124,20 @@ class SchemaDamaged(sqlite3.DatabaseError):
 
 class IndexUnavailable(OSError):
     """The index cannot be used now (disk full, I/O error): the tier runs without it."""
+
+
+def wal_pages(db_path: str) -> int:
+    """Pages between automatic checkpoints of the WAL: ``_WAL_CHECKPOINT_PAGES``, fewer on a
+    small filesystem. A WAL never checkpointed can fill a small filesystem, and then cannot be
+    checkpointed at all (that needs room for the database to grow): the tier never stores
+    again, even once the space its payloads took is freed."""
+    try:
+        st = os.statvfs(os.path.dirname(db_path) or ".")
+    except (OSError, AttributeError):
+        return _WAL_CHECKPOINT_PAGES
+    return max(
+        16, min(_WAL_CHECKPOINT_PAGES, st.f_blocks * st.f_frsize // _WAL_FS_FRACTION // 4096)
+    )
 
 
 def is_corruption(exc: BaseException) -> bool:
@@ -255,8 +271,9 @@ def connect(db_path: str) -> tuple[sqlite3.Connection, bool]:
         conn.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
         # bound the WAL (SQLite lets it grow to ~4 MiB between checkpoints and never
         # shrinks it): it shares the filesystem with the payloads
-        conn.execute(f"PRAGMA wal_autocheckpoint={_WAL_CHECKPOINT_PAGES}")
-        conn.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
+        pages = wal_pages(db_path)
+        conn.execute(f"PRAGMA wal_autocheckpoint={pages}")
+        conn.execute(f"PRAGMA journal_size_limit={min(_WAL_SIZE_LIMIT, pages * 4096)}")
         with txn(conn):
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:

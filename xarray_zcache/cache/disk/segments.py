@@ -37,6 +37,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Final
 
+from xarray_zcache.cache.disk import hooks
 from xarray_zcache.cache.disk.format import (
     HEADER_SIZE,
     MAX_NAMESPACE,
@@ -54,9 +55,9 @@ except ImportError:  # pragma: no cover - not POSIX
 #: Entries up to this many payload bytes go to segment files; larger ones to files of their own
 #: (``DiskTier(..., segment_threshold=SEGMENT_THRESHOLD)``).
 SEGMENT_THRESHOLD: Final = 64 * 1024
-#: What a tier does unless told: -1, no segments (every entry a file of its own), until the
-#: adversarial tests written for payload files are ported to records (see docs/benchmarks.md).
-DEFAULT_SEGMENT_THRESHOLD: Final = -1
+#: What a tier does unless told: entries up to ``SEGMENT_THRESHOLD`` bytes are records
+#: (-1: none are; every entry a file of its own).
+DEFAULT_SEGMENT_THRESHOLD: Final = SEGMENT_THRESHOLD
 SEGMENT_DIR: Final = "segments"
 SEGMENT_EXT: Final = ".seg"
 #: A segment is sealed once it holds this many bytes (or ``capacity / 8``, if smaller).
@@ -172,8 +173,12 @@ class SegmentWriter:
                     size += n
                     i += 1
                 try:
+                    hooks.fire("before-append", segment_path(self.root, name))
                     _writev_all(fd, group, size - start)
                 except OSError:
+                    if start == 0:  # (a full disk) no row can point into it: never leave it
+                        with contextlib.suppress(OSError):
+                            os.unlink(segment_path(self.root, name))
                     self._leave()  # the file's end is uncertain now: a fresh segment next time
                     raise
                 self._size = size

@@ -27,7 +27,8 @@ __all__ = ["DiskTier", "FolderState", "NotACacheFolder"]
 class DiskTier(TierFills, TierInspection):
     """Persistent, size-bounded, multi-process-safe mapping of ``str`` keys to ``bytes``.
 
-    Payloads are files named by the SHA-256 of their key (:mod:`.format`); an SQLite index
+    Small payloads are records appended to segment files (:mod:`.segments`), larger ones
+    files named by the SHA-256 of their key (:mod:`.format`); an SQLite index
     in WAL mode (:mod:`.schema`, :mod:`.index`) records namespace, kind, size, creation
     time, last access, hit count, expiry and checksum of each entry, plus tombstones used to
     reject stale writes.
@@ -41,13 +42,14 @@ class DiskTier(TierFills, TierInspection):
         Maximum total payload bytes. 0 stores nothing.
     max_object_size : int, optional
         Payloads larger than this are not stored. ``None``: only ``capacity`` limits them.
-    segment_threshold : int, default -1
+    segment_threshold : int, default 65536
         Entries of at most this many bytes are appended as records to segment files
-        (:mod:`.segments`; ``SEGMENT_THRESHOLD`` = 64 KiB is the designed size); larger ones
-        are files of their own. -1 (the default for now): every entry is a file. A tier reads
-        records when it writes them or when the folder held segment files at its opening;
-        otherwise records written later by another process are misses to it (never stale:
-        a record replacing a file unlinks the file).
+        (:mod:`.segments`; ``SEGMENT_THRESHOLD`` = 64 KiB, the default); larger ones are files
+        of their own. -1: every entry is a file. A tier reads records when it writes them or
+        when the folder held segment files at its opening; otherwise records written later
+        by another process are misses to it (never stale: a record replacing a file unlinks
+        the file). A lost index is rebuilt from the payload files only: records are then
+        misses (fetched again, never stale).
 
     Attributes
     ----------

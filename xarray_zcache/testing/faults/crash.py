@@ -43,12 +43,16 @@ CRASH_DISK = 600_000  # small: the children evict while they fill
 
 #: Crash points inside the disk tier, and the named hook (``cache/disk/hooks.py``) each uses:
 #: between the two transactions of a put, half-way through its temp file (header written,
-#: payload not), in the middle of an eviction (after the third payload file unlinked).
+#: payload not), in the middle of an eviction (after the third payload file unlinked), about
+#: to append a record to a segment (its row not committed).
 DISK_CRASH_POINTS: Final = {
     "before_replace": "before-replace",
     "mid_temp_write": "after-header-write",
     "mid_eviction": "after-unlink",
+    "before_append": "before-append",
 }
+#: The points of payload files: their scenario runs with packing off.
+_FILE_POINTS: Final = frozenset({"before_replace", "mid_temp_write", "mid_eviction"})
 #: Every point :func:`crash_at` knows; the last three kill the process between the write to
 #: the inner store and the cache's invalidation (the inner store's method is wrapped).
 CRASH_POINTS: Final = (
@@ -164,7 +168,10 @@ def _die(*_args: object) -> None:
 
 def _crash_at_child(data: str, cache_dir: str, point: str) -> None:  # pragma: no cover
     """Crash (SIGKILL itself) at a chosen point of a write through the cache."""
-    store = cached(data, cache_dir, "crash-at", memory=CRASH_MEMORY, disk=CRASH_DISK)
+    pack = 0 if point in _FILE_POINTS else None
+    store = cached(
+        data, cache_dir, "crash-at", memory=CRASH_MEMORY, disk=CRASH_DISK, pack_below=pack
+    )
     key = "v/c/0/0"
     store.get_sync(key)  # cached (memory and disk) with its first version
     store.cache.flush()
@@ -229,7 +236,10 @@ def crash_at(workdir: str | os.PathLike[str], point: str) -> ScenarioResult:
     for key in keys:
         reference.set_sync(key, buf(make_value(key, 1)))
     with timed(result):
-        filler = cached(data, cache_dir, unique("filler"), memory=CRASH_MEMORY, disk=CRASH_DISK)
+        pack = 0 if point in _FILE_POINTS else None  # (the others: packing as by default)
+        filler = cached(
+            data, cache_dir, unique("filler"), memory=CRASH_MEMORY, disk=CRASH_DISK, pack_below=pack
+        )
         for key in keys:
             filler.get_sync(key)
         filler.cache.close()

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
 import os
 import pathlib
 import random
+import sqlite3
+
+from xarray_zcache.cache.disk.segments import record_length, segment_path
 
 __all__ = [
     "DAMAGE_KINDS",
     "HEADER_PAD",
+    "Span",
     "damage",
+    "entry_spans",
     "flip_bit",
     "overwrite",
     "payload_files",
@@ -20,7 +28,8 @@ __all__ = [
 #: Byte range of the 4 unused padding bytes of a payload header: a flip there changes nothing.
 HEADER_PAD = range(36, 40)
 
-#: What :func:`damage` can do: ``<target>-<how>``, target payload files, ``index.db``, its WAL.
+#: What :func:`damage` can do: ``<target>-<how>``, target payload files and records of segment
+#: files (the entries), ``index.db``, its WAL.
 DAMAGE_KINDS = (
     "payload-bitflip",
     "payload-truncate",
@@ -46,6 +55,47 @@ def payload_files(root: str | os.PathLike[str]) -> list[pathlib.Path]:
         for p in (base / sub).glob(f"*/*{ext}")
         if not p.name.startswith(".")
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class Span:
+    """The bytes of one stored entry: the whole of ``path`` (a payload file), or ``length``
+    bytes at ``start`` (a record in a segment file). ``name``: the key's SHA-256 (hex)."""
+
+    path: pathlib.Path
+    start: int
+    length: int
+    in_segment: bool
+    name: str
+    kind: str = "chunk"
+
+
+def entry_spans(root: str | os.PathLike[str]) -> list[Span]:
+    """Every stored entry: the payload files, and the records the index points to (none if
+    the index cannot be read)."""
+    spans = [
+        Span(p, 0, p.stat().st_size, False, p.stem, "chunk" if p.suffix == ".cache" else "metadata")
+        for p in payload_files(root)
+    ]
+    db = pathlib.Path(root) / "index.db"
+    if not db.exists():
+        return spans
+    try:
+        uri = db.absolute().as_uri() + "?mode=ro"
+        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=30)) as conn:
+            found = conn.execute(
+                "SELECT key, namespace, size, segment, offset, kind FROM entries "
+                "WHERE segment IS NOT NULL ORDER BY segment, offset"
+            ).fetchall()
+    except sqlite3.Error:
+        return spans
+    for key, namespace, size, segment, offset, kind in found:
+        key_bytes = key.encode("utf-8", "surrogatepass")
+        length = record_length(key_bytes, namespace.encode("utf-8"), size)
+        path = pathlib.Path(segment_path(os.fspath(root), segment))
+        name = hashlib.sha256(key_bytes).hexdigest()
+        spans.append(Span(path, offset, length, True, name, kind))
+    return spans
 
 
 def temp_files(root: str | os.PathLike[str]) -> list[pathlib.Path]:
@@ -96,19 +146,11 @@ def damage(kind: str, cache_dir: pathlib.Path, rng: random.Random) -> tuple[int,
         raise ValueError(f"kind must be one of {DAMAGE_KINDS}, got {kind!r}")
     target, _, how = kind.partition("-")
     if target == "payload":
-        files = payload_files(cache_dir)
-        chosen = rng.sample(files, max(1, len(files) // 4))
-        for f in chosen:
-            if how == "bitflip":
-                pos = flip_bit(f, rng)
-                while pos in HEADER_PAD:  # a flip in the padding changes nothing: redo
-                    flip_bit(f, rng, pos)  # (undo)
-                    pos = flip_bit(f, rng)
-            elif how == "truncate":
-                truncate_file(f, rng)
-            else:
-                overwrite(f, rng, 64)
-        return len(chosen), [f.stem for f in chosen]
+        spans = entry_spans(cache_dir)
+        chosen = rng.sample(spans, max(1, len(spans) // 4))
+        for span in chosen:
+            _damage_span(span, how, rng)
+        return len(chosen), [span.name for span in chosen]
     path = cache_dir / ("index.db" if target == "index" else "index.db-wal")
     if not path.exists() or path.stat().st_size == 0:
         return 0, []
@@ -124,3 +166,30 @@ def damage(kind: str, cache_dir: pathlib.Path, rng: random.Random) -> tuple[int,
     elif how == "delete":
         path.unlink()
     return 1, []
+
+
+def _damage_span(span: Span, how: str, rng: random.Random) -> None:
+    """Bit flip (not in the header's padding), truncation or 64 bytes of garbage."""
+    if not span.in_segment:
+        if how == "bitflip":
+            pos = flip_bit(span.path, rng)
+            while pos in HEADER_PAD:  # a flip in the padding changes nothing: redo
+                flip_bit(span.path, rng, pos)  # (undo)
+                pos = flip_bit(span.path, rng)
+        elif how == "truncate":
+            truncate_file(span.path, rng)
+        else:
+            overwrite(span.path, rng, 64)
+        return
+    # a record: the same, within its bytes (a truncated record ends in zeros)
+    rel = rng.randrange(span.length)
+    if how == "bitflip":
+        while rel in HEADER_PAD:
+            rel = rng.randrange(span.length)
+        flip_bit(span.path, rng, span.start + rel)
+    else:
+        n = span.length - rel if how == "truncate" else min(64, span.length - rel)
+        data = bytes(n) if how == "truncate" else rng.randbytes(n)
+        with open(span.path, "r+b") as f:
+            f.seek(span.start + rel)
+            f.write(data)

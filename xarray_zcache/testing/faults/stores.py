@@ -41,15 +41,20 @@ def config(
     *,
     memory: str = "8MB",
     disk: str | int = "64MB",
+    pack_below: int | str | None = None,
 ) -> CacheConfig:
-    """A `CacheConfig` with a disk tier in ``cache_dir`` (no read-ahead, quick maintenance)."""
-    return (
+    """A `CacheConfig` with a disk tier in ``cache_dir`` (no read-ahead, quick maintenance).
+
+    ``pack_below``: ``disk_pack_below`` (0: every entry a payload file); None: the default.
+    """
+    cfg = (
         CacheConfig()
         .with_name(name)
         .with_memory_size(memory)
         .with_disk_cache(os.fspath(cache_dir), disk)
         .with_prefetch(0)
     )
+    return cfg if pack_below is None else cfg.with_disk_packing(pack_below)
 
 
 def local_store(path: str | os.PathLike[str]) -> LocalStore:
@@ -64,9 +69,12 @@ def cached(
     *,
     memory: str = "8MB",
     disk: str | int = "64MB",
+    pack_below: int | str | None = None,
 ) -> SyncCachedStore:
-    """A `CachedStore` over a `LocalStore` at ``data`` with its disk tier in ``cache_dir``."""
-    return SyncCachedStore(local_store(data), config(cache_dir, name, memory=memory, disk=disk))
+    """A `CachedStore` over a `LocalStore` at ``data`` with its disk tier in ``cache_dir``
+    (``pack_below``: as for :func:`config`)."""
+    cfg = config(cache_dir, name, memory=memory, disk=disk, pack_below=pack_below)
+    return SyncCachedStore(local_store(data), cfg)
 
 
 def unique(prefix: str) -> str:

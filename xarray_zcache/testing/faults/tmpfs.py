@@ -67,14 +67,18 @@ def fill_disk(path: str | os.PathLike[str]) -> pathlib.Path:
 def enospc_injected(folder: str | os.PathLike[str]) -> Iterator[None]:
     """Fallback when no tmpfs can be mounted: payload writes under ``folder`` fail (ENOSPC).
 
-    Uses the disk tier's ``after-header-write`` hook (this process only): the header of a
-    temp file is written, then its payload write fails as on a full filesystem.
+    Uses the disk tier's ``after-header-write`` and ``before-append`` hooks (this process
+    only): the header of a temp file is written, then its payload write fails as on a full
+    filesystem; appending records to a segment fails the same way.
     """
     root = os.fspath(folder)
 
-    def no_space(temp: object) -> None:
-        if str(temp).startswith(root):
+    def no_space(path: object) -> None:
+        if str(path).startswith(root):
             raise OSError(errno.ENOSPC, "No space left on device (injected)")
 
-    with hooks.registered("after-header-write", no_space):
+    with (
+        hooks.registered("after-header-write", no_space),
+        hooks.registered("before-append", no_space),
+    ):
         yield
