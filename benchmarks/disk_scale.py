@@ -18,13 +18,20 @@ background writer fed by ``HybridCache._admit``), then measures, at each size:
     dropped, the dentry and inode stay cached (what "the page cache is cold" means for the
     cache's own layout: one device read per hit is the floor);
   - ``cold-all``: ``echo 3 > /proc/sys/vm/drop_caches`` first (root only): dentries,
-    inodes, directory blocks are dropped too (the filesystem's lookups then add reads);
+    inodes, directory blocks are dropped too (the filesystem's lookups then add reads); the
+    tier is the one of the passes before, its SQLite page cache holding what they read;
+  - ``cold-new``: ``drop_caches``, then a tier opened afresh (an empty SQLite page cache)
+    reads keys no pass read before: the first hit on a key after a restart, every index page
+    it needs read from the device;
 
   with the bytes this process read from the device per hit (``/proc/self/io``
   ``read_bytes``) and the device's read requests per hit (``/proc/diskstats``, system-wide:
   other processes add noise);
 * ``might_contain`` for a present and an absent key; ``key in tier`` (one SQL lookup);
 * eviction: ``evict()`` of 1 % of the bytes, and the one ``put`` that finds the tier full.
+
+``--index-cache-mib`` bounds the SQLite page cache of the tiers that read
+(``DiskTier(index_cache_bytes=...)``).
 
 Usage::
 
@@ -381,7 +388,9 @@ def run_size(n: int, args: argparse.Namespace, dev: str | None) -> dict[str, Any
     res["open_warm"] = min(
         (open_in_new_process(path, capacity) for _ in range(3)), key=lambda r: r["open_s"]
     )
-    tier = DiskTier(path, capacity)
+    tier_kw = {"index_cache_bytes": args.index_cache_mib << 20} if args.index_cache_mib else {}
+    res["index_cache_mib"] = args.index_cache_mib
+    tier = DiskTier(path, capacity, **tier_kw)
     reads = []
     noop: Callable[[], None] = lambda: None  # noqa: E731
     # "first": the same keys, first read since the fill (the bare pass reads other keys)
@@ -410,7 +419,6 @@ def run_size(n: int, args: argparse.Namespace, dev: str | None) -> dict[str, Any
     )
     if args.cold_all and can_drop_caches():
         reads.append(measure_reads(tier, sample, paths, "cold-all", dev, drop_caches))
-    res["reads"] = reads
 
     # might_contain and the SQL lookup, warm
     absent = [f"{NS}/absent/{i}" for i in range(len(sample))]
@@ -425,6 +433,13 @@ def run_size(n: int, args: argparse.Namespace, dev: str | None) -> dict[str, Any
             fn(k)
             t.append(time.perf_counter_ns() - t0)
         res[name] = percentiles(t)
+    if args.cold_all and can_drop_caches():
+        tier.close()
+        fresh = list(dict.fromkeys(key_of(rng.randrange(n)) for _ in range(len(sample))))
+        fresh_paths = locations(path, fresh)
+        tier = DiskTier(path, capacity, **tier_kw)
+        reads.append(measure_reads(tier, fresh, fresh_paths, "cold-new", dev, drop_caches))
+    res["reads"] = reads
     tier.close()
 
     if args.cold_all and can_drop_caches():
@@ -477,7 +492,7 @@ def summary(results: list[dict[str, Any]]) -> str:
         "| index B/entry "
         "| hit warm p50 / p99 | warm: own + device (mean) "
         "| hit cold p50 / mean | cold: own + device (mean) "
-        "| device reads / hit, data cold / all cold "
+        "| device reads / hit, data cold / all cold / all cold, new tier "
         "| evict, per entry |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -497,8 +512,9 @@ def summary(results: list[dict[str, Any]]) -> str:
             cells.append(f"{fmt(m['get']['median_us'], 'us')} / {fmt(second, 'us')}")
             cells.append(f"{fmt(m['own_mean_us'], 'us')} + {fmt(m['raw']['mean_us'], 'us')}")
         every = _mode(r, "cold-all")
+        fresh = _mode(r, "cold-new")
         cells.append(
-            " / ".join(fmt(m["device_reads_per_hit"]) if m else "—" for m in (cold, every))
+            " / ".join(fmt(m["device_reads_per_hit"]) if m else "—" for m in (cold, every, fresh))
         )
         per = r["evict_1pct_s"] / r["evict_1pct_entries"] if r["evict_1pct_entries"] else nan
         cells.append(f"{fmt(per * 1e6, 'us')}")
@@ -595,6 +611,12 @@ def main(argv: list[str] | None = None) -> None:
         default=-1,
         help="DiskTier(segment_threshold=...): entries up to this size go to segment files "
         "(65536: the designed size; -1: none, one file per entry)",
+    )
+    p.add_argument(
+        "--index-cache-mib",
+        type=int,
+        default=0,
+        help="DiskTier(index_cache_bytes=...) of the reading tiers, MiB (0: the default)",
     )
     p.add_argument("--keep", action="store_true", help="keep the filled folders")
     p.add_argument("--json", help="also write the results here")

@@ -272,8 +272,8 @@ def test_opening_a_filled_folder_reads_no_rows(
     statements: list[str] = []
     real_connect = schema.connect
 
-    def traced(db_path: str) -> tuple[sqlite3.Connection, bool]:
-        conn, created = real_connect(db_path)
+    def traced(db_path: str, cache_bytes: int) -> tuple[sqlite3.Connection, bool]:
+        conn, created = real_connect(db_path, cache_bytes)
         conn.set_trace_callback(statements.append)
         return conn, created
 

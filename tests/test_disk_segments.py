@@ -634,6 +634,7 @@ def test_might_contain_never_raises(tier: DiskTier, monkeypatch: pytest.MonkeyPa
         raise sqlite3.DatabaseError("database disk image is malformed")
 
     monkeypatch.setattr(tier._index, "run", broken)
+    monkeypatch.setattr(tier._index, "query", broken)  # the lookup's read connection
     assert tier.might_contain("K") is True
     assert tier.might_contain("other") is True
 

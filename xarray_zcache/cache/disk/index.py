@@ -31,6 +31,8 @@ from xarray_zcache.cache.disk.folder import (
 from xarray_zcache.cache.disk.log import Warner
 from xarray_zcache.cache.disk.scan import has_payload_files
 from xarray_zcache.cache.disk.schema import (
+    BUSY_TIMEOUT_MS,
+    INDEX_CACHE_BYTES,
     INDEX_NAME,
     INDEX_SIDE_FILES,
     LOCK_NAME,
@@ -69,6 +71,8 @@ class Index:
         ``fill(conn)`` fills a new, empty index from the payload files (folder lock held).
     on_damage : callable
         Called each time a damaged index is replaced.
+    cache_bytes : int
+        Bound of the connection's SQLite page cache (:data:`.schema.INDEX_CACHE_BYTES`).
     """
 
     def __init__(
@@ -78,6 +82,7 @@ class Index:
         *,
         fill: Callable[[sqlite3.Connection], None],
         on_damage: Callable[[], None],
+        cache_bytes: int = INDEX_CACHE_BYTES,
     ) -> None:
         self.root = root
         self.lock = threading.Lock()
@@ -88,8 +93,15 @@ class Index:
         self._warner = warner
         self._fill = fill
         self._on_damage = on_damage
+        self.cache_bytes = cache_bytes
         self._db_id: tuple[int, int] | None = None
         self._retry_at = 0.0
+        #: A second connection for :meth:`query` (opened on first use), guarded by
+        #: :attr:`read_lock`; ``_reader_of`` is the :attr:`conn` it was opened beside.
+        self.read_lock = threading.Lock()
+        self._reader: sqlite3.Connection | None = None
+        self._reader_of: sqlite3.Connection | None = None
+        self._pid = os.getpid()
 
     def start(self) -> None:
         """Open the index; on disk-full or I/O errors, run without it for now."""
@@ -135,6 +147,79 @@ class Index:
             if not is_resource_error(exc):
                 raise
             return default
+
+    def query(self, action: str, op: Callable[[sqlite3.Connection], _T]) -> _T:
+        """:meth:`run` for a query of committed rows that need not wait for this process's
+        writes (a hit's lookup).
+
+        When :attr:`lock` is free, ``op`` runs on :attr:`conn`, as :meth:`run`. When it is
+        held (a statistics flush, a fill, an eviction: at a million entries a flush of a few
+        thousand hits rewrites that many random pages, tens of milliseconds to seconds),
+        ``op`` runs on a second connection instead (WAL: a reader never waits for the
+        writer). Not the other way round: SQLite drops a connection's whole page cache when
+        another connection has committed, which the writer does all the time.
+
+        The second connection is used only while it is beside the current :attr:`conn` on
+        the current ``index.db`` (checked on every call, as :meth:`require` does), in the
+        process that opened the tier; otherwise, and on any error (damage, busy, I/O), ``op``
+        goes through :meth:`run` and its recovery. ``op`` sees the last committed state: a
+        row of the transaction in progress is not seen until it commits (as with another
+        process's).
+        """
+        if self.lock.acquire(blocking=False):
+            try:
+                return self.run_locked(action, op)
+            finally:
+                self.lock.release()
+        if self.conn is not None and os.getpid() == self._pid:
+            with self.read_lock:
+                reader = self._reader_locked()
+                if reader is not None:
+                    try:
+                        return op(reader)
+                    except (sqlite3.Error, TypeError, ValueError):
+                        self._close_reader_locked()
+        return self.run(action, op)
+
+    def _reader_locked(self) -> sqlite3.Connection | None:
+        """The read connection (:attr:`read_lock` held), opened if needed; None if it cannot
+        be used now."""
+        conn = self.conn
+        if conn is None or self.closed or file_id(self.db_path) != self._db_id:
+            return None  # offline, closed, or index.db replaced: run() reopens it first
+        if self._reader is not None and self._reader_of is conn:
+            return self._reader
+        self._close_reader_locked()
+        try:
+            reader = sqlite3.connect(
+                self.db_path, timeout=30, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error:
+            return None
+        try:
+            reader.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            reader.execute(f"PRAGMA cache_size=-{max(1, self.cache_bytes >> 10)}")
+            reader.execute("PRAGMA query_only=1")
+        except sqlite3.Error:
+            with contextlib.suppress(sqlite3.Error):
+                reader.close()
+            return None
+        self._reader, self._reader_of = reader, conn
+        return reader
+
+    def _close_reader_locked(self) -> None:
+        reader, self._reader, self._reader_of = self._reader, None, None
+        if reader is not None:
+            with contextlib.suppress(sqlite3.Error):
+                reader.close()
+
+    def close_reader(self) -> None:
+        """Close the read connection (before :attr:`conn`: the writer stays the last
+        connection, whose closing :meth:`close_conn` guards). Not in a forked child."""
+        if os.getpid() != self._pid:
+            return
+        with self.read_lock:
+            self._close_reader_locked()
 
     def maintain(self, action: str, op: Callable[[sqlite3.Connection], int | None]) -> int:
         """:meth:`run` for maintenance: 0 and a warning if the index cannot be written."""
@@ -190,7 +275,7 @@ class Index:
         for attempt in (0, 1):
             conn: sqlite3.Connection | None = None
             try:
-                conn, created = connect(self.db_path)
+                conn, created = connect(self.db_path, self.cache_bytes)
                 if created and has_payload_files(self.root):
                     self._fill(conn)
                 else:
@@ -235,6 +320,7 @@ class Index:
         ``-shm`` files *by name*. If ``index.db`` was deleted or replaced meanwhile, those
         names belong to the new index: move them aside while closing.
         """
+        self.close_reader()
         moved: list[tuple[str, str]] = []
         if self._db_id is not None and file_id(self.db_path) != self._db_id:
             for suffix in INDEX_SIDE_FILES:
@@ -305,6 +391,7 @@ class Index:
             self.conn = None
             if file_id(self.db_path) == self._db_id:
                 self._note_damage(exc, action)
+                self.close_reader()
                 with contextlib.suppress(sqlite3.Error):
                     current.close()
                 self.remove_files()
@@ -318,6 +405,7 @@ class Index:
             current = self.require()
             with self.folder_lock():
                 self.conn = None
+                self.close_reader()
                 with contextlib.suppress(sqlite3.Error):
                     current.close()
                 self.remove_files()

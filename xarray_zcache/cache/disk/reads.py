@@ -1,8 +1,10 @@
 """The core of a disk tier: its state, the read path and access statistics.
 
-A hit is one primary-key lookup of the entry's row, then one ``pread``: of the record, from an
-open descriptor of its segment (:mod:`.segments`), or of the entry's own payload file. The
-access statistics are written off the hit path (:mod:`.access`, :mod:`.flusher`).
+A hit is one primary-key lookup of the entry's row (on the index's read connection, so that
+it never waits for this process's writes: :meth:`.index.Index.query`), then one ``pread``: of
+the record, from an open descriptor of its segment (:mod:`.segments`), or of the entry's own
+payload file. The access statistics are written off the hit path (:mod:`.access`,
+:mod:`.flusher`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from xarray_zcache.cache.disk.format import (
 from xarray_zcache.cache.disk.index import Index
 from xarray_zcache.cache.disk.log import Warner, logger
 from xarray_zcache.cache.disk.schema import (
+    INDEX_CACHE_BYTES,
     IndexUnavailable,
     is_resource_error,
     txn,
@@ -83,6 +86,7 @@ class TierCore(StatsFlush):
         *,
         max_object_size: int | None = None,
         segment_threshold: int = DEFAULT_SEGMENT_THRESHOLD,
+        index_cache_bytes: int = INDEX_CACHE_BYTES,
     ) -> None:
         if capacity < 0:
             raise ValueError(f"capacity must be >= 0, got {capacity}")
@@ -101,6 +105,8 @@ class TierCore(StatsFlush):
         self.last_rebuild: dict[str, int] = {}
         #: entries up to this many bytes are appended to segment files (-1: none are)
         self.segment_threshold = int(segment_threshold)
+        #: bound of the SQLite page cache of the index connection (memory held, at most)
+        self.index_cache_bytes = max(1024, int(index_cache_bytes))
         self._root = str(self.path)
         self._segments = SegmentWriter(self._root, seal_size(self.capacity))
         self._fds = FdCache(self._root)
@@ -118,7 +124,13 @@ class TierCore(StatsFlush):
         self._owed_keys: dict[str, int] = {}
         self._owed_prefixes: dict[str, int] = {}
         prepare_folder(self.path)
-        self._index = Index(self._root, self._warn, fill=self._fill, on_damage=self._count_damage)
+        self._index = Index(
+            self._root,
+            self._warn,
+            fill=self._fill,
+            on_damage=self._count_damage,
+            cache_bytes=self.index_cache_bytes,
+        )
         self._index.start()
 
     @property
@@ -238,7 +250,8 @@ class TierCore(StatsFlush):
         if not rows.sql_safe(key):
             return None  # no stored key holds a lone surrogate
         try:
-            found: Found | None = self._index.run(
+            # on the read connection: a hit does not queue behind a flush, fill or eviction
+            found: Found | None = self._index.query(
                 "looking up a key", lambda conn: conn.execute(_LOOKUP, (key,)).fetchone()
             )
         except RuntimeError:

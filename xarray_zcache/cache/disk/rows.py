@@ -161,6 +161,13 @@ def delete_key(conn: sqlite3.Connection, root: str, key: str) -> None:
 
 
 def remove_rows(conn: sqlite3.Connection, root: str, rows: Iterable[Row], on_error: OnError) -> int:
+    """:func:`remove_rows_counted`, returning only the bytes removed."""
+    return remove_rows_counted(conn, root, rows, on_error)[1]
+
+
+def remove_rows_counted(
+    conn: sqlite3.Connection, root: str, rows: Iterable[Row], on_error: OnError
+) -> tuple[int, int]:
     """Unlink the files of ``(key, kind, size, segment, offset)`` rows, then delete the rows.
 
     The rows must be read in the caller's transaction; a row is deleted only if it still
@@ -168,11 +175,11 @@ def remove_rows(conn: sqlite3.Connection, root: str, rows: Iterable[Row], on_err
 
     Files go first so that a visible file always has a row. A row whose file cannot be
     unlinked (other than already gone) is kept. The record of a row in a segment is marked
-    dead first (:func:`.segments.kill_records`), its bytes reclaimed by compaction. Returns the
-    sum of sizes removed.
+    dead first (:func:`.segments.kill_records`), its bytes reclaimed by compaction. Returns
+    ``(rows, bytes)`` removed: exactly the rows deleted and the sum of their sizes (a row kept,
+    or no longer found as it was read, counts in neither).
     """
-    done: list[tuple[str, str | None, int | None]] = []
-    freed = 0
+    done: list[tuple[str, str | None, int | None, int]] = []
     rows = list(rows)
     failed = kill_records(
         root, [(r[3], r[4]) for r in rows if r[3] is not None and r[4] is not None]
@@ -182,8 +189,7 @@ def remove_rows(conn: sqlite3.Connection, root: str, rows: Iterable[Row], on_err
             if segment in failed:
                 on_error(OSError(f"segment {segment} cannot be written"), "removing a record")
                 continue
-            done.append((key, segment, offset))
-            freed += size
+            done.append((key, segment, offset, size))
             continue
         path = payload_path(root, digest(key).hex(), kind)
         try:
@@ -194,11 +200,18 @@ def remove_rows(conn: sqlite3.Connection, root: str, rows: Iterable[Row], on_err
             on_error(exc, f"removing {path}")
             continue
         hooks.fire("after-unlink", path)
-        done.append((key, None, None))
-        freed += size
+        done.append((key, None, None, size))
     # only the row whose record was marked dead (or file unlinked): never a newer row of the key
-    conn.executemany("DELETE FROM entries WHERE key = ? AND segment IS ? AND offset IS ?", done)
-    return freed
+    count = freed = 0
+    for key, segment, offset, size in done:
+        cur = conn.execute(
+            "DELETE FROM entries WHERE key = ? AND segment IS ? AND offset IS ?",
+            (key, segment, offset),
+        )
+        if cur.rowcount > 0:
+            count += 1
+            freed += size
+    return count, freed
 
 
 def delete_prefix(conn: sqlite3.Connection, root: str, prefix: str, on_error: OnError) -> list[str]:
@@ -249,8 +262,8 @@ class Freed:
 
 def drop_expired(conn: sqlite3.Connection, root: str, now: float, on_error: OnError) -> Freed:
     rows = conn.execute(f"SELECT {ROW} FROM entries WHERE expires < ?", (now,)).fetchall()
-    freed = remove_rows(conn, root, rows, on_error) if rows else 0
-    return Freed(expired=len(rows), expired_bytes=freed)
+    count, freed = remove_rows_counted(conn, root, rows, on_error) if rows else (0, 0)
+    return Freed(expired=count, expired_bytes=freed)
 
 
 def evict(
@@ -294,8 +307,8 @@ def evict(
                     break
     finally:
         cur.close()
-    evicted = remove_rows(conn, root, victims, on_error)
-    return dataclasses.replace(expired, evicted=len(victims), evicted_bytes=evicted)
+    count, evicted = remove_rows_counted(conn, root, victims, on_error)
+    return dataclasses.replace(expired, evicted=count, evicted_bytes=evicted)
 
 
 def summary(conn: sqlite3.Connection) -> list[dict[str, Any]]:

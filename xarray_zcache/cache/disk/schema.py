@@ -17,14 +17,18 @@ INDEX_NAME: Final = "index.db"
 INDEX_SIDE_FILES: Final = ("-wal", "-shm")
 #: Lock file serializing the opening, rebuilding and replacing of ``index.db`` across processes.
 LOCK_NAME: Final = "index.db.lock"
-SCHEMA_VERSION: Final = 3  # 2: payload format 2; 3: segment files (columns added in place)
+#: 2: payload format 2; 3: segment files (columns added in place); 4: ``entries`` is a
+#: ``WITHOUT ROWID`` table (table rebuilt in place, :data:`MIGRATE_4`)
+SCHEMA_VERSION: Final = 4
 BUSY_TIMEOUT_MS: Final = 30_000
 _WAL_CHECKPOINT_PAGES: Final = 256
 _WAL_SIZE_LIMIT: Final = 1 << 20
 #: ... but at most this fraction of the filesystem (never under 16 pages)
 _WAL_FS_FRACTION: Final = 64
-#: SQLite page cache per connection, KiB (allocated as used).
-_CACHE_KIB: Final = 16384
+#: Bound of the SQLite page cache of a tier's connection, bytes (allocated as pages are read;
+#: ``DiskTier(index_cache_bytes=...)``). Interior B-tree pages of a million-entry index take
+#: ~2 MiB; the rest holds the leaf pages of recent lookups and writes.
+INDEX_CACHE_BYTES: Final = 16 << 20
 
 #: Bytes of the record of entries row ``{r}`` in its segment (as :func:`.segments.record_length`,
 #: but for a namespace longer than 65,535 bytes, which is not recorded: accounting only).
@@ -68,14 +72,11 @@ CREATE TRIGGER IF NOT EXISTS entries_after_update_size AFTER UPDATE OF size ON e
 END;
 """
 
-#: Schema 2 -> 3 (segment files, :mod:`.segments`), run in place on a schema-2 index (``ALTER
-#: TABLE``: nothing is lost) and after :data:`SCHEMA` on a new one, so that both end with the
-#: same stored schema. ``segment``/``offset``: where the entry's record is (NULL: a payload
-#: file of its own). ``segments.live``: bytes of the records rows point to, per segment file
-#: (kept by triggers); the rest of the file is dead bytes, reclaimed by compaction.
-MIGRATE_3: Final = f"""
-ALTER TABLE entries ADD COLUMN segment TEXT NULL;
-ALTER TABLE entries ADD COLUMN offset INTEGER NULL;
+#: The objects of schema 3 beside ``entries`` (segment files, :mod:`.segments`); all ``IF NOT
+#: EXISTS``. ``segment``/``offset``: where the entry's record is (NULL: a payload file of its
+#: own). ``segments.live``: bytes of the records rows point to, per segment file (kept by
+#: triggers); the rest of the file is dead bytes, reclaimed by compaction.
+_SEGMENT_OBJECTS: Final = f"""
 CREATE INDEX IF NOT EXISTS entries_segment ON entries(segment) WHERE segment IS NOT NULL;
 CREATE TABLE IF NOT EXISTS segments(name TEXT PRIMARY KEY, live INTEGER NOT NULL);
 CREATE TRIGGER IF NOT EXISTS segment_after_insert AFTER INSERT ON entries
@@ -95,6 +96,50 @@ BEGIN
     WHERE NEW.segment IS NOT NULL
     ON CONFLICT(name) DO UPDATE SET live = live + excluded.live;
 END;
+"""
+#: Schema 2 -> 3, in place (``ALTER TABLE``: nothing is lost).
+MIGRATE_3: Final = f"""
+ALTER TABLE entries ADD COLUMN segment TEXT NULL;
+ALTER TABLE entries ADD COLUMN offset INTEGER NULL;
+{_SEGMENT_OBJECTS}
+"""
+
+#: Every column of ``entries`` (schema 3 and 4), in their stored order.
+_ALL_COLUMNS: Final = (
+    "key, namespace, kind, size, created, last_access, hits, expires, checksum, token, "
+    "segment, offset"
+)
+
+#: Schema 4: ``entries`` keyed by the key alone (``WITHOUT ROWID``): a lookup by key is one
+#: B-tree descent, where a rowid table needs two (its key index, then the table), and a hit's
+#: row fills one leaf page, not two. Rows are ~130 bytes, well under the 1/20 of a page that
+#: ``WITHOUT ROWID`` tables suit; the secondary indexes carry the key instead of a rowid.
+_ENTRIES_4: Final = """
+CREATE TABLE entries(
+    key TEXT PRIMARY KEY,
+    namespace TEXT NOT NULL DEFAULT '',
+    kind TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    created REAL NOT NULL,
+    last_access REAL NOT NULL,
+    hits INTEGER NOT NULL DEFAULT 0,
+    expires REAL NULL,
+    checksum INTEGER NOT NULL,
+    token INTEGER NOT NULL DEFAULT 0,
+    segment TEXT NULL,
+    offset INTEGER NULL
+) WITHOUT ROWID;
+"""
+
+#: Schema 3 -> 4, in place, in the caller's transaction: the rows are copied (in key order)
+#: into the new ``entries``; the old table goes with its indexes and triggers, which
+#: :data:`SCHEMA` and :data:`MIGRATE_3` (all ``IF NOT EXISTS``) then create on the new one.
+#: ``totals`` and ``segments.live`` are unchanged: the copy runs before the triggers exist.
+MIGRATE_4: Final = f"""
+ALTER TABLE entries RENAME TO entries_3;
+{_ENTRIES_4}
+INSERT INTO entries({_ALL_COLUMNS}) SELECT {_ALL_COLUMNS} FROM entries_3 ORDER BY key;
+DROP TABLE entries_3;
 """
 
 ENTRY_COLUMNS: Final = (
@@ -210,11 +255,22 @@ def schema_of(conn: sqlite3.Connection) -> list[tuple[str, str, str, str | None]
 _EXPECTED: list[list[tuple[str, str, str, str | None]]] = []
 
 
+def create_statements() -> list[str]:
+    """The statements creating a new index of schema :data:`SCHEMA_VERSION`."""
+    return split_sql(_ENTRIES_4) + split_sql(SCHEMA) + split_sql(_SEGMENT_OBJECTS)
+
+
+def migrate_statements(version: int) -> list[str]:
+    """The statements bringing an index of schema ``version`` (2 or 3) to the current one."""
+    steps = split_sql(MIGRATE_3) if version == 2 else []
+    return steps + split_sql(MIGRATE_4) + split_sql(SCHEMA) + split_sql(_SEGMENT_OBJECTS)
+
+
 def expected_schema() -> list[tuple[str, str, str, str | None]]:
     """What :func:`schema_of` returns for an index created by :func:`connect`."""
     if not _EXPECTED:
         with contextlib.closing(sqlite3.connect(":memory:")) as mem:
-            for statement in split_sql(SCHEMA) + split_sql(MIGRATE_3):
+            for statement in create_statements():
                 mem.execute(statement)
             _EXPECTED.append(schema_of(mem))
     return _EXPECTED[0]
@@ -238,12 +294,15 @@ def txn(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         raise
 
 
-def connect(db_path: str) -> tuple[sqlite3.Connection, bool]:
+def connect(db_path: str, cache_bytes: int = INDEX_CACHE_BYTES) -> tuple[sqlite3.Connection, bool]:
     """Connect to ``db_path`` (WAL) and create the schema if needed; ``(conn, created)``.
 
+    ``cache_bytes`` bounds the connection's page cache (:data:`INDEX_CACHE_BYTES`).
+
     ``created`` is True when the index was new, or of schema 1 (its tables are dropped: the
-    payload files of that layout are unreadable now). A schema-2 index is migrated in place
-    (:data:`MIGRATE_3`: two columns and a table added; every entry kept).
+    payload files of that layout are unreadable now). An index of schema 2 or 3 is migrated
+    in place, in one transaction, every row, tombstone and total kept (:data:`MIGRATE_3`: two
+    columns and a table added; :data:`MIGRATE_4`: ``entries`` rebuilt ``WITHOUT ROWID``).
 
     Raises
     ------
@@ -268,7 +327,7 @@ def connect(db_path: str) -> tuple[sqlite3.Connection, bool]:
         conn.execute("PRAGMA synchronous=NORMAL")
         # a larger page cache than SQLite's 2 MiB default: at a million entries the B-tree
         # pages touched by a batch of fills or of access statistics then stay in memory
-        conn.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
+        conn.execute(f"PRAGMA cache_size=-{max(1, cache_bytes >> 10)}")
         # bound the WAL (SQLite lets it grow to ~4 MiB between checkpoints and never
         # shrinks it): it shares the filesystem with the payloads
         pages = wal_pages(db_path)
@@ -281,8 +340,8 @@ def connect(db_path: str) -> tuple[sqlite3.Connection, bool]:
                     f"disk cache index {db_path} has schema version {version}, newer than "
                     f"this xarray-zcache supports ({SCHEMA_VERSION})"
                 )
-            if version == 2:  # schema 2: the same payload files; add the segment columns
-                for statement in split_sql(MIGRATE_3):
+            if version in (2, 3):  # the same payload files: migrate in place
+                for statement in migrate_statements(version):
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             elif version < SCHEMA_VERSION:
@@ -290,7 +349,7 @@ def connect(db_path: str) -> tuple[sqlite3.Connection, bool]:
                 if version > 0:  # an older layout: its payload files are unreadable now
                     for table in ("entries", "tombstones", "prefix_tombstones", "totals"):
                         conn.execute(f"DROP TABLE IF EXISTS {table}")
-                for statement in split_sql(SCHEMA) + split_sql(MIGRATE_3):
+                for statement in create_statements():
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
     except BaseException:
