@@ -85,3 +85,98 @@ def test_compaction_counts_a_dead_record_as_no_corruption(tmp_path: pathlib.Path
         assert t.get("k/19") is None
         for i in range(15, 19):
             assert t.get(f"k/{i}") == b"%03d" % i * 100
+
+
+_WRITER = r"""
+import mmap, os, random, struct, sys, time
+from xarray_zcache.cache.disk import DiskTier
+path, floors, seconds, n = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+t = DiskTier(path, 4 << 20)
+f = open(floors, "r+b")
+m = mmap.mmap(f.fileno(), 8 * n)
+rng = random.Random(7)
+version = 0
+end = time.monotonic() + seconds
+ops = 0
+while time.monotonic() < end:
+    i = rng.randrange(n)
+    version += 1
+    if rng.random() < 0.8:
+        value = (b"k%d v%d|" % (i, version)) * rng.randrange(5, 300)
+        t.put(f"k/{i}", value)
+    else:
+        t.delete(f"k/{i}")
+    m[8 * i : 8 * i + 8] = struct.pack("<q", version)  # done: nothing older may be read now
+    ops += 1
+t.close()
+print(ops, t.compactions)
+"""
+
+
+def test_hits_on_the_read_connection_never_serve_an_older_value_than_a_finished_write(
+    tmp_path: pathlib.Path,
+) -> None:
+    """Another process overwrites and deletes keys (its segments sealed and compacted as it
+    goes) while this one reads them, with its index lock held most of the time (a statistics
+    flush, a compaction: hits then go to the read connection): a hit is never a value older
+    than the last write or delete finished before the ``get`` started."""
+    import mmap
+    import random
+    import struct
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    path, n, seconds = tmp_path / "c", 200, 15.0
+    floors = tmp_path / "floors"
+    floors.write_bytes(bytes(8 * n))
+    t = _tier(path, 4 << 20)
+    stop = threading.Event()
+
+    def hold_the_lock() -> None:  # as a long flush would, and compact now and then
+        k = 0
+        while not stop.is_set():
+            with t._index.lock:
+                time.sleep(0.002)
+            k += 1
+            if k % 50 == 0:
+                t.compact()
+
+    holder = threading.Thread(target=hold_the_lock, daemon=True)
+    holder.start()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(path), str(floors), str(seconds), str(n)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    bad: list[tuple[int, int, int]] = []
+    hits = 0
+    rng = random.Random(3)
+    with open(floors, "r+b") as f:
+        m = mmap.mmap(f.fileno(), 8 * n)
+        try:
+            while writer.poll() is None:
+                i = rng.randrange(n)
+                (floor,) = struct.unpack("<q", m[8 * i : 8 * i + 8])
+                got = t.get(f"k/{i}")
+                if got is None:
+                    continue
+                hits += 1
+                head = got.split(b"|", 1)[0] + b"|"
+                ki, vi = head[:-1].split(b" ")
+                whole = got == head * (len(got) // len(head))
+                if ki != b"k%d" % i or int(vi[1:]) < floor or not whole:
+                    bad.append((i, int(vi[1:]), floor))
+        finally:
+            stop.set()
+            holder.join()
+            m.close()
+            out, _ = writer.communicate(timeout=60)
+            t.close()
+    assert writer.returncode == 0
+    ops, compactions = map(int, out.split())
+    assert hits > 100 and ops > 100 and compactions > 0, (hits, ops, compactions)
+    assert bad == [], bad[:10]
