@@ -230,3 +230,66 @@ def test_a_value_deleted_by_prefix_is_never_served_when_its_segment_is_read_only
                 pytest.skip("cannot bind-mount read-only here (needs root)")
             t.delete_prefix("p/")  # no error raised: the caller believes p/1 is gone
             assert t.get("p/1") is None, "a deleted value is still served"
+
+
+#: The last commit whose index is of schema 2 (before segment files): an old process.
+_SCHEMA_2_COMMIT = "0a1fb41ab6abd90c4e4bbe80c856b46ed24ce74a"
+
+_SCHEMA_2_PROCESS = r"""
+import sys
+from xarray_zcache.cache.disk import DiskTier, schema
+assert schema.SCHEMA_VERSION == 2
+t = DiskTier(sys.argv[1], 1 << 30)
+assert t.put("K", b"v0" * 50)
+print("ready", flush=True)
+sys.stdin.readline()  # another process migrates the folder and writes K as a record
+print(t.put("K", b"v2" * 50), flush=True)  # the latest value of K
+sys.stdin.readline()
+t.close()
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: a schema-2 process that had the folder open before it was migrated "
+    "overwrites a row with an UPSERT that leaves segment/offset as they were: the row keeps "
+    "pointing to the old record (same size: intact), served instead of the value just written",
+)
+def test_a_schema_2_process_overwriting_a_record_after_the_migration_is_never_stale(
+    tmp_path: pathlib.Path,
+) -> None:
+    import sys
+
+    old_code = tmp_path / "schema2"
+    old_code.mkdir()
+    archive = subprocess.run(
+        ["git", "archive", _SCHEMA_2_COMMIT, "xarray_zcache"],
+        capture_output=True,
+        cwd=pathlib.Path(__file__).parent.parent,
+    )
+    if archive.returncode != 0:
+        pytest.skip("the schema-2 code is not in this checkout's history")
+    subprocess.run(["tar", "-x", "-C", str(old_code)], input=archive.stdout, check=True)
+    path = tmp_path / "c"
+    old = subprocess.Popen(
+        [sys.executable, "-c", _SCHEMA_2_PROCESS, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(old_code)},
+        cwd=old_code,  # (``-c`` puts the working directory first on sys.path)
+    )
+    try:
+        assert old.stdout is not None and old.stdin is not None
+        assert old.stdout.readline().strip() == "ready"
+        with _tier(path) as t:  # migrates 2 -> 4 while the old process has it open
+            assert t.put("K", b"v1" * 50)  # a record
+            old.stdin.write("\n")
+            old.stdin.flush()
+            assert old.stdout.readline().strip() == "True"  # the old process stored v2
+            assert t.get("K") in (None, b"v2" * 50), "an overwritten value is served"
+    finally:
+        if old.stdin is not None:
+            old.stdin.write("\n")
+            old.stdin.close()
+        old.wait(timeout=60)
