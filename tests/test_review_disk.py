@@ -293,3 +293,24 @@ def test_a_schema_2_process_overwriting_a_record_after_the_migration_is_never_st
             old.stdin.write("\n")
             old.stdin.close()
         old.wait(timeout=60)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: a delete whose record cannot be marked dead (EROFS/EIO on the segment) is "
+    "only owed in the deleting process: its row is kept, so every other process (tier) "
+    "still serves the deleted value",
+)
+def test_a_deleted_record_is_not_served_by_another_tier_when_its_segment_is_read_only(
+    tmp_path: pathlib.Path,
+) -> None:
+    path = tmp_path / "c"
+    with _tier(path) as t, _tier(path) as other:  # two tiers: as two processes
+        assert t.put("K", b"deleted value" * 10)
+        assert other.get("K") == b"deleted value" * 10
+        with _read_only(t.path / "segments") as ok:
+            if not ok:
+                pytest.skip("cannot bind-mount read-only here (needs root)")
+            t.delete("K")  # returns normally (owed here)
+            assert t.get("K") is None
+            assert other.get("K") is None, "a deleted value is still served by another tier"
