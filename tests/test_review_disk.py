@@ -314,3 +314,26 @@ def test_a_deleted_record_is_not_served_by_another_tier_when_its_segment_is_read
             t.delete("K")  # returns normally (owed here)
             assert t.get("K") is None
             assert other.get("K") is None, "a deleted value is still served by another tier"
+
+
+def test_a_record_evicted_between_the_two_transactions_of_put_was_stored(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``put`` of a record returned False (not stored) when another process evicted its row
+    between the commit of the row and the second transaction, which counted it as evicted:
+    stores and evictions of the folder then disagree (two processes filling a small cache
+    showed one entry more evicted than stored)."""
+    from xarray_zcache.cache.disk import writes
+
+    path = tmp_path / "c"
+    with _tier(path) as t, _tier(path) as other:
+        place = writes.place_file
+
+        def evicted_meanwhile(conn: object, req: object) -> bool:
+            other.evict(0)  # another process: the row committed a moment ago goes
+            return place(conn, req)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(writes, "place_file", evicted_meanwhile)
+        stored = t.put("K", b"k" * 100)
+        assert other.evictions == 1  # K was there, and evicted
+        assert stored, "a record whose row was committed (then evicted) reported not stored"

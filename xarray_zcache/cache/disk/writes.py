@@ -243,10 +243,12 @@ def place_files(conn: sqlite3.Connection, reqs: Sequence[PutRequest]) -> list[bo
 
 def _place_one(conn: sqlite3.Connection, req: PutRequest, token: int | None) -> bool | OSError:
     """Rename the temp file of ``req`` into place if ``token`` (its row's) is still ours."""
+    if req.segment is not None:
+        # a record: nothing to place; it was stored when its row committed (readable since,
+        # and counted by whoever evicted, deleted or replaced it meanwhile)
+        return True
     if token != req.token:
         return False  # deleted, evicted or overwritten meanwhile
-    if req.segment is not None:
-        return True  # a record: nothing to place, the committed row points to it
     hooks.fire("before-replace", req.temp, req.final)
     try:
         os.replace(req.temp, req.final)
