@@ -10,7 +10,8 @@ free: the writer moved on or is gone) is compacted when
   the segments with the most dead bytes go first, until they do not.
 
 Compacting copies the live records (each checked: a damaged one loses its row and counts as
-a corruption) to the compactor's current segment, then moves their rows in one transaction
+a corruption; one marked dead, its row unchanged, loses its row too: a miss, not damage)
+to the compactor's current segment, then moves their rows in one transaction
 per group, each ``UPDATE`` conditioned on the row still carrying the token, segment and
 offset it had when read: a concurrent delete or overwrite wins, its copy is dead bytes.
 The old segment is unlinked, in a write transaction, once no row points into it; a writer
@@ -41,6 +42,7 @@ from xarray_zcache.cache.disk.format import digest, pread_exact
 from xarray_zcache.cache.disk.index import Index
 from xarray_zcache.cache.disk.schema import txn
 from xarray_zcache.cache.disk.segments import (
+    DELETED,
     FdCache,
     SegmentWriter,
     check_record,
@@ -216,6 +218,7 @@ def _move(
     keep: list[tuple[str, int, int]] = []
     records: list[tuple[bytes, bytes]] = []
     bad: list[tuple[str, int, str, int]] = []
+    dead: list[tuple[str, int, str, int]] = []
     for key, offset, size, namespace, token in group:
         if not isinstance(offset, int):
             continue
@@ -223,6 +226,9 @@ def _move(
         length = record_length(key_bytes, namespace.encode("utf-8"), size)
         data = pread_exact(fd, length, offset)
         problem, header, payload = check_record(data, length, digest(key), key_bytes)
+        if problem == DELETED:  # marked dead, its row not changed (a crash, an index gone
+            dead.append((key, token, name, offset))  # back in time): a miss, not damage
+            continue
         if problem is not None or header is None:
             bad.append((key, token, name, offset))
             continue
@@ -242,6 +248,8 @@ def _move(
             failed = kill_records(job.root, [(name, m[5]) for m in done_moves])
             if failed:
                 raise OSError(errno.EIO, f"segment {name} cannot be written")
+            for row in dead:
+                conn.execute(_DROP, row)
             dropped = 0
             for row in bad:
                 dropped += conn.execute(_DROP, row).rowcount

@@ -367,7 +367,7 @@ class TierFills(TierCore):
             done = writes.make_room(conn, self._root, self._index.db_path, nbytes, self._warn.error)
             self.evictions += done.evicted
             self.evicted_bytes += done.evicted_bytes
-            return bool(done.evicted) or done.wal_shrunk
+            return bool(done.victims) or done.wal_shrunk
 
         try:
             with self._index.lock:

@@ -166,7 +166,11 @@ def remove_rows(conn: sqlite3.Connection, root: str, rows: Iterable[Row], on_err
 
 
 def remove_rows_counted(
-    conn: sqlite3.Connection, root: str, rows: Iterable[Row], on_error: OnError
+    conn: sqlite3.Connection,
+    root: str,
+    rows: Iterable[Row],
+    on_error: OnError,
+    removed: list[str] | None = None,
 ) -> tuple[int, int]:
     """Unlink the files of ``(key, kind, size, segment, offset)`` rows, then delete the rows.
 
@@ -177,7 +181,8 @@ def remove_rows_counted(
     unlinked (other than already gone) is kept. The record of a row in a segment is marked
     dead first (:func:`.segments.kill_records`), its bytes reclaimed by compaction. Returns
     ``(rows, bytes)`` removed: exactly the rows deleted and the sum of their sizes (a row kept,
-    or no longer found as it was read, counts in neither).
+    or no longer found as it was read, counts in neither); their keys are appended to
+    ``removed`` if given.
     """
     done: list[tuple[str, str | None, int | None, int]] = []
     rows = list(rows)
@@ -211,6 +216,8 @@ def remove_rows_counted(
         if cur.rowcount > 0:
             count += 1
             freed += size
+            if removed is not None:
+                removed.append(key)
     return count, freed
 
 
@@ -222,13 +229,14 @@ def delete_prefix(conn: sqlite3.Connection, root: str, prefix: str, on_error: On
     else:
         cur = conn.execute(f"SELECT {ROW} FROM entries WHERE key >= ? AND key < ?", (prefix, upper))
     rows: list[Row] = [r for r in cur.fetchall() if r[0].startswith(prefix)]
-    remove_rows(conn, root, rows, on_error)
+    removed: list[str] = []  # a row whose file cannot be removed is kept: not counted
+    remove_rows_counted(conn, root, rows, on_error, removed)
     conn.execute(
         "INSERT INTO prefix_tombstones(prefix, at) VALUES (?, ?) "
         "ON CONFLICT(prefix) DO UPDATE SET at = MAX(at, excluded.at)",
         (prefix, time.time_ns()),
     )
-    return [r[0] for r in rows]
+    return removed
 
 
 def delete_namespace(
@@ -236,14 +244,15 @@ def delete_namespace(
 ) -> list[str]:
     """Remove the entries of ``namespace`` and record a tombstone for each of their keys."""
     rows = conn.execute(f"SELECT {ROW} FROM entries WHERE namespace = ?", (namespace,)).fetchall()
-    remove_rows(conn, root, rows, on_error)
+    removed: list[str] = []  # a row whose file cannot be removed is kept: not counted
+    remove_rows_counted(conn, root, rows, on_error, removed)
     now_ns = time.time_ns()
     conn.executemany(
         "INSERT INTO tombstones(key, at) VALUES (?, ?) "
         "ON CONFLICT(key) DO UPDATE SET at = MAX(at, excluded.at)",
         [(r[0], now_ns) for r in rows],
     )
-    return [r[0] for r in rows]
+    return removed
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

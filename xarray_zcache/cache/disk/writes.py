@@ -243,10 +243,12 @@ def place_files(conn: sqlite3.Connection, reqs: Sequence[PutRequest]) -> list[bo
 
 def _place_one(conn: sqlite3.Connection, req: PutRequest, token: int | None) -> bool | OSError:
     """Rename the temp file of ``req`` into place if ``token`` (its row's) is still ours."""
+    if req.segment is not None:
+        # a record: nothing to place; it was stored when its row committed (readable since,
+        # and counted by whoever evicted, deleted or replaced it meanwhile)
+        return True
     if token != req.token:
         return False  # deleted, evicted or overwritten meanwhile
-    if req.segment is not None:
-        return True  # a record: nothing to place, the committed row points to it
     hooks.fire("before-replace", req.temp, req.final)
     try:
         os.replace(req.temp, req.final)
@@ -261,9 +263,13 @@ def _place_one(conn: sqlite3.Connection, req: PutRequest, token: int | None) -> 
 class Room:
     """What :func:`make_room` did."""
 
+    #: rows deleted (committed) and their payload bytes
     evicted: int
     evicted_bytes: int
     wal_shrunk: bool
+    #: victims whose files were unlinked or records marked dead (space freed, even if their
+    #: rows could not be deleted now)
+    victims: int = 0
 
 
 def make_room(
@@ -278,6 +284,7 @@ def make_room(
     """
     victims: list[rows.Row] = []
     got = 0
+    evicted = evicted_bytes = 0
     try:
         with txn(conn):
             # the victims are read in the transaction that removes them: a row changed by
@@ -291,12 +298,15 @@ def make_room(
                 victims.append(row)
                 got += row[2]
             if victims:
-                rows.remove_rows(conn, root, victims, on_error)
+                # exactly the rows deleted (a row whose file cannot be unlinked is kept)
+                counted = rows.remove_rows_counted(conn, root, victims, on_error)
+        if victims:
+            evicted, evicted_bytes = counted  # committed: those rows are gone
     except sqlite3.OperationalError:
-        pass  # files unlinked are gone; their rows go at the next eviction or verify
+        pass  # files unlinked are gone; their rows go (and count) at the next eviction or verify
     wal = db_path + "-wal"
     before = os.path.getsize(wal) if os.path.exists(wal) else 0
     with contextlib.suppress(sqlite3.OperationalError):
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
     after = os.path.getsize(wal) if os.path.exists(wal) else 0
-    return Room(len(victims), got, after < before)
+    return Room(evicted, evicted_bytes, after < before, len(victims))
