@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
+import sqlite3
 import subprocess
 from collections.abc import Iterator
 
@@ -213,12 +214,6 @@ def _read_only(folder: pathlib.Path) -> Iterator[bool]:
         subprocess.run(["umount", "-l", str(folder)], capture_output=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: delete_prefix/delete_namespace keep the row of a record they cannot mark "
-    "dead (or of a file they cannot unlink), commit their tombstone and return: the deleted "
-    "value is still served, by this process and every other",
-)
 def test_a_value_deleted_by_prefix_is_never_served_when_its_segment_is_read_only(
     tmp_path: pathlib.Path,
 ) -> None:
@@ -249,12 +244,6 @@ t.close()
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a schema-2 process that had the folder open before it was migrated "
-    "overwrites a row with an UPSERT that leaves segment/offset as they were: the row keeps "
-    "pointing to the old record (same size: intact), served instead of the value just written",
-)
 def test_a_schema_2_process_overwriting_a_record_after_the_migration_is_never_stale(
     tmp_path: pathlib.Path,
 ) -> None:
@@ -288,6 +277,13 @@ def test_a_schema_2_process_overwriting_a_record_after_the_migration_is_never_st
             old.stdin.flush()
             assert old.stdout.readline().strip() == "True"  # the old process stored v2
             assert t.get("K") in (None, b"v2" * 50), "an overwritten value is served"
+            # the record's bytes left the segment's live count (its row points at a file now)
+            with contextlib.closing(sqlite3.connect(path / "index.db")) as db:
+                live = db.execute("SELECT COALESCE(SUM(live), 0) FROM segments").fetchone()[0]
+                rows = db.execute(
+                    "SELECT COUNT(*) FROM entries WHERE segment IS NOT NULL"
+                ).fetchone()[0]
+            assert (live, rows) == (0, 0)
     finally:
         if old.stdin is not None:
             old.stdin.write("\n")
@@ -295,12 +291,6 @@ def test_a_schema_2_process_overwriting_a_record_after_the_migration_is_never_st
         old.wait(timeout=60)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a delete whose record cannot be marked dead (EROFS/EIO on the segment) is "
-    "only owed in the deleting process: its row is kept, so every other process (tier) "
-    "still serves the deleted value",
-)
 def test_a_deleted_record_is_not_served_by_another_tier_when_its_segment_is_read_only(
     tmp_path: pathlib.Path,
 ) -> None:

@@ -10,7 +10,7 @@ and is cleaned by eviction or ``verify``).
 from __future__ import annotations
 
 import dataclasses
-import errno
+import logging
 import os
 import sqlite3
 import time
@@ -22,6 +22,8 @@ from xarray_zcache.cache.disk.folder import unlink_missing_ok
 from xarray_zcache.cache.disk.format import KINDS, digest, payload_path
 from xarray_zcache.cache.disk.schema import SchemaDamaged
 from xarray_zcache.cache.disk.segments import kill_records
+
+logger = logging.getLogger("xarray_zcache.disk")
 
 #: A ``horizon`` (see ``prune``) further in the future than this is damage: reset it.
 HORIZON_SLACK_NS: Final = 86_400 * 10**9
@@ -155,7 +157,13 @@ def delete_key(conn: sqlite3.Connection, root: str, key: str) -> None:
             "SELECT segment, offset FROM entries WHERE key = ? AND segment IS NOT NULL", (key,)
         ).fetchone()
         if found is not None and kill_records(root, [found]):
-            raise OSError(errno.EIO, f"segment {found[0]} cannot be written")
+            # the row goes all the same: a deleted value is never served (only an index
+            # rolled back by a power loss could point at the unmarked record again)
+            logger.warning(
+                "xarray-zcache: segment %s cannot be written: a deleted record is not marked "
+                "dead (its row is removed)",
+                found[0],
+            )
         conn.execute("DELETE FROM entries WHERE key = ?", (key,))
         tombstone(conn, key, time.time_ns())
 
@@ -171,6 +179,8 @@ def remove_rows_counted(
     rows: Iterable[Row],
     on_error: OnError,
     removed: list[str] | None = None,
+    *,
+    invalidating: bool = False,
 ) -> tuple[int, int]:
     """Unlink the files of ``(key, kind, size, segment, offset)`` rows, then delete the rows.
 
@@ -183,6 +193,10 @@ def remove_rows_counted(
     ``(rows, bytes)`` removed: exactly the rows deleted and the sum of their sizes (a row kept,
     or no longer found as it was read, counts in neither); their keys are appended to
     ``removed`` if given.
+
+    ``invalidating`` (deletes, not eviction or expiry): the row of a record that cannot be
+    marked dead is deleted all the same, since a deleted value must never be served; only an
+    index rolled back by a power loss could point at that record again.
     """
     done: list[tuple[str, str | None, int | None, int]] = []
     rows = list(rows)
@@ -193,7 +207,8 @@ def remove_rows_counted(
         if segment is not None:
             if segment in failed:
                 on_error(OSError(f"segment {segment} cannot be written"), "removing a record")
-                continue
+                if not invalidating:
+                    continue
             done.append((key, segment, offset, size))
             continue
         path = payload_path(root, digest(key).hex(), kind)
@@ -230,7 +245,7 @@ def delete_prefix(conn: sqlite3.Connection, root: str, prefix: str, on_error: On
         cur = conn.execute(f"SELECT {ROW} FROM entries WHERE key >= ? AND key < ?", (prefix, upper))
     rows: list[Row] = [r for r in cur.fetchall() if r[0].startswith(prefix)]
     removed: list[str] = []  # a row whose file cannot be removed is kept: not counted
-    remove_rows_counted(conn, root, rows, on_error, removed)
+    remove_rows_counted(conn, root, rows, on_error, removed, invalidating=True)
     conn.execute(
         "INSERT INTO prefix_tombstones(prefix, at) VALUES (?, ?) "
         "ON CONFLICT(prefix) DO UPDATE SET at = MAX(at, excluded.at)",
@@ -245,7 +260,7 @@ def delete_namespace(
     """Remove the entries of ``namespace`` and record a tombstone for each of their keys."""
     rows = conn.execute(f"SELECT {ROW} FROM entries WHERE namespace = ?", (namespace,)).fetchall()
     removed: list[str] = []  # a row whose file cannot be removed is kept: not counted
-    remove_rows_counted(conn, root, rows, on_error, removed)
+    remove_rows_counted(conn, root, rows, on_error, removed, invalidating=True)
     now_ns = time.time_ns()
     conn.executemany(
         "INSERT INTO tombstones(key, at) VALUES (?, ?) "

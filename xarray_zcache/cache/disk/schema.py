@@ -76,6 +76,11 @@ END;
 #: EXISTS``. ``segment``/``offset``: where the entry's record is (NULL: a payload file of its
 #: own). ``segments.live``: bytes of the records rows point to, per segment file (kept by
 #: triggers); the rest of the file is dead bytes, reclaimed by compaction.
+#: ``segment_overwritten_by_old_code``: a process of schema 2 (it knows no records) that had
+#: the folder open before the migration overwrites a row with a new token and its own payload
+#: file, leaving ``segment``/``offset`` as they were; this code never does (a new record has a
+#: new offset, a new file no segment), so the row is pointed at that file, and the record's
+#: bytes leave ``segments.live`` (the nested update's own trigger takes the new size off).
 _SEGMENT_OBJECTS: Final = f"""
 CREATE INDEX IF NOT EXISTS entries_segment ON entries(segment) WHERE segment IS NOT NULL;
 CREATE TABLE IF NOT EXISTS segments(name TEXT PRIMARY KEY, live INTEGER NOT NULL);
@@ -95,6 +100,14 @@ BEGIN
     INSERT INTO segments(name, live) SELECT NEW.segment, {_RECORD_BYTES.format(r="NEW")}
     WHERE NEW.segment IS NOT NULL
     ON CONFLICT(name) DO UPDATE SET live = live + excluded.live;
+END;
+CREATE TRIGGER IF NOT EXISTS segment_overwritten_by_old_code AFTER UPDATE OF token ON entries
+WHEN NEW.segment IS NOT NULL AND NEW.segment = OLD.segment AND NEW.offset = OLD.offset
+     AND NEW.token != OLD.token
+BEGIN
+    UPDATE segments SET live = live - ({_RECORD_BYTES.format(r="OLD")})
+        + ({_RECORD_BYTES.format(r="NEW")}) WHERE name = OLD.segment;
+    UPDATE entries SET segment = NULL, offset = NULL WHERE key = NEW.key;
 END;
 """
 #: Schema 2 -> 3, in place (``ALTER TABLE``: nothing is lost).
