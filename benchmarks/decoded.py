@@ -161,7 +161,7 @@ def api_only(rounds: int) -> None:
     server.create_bucket(BUCKET)
     opts = server.storage_options("decoded")
     with quiet():
-        ds0.to_zarr(URL, storage_options=opts, zarr_format=3, encoding=enc, mode="w")
+        write_zarr(ds0, URL, opts, zarr_format=3, encoding=enc, mode="w")
         mem = MemoryStore()
         ds0.to_zarr(mem, zarr_format=3, encoding=enc, consolidated=False)
     array_api(s, data, mem, server, opts, rounds)
