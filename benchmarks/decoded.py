@@ -58,22 +58,10 @@ def main() -> None:
         api_only(args.rounds)
         return
     import xarray as xr
-    import zarr
-    from zarr.storage import MemoryStore
 
     from xarray_zcache import CacheConfig, get_cache
 
-    s = Settings(nt=48)
-    data = make_data(s)
-    ds0 = xr.Dataset({"t": (("time", "y", "x"), data)})
-    enc = {"t": {"chunks": s.chunks, "compressors": [zarr.codecs.ZstdCodec()]}}
-    server = S3Process(latency=0.0)
-    server.create_bucket(BUCKET)
-    opts = server.storage_options("decoded")
-    with quiet():
-        write_zarr(ds0, URL, opts, zarr_format=3, encoding=enc, mode="w")
-        mem = MemoryStore()
-        ds0.to_zarr(mem, zarr_format=3, encoding=enc, consolidated=False)
+    s, data, server, opts, mem = _written()
 
     rows: list[tuple[str, float, float, str, float, float]] = []
     readers: list[tuple[str, Callable[..., Any], CacheConfig | None]] = [
@@ -147,8 +135,9 @@ def main() -> None:
     server._call("stop")
 
 
-def api_only(rounds: int) -> None:
-    """The array API table alone (`array_api`), over freshly written data."""
+def _written() -> tuple[Settings, np.ndarray, Any, dict[str, Any], Any]:
+    """The benchmark's data written to a fresh local S3 server (and to a `MemoryStore`):
+    ``(settings, data, server, storage options, memory store)``."""
     import xarray as xr
     import zarr
     from zarr.storage import MemoryStore
@@ -164,6 +153,12 @@ def api_only(rounds: int) -> None:
         write_zarr(ds0, URL, opts, zarr_format=3, encoding=enc, mode="w")
         mem = MemoryStore()
         ds0.to_zarr(mem, zarr_format=3, encoding=enc, consolidated=False)
+    return s, data, server, opts, mem
+
+
+def api_only(rounds: int) -> None:
+    """The array API table alone (`array_api`), over freshly written data."""
+    s, data, server, opts, mem = _written()
     array_api(s, data, mem, server, opts, rounds)
     server._call("stop")
 
