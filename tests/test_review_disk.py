@@ -46,11 +46,6 @@ def test_make_room_counts_only_the_entries_it_removed(tmp_path: pathlib.Path) ->
         assert t.evictions == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: evictions are counted inside the write transaction, also when it rolls back "
-    "(the rows come back and are evicted, and counted, again)",
-)
 def test_an_eviction_rolled_back_is_not_counted(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "c"
     with _tier(path, 10_000) as t:

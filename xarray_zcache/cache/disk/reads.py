@@ -10,6 +10,7 @@ payload file. The access statistics are written off the hit path (:mod:`.access`
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
 import os
@@ -39,6 +40,7 @@ from xarray_zcache.cache.disk.schema import (
     INDEX_CACHE_BYTES,
     IndexUnavailable,
     is_resource_error,
+    on_commit,
     txn,
 )
 from xarray_zcache.cache.disk.segments import (
@@ -187,9 +189,7 @@ class TierCore(StatsFlush):
             limit=limit,
             hard_target=hard_target,
         )
-        self.expirations += freed.expired
-        self.evictions += freed.evicted
-        self.evicted_bytes += freed.evicted_bytes
+        on_commit(conn, functools.partial(self._count_freed, freed))
         if freed.evicted or freed.expired:
             _events.debug(
                 "disk eviction",
@@ -200,6 +200,12 @@ class TierCore(StatsFlush):
                 freed.expired,
             )
         return freed.bytes
+
+    def _count_freed(self, freed: rows.Freed) -> None:
+        """Count an eviction's figures (once its transaction committed: `on_commit`)."""
+        self.expirations += freed.expired
+        self.evictions += freed.evicted
+        self.evicted_bytes += freed.evicted_bytes
 
     def _settle_owed_locked(self, conn: sqlite3.Connection) -> None:
         """Record the invalidations owed to the index (index lock held; own transaction)."""

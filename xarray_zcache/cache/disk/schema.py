@@ -7,7 +7,7 @@ import errno
 import logging
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Final
 
 logger = logging.getLogger("xarray_zcache.disk")
@@ -301,10 +301,27 @@ def txn(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         yield conn
         conn.execute("COMMIT")
     except BaseException:
+        _after_commit.pop(id(conn), None)  # rolled back: what it did is not to be counted
         if conn.in_transaction:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
         raise
+    for fn in _after_commit.pop(id(conn), ()):
+        fn()
+
+
+#: id(connection) -> what to do once its transaction commits (see `on_commit`)
+_after_commit: dict[int, list[Callable[[], None]]] = {}
+
+
+def on_commit(conn: sqlite3.Connection, fn: Callable[[], None]) -> None:
+    """Run ``fn`` once the transaction of ``conn`` (a `txn`) commits, never if it rolls
+    back; at once outside a transaction. For figures that must count only what was done
+    (an eviction inside a transaction that then fails is undone)."""
+    if conn.in_transaction:
+        _after_commit.setdefault(id(conn), []).append(fn)
+    else:
+        fn()
 
 
 def connect(db_path: str, cache_bytes: int = INDEX_CACHE_BYTES) -> tuple[sqlite3.Connection, bool]:

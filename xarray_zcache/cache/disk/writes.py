@@ -236,9 +236,13 @@ def place_files(conn: sqlite3.Connection, reqs: Sequence[PutRequest]) -> list[bo
     Returns, for each request, whether its file was placed, or the error of its rename (its
     row is then deleted; the other requests are not affected).
     """
+    last = {req.key: i for i, req in enumerate(reqs)}  # a later fill of a key wins
     with txn(conn):
         tokens = _lookup(conn, "SELECT key, token FROM entries", [r.key for r in reqs])
-        return [_place_one(conn, req, tokens.get(req.key)) for req in reqs]
+        return [
+            _place_one(conn, req, tokens.get(req.key)) if last[req.key] == i else False
+            for i, req in enumerate(reqs)
+        ]
 
 
 def _place_one(conn: sqlite3.Connection, req: PutRequest, token: int | None) -> bool | OSError:
