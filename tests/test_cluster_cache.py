@@ -95,6 +95,9 @@ def env(
     s3_options: dict[str, Any],
 ) -> Env:
     client, cfg = shared
+    # every test starts with the whole cluster: on a loaded machine a worker can miss its
+    # heartbeats and be restarted by its nanny (scheduler_info then listed no workers)
+    client.wait_for_workers(3, timeout=180)
     return Env(client, s3_server, s3_bucket, s3_options, cfg)
 
 
