@@ -506,3 +506,66 @@ def test_6_same_bucket_on_two_endpoints_from_environment(
     for n, store in enumerate(stores):
         assert sync(store.get("g/c/0", P)).to_bytes() == f"server {n} bytes".encode()  # type: ignore[union-attr]
     assert dask.base.tokenize(stores[0]) != dask.base.tokenize(stores[1])
+
+
+# ------------------------------------------ (10b) a cache folder a newer version has written
+
+
+def test_10b_folder_of_a_newer_version_is_left_alone_and_reads_go_on(
+    s3_server: Any,
+    s3_bucket: str,
+    s3_options: dict[str, Any],
+    tmp_path: pathlib.Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two versions of xarray-zcache on one folder (a shared cluster mid-upgrade, a user who
+    went back a version): the older one must neither fail the user's read nor touch what
+    the newer one holds. It reads memory only, with one warning naming the folder; the
+    folder's index is left byte for byte, and once the schema is one it knows again, every
+    entry is still there (no request to S3)."""
+    import sqlite3
+
+    from xarray_zcache.cache.disk import schema
+    from xarray_zcache.testing.writers import write_zarr
+
+    url = f"s3://{s3_bucket}/newer.zarr"
+    ds = xr.Dataset({"v": ("x", np.arange(24.0))}).chunk({"x": 6})
+    write_zarr(ds, url, s3_options, consolidated=True)
+    folder = tmp_path / "cache"
+
+    def chunk_gets() -> int:
+        return sum(
+            1
+            for r in s3_server.requests.records()
+            if r.bucket == s3_bucket and r.method == "GET" and "/v/c/" in (r.key or "")
+        )
+
+    def read(name: str) -> np.ndarray:
+        cfg = CacheConfig().with_name(name).with_disk_cache(folder, "1GB")
+        with xr.open_dataset(
+            url, engine="zcache", chunks=None, storage_options=s3_options, cache_config=cfg
+        ) as opened:
+            return opened["v"].values
+
+    def set_version(v: int) -> None:
+        with contextlib.closing(sqlite3.connect(folder / "index.db")) as conn:
+            conn.execute(f"PRAGMA user_version={v}")
+            conn.commit()
+
+    np.testing.assert_array_equal(read("first"), np.arange(24.0))
+    close_all()  # written to disk and closed
+    assert chunk_gets() == 4
+    set_version(schema.SCHEMA_VERSION + 1)
+    before = (folder / "index.db").read_bytes()
+
+    caplog.set_level(logging.WARNING, logger="xarray_zcache")
+    np.testing.assert_array_equal(read("older"), np.arange(24.0))
+    assert chunk_gets() == 8  # memory only: read from S3 again
+    close_all()
+    named = [m for m in caplog.messages if str(folder) in m and "newer" in m]
+    assert len(named) == 1 and "disk_path" in named[0], caplog.messages
+    assert (folder / "index.db").read_bytes() == before  # not migrated, not rebuilt
+
+    set_version(schema.SCHEMA_VERSION)  # the newer one's entries, readable again
+    np.testing.assert_array_equal(read("again"), np.arange(24.0))
+    assert chunk_gets() == 8  # every chunk from the folder

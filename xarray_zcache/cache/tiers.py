@@ -7,7 +7,7 @@ import errno
 import logging
 from typing import Protocol
 
-from xarray_zcache.cache.disk import DiskTier
+from xarray_zcache.cache.disk import DiskTier, NewerIndex
 from xarray_zcache.cache.disk.folder import record_settings
 from xarray_zcache.cache.request import Read
 from xarray_zcache.cache.settings import CacheSettings
@@ -52,7 +52,9 @@ _OFFLINE_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def open_disk(settings: CacheSettings) -> DiskTier | None:
-    """The disk tier, or ``None`` (memory only, with a warning) on a read-only folder."""
+    """The disk tier, or ``None`` (memory only, with a warning) on a read-only folder or on
+    one a newer xarray-zcache has written (its index is left as it is: nothing it holds is
+    lost, and that version goes on using it)."""
     if settings.disk_path is None or settings.disk_size <= 0:
         return None
     try:
@@ -62,6 +64,15 @@ def open_disk(settings: CacheSettings) -> DiskTier | None:
             max_object_size=settings.max_object_size,
             segment_threshold=settings.disk_pack_below or -1,
         )
+    except NewerIndex as exc:
+        logger.warning(
+            "xarray-zcache: the cache folder %s (disk_path) was written by a newer "
+            "xarray-zcache (%s); caching in memory only. Upgrade xarray-zcache, or give this "
+            "version a folder of its own",
+            settings.disk_path,
+            exc,
+        )
+        return None
     except OSError as exc:
         if exc.errno in _OFFLINE_ERRNOS:
             logger.warning(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import parse_qsl
 
 __all__ = ["METADATA_NAMES", "RequestLog", "RequestRecord"]
@@ -55,6 +55,9 @@ class RequestRecord:
         HTTP status code of the response (500 if the application raised).
     range : str or None
         Value of the ``Range`` request header, if any.
+    arrived : float
+        ``time.time()`` when the request reached the server, before its injected latency
+        (for timelines; not compared: two records of the same request are equal).
     """
 
     method: str
@@ -63,6 +66,7 @@ class RequestRecord:
     query: str
     status: int
     range: str | None
+    arrived: float = field(default=0.0, compare=False)
 
     @property
     def basename(self) -> str | None:

@@ -120,6 +120,7 @@ class _RecordingMiddleware:
         self._server = server
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        arrived = time.time()
         delay = self._server.latency
         if delay > 0:
             self._server._delay_started()
@@ -151,6 +152,7 @@ class _RecordingMiddleware:
                     query=query,
                     status=status[0] if status else default_status,
                     range=str(range_header) if range_header is not None else None,
+                    arrived=arrived,
                 )
             )
 

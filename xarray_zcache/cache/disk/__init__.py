@@ -21,6 +21,7 @@ from xarray_zcache.cache.disk import hooks
 from xarray_zcache.cache.disk.entry import DiskEntry, Fill, PutRequest
 from xarray_zcache.cache.disk.folder import FolderGone
 from xarray_zcache.cache.disk.format import FORMAT_VERSION, HEADER, MAGIC
+from xarray_zcache.cache.disk.schema import NewerIndex
 from xarray_zcache.cache.disk.tier import DiskTier
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "DiskTier",
     "Fill",
     "FolderGone",
+    "NewerIndex",
     "PutRequest",
     "hooks",
 ]

@@ -180,6 +180,11 @@ class SchemaDamaged(sqlite3.DatabaseError):
     """The index's schema or rows are not what this package writes (outside damage)."""
 
 
+class NewerIndex(RuntimeError):
+    """The index was written by a newer xarray-zcache (schema version too high): this version
+    must not touch it, and cannot use the folder."""
+
+
 class IndexUnavailable(OSError):
     """The index cannot be used now (disk full, I/O error): the tier runs without it."""
 
@@ -336,7 +341,7 @@ def connect(db_path: str, cache_bytes: int = INDEX_CACHE_BYTES) -> tuple[sqlite3
 
     Raises
     ------
-    RuntimeError
+    NewerIndex
         If the index was written by a newer version (schema version too high).
     """
     try:
@@ -366,7 +371,7 @@ def connect(db_path: str, cache_bytes: int = INDEX_CACHE_BYTES) -> tuple[sqlite3
         with txn(conn):
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
-                raise RuntimeError(
+                raise NewerIndex(
                     f"disk cache index {db_path} has schema version {version}, newer than "
                     f"this xarray-zcache supports ({SCHEMA_VERSION})"
                 )
