@@ -527,11 +527,14 @@ def measure_run(
     with closing(env), quiet():
         open_ = reader.fresh(run)
         env.server.requests.reset()
-        t0 = time.perf_counter()
+        t0, wall0 = time.perf_counter(), time.time()
         read = open_()
+        opened = time.perf_counter() - t0
         got = read()
         out["cold"] = time.perf_counter() - t0
-        out["cold_requests"] = request_counts(env.server.requests.records())
+        records = env.server.requests.records()
+        out["cold_requests"] = request_counts(records)
+        out["cold_phases"] = cold_phases(records, wall0, opened, out["cold"])
         check(reader, got, expected)
         out["digest"] = digest(got)
         for _ in range(reads - 1):
@@ -542,6 +545,22 @@ def measure_run(
             out["warm_requests"].append(len(env.server.requests))
             check(reader, got, expected)
     return out
+
+
+def cold_phases(records: list[Any], wall0: float, opened: float, total: float) -> dict[str, float]:
+    """Where a cold read's time went, from the server's arrival times (seconds from the
+    start): the open; the first and last arrival of a chunk request; the requests that
+    arrived before the first chunk request (metadata, probes: what the open waits for)."""
+    chunks = [r.arrived - wall0 for r in records if r.arrived and not r.is_metadata and r.key]
+    return {
+        "open": opened,
+        "first_chunk": min(chunks, default=float("nan")),
+        "last_chunk": max(chunks, default=float("nan")),
+        "total": total,
+        "before_chunks": float(
+            sum(1 for r in records if r.arrived - wall0 < min(chunks, default=0))
+        ),
+    }
 
 
 def check(reader: Reader, got: np.ndarray, expected: np.ndarray) -> None:
@@ -622,6 +641,9 @@ def run_latency(
         warm = [w for x in done for w in x["warm"]]
         row["warm"] = median(warm) if warm else float("nan")
         row["cold_requests"] = done[0]["cold_requests"]
+        phases = [x["cold_phases"] for x in done if "cold_phases" in x]
+        if phases:
+            row["cold_phases"] = {k: median([p[k] for p in phases]) for k in phases[0]}
         row["warm_requests"] = max((w for x in done for w in x["warm_requests"]), default=0)
         row["digests"] = sorted({x["digest"] for x in done})
     floor = raw_floor(env, chunk_keys(env), runs)
@@ -695,9 +717,32 @@ def render(res: dict[str, Any]) -> str:
             if bare and tsn
             else f"| {ms} | raw-fetch floor | {f['seconds']:.3f} | - | - | - | - | |"
         )
+    lines += render_phases(res)
     for note in res["notes"]:
         lines.append(f"\n* {note}")
     return "\n".join(lines)
+
+
+def render_phases(res: dict[str, Any]) -> list[str]:
+    """The cold read's timeline per reader (medians of the runs), from the server's log."""
+    lines = [
+        "",
+        "Cold read, where the time goes (seconds from the start; the server's arrival times):",
+        "",
+        "| latency | reader | open returned | first chunk request | last chunk request "
+        "| done | requests before the first chunk |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for lat in res["latencies"]:
+        ms = f"{lat['latency'] * 1000:g} ms"
+        for row in lat["rows"].values():
+            p = row.get("cold_phases")
+            if p:
+                lines.append(
+                    f"| {ms} | {row['label']} | {p['open']:.3f} | {p['first_chunk']:.3f} "
+                    f"| {p['last_chunk']:.3f} | {p['total']:.3f} | {p['before_chunks']:.0f} |"
+                )
+    return lines if len(lines) > 5 else []
 
 
 def seconds_label(x: float) -> str:
