@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from entry_location import locate, stored_bytes
+from old_index import create_schema_2
 
 from xarray_zcache.cache.disk import HEADER, DiskTier, Fill, schema
 from xarray_zcache.cache.disk.compact import dead_limit
@@ -177,8 +178,7 @@ def test_a_schema_2_folder_is_migrated_in_place(tmp_path: pathlib.Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(f"{path}/index.db{suffix}")
     with contextlib.closing(sqlite3.connect(path / "index.db")) as conn:  # schema 2, as v2 made it
-        for statement in schema.split_sql(schema.SCHEMA):
-            conn.execute(statement)
+        create_schema_2(conn)
         conn.executemany("INSERT INTO entries VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
         conn.executemany("INSERT INTO tombstones VALUES (?,?)", tombs)
         conn.execute("PRAGMA user_version=2")
