@@ -166,7 +166,6 @@ _LEFT = {
     "tests/decoded_helpers.py",
     "tests/test_decoded_adversary.py",
     "tests/test_decoded_tier.py",
-    "tests/test_disk_packing.py",
 }
 
 
