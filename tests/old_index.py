@@ -7,7 +7,10 @@ definition as schema 2 wrote it is kept here, frozen.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
+from collections.abc import Sequence
 
 from xarray_zcache.cache.disk import schema
 
@@ -40,3 +43,26 @@ def create_schema_3(conn: sqlite3.Connection) -> None:
     create_schema_2(conn)
     for statement in schema.split_sql(schema.MIGRATE_3):
         conn.execute(statement)
+
+
+def remove_index(folder: str | os.PathLike[str]) -> None:
+    """Remove the index of the (closed) cache folder, with SQLite's side files."""
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{os.fspath(folder)}/index.db{suffix}")
+
+
+def write_schema_2(
+    folder: str | os.PathLike[str],
+    entries: Sequence[Sequence[object]],
+    tombstones: Sequence[Sequence[object]],
+) -> None:
+    """Replace the index of the (closed) cache folder by a schema-2 one, as version 2 wrote
+    it, holding ``entries`` (rows of its ten columns) and ``tombstones``."""
+    remove_index(folder)
+    with contextlib.closing(sqlite3.connect(f"{os.fspath(folder)}/index.db")) as conn:
+        create_schema_2(conn)
+        conn.executemany("INSERT INTO entries VALUES (?,?,?,?,?,?,?,?,?,?)", entries)
+        conn.executemany("INSERT INTO tombstones VALUES (?,?)", tombstones)
+        conn.execute("PRAGMA user_version=2")
+        conn.commit()
