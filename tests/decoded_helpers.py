@@ -1,9 +1,15 @@
 """Helpers shared by the decoded-tier tests (`test_decoded_tier.py`,
 `test_decoded_adversary.py`, `test_decoded_array_api.py`): a cache config, opening
-through ``engine="zcache"`` and through plain zarr, writing a variable, comparing."""
+through ``engine="zcache"`` and through plain zarr, writing a variable, comparing.
+
+Plain zarr reaches S3 through `xarray_zcache.testing.writers.s3fs_store`, which closes the
+aiohttp session of the s3fs filesystem zarr builds (otherwise reported as "Unclosed client
+session" when it is collected)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +18,7 @@ import xarray as xr
 import zarr
 
 from xarray_zcache import CacheConfig
+from xarray_zcache.testing.writers import s3fs_store, write_zarr
 
 
 def make_cfg(
@@ -44,10 +51,28 @@ def open_zcache(url: Any, opts: dict[str, Any] | None, cfg: CacheConfig, **kw: A
     )
 
 
+@contextlib.contextmanager
+def plain_dataset(url: str, opts: dict[str, Any], **kw: Any) -> Iterator[xr.Dataset]:
+    """``url`` opened with xarray's own zarr backend (no zcache; ``chunks=None`` unless
+    given), its s3fs session closed after."""
+    kw.setdefault("chunks", None)
+    with (
+        s3fs_store(url, opts, read_only=True) as store,
+        xr.open_dataset(store, engine="zarr", **kw) as ds,
+    ):
+        yield ds
+
+
 def zarr_values(url: str, opts: dict[str, Any], var: str = "t") -> np.ndarray:
     """What xarray's own zarr backend reads for ``var``."""
-    with xr.open_dataset(url, engine="zarr", storage_options=opts, chunks=None) as ds:
+    with plain_dataset(url, opts) as ds:
         return np.asarray(ds[var].values)
+
+
+def write_at_source(url: str, opts: dict[str, Any], where: Any, values: Any) -> None:
+    """``values`` written at ``where`` of array ``t`` by plain zarr (another writer)."""
+    with s3fs_store(url, opts) as store:
+        zarr.open_array(store, path="t", mode="r+")[where] = values
 
 
 def write_var(
@@ -58,7 +83,7 @@ def write_var(
     if zarr_format == 3:
         enc["compressors"] = compressors
     ds = xr.Dataset({"t": (("time", "y", "x")[: data.ndim], data)})
-    ds.to_zarr(url, storage_options=opts, zarr_format=zarr_format, encoding={"t": enc}, mode="w")
+    write_zarr(ds, url, opts, zarr_format=zarr_format, encoding={"t": enc}, mode="w")
 
 
 def zstd() -> list[Any]:

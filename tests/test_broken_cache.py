@@ -24,6 +24,7 @@ from zarr.storage import FsspecStore, LocalStore
 from xarray_zcache import CacheConfig, CachedStore, get_cache
 from xarray_zcache.cache.disk.schema import INDEX_NAME, INDEX_SIDE_FILES
 from xarray_zcache.testing.s3server import LocalS3Server
+from xarray_zcache.testing.writers import s3fs_store
 
 
 def _config(folder: pathlib.Path, name: str) -> CacheConfig:
@@ -35,9 +36,10 @@ def _s3_store(url: str, opts: dict[str, Any], config: CacheConfig) -> CachedStor
     return CachedStore(inner, config)
 
 
-def _source(url: str, opts: dict[str, Any]) -> zarr.Array:
-    """The array as S3 holds it, read with s3fs directly (no cache)."""
-    return zarr.open_array(FsspecStore.from_url(url, storage_options=opts, read_only=True))
+def _source(url: str, opts: dict[str, Any]) -> np.ndarray:
+    """The array as S3 holds it, read with s3fs directly (no cache; the session closed)."""
+    with s3fs_store(url, opts, read_only=True) as store:
+        return np.asarray(zarr.open_array(store)[:])
 
 
 @pytest.fixture
@@ -172,13 +174,9 @@ def test_a_fill_after_the_folder_vanished(
     folder = tmp_path / "cache"
     config = _config(folder, "fill")
     url = f"s3://{s3_bucket}/d.zarr"
-    zarr.create_array(
-        FsspecStore.from_url(url, storage_options=s3_options, read_only=False),
-        shape=(4,),
-        chunks=(2,),
-        dtype="int32",
-        zarr_format=3,
-    )[:] = [1, 2, 3, 4]
+    with s3fs_store(url, s3_options) as store:
+        source = zarr.create_array(store, shape=(4,), chunks=(2,), dtype="int32", zarr_format=3)
+        source[:] = [1, 2, 3, 4]
     cache = get_cache(config)
     shutil.rmtree(folder)
 

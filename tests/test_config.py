@@ -207,3 +207,42 @@ def test_bad_input_loses_nothing_cached(tmp_path: Any) -> None:
     assert store.namespace + "/c/0" in store.cache.memory_tier
     buf = sync(store.get("c/0", default_buffer_prototype()))
     assert buf is not None and buf.to_bytes() == b"kept"
+
+
+def test_disk_index_cache_from_dask_config_to_the_disk_tier(tmp_path: Any) -> None:
+    """``zcache.disk.index-cache`` (`disk_index_cache`): parsed as a size, checked, and the
+    bound of the SQLite page cache of the disk tier's index connections."""
+    from xarray_zcache.cache import HybridCache
+    from xarray_zcache.cache.disk import schema
+    from xarray_zcache.cache.settings import CacheSettings
+
+    assert CacheConfig().disk_index_cache == schema.INDEX_CACHE_BYTES == 16 * 2**20
+    assert CacheSettings().disk_index_cache == schema.INDEX_CACHE_BYTES
+    with dask.config.set({"zcache.disk.index-cache": "64MB"}):
+        assert CacheConfig().disk_index_cache == 64_000_000
+    with dask.config.set({"zcache.disk.index-cache": 4 << 20}):
+        cfg = CacheConfig().with_disk_cache(tmp_path / "cache", "1MB")
+    assert cfg.disk_index_cache == 4 << 20
+    assert CacheConfig.from_dict(cfg.to_dict()) == cfg
+    caches = {"big": {"disk": {"index-cache": "1GiB"}}}
+    with dask.config.set({"zcache.caches": caches}):
+        assert CacheConfig.from_dask_config("big").disk_index_cache == 2**30
+    cache = HybridCache(cfg)
+    try:
+        disk = cache.disk_tier
+        assert disk is not None and disk.index_cache_bytes == 4 << 20
+        pages = disk._index.run("size", lambda c: c.execute("PRAGMA cache_size").fetchone()[0])
+        assert pages == -(4 << 10)  # KiB
+    finally:
+        cache.close()
+    for bad in ("lots", -1, 512, True, None):
+        with (
+            dask.config.set({"zcache.disk.index-cache": bad}),
+            pytest.raises(
+                ValueError,
+                match=r"^dask config key 'zcache.disk.index-cache': disk_index_cache: invalid size",
+            ),
+        ):
+            CacheConfig()
+    with pytest.raises(ValueError, match=r"^disk_index_cache: .*at least 1024 bytes"):
+        CacheConfig(disk_index_cache="1000B")

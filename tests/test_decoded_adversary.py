@@ -24,10 +24,20 @@ import numpy as np
 import pytest
 import xarray as xr
 import zarr
-from decoded_helpers import make_cfg, open_zcache, random_data, same, write_var, zarr_values
+from decoded_helpers import (
+    make_cfg,
+    open_zcache,
+    plain_dataset,
+    random_data,
+    same,
+    write_at_source,
+    write_var,
+    zarr_values,
+)
 
 from xarray_zcache import CacheConfig, get_cache, open_store
 from xarray_zcache.cache.decoded import DecodedTier
+from xarray_zcache.testing.writers import s3fs_store, write_zarr
 
 INTERVAL = 1.0
 MARGIN = 0.5
@@ -58,22 +68,23 @@ def _raw_array(
 ) -> None:
     """``data`` as array ``t`` of a fresh zarr v3 group, written by plain zarr (no zcache)."""
     v2 = kw.pop("zarr_format", 3) == 2
-    root = zarr.open_group(url, mode="w", storage_options=opts, zarr_format=2 if v2 else 3)
-    dims = ("time", "y", "x")[: data.ndim]
-    if not v2:
-        kw["dimension_names"] = dims
-    arr = root.create_array(
-        "t",
-        shape=data.shape,
-        dtype=data.dtype,
-        chunks=chunks,
-        compressors=kw.pop("compressors", None),
-        fill_value=kw.pop("fill_value", None if v2 else 0),
-        **kw,
-    )
-    if v2:
-        arr.attrs["_ARRAY_DIMENSIONS"] = list(dims)
-    arr[...] = data
+    with s3fs_store(url, opts) as store:
+        root = zarr.open_group(store, mode="w", zarr_format=2 if v2 else 3)
+        dims = ("time", "y", "x")[: data.ndim]
+        if not v2:
+            kw["dimension_names"] = dims
+        arr = root.create_array(
+            "t",
+            shape=data.shape,
+            dtype=data.dtype,
+            chunks=chunks,
+            compressors=kw.pop("compressors", None),
+            fill_value=kw.pop("fill_value", None if v2 else 0),
+            **kw,
+        )
+        if v2:
+            arr.attrs["_ARRAY_DIMENSIONS"] = list(dims)
+        arr[...] = data
 
 
 def _raw(url: str, opts: dict[str, Any], key: str) -> bytes:
@@ -167,8 +178,7 @@ def test_another_writer_rewrites_a_chunk(
             assert d.total_hits("chunk", "disk") >= 3, (s.memory_capacity, s.memory_used)
         new = data.copy()
         new[2] = data[2] if bytes_ == "identical" else data[2][::-1] + 0.5
-        other = zarr.open_array(url, path="t", mode="r+", storage_options=s3_options)
-        other[2] = new[2]
+        write_at_source(url, s3_options, 2, new[2])
         assert len(_raw(url, s3_options, "c/2/0/0")) == data[2].nbytes
         got = ds.t.values  # within the interval: old or new, whole
         assert np.array_equal(got, data) or np.array_equal(got, new)
@@ -203,7 +213,7 @@ def test_missing_chunk_takes_the_new_fill_value(
         _same(ds.t.values, new)
         _same(ds.t.values, new)
         _same(ds.t[1, 3:6, 2:5].values, new[1, 3:6, 2:5])
-    with xr.open_dataset(url, engine="zarr", storage_options=s3_options, mask_and_scale=False) as z:
+    with plain_dataset(url, s3_options, mask_and_scale=False) as z:
         _same(z.t.values, new)
 
 
@@ -377,8 +387,7 @@ def test_sharded_inner_chunk_rewritten_by_another_writer(
         new = data.copy()
         new[1, :8, 8:] = data[0, 8:, :8] * -1.0  # the same length raw; its neighbours kept
         new[0, 8:, :8] = data[1, :8, 8:]  # two inner chunks swap places (raw: same ranges)
-        other = zarr.open_array(url, path="t", mode="r+", storage_options=s3_options)
-        other[0:2] = new[0:2]
+        write_at_source(url, s3_options, np.s_[0:2], new[0:2])
         time.sleep(INTERVAL + MARGIN)
         for _ in range(2):
             for got, want in zip(reads(ds), expect(new), strict=True):
@@ -399,7 +408,7 @@ def test_decoded_tier_stays_bounded_under_many_arrays(
     ds0 = xr.Dataset({k: (("time", "y", "x"), v) for k, v in vars_.items()})
     ds0["big"] = (("one", "yy", "xx"), big)
     enc = {k: {"chunks": (1, 16, 16), "compressors": None} for k in vars_}
-    ds0.to_zarr(url, storage_options=s3_options, zarr_format=3, encoding=enc, mode="w")
+    write_zarr(ds0, url, s3_options, zarr_format=3, encoding=enc, mode="w")
     cfg = _cfg(tmp_path, "bounded").with_decoded_memory_size("40KB")
     problems: list[str] = []
     with _open(url, s3_options, cfg) as ds:
@@ -456,7 +465,7 @@ def test_selections_equal_zarrs_own_reads(
         "u": {"chunks": (2, 13, 2), "fill_value": 7, "write_empty_chunks": False},
     }
     ds0["u"][1:3, :, 0:4] = 7  # chunks of the fill value only: missing at the source
-    ds0.to_zarr(url, storage_options=s3_options, zarr_format=3, encoding=enc, mode="w")
+    write_zarr(ds0, url, s3_options, zarr_format=3, encoding=enc, mode="w")
     mask = rng.integers(0, 2, 13).astype(bool)
     sels: list[Any] = [
         lambda d: d,
@@ -472,7 +481,7 @@ def test_selections_equal_zarrs_own_reads(
         lambda d: d.isel(y=np.array([], dtype=int)),
     ]
     cfg = _cfg(tmp_path, "sel", validation="never")
-    with xr.open_dataset(url, engine="zarr", storage_options=s3_options, chunks=None) as z:
+    with plain_dataset(url, s3_options) as z:
         want = [{v: np.asarray(sel(z)[v].values) for v in ds0.data_vars} for sel in sels]
     for chunks in (None, {}):
         with _open(url, s3_options, cfg, chunks=chunks) as ds:
@@ -505,8 +514,7 @@ def test_partial_shard_read_never_mixes_an_old_index_with_new_bytes(
         _same(ds.t[0, :8, :8].values, data[0, :8, :8])  # the index and inner chunk A
         _same(ds.t[0, :8, :8].values, data[0, :8, :8])
         new = rng.integers(0, 5000, (2, 16, 16)).astype("i4")  # other sizes
-        other = zarr.open_array(url, path="t", mode="r+", storage_options=s3_options)
-        other[...] = new
+        write_at_source(url, s3_options, ..., new)
         for sel in (np.s_[1, 8:, 8:], np.s_[0, :8, 8:], np.s_[:, 4:12, 4:12], np.s_[...]):
             got = ds.t[sel].values
             assert np.array_equal(got, data[sel]) or np.array_equal(got, new[sel]), sel
@@ -521,39 +529,40 @@ def test_v2_big_endian_fortran_and_mutating_results(
 ) -> None:
     url = f"s3://{s3_bucket}/v2.zarr"
     rng = np.random.default_rng(2)
-    root = zarr.open_group(url, mode="w", storage_options=s3_options, zarr_format=2)
-    values = {}
-    delta = [numcodecs.Delta(dtype="<i8")]
-    scale = [numcodecs.FixedScaleOffset(offset=0, scale=10, dtype="<f8", astype="<i4")]
-    for name, dtype, order, filters in (
-        ("be", ">f8", "C", None),
-        ("fo", "<i8", "F", None),
-        ("de", "<i8", "C", delta),  # numcodecs filters: zarr's V2Codec decodes them
-        ("sc", "<f8", "F", scale),
-        ("mi", "<u2", "C", None),  # no fill value, chunks missing at the source
-    ):
-        a = rng.integers(-300, 300, (3, 7, 5)).astype(dtype)
-        arr = root.create_array(
-            name,
-            shape=a.shape,
-            dtype=dtype,
-            chunks=(2, 3, 4),
-            order=order,
-            fill_value=None,
-            filters=filters,
-            compressors=numcodecs.Zlib(level=1),
-        )
-        arr.attrs["_ARRAY_DIMENSIONS"] = ["time", "y", "x"]
-        if name == "mi":
-            arr[0:2, 0:3] = a[0:2, 0:3]
-            a[:, 3:] = a[2:, :] = 0  # zarr's default for no fill value
-        else:
-            arr[...] = a
-        values[name] = a
-    zarr.consolidate_metadata(root.store)
+    with s3fs_store(url, s3_options) as store:
+        root = zarr.open_group(store, mode="w", zarr_format=2)
+        values = {}
+        delta = [numcodecs.Delta(dtype="<i8")]
+        scale = [numcodecs.FixedScaleOffset(offset=0, scale=10, dtype="<f8", astype="<i4")]
+        for name, dtype, order, filters in (
+            ("be", ">f8", "C", None),
+            ("fo", "<i8", "F", None),
+            ("de", "<i8", "C", delta),  # numcodecs filters: zarr's V2Codec decodes them
+            ("sc", "<f8", "F", scale),
+            ("mi", "<u2", "C", None),  # no fill value, chunks missing at the source
+        ):
+            a = rng.integers(-300, 300, (3, 7, 5)).astype(dtype)
+            arr = root.create_array(
+                name,
+                shape=a.shape,
+                dtype=dtype,
+                chunks=(2, 3, 4),
+                order=order,
+                fill_value=None,
+                filters=filters,
+                compressors=numcodecs.Zlib(level=1),
+            )
+            arr.attrs["_ARRAY_DIMENSIONS"] = ["time", "y", "x"]
+            if name == "mi":
+                arr[0:2, 0:3] = a[0:2, 0:3]
+                a[:, 3:] = a[2:, :] = 0  # zarr's default for no fill value
+            else:
+                arr[...] = a
+            values[name] = a
+        zarr.consolidate_metadata(root.store)
     cfg = _cfg(tmp_path, "v2", validation="never")
     sels = [np.s_[::-1, 1:6, ::-2], np.s_[2, :, 3]]
-    with xr.open_dataset(url, engine="zarr", storage_options=s3_options, chunks=None) as z:
+    with plain_dataset(url, s3_options) as z:
         want = {(n, i): np.asarray(z[n][s].values) for n in values for i, s in enumerate(sels)}
     with _open(url, s3_options, cfg) as ds:
         for _ in range(2):

@@ -16,7 +16,17 @@ import numpy as np
 import pytest
 import xarray as xr
 import zarr
-from decoded_helpers import make_cfg, open_zcache, random_data, same, write_var, zarr_values, zstd
+from decoded_helpers import (
+    make_cfg,
+    open_zcache,
+    plain_dataset,
+    random_data,
+    same,
+    write_at_source,
+    write_var,
+    zarr_values,
+    zstd,
+)
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import MemoryStore
@@ -24,6 +34,7 @@ from zarr.storage import MemoryStore
 from xarray_zcache import CacheConfig, CachedStore, get_cache, open_store
 from xarray_zcache.cache.decoded import DecodedTier
 from xarray_zcache.testing.s3server import LocalS3Server
+from xarray_zcache.testing.writers import write_zarr
 
 P = default_buffer_prototype()
 
@@ -125,7 +136,7 @@ def test_values_equal_zarrs(
             return np.asarray(t.isel(time=slice(1, 6, 2), y=slice(3, 14), x=5).values)
         return np.asarray(t.values)
 
-    with xr.open_dataset(url, engine="zarr", storage_options=s3_options, chunks=None) as plain:
+    with plain_dataset(url, s3_options) as plain:
         expected = select(plain)
     cfg = _cfg(tmp_path, f"eq-{case}")
     with _open(url, s3_options, cfg) as ds:
@@ -155,8 +166,7 @@ def test_another_writer_is_seen_after_the_validation_interval(
     with _open(url, s3_options, cfg) as ds:
         _same(ds.t.values, data)
         _same(ds.t.values, data)  # decoded now
-        other = zarr.open_array(url, path="t", mode="r+", storage_options=s3_options)
-        other[2, :8, :8] = np.full((8, 8), 5.0, "f4")  # one chunk rewritten at the source
+        write_at_source(url, s3_options, np.s_[2, :8, :8], np.full((8, 8), 5.0, "f4"))
         new = data.copy()
         new[2, :8, :8] = 5.0
         got = ds.t.values  # within the interval (if the machine is quick): old or new
@@ -217,9 +227,7 @@ def test_strings_go_to_zarr_and_vindex_through_zarrs_pipeline(
     data = _data()
     names = np.array([f"name-{i}" for i in range(8)], dtype=object)
     ds0 = xr.Dataset({"t": (("time", "y", "x"), data), "s": (("time",), names)})
-    ds0.to_zarr(
-        url, storage_options=s3_options, zarr_format=3, encoding={"t": {"chunks": (1, 8, 8)}}
-    )
+    write_zarr(ds0, url, s3_options, zarr_format=3, encoding={"t": {"chunks": (1, 8, 8)}})
     cfg = _cfg(tmp_path, "passthrough")
     with _open(url, s3_options, cfg) as ds:
         for _ in range(2):
@@ -249,8 +257,12 @@ def test_sharded_arrays_are_served_per_inner_chunk(
     data = _data((7, 16, 13))
     data[2, :8, :8] = np.nan  # an inner chunk of the fill value only: left out of its shard
     enc = {"chunks": (1, 8, 8), "shards": (2, 16, 16), "write_empty_chunks": False}
-    xr.Dataset({"t": (("time", "y", "x"), data)}).to_zarr(
-        url, storage_options=s3_options, zarr_format=3, encoding={"t": enc}
+    write_zarr(
+        xr.Dataset({"t": (("time", "y", "x"), data)}),
+        url,
+        s3_options,
+        zarr_format=3,
+        encoding={"t": enc},
     )
 
     def reads(ds: xr.Dataset) -> list[np.ndarray]:
@@ -261,7 +273,7 @@ def test_sharded_arrays_are_served_per_inner_chunk(
             np.asarray(t.isel(time=[0, 4, 6], x=[1, 12]).values),
         ]
 
-    with xr.open_dataset(url, engine="zarr", storage_options=s3_options, chunks=None) as plain:
+    with plain_dataset(url, s3_options) as plain:
         expected = reads(plain)
     cfg = _cfg(tmp_path, f"sharded-{chunks is None}")
     with _open(url, s3_options, cfg, chunks=chunks) as ds:
@@ -289,8 +301,8 @@ def test_a_partial_shard_read_sends_the_requests_zarr_sends(
     url = f"s3://{s3_bucket}/ds.zarr"
     data = _data((64, 64))
     enc = {"chunks": (8, 64), "shards": (64, 64)}
-    xr.Dataset({"t": (("y", "x"), data)}).to_zarr(
-        url, storage_options=s3_options, zarr_format=3, encoding={"t": enc}
+    write_zarr(
+        xr.Dataset({"t": (("y", "x"), data)}), url, s3_options, zarr_format=3, encoding={"t": enc}
     )
     sent = {}
     for decoded in (0, "8MB"):

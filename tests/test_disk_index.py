@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 from entry_location import locate
+from old_index import create_schema_3, remove_index, write_schema_2
 
 from xarray_zcache.cache.disk import DiskTier, reads, rows, schema
 
@@ -53,12 +54,9 @@ def _user_version(path: pathlib.Path) -> int:
 def _as_schema_3(path: pathlib.Path, state: dict[str, list[tuple[object, ...]]]) -> None:
     """Replace the index of the (closed) folder by a schema-3 one holding ``state``, as
     version 3 of the package wrote it (a rowid ``entries`` table, columns added by ALTER)."""
-    for suffix in ("", "-wal", "-shm"):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(f"{path}/index.db{suffix}")
+    remove_index(path)
     with contextlib.closing(sqlite3.connect(path / "index.db")) as conn:
-        for statement in schema.split_sql(schema.SCHEMA) + schema.split_sql(schema.MIGRATE_3):
-            conn.execute(statement)
+        create_schema_3(conn)
         # the triggers would count the rows twice: totals and live bytes are copied as they were
         conn.executemany("INSERT INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", state["entries"])
         conn.executemany("INSERT INTO tombstones VALUES (?,?)", state["tombstones"])
@@ -94,6 +92,14 @@ def test_a_new_index_is_schema_4_without_rowid(tmp_path: pathlib.Path) -> None:
         assert t.put("k", b"v")
     assert _user_version(tmp_path / "c") == schema.SCHEMA_VERSION == 4
     assert "WITHOUT ROWID" in _entries_sql(tmp_path / "c")
+    with contextlib.closing(sqlite3.connect(tmp_path / "c" / "index.db")) as conn:
+        columns = conn.execute("PRAGMA table_info(entries)").fetchall()
+        assert schema.schema_of(conn) == schema.expected_schema()
+        with pytest.raises(sqlite3.OperationalError, match="no such column: rowid"):
+            conn.execute("SELECT rowid FROM entries")  # a WITHOUT ROWID table has none
+    # (cid, name, type, notnull, default, pk): the schema-4 columns, keyed by the key alone
+    assert [c[1] for c in columns] == [c.strip() for c in schema._ALL_COLUMNS.split(",")]
+    assert [c[1] for c in columns if c[5]] == ["key"]
 
 
 def _check_migrated(
@@ -159,18 +165,7 @@ def test_a_schema_2_folder_is_migrated_to_schema_4(tmp_path: pathlib.Path) -> No
         t.delete("file/0")
     values.pop("file/0")
     state = _dump(path)
-    for suffix in ("", "-wal", "-shm"):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(f"{path}/index.db{suffix}")
-    with contextlib.closing(sqlite3.connect(path / "index.db")) as conn:
-        for statement in schema.split_sql(schema.SCHEMA):
-            conn.execute(statement)
-        conn.executemany(
-            "INSERT INTO entries VALUES (?,?,?,?,?,?,?,?,?,?)", [r[:10] for r in state["entries"]]
-        )
-        conn.executemany("INSERT INTO tombstones VALUES (?,?)", state["tombstones"])
-        conn.execute("PRAGMA user_version=2")
-        conn.commit()
+    write_schema_2(path, [r[:10] for r in state["entries"]], state["tombstones"])
     with DiskTier(path, 1 << 30, segment_threshold=-1) as t:
         assert t.index_rebuilds == 0
         assert {k: t.get(k) for k in values} == values

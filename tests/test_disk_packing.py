@@ -17,6 +17,7 @@ from xarray_zcache.cache.disk.segments import DEFAULT_SEGMENT_THRESHOLD, SEGMENT
 from xarray_zcache.cache.settings import CacheSettings
 from xarray_zcache.registry import close_all
 from xarray_zcache.testing.s3server import LocalS3Server
+from xarray_zcache.testing.writers import write_zarr
 
 
 def _dataset() -> xr.Dataset:
@@ -42,9 +43,7 @@ def test_packed_entries_survive_a_restart_with_no_request(
     s3_server: LocalS3Server, s3_bucket: str, s3_options: dict[str, Any], tmp_path: Path
 ) -> None:
     url = f"s3://{s3_bucket}/p.zarr"
-    _dataset().to_zarr(
-        url, storage_options=s3_options, zarr_format=3, encoding={"t": {"chunks": (1, 4, 4)}}
-    )
+    write_zarr(_dataset(), url, s3_options, zarr_format=3, encoding={"t": {"chunks": (1, 4, 4)}})
     folder = tmp_path / "cache"
     cfg = CacheConfig().with_name("packed").with_disk_cache(folder, "64MB").with_disk_packing()
     ds = xr.open_dataset(
@@ -76,9 +75,7 @@ def test_packing_off_then_on_reads_what_the_other_wrote(
     """A folder filled with files, then opened packing (and back): each reads the other's
     entries, and a rewrite through one is seen by the other (never the old bytes)."""
     url = f"s3://{s3_bucket}/q.zarr"
-    _dataset().to_zarr(
-        url, storage_options=s3_options, zarr_format=3, encoding={"t": {"chunks": (1, 4, 4)}}
-    )
+    write_zarr(_dataset(), url, s3_options, zarr_format=3, encoding={"t": {"chunks": (1, 4, 4)}})
     folder = tmp_path / "cache"
     files = CacheConfig().with_name("files").with_disk_cache(folder, "64MB")
     ds = xr.open_dataset(

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from entry_location import locate, stored_bytes
+from old_index import write_schema_2
 
 from xarray_zcache.cache.disk import HEADER, DiskTier, Fill, schema
 from xarray_zcache.cache.disk.compact import dead_limit
@@ -173,16 +174,7 @@ def test_a_schema_2_folder_is_migrated_in_place(tmp_path: pathlib.Path) -> None:
         )
         tombs = old._index.run("dump", lambda c: c.execute("SELECT * FROM tombstones").fetchall())
     values.pop("old/0")
-    for suffix in ("", "-wal", "-shm"):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(f"{path}/index.db{suffix}")
-    with contextlib.closing(sqlite3.connect(path / "index.db")) as conn:  # schema 2, as v2 made it
-        for statement in schema.split_sql(schema.SCHEMA):
-            conn.execute(statement)
-        conn.executemany("INSERT INTO entries VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
-        conn.executemany("INSERT INTO tombstones VALUES (?,?)", tombs)
-        conn.execute("PRAGMA user_version=2")
-        conn.commit()
+    write_schema_2(path, rows, tombs)  # schema 2, as v2 made it
     with _tier(path) as t:
         assert t.index_rebuilds == 0  # migrated, not rebuilt
         for k, v in values.items():

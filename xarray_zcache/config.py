@@ -19,6 +19,7 @@ from xarray_zcache.config_checks import (
     _FIELD_OF,  # noqa: F401 - docs/_ext/zcache_docs.py reads config._FIELD_OF
     _check_disk_folder,
     _duration,
+    _index_cache,
     _origin,
     _pack_below,
     _size,
@@ -66,6 +67,10 @@ class CacheConfig:
         instead of a file each (fills of small entries about 25x faster, see
         ``docs/benchmarks.md``); default 64 KiB; ``0``: off (every entry a file).
         At most 64 KiB.
+    disk_index_cache
+        Bound of the SQLite page cache of each connection to the disk tier's index
+        (``index.db``), bytes; default 16 MiB. Pages are allocated as they are read, so a
+        small index holds less; at least 1 KiB.
     max_object_size
         Objects larger than this are never cached.
     metadata_ttl, chunk_ttl
@@ -136,6 +141,7 @@ class CacheConfig:
     disk_path: str | None = dataclasses.field(default_factory=lambda: _default_disk_path_cfg())
     disk_size: int = dataclasses.field(default_factory=lambda: _cfg("disk.size"))
     disk_pack_below: int = dataclasses.field(default_factory=lambda: _cfg("disk.pack-below"))
+    disk_index_cache: int = dataclasses.field(default_factory=lambda: _cfg("disk.index-cache"))
     max_object_size: int = dataclasses.field(default_factory=lambda: _cfg("max-object-size"))
     metadata_ttl: float | None = dataclasses.field(default_factory=lambda: _cfg("ttl.metadata"))
     chunk_ttl: float | None = dataclasses.field(default_factory=lambda: _cfg("ttl.chunks"))
@@ -202,6 +208,7 @@ class CacheConfig:
             s(self, "disk_path", folder)
         s(self, "disk_size", _size("disk_size", self.disk_size))
         s(self, "disk_pack_below", _pack_below(self.disk_pack_below))
+        s(self, "disk_index_cache", _index_cache(self.disk_index_cache))
         s(self, "max_object_size", _size("max_object_size", self.max_object_size))
         s(self, "metadata_ttl", _duration("metadata_ttl", self.metadata_ttl, allow_none=True))
         s(self, "chunk_ttl", _duration("chunk_ttl", self.chunk_ttl, allow_none=True))

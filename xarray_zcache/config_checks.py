@@ -25,6 +25,7 @@ _FIELD_OF = {
     "decoded-memory-size": "decoded_memory_size",
     "disk.size": "disk_size",
     "disk.pack-below": "disk_pack_below",
+    "disk.index-cache": "disk_index_cache",
     "max-object-size": "max_object_size",
     "ttl.metadata": "metadata_ttl",
     "ttl.chunks": "chunk_ttl",
@@ -87,6 +88,18 @@ def _pack_below(value: object) -> int:
         raise ValueError(
             f"disk_pack_below: invalid size {value!r}; expected 0 (off) up to "
             f"{SEGMENT_THRESHOLD} bytes ('64KiB')"
+        )
+    return n
+
+
+def _index_cache(value: object) -> int:
+    """``disk_index_cache``: a size of at least 1 KiB, or raise naming the field."""
+    n = _size("disk_index_cache", value)
+    assert n is not None
+    if n < 1024:
+        raise ValueError(
+            f"disk_index_cache: invalid size {value!r}; expected a size of at least 1024 bytes "
+            "('1KiB') bounding the SQLite page cache of the disk index, such as '16MiB'"
         )
     return n
 

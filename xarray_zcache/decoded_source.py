@@ -13,7 +13,8 @@ from xarray_zcache.store_bytes import CachedBytes
 if TYPE_CHECKING:
     from zarr.abc.store import ByteRequest
 
-    from xarray_zcache.cache.hybrid import HybridCache, _Unanswered
+    from xarray_zcache.cache.answers import _Unanswered
+    from xarray_zcache.cache.hybrid import HybridCache
     from xarray_zcache.store_bytes import ReadsMemo
 
 __all__ = ["DecodedSource", "decoded_source"]

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 
 from zarr.core.buffer import default_buffer_prototype
 
-from xarray_zcache.cache.hybrid import UNANSWERED, HybridCache, _Unanswered
+from xarray_zcache.cache.answers import UNANSWERED, _Unanswered
+from xarray_zcache.cache.hybrid import HybridCache
 from xarray_zcache.keys import check_byte_range, is_plain_range
 from xarray_zcache.prefetch import ScanPrefetcher
 from xarray_zcache.registry import on_dask_worker

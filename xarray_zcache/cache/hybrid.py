@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from xarray_zcache.cache.access import DirectAccess
+from xarray_zcache.cache.answers import UNANSWERED, MemoryAnswers, Unanswered, _Unanswered
 from xarray_zcache.cache.coherence import _LIVE, Coherence
 from xarray_zcache.cache.decoded import DecodedTier
 from xarray_zcache.cache.disk import DiskTier
@@ -52,16 +53,7 @@ logger = logging.getLogger("xarray_zcache.cache")
 _T = TypeVar("_T")
 
 
-class _Unanswered:
-    """No tier answered yet (a value and ``None``, "missing", are both answers)."""
-
-
-UNANSWERED = _Unanswered()
-#: the type of `UNANSWERED` (for callers' isinstance checks)
-Unanswered = _Unanswered
-
-
-class HybridCache(DirectAccess, CacheReporting, DiskFallback, Coherence):
+class HybridCache(DirectAccess, MemoryAnswers, CacheReporting, DiskFallback, Coherence):
     """A memory tier over an optional persistent disk tier, mapping str keys to bytes.
 
     Fills after a miss go to memory at once and to disk in a background thread;
@@ -165,22 +157,6 @@ class HybridCache(DirectAccess, CacheReporting, DiskFallback, Coherence):
 
     # -- the read protocol ---------------------------------------------------------------------
 
-    def _from_memory(self, read: Read) -> bytes | None:
-        """Memory, then pending disk writes: the whole object (cut), then the entry itself."""
-        writer = self._writer
-        if read.whole is not None and read.cut is not None:
-            whole = self._memory.get(read.whole)
-            if whole is None and writer is not None:
-                whole = writer.pending(read.whole)
-            if whole is not None:
-                part = read.cut(whole)
-                if part is not None:
-                    return part
-        value = self._memory.get(read.key)
-        if value is None and writer is not None:
-            value = writer.pending(read.key)
-        return value
-
     def _may_be_on_disk(self, read: Read) -> bool:
         """A ``stat`` or two in the caller's thread spares a cold miss the thread hop."""
         disk = self._disk
@@ -249,9 +225,6 @@ class HybridCache(DirectAccess, CacheReporting, DiskFallback, Coherence):
         threshold = self.settings.promotion_threshold
         return threshold == 0 or self._rates.touch(key) >= threshold
 
-    def _known_missing(self, read: Read) -> bool:
-        return not read.recheck and self._negatives.in_memory(read.object_key, time.time())
-
     async def get_or_load(
         self, read: Read, load: Callable[[], Awaitable[bytes | None]]
     ) -> bytes | None:
@@ -270,57 +243,6 @@ class HybridCache(DirectAccess, CacheReporting, DiskFallback, Coherence):
     def _since_last_hit(self) -> float:
         """Seconds since the last memory hit (the disk writer waits while hits come)."""
         return time.monotonic() - self._last_hit
-
-    def memory_hit(self, read: Read) -> bytes | None:
-        """The value of ``read`` if memory (or a pending disk write) holds it, counted as a
-        memory hit; else ``None``, nothing counted (no disk, no load: never blocks)."""
-        value = self._from_memory(read)
-        if value is not None:
-            self._last_hit = time.monotonic()
-            self._count_hit("memory", read, value)
-        return value
-
-    def _from_memory_or_negatives(self, read: Read) -> bytes | _Unanswered | None:
-        """The first steps, in the caller's thread: memory, then negative entries."""
-        value = self.memory_hit(read)
-        if value is not None:
-            return value
-        if self._known_missing(read):
-            self._count_negative(read)
-            return None
-        return UNANSWERED
-
-    def answer_now(self, read: Read) -> bytes | _Unanswered | None:
-        """What `get_or_load` would answer for ``read`` from memory or a negative entry,
-        counted as that read would be; `UNANSWERED` when it would look further (disk,
-        peers, the source). The caller has passed the freshness gate first."""
-        return self._from_memory_or_negatives(read)
-
-    def answer_now_many(self, reads: list[Read]) -> list[bytes | _Unanswered | None]:
-        """`answer_now` of each of ``reads`` (in order; the caller has passed the freshness
-        gate of each): the memory tier asked once, the hits counted at once."""
-        if any(r.whole is not None for r in reads):
-            return [self.answer_now(r) for r in reads]
-        out: list[bytes | _Unanswered | None] = list(self._memory.get_many([r.key for r in reads]))
-        writer = self._writer
-        for i, read in enumerate(reads):
-            if out[i] is None:  # (the rare case: every chunk of a warm read is in memory)
-                value = None if writer is None else writer.pending(read.key)
-                if value is not None:
-                    out[i] = value
-                elif not self._known_missing(read):
-                    out[i] = UNANSWERED
-                else:
-                    self._count_negative(read)
-        hits = [
-            (r, v)
-            for r, v in zip(reads, out, strict=True)
-            if v is not None and not isinstance(v, _Unanswered)
-        ]
-        if hits:
-            self._last_hit = time.monotonic()
-            self._count_memory_hits(hits)
-        return out
 
     def _counted(self, read: Read, found: tuple[bytes | None, bool]) -> bytes | _Unanswered | None:
         """Count what the disk step (`_from_disk`) found."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from xarray_zcache.cache.disk.schema import INDEX_CACHE_BYTES
+
 __all__ = ["DECODED_FRACTION", "CacheSettings"]
 
 #: the decoded tier's default size: this fraction of the memory tier
@@ -29,6 +31,8 @@ class CacheSettings:
     max_object_size: int = 64 * 2**20
     #: disk entries of at most this many bytes go to segment files; 0: off
     disk_pack_below: int = 64 * 2**10
+    #: bound of the SQLite page cache of each connection to the disk index, bytes
+    disk_index_cache: int = INDEX_CACHE_BYTES
     metadata_ttl: float | None = 300.0
     chunk_ttl: float | None = None
     listing_ttl: float = 60.0

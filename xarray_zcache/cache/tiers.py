@@ -63,6 +63,7 @@ def open_disk(settings: CacheSettings) -> DiskTier | None:
             settings.disk_size,
             max_object_size=settings.max_object_size,
             segment_threshold=settings.disk_pack_below or -1,
+            index_cache_bytes=settings.disk_index_cache,
         )
     except NewerIndex as exc:
         logger.warning(

@@ -36,19 +36,10 @@ _RECORD_BYTES: Final = (
     "(72 + length(CAST({r}.key AS BLOB)) + length(CAST({r}.namespace AS BLOB)) + {r}.size)"
 )
 
+#: The objects beside ``entries`` (its indexes and totals triggers, the tombstones, the
+#: totals); all ``IF NOT EXISTS``. Run after ``entries`` exists: a new index creates it first
+#: (:data:`_ENTRIES_4`), a migration rebuilds it first (:data:`MIGRATE_4`).
 SCHEMA: Final = """
-CREATE TABLE IF NOT EXISTS entries(
-    key TEXT PRIMARY KEY,
-    namespace TEXT NOT NULL DEFAULT '',
-    kind TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    created REAL NOT NULL,
-    last_access REAL NOT NULL,
-    hits INTEGER NOT NULL DEFAULT 0,
-    expires REAL NULL,
-    checksum INTEGER NOT NULL,
-    token INTEGER NOT NULL DEFAULT 0
-);
 CREATE INDEX IF NOT EXISTS entries_last_access ON entries(last_access);
 CREATE INDEX IF NOT EXISTS entries_expires ON entries(expires) WHERE expires IS NOT NULL;
 CREATE TABLE IF NOT EXISTS tombstones(key TEXT PRIMARY KEY, at INTEGER NOT NULL);
@@ -146,7 +137,8 @@ CREATE TABLE entries(
 
 #: Schema 3 -> 4, in place, in the caller's transaction: the rows are copied (in key order)
 #: into the new ``entries``; the old table goes with its indexes and triggers, which
-#: :data:`SCHEMA` and :data:`MIGRATE_3` (all ``IF NOT EXISTS``) then create on the new one.
+#: :data:`SCHEMA` and :data:`_SEGMENT_OBJECTS` (all ``IF NOT EXISTS``) then create on the
+#: new one.
 #: ``totals`` and ``segments.live`` are unchanged: the copy runs before the triggers exist.
 MIGRATE_4: Final = f"""
 ALTER TABLE entries RENAME TO entries_3;
