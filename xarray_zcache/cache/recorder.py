@@ -7,6 +7,7 @@ import dataclasses
 import threading
 import time
 from collections import Counter
+from operator import itemgetter
 from typing import Any
 
 from xarray_zcache.cache.stats import CacheStats
@@ -32,17 +33,32 @@ class HotKeys:
             return
         self._counts[key] += count
         if len(self._counts) > 4 * self.n:
-            self._counts = Counter(dict(self._counts.most_common(2 * self.n)))
+            self._prune()
+
+    def _prune(self) -> None:
+        """Keep the ``2 * n`` most frequent (ties: the earliest counted first, as
+        `Counter.most_common`: `heapq.nlargest` is a stable sort's head, and sorting
+        81-odd counters is cheaper than the heap)."""
+        items = sorted(self._counts.items(), key=itemgetter(1), reverse=True)
+        self._counts = Counter(dict(items[: 2 * self.n]))
 
     def add_many(self, keys: list[str]) -> None:
-        """`add` of each of ``keys`` (in one step when no pruning can happen)."""
+        """`add` of each of ``keys``, in order, with the same counts and the same prunes:
+        runs of keys that cannot overflow the table (no more of them than free counters)
+        are counted in one step; a key that may is counted on its own."""
         if self.n <= 0:
             return
-        if len(self._counts) + len(keys) <= 4 * self.n:
-            self._counts.update(keys)
-            return
-        for key in keys:
-            self.add(key)
+        limit, i, n = 4 * self.n, 0, len(keys)
+        while i < n:
+            room = limit - len(self._counts)
+            if room > 0:  # at most ``room`` new counters: no prune is due within them
+                self._counts.update(keys[i : i + room])
+                i += room
+                continue
+            self._counts[keys[i]] += 1
+            i += 1
+            if len(self._counts) > limit:
+                self._prune()
 
     def top(self, n: int | None = None) -> list[tuple[str, int]]:
         return self._counts.most_common(self.n if n is None else n)
