@@ -304,7 +304,7 @@ class HybridCache(DirectAccess, CacheReporting, DiskFallback, Coherence):
         out: list[bytes | _Unanswered | None] = list(self._memory.get_many([r.key for r in reads]))
         if out and None not in out:  # every read a memory hit (a warm read's usual case)
             self._last_hit = time.monotonic()
-            self._count_memory_hits(list(zip(reads, out)))  # type: ignore[arg-type]
+            self._count_memory_hits(list(zip(reads, out, strict=True)))  # type: ignore[arg-type]
             return out
         writer = self._writer
         for i, read in enumerate(reads):
