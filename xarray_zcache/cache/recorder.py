@@ -84,18 +84,18 @@ class StatsRecorder:
 
     def hit_many(self, tier: str, hits: list[tuple[str, int, str]]) -> None:
         """`hit` of each ``(kind, nbytes, key)`` of ``hits``, under one acquisition of the lock."""
-        kinds = {kind for kind, _, _ in hits}
+        kinds = set(map(itemgetter(0), hits))
         with self._lock:
             counts, sizes = self._s.hits[tier], self._s.hit_bytes[tier]
             if len(kinds) == 1:
                 (kind,) = kinds
                 counts[kind] += len(hits)
-                sizes[kind] += sum(nbytes for _, nbytes, _ in hits)
+                sizes[kind] += sum(map(itemgetter(1), hits))
             else:
                 for kind, nbytes, _ in hits:
                     counts[kind] += 1
                     sizes[kind] += nbytes
-            self._hot.add_many([key for _, _, key in hits])
+            self._hot.add_many(list(map(itemgetter(2), hits)))
 
     def negative_hit(self, key: str) -> None:
         with self._lock:
