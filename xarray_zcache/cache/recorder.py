@@ -97,6 +97,14 @@ class StatsRecorder:
                     sizes[kind] += nbytes
             self._hot.add_many(list(map(itemgetter(2), hits)))
 
+    def hits_of_kind(self, tier: str, kind: str, keys: list[str], nbytes: int) -> None:
+        """`hit` of each of ``keys``, all of ``kind`` and ``nbytes`` in all, under one
+        acquisition of the lock."""
+        with self._lock:
+            self._s.hits[tier][kind] += len(keys)
+            self._s.hit_bytes[tier][kind] += nbytes
+            self._hot.add_many(keys)
+
     def negative_hit(self, key: str) -> None:
         with self._lock:
             self._s.negative_hits += 1
