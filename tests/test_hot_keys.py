@@ -1,4 +1,5 @@
-"""`HotKeys.add_many` counts and prunes exactly as `add` of each key in turn does."""
+"""`HotKeys.add_many` counts and prunes exactly as `add` of each key in turn does; so does
+`StatsRecorder.hits_of_kind` as `hit` of each key."""
 
 from __future__ import annotations
 
@@ -43,3 +44,19 @@ def test_a_read_of_192_chunks_keeps_the_table_bounded() -> None:
     assert len(hot._counts) <= 80
     assert sum(hot._counts.values()) <= 3 * 192
     assert hot.top(1)[0][1] >= 1
+
+
+def test_hits_of_kind_counts_as_hit_of_each_key() -> None:
+    from xarray_zcache.cache.recorder import StatsRecorder
+
+    rnd = random.Random(7)
+    one, many = StatsRecorder(5), StatsRecorder(5)
+    for _ in range(10):
+        keys = [f"k{rnd.randrange(40)}" for _ in range(rnd.randrange(1, 60))]
+        sizes = [rnd.randrange(1, 1000) for _ in keys]
+        for key, size in zip(keys, sizes, strict=True):
+            one.hit("memory", "chunk", size, key)
+        many.hits_of_kind("memory", "chunk", keys, sum(sizes))
+    a, b = one.snapshot(), many.snapshot()
+    assert a.hits == b.hits and a.hit_bytes == b.hit_bytes
+    assert a.hot_keys == b.hot_keys
