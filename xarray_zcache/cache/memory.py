@@ -175,7 +175,7 @@ class MemoryTier:
 
     def get_many(self, keys: list[str], now: float | None = None) -> list[bytes | None]:
         """`get` of each of ``keys``, in order, under one acquisition of the lock."""
-        when = time.time() if now is None else now
+        when = now or time.time()  # (what `_get_locked` compares with, 0 included)
         with self._lock:
             if self._sketch is not None:
                 return [self._get_locked(key, when) for key in keys]
