@@ -27,6 +27,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from xarray_zcache.cache.access import DirectAccess
+from xarray_zcache.cache.answers import UNANSWERED, BatchAnswers, Unanswered
+from xarray_zcache.cache.answers import _Unanswered as _Unanswered
 from xarray_zcache.cache.coherence import _LIVE, Coherence
 from xarray_zcache.cache.decoded import DecodedTier
 from xarray_zcache.cache.disk import DiskTier
@@ -52,16 +54,7 @@ logger = logging.getLogger("xarray_zcache.cache")
 _T = TypeVar("_T")
 
 
-class _Unanswered:
-    """No tier answered yet (a value and ``None``, "missing", are both answers)."""
-
-
-UNANSWERED = _Unanswered()
-#: the type of `UNANSWERED` (for callers' isinstance checks)
-Unanswered = _Unanswered
-
-
-class HybridCache(DirectAccess, CacheReporting, DiskFallback, Coherence):
+class HybridCache(DirectAccess, BatchAnswers, CacheReporting, DiskFallback, Coherence):
     """A memory tier over an optional persistent disk tier, mapping str keys to bytes.
 
     Fills after a miss go to memory at once and to disk in a background thread;
@@ -295,36 +288,6 @@ class HybridCache(DirectAccess, CacheReporting, DiskFallback, Coherence):
         counted as that read would be; `UNANSWERED` when it would look further (disk,
         peers, the source). The caller has passed the freshness gate first."""
         return self._from_memory_or_negatives(read)
-
-    def answer_now_many(self, reads: list[Read]) -> list[bytes | _Unanswered | None]:
-        """`answer_now` of each of ``reads`` (in order; the caller has passed the freshness
-        gate of each): the memory tier asked once, the hits counted at once."""
-        if any(r.whole is not None for r in reads):
-            return [self.answer_now(r) for r in reads]
-        out: list[bytes | _Unanswered | None] = list(self._memory.get_many([r.key for r in reads]))
-        if out and None not in out:  # every read a memory hit (a warm read's usual case)
-            self._last_hit = time.monotonic()
-            self._count_memory_hits(list(zip(reads, out, strict=True)))  # type: ignore[arg-type]
-            return out
-        writer = self._writer
-        for i, read in enumerate(reads):
-            if out[i] is None:  # (the rare case: every chunk of a warm read is in memory)
-                value = None if writer is None else writer.pending(read.key)
-                if value is not None:
-                    out[i] = value
-                elif not self._known_missing(read):
-                    out[i] = UNANSWERED
-                else:
-                    self._count_negative(read)
-        hits = [
-            (r, v)
-            for r, v in zip(reads, out, strict=True)
-            if v is not None and not isinstance(v, _Unanswered)
-        ]
-        if hits:
-            self._last_hit = time.monotonic()
-            self._count_memory_hits(hits)
-        return out
 
     def _counted(self, read: Read, found: tuple[bytes | None, bool]) -> bytes | _Unanswered | None:
         """Count what the disk step (`_from_disk`) found."""
