@@ -96,6 +96,10 @@ class MemoryAnswers:
         if any(r.whole is not None for r in reads):
             return [self.answer_now(r) for r in reads]
         out: list[bytes | _Unanswered | None] = list(self._memory.get_many([r.key for r in reads]))
+        if out and None not in out:  # every read a memory hit (a warm read's usual case)
+            self._last_hit = time.monotonic()
+            self._count_memory_hits(list(zip(reads, out, strict=True)))  # type: ignore[arg-type]
+            return out
         writer = self._writer
         for i, read in enumerate(reads):
             if out[i] is None:  # (the rare case: every chunk of a warm read is in memory)

@@ -97,11 +97,13 @@ class DecodedTier:
         counted."""
         out: list[np.ndarray[Any, Any] | None] = []
         table = self._table
+        hits = asked = 0
         with self._lock:
             for key, token in zip(keys, tokens, strict=True):
                 if token is None:
                     out.append(None)
                     continue
+                asked += 1
                 entry = table.get(key)
                 if entry is not None:
                     held, array, cost, how = entry
@@ -109,12 +111,13 @@ class DecodedTier:
                         table.move_to_end(key)
                         if held is not token:  # share the object the byte tiers hold now
                             table[key] = (token, array, cost, how)
-                        self.hits += 1
+                        hits += 1
                         out.append(array)
                         continue
                     self._remove(key)
-                self.misses += 1
                 out.append(None)
+            self.hits += hits
+            self.misses += asked - hits
         return out
 
     def put(self, key: str, token: bytes, array: np.ndarray[Any, Any], spec: str = "") -> bool:

@@ -175,9 +175,34 @@ class MemoryTier:
 
     def get_many(self, keys: list[str], now: float | None = None) -> list[bytes | None]:
         """`get` of each of ``keys``, in order, under one acquisition of the lock."""
-        when = time.time() if now is None else now
+        when = now or time.time()  # (what `_get_locked` compares with, 0 included)
         with self._lock:
-            return [self._get_locked(key, when) for key in keys]
+            if self._sketch is not None:
+                return [self._get_locked(key, when) for key in keys]
+            # `_get_locked` inlined for the usual hit (a warm read's every chunk): an entry
+            # not expired, in probation under "lru" or in the protected segment; any
+            # other case (a promotion, an expired entry) goes through `_get_locked`
+            out: list[bytes | None] = []
+            probation, protected = self._probation, self._protected
+            lru = not self._protected_capacity
+            for key in keys:
+                entry = probation.get(key)
+                segment = probation
+                if entry is None:
+                    entry = protected.get(key)
+                    segment = protected
+                    if entry is None:
+                        out.append(None)
+                        continue
+                elif not lru:
+                    out.append(self._get_locked(key, when))
+                    continue
+                if entry.expires is not None and entry.expires <= when:
+                    out.append(self._get_locked(key, when))
+                    continue
+                segment.move_to_end(key)
+                out.append(entry.value)
+            return out
 
     def _get_locked(self, key: str, now: float | None) -> bytes | None:
         if self._sketch is not None:

@@ -7,6 +7,7 @@ import dataclasses
 import threading
 import time
 from collections import Counter
+from operator import itemgetter
 from typing import Any
 
 from xarray_zcache.cache.stats import CacheStats
@@ -32,17 +33,32 @@ class HotKeys:
             return
         self._counts[key] += count
         if len(self._counts) > 4 * self.n:
-            self._counts = Counter(dict(self._counts.most_common(2 * self.n)))
+            self._prune()
+
+    def _prune(self) -> None:
+        """Keep the ``2 * n`` most frequent (ties: the earliest counted first, as
+        `Counter.most_common`: `heapq.nlargest` is a stable sort's head, and sorting
+        81-odd counters is cheaper than the heap)."""
+        items = sorted(self._counts.items(), key=itemgetter(1), reverse=True)
+        self._counts = Counter(dict(items[: 2 * self.n]))
 
     def add_many(self, keys: list[str]) -> None:
-        """`add` of each of ``keys`` (in one step when no pruning can happen)."""
+        """`add` of each of ``keys``, in order, with the same counts and the same prunes:
+        runs of keys that cannot overflow the table (no more of them than free counters)
+        are counted in one step; a key that may is counted on its own."""
         if self.n <= 0:
             return
-        if len(self._counts) + len(keys) <= 4 * self.n:
-            self._counts.update(keys)
-            return
-        for key in keys:
-            self.add(key)
+        limit, i, n = 4 * self.n, 0, len(keys)
+        while i < n:
+            room = limit - len(self._counts)
+            if room > 0:  # at most ``room`` new counters: no prune is due within them
+                self._counts.update(keys[i : i + room])
+                i += room
+                continue
+            self._counts[keys[i]] += 1
+            i += 1
+            if len(self._counts) > limit:
+                self._prune()
 
     def top(self, n: int | None = None) -> list[tuple[str, int]]:
         return self._counts.most_common(self.n if n is None else n)
@@ -68,18 +84,26 @@ class StatsRecorder:
 
     def hit_many(self, tier: str, hits: list[tuple[str, int, str]]) -> None:
         """`hit` of each ``(kind, nbytes, key)`` of ``hits``, under one acquisition of the lock."""
-        kinds = {kind for kind, _, _ in hits}
+        kinds = set(map(itemgetter(0), hits))
         with self._lock:
             counts, sizes = self._s.hits[tier], self._s.hit_bytes[tier]
             if len(kinds) == 1:
                 (kind,) = kinds
                 counts[kind] += len(hits)
-                sizes[kind] += sum(nbytes for _, nbytes, _ in hits)
+                sizes[kind] += sum(map(itemgetter(1), hits))
             else:
                 for kind, nbytes, _ in hits:
                     counts[kind] += 1
                     sizes[kind] += nbytes
-            self._hot.add_many([key for _, _, key in hits])
+            self._hot.add_many(list(map(itemgetter(2), hits)))
+
+    def hits_of_kind(self, tier: str, kind: str, keys: list[str], nbytes: int) -> None:
+        """`hit` of each of ``keys``, all of ``kind`` and ``nbytes`` in all, under one
+        acquisition of the lock."""
+        with self._lock:
+            self._s.hits[tier][kind] += len(keys)
+            self._s.hit_bytes[tier][kind] += nbytes
+            self._hot.add_many(keys)
 
     def negative_hit(self, key: str) -> None:
         with self._lock:

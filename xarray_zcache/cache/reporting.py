@@ -74,9 +74,15 @@ class CacheReporting:
             for read, value in hits:
                 self._count_hit("memory", read, value)
             return
-        plain = [(read.kind, len(value), read.key) for read, value in hits]
-        self._stats.hit_many("memory", plain)
-        self.trace.add_many([(key, nbytes) for _, nbytes, key in plain])
+        keys = [read.key for read, _ in hits]
+        sizes = [len(value) for _, value in hits]
+        kinds = {read.kind for read, _ in hits}
+        if len(kinds) == 1:  # (one kind: the counters at once)
+            self._stats.hits_of_kind("memory", kinds.pop(), keys, sum(sizes))
+        else:
+            kinds_of = [read.kind for read, _ in hits]
+            self._stats.hit_many("memory", list(zip(kinds_of, sizes, keys, strict=True)))
+        self.trace.add_many(list(zip(keys, sizes, strict=True)))
 
     def _count_negative(self, read: Read) -> None:
         if not read.prefetch and not read.for_peer:
