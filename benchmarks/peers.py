@@ -784,8 +784,10 @@ def plot(res: dict[str, Any], path: str | os.PathLike[str]) -> None:
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("seconds, full read of the array (log scale; shorter is better)")
         ax.set_title(f"{lat['latency'] * 1000:g} ms per S3 request")
-        ax.legend(fontsize=8, loc="lower right")
     axes[0][0].invert_yaxis()
+    # one legend, above the panels: inside one it hid the floor's label
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, fontsize=8, loc="upper right", ncols=2)
     s = res["settings"]
     fig.suptitle(
         f"Against the strongest peers: full read of {s['nt']}x{s['ny']}x{s['nx']} float32, "
