@@ -218,6 +218,91 @@ def test_a_newer_schema_is_refused(tmp_path: pathlib.Path) -> None:
         _tier(tmp_path / "c")
 
 
+def _become_newer(path: pathlib.Path, oldest_writer: int | None, *extra: str) -> None:
+    """Make the index look like one a newer version migrated: ``user_version`` one higher,
+    ``extra`` statements run (its additions), and, unless None, its promise that versions
+    from ``oldest_writer`` on may go on using it (``schema.COMPAT_TABLE``)."""
+    with contextlib.closing(sqlite3.connect(path / "index.db", isolation_level=None)) as conn:
+        conn.execute("BEGIN IMMEDIATE")
+        if oldest_writer is not None:
+            conn.execute(f"CREATE TABLE {schema.COMPAT_TABLE}(oldest_writer INTEGER NOT NULL)")
+            conn.execute(f"INSERT INTO {schema.COMPAT_TABLE} VALUES ({oldest_writer})")
+        for statement in extra:
+            conn.execute(statement)
+        conn.execute(f"PRAGMA user_version={schema.SCHEMA_VERSION + 1}")
+        conn.execute("COMMIT")
+
+
+#: What a newer version might add: a log of changed keys, kept by triggers (they fire for the
+#: writes of this version too, which is what lets it admit this version).
+_CHANGE_LOG = (
+    "CREATE TABLE changes(seq INTEGER PRIMARY KEY, key TEXT NOT NULL)",
+    "CREATE TRIGGER log_deletes AFTER DELETE ON entries "
+    "BEGIN INSERT INTO changes(key) VALUES (OLD.key); END",
+)
+
+
+def test_a_newer_schema_that_admits_this_version_is_used_as_it_is(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A newer version's additive schema that says this one may still write to it: entries
+    are served, stored and deleted as usual, the newer version's triggers see our writes,
+    and the index stays of the newer schema (never migrated back, never rebuilt)."""
+    path = tmp_path / "c"
+    with _tier(path) as t:
+        assert t.put("k/held", b"held" * 100)
+        assert t.put("k/gone", b"gone" * 100)
+    _become_newer(path, schema.SCHEMA_VERSION, *_CHANGE_LOG)
+    for _ in range(2):  # and again after a reopen
+        with _tier(path) as t:
+            assert t.get("k/held") == b"held" * 100
+            assert t.put("k/new", b"new" * 100)
+            assert t.get("k/new") == b"new" * 100
+    with _tier(path) as t:
+        t.delete("k/gone")
+        assert t.get("k/gone") is None
+    assert _user_version(path) == schema.SCHEMA_VERSION + 1
+    with contextlib.closing(sqlite3.connect(path / "index.db")) as conn:
+        logged = [k for (k,) in conn.execute("SELECT key FROM changes")]
+    assert logged == ["k/gone"]
+
+
+@pytest.mark.parametrize("promise", ["none", "only newer writers"])
+def test_a_newer_schema_that_does_not_admit_this_version_is_left_alone(
+    tmp_path: pathlib.Path, promise: str
+) -> None:
+    path = tmp_path / "c"
+    with _tier(path) as t:
+        assert t.put("k", b"v")
+    oldest = None if promise == "none" else schema.SCHEMA_VERSION + 1
+    _become_newer(path, oldest, *_CHANGE_LOG)
+    before = _dump(path)
+    with pytest.raises(schema.NewerIndex, match="newer"):
+        _tier(path)
+    assert _dump(path) == before
+    assert _user_version(path) == schema.SCHEMA_VERSION + 1
+
+
+def test_a_newer_schema_that_admits_this_version_but_lacks_its_objects_is_not_repaired(
+    tmp_path: pathlib.Path,
+) -> None:
+    """Damage would be repaired by rebuilding the index; a newer version's index is not ours
+    to rebuild, even when it breaks its promise."""
+    path = tmp_path / "c"
+    with _tier(path) as t:
+        assert t.put("k", b"v")
+    with contextlib.closing(sqlite3.connect(path / "index.db")) as conn:
+        index = conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'entries' "
+            "AND sql IS NOT NULL"
+        ).fetchone()[0]
+    _become_newer(path, schema.SCHEMA_VERSION, f"DROP INDEX {index}")
+    before = _dump(path)
+    with pytest.raises(schema.NewerIndex, match="lacks objects of ours"):
+        _tier(path)
+    assert _dump(path) == before
+
+
 # -- exact eviction counts --------------------------------------------------------------------
 
 

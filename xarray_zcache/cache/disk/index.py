@@ -37,12 +37,13 @@ from xarray_zcache.cache.disk.schema import (
     INDEX_SIDE_FILES,
     LOCK_NAME,
     IndexUnavailable,
+    NewerIndex,
     SchemaDamaged,
     as_damage,
     connect,
-    expected_schema,
     is_resource_error,
-    schema_of,
+    newer_compatible,
+    schema_ok,
     txn,
 )
 
@@ -279,7 +280,13 @@ class Index:
                 if created and has_payload_files(self.root):
                     self._fill(conn)
                 else:
-                    if not created and schema_of(conn) != expected_schema():
+                    if not created and not schema_ok(conn):
+                        if newer_compatible(conn):  # not ours to repair
+                            conn.close()
+                            raise NewerIndex(
+                                f"disk cache index {self.db_path} is of a newer schema that "
+                                "admits this version, but lacks objects of ours"
+                            )
                         raise SchemaDamaged("the index schema was altered")
                     if not rows.totals_ok(conn):
                         with txn(conn):

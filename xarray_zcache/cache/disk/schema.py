@@ -20,6 +20,13 @@ LOCK_NAME: Final = "index.db.lock"
 #: 2: payload format 2; 3: segment files (columns added in place); 4: ``entries`` is a
 #: ``WITHOUT ROWID`` table (table rebuilt in place, :data:`MIGRATE_4`)
 SCHEMA_VERSION: Final = 4
+#: The table by which a newer version says which older ones may still use its index: one row,
+#: ``oldest_writer``, the lowest schema version whose statements stay valid on it (its
+#: additions, triggers included, keep their own rules for our writes). A version at least
+#: that old uses the index as it is (no migration, ``user_version`` left alone); without the
+#: table, or with a higher ``oldest_writer``, the index is the newer version's alone
+#: (:class:`NewerIndex`).
+COMPAT_TABLE: Final = "zcache_compat"
 BUSY_TIMEOUT_MS: Final = 30_000
 _WAL_CHECKPOINT_PAGES: Final = 256
 _WAL_SIZE_LIMIT: Final = 1 << 20
@@ -258,6 +265,35 @@ def split_sql(script: str) -> list[str]:
     return statements
 
 
+def refuse_newer(conn: sqlite3.Connection, db_path: str, version: int) -> None:
+    """Raise :class:`NewerIndex` unless the index of schema ``version`` (newer than ours) says
+    in :data:`COMPAT_TABLE` that this version may go on using it."""
+    oldest = None
+    with contextlib.suppress(sqlite3.Error, TypeError, IndexError):
+        oldest = conn.execute(f"SELECT min(oldest_writer) FROM {COMPAT_TABLE}").fetchone()[0]
+    if not isinstance(oldest, int) or oldest > SCHEMA_VERSION:
+        raise NewerIndex(
+            f"disk cache index {db_path} has schema version {version}, newer than this "
+            f"xarray-zcache supports ({SCHEMA_VERSION})"
+        )
+
+
+def newer_compatible(conn: sqlite3.Connection) -> bool:
+    """Whether ``conn``'s index is of a newer schema that this version may use
+    (:func:`refuse_newer` let it through)."""
+    return int(conn.execute("PRAGMA user_version").fetchone()[0]) > SCHEMA_VERSION
+
+
+def schema_ok(conn: sqlite3.Connection) -> bool:
+    """Whether the index's schema is what :func:`connect` creates; for a newer schema that
+    admits this version, whether every object of ours is there unchanged (it may add its
+    own)."""
+    found = schema_of(conn)
+    if newer_compatible(conn):
+        return set(expected_schema()) <= set(found)
+    return found == expected_schema()
+
+
 def schema_of(conn: sqlite3.Connection) -> list[tuple[str, str, str, str | None]]:
     return sorted(conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master").fetchall())
 
@@ -363,11 +399,8 @@ def connect(db_path: str, cache_bytes: int = INDEX_CACHE_BYTES) -> tuple[sqlite3
         with txn(conn):
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
-                raise NewerIndex(
-                    f"disk cache index {db_path} has schema version {version}, newer than "
-                    f"this xarray-zcache supports ({SCHEMA_VERSION})"
-                )
-            if version in (2, 3):  # the same payload files: migrate in place
+                refuse_newer(conn, db_path, version)  # or use it as it is
+            elif version in (2, 3):  # the same payload files: migrate in place
                 for statement in migrate_statements(version):
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
