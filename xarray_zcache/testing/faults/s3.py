@@ -51,8 +51,10 @@ def s3_client_options(server: LocalS3Server, endpoint_url: str) -> dict[str, Any
         endpoint_url=endpoint_url,
         config_kwargs={
             "s3": {"addressing_style": "path"},
-            "read_timeout": 0.3,
-            "connect_timeout": 0.3,
+            "read_timeout": 0.3,  # a stall ends the request quickly
+            # no fault acts on connecting: a short bound here only made the read after a
+            # stall fail on a loaded machine (ConnectTimeoutError, the proxy slow to accept)
+            "connect_timeout": 5,
             "retries": {"total_max_attempts": 1},  # s3fs retries (SlowDown, timeouts...)
         },
     )
