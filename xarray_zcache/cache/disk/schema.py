@@ -321,6 +321,14 @@ def on_commit(conn: sqlite3.Connection, fn: Callable[[], None]) -> None:
         fn()
 
 
+def _refuse_newer(db_path: str, version: int) -> None:
+    if version > SCHEMA_VERSION:
+        raise NewerIndex(
+            f"disk cache index {db_path} has schema version {version}, newer than "
+            f"this xarray-zcache supports ({SCHEMA_VERSION})"
+        )
+
+
 def connect(db_path: str, cache_bytes: int = INDEX_CACHE_BYTES) -> tuple[sqlite3.Connection, bool]:
     """Connect to ``db_path`` (WAL) and create the schema if needed; ``(conn, created)``.
 
@@ -348,6 +356,10 @@ def connect(db_path: str, cache_bytes: int = INDEX_CACHE_BYTES) -> tuple[sqlite3
     created = False
     try:
         conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        # a newer version's index is refused before anything is changed or locked (a read:
+        # not blocked by that version writing, which would pass for a busy index); checked
+        # again in the transaction below (it may be upgraded meanwhile)
+        _refuse_newer(db_path, conn.execute("PRAGMA user_version").fetchone()[0])
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             logger.warning("disk cache index %s: WAL mode unavailable (%s)", db_path, mode)
@@ -362,11 +374,7 @@ def connect(db_path: str, cache_bytes: int = INDEX_CACHE_BYTES) -> tuple[sqlite3
         conn.execute(f"PRAGMA journal_size_limit={min(_WAL_SIZE_LIMIT, pages * 4096)}")
         with txn(conn):
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise NewerIndex(
-                    f"disk cache index {db_path} has schema version {version}, newer than "
-                    f"this xarray-zcache supports ({SCHEMA_VERSION})"
-                )
+            _refuse_newer(db_path, version)
             if version in (2, 3):  # the same payload files: migrate in place
                 for statement in migrate_statements(version):
                     conn.execute(statement)
