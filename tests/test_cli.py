@@ -837,3 +837,29 @@ def test_closed_pipe_exits_0(tmp_path: Path) -> None:
         check=True,
     )
     assert len(full.stdout) > 256 * 1024
+
+
+def test_warm_refuses_a_folder_a_newer_version_wrote(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``zcache warm`` exists to fill a folder: on one written by a newer xarray-zcache (the
+    cache then runs in memory only, leaving the folder alone) it must fail, not read the
+    whole dataset into memory and report it warmed, exit status 0, with nothing written."""
+    from xarray_zcache.cache.disk import schema
+
+    source = tmp_path / "local.zarr"
+    _write(str(source))
+    folder = tmp_path / "cache"
+    code, _, err = _run(capsys, "warm", source, "--cache", folder, "-q", "--variables", "t2m")
+    assert code == 0, err
+    close_all()
+    with sqlite3.connect(folder / "index.db") as conn:
+        conn.execute(f"PRAGMA user_version={schema.SCHEMA_VERSION + 1}")
+    conn.close()
+    before = (folder / "index.db").read_bytes()
+
+    code, out, err = _run(capsys, "warm", source, "--cache", folder, "-q")
+    close_all()
+    assert code != 0, out
+    assert "newer" in err and str(folder) in err
+    assert (folder / "index.db").read_bytes() == before

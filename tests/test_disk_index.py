@@ -303,6 +303,33 @@ def test_a_newer_schema_that_admits_this_version_but_lacks_its_objects_is_not_re
     assert _dump(path) == before
 
 
+def test_a_newer_schema_is_refused_while_its_writer_holds_the_lock(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The newer version writing (its write lock held) when this one opens the folder: still
+    refused as newer (`open_disk`: memory only), not taken for a busy index and opened
+    without it ("offline": then the folder is this version's to record settings in, to
+    serve and unlink payload files of, until a later retry finds the schema)."""
+    from xarray_zcache.cache.disk import NewerIndex
+    from xarray_zcache.cache.settings import CacheSettings
+    from xarray_zcache.cache.tiers import open_disk
+
+    with _tier(tmp_path / "c") as t:
+        assert t.put("k", b"v")
+    db = tmp_path / "c" / "index.db"
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute(f"PRAGMA user_version={schema.SCHEMA_VERSION + 1}")
+        conn.commit()
+    monkeypatch.setattr(schema, "BUSY_TIMEOUT_MS", 200)  # (the lock is not waited out)
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as newer:
+        newer.execute("BEGIN IMMEDIATE")  # the newer version, writing
+        with pytest.raises(NewerIndex):
+            _tier(tmp_path / "c")
+        settings = CacheSettings(disk_path=str(tmp_path / "c"), disk_size=1 << 30)
+        assert open_disk(settings) is None
+        newer.execute("COMMIT")
+
+
 # -- exact eviction counts --------------------------------------------------------------------
 
 

@@ -60,3 +60,31 @@ def test_hits_of_kind_counts_as_hit_of_each_key() -> None:
     a, b = one.snapshot(), many.snapshot()
     assert a.hits == b.hits and a.hit_bytes == b.hit_bytes
     assert a.hot_keys == b.hot_keys
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_answer_now_many_counts_as_answer_now_of_each_read(seed: int) -> None:
+    """A batch of whole-object reads, some memory hits and some known missing (a sparse
+    array: chunks never written are negative entries): the answers, the counters and the
+    hot keys are what `answer_now` of each read, in order, reports. The hot-key table is
+    small (``top_n=1``: pruned past 4 keys), so counting the negatives of a batch before its
+    hits would prune different keys."""
+    from xarray_zcache.cache.hybrid import HybridCache
+    from xarray_zcache.cache.request import Read
+    from xarray_zcache.cache.settings import CacheSettings
+
+    rnd = random.Random(seed)
+    caches = [HybridCache(CacheSettings(memory_size=10_000_000, top_n=1)) for _ in range(2)]
+    for cache in caches:  # k0..k5 in memory, k6..k11 known missing, k12.. never read
+        for i in range(12):
+            value = None if i >= 6 else f"value {i}".encode()
+            assert cache.get_or_load_sync(Read(f"k{i}", "chunk"), lambda v=value: v) == value
+    one, many = caches
+    for _ in range(30):
+        reads = [Read(f"k{rnd.randrange(15)}", "chunk") for _ in range(rnd.randrange(1, 12))]
+        assert many.answer_now_many(reads) == [one.answer_now(r) for r in reads]
+        a, b = one.stats(), many.stats()
+        assert (a.hits, a.hit_bytes, a.negative_hits) == (b.hits, b.hit_bytes, b.negative_hits)
+        assert b.hot_keys == a.hot_keys
+    for cache in caches:
+        cache.close()

@@ -100,22 +100,29 @@ class MemoryAnswers:
             self._last_hit = time.monotonic()
             self._count_memory_hits(list(zip(reads, out, strict=True)))  # type: ignore[arg-type]
             return out
+        # hits and negatives counted in the reads' order, as `answer_now` of each would
+        # (the hot-key table prunes by count, ties to the earliest counted)
         writer = self._writer
+        hits: list[tuple[Read, bytes]] = []
+        any_hit = False
         for i, read in enumerate(reads):
-            if out[i] is None:  # (the rare case: every chunk of a warm read is in memory)
+            value = out[i]
+            if value is None:  # (the rare case: every chunk of a warm read is in memory)
                 value = None if writer is None else writer.pending(read.key)
-                if value is not None:
-                    out[i] = value
-                elif not self._known_missing(read):
-                    out[i] = UNANSWERED
-                else:
+                if value is None:
+                    if not self._known_missing(read):
+                        out[i] = UNANSWERED
+                        continue
+                    if hits:
+                        self._count_memory_hits(hits)
+                        hits = []
                     self._count_negative(read)
-        hits = [
-            (r, v)
-            for r, v in zip(reads, out, strict=True)
-            if v is not None and not isinstance(v, _Unanswered)
-        ]
-        if hits:
+                    continue
+                out[i] = value
+            hits.append((read, value))  # type: ignore[arg-type]
+            any_hit = True
+        if any_hit:
             self._last_hit = time.monotonic()
+        if hits:
             self._count_memory_hits(hits)
         return out

@@ -175,8 +175,9 @@ class MemoryTier:
 
     def get_many(self, keys: list[str], now: float | None = None) -> list[bytes | None]:
         """`get` of each of ``keys``, in order, under one acquisition of the lock."""
-        when = now or time.time()  # (what `_get_locked` compares with, 0 included)
         with self._lock:
+            # (what `_get_locked` compares with, 0 included; read under the lock, as `get`)
+            when = now or time.time()
             if self._sketch is not None:
                 return [self._get_locked(key, when) for key in keys]
             # `_get_locked` inlined for the usual hit (a warm read's every chunk): an entry

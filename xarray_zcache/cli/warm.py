@@ -158,6 +158,23 @@ def _config(args: argparse.Namespace) -> tuple[CacheConfig, pathlib.Path]:
     return config, pathlib.Path(str(raw))
 
 
+def _why_memory_only(path: pathlib.Path) -> str:
+    """Why the cache of ``path`` runs without its disk tier (the reasons of `open_disk`)."""
+    from xarray_zcache.cache.disk.schema import INDEX_NAME, SCHEMA_VERSION
+
+    db = path / INDEX_NAME
+    with contextlib.suppress(sqlite3.Error, OSError):
+        uri = db.absolute().as_uri() + "?mode=ro"
+        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=30)) as conn:
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+        if version > SCHEMA_VERSION:
+            return (
+                f"its index has schema version {version}: it was written by a newer "
+                "xarray-zcache; upgrade xarray-zcache, or warm another folder"
+            )
+    return "it cannot be written"
+
+
 def _variables(text: str | None) -> list[str] | None:
     if text is None:
         return None
@@ -190,6 +207,14 @@ def run(args: argparse.Namespace) -> int:
         cache = store.cache
     except (OSError, sqlite3.Error, RuntimeError) as exc:
         raise CliError(f"--cache {path}: cannot open the disk cache: {exc}") from None
+    if cache.disk_tier is None:  # memory only (see `open_disk`): nothing would be warmed
+        if id(cache) not in preexisting:
+            cache.close()
+        raise CliError(
+            f"--cache {path}: cannot use the disk cache folder ({_why_memory_only(path)}); "
+            "nothing was warmed",
+            EXIT_FAILURE,
+        )
     if created:
         note(f"Created disk cache folder {path}", as_json=args.json)
     try:

@@ -384,6 +384,12 @@ def connect(db_path: str, cache_bytes: int = INDEX_CACHE_BYTES) -> tuple[sqlite3
     created = False
     try:
         conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        # a newer version's index is refused before anything is changed or locked (a read:
+        # not blocked by that version writing, which would pass for a busy index); checked
+        # again in the transaction below (it may be upgraded meanwhile)
+        early = conn.execute("PRAGMA user_version").fetchone()[0]
+        if early > SCHEMA_VERSION:
+            refuse_newer(conn, db_path, early)
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             logger.warning("disk cache index %s: WAL mode unavailable (%s)", db_path, mode)
