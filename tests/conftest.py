@@ -74,3 +74,29 @@ def _close_caches() -> Iterator[None]:
     from xarray_zcache.registry import close_all
 
     close_all()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Close the aiohttp sessions tests left open (s3fs filesystems zarr's `FsspecStore`
+    built in tests, which nothing closes), so that none is reported as "Unclosed client
+    session" at interpreter exit. The package closes its own (`xarray_zcache.sessions`,
+    tested in `test_sessions.py`); this only tidies what tests made directly."""
+    import asyncio
+    import contextlib
+    import gc
+
+    try:
+        import aiohttp
+    except ImportError:  # pragma: no cover - s3fs brings it
+        return
+    for obj in gc.get_objects():
+        if not isinstance(obj, aiohttp.ClientSession) or obj.closed:
+            continue
+        loop = getattr(obj, "_loop", None)
+        with contextlib.suppress(Exception):
+            if loop is None or loop.is_closed():
+                continue
+            if loop.is_running():  # fsspec's I/O thread
+                asyncio.run_coroutine_threadsafe(obj.close(), loop).result(timeout=5)
+            else:
+                loop.run_until_complete(obj.close())
