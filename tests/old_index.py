@@ -66,3 +66,30 @@ def write_schema_2(
         conn.executemany("INSERT INTO tombstones VALUES (?,?)", tombstones)
         conn.execute("PRAGMA user_version=2")
         conn.commit()
+
+
+def become_newer(
+    db_path: str | os.PathLike[str], oldest_writer: int | None = None, *extra: str
+) -> None:
+    """Make the index at ``db_path`` look like one a newer version migrated: ``user_version``
+    one higher, ``extra`` statements run (its additions), and its word on which versions may
+    go on writing to it (``schema.COMPAT_TABLE``): from ``oldest_writer`` on, or, with None,
+    none but itself."""
+    with contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as conn:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(f"DELETE FROM {schema.COMPAT_TABLE}")
+        writer = schema.SCHEMA_VERSION + 1 if oldest_writer is None else oldest_writer
+        conn.execute(f"INSERT INTO {schema.COMPAT_TABLE} VALUES ({writer})")
+        for statement in extra:
+            conn.execute(statement)
+        conn.execute(f"PRAGMA user_version={schema.SCHEMA_VERSION + 1}")
+        conn.execute("COMMIT")
+
+
+def become_ours_again(db_path: str | os.PathLike[str]) -> None:
+    """Undo :func:`become_newer` (its ``extra`` aside)."""
+    with contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as conn:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(f"UPDATE {schema.COMPAT_TABLE} SET oldest_writer = {schema.OLDEST_WRITER}")
+        conn.execute(f"PRAGMA user_version={schema.SCHEMA_VERSION}")
+        conn.execute("COMMIT")

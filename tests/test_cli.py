@@ -845,7 +845,7 @@ def test_warm_refuses_a_folder_a_newer_version_wrote(
     """``zcache warm`` exists to fill a folder: on one written by a newer xarray-zcache (the
     cache then runs in memory only, leaving the folder alone) it must fail, not read the
     whole dataset into memory and report it warmed, exit status 0, with nothing written."""
-    from xarray_zcache.cache.disk import schema
+    from old_index import become_newer
 
     source = tmp_path / "local.zarr"
     _write(str(source))
@@ -853,9 +853,7 @@ def test_warm_refuses_a_folder_a_newer_version_wrote(
     code, _, err = _run(capsys, "warm", source, "--cache", folder, "-q", "--variables", "t2m")
     assert code == 0, err
     close_all()
-    with sqlite3.connect(folder / "index.db") as conn:
-        conn.execute(f"PRAGMA user_version={schema.SCHEMA_VERSION + 1}")
-    conn.close()
+    become_newer(folder / "index.db")
     before = (folder / "index.db").read_bytes()
 
     code, out, err = _run(capsys, "warm", source, "--cache", folder, "-q")

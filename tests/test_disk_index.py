@@ -13,15 +13,15 @@ from collections.abc import Iterator
 
 import pytest
 from entry_location import locate
-from old_index import create_schema_3, remove_index, write_schema_2
+from old_index import become_newer, create_schema_3, remove_index, write_schema_2
 
 from xarray_zcache.cache.disk import DiskTier, reads, rows, schema
 
 THRESHOLD = 65536
 
 
-def _tier(path: pathlib.Path, capacity: int = 1 << 30) -> DiskTier:
-    return DiskTier(path, capacity, segment_threshold=THRESHOLD)
+def _tier(path: pathlib.Path, capacity: int = 1 << 30, *, location_map: bool = True) -> DiskTier:
+    return DiskTier(path, capacity, segment_threshold=THRESHOLD, location_map=location_map)
 
 
 def _dump(path: pathlib.Path) -> dict[str, list[tuple[object, ...]]]:
@@ -87,17 +87,17 @@ def filled(tmp_path: pathlib.Path) -> Iterator[tuple[pathlib.Path, dict[str, byt
     yield path, values
 
 
-def test_a_new_index_is_schema_4_without_rowid(tmp_path: pathlib.Path) -> None:
+def test_a_new_index_is_schema_5_without_rowid(tmp_path: pathlib.Path) -> None:
     with _tier(tmp_path / "c") as t:
         assert t.put("k", b"v")
-    assert _user_version(tmp_path / "c") == schema.SCHEMA_VERSION == 4
+    assert _user_version(tmp_path / "c") == schema.SCHEMA_VERSION == 5
     assert "WITHOUT ROWID" in _entries_sql(tmp_path / "c")
     with contextlib.closing(sqlite3.connect(tmp_path / "c" / "index.db")) as conn:
         columns = conn.execute("PRAGMA table_info(entries)").fetchall()
         assert schema.schema_of(conn) == schema.expected_schema()
         with pytest.raises(sqlite3.OperationalError, match="no such column: rowid"):
             conn.execute("SELECT rowid FROM entries")  # a WITHOUT ROWID table has none
-    # (cid, name, type, notnull, default, pk): the schema-4 columns, keyed by the key alone
+    # (cid, name, type, notnull, default, pk): the schema-4/5 columns, keyed by the key alone
     assert [c[1] for c in columns] == [c.strip() for c in schema._ALL_COLUMNS.split(",")]
     assert [c[1] for c in columns if c[5]] == ["key"]
 
@@ -211,34 +211,21 @@ def test_a_migration_that_fails_midway_leaves_schema_3_intact(
 def test_a_newer_schema_is_refused(tmp_path: pathlib.Path) -> None:
     with _tier(tmp_path / "c") as t:
         assert t.put("k", b"v")
-    with contextlib.closing(sqlite3.connect(tmp_path / "c" / "index.db")) as conn:
-        conn.execute(f"PRAGMA user_version={schema.SCHEMA_VERSION + 1}")
-        conn.commit()
+    become_newer(tmp_path / "c" / "index.db")
     with pytest.raises(RuntimeError, match="newer"):
         _tier(tmp_path / "c")
 
 
 def _become_newer(path: pathlib.Path, oldest_writer: int | None, *extra: str) -> None:
-    """Make the index look like one a newer version migrated: ``user_version`` one higher,
-    ``extra`` statements run (its additions), and, unless None, its promise that versions
-    from ``oldest_writer`` on may go on using it (``schema.COMPAT_TABLE``)."""
-    with contextlib.closing(sqlite3.connect(path / "index.db", isolation_level=None)) as conn:
-        conn.execute("BEGIN IMMEDIATE")
-        if oldest_writer is not None:
-            conn.execute(f"CREATE TABLE {schema.COMPAT_TABLE}(oldest_writer INTEGER NOT NULL)")
-            conn.execute(f"INSERT INTO {schema.COMPAT_TABLE} VALUES ({oldest_writer})")
-        for statement in extra:
-            conn.execute(statement)
-        conn.execute(f"PRAGMA user_version={schema.SCHEMA_VERSION + 1}")
-        conn.execute("COMMIT")
+    become_newer(path / "index.db", oldest_writer, *extra)
 
 
 #: What a newer version might add: a log of changed keys, kept by triggers (they fire for the
 #: writes of this version too, which is what lets it admit this version).
 _CHANGE_LOG = (
-    "CREATE TABLE changes(seq INTEGER PRIMARY KEY, key TEXT NOT NULL)",
-    "CREATE TRIGGER log_deletes AFTER DELETE ON entries "
-    "BEGIN INSERT INTO changes(key) VALUES (OLD.key); END",
+    "CREATE TABLE deletes_6(seq INTEGER PRIMARY KEY, key TEXT NOT NULL)",
+    "CREATE TRIGGER log_deletes_6 AFTER DELETE ON entries "
+    "BEGIN INSERT INTO deletes_6(key) VALUES (OLD.key); END",
 )
 
 
@@ -263,7 +250,7 @@ def test_a_newer_schema_that_admits_this_version_is_used_as_it_is(
         assert t.get("k/gone") is None
     assert _user_version(path) == schema.SCHEMA_VERSION + 1
     with contextlib.closing(sqlite3.connect(path / "index.db")) as conn:
-        logged = [k for (k,) in conn.execute("SELECT key FROM changes")]
+        logged = [k for (k,) in conn.execute("SELECT key FROM deletes_6")]
     assert logged == ["k/gone"]
 
 
@@ -317,9 +304,7 @@ def test_a_newer_schema_is_refused_while_its_writer_holds_the_lock(
     with _tier(tmp_path / "c") as t:
         assert t.put("k", b"v")
     db = tmp_path / "c" / "index.db"
-    with contextlib.closing(sqlite3.connect(db)) as conn:
-        conn.execute(f"PRAGMA user_version={schema.SCHEMA_VERSION + 1}")
-        conn.commit()
+    become_newer(db)
     monkeypatch.setattr(schema, "BUSY_TIMEOUT_MS", 200)  # (the lock is not waited out)
     with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as newer:
         newer.execute("BEGIN IMMEDIATE")  # the newer version, writing
@@ -522,7 +507,7 @@ def test_the_read_connection_follows_an_index_replaced_by_another_process(
 def test_another_process_deleting_or_replacing_an_entry_wins_over_the_read_connection(
     tmp_path: pathlib.Path,
 ) -> None:
-    a, b = _tier(tmp_path / "c"), _tier(tmp_path / "c")
+    a, b = _tier(tmp_path / "c", location_map=False), _tier(tmp_path / "c", location_map=False)
     try:
         assert a.put("k", b"v1")
         with busy(a):
@@ -543,7 +528,7 @@ def test_an_error_on_the_read_connection_goes_through_recovery(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An error on the read connection sends the lookup through ``Index.run`` (recovery)."""
-    t = _tier(tmp_path / "c")
+    t = _tier(tmp_path / "c", location_map=False)
     try:
         assert t.put("k", b"v")
         with busy(t):

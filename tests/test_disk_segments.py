@@ -627,6 +627,8 @@ def test_might_contain_never_raises(tier: DiskTier, monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(tier._index, "run", broken)
     monkeypatch.setattr(tier._index, "query", broken)  # the lookup's read connection
+    assert tier._keydir is not None
+    monkeypatch.setattr(tier._keydir, "find", broken)  # the location map too
     assert tier.might_contain("K") is True
     assert tier.might_contain("other") is True
 

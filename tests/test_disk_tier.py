@@ -620,7 +620,8 @@ def test_delete_namespace(file_tier: DiskTier) -> None:
 
 
 def test_disk_package_imports_only_the_standard_library() -> None:
-    """The disk tier stands alone: no zarr, dask, xarray, distributed or numpy."""
+    """The disk tier stands alone: no zarr, dask, xarray or distributed; NumPy only once a
+    tier builds its location map (``keydir``), not to import the package."""
     import subprocess
     import sys
 

@@ -523,9 +523,9 @@ def test_10b_folder_of_a_newer_version_is_left_alone_and_reads_go_on(
     the newer one holds. It reads memory only, with one warning naming the folder; the
     folder's index is left byte for byte, and once the schema is one it knows again, every
     entry is still there (no request to S3)."""
-    import sqlite3
 
-    from xarray_zcache.cache.disk import schema
+    from old_index import become_newer, become_ours_again
+
     from xarray_zcache.testing.writers import write_zarr
 
     url = f"s3://{s3_bucket}/newer.zarr"
@@ -547,15 +547,10 @@ def test_10b_folder_of_a_newer_version_is_left_alone_and_reads_go_on(
         ) as opened:
             return opened["v"].values
 
-    def set_version(v: int) -> None:
-        with contextlib.closing(sqlite3.connect(folder / "index.db")) as conn:
-            conn.execute(f"PRAGMA user_version={v}")
-            conn.commit()
-
     np.testing.assert_array_equal(read("first"), np.arange(24.0))
     close_all()  # written to disk and closed
     assert chunk_gets() == 4
-    set_version(schema.SCHEMA_VERSION + 1)
+    become_newer(folder / "index.db")
     before = (folder / "index.db").read_bytes()
 
     caplog.set_level(logging.WARNING, logger="xarray_zcache")
@@ -566,6 +561,6 @@ def test_10b_folder_of_a_newer_version_is_left_alone_and_reads_go_on(
     assert len(named) == 1 and "disk_path" in named[0], caplog.messages
     assert (folder / "index.db").read_bytes() == before  # not migrated, not rebuilt
 
-    set_version(schema.SCHEMA_VERSION)  # the newer one's entries, readable again
+    become_ours_again(folder / "index.db")  # the newer one's entries, readable again
     np.testing.assert_array_equal(read("again"), np.arange(24.0))
     assert chunk_gets() == 8  # every chunk from the folder

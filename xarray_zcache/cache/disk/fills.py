@@ -317,6 +317,8 @@ class TierFills(TierCore):
         """Count ``n`` stores; prune old tombstones every ``AUTO_PRUNE_EVERY`` stores."""
         before, self._stores = self._stores, self._stores + n
         if before // AUTO_PRUNE_EVERY != self._stores // AUTO_PRUNE_EVERY:
+            if self._keydir is not None:
+                self._keydir.sync()  # this process's map takes in the changes before they go
             with txn(conn):
                 rows.prune(conn, TOMBSTONE_TTL_S)
 

@@ -1,10 +1,12 @@
 """The core of a disk tier: its state, the read path and access statistics.
 
-A hit is one primary-key lookup of the entry's row (on the index's read connection, so that
-it never waits for this process's writes: :meth:`.index.Index.query`), then one ``pread``: of
-the record, from an open descriptor of its segment (:mod:`.segments`), or of the entry's own
-payload file. The access statistics are written off the hit path (:mod:`.access`,
-:mod:`.flusher`).
+A hit is one ``pread``: of the record, from an open descriptor of its segment
+(:mod:`.segments`), or of the entry's own payload file. Where it is comes from the location
+map held in memory (:mod:`.keydir`); when the map cannot say (not built yet, a location that
+did not hold the key's record), from a primary-key lookup of the entry's row (on the index's
+read connection, so that it never waits for this process's writes:
+:meth:`.index.Index.query`). The access statistics are written off the hit path
+(:mod:`.access`, :mod:`.flusher`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import pathlib
 import sqlite3
 import threading
 import time
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from xarray_zcache.cache.disk import check, compact, rows
 from xarray_zcache.cache.disk.access import AccessLog
@@ -35,6 +37,7 @@ from xarray_zcache.cache.disk.format import (
     read_payload,
 )
 from xarray_zcache.cache.disk.index import Index
+from xarray_zcache.cache.disk.locations import ABSENT, Location, hash_of, key_hash
 from xarray_zcache.cache.disk.log import Warner, logger
 from xarray_zcache.cache.disk.schema import (
     INDEX_CACHE_BYTES,
@@ -55,6 +58,9 @@ from xarray_zcache.cache.disk.segments import (
 )
 from xarray_zcache.cache.logs import events
 
+if TYPE_CHECKING:
+    from xarray_zcache.cache.disk.keydir import KeyDir
+
 _events = events("xarray_zcache.disk")
 
 #: After an eviction triggered by ``put``, usage is brought down to this fraction of capacity.
@@ -72,6 +78,8 @@ _LOOKUP: Final = "SELECT kind, segment, offset, size, namespace, token FROM entr
 Found = tuple[str, str | None, int | None, int, str, int]
 #: ``_lookup`` could not read the index (unavailable): only payload files can be served.
 _NO_INDEX: Final = "no index"
+#: ``_get_located``: the location map's location did not hold the key's record.
+_MISPLACED: Final = "misplaced"
 
 
 class TierCore(StatsFlush):
@@ -89,6 +97,7 @@ class TierCore(StatsFlush):
         max_object_size: int | None = None,
         segment_threshold: int = DEFAULT_SEGMENT_THRESHOLD,
         index_cache_bytes: int = INDEX_CACHE_BYTES,
+        location_map: bool = True,
     ) -> None:
         if capacity < 0:
             raise ValueError(f"capacity must be >= 0, got {capacity}")
@@ -125,6 +134,8 @@ class TierCore(StatsFlush):
         # before any later write, and ``get`` serves nothing they cover meanwhile.
         self._owed_keys: dict[str, int] = {}
         self._owed_prefixes: dict[str, int] = {}
+        #: primary-key lookups of the index made by reads (the location map spares them)
+        self.index_lookups = 0
         prepare_folder(self.path)
         self._index = Index(
             self._root,
@@ -134,6 +145,13 @@ class TierCore(StatsFlush):
             cache_bytes=self.index_cache_bytes,
         )
         self._index.start()
+        #: where each entry is, in memory (None: the tier reads payload files alone)
+        self._keydir: KeyDir | None = None
+        if location_map and self._lookup_first:
+            from xarray_zcache.cache.disk.keydir import KeyDir  # NumPy: only when used
+
+            self._keydir = KeyDir(self._root, self._index.db_path)
+            self._keydir.open()
 
     @property
     def _conn(self) -> sqlite3.Connection | None:
@@ -158,6 +176,8 @@ class TierCore(StatsFlush):
             self._evict_locked(conn, int(self.capacity * EVICT_LOW_WATER), now)
 
         counts = check.fill_from_files(conn, self._root, self.capacity, shrink)
+        with txn(conn):  # a new index: no map follows its log yet (a new epoch)
+            rows.prune_changes(conn, 0)
         self.index_rebuilds += 1
         self._count_damage(counts["corrupt"])
         self.last_rebuild = counts
@@ -244,6 +264,10 @@ class TierCore(StatsFlush):
             return True
 
     def _might_contain(self, key: str) -> bool:
+        if self._keydir is not None:
+            located = self._keydir.find(hash_of(key))
+            if located is ABSENT or isinstance(located, Location):
+                return located is not ABSENT
         found = self._lookup(key) if self._lookup_first else _NO_INDEX
         if found == _NO_INDEX:
             hexdigest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
@@ -255,6 +279,7 @@ class TierCore(StatsFlush):
         cannot be read now."""
         if not rows.sql_safe(key):
             return None  # no stored key holds a lone surrogate
+        self.index_lookups += 1
         try:
             # on the read connection: a hit does not queue behind a flush, fill or eviction
             found: Found | None = self._index.query(
@@ -306,6 +331,17 @@ class TierCore(StatsFlush):
         t = time.time() if now is None else now
         if not self._lookup_first:
             return self._get_file(key, KINDS, t)  # no segments here: files alone, no SQL
+        if self._keydir is not None:
+            key_bytes = key.encode("utf-8", "surrogatepass")
+            key_digest = hashlib.sha256(key_bytes).digest()
+            located = self._keydir.find(key_hash(key_digest))
+            if located is ABSENT:
+                return None
+            if isinstance(located, Location):
+                entry = self._get_located(key, key_bytes, key_digest, located, t)
+                if not isinstance(entry, str):
+                    return entry
+                self._keydir.forget(key_hash(key_digest))
         found = self._lookup(key)
         if found == _NO_INDEX:
             return self._get_file(key, KINDS, t)  # self-checking files serve without the index
@@ -325,6 +361,35 @@ class TierCore(StatsFlush):
                     return None
                 found = again
         return None
+
+    def _get_located(
+        self, key: str, key_bytes: bytes, key_digest: bytes, at: Location, t: float
+    ) -> DiskEntry | str | None:
+        """Read the entry where the location map says it is; :data:`_MISPLACED` if the
+        record there is not the key's (the index then decides: a collision, or the record
+        moved or died after the map's answer; never damage on the map's word)."""
+        if at.segment is None:
+            return self._get_file(key, (at.kind,), t)  # the file proves itself
+        try:
+            fd = self._fds.acquire(at.segment)
+        except FileNotFoundError:
+            return _MISPLACED  # compacted away since the answer
+        try:
+            problem, header, payload = read_record(fd, at.offset, at.length, key_digest, key_bytes)
+        except OSError as exc:
+            self._warn.error(exc, f"reading segment {at.segment}")
+            return None
+        finally:
+            self._fds.release(fd)
+        if problem is not None or header is None:
+            return _MISPLACED
+        if header.expires < t:
+            self._drop_row(key, at.segment, at.offset, None, expired=True)
+            return None
+        if self._access.record(key, t):
+            self._flusher.poke()  # the index write happens off the hit path
+        expires = None if math.isinf(header.expires) else header.expires
+        return DiskEntry(payload, at.kind, expires, header.namespace.decode("utf-8", "replace"))
 
     def _get_record(self, key: str, found: Found, t: float) -> DiskEntry | None:
         """Read the record of row ``found``; FileNotFoundError if its segment is gone."""
@@ -367,16 +432,17 @@ class TierCore(StatsFlush):
         return DiskEntry(payload, kind, expires, header.namespace.decode("utf-8", "replace"))
 
     def _drop_row(
-        self, key: str, segment: str, offset: int | None, token: int, *, expired: bool
+        self, key: str, segment: str, offset: int | None, token: int | None, *, expired: bool
     ) -> None:
-        """Delete the row of ``key`` if it still points to the record that was read."""
+        """Delete the row of ``key`` if it still points to the record that was read (a new
+        record always has a new offset: ``token`` None is not checked)."""
 
         def drop(conn: sqlite3.Connection) -> None:
             with txn(conn):
                 cur = conn.execute(
-                    "DELETE FROM entries WHERE key = ? AND token = ? AND segment = ? "
-                    "AND offset = ?",
-                    (key, token, segment, offset),
+                    "DELETE FROM entries WHERE key = ? AND (? IS NULL OR token = ?) "
+                    "AND segment = ? AND offset = ?",
+                    (key, token, token, segment, offset),
                 )
                 if expired and cur.rowcount:
                     self.expirations += 1

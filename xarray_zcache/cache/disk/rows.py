@@ -27,6 +27,9 @@ logger = logging.getLogger("xarray_zcache.disk")
 
 #: A ``horizon`` (see ``prune``) further in the future than this is damage: reset it.
 HORIZON_SLACK_NS: Final = 86_400 * 10**9
+#: The change log (:mod:`.keydir`) keeps this many of its latest changes when pruned: a
+#: process whose location map is further behind rebuilds it from the rows.
+CHANGES_KEPT: Final = 100_000
 
 UPSERT: Final = """
 INSERT INTO entries(key, namespace, kind, size, created, last_access, hits, expires, checksum,
@@ -140,6 +143,21 @@ def prune(conn: sqlite3.Connection, older_than_s: float) -> None:
     conn.execute("DELETE FROM tombstones WHERE at < ?", (cutoff,))
     conn.execute("DELETE FROM prefix_tombstones WHERE at < ?", (cutoff,))
     conn.execute("UPDATE totals SET horizon = MAX(horizon, ?) WHERE id = 0", (cutoff,))
+    prune_changes(conn, CHANGES_KEPT)
+
+
+def prune_changes(conn: sqlite3.Connection, keep: int) -> None:
+    """Delete all but the latest ``keep`` changes of the change log (``changes_state.pruned``
+    then says up to where: a location map behind it cannot catch up, see :mod:`.keydir`)."""
+    top = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
+    if top is None:
+        return
+    cutoff = int(top[0]) - keep
+    pruned = conn.execute("SELECT pruned FROM changes_state WHERE id = 0").fetchone()
+    if pruned is None or cutoff <= pruned[0]:
+        return
+    conn.execute("DELETE FROM changes WHERE seq <= ?", (cutoff,))
+    conn.execute("UPDATE changes_state SET pruned = ? WHERE id = 0", (cutoff,))
 
 
 def unlink_key_files(root: str, key: str) -> None:

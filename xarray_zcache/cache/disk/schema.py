@@ -18,8 +18,13 @@ INDEX_SIDE_FILES: Final = ("-wal", "-shm")
 #: Lock file serializing the opening, rebuilding and replacing of ``index.db`` across processes.
 LOCK_NAME: Final = "index.db.lock"
 #: 2: payload format 2; 3: segment files (columns added in place); 4: ``entries`` is a
-#: ``WITHOUT ROWID`` table (table rebuilt in place, :data:`MIGRATE_4`)
-SCHEMA_VERSION: Final = 4
+#: ``WITHOUT ROWID`` table (table rebuilt in place, :data:`MIGRATE_4`); 5: the change log
+#: (:data:`_CHANGE_LOG`, added in place; versions from 4 on may go on writing, see
+#: :data:`COMPAT_TABLE`)
+SCHEMA_VERSION: Final = 5
+#: The oldest schema whose writers may use an index of this one (:data:`COMPAT_TABLE`):
+#: schema 5 only adds tables and triggers, which log a schema-4 writer's changes too.
+OLDEST_WRITER: Final = 4
 #: The table by which a newer version says which older ones may still use its index: one row,
 #: ``oldest_writer``, the lowest schema version whose statements stay valid on it (its
 #: additions, triggers included, keep their own rules for our writes). A version at least
@@ -108,6 +113,53 @@ BEGIN
     UPDATE entries SET segment = NULL, offset = NULL WHERE key = NEW.key;
 END;
 """
+#: Bytes of the record of entries row ``{r}`` as :func:`.segments.record_length` counts them
+#: (a namespace longer than 65,535 bytes is not recorded).
+_RECORD_LENGTH: Final = (
+    "(72 + length(CAST({r}.key AS BLOB)) + (CASE WHEN length(CAST({r}.namespace AS BLOB)) "
+    "<= 65535 THEN length(CAST({r}.namespace AS BLOB)) ELSE 0 END) + {r}.size)"
+)
+_LOGGED: Final = "INSERT INTO changes(key, kind, segment, offset, length)"
+
+#: Schema 5: the change log, read by the location map of every process (:mod:`.keydir`).
+#: Triggers on ``entries`` append, for every row inserted, deleted, or moved or replaced,
+#: where the key's record now is (``kind`` NULL: the key has no row any more), whichever
+#: writer made the change (this version, or an older one that :data:`COMPAT_TABLE` admits,
+#: which knows nothing of the log). ``seq`` grows in commit order (writers are serialized);
+#: ``changes_state.pruned``: changes up to it were deleted (a map behind it is rebuilt);
+#: ``epoch``: made anew with each index, so that a map never applies another index's log.
+#: Access statistics (``last_access``, ``hits``) are not logged.
+_CHANGE_LOG: Final = f"""
+CREATE TABLE IF NOT EXISTS {COMPAT_TABLE}(oldest_writer INTEGER NOT NULL);
+INSERT INTO {COMPAT_TABLE}(oldest_writer) SELECT {OLDEST_WRITER}
+WHERE NOT EXISTS (SELECT 1 FROM {COMPAT_TABLE});
+CREATE TABLE IF NOT EXISTS changes(
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    key TEXT NOT NULL,
+    kind TEXT NULL,
+    segment TEXT NULL,
+    offset INTEGER NULL,
+    length INTEGER NULL
+);
+CREATE TABLE IF NOT EXISTS changes_state(
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    epoch TEXT NOT NULL,
+    pruned INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO changes_state(id, epoch, pruned) VALUES (0, lower(hex(randomblob(16))), 0);
+CREATE TRIGGER IF NOT EXISTS changes_after_insert AFTER INSERT ON entries BEGIN
+    {_LOGGED} VALUES (NEW.key, NEW.kind, NEW.segment, NEW.offset, {_RECORD_LENGTH.format(r="NEW")});
+END;
+CREATE TRIGGER IF NOT EXISTS changes_after_delete AFTER DELETE ON entries BEGIN
+    {_LOGGED} VALUES (OLD.key, NULL, NULL, NULL, NULL);
+END;
+CREATE TRIGGER IF NOT EXISTS changes_after_update
+AFTER UPDATE OF key, namespace, kind, size, token, segment, offset ON entries BEGIN
+    {_LOGGED} SELECT OLD.key, NULL, NULL, NULL, NULL WHERE OLD.key != NEW.key;
+    {_LOGGED} VALUES (NEW.key, NEW.kind, NEW.segment, NEW.offset, {_RECORD_LENGTH.format(r="NEW")});
+END;
+"""
+
 #: Schema 2 -> 3, in place (``ALTER TABLE``: nothing is lost).
 MIGRATE_3: Final = f"""
 ALTER TABLE entries ADD COLUMN segment TEXT NULL;
@@ -303,13 +355,21 @@ _EXPECTED: list[list[tuple[str, str, str, str | None]]] = []
 
 def create_statements() -> list[str]:
     """The statements creating a new index of schema :data:`SCHEMA_VERSION`."""
-    return split_sql(_ENTRIES_4) + split_sql(SCHEMA) + split_sql(_SEGMENT_OBJECTS)
+    return (
+        split_sql(_ENTRIES_4)
+        + split_sql(SCHEMA)
+        + split_sql(_SEGMENT_OBJECTS)
+        + split_sql(_CHANGE_LOG)
+    )
 
 
 def migrate_statements(version: int) -> list[str]:
-    """The statements bringing an index of schema ``version`` (2 or 3) to the current one."""
+    """The statements bringing an index of schema ``version`` (2, 3 or 4) to the current one
+    (schema 4 -> 5 only adds: :data:`_CHANGE_LOG`)."""
     steps = split_sql(MIGRATE_3) if version == 2 else []
-    return steps + split_sql(MIGRATE_4) + split_sql(SCHEMA) + split_sql(_SEGMENT_OBJECTS)
+    if version < 4:
+        steps += split_sql(MIGRATE_4) + split_sql(SCHEMA) + split_sql(_SEGMENT_OBJECTS)
+    return steps + split_sql(_CHANGE_LOG)
 
 
 def expected_schema() -> list[tuple[str, str, str, str | None]]:
@@ -406,7 +466,7 @@ def connect(db_path: str, cache_bytes: int = INDEX_CACHE_BYTES) -> tuple[sqlite3
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 refuse_newer(conn, db_path, version)  # or use it as it is
-            elif version in (2, 3):  # the same payload files: migrate in place
+            elif version in (2, 3, 4):  # the same payload files: migrate in place
                 for statement in migrate_statements(version):
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")

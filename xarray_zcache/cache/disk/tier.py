@@ -331,6 +331,8 @@ class DiskTier(TierFills, TierInspection):
             if self._owed_keys or self._owed_prefixes:
                 with contextlib.suppress(OSError, sqlite3.Error, RuntimeError):
                     self._settle_owed_locked(self._index.require())
+            if self._keydir is not None:
+                self._keydir.close()  # the hint file for the next open (after the settling)
             self._index.close_locked()
 
     def abandon(self) -> None:
@@ -342,6 +344,8 @@ class DiskTier(TierFills, TierInspection):
         self._flusher.stop()
         self._segments.close()
         self._fds.close()
+        if self._keydir is not None:
+            self._keydir.close(save=False)
         with self._index.lock:
             if self._closed:
                 return

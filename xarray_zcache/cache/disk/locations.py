@@ -1,0 +1,33 @@
+"""What the location map (:mod:`.keydir`) answers, without NumPy (which it loads): the read
+path imports this alone."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Final
+
+#: The map cannot answer for the key: ask the index.
+ASK: Final = "ask"
+#: The index holds no row for the key.
+ABSENT: Final = "absent"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Location:
+    """Where an entry's bytes are: a record (``segment``, ``offset``, ``length``: the whole
+    record) or, with ``segment`` None, the payload file of ``kind``."""
+
+    kind: str
+    segment: str | None
+    offset: int
+    length: int
+
+
+def key_hash(digest: bytes) -> int:
+    """The map's key: the first 8 bytes of the key's SHA-256 ``digest``."""
+    return int.from_bytes(digest[:8], "little")
+
+
+def hash_of(key: str) -> int:
+    return key_hash(hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest())
