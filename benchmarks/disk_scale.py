@@ -253,18 +253,27 @@ import sys, time
 t0 = time.perf_counter()
 from xarray_zcache.cache.disk import DiskTier
 t1 = time.perf_counter()
-tier = DiskTier(sys.argv[1], int(sys.argv[2]))
+tier = DiskTier(sys.argv[1], int(sys.argv[2]), location_map=sys.argv[3] == "1")
 t2 = time.perf_counter()
 n = len(tier)
 t3 = time.perf_counter()
+kd = tier._keydir
+source = "none" if kd is None else "hint" if kd.ready else "rows"
+if kd is not None and kd._building is not None:
+    kd._building.join()  # built from the rows, in the background: how long it takes
+t4 = time.perf_counter()
+mapped = 0 if kd is None else kd.nbytes
 tier.close()
-print(t2 - t1, t3 - t2, n, t1 - t0)
+print(t2 - t1, t3 - t2, n, t1 - t0, source, t4 - t1, mapped)
 """
 
 
-def open_in_new_process(path: str, capacity: int) -> dict[str, float]:
+def open_in_new_process(path: str, capacity: int, location_map: bool = True) -> dict[str, Any]:
+    """Open the folder in a new process: open time, and where its location map came from
+    (``hint``: the hint file, at open; ``rows``: built from the index in the background,
+    ``mapped_s`` after the start of the open)."""
     out = subprocess.run(
-        [sys.executable, "-c", OPEN_SNIPPET, path, str(capacity)],
+        [sys.executable, "-c", OPEN_SNIPPET, path, str(capacity), "1" if location_map else "0"],
         check=True,
         capture_output=True,
         text=True,
@@ -275,7 +284,22 @@ def open_in_new_process(path: str, capacity: int) -> dict[str, float]:
         "len_s": float(out[1]),
         "entries": int(out[2]),
         "import_s": float(out[3]),
+        "map_from": out[4],
+        "mapped_s": float(out[5]),
+        "map_bytes": int(out[6]),
     }
+
+
+def map_from_rows(path: str, capacity: int) -> dict[str, Any]:
+    """Open with the hint file set aside: the map is built from the index's rows."""
+    from xarray_zcache.cache.disk.hint import hint_path
+
+    aside = hint_path(path) + ".aside"
+    os.replace(hint_path(path), aside)
+    try:
+        return open_in_new_process(path, capacity)
+    finally:
+        os.replace(aside, hint_path(path))
 
 
 def fill(
@@ -385,10 +409,17 @@ def run_size(n: int, args: argparse.Namespace, dev: str | None) -> dict[str, Any
     paths = locations(path, sample)
 
     # a new process opens the folder (page cache warm: the fill just wrote it)
+    mapping = not args.no_location_map
+    res["location_map"] = mapping
     res["open_warm"] = min(
-        (open_in_new_process(path, capacity) for _ in range(3)), key=lambda r: r["open_s"]
+        (open_in_new_process(path, capacity, mapping) for _ in range(3)),
+        key=lambda r: r["open_s"],
     )
-    tier_kw = {"index_cache_bytes": args.index_cache_mib << 20} if args.index_cache_mib else {}
+    if mapping:
+        res["map_from_rows"] = map_from_rows(path, capacity)
+    tier_kw: dict[str, Any] = {"location_map": mapping}
+    if args.index_cache_mib:
+        tier_kw["index_cache_bytes"] = args.index_cache_mib << 20
     res["index_cache_mib"] = args.index_cache_mib
     tier = DiskTier(path, capacity, **tier_kw)
     reads = []
@@ -444,7 +475,7 @@ def run_size(n: int, args: argparse.Namespace, dev: str | None) -> dict[str, Any
 
     if args.cold_all and can_drop_caches():
         drop_caches()
-        res["open_cold"] = open_in_new_process(path, capacity)
+        res["open_cold"] = open_in_new_process(path, capacity, mapping)
 
     # eviction: evict() of 1 % of the bytes, then one put into a full tier
     tier = DiskTier(path, capacity)
@@ -482,6 +513,15 @@ def fmt(x: float, unit: str = "") -> str:
 
 def _mode(r: dict[str, Any], mode: str) -> dict[str, Any] | None:
     return next((m for m in r["reads"] if m["mode"] == mode), None)
+
+
+def _rows_map(r: dict[str, Any]) -> str:
+    built = r.get("map_from_rows")
+    return (
+        "—"
+        if built is None
+        else fmt(built["mapped_s"], "s") + " (open " + fmt(built["open_s"], "s") + ")"
+    )
 
 
 def summary(results: list[dict[str, Any]]) -> str:
@@ -541,8 +581,9 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "",
         "| entries | fill (entries/s) | filesystem alone (files/s) | index B/entry "
         "| largest dir (files) | open, new process (warm / cold) | evict 1 % "
-        "| put into a full tier (evicts) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| put into a full tier (evicts) | location map: from | map MiB "
+        "| map from the rows (no hint) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for r in results:
         cold = r.get("open_cold")
@@ -555,7 +596,9 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
             f"| {r['index_bytes_per_entry']:,.0f} "
             f"| {r['largest_dir_files']:,} | {opened} "
             f"| {fmt(r['evict_1pct_s'], 's')} ({r['evict_1pct_entries']:,}) "
-            f"| {fmt(r['put_when_full_s'], 's')} ({r['put_when_full_evicted']:,}) |"
+            f"| {fmt(r['put_when_full_s'], 's')} ({r['put_when_full_evicted']:,}) "
+            f"| {r['open_warm']['map_from']} | {r['open_warm']['map_bytes'] / 2**20:,.1f} "
+            f"| {_rows_map(r)} |"
         )
     lines += [
         "",
@@ -596,6 +639,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", type=int, default=1024, help="payload bytes per entry")
     p.add_argument("--reads", type=int, default=2000, help="random keys per read pass")
     p.add_argument("--dir", default="/tmp/zcache-disk-scale", help="scratch folder")
+    p.add_argument(
+        "--no-location-map",
+        action="store_true",
+        help="tiers that read look every hit up in the index (DiskTier(location_map=False))",
+    )
     p.add_argument(
         "--no-cold-all",
         dest="cold_all",

@@ -39,6 +39,8 @@ ROOT_FILES = {
     "index.db-wal",
     "index.db-shm",
     "index.db.lock",
+    # the location map's hint file (cache/disk/hint.py): key hashes, never keys
+    "index.keydir",
     "settings.json",
     # the version book of validation (cache/versions.py)
     "versions.db",

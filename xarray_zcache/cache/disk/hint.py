@@ -117,9 +117,9 @@ class Hint:
 
     epoch: str
     seq: int
-    #: change ``seq`` as the log held it (key, kind, segment, offset, length), or None: what
-    #: proves, at the next open, that the index has not gone back to an older state since
-    last: list[object] | None
+    #: a digest of change ``seq`` as the log held it, or None: what proves, at the next
+    #: open, that the index has not gone back to an older state since (and gone on)
+    last: str | None
     segments: list[str]
     arrays: Arrays
 
@@ -214,6 +214,6 @@ def _parse(data: bytes) -> Hint | None:
     ):
         return None
     last = header["last"]
-    if last is not None and not isinstance(last, list):
+    if last is not None and not isinstance(last, str):
         return None
     return Hint(header["epoch"], header["seq"], last, names, arrays)

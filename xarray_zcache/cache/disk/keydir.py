@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -92,6 +94,9 @@ class KeyDir:
         self._ready = False
         self._closed = False
         self._building: threading.Thread | None = None
+        #: changes whenever changes are applied, or the map is dropped or installed
+        self._generation = 0
+        self._pid = os.getpid()
         self._retry_at = 0.0
         self._saved: tuple[str, int] | None = None
         #: answers given (a location or absent), and reads sent to the index (ask)
@@ -113,6 +118,8 @@ class KeyDir:
             return found
 
     def _find_locked(self, h: int) -> Location | str:
+        if os.getpid() != self._pid:
+            return ASK  # a fork()ed child: the connection is the parent's
         if not self._ready:
             self._start_build_locked()
             return ASK
@@ -122,7 +129,7 @@ class KeyDir:
         if change is not None:
             return change
         a = self._arrays
-        i = int(np.searchsorted(a.hashes, h))
+        i = int(a.hashes.searchsorted(np.uint64(h)))  # (a Python int would cast the array)
         if i == len(a.hashes) or int(a.hashes[i]) != h:
             return ABSENT
         code = int(a.kinds[i])
@@ -135,6 +142,18 @@ class KeyDir:
             int(a.offsets[i]),
             int(a.lengths[i]),
         )
+
+    def mark(self) -> int:
+        """A mark to give :meth:`learn`, taken before asking the index."""
+        return self._generation
+
+    def learn(self, h: int, mark: int, found: Location | str) -> None:
+        """What the index said of ``h`` (a location, or :data:`ABSENT`), asked after
+        :meth:`mark` gave ``mark``: kept unless the map changed since (a change applied
+        meanwhile may be newer than the index's answer; one applied later overrides it)."""
+        with self._lock:
+            if self._ready and self._generation == mark:
+                self._changes[h] = found
 
     def forget(self, h: int) -> None:
         """The location given for ``h`` did not hold the key's record: ask the index for it
@@ -154,6 +173,8 @@ class KeyDir:
     def _sync_locked(self) -> bool:
         """Bring the map up to the index's last commit; False (map dropped) if it cannot."""
         conn = self._conn
+        if os.getpid() != self._pid:
+            return False
         try:
             if conn is None or file_id(self._db_path) != self._db_id:
                 raise _Drop("the index was replaced")
@@ -182,6 +203,8 @@ class KeyDir:
         for seq, key, kind, segment, offset, length in logged:
             self._changes[hash_of(key)] = _location(kind, segment, offset, length)
             self._seq = seq
+        if logged:
+            self._generation += 1
         if len(self._changes) > max(_MERGE_AT, len(self._arrays.hashes) >> 3):
             self._merge_locked()
 
@@ -216,6 +239,7 @@ class KeyDir:
         if self._ready:
             logger.debug("disk cache %s: location map dropped (%s)", self._root, why)
         self._ready = False
+        self._generation += 1
         self._arrays = hint.Arrays.empty()
         self._segments, self._segment_ids = [], {}
         self._changes.clear()
@@ -224,7 +248,7 @@ class KeyDir:
 
     def _close_conn_locked(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None:
+        if conn is not None and os.getpid() == self._pid:  # (not the parent's, in a child)
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
 
@@ -302,6 +326,7 @@ class KeyDir:
         self._changes.clear()
         self._version = None  # the first answer applies what was logged since
         self._ready = True
+        self._generation += 1
 
     def _start_build_locked(self) -> None:
         if self._closed or self._building is not None or time.monotonic() < self._retry_at:
@@ -444,12 +469,12 @@ def _top(conn: sqlite3.Connection) -> int:
     return 0 if row is None else int(row[0])
 
 
-def _change(conn: sqlite3.Connection, seq: int) -> list[object] | None:
-    """Change ``seq`` as logged (None: not in the log, or 0)."""
+def _change(conn: sqlite3.Connection, seq: int) -> str | None:
+    """A digest of change ``seq`` as logged (None: not in the log, or 0)."""
     row = conn.execute(
         "SELECT key, kind, segment, offset, length FROM changes WHERE seq = ?", (seq,)
     ).fetchone()
-    return None if row is None else list(row)
+    return None if row is None else hashlib.sha256(repr(tuple(row)).encode()).hexdigest()
 
 
 def _connect(db_path: str) -> tuple[sqlite3.Connection, tuple[int, int] | None]:

@@ -82,6 +82,16 @@ _NO_INDEX: Final = "no index"
 _MISPLACED: Final = "misplaced"
 
 
+def _located(key: bytes, found: Found | str | None) -> Location | str:
+    """What a lookup's row says of where the entry is, for the location map."""
+    if not isinstance(found, tuple):
+        return ABSENT
+    kind, segment, offset, size, namespace, _token = found
+    if segment is None:
+        return Location(kind, None, 0, 0)
+    return Location(kind, segment, offset or 0, record_length(key, namespace.encode(), size))
+
+
 class TierCore(StatsFlush):
     """State, reads and access statistics of a :class:`~.tier.DiskTier` (see there)."""
 
@@ -342,7 +352,12 @@ class TierCore(StatsFlush):
                 if not isinstance(entry, str):
                     return entry
                 self._keydir.forget(key_hash(key_digest))
-        found = self._lookup(key)
+            mark = self._keydir.mark()
+            found = self._lookup(key)
+            if found != _NO_INDEX and rows.sql_safe(key):
+                self._keydir.learn(key_hash(key_digest), mark, _located(key_bytes, found))
+        else:
+            found = self._lookup(key)
         if found == _NO_INDEX:
             return self._get_file(key, KINDS, t)  # self-checking files serve without the index
         for attempt in (0, 1):

@@ -1,0 +1,382 @@
+"""The location map (issue 19, item 4: one device read per hit, also after a restart).
+
+Each test tries to make the map serve bytes the index no longer promises: another process
+or an older version changing rows (records left intact on disk), a hint file that is old,
+damaged, forged or another index's, an index gone back in time or replaced, compaction
+moving records, threads writing while others read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import sqlite3
+import stat
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from xarray_zcache.cache.disk import DiskTier, Fill, hint, rows, schema
+from xarray_zcache.cache.disk.locations import hash_of
+from xarray_zcache.cache.disk.segments import SEGMENT_THRESHOLD
+
+KEYS = [f"ns/v/c/{i}" for i in range(200)]
+
+
+def _value(key: str, tag: str = "v1") -> bytes:
+    return f"<{key}|{tag}>".encode() * 20
+
+
+def _tier(path: pathlib.Path, capacity: int = 1 << 30) -> DiskTier:
+    return DiskTier(path, capacity, segment_threshold=SEGMENT_THRESHOLD)
+
+
+def _filled(path: pathlib.Path, keys: list[str] = KEYS) -> None:
+    with _tier(path) as t:
+        assert all(t.put_many([Fill(k, _value(k), namespace="ns") for k in keys]))
+
+
+def _in_another_process(path: pathlib.Path, code: str) -> None:
+    """Run ``code`` with ``t``, a tier on ``path``, in a new Python process."""
+    script = (
+        "import sys\n"
+        "from xarray_zcache.cache.disk import DiskTier, Fill\n"
+        f"t = DiskTier({str(path)!r}, 1 << 30)\n"
+        f"{code}\n"
+        "t.close()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=120)
+
+
+def _sql(path: pathlib.Path, *statements: tuple[str, tuple[object, ...]]) -> None:
+    """Change the index as a writer that knows nothing of the change log would (an older
+    version the schema admits): plain SQL, records left as they are on disk."""
+    with contextlib.closing(sqlite3.connect(path / "index.db", isolation_level=None)) as conn:
+        conn.execute("BEGIN IMMEDIATE")
+        for sql, args in statements:
+            conn.execute(sql, args)
+        conn.execute("COMMIT")
+
+
+def test_a_hit_after_a_restart_reads_no_index_page(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "c"
+    _filled(path)
+    assert (path / hint.HINT_NAME).exists()
+    with _tier(path) as t:
+        assert t._keydir is not None and t._keydir.ready  # from the hint, at open
+        for k in KEYS:
+            assert t.get(k) == _value(k)
+        assert t.get("ns/v/c/absent") is None and not t.might_contain("ns/v/c/absent")
+        assert t.might_contain(KEYS[0])
+        assert t.index_lookups == 0  # every answer from the map: no B-tree descent
+        assert t._keydir.answered == len(KEYS) + 3
+
+
+def test_the_hint_file_is_private_and_holds_no_pickle(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "c"
+    _filled(path)
+    hint_file = path / hint.HINT_NAME
+    assert stat.S_IMODE(hint_file.stat().st_mode) == 0o600
+    data = hint_file.read_bytes()
+    assert data.startswith(b"zcache-keydir") and b"\x80\x04\x95" not in data[:64]
+    for k in KEYS:  # keys are hashed: none is in the file
+        assert k.encode() not in data
+
+
+def test_another_process_changing_entries_is_seen_at_once(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "c"
+    _filled(path)
+    with _tier(path) as t:
+        assert t.get(KEYS[0]) == _value(KEYS[0])  # the map holds them all
+        _in_another_process(
+            path,
+            f"t.put({KEYS[0]!r}, b'v2 from the other process', namespace='ns')\n"
+            f"t.delete({KEYS[1]!r})\n"
+            f"t.delete_prefix('ns/v/c/19')\n"
+            f"t.put('ns/v/c/new', b'new', namespace='ns')",
+        )
+        assert t.get(KEYS[0]) == b"v2 from the other process"
+        assert t.get(KEYS[1]) is None
+        assert all(t.get(f"ns/v/c/19{i}") is None for i in range(10))
+        assert t.get("ns/v/c/19") is None
+        assert t.get("ns/v/c/new") == b"new"
+        assert t.get(KEYS[2]) == _value(KEYS[2])
+
+
+def test_an_older_writer_that_knows_nothing_of_the_log_is_followed(
+    tmp_path: pathlib.Path,
+) -> None:
+    """Rows deleted or moved by plain SQL (records untouched on disk, still intact and still
+    the key's): the triggers log them, and the map never serves those records again."""
+    path = tmp_path / "c"
+    _filled(path)
+    with _tier(path) as t:
+        assert t.get(KEYS[3]) == _value(KEYS[3]) and t.get(KEYS[4]) == _value(KEYS[4])
+        seg, off = t._conn.execute(  # type: ignore[union-attr]
+            "SELECT segment, offset FROM entries WHERE key = ?", (KEYS[5],)
+        ).fetchone()
+        _sql(
+            path,
+            ("DELETE FROM entries WHERE key = ?", (KEYS[3],)),
+            # KEYS[4] now "is" at KEYS[5]'s record: the read must find that out
+            (
+                "UPDATE entries SET segment = ?, offset = ?, token = token + 1 WHERE key = ?",
+                (seg, off, KEYS[4]),
+            ),
+        )
+        assert t.get(KEYS[3]) is None  # the record is still on disk, intact: not served
+        assert t.get(KEYS[4]) is None  # the row points to another key's record: a miss
+        assert t.get(KEYS[5]) == _value(KEYS[5])
+        assert t.corruptions == 0 or t.get(KEYS[4]) is None
+
+
+def test_a_hint_left_behind_by_later_changes_is_brought_up_to_date(
+    tmp_path: pathlib.Path,
+) -> None:
+    path = tmp_path / "c"
+    _filled(path)  # the hint: as of the fill
+    _in_another_process(  # this process writes no hint of its own
+        path,
+        f"t.put({KEYS[0]!r}, b'changed', namespace='ns')\n"
+        f"t.delete({KEYS[1]!r})\n"
+        "t._keydir.close(save=False); t._keydir = None",
+    )
+    _sql(path, ("DELETE FROM entries WHERE key = ?", (KEYS[2],)))
+    with _tier(path) as t:
+        assert t._keydir is not None and t._keydir.ready
+        assert t.get(KEYS[0]) == b"changed"
+        assert t.get(KEYS[1]) is None and t.get(KEYS[2]) is None
+        assert all(t.get(k) == _value(k) for k in KEYS[3:])
+        assert t.index_lookups == 0
+
+
+def test_a_hint_older_than_the_pruned_log_is_not_used(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "c"
+    _filled(path)
+    old_hint = (path / hint.HINT_NAME).read_bytes()
+    with _tier(path) as t:
+        assert t.put(KEYS[0], b"changed", namespace="ns")
+        t.delete(KEYS[1])
+        conn = t._conn
+        assert conn is not None
+        with schema.txn(conn):
+            rows.prune_changes(conn, 0)  # the changes since the old hint are gone
+    (path / hint.HINT_NAME).write_bytes(old_hint)
+    with _tier(path) as t:
+        assert t.get(KEYS[0]) == b"changed" and t.get(KEYS[1]) is None
+        assert all(t.get(k) == _value(k) for k in KEYS[2:])
+        assert t._keydir is not None and t._keydir.builds == 1  # from the rows, not the hint
+
+
+@pytest.mark.parametrize(
+    "damage", ["flip a byte", "truncate", "garbage", "empty", "another folder's"]
+)
+def test_a_damaged_or_foreign_hint_is_not_used(tmp_path: pathlib.Path, damage: str) -> None:
+    path = tmp_path / "c"
+    _filled(path)
+    hint_file = path / hint.HINT_NAME
+    data = hint_file.read_bytes()
+    if damage == "flip a byte":
+        data = data[:-100] + bytes([data[-100] ^ 0x40]) + data[-99:]
+    elif damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "garbage":
+        data = os.urandom(len(data))
+    elif damage == "empty":
+        data = b""
+    else:  # a hint from another cache folder of the same keys (another index, other places)
+        other = tmp_path / "other"
+        _filled(other, list(reversed(KEYS)))
+        data = (other / hint.HINT_NAME).read_bytes()
+    hint_file.write_bytes(data)
+    with _tier(path) as t:
+        assert all(t.get(k) == _value(k) for k in KEYS)
+        assert t.corruptions == 0 and t._keydir is not None and t._keydir.builds == 1
+
+
+def test_a_forged_hint_pointing_elsewhere_never_serves_other_bytes(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A hint that checks out (CRC, order, epoch, last change) but whose locations are
+    another key's: every read is checked against its key, falls back to the index, and
+    nothing is dropped as damaged."""
+    path = tmp_path / "c"
+    _filled(path)
+    loaded = hint.read(str(path))
+    assert loaded is not None
+    a = loaded.arrays
+    shifted = type(a)(a.hashes, a.kinds, a.segments, a.offsets[::-1].copy(), a.lengths)
+    hint.write(
+        str(path), hint.Hint(loaded.epoch, loaded.seq, loaded.last, loaded.segments, shifted)
+    )
+    with _tier(path) as t:
+        assert t._keydir is not None and t._keydir.ready
+        assert all(t.get(k) == _value(k) for k in KEYS)
+        assert t.corruptions == 0 and len(t) == len(KEYS)
+        assert t.index_lookups == len(KEYS)  # each misplaced: asked, not misread
+        before = t.index_lookups
+        assert all(t.get(k) == _value(k) for k in KEYS)
+        assert t.index_lookups == before  # learnt from the index's answers
+
+
+def test_an_index_gone_back_in_time_refuses_the_newer_hint(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "c"
+    old = tmp_path / "old.db"
+    with _tier(path) as t:
+        assert all(t.put_many([Fill(k, _value(k), namespace="ns") for k in KEYS[:50]]))
+        with contextlib.closing(sqlite3.connect(old)) as dst:
+            assert t._conn is not None
+            t._conn.backup(dst)
+        for k in KEYS[:10]:
+            assert t.put(k, _value(k, "v2"), namespace="ns")
+    for suffix in ("-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{path}/index.db{suffix}")
+    os.replace(old, path / "index.db")
+    # and the old state goes on, to as many changes as the hint had seen, differently
+    with contextlib.closing(sqlite3.connect(path / "index.db", isolation_level=None)) as conn:
+        for k in KEYS[10:20]:
+            conn.execute("DELETE FROM entries WHERE key = ?", (k,))
+    with _tier(path) as t:
+        for k in KEYS[:10]:
+            assert t.get(k) is None  # the old rows' records were killed when replaced
+        assert all(t.get(k) is None for k in KEYS[10:20])
+        assert all(t.get(k) == _value(k) for k in KEYS[20:50])
+        assert t._keydir is not None and t._keydir.builds == 1
+
+
+def test_an_index_replaced_under_a_running_map_is_followed(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "c"
+    _filled(path)
+    with _tier(path) as t, _tier(path) as other:
+        assert t.get(KEYS[0]) == _value(KEYS[0])
+        other.rebuild_index()  # a new index file (a new epoch); records are misses then
+        assert other.put(KEYS[0], b"after the rebuild", namespace="ns")
+        assert t.get(KEYS[0]) == b"after the rebuild"
+        assert t.get(KEYS[1]) in (None, _value(KEYS[1]))
+
+
+def test_compaction_moves_records_and_the_map_follows(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "c"
+    _filled(path)
+    with _tier(path) as t:
+        for k in KEYS[::2]:
+            t.delete(k)
+        t._segments.close()  # sealed: compaction may take it
+        assert t.compact() > 0
+        lookups = t.index_lookups
+        assert all(t.get(k) is None for k in KEYS[::2])
+        assert all(t.get(k) == _value(k) for k in KEYS[1::2])
+        assert t.index_lookups == lookups  # the moves came through the log
+
+
+def test_readers_never_see_another_keys_bytes_or_go_back_in_time(
+    tmp_path: pathlib.Path,
+) -> None:
+    """Writers overwrite and delete while readers read through the map: each read is the
+    key's own value, and never older than one the same reader saw before."""
+    path = tmp_path / "c"
+    keys = KEYS[:20]
+    _filled(path, keys)
+    stop = threading.Event()
+    errors: list[str] = []
+    with _tier(path) as t, _tier(path) as writer:
+
+        def write() -> None:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                for k in keys:
+                    if n % 7 == 0 and k.endswith("3"):
+                        writer.delete(k)
+                    else:
+                        writer.put(k, f"<{k}|{n:08d}>".encode() * 10, namespace="ns")
+
+        def read() -> None:
+            seen: dict[str, int] = {}
+            for _ in range(300):
+                for k in keys:
+                    got = t.get(k)
+                    if got is None or got == _value(k):
+                        continue
+                    head = got[: got.index(b">") + 1].decode()
+                    key, n = head[1:-1].split("|")
+                    if key != k or got != head.encode() * 10:
+                        errors.append(f"{k}: {got[:40]!r}")
+                    elif int(n) < seen.get(k, 0):
+                        errors.append(f"{k}: {n} after {seen[k]}")
+                    seen[k] = int(n)
+
+        threads = [threading.Thread(target=write)] + [threading.Thread(target=read) for _ in "ab"]
+        for th in threads:
+            th.start()
+        for th in threads[1:]:
+            th.join()
+        stop.set()
+        threads[0].join()
+    assert errors == []
+
+
+def test_keys_with_nul_dots_and_surrogates(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "c"
+    odd = ["a\x00b", "../../etc/passwd", "x/\udcff", "é/ü", ""]
+    with _tier(path) as t:
+        for k in odd:
+            t.put(k, k.encode("utf-8", "surrogatepass") + b"!", namespace="ns")
+    with _tier(path) as t:
+        for k in odd:
+            got = t.get(k)
+            assert got is None if "\udcff" in k else got == k.encode() + b"!", k
+        assert t.index_lookups <= 1  # (the surrogate key is refused before any lookup)
+
+
+def test_the_map_costs_25_bytes_an_entry(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "c"
+    _filled(path)
+    with _tier(path) as t:
+        assert t._keydir is not None
+        assert t._keydir.nbytes == hint.ENTRY_BYTES * len(KEYS) == 25 * len(KEYS)
+
+
+def test_a_large_index_is_mapped_in_the_background_and_reads_ask_meanwhile(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from xarray_zcache.cache.disk import keydir
+
+    path = tmp_path / "c"
+    _filled(path)
+    os.unlink(path / hint.HINT_NAME)
+    monkeypatch.setattr(keydir, "_BUILD_AT_ONCE", 10)  # "large"
+    gate = threading.Event()
+    real_scan = keydir.KeyDir._scan
+
+    def slow_scan(self: keydir.KeyDir, conn: sqlite3.Connection) -> object:
+        gate.wait(30)
+        return real_scan(self, conn)
+
+    monkeypatch.setattr(keydir.KeyDir, "_scan", slow_scan)
+    with _tier(path) as t:
+        assert t._keydir is not None and not t._keydir.ready
+        assert t.get(KEYS[0]) == _value(KEYS[0]) and t.index_lookups == 1
+        assert t.put(KEYS[1], b"written while building", namespace="ns")
+        gate.set()
+        assert t._keydir._building is not None
+        t._keydir._building.join(30)
+        assert t._keydir.ready
+        assert t.get(KEYS[1]) == b"written while building"
+        assert all(t.get(k) == _value(k) for k in KEYS[2:])
+        assert t.index_lookups == 1
+
+
+def test_without_a_map_reads_go_through_the_index(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "c"
+    _filled(path)
+    with DiskTier(path, 1 << 30, location_map=False) as t:
+        assert t._keydir is None
+        assert all(t.get(k) == _value(k) for k in KEYS)
+        assert t.index_lookups == len(KEYS)
+    assert hash_of("k") == hash_of("k") != hash_of("k2")
