@@ -246,3 +246,29 @@ def test_disk_index_cache_from_dask_config_to_the_disk_tier(tmp_path: Any) -> No
             CacheConfig()
     with pytest.raises(ValueError, match=r"^disk_index_cache: .*at least 1024 bytes"):
         CacheConfig(disk_index_cache="1000B")
+
+
+def test_disk_location_map_from_dask_config_to_the_disk_tier(tmp_path: Any) -> None:
+    """``zcache.disk.location-map`` (`disk_location_map`): on by default, a bool, and whether
+    the disk tier holds its location map."""
+    from xarray_zcache.cache import HybridCache
+    from xarray_zcache.cache.settings import CacheSettings
+
+    assert CacheConfig().disk_location_map is True and CacheSettings().disk_location_map
+    for value in (True, False):
+        with dask.config.set({"zcache.disk.location-map": value}):
+            cfg = CacheConfig().with_disk_cache(tmp_path / f"cache-{value}", "1MB")
+        assert cfg.disk_location_map is value
+        assert CacheConfig.from_dict(cfg.to_dict()) == cfg
+        cache = HybridCache(cfg)
+        try:
+            disk = cache.disk_tier
+            assert disk is not None and (disk._keydir is not None) is value
+        finally:
+            cache.close()
+    for bad in ("yes", 1, None):
+        with (
+            dask.config.set({"zcache.disk.location-map": bad}),
+            pytest.raises(ValueError, match=r"disk_location_map: invalid value .*expected a bool"),
+        ):
+            CacheConfig()

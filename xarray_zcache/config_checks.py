@@ -26,6 +26,7 @@ _FIELD_OF = {
     "disk.size": "disk_size",
     "disk.pack-below": "disk_pack_below",
     "disk.index-cache": "disk_index_cache",
+    "disk.location-map": "disk_location_map",
     "max-object-size": "max_object_size",
     "ttl.metadata": "metadata_ttl",
     "ttl.chunks": "chunk_ttl",

@@ -33,6 +33,8 @@ class CacheSettings:
     disk_pack_below: int = 64 * 2**10
     #: bound of the SQLite page cache of each connection to the disk index, bytes
     disk_index_cache: int = INDEX_CACHE_BYTES
+    #: hold where every disk entry is in memory (one device read per hit, after restarts too)
+    disk_location_map: bool = True
     metadata_ttl: float | None = 300.0
     chunk_ttl: float | None = None
     listing_ttl: float = 60.0

@@ -64,6 +64,7 @@ def open_disk(settings: CacheSettings) -> DiskTier | None:
             max_object_size=settings.max_object_size,
             segment_threshold=settings.disk_pack_below or -1,
             index_cache_bytes=settings.disk_index_cache,
+            location_map=settings.disk_location_map,
         )
     except NewerIndex as exc:
         logger.warning(

@@ -202,7 +202,7 @@ def _parse(data: bytes) -> Hint | None:
     pos = start + size
     parts = []
     for _name, dtype in _DTYPES:
-        parts.append(np.frombuffer(data, dtype, count, pos))
+        parts.append(np.frombuffer(data, dtype, count, pos).copy())  # aligned, writable
         pos += count * dtype.itemsize
     arrays = Arrays(*parts)
     h, kinds, segments = arrays.hashes, arrays.kinds, arrays.segments

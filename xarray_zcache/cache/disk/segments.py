@@ -300,6 +300,10 @@ class FdCache:
                 del self._fds[name]
                 self._drop_locked(fd)
         fd = os.open(segment_path(self.root, name), os.O_RDONLY)
+        if hasattr(os, "posix_fadvise"):
+            # records are read at random: no readahead (a hit reads its record's pages only)
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         with self._lock:
             old = self._fds.get(name)
             if old is not None:  # opened by another thread meanwhile
