@@ -380,3 +380,97 @@ def test_without_a_map_reads_go_through_the_index(tmp_path: pathlib.Path) -> Non
         assert all(t.get(k) == _value(k) for k in KEYS)
         assert t.index_lookups == len(KEYS)
     assert hash_of("k") == hash_of("k") != hash_of("k2")
+
+
+#: The last commit of schema 4 (session 9): the version that may go on writing to a schema-5
+#: index (``zcache_compat``), knowing nothing of its change log or of location maps.
+_SCHEMA_4_COMMIT = "e9179a0"
+
+_SCHEMA_4_PROCESS = r"""
+import sys
+from xarray_zcache.cache.disk import DiskTier, schema
+assert schema.SCHEMA_VERSION == 4
+t = DiskTier(sys.argv[1], 1 << 30)  # a schema-5 folder: used as it is
+keys = sys.argv[2:]
+assert t.get(keys[2]) is not None  # it reads what the newer version wrote
+assert t.put(keys[0], b"v2 from schema 4", namespace="ns")
+t.delete(keys[1])
+assert t.put("ns/v/c/from-4", b"new from schema 4", namespace="ns")
+t.close()
+print("done", flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def schema_4_code(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """The package as of :data:`_SCHEMA_4_COMMIT`, extracted from git history."""
+    old_code = tmp_path_factory.mktemp("schema4")
+    archive = subprocess.run(
+        ["git", "archive", _SCHEMA_4_COMMIT, "xarray_zcache"],
+        capture_output=True,
+        cwd=pathlib.Path(__file__).parent.parent,
+    )
+    if archive.returncode != 0:
+        pytest.skip("the schema-4 code is not in this checkout's history")
+    subprocess.run(["tar", "-x", "-C", str(old_code)], input=archive.stdout, check=True)
+    return old_code
+
+
+def _run_old(old_code: pathlib.Path, script: str, *args: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(old_code)},
+        cwd=old_code,  # (``-c`` puts the working directory first on sys.path)
+        timeout=120,
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "done", out.stderr
+
+
+def test_a_schema_4_folder_is_migrated_in_place(
+    tmp_path: pathlib.Path, schema_4_code: pathlib.Path
+) -> None:
+    path = tmp_path / "c"
+    _run_old(
+        schema_4_code,
+        "import sys\n"
+        "from xarray_zcache.cache.disk import DiskTier, Fill\n"
+        "t = DiskTier(sys.argv[1], 1 << 30)\n"
+        "assert all(t.put_many([Fill(k, f'<{k}|v1>'.encode() * 20, namespace='ns') "
+        "for k in sys.argv[2:]]))\n"
+        "t.close()\n"
+        "print('done')\n",
+        str(path),
+        *KEYS,
+    )
+    with _tier(path) as t:  # migrates 4 -> 5: the rows stay, the map is built from them
+        assert t.index_rebuilds == 0 and t._keydir is not None and t._keydir.builds == 1
+        assert all(t.get(k) == _value(k) for k in KEYS)
+        assert t.index_lookups == 0
+    with contextlib.closing(sqlite3.connect(path / "index.db")) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION
+        assert schema.schema_of(conn) == schema.expected_schema()
+
+
+def test_a_schema_4_process_writing_beside_a_running_map_is_followed(
+    tmp_path: pathlib.Path, schema_4_code: pathlib.Path
+) -> None:
+    """The real schema-4 code (from git history), on a folder this version created: it
+    admits itself (``zcache_compat``), writes and deletes without knowing of the change log,
+    and this version's map, open meanwhile and after a restart, serves none of what it
+    replaced or deleted."""
+    path = tmp_path / "c"
+    _filled(path)
+    with _tier(path) as t:
+        assert t.get(KEYS[0]) == _value(KEYS[0])  # the map holds them
+        _run_old(schema_4_code, _SCHEMA_4_PROCESS, str(path), *KEYS[:3])
+        assert t.get(KEYS[0]) == b"v2 from schema 4"
+        assert t.get(KEYS[1]) is None
+        assert t.get("ns/v/c/from-4") == b"new from schema 4"
+        assert t.index_lookups == 0  # all of it through the map, from the log
+    with _tier(path) as t:  # after a restart: the hint, then the log
+        assert t.get(KEYS[0]) == b"v2 from schema 4" and t.get(KEYS[1]) is None
+        assert all(t.get(k) == _value(k) for k in KEYS[2:])
+    with contextlib.closing(sqlite3.connect(path / "index.db")) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION
