@@ -474,3 +474,64 @@ def test_a_schema_4_process_writing_beside_a_running_map_is_followed(
         assert all(t.get(k) == _value(k) for k in KEYS[2:])
     with contextlib.closing(sqlite3.connect(path / "index.db")) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION
+
+
+def test_changes_folded_into_the_arrays_answer_as_before(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Merges (every 8 changes here) keep every answer: overwritten, deleted, new, moved
+    to a file of its own."""
+    from xarray_zcache.cache.disk import keydir
+
+    monkeypatch.setattr(keydir, "_MERGE_AT", 8)
+    path = tmp_path / "c"
+    _filled(path)
+    with _tier(path) as t, _tier(path) as writer:
+        expected: dict[str, bytes | None] = {k: _value(k) for k in KEYS}
+        for round_ in range(5):
+            for i, k in enumerate(KEYS):
+                if (i + round_) % 5 == 0:
+                    writer.delete(k)
+                    expected[k] = None
+                elif (i + round_) % 5 == 1:
+                    big = round_ == 4 and i % 2 == 0  # a payload file of its own
+                    value = (b"F" if big else b"r") * (70_000 if big else 100) + k.encode()
+                    assert writer.put(k, value, namespace="ns")
+                    expected[k] = value
+            for k, v in expected.items():
+                assert t.get(k) == v, (round_, k)
+        assert t.index_lookups == 0 and t._keydir is not None and len(t._keydir._changes) < 8
+    with _tier(path) as t:  # and from the hint written at close
+        assert all(t.get(k) == v for k, v in expected.items())
+        assert t.index_lookups == 0
+
+
+def test_keys_whose_hashes_collide_are_read_through_the_index(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two keys on one 64-bit hash: the map cannot tell them apart, so every copy is "ask"
+    (built from the rows), and a location learnt for one is found not to hold the other's
+    record (checked against the key), never served as it. (A delete of one may make the
+    other a miss until written again: a fetch, never other bytes.)"""
+    import hashlib
+
+    from xarray_zcache.cache.disk import keydir, locations
+
+    collide = {hashlib.sha256(k.encode()).digest() for k in KEYS if k.startswith("ns/v/c/1")}
+    real_hash = locations.key_hash
+
+    def colliding(digest: bytes) -> int:
+        return 7 if digest in collide else real_hash(digest)
+
+    monkeypatch.setattr("xarray_zcache.cache.disk.reads.key_hash", colliding)
+    monkeypatch.setattr(
+        keydir, "hash_of", lambda key: colliding(hashlib.sha256(key.encode()).digest())
+    )
+    path = tmp_path / "c"
+    _filled(path)
+    (path / hint.HINT_NAME).unlink()  # (its hashes are the real ones)
+    with _tier(path) as t:
+        for _ in range(2):
+            assert all(t.get(k) == _value(k) for k in KEYS)
+        assert t.corruptions == 0 and len(t) == len(KEYS)
+        assert 0 < t.index_lookups <= 2 * len(collide)
