@@ -535,3 +535,32 @@ def test_keys_whose_hashes_collide_are_read_through_the_index(
             assert all(t.get(k) == _value(k) for k in KEYS)
         assert t.corruptions == 0 and len(t) == len(KEYS)
         assert 0 < t.index_lookups <= 2 * len(collide)
+
+
+def test_a_process_killed_before_closing_leaves_a_recent_hint(tmp_path: pathlib.Path) -> None:
+    """Maintenance writes the hint when it is due; a worker killed (SIGKILL, no close) then
+    leaves it, and the next process replays the changes after it instead of building the
+    map from the rows."""
+    path = tmp_path / "c"
+    keys = ", ".join(repr(k) for k in KEYS)
+    script = (
+        "import os, signal, sys\n"
+        "from xarray_zcache.cache.disk import DiskTier, Fill\n"
+        f"t = DiskTier({str(path)!r}, 1 << 30)\n"
+        f"keys = [{keys}]\n"
+        "assert all(t.put_many([Fill(k, f'<{k}|v1>'.encode() * 20, namespace='ns') "
+        "for k in keys]))\n"
+        "assert not t.save_location_map()  # 200 changes: not due\n"
+        "assert t.save_location_map(force=True)\n"
+        "assert t.put(keys[0], b'after the hint', namespace='ns')\n"
+        "t.delete(keys[1])\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, timeout=120)
+    assert done.returncode == -9
+    with _tier(path) as t:
+        assert t._keydir is not None and t._keydir.ready and t._keydir.builds == 0
+        assert t.get(KEYS[0]) == b"after the hint" and t.get(KEYS[1]) is None
+        assert all(t.get(k) == _value(k) for k in KEYS[2:])
+        assert t.index_lookups == 0

@@ -434,3 +434,4 @@ def _maintain_disk(disk: DiskTier, now: float) -> None:
     disk.evict()
     disk.prune_tombstones()
     disk.flush()
+    disk.save_location_map()

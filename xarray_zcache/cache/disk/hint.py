@@ -145,9 +145,10 @@ def hint_path(root: str) -> str:
     return os.path.join(root, HINT_NAME)
 
 
-def write(root: str, hint: Hint) -> None:
-    """Write ``hint`` atomically (a temp file renamed over the old one, mode 0600). Best
-    effort: an error leaves the old file or none (the next open then builds the map)."""
+def write(root: str, hint: Hint) -> bool:
+    """Write ``hint`` atomically (a temp file renamed over the old one, mode 0600); whether
+    it did. Best effort: an error leaves the old file or none (the next open then builds
+    the map)."""
     a = hint.arrays
     header = json.dumps(
         {
@@ -180,6 +181,8 @@ def write(root: str, hint: Hint) -> None:
     except OSError:
         with contextlib.suppress(OSError):
             os.unlink(temp)
+        return False
+    return True
 
 
 def read(root: str) -> Hint | None:

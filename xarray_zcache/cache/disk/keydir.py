@@ -58,6 +58,8 @@ _ASK_CODE: Final = 255
 _FILE: Final = -1
 #: Changes held in the dict before they are merged into the arrays (at least).
 _MERGE_AT: Final = 65_536
+#: ``save`` writes the hint when at least this many changes came since the last one.
+_SAVE_EVERY: Final = 10_000
 #: After a failed build, the next attempt waits this long (seconds).
 _RETRY_S: Final = 5.0
 #: An index of at most this many entries without a usable hint is mapped at once, in
@@ -410,10 +412,25 @@ class KeyDir:
             finally:
                 self._drop_locked("closed")
 
-    def _save_locked(self) -> None:
+    def save(self, *, force: bool = False) -> bool:
+        """Write the hint file now if it is due (``force``: if it says less than the map):
+        at least :data:`_SAVE_EVERY` changes, or an eighth of the map, since the last one.
+        So that a process that never closes (killed, crashed) leaves a recent hint, and
+        the next one replays fewer changes, or does not build from the rows. Whether it
+        wrote."""
+        with self._lock:
+            if not self._ready or self._closed or not self._sync_locked():
+                return False
+            saved_epoch, saved_seq = self._saved or ("", -1)
+            behind = self._seq - saved_seq if saved_epoch == self._epoch else self._seq + 1
+            if not force and behind < max(_SAVE_EVERY, len(self._arrays.hashes) >> 3):
+                return False
+            return self._save_locked()
+
+    def _save_locked(self) -> bool:
         self._merge_locked()
         if self._saved == (self._epoch, self._seq) or self._conn is None:
-            return  # the hint on disk says the same
+            return False  # the hint on disk says the same
         a = self._arrays
         used = np.unique(a.segments[a.segments != _FILE])
         remap = np.full(len(self._segments) + 1, _FILE, dtype=np.int32)
@@ -423,7 +440,10 @@ class KeyDir:
         )
         names = [self._segments[int(i)] for i in used]
         last = _change(self._conn, self._seq)
-        hint.write(self._root, hint.Hint(self._epoch, self._seq, last, names, arrays))
+        if hint.write(self._root, hint.Hint(self._epoch, self._seq, last, names, arrays)):
+            self._saved = (self._epoch, self._seq)
+            return True
+        return False
 
     @property
     def nbytes(self) -> int:

@@ -255,6 +255,13 @@ class DiskTier(TierFills, TierInspection):
         if removed and self._lookup_first:
             self.compact()
 
+    def save_location_map(self, *, force: bool = False) -> bool:
+        """Write the location map's hint file (``index.keydir``) if it is due: many changes
+        since the last one (``force``: any). Written at close anyway; periodic maintenance
+        calls this so that a process killed before closing leaves a recent one. Whether it
+        wrote."""
+        return self._keydir is not None and self._keydir.save(force=force)
+
     def prune_tombstones(self, older_than_s: float = 3600) -> None:
         """Forget tombstones older than ``older_than_s`` seconds.
 
