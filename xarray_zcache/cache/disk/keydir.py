@@ -40,6 +40,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from typing import Final
 
 import numpy as np
@@ -47,7 +48,14 @@ import numpy as np
 from xarray_zcache.cache.disk import hint
 from xarray_zcache.cache.disk.folder import file_id
 from xarray_zcache.cache.disk.format import KINDS
-from xarray_zcache.cache.disk.locations import ABSENT, ASK, Location, hash_of
+from xarray_zcache.cache.disk.locations import (
+    ABSENT,
+    ASK,
+    PREFIX_CHANGE,
+    Location,
+    hash_of,
+    mapped,
+)
 from xarray_zcache.cache.disk.schema import BUSY_TIMEOUT_MS
 
 logger = logging.getLogger("xarray_zcache.disk")
@@ -81,8 +89,10 @@ class KeyDir:
     around I/O other than SQLite's reads of the change log (no device reads: its pages are
     the latest written)."""
 
-    def __init__(self, root: str, db_path: str) -> None:
+    def __init__(self, root: str, db_path: str, on_damage: Callable[[BaseException], None]) -> None:
         self._root = root
+        #: told when building finds the index damaged (rows out of key order)
+        self._on_damage = on_damage
         self._db_path = db_path
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
@@ -101,6 +111,7 @@ class KeyDir:
         #: changes whenever changes are applied, or the map is dropped or installed
         self._generation = 0
         self._pid = os.getpid()
+        self._damage: BaseException | None = None
         self._retry_at = 0.0
         self._saved: tuple[str, int] | None = None
         #: answers given (a location or absent), and reads sent to the index (ask)
@@ -128,6 +139,7 @@ class KeyDir:
             self._start_build_locked()
             return ASK
         if not self._sync_locked():
+            self._start_build_locked()  # dropped: built again from the rows
             return ASK
         change = self._changes.get(h)
         if change is not None:
@@ -205,7 +217,10 @@ class KeyDir:
         finally:
             conn.execute("COMMIT")
         for seq, key, kind, segment, offset, length in logged:
-            self._changes[hash_of(key)] = _location(kind, segment, offset, length)
+            if kind == PREFIX_CHANGE:
+                raise _Drop(f"every key under {key!r} was invalidated")
+            if mapped(key):
+                self._changes[hash_of(key)] = _location(kind, segment, offset, length)
             self._seq = seq
         if logged:
             self._generation += 1
@@ -267,8 +282,11 @@ class KeyDir:
             except (sqlite3.Error, OSError, _Drop, TypeError, ValueError) as exc:
                 logger.debug("disk cache %s: location hint not used (%s)", self._root, exc)
                 self._drop_locked(exc)
-            if not self._ready and not self._build_small_locked():
+            if not self._ready and not self._build_small_locked() and self._damage is None:
                 self._start_build_locked()
+        damage, self._damage = self._damage, None
+        if damage is not None:
+            self._on_damage(damage)
 
     def _build_small_locked(self) -> bool:
         """Build the map of a small index at once (whether it did): then a new or small
@@ -283,6 +301,10 @@ class KeyDir:
                 conn.close()
                 return False
             built = self._scan(conn)
+        except _Damaged as exc:
+            conn.close()
+            self._damage = exc  # told once the lock is released (the index's lock comes first)
+            return False
         except (sqlite3.Error, OSError, _Drop, TypeError, ValueError):
             conn.close()
             return False
@@ -346,6 +368,11 @@ class KeyDir:
             return
         try:
             built = self._scan(conn)
+        except _Damaged as exc:
+            conn.close()
+            self._build_failed(exc)
+            self._on_damage(exc)
+            return
         except (sqlite3.Error, OSError, _Drop, TypeError, ValueError) as exc:
             conn.close()
             self._build_failed(exc)
@@ -379,10 +406,19 @@ class KeyDir:
             top = _top(conn)
             last = _change(conn, top)
             cur = conn.execute(_SCAN)
+            previous = ""
             while batch := cur.fetchmany(_SCAN_BATCH):
                 if self._closed:
                     return None
                 for key, kind, segment, offset, length in batch:
+                    if key <= previous and hashes:
+                        # a lookup by key would not find every row a scan finds: the map
+                        # would hold keys that deletes cannot reach (UTF-8 order is the
+                        # code point order SQLite's BINARY collation gives)
+                        raise _Damaged(f"rows out of key order at {key!r}")
+                    previous = key
+                    if not mapped(key):
+                        continue
                     hashes.append(hash_of(key))
                     kinds.append(kind_codes.get(kind, _ASK_CODE))
                     if segment is None:
@@ -460,6 +496,10 @@ class KeyDir:
 
 class _Drop(Exception):
     """The map cannot follow the index (replaced, or its log pruned past the map)."""
+
+
+class _Damaged(Exception):
+    """The index's rows are not as SQLite keeps them: damage SQLite did not see."""
 
 
 def _location(

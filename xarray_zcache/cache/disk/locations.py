@@ -11,6 +11,19 @@ from typing import Final
 ASK: Final = "ask"
 #: The index holds no row for the key.
 ABSENT: Final = "absent"
+#: Keys holding this character (parts of an object: byte ranges, negative entries, which
+#: the cache invalidates by the prefix ``key + UNMAPPED``) are never in the map: a prefix
+#: ending with it drops them without the map having to follow.
+UNMAPPED: Final = "\x00"
+#: ``changes.kind`` of an entry logged by hand, not by a trigger: every key under
+#: ``changes.key`` was invalidated (a prefix, a namespace); a map cannot follow it by key
+#: and is built again.
+PREFIX_CHANGE: Final = "prefix"
+
+
+def mapped(key: str) -> bool:
+    """Whether the location map may hold ``key`` (:data:`UNMAPPED`)."""
+    return UNMAPPED not in key
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

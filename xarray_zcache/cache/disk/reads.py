@@ -37,11 +37,12 @@ from xarray_zcache.cache.disk.format import (
     read_payload,
 )
 from xarray_zcache.cache.disk.index import Index
-from xarray_zcache.cache.disk.locations import ABSENT, Location, hash_of, key_hash
+from xarray_zcache.cache.disk.locations import ABSENT, Location, hash_of, key_hash, mapped
 from xarray_zcache.cache.disk.log import Warner, logger
 from xarray_zcache.cache.disk.schema import (
     INDEX_CACHE_BYTES,
     IndexUnavailable,
+    SchemaDamaged,
     is_resource_error,
     on_commit,
     txn,
@@ -160,8 +161,18 @@ class TierCore(StatsFlush):
         if location_map and self._lookup_first:
             from xarray_zcache.cache.disk.keydir import KeyDir  # NumPy: only when used
 
-            self._keydir = KeyDir(self._root, self._index.db_path)
+            self._keydir = KeyDir(self._root, self._index.db_path, self._index_damaged)
             self._keydir.open()
+
+    def _index_damaged(self, exc: BaseException) -> None:
+        """The location map found the index damaged where SQLite did not: replace it, as
+        any operation finding damage does (:meth:`.index.Index.run`)."""
+
+        def damaged(_conn: sqlite3.Connection) -> None:
+            raise SchemaDamaged(str(exc))
+
+        with contextlib.suppress(Exception):
+            self._index.run("building the location map", damaged, retry=False)
 
     @property
     def _conn(self) -> sqlite3.Connection | None:
@@ -274,7 +285,7 @@ class TierCore(StatsFlush):
             return True
 
     def _might_contain(self, key: str) -> bool:
-        if self._keydir is not None:
+        if self._keydir is not None and mapped(key):
             located = self._keydir.find(hash_of(key))
             if located is ABSENT or isinstance(located, Location):
                 return located is not ABSENT
@@ -341,7 +352,7 @@ class TierCore(StatsFlush):
         t = time.time() if now is None else now
         if not self._lookup_first:
             return self._get_file(key, KINDS, t)  # no segments here: files alone, no SQL
-        if self._keydir is not None:
+        if self._keydir is not None and mapped(key):
             key_bytes = key.encode("utf-8", "surrogatepass")
             key_digest = hashlib.sha256(key_bytes).digest()
             located = self._keydir.find(key_hash(key_digest))

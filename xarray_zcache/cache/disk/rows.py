@@ -20,6 +20,7 @@ from typing import Any, Final
 from xarray_zcache.cache.disk import hooks
 from xarray_zcache.cache.disk.folder import unlink_missing_ok
 from xarray_zcache.cache.disk.format import KINDS, digest, payload_path
+from xarray_zcache.cache.disk.locations import PREFIX_CHANGE, mapped
 from xarray_zcache.cache.disk.schema import SchemaDamaged
 from xarray_zcache.cache.disk.segments import kill_records
 
@@ -182,7 +183,11 @@ def delete_key(conn: sqlite3.Connection, root: str, key: str) -> None:
                 "dead (its row is removed)",
                 found[0],
             )
-        conn.execute("DELETE FROM entries WHERE key = ?", (key,))
+        gone = conn.execute("DELETE FROM entries WHERE key = ?", (key,)).rowcount
+        if not gone and mapped(key):
+            # logged all the same: a damaged index may no longer find a row that a
+            # location map (built by a scan, or from a hint) still holds
+            conn.execute("INSERT INTO changes(key) VALUES (?)", (key,))
         tombstone(conn, key, time.time_ns())
 
 
@@ -264,6 +269,8 @@ def delete_prefix(conn: sqlite3.Connection, root: str, prefix: str, on_error: On
     rows: list[Row] = [r for r in cur.fetchall() if r[0].startswith(prefix)]
     removed: list[str] = []  # a row whose file cannot be removed is kept: not counted
     remove_rows_counted(conn, root, rows, on_error, removed, invalidating=True)
+    if mapped(prefix[-1:]):  # (a prefix ending in UNMAPPED covers only keys no map holds)
+        log_prefix(conn, prefix)
     conn.execute(
         "INSERT INTO prefix_tombstones(prefix, at) VALUES (?, ?) "
         "ON CONFLICT(prefix) DO UPDATE SET at = MAX(at, excluded.at)",
@@ -279,6 +286,7 @@ def delete_namespace(
     rows = conn.execute(f"SELECT {ROW} FROM entries WHERE namespace = ?", (namespace,)).fetchall()
     removed: list[str] = []  # a row whose file cannot be removed is kept: not counted
     remove_rows_counted(conn, root, rows, on_error, removed, invalidating=True)
+    log_prefix(conn, "")  # (by namespace: no prefix of keys says which)
     now_ns = time.time_ns()
     conn.executemany(
         "INSERT INTO tombstones(key, at) VALUES (?, ?) "
@@ -286,6 +294,13 @@ def delete_namespace(
         [(r[0], now_ns) for r in rows],
     )
     return removed
+
+
+def log_prefix(conn: sqlite3.Connection, prefix: str) -> None:
+    """Log that every key under ``prefix`` was invalidated (location maps are built again):
+    the rows a damaged index's range scan did not find are then not served from a map
+    either."""
+    conn.execute("INSERT INTO changes(key, kind) VALUES (?, ?)", (prefix, PREFIX_CHANGE))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
