@@ -860,4 +860,5 @@ def test_warm_refuses_a_folder_a_newer_version_wrote(
     close_all()
     assert code != 0, out
     assert "newer" in err and str(folder) in err
+    assert "upgrade xarray-zcache" in err  # the reason the cache gave (`disk_refused`)
     assert (folder / "index.db").read_bytes() == before

@@ -34,6 +34,7 @@ from zarr.core.sync import sync
 from xarray_zcache import CacheConfig, CachedStore, open_store
 from xarray_zcache.cache.freshness import ObjectChanged
 from xarray_zcache.store_versions import Fetched
+from xarray_zcache.testing.writers import s3fs_store
 
 P = default_buffer_prototype()
 N = 16
@@ -68,7 +69,14 @@ def _write(
     """Array ``a`` (one shard of 8 inner chunks of 2, its index at ``index_location``)
     holding `OLD`; returns the bytes of the same shard holding `NEW` (written to array
     ``b`` of the same metadata)."""
-    root = zarr.open_group(url, mode="w", storage_options=opts, zarr_format=3)
+    if opts is None:  # (a local folder: no session)
+        return _write_to(url, compressor, index_location)
+    with s3fs_store(url, opts) as store:
+        return _write_to(store, compressor, index_location)
+
+
+def _write_to(where: Any, compressor: str | None, index_location: str) -> bytes:
+    root = zarr.open_group(where, mode="w", zarr_format=3)
     codecs: Any = "auto" if compressor else None
     shards: Any = {"shape": (N,), "index_location": index_location}
     for name, values in (("a", OLD), ("b", NEW)):

@@ -454,6 +454,25 @@ def test_10_read_only_cache_folder_falls_back_to_memory(
     messages = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
     named = [m for m in messages if str(where) in m and "disk_path" in m]
     assert named, f"no warning naming {where} and disk_path; got {messages}"
+    # the reason is kept for tools (`zcache warm` names it)
+    assert store.cache.disk_tier is None
+    assert (store.cache.disk_refused or "").startswith("it cannot be written")
+
+
+def test_10_warm_refuses_a_read_only_cache_folder(
+    read_only_folder: pathlib.Path, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``zcache warm`` into a read-only folder: exit 1, naming the folder and the reason the
+    cache gave when it refused the disk tier (nothing is read into memory only)."""
+    from xarray_zcache.cli import main
+
+    data = tmp_path / "data.zarr"
+    xr.Dataset({"v": ("x", np.arange(12.0))}).chunk({"x": 4}).to_zarr(data, mode="w")
+    where = read_only_folder / "existing"
+    code = main(["warm", str(data), "--cache", str(where), "-q"])
+    _, err = capsys.readouterr()
+    assert code == 1, err
+    assert str(where) in err and "it cannot be written" in err and "nothing was warmed" in err
 
 
 # ----------------------------------------------------------- (6) namespaces and endpoints

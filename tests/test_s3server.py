@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -18,19 +20,33 @@ from xarray_zcache.testing.s3server import (
     RequestRecord,
     start_local_s3,
 )
+from xarray_zcache.testing.writers import async_s3fs_store
 
 PROTO = default_buffer_prototype()
 
 
-def _store(bucket: str, options: dict[str, Any], prefix: str = "arr") -> FsspecStore:
-    return FsspecStore.from_url(f"s3://{bucket}/{prefix}", storage_options=options)
+@pytest.fixture
+async def stores() -> AsyncIterator[Callable[..., Awaitable[FsspecStore]]]:
+    """``await stores(bucket, options, prefix="arr")``: zarr's ``FsspecStore.from_url`` of
+    ``s3://bucket/prefix``, its aiohttp session closed before the test's event loop ends
+    (`async_s3fs_store`)."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def make(bucket: str, options: dict[str, Any], prefix: str = "arr") -> FsspecStore:
+            url = f"s3://{bucket}/{prefix}"
+            return await stack.enter_async_context(async_s3fs_store(url, options))
+
+        yield make
 
 
 # -- counting through zarr's FsspecStore ------------------------------------------------------
 
 
 async def test_zarr_get_of_chunk_costs_exactly_one_get(
-    s3_server: LocalS3Server, s3_bucket: str, s3_options: dict[str, Any]
+    s3_server: LocalS3Server,
+    s3_bucket: str,
+    s3_options: dict[str, Any],
+    stores: Callable[..., Awaitable[FsspecStore]],
 ) -> None:
     fs = s3_server.filesystem()
     fs.pipe_file(f"{s3_bucket}/arr/c/0/0", b"x" * 1000)
@@ -38,7 +54,7 @@ async def test_zarr_get_of_chunk_costs_exactly_one_get(
     log = s3_server.requests
     assert log.count("PUT", bucket=s3_bucket, key_prefix="arr/") == 2
 
-    store = _store(s3_bucket, s3_options)
+    store = await stores(s3_bucket, s3_options)
     buf = await store.get("c/0/0", PROTO)
     assert buf is not None and buf.to_bytes() == b"x" * 1000
 
@@ -69,12 +85,15 @@ async def test_whole_object_read_is_head_free_with_storage_options(
 
 
 async def test_default_s3fs_options_send_head_before_get(
-    s3_server: LocalS3Server, s3_bucket: str, s3_options: dict[str, Any]
+    s3_server: LocalS3Server,
+    s3_bucket: str,
+    s3_options: dict[str, Any],
+    stores: Callable[..., Awaitable[FsspecStore]],
 ) -> None:
     """Pins the s3fs behaviour that storage_options() works around."""
     s3_server.filesystem().pipe_file(f"{s3_bucket}/arr/c/0", b"abc")
     opts = {k: v for k, v in s3_options.items() if k != "max_concurrency"}
-    store = _store(s3_bucket, opts)
+    store = await stores(s3_bucket, opts)
     assert store.fs.max_concurrency > 1
     buf = await store.get("c/0", PROTO)
     assert buf is not None and buf.to_bytes() == b"abc"
@@ -83,10 +102,13 @@ async def test_default_s3fs_options_send_head_before_get(
 
 
 async def test_missing_key_costs(
-    s3_server: LocalS3Server, s3_bucket: str, s3_options: dict[str, Any]
+    s3_server: LocalS3Server,
+    s3_bucket: str,
+    s3_options: dict[str, Any],
+    stores: Callable[..., Awaitable[FsspecStore]],
 ) -> None:
     log = s3_server.requests
-    store = _store(s3_bucket, s3_options)
+    store = await stores(s3_bucket, s3_options)
 
     assert await store.get("c/9/9", PROTO) is None
     assert log.count(bucket=s3_bucket, key_prefix="arr/c/9/9") == 1
@@ -97,7 +119,7 @@ async def test_missing_key_costs(
 
     # Without max_concurrency=1 a missing key costs a HEAD (404) plus a LIST probe.
     opts = {k: v for k, v in s3_options.items() if k != "max_concurrency"}
-    assert await _store(s3_bucket, opts).get("c/8/8", PROTO) is None
+    assert await (await stores(s3_bucket, opts)).get("c/8/8", PROTO) is None
     assert log.count("HEAD", bucket=s3_bucket, key_prefix="arr/c/8/8", status=404) == 1
     assert log.count("GET", bucket=s3_bucket, key_prefix="arr/c/8/8") == 0
     assert log.lists(s3_bucket) == 1
@@ -109,10 +131,13 @@ async def test_missing_key_costs(
 
 
 async def test_ranged_read_records_range_header(
-    s3_server: LocalS3Server, s3_bucket: str, s3_options: dict[str, Any]
+    s3_server: LocalS3Server,
+    s3_bucket: str,
+    s3_options: dict[str, Any],
+    stores: Callable[..., Awaitable[FsspecStore]],
 ) -> None:
     s3_server.filesystem().pipe_file(f"{s3_bucket}/arr/shard", bytes(range(100)))
-    store = _store(s3_bucket, s3_options)
+    store = await stores(s3_bucket, s3_options)
     buf = await store.get("shard", PROTO, RangeByteRequest(10, 20))
     assert buf is not None and buf.to_bytes() == bytes(range(10, 20))
     (rec,) = [

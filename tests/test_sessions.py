@@ -174,6 +174,42 @@ def test_write_zarr_closes_its_session_writes_regions_and_reads_back(
     assert sessions.collected_open == 0
 
 
+async def test_async_s3fs_store_closes_its_session_before_the_loop_ends(
+    s3_bucket: str, s3_options: dict[str, Any], sessions: Sessions
+) -> None:
+    """Used on a test's event loop (pytest-asyncio ends it after the test): the session the
+    store opened on it is closed, awaited, when the ``async with`` block ends."""
+    from zarr.core.buffer import default_buffer_prototype
+
+    from xarray_zcache.testing.writers import async_s3fs_store
+
+    prototype = default_buffer_prototype()
+    async with async_s3fs_store(f"s3://{s3_bucket}/a", s3_options) as store:
+        await store.set("k", prototype.buffer.from_bytes(b"v"))
+        got = await store.get("k", prototype)
+        assert got is not None and got.to_bytes() == b"v"
+        assert sessions.open_now() == 1
+    assert sessions.created == 1
+    assert sessions.open_now() == 0
+    assert sessions.collected_open == 0
+
+
+def test_creating_a_bucket_leaves_no_session_open(s3_server: Any, sessions: Sessions) -> None:
+    """`LocalS3Server.create_bucket` (the ``s3_bucket`` fixture) closes its filesystem's
+    session itself: not left to s3fs's finalizer, which runs only when the garbage collector
+    frees the filesystem (and, given 0.1 s on the I/O thread and missing them, leaves the
+    session open)."""
+    gc.disable()  # (what is open before any collection)
+    try:
+        s3_server.create_bucket("test-sessions-bucket")
+        assert not [s for ref in sessions.live if (s := ref()) is not None and not s.closed]
+    finally:
+        gc.enable()
+    assert sessions.created == 1
+    assert sessions.open_now() == 0
+    assert sessions.collected_open == 0
+
+
 #: writers through ``to_zarr(url, storage_options=...)`` left: this file's demonstration
 #: of the leak
 _LEFT = {"tests/test_sessions.py"}

@@ -8,14 +8,16 @@ the TTL, and the suite expects it at once.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from zarr.core.buffer import cpu, default_buffer_prototype
-from zarr.storage import FsspecStore, LocalStore, MemoryStore
+from zarr.storage import LocalStore, MemoryStore
 from zarr.testing.store import StoreTests
 
 from xarray_zcache import CacheConfig, CachedStore
+from xarray_zcache.testing.writers import async_s3fs_store
 
 
 def _config(disk_path: Any = None) -> CacheConfig:
@@ -63,11 +65,13 @@ class TestCachedLocalStore(_CachedStoreTests):
 
 class TestCachedFsspecStore(_CachedStoreTests):
     @pytest.fixture
-    def store_kwargs(
+    async def store_kwargs(
         self, s3_bucket: str, s3_options: dict[str, Any], tmp_path: Any
-    ) -> dict[str, Any]:
-        inner = FsspecStore.from_url(f"s3://{s3_bucket}/root", storage_options=s3_options)
-        return {"store": inner, "config": _config(tmp_path / "cache")}
+    ) -> AsyncIterator[dict[str, Any]]:
+        # the FsspecStore.from_url zarr builds; its aiohttp session (opened on the test's
+        # event loop) is closed before that loop ends
+        async with async_s3fs_store(f"s3://{s3_bucket}/root", s3_options) as inner:
+            yield {"store": inner, "config": _config(tmp_path / "cache")}
 
     def test_store_supports_writes(self, store: CachedStore) -> None:
         assert store.supports_writes

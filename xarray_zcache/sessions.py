@@ -19,7 +19,13 @@ import threading
 import weakref
 from typing import Any
 
-__all__ = ["close_sessions", "close_store_session", "track"]
+__all__ = [
+    "aclose_store_session",
+    "close_filesystem_session",
+    "close_sessions",
+    "close_store_session",
+    "track",
+]
 
 logger = logging.getLogger("xarray_zcache")
 
@@ -80,18 +86,56 @@ def _in_loop(loop: asyncio.AbstractEventLoop) -> bool:
         return False
 
 
+def _release(store: object) -> Any:
+    """``store``'s s3fs filesystem, no longer tracked, if zcache built it (else None)."""
+    fs = _filesystem(store)
+    if fs is None:
+        return None
+    with _lock:
+        if _owned.get(id(fs)) is not fs:
+            return None
+        _owned.pop(id(fs), None)
+        _tracked.pop(id(fs), None)
+    return fs
+
+
 def close_store_session(store: object) -> None:
     """Close the aiohttp session of ``store``'s s3fs filesystem if zcache built it (a
     store the user built may be in use elsewhere: closed at exit)."""
-    fs = _filesystem(store)
+    fs = _release(store)
+    if fs is not None:
+        _close(fs)
+
+
+async def aclose_store_session(store: object) -> None:
+    """`close_store_session`, awaited: on the event loop of the session (an asynchronous
+    filesystem used from this loop) the session is closed before this returns, where
+    `close_store_session` could only schedule its closing."""
+    fs = _release(store)
     if fs is None:
         return
-    with _lock:
-        if _owned.get(id(fs)) is not fs:
+    creator = getattr(fs, "_s3creator", None)
+    if creator is not None and getattr(fs, "_s3", None) is not None:
+        loop = _session_loop(fs)
+        if loop is not None and _in_loop(loop):
+            try:
+                await creator.__aexit__(None, None, None)
+            except Exception as exc:
+                logger.debug("xarray-zcache: closing an s3fs session failed (%s)", exc)
+            fs._s3 = None
+            fs._s3creator = None
             return
-        _owned.pop(id(fs), None)
-        _tracked.pop(id(fs), None)
     _close(fs)
+
+
+def close_filesystem_session(fs: object) -> None:
+    """Close the aiohttp session of an s3fs filesystem one built and is done with (any
+    other filesystem: nothing). A later use opens a new session."""
+    if hasattr(type(fs), "close_session"):
+        with _lock:
+            _tracked.pop(id(fs), None)
+            _owned.pop(id(fs), None)
+        _close(fs)
 
 
 @atexit.register

@@ -42,7 +42,7 @@ from xarray_zcache.cache.policy import AccessRateTracker, Invalidations
 from xarray_zcache.cache.reporting import CacheReporting
 from xarray_zcache.cache.request import Read, is_private
 from xarray_zcache.cache.settings import CacheSettings
-from xarray_zcache.cache.tiers import SharedTier, open_disk
+from xarray_zcache.cache.tiers import SharedTier, open_disk_tier
 from xarray_zcache.cache.versions import VersionBook
 from xarray_zcache.cache.writer import DiskWriter
 
@@ -65,6 +65,13 @@ class HybridCache(DirectAccess, MemoryAnswers, CacheReporting, DiskFallback, Coh
     settings
         A `CacheSettings`, or any object with the same attributes (a `CacheConfig`).
 
+    Attributes
+    ----------
+    disk_refused : str or None
+        Why the disk folder was refused when the cache was opened (it cannot be written;
+        a newer xarray-zcache wrote it): the cache runs in memory only. None when the disk
+        tier opened or no folder was given (`open_disk_tier`).
+
     Examples
     --------
     >>> cache = HybridCache(CacheSettings(memory_size=10_000_000))
@@ -78,7 +85,7 @@ class HybridCache(DirectAccess, MemoryAnswers, CacheReporting, DiskFallback, Coh
         self.settings = CacheSettings.of(settings)
         s = self.settings
         self._memory = MemoryTier(s.memory_size, policy=s.eviction_policy)  # type: ignore[arg-type]
-        self._disk = open_disk(s)
+        self._disk, self.disk_refused = open_disk_tier(s)
         self._decoded = DecodedTier(s.decoded_capacity())
         super().__init__(s.top_n)
         self._last_hit = 0.0  # time.monotonic() of the last hit: the disk writer yields to hits

@@ -12,7 +12,7 @@ from xarray_zcache.cache.disk.folder import record_settings
 from xarray_zcache.cache.request import Read
 from xarray_zcache.cache.settings import CacheSettings
 
-__all__ = ["SharedAnswer", "SharedTier", "open_disk"]
+__all__ = ["SharedAnswer", "SharedTier", "open_disk", "open_disk_tier"]
 
 logger = logging.getLogger("xarray_zcache.cache")
 
@@ -55,8 +55,16 @@ def open_disk(settings: CacheSettings) -> DiskTier | None:
     """The disk tier, or ``None`` (memory only, with a warning) on a read-only folder or on
     one a newer xarray-zcache has written (its index is left as it is: nothing it holds is
     lost, and that version goes on using it)."""
+    return open_disk_tier(settings)[0]
+
+
+def open_disk_tier(settings: CacheSettings) -> tuple[DiskTier | None, str | None]:
+    """`open_disk`, with why the folder was refused: ``(tier, None)``, or ``(None, reason)``
+    when the cache runs in memory only although a folder was given (``reason`` completes
+    "cannot use the cache folder ...": it cannot be written; a newer xarray-zcache wrote
+    it). No folder or a size of 0: ``(None, None)``."""
     if settings.disk_path is None or settings.disk_size <= 0:
-        return None
+        return None, None
     try:
         disk = DiskTier(
             settings.disk_path,
@@ -74,7 +82,10 @@ def open_disk(settings: CacheSettings) -> DiskTier | None:
             settings.disk_path,
             exc,
         )
-        return None
+        return None, (
+            f"it was written by a newer xarray-zcache: {exc}; upgrade xarray-zcache, "
+            "or give this version a folder of its own"
+        )
     except OSError as exc:
         if exc.errno in _OFFLINE_ERRNOS:
             logger.warning(
@@ -83,7 +94,7 @@ def open_disk(settings: CacheSettings) -> DiskTier | None:
                 settings.disk_path,
                 exc.strerror or exc,
             )
-            return None
+            return None, f"it cannot be written: {exc.strerror or exc}"
         raise type(exc)(
             exc.errno,
             f"xarray-zcache: cannot use the cache folder {settings.disk_path} (disk_path): "
@@ -91,4 +102,4 @@ def open_disk(settings: CacheSettings) -> DiskTier | None:
         ) from exc
     # the folder remembers its size: `zcache stats` and `zcache warm` report it
     record_settings(disk.path, disk_size=disk.capacity, max_object_size=settings.max_object_size)
-    return disk
+    return disk, None

@@ -158,23 +158,6 @@ def _config(args: argparse.Namespace) -> tuple[CacheConfig, pathlib.Path]:
     return config, pathlib.Path(str(raw))
 
 
-def _why_memory_only(path: pathlib.Path) -> str:
-    """Why the cache of ``path`` runs without its disk tier (the reasons of `open_disk`)."""
-    from xarray_zcache.cache.disk.schema import INDEX_NAME, SCHEMA_VERSION
-
-    db = path / INDEX_NAME
-    with contextlib.suppress(sqlite3.Error, OSError):
-        uri = db.absolute().as_uri() + "?mode=ro"
-        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=30)) as conn:
-            (version,) = conn.execute("PRAGMA user_version").fetchone()
-        if version > SCHEMA_VERSION:
-            return (
-                f"its index has schema version {version}: it was written by a newer "
-                "xarray-zcache; upgrade xarray-zcache, or warm another folder"
-            )
-    return "it cannot be written"
-
-
 def _variables(text: str | None) -> list[str] | None:
     if text is None:
         return None
@@ -211,8 +194,8 @@ def run(args: argparse.Namespace) -> int:
         if id(cache) not in preexisting:
             cache.close()
         raise CliError(
-            f"--cache {path}: cannot use the disk cache folder ({_why_memory_only(path)}); "
-            "nothing was warmed",
+            f"--cache {path}: cannot use the disk cache folder "
+            f"({cache.disk_refused or 'the cache runs in memory only'}); nothing was warmed",
             EXIT_FAILURE,
         )
     if created:

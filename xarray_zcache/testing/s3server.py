@@ -409,12 +409,17 @@ class LocalS3Server:
         The ``CreateBucket`` request is recorded in :attr:`requests` like any
         other; call ``requests.reset()`` afterwards if needed.
         """
+        from xarray_zcache.sessions import close_filesystem_session
+
         fs = self.filesystem()
-        params: dict[str, Any] = {"Bucket": name}
-        region = getattr(getattr(fs.s3, "meta", None), "region_name", None)
-        if region and region not in ("us-east-1", "aws-global"):
-            params["CreateBucketConfiguration"] = {"LocationConstraint": region}
-        fs.call_s3("create_bucket", **params)
+        try:
+            params: dict[str, Any] = {"Bucket": name}
+            region = getattr(getattr(fs.s3, "meta", None), "region_name", None)
+            if region and region not in ("us-east-1", "aws-global"):
+                params["CreateBucketConfiguration"] = {"LocationConstraint": region}
+            fs.call_s3("create_bucket", **params)
+        finally:
+            close_filesystem_session(fs)  # (its own: no aiohttp session left open)
 
 
 def start_local_s3(latency: float = 0.0) -> LocalS3Server:

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import xarray as xr
     from zarr.storage import FsspecStore
 
-__all__ = ["s3fs_store", "write_zarr"]
+__all__ = ["async_s3fs_store", "s3fs_store", "write_zarr"]
 
 
 @contextlib.contextmanager
@@ -44,6 +44,26 @@ def s3fs_store(
         yield store
     finally:
         close_store_session(store)
+
+
+@contextlib.asynccontextmanager
+async def async_s3fs_store(
+    url: str, storage_options: dict[str, Any] | None = None, *, read_only: bool = False
+) -> AsyncIterator[FsspecStore]:
+    """`s3fs_store` for a store used on an event loop that ends with its user (an
+    asynchronous test or fixture): the session opened on that loop is closed, awaited,
+    before the ``async with`` block ends (`xarray_zcache.sessions.aclose_store_session`);
+    once the loop has ended it could no longer be closed."""
+    from zarr.storage import FsspecStore
+
+    from xarray_zcache.sessions import aclose_store_session, track
+
+    store = FsspecStore.from_url(url, storage_options=storage_options, read_only=read_only)
+    track(store, owned=True)  # ours: aclose_store_session closes it
+    try:
+        yield store
+    finally:
+        await aclose_store_session(store)
 
 
 def write_zarr(
