@@ -147,7 +147,6 @@ class CacheConfig:
     disk_size: int = dataclasses.field(default_factory=lambda: _cfg("disk.size"))
     disk_pack_below: int = dataclasses.field(default_factory=lambda: _cfg("disk.pack-below"))
     disk_index_cache: int = dataclasses.field(default_factory=lambda: _cfg("disk.index-cache"))
-    disk_location_map: bool = dataclasses.field(default_factory=lambda: _cfg("disk.location-map"))
     max_object_size: int = dataclasses.field(default_factory=lambda: _cfg("max-object-size"))
     metadata_ttl: float | None = dataclasses.field(default_factory=lambda: _cfg("ttl.metadata"))
     chunk_ttl: float | None = dataclasses.field(default_factory=lambda: _cfg("ttl.chunks"))
@@ -182,6 +181,8 @@ class CacheConfig:
     client: Literal["obstore", "s3fs"] = dataclasses.field(
         default_factory=lambda: _cfg("client"), compare=False
     )
+    # (new fields go last: a config travels to workers pickled, its fields by position)
+    disk_location_map: bool = dataclasses.field(default_factory=lambda: _cfg("disk.location-map"))
 
     def __post_init__(self) -> None:
         try:
