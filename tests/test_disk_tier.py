@@ -849,3 +849,34 @@ def test_sigkill_never_leaves_visible_partial_entries(tmp_path: pathlib.Path) ->
             assert t.verify()["missing_files"] == 0
         finally:
             t.close()
+
+
+def test_an_invalidation_recorded_late_keeps_the_time_it_happened(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delete the index could not record (a full disk) is recorded before the next write,
+    with a tombstone of when it happened: a fill fetched before it is refused, one fetched
+    after it is stored (recording it at the settling time refused fresh fills too, and a
+    disk tier that had been full stored nothing of what was read meanwhile)."""
+    import sqlite3
+
+    tier = DiskTier(tmp_path / "cache", 1 << 20)
+    assert tier.put("k", b"v0")
+    before = time.time_ns()
+    real_run = tier._index.run
+
+    def full(action: str, op: object, **kw: bool) -> object:
+        if action == "deleting an entry":
+            raise sqlite3.OperationalError("database or disk is full")
+        return real_run(action, op, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tier._index, "run", full)
+    tier.delete("k")  # owed
+    monkeypatch.setattr(tier._index, "run", real_run)
+    after = time.time_ns()
+    assert tier.get("k") is None  # not served while owed
+    time.sleep(0.01)
+    assert not tier.put("k", b"stale", fetch_started_ns=before)  # (settles the delete first)
+    assert tier.put("k", b"fresh", fetch_started_ns=after)
+    assert tier.get("k") == b"fresh"
+    tier.close()

@@ -254,10 +254,11 @@ class TierCore(StatsFlush):
             return
         keys, prefixes = dict(self._owed_keys), dict(self._owed_prefixes)
         with txn(conn):
-            for key in keys:
-                rows.delete_key(conn, self._root, key)
-            for prefix in prefixes:
-                rows.delete_prefix(conn, self._root, prefix, self._warn.error)
+            # tombstones of when the invalidations happened: a fill fetched since is fresh
+            for key, at in keys.items():
+                rows.delete_key(conn, self._root, key, at)
+            for prefix, at in prefixes.items():
+                rows.delete_prefix(conn, self._root, prefix, self._warn.error, at)
         for key in keys:
             self._owed_keys.pop(key, None)
         for prefix in prefixes:

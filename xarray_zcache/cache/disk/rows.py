@@ -167,7 +167,7 @@ def unlink_key_files(root: str, key: str) -> None:
         unlink_missing_ok(payload_path(root, hexdigest, kind))
 
 
-def delete_key(conn: sqlite3.Connection, root: str, key: str) -> None:
+def delete_key(conn: sqlite3.Connection, root: str, key: str, at: int | None = None) -> None:
     """Unlink the files of ``key`` (or mark its record dead), delete its row, record a
     tombstone."""
     unlink_key_files(root, key)
@@ -188,7 +188,7 @@ def delete_key(conn: sqlite3.Connection, root: str, key: str) -> None:
             # logged all the same: a damaged index may no longer find a row that a
             # location map (built by a scan, or from a hint) still holds
             conn.execute("INSERT INTO changes(key) VALUES (?)", (key,))
-        tombstone(conn, key, time.time_ns())
+        tombstone(conn, key, time.time_ns() if at is None else at)
 
 
 def remove_rows(conn: sqlite3.Connection, root: str, rows: Iterable[Row], on_error: OnError) -> int:
@@ -259,7 +259,9 @@ def remove_rows_counted(
     return count, freed
 
 
-def delete_prefix(conn: sqlite3.Connection, root: str, prefix: str, on_error: OnError) -> list[str]:
+def delete_prefix(
+    conn: sqlite3.Connection, root: str, prefix: str, on_error: OnError, at: int | None = None
+) -> list[str]:
     """Remove the entries whose key starts with ``prefix``; record a prefix tombstone."""
     upper = prefix_upper(prefix)
     if upper is None:
@@ -274,7 +276,7 @@ def delete_prefix(conn: sqlite3.Connection, root: str, prefix: str, on_error: On
     conn.execute(
         "INSERT INTO prefix_tombstones(prefix, at) VALUES (?, ?) "
         "ON CONFLICT(prefix) DO UPDATE SET at = MAX(at, excluded.at)",
-        (prefix, time.time_ns()),
+        (prefix, time.time_ns() if at is None else at),
     )
     return removed
 
