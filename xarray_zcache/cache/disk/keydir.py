@@ -150,7 +150,13 @@ class KeyDir:
     def learn(self, h: int, mark: int, found: Location | str) -> None:
         """What the index said of ``h`` (a location, or :data:`ABSENT`), asked after
         :meth:`mark` gave ``mark``: kept unless the map changed since (a change applied
-        meanwhile may be newer than the index's answer; one applied later overrides it)."""
+        meanwhile may be newer than the index's answer; one applied later overrides it).
+
+        "No row" is never learnt: the map said *ask* for ``h``, so it holds ``h`` for some
+        key; if that key is another one (8-byte hashes collide), "absent" would hide it, and
+        if it is this key, deleted since, the logged deletion says so anyway."""
+        if found is ABSENT:
+            return
         with self._lock:
             if self._ready and self._generation == mark:
                 self._changes[h] = found
