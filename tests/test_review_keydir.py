@@ -138,3 +138,137 @@ def test_collision_colliding_keys_never_get_each_others_bytes(
             if got is None:
                 assert t.put("col/A", b"A" * 100)
             assert t.get("col/A") == b"A" * 100
+
+
+# ---------------------------------------------------------------------- other processes
+
+
+def test_another_process_evicting_verifying_compacting_and_clearing_is_followed(
+    tmp_path: pathlib.Path,
+) -> None:
+    path = tmp_path / "c"
+    _filled(path)
+    with _tier(path) as t:
+        assert all(t.get(k) == _value(k) for k in KEYS)  # every answer from the map now
+        _in_another_process(
+            path,
+            "import os\n"
+            f"t.put({KEYS[0]!r}, b'v2', namespace='ns')\n"
+            # a row left without its file: verify(repair=True) deletes it
+            f"t.put('big', b'x' * {SEGMENT_THRESHOLD + 1})\n"
+            "import hashlib\n"
+            "from xarray_zcache.cache.disk.format import payload_path\n"
+            "h = hashlib.sha256(b'big').hexdigest()\n"
+            "[os.unlink(payload_path(t._root, h, k)) for k in ('chunk',)]\n"
+            "assert t.verify(repair=True)['missing_files'] == 1\n"
+            f"[t.delete(k) for k in {KEYS[100:150]!r}]\n"
+            "t.compact()\n"
+            "t.evict(0)\n",  # every entry evicted
+        )
+        assert t.get("big") is None
+        assert all(t.get(k) is None for k in KEYS)
+        assert not any(t.might_contain(k) for k in KEYS)
+        _in_another_process(path, f"t.put({KEYS[1]!r}, b'back', namespace='ns')")
+        assert t.get(KEYS[1]) == b"back"
+        assert t.get(KEYS[0]) is None
+
+
+def test_another_process_rebuilding_the_index_is_followed(tmp_path: pathlib.Path) -> None:
+    """rebuild_index in another process replaces index.db: records are not recovered (they
+    may be dead), so the map must not go on serving them."""
+    path = tmp_path / "c"
+    _filled(path)
+    with _tier(path) as t:
+        assert t.get(KEYS[0]) == _value(KEYS[0])
+        _in_another_process(path, "t.rebuild_index()")
+        assert t.get(KEYS[0]) is None
+        assert not t.might_contain(KEYS[0])
+        assert t.put(KEYS[0], b"after", namespace="ns")
+        assert t.get(KEYS[0]) == b"after"
+
+
+def test_this_process_rebuilding_the_index_loses_no_later_write(tmp_path: pathlib.Path) -> None:
+    """The map's connection is on the replaced index.db; closing it (when the map notices)
+    must not take the new index's -wal/-shm with it (SQLite deletes those by name)."""
+    path = tmp_path / "c"
+    _filled(path)
+    with _tier(path) as t:
+        assert t.get(KEYS[0]) == _value(KEYS[0])
+        t.rebuild_index()
+        assert t.put("after/1", b"one")
+        assert t.get(KEYS[0]) is None  # the map notices the new index, drops its connection
+        assert t.put("after/2", b"two")
+        assert t.get("after/1") == b"one"
+        _in_another_process(
+            path, "assert t.get('after/1') == b'one'\nassert t.get('after/2') == b'two'"
+        )
+    with contextlib.closing(sqlite3.connect(path / "index.db")) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    with _tier(path) as t:
+        assert t.get("after/1") == b"one" and t.get("after/2") == b"two"
+        assert t.get(KEYS[0]) is None
+
+
+def test_a_map_behind_the_pruned_log_is_rebuilt_not_served(
+    tmp_path: pathlib.Path,
+) -> None:
+    """Another process overwrites a key, then prunes the log past the change: the map
+    cannot apply it, so it must be dropped and rebuilt (never answer from before)."""
+    path = tmp_path / "c"
+    _filled(path)
+    with _tier(path) as t:
+        assert t.get(KEYS[0]) == _value(KEYS[0])
+        _in_another_process(
+            path,
+            f"t.put({KEYS[0]!r}, b'v2', namespace='ns')\n"
+            f"t.delete({KEYS[1]!r})\n"
+            "[t.put(f'filler/{i}', b'f') for i in range(30)]\n"
+            "rows.CHANGES_KEPT = 5\n"
+            "t.prune_tombstones(0)\n",
+        )
+        with contextlib.closing(sqlite3.connect(path / "index.db")) as conn:
+            assert conn.execute("SELECT pruned FROM changes_state").fetchone()[0] > 0
+        assert t.get(KEYS[0]) == b"v2"
+        assert t.get(KEYS[1]) is None
+        deadline = time.monotonic() + 30
+        while not t._keydir.ready and time.monotonic() < deadline:  # type: ignore[union-attr]
+            t.get(KEYS[2])
+            time.sleep(0.01)
+        assert t._keydir is not None and t._keydir.ready
+        assert t.get(KEYS[0]) == b"v2" and t.get(KEYS[1]) is None
+        assert t.get(KEYS[2]) == _value(KEYS[2])
+    with _tier(path) as t:  # the hint written at that close is of the pruned log
+        assert t.get(KEYS[0]) == b"v2" and t.get(KEYS[1]) is None
+
+
+def test_pruning_tombstones_here_does_not_drop_this_process_map(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``prune_tombstones`` prunes the change log too: this process's own map, behind by
+    its own writes (no read since), must take them in first, as the automatic pruning of
+    fills does, rather than be dropped and rebuilt from every row."""
+    path = tmp_path / "c"
+    _filled(path)
+    monkeypatch.setattr(rows, "CHANGES_KEPT", 5)
+    with _tier(path) as t:
+        assert t._keydir is not None and t._keydir.ready
+        assert t.get(KEYS[0]) == _value(KEYS[0])
+        builds = t._keydir.builds
+        for i in range(30):
+            assert t.put(f"filler/{i}", b"f")
+        t.prune_tombstones(0)
+        assert t.get("filler/0") == b"f" and t.get(KEYS[0]) == _value(KEYS[0])
+        assert t._keydir.ready and t._keydir.builds == builds
+
+
+def test_expired_entries_are_not_served_from_the_map(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "c"
+    with _tier(path) as t:
+        now = time.time()
+        assert t.put("ttl", b"short", expires=now + 10)
+        assert t.get("ttl", now=now) == b"short"
+        assert t.get("ttl", now=now + 20) is None  # expired: dropped
+        assert t.get("ttl", now=now) is None  # the row is gone
+        assert not t.might_contain("ttl")
+    with _tier(path) as t:
+        assert t.get("ttl", now=now) is None

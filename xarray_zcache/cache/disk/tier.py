@@ -266,6 +266,8 @@ class DiskTier(TierFills, TierInspection):
             with txn(conn):
                 rows.prune(conn, older_than_s)
 
+        if self._keydir is not None:
+            self._keydir.sync()  # this process's map takes in the changes before they go
         self._index.maintain("pruning tombstones", prune)
 
     def verify(self, repair: bool = False) -> dict[str, int]:
