@@ -272,3 +272,201 @@ def test_expired_entries_are_not_served_from_the_map(tmp_path: pathlib.Path) -> 
         assert not t.might_contain("ttl")
     with _tier(path) as t:
         assert t.get("ttl", now=now) is None
+
+
+# ---------------------------------------------------------------------- fork, close, threads
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_forked_child_changing_entries_is_followed_by_the_parent_map(
+    tmp_path: pathlib.Path,
+) -> None:
+    path = tmp_path / "c"
+    _filled(path)
+    t = _tier(path)
+    try:
+        assert t._keydir is not None and t._keydir.ready
+        assert t.get(KEYS[0]) == _value(KEYS[0])
+
+        def child() -> None:
+            assert t._keydir is not None
+            assert t._keydir.find(hash_of(KEYS[0])) is ASK  # never the parent's connection
+            assert t.get(KEYS[0]) == _value(KEYS[0])  # through the index
+            assert t.put(KEYS[0], b"from the child", namespace="ns")
+            assert t.get(KEYS[0]) == b"from the child"
+            t.delete(KEYS[1])
+            assert t.get(KEYS[1]) is None
+            t._keydir.close()  # the child lets go of its copy of the map (no hint, no close)
+
+        hint_before = (path / hint.HINT_NAME).read_bytes()
+        assert _forked(child) == 0
+        assert (path / hint.HINT_NAME).read_bytes() == hint_before  # the child wrote none
+        assert t._keydir.ready
+        assert t.get(KEYS[0]) == b"from the child"
+        assert t.get(KEYS[1]) is None and not t.might_contain(KEYS[1])
+        assert t.put("parent/after", b"p")
+        _in_another_process(
+            path,
+            "assert t.get('parent/after') == b'p'\n"
+            f"assert t.get({KEYS[0]!r}) == b'from the child'",
+        )
+        assert t.get(KEYS[2]) == _value(KEYS[2])
+    finally:
+        t.close()
+    with contextlib.closing(sqlite3.connect(path / "index.db")) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    with _tier(path) as t2:
+        assert t2.get(KEYS[0]) == b"from the child" and t2.get("parent/after") == b"p"
+
+
+def test_closing_while_the_map_is_built_in_the_background(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "c"
+    _filled(path)
+    (path / hint.HINT_NAME).unlink()
+    monkeypatch.setattr(keydir, "_BUILD_AT_ONCE", 10)  # KEYS: built in the background
+    monkeypatch.setattr(keydir, "_SCAN_BATCH", 10)
+    started = threading.Event()
+    real = keydir.hash_of
+
+    def slow_hash(key: str) -> int:
+        started.set()
+        time.sleep(0.01)
+        return real(key)
+
+    monkeypatch.setattr(keydir, "hash_of", slow_hash)
+    t = _tier(path)
+    assert t._keydir is not None and not t._keydir.ready
+    assert started.wait(10)
+    assert t.get(KEYS[0]) == _value(KEYS[0])  # asks the index meanwhile
+    t0 = time.monotonic()
+    t.close()
+    assert time.monotonic() - t0 < 5  # the build stops at the next batch
+    assert not (path / hint.HINT_NAME).exists()  # no hint of a map never built
+    assert t.get(KEYS[0]) is None  # closed
+    monkeypatch.setattr(keydir, "hash_of", real)
+    with _tier(path) as t:
+        deadline = time.monotonic() + 30
+        while not t._keydir.ready and time.monotonic() < deadline:  # type: ignore[union-attr]
+            time.sleep(0.01)
+        assert all(t.get(k) == _value(k) for k in KEYS)
+
+
+def test_readers_during_a_background_build_and_frequent_merges_stay_exact(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writers overwrite and delete while the map is built in the background and merges its
+    changes into the arrays every few changes; readers check every answer."""
+    path = tmp_path / "c"
+    _filled(path)
+    (path / hint.HINT_NAME).unlink()
+    monkeypatch.setattr(keydir, "_BUILD_AT_ONCE", 10)
+    monkeypatch.setattr(keydir, "_MERGE_AT", 4)
+    monkeypatch.setattr(keydir, "_SCAN_BATCH", 7)
+    errors: list[str] = []
+    #: the last value committed per key (None: deleted), and a lock around (write, record)
+    latest: dict[str, bytes | None] = {k: _value(k) for k in KEYS}
+    guards = {k: threading.Lock() for k in KEYS}
+    stop = threading.Event()
+    with _tier(path) as t:
+
+        def writer(seed: int) -> None:
+            n = 0
+            while not stop.is_set():
+                k = KEYS[(seed * 7 + n * 13) % len(KEYS)]
+                with guards[k]:
+                    if n % 5 == 0:
+                        t.delete(k)
+                        latest[k] = None
+                    else:
+                        v = _value(k, f"w{seed}-{n}")
+                        assert t.put(k, v, namespace="ns")
+                        latest[k] = v
+                n += 1
+
+        def reader(seed: int) -> None:
+            n = 0
+            while not stop.is_set():
+                k = KEYS[(seed * 11 + n * 3) % len(KEYS)]
+                with guards[k]:  # no write of k meanwhile: the answer must be the latest
+                    want = latest[k]
+                    got = t.get(k)
+                if got != want:
+                    errors.append(f"{k}: got {got[:20] if got else got!r}, want {want!r:.40}")
+                n += 1
+
+        threads = [threading.Thread(target=writer, args=(i,)) for i in range(2)]
+        threads += [threading.Thread(target=reader, args=(i,)) for i in range(4)]
+        for th in threads:
+            th.start()
+        time.sleep(3)
+        stop.set()
+        for th in threads:
+            th.join(30)
+        assert not errors, errors[:5]
+        assert t._keydir is not None and t._keydir.ready
+        assert all(t.get(k) == latest[k] for k in KEYS)
+    with _tier(path) as t:  # the hint of the merged map
+        assert all(t.get(k) == latest[k] for k in KEYS)
+
+
+def test_learnt_answers_race_another_process_overwriting(tmp_path: pathlib.Path) -> None:
+    """Readers make the map ask the index (``forget``) and learn its answers, while another
+    process overwrites and deletes the same keys: no read goes back in time, none returns
+    another key's bytes, and once the writer is done every key reads its last value (a
+    learnt answer older than a change it missed would stay forever)."""
+    path = tmp_path / "c"
+    keys = KEYS[:20]
+    _filled(path, keys)
+    rounds = 60
+    errors: list[str] = []
+    stop = threading.Event()
+    with _tier(path) as t:
+        assert t._keydir is not None and t._keydir.ready
+        kd = t._keydir
+
+        def reader(seed: int) -> None:
+            seen = dict.fromkeys(keys, -1)
+            n = 0
+            while not stop.is_set():
+                k = keys[(seed + n * 7) % len(keys)]
+                if n % 2 == 0:
+                    kd.forget(hash_of(k))
+                got = t.get(k)
+                n += 1
+                if got is None:
+                    continue
+                if not got.startswith(f"<{k}|".encode()):
+                    errors.append(f"{k}: another key's bytes {got[:30]!r}")
+                    continue
+                tag = got.split(b"|", 1)[1].split(b">", 1)[0]
+                r = -1 if tag == b"v1" else int(tag[1:])
+                if r < seen[k]:
+                    errors.append(f"{k}: went back from round {seen[k]} to {r}")
+                seen[k] = max(seen[k], r)
+
+        threads = [threading.Thread(target=reader, args=(i,)) for i in range(4)]
+        for th in threads:
+            th.start()
+        try:
+            _in_another_process(
+                path,
+                f"keys = {keys!r}\n"
+                f"for r in range({rounds}):\n"
+                "    for i, k in enumerate(keys):\n"
+                "        if (r + i) % 9 == 0:\n"
+                "            t.delete(k)\n"
+                "        else:\n"
+                "            assert t.put(k, (f'<{k}|r{r}>'.encode()) * 20, namespace='ns')\n",
+            )
+        finally:
+            stop.set()
+            for th in threads:
+                th.join(30)
+        assert not errors, errors[:5]
+        last = rounds - 1
+        for i, k in enumerate(keys):
+            want = None if (last + i) % 9 == 0 else f"<{k}|r{last}>".encode() * 20
+            assert t.get(k) == want, k
+            assert t.might_contain(k) == (want is not None)
