@@ -470,3 +470,23 @@ def test_learnt_answers_race_another_process_overwriting(tmp_path: pathlib.Path)
             want = None if (last + i) % 9 == 0 else f"<{k}|r{last}>".encode() * 20
             assert t.get(k) == want, k
             assert t.might_contain(k) == (want is not None)
+
+
+def test_the_change_log_stays_bounded_with_short_lived_processes(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each tier prunes the log every AUTO_PRUNE_EVERY (4,096) stores of its own: processes
+    that each store fewer (workers, scripts) or only delete, evict or compact would let it
+    grow without bound (a row per change). Closing prunes it too."""
+    path = tmp_path / "c"
+    monkeypatch.setattr(rows, "CHANGES_KEPT", 20)
+    for i in range(30):
+        with _tier(path) as t:
+            assert all(t.put_many([Fill(f"w{i}/{j}", b"x" * 10) for j in range(10)]))
+    with contextlib.closing(sqlite3.connect(path / "index.db")) as conn:
+        logged = conn.execute("SELECT count(*) FROM changes").fetchone()[0]
+    assert logged <= 20 + 10
+    with _tier(path) as t:  # and the hint of the last close still serves
+        assert t._keydir is not None and t._keydir.ready
+        assert t.get("w29/9") == b"x" * 10 and t.get("w0/0") == b"x" * 10
+        assert t.index_lookups == 0

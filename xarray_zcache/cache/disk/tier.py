@@ -335,6 +335,12 @@ class DiskTier(TierFills, TierInspection):
                     self._settle_owed_locked(self._index.require())
             if self._keydir is not None:
                 self._keydir.close()  # the hint file for the next open (after the settling)
+            conn = self._index.conn
+            if conn is not None:
+                # the change log is pruned every AUTO_PRUNE_EVERY stores of one tier: one
+                # that stores fewer (a worker, a script) must not let it grow without bound
+                with contextlib.suppress(OSError, sqlite3.Error), txn(conn):
+                    rows.prune_changes(conn, rows.CHANGES_KEPT)
             self._index.close_locked()
 
     def abandon(self) -> None:
