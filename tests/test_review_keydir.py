@@ -490,3 +490,45 @@ def test_the_change_log_stays_bounded_with_short_lived_processes(
         assert t._keydir is not None and t._keydir.ready
         assert t.get("w29/9") == b"x" * 10 and t.get("w0/0") == b"x" * 10
         assert t.index_lookups == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_fork_while_another_thread_asks_the_map_does_not_hang_the_child(
+    tmp_path: pathlib.Path,
+) -> None:
+    """Every read takes the map's lock: a fork() while another thread holds it (a read in
+    progress, a merge, a hint being written at close) copies it held. The child never uses
+    the map (its connection is the parent's): it must not wait for that lock either."""
+    path = tmp_path / "c"
+    _filled(path)
+    with _tier(path) as t:
+        assert t._keydir is not None and t._keydir.ready
+        held, release = threading.Event(), threading.Event()
+
+        def hold() -> None:  # a reader in the middle of find(), as the fork happens
+            with t._keydir._lock:  # type: ignore[union-attr]
+                held.set()
+                release.wait(30)
+
+        th = threading.Thread(target=hold)
+        th.start()
+        assert held.wait(10)
+        try:
+
+            def child() -> None:
+                import faulthandler
+
+                faulthandler.dump_traceback_later(10, exit=True)  # a hang: exit 1
+                assert t.get(KEYS[0]) == _value(KEYS[0])
+                assert t.might_contain(KEYS[0])
+                assert t.get("ns/v/c/absent") is None
+
+            with pytest.warns(DeprecationWarning) if sys.version_info >= (3, 12) else (
+                contextlib.nullcontext()
+            ):
+                status = _forked(child)
+        finally:
+            release.set()
+            th.join(10)
+        assert status == 0
+        assert t.get(KEYS[0]) == _value(KEYS[0])

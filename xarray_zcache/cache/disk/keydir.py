@@ -109,6 +109,10 @@ class KeyDir:
     def find(self, h: int) -> Location | str:
         """Where the entry of key hash ``h`` is (:class:`Location`), :data:`ABSENT`, or
         :data:`ASK` (the map cannot say: not built yet, or the index cannot be read)."""
+        if os.getpid() != self._pid:
+            # a fork()ed child: the connection is the parent's, and the lock may have been
+            # copied held (another thread was in here at the fork): neither is touched
+            return ASK
         with self._lock:
             found = self._find_locked(h)
             if found is ASK:
@@ -155,7 +159,7 @@ class KeyDir:
         "No row" is never learnt: the map said *ask* for ``h``, so it holds ``h`` for some
         key; if that key is another one (8-byte hashes collide), "absent" would hide it, and
         if it is this key, deleted since, the logged deletion says so anyway."""
-        if found is ABSENT:
+        if found is ABSENT or os.getpid() != self._pid:
             return
         with self._lock:
             if self._ready and self._generation == mark:
@@ -164,6 +168,8 @@ class KeyDir:
     def forget(self, h: int) -> None:
         """The location given for ``h`` did not hold the key's record: ask the index for it
         from now on (until a change of the key is logged)."""
+        if os.getpid() != self._pid:
+            return
         with self._lock:
             if self._ready:
                 self._changes[h] = ASK
@@ -172,6 +178,8 @@ class KeyDir:
 
     def sync(self) -> None:
         """Apply the changes logged since the last look (before pruning the log)."""
+        if os.getpid() != self._pid:
+            return
         with self._lock:
             if self._ready:
                 self._sync_locked()
@@ -404,6 +412,9 @@ class KeyDir:
 
     def close(self, *, save: bool = True) -> None:
         """Write the hint file (when the map changed since it was loaded) and let go."""
+        if os.getpid() != self._pid:  # a fork()ed child: nothing here is its own (see find)
+            self._closed = True
+            return
         with self._lock:
             self._closed = True
             building = self._building
