@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from xarray_zcache.cache.disk import DiskTier, Fill, hint, keydir, locations, reads, rows
-from xarray_zcache.cache.disk.locations import ABSENT, ASK, Location, hash_of
+from xarray_zcache.cache.disk.locations import ASK, Location, hash_of
 from xarray_zcache.cache.disk.segments import SEGMENT_THRESHOLD
 
 KEYS = [f"ns/v/c/{i}" for i in range(200)]
@@ -307,8 +307,7 @@ def test_a_forked_child_changing_entries_is_followed_by_the_parent_map(
         assert t.put("parent/after", b"p")
         _in_another_process(
             path,
-            "assert t.get('parent/after') == b'p'\n"
-            f"assert t.get({KEYS[0]!r}) == b'from the child'",
+            f"assert t.get('parent/after') == b'p'\nassert t.get({KEYS[0]!r}) == b'from the child'",
         )
         assert t.get(KEYS[2]) == _value(KEYS[2])
     finally:
@@ -523,12 +522,46 @@ def test_a_fork_while_another_thread_asks_the_map_does_not_hang_the_child(
                 assert t.might_contain(KEYS[0])
                 assert t.get("ns/v/c/absent") is None
 
-            with pytest.warns(DeprecationWarning) if sys.version_info >= (3, 12) else (
-                contextlib.nullcontext()
-            ):
+            with pytest.warns(DeprecationWarning, match="multi-threaded"):
                 status = _forked(child)
         finally:
             release.set()
             th.join(10)
         assert status == 0
         assert t.get(KEYS[0]) == _value(KEYS[0])
+
+
+def test_building_the_map_from_the_rows_holds_no_python_int_per_field(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The map takes 25 bytes an entry; its build from the rows held five lists of Python
+    ints (~200 bytes an entry at the peak: 2 GB for ten million entries)."""
+    import tracemalloc
+
+    path = tmp_path / "c"
+    with _tier(path) as t:
+        assert t.put("x", b"y")
+    n = 50_000
+    with contextlib.closing(sqlite3.connect(path / "index.db", isolation_level=None)) as conn:
+        conn.execute("BEGIN")
+        conn.executemany(
+            "INSERT INTO entries(key, namespace, kind, size, created, last_access, checksum, "
+            "token, segment, offset) VALUES (?, 'ns', 'chunk', 1000, 0, 0, 0, 0, "
+            "'1-0123456789abcdef.seg', ?)",
+            ((f"ns/var/c/{i}.0.0", i * 1100) for i in range(n)),
+        )
+        conn.execute("COMMIT")
+    monkeypatch.setattr(keydir, "_SCAN_BATCH", 1000)  # (the rows of a batch: apart)
+    kd = keydir.KeyDir(str(path), str(path / "index.db"))
+    conn, _ = keydir._connect(str(path / "index.db"))
+    try:
+        tracemalloc.start()
+        try:
+            built = kd._scan(conn)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    finally:
+        conn.close()
+    assert built is not None and len(built.arrays.hashes) == n + 1
+    assert peak / n < 120, peak / n

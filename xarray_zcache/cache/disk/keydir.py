@@ -30,6 +30,7 @@ thread, reads asking the index meanwhile.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import dataclasses
 import hashlib
@@ -378,11 +379,12 @@ class KeyDir:
 
     def _scan(self, conn: sqlite3.Connection) -> hint.Hint | None:
         """The map of the rows, with the change it reflects (one read transaction)."""
-        hashes: list[int] = []
-        kinds: list[int] = []
-        segments: list[int] = []
-        offsets: list[int] = []
-        lengths: list[int] = []
+        # typed buffers: ~29 bytes a row while building (lists of ints held ~200)
+        hashes = array.array("Q")
+        kinds = array.array("B")
+        segments = array.array("i")
+        offsets = array.array("q")
+        lengths = array.array("q")
         names: dict[str, int] = {}
         kind_codes = {kind: n for n, kind in enumerate(KINDS)}
         conn.execute("BEGIN")
