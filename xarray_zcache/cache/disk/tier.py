@@ -339,8 +339,10 @@ class DiskTier(TierFills, TierInspection):
             if conn is not None:
                 # the change log is pruned every AUTO_PRUNE_EVERY stores of one tier: one
                 # that stores fewer (a worker, a script) must not let it grow without bound
-                with contextlib.suppress(OSError, sqlite3.Error), txn(conn):
-                    rows.prune_changes(conn, rows.CHANGES_KEPT)
+                with contextlib.suppress(OSError, sqlite3.Error):
+                    if rows.changes_cutoff(conn, rows.CHANGES_KEPT) is not None:
+                        with txn(conn):  # (no write lock taken when there is nothing to do)
+                            rows.prune_changes(conn, rows.CHANGES_KEPT)
             self._index.close_locked()
 
     def abandon(self) -> None:
