@@ -565,3 +565,79 @@ def test_building_the_map_from_the_rows_holds_no_python_int_per_field(
         conn.close()
     assert built is not None and len(built.arrays.hashes) == n + 1
     assert peak / n < 120, peak / n
+
+
+def test_processes_writing_deleting_compacting_and_evicting_leave_the_map_exact(
+    tmp_path: pathlib.Path,
+) -> None:
+    """Two other processes put, overwrite, delete, delete by prefix, compact and evict the
+    same keys while this one reads through its map; then every answer of the map (and of a
+    map loaded from the hint) is the index's, as a tier without a map reads it."""
+    path = tmp_path / "c"
+    keys = [f"s/{i % 7}/{i}" for i in range(120)]
+    _filled(path, keys)
+    errors: list[str] = []
+    stop = threading.Event()
+    writer = (
+        "import random, time\n"
+        f"keys = {keys!r}\n"
+        "rnd = random.Random(int(sys.argv[1]) if len(sys.argv) > 1 else 0)\n"
+        "end = time.monotonic() + 4\n"
+        "n = 0\n"
+        "while time.monotonic() < end:\n"
+        "    k = rnd.choice(keys)\n"
+        "    op = rnd.random()\n"
+        "    if op < 0.6:\n"
+        "        t.put(k, (f'<{k}|p{n}>'.encode()) * rnd.randint(1, 40), namespace='ns')\n"
+        "    elif op < 0.8:\n"
+        "        t.delete(k)\n"
+        "    elif op < 0.85:\n"
+        "        t.delete_prefix(f's/{rnd.randint(0, 6)}/')\n"
+        "    elif op < 0.9:\n"
+        "        t.compact()\n"
+        "    elif op < 0.95:\n"
+        "        t.evict(t.used_bytes() // 2)\n"
+        "    else:\n"
+        "        t.put(k, b'F' * 70000 + k.encode(), namespace='ns')\n"  # a file of its own
+        "    n += 1\n"
+    )
+    with _tier(path) as t:
+
+        def reader(seed: int) -> None:
+            n = 0
+            while not stop.is_set():
+                k = keys[(seed * 31 + n * 17) % len(keys)]
+                got = t.get(k)
+                n += 1
+                if got is not None and not (
+                    got.startswith(f"<{k}|".encode()) or got.endswith(k.encode())
+                ):
+                    errors.append(f"{k}: another key's bytes {got[:30]!r}")
+
+        threads = [threading.Thread(target=reader, args=(i,)) for i in range(3)]
+        for th in threads:
+            th.start()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        script = (
+            "import sys\nfrom xarray_zcache.cache.disk import DiskTier\n"
+            f"t = DiskTier({str(path)!r}, 1 << 30)\n{writer}t.close()\n"
+        )
+        procs = [subprocess.Popen([sys.executable, "-c", script, str(i)], env=env) for i in (1, 2)]
+        try:
+            assert all(p.wait(120) == 0 for p in procs)
+        finally:
+            stop.set()
+            for th in threads:
+                th.join(30)
+        assert not errors, errors[:5]
+        ref = DiskTier(path, 1 << 30, location_map=False)
+        try:
+            for k in keys:
+                assert t.get(k) == ref.get(k), k
+                assert t.might_contain(k) == ref.might_contain(k), k
+        finally:
+            ref.close()
+    with _tier(path) as t, contextlib.closing(DiskTier(path, 1 << 30, location_map=False)) as ref:
+        assert t._keydir is not None and t._keydir.ready
+        for k in keys:
+            assert t.get(k) == ref.get(k), k
