@@ -641,3 +641,38 @@ def test_processes_writing_deleting_compacting_and_evicting_leave_the_map_exact(
         assert t._keydir is not None and t._keydir.ready
         for k in keys:
             assert t.get(k) == ref.get(k), k
+
+
+def test_zcache_clear_and_namespace_and_expiry_drops_in_another_process(
+    tmp_path: pathlib.Path,
+) -> None:
+    """``zcache clear`` (the CLI, in its own process), ``delete_namespace`` and
+    ``drop_expired`` elsewhere: the records stay intact in their segments (and open in this
+    process's descriptor cache); the map must never serve them again."""
+    path = tmp_path / "c"
+    now = time.time()
+    with _tier(path) as t:
+        assert all(t.put_many([Fill(k, _value(k), namespace="ns") for k in KEYS[:50]]))
+        assert all(t.put_many([Fill(k, _value(k), namespace="other") for k in KEYS[50:100]]))
+        assert t.put("ttl", b"soon", expires=now + 1)
+    with _tier(path) as t:
+        assert all(t.get(k) == _value(k) for k in KEYS[:100])
+        assert t.get("ttl", now=now) == b"soon"
+        _in_another_process(
+            path, "t.delete_namespace('other')\nimport time\nt.drop_expired(time.time() + 5)"
+        )
+        assert all(t.get(k) is None for k in KEYS[50:100])
+        assert t.get("ttl", now=now) is None  # (the header has not expired at ``now``)
+        assert all(t.get(k) == _value(k) for k in KEYS[:50])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        subprocess.run(
+            [sys.executable, "-m", "xarray_zcache.cli", "clear", str(path)],
+            check=True,
+            env=env,
+            timeout=120,
+            capture_output=True,
+        )
+        assert all(t.get(k) is None for k in KEYS[:100])
+        assert not any(t.might_contain(k) for k in KEYS[:100])
+    with _tier(path) as t:
+        assert all(t.get(k) is None for k in KEYS[:100])
