@@ -676,3 +676,37 @@ def test_zcache_clear_and_namespace_and_expiry_drops_in_another_process(
         assert not any(t.might_contain(k) for k in KEYS[:100])
     with _tier(path) as t:
         assert all(t.get(k) is None for k in KEYS[:100])
+
+
+def test_an_index_restored_from_a_copy_under_a_running_map_is_followed(
+    tmp_path: pathlib.Path,
+) -> None:
+    """index.db renamed over by an older copy of itself (same epoch, an earlier change):
+    the running map follows the file it now finds, as the index does, and the hint it
+    leaves (of the copy's history) is used again only while it is that history."""
+    path = tmp_path / "c"
+    _filled(path)
+    backup = tmp_path / "index.copy"
+    with (
+        contextlib.closing(sqlite3.connect(path / "index.db")) as src,
+        contextlib.closing(sqlite3.connect(backup)) as dst,
+    ):
+        src.backup(dst)
+    with _tier(path) as t:
+        assert t.put(KEYS[0], b"after the copy", namespace="ns")
+        t.delete(KEYS[1])
+        assert t.put("new", b"new")
+        assert t.get(KEYS[0]) == b"after the copy"
+        with contextlib.closing(sqlite3.connect(path / "index.db")) as conn:
+            # no frame of the running index's WAL is left to be read over the copy
+            assert conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+        os.replace(backup, path / "index.db")
+        with contextlib.closing(DiskTier(path, 1 << 30, location_map=False)) as ref:
+            for k in [*KEYS[:5], "new"]:
+                assert t.get(k) == ref.get(k), k
+            # the copy's row of KEYS[1] is back, but its record says "deleted": dropped
+            assert t.get(KEYS[1]) is None and t.get(KEYS[2]) == _value(KEYS[2])
+            assert t.get("new") is None
+    with _tier(path) as t, contextlib.closing(DiskTier(path, 1 << 30, location_map=False)) as ref:
+        for k in [*KEYS[:5], "new"]:
+            assert t.get(k) == ref.get(k), k
