@@ -278,6 +278,7 @@ def test_expired_entries_are_not_served_from_the_map(tmp_path: pathlib.Path) -> 
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+@pytest.mark.filterwarnings("ignore:This process.*multi-threaded")
 def test_a_forked_child_changing_entries_is_followed_by_the_parent_map(
     tmp_path: pathlib.Path,
 ) -> None:
