@@ -711,3 +711,46 @@ def test_an_index_restored_from_a_copy_under_a_running_map_is_followed(
     with _tier(path) as t, contextlib.closing(DiskTier(path, 1 << 30, location_map=False)) as ref:
         for k in [*KEYS[:5], "new"]:
             assert t.get(k) == ref.get(k), k
+
+
+def test_an_old_writer_overwriting_a_record_with_a_file_is_logged_as_the_file(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A writer of schema 2 (it knows no records) overwrites a row with a new token and a
+    payload file of its own, leaving ``segment``/``offset`` as they were; a trigger then
+    points the row at the file. Two logged changes follow, the outer update's (still the
+    record's location) and the nested one's (the file): the map must end on the file, never
+    on the old record (intact, the key's, a value since replaced). That order is SQLite's
+    order of firing triggers: this test guards it."""
+    from xarray_zcache.cache.disk.format import payload_path
+
+    path, other = tmp_path / "c", tmp_path / "files"
+    key = "old/A"
+    with DiskTier(other, 1 << 30, segment_threshold=-1) as files:  # files of their own
+        assert files.put(key, b"v2 as a file", namespace="ns")
+        row = files._conn.execute(  # type: ignore[union-attr]
+            "SELECT kind, size, checksum FROM entries WHERE key = ?", (key,)
+        ).fetchone()
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    with _tier(path) as t:
+        assert t.put(key, b"v1 as a record", namespace="ns")
+        assert t.get(key) == b"v1 as a record"
+        src, dst = payload_path(str(other), digest, row[0]), payload_path(str(path), digest, row[0])
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        os.replace(src, dst)
+        with contextlib.closing(sqlite3.connect(path / "index.db", isolation_level=None)) as c:
+            c.execute("BEGIN IMMEDIATE")
+            c.execute(
+                "UPDATE entries SET token = token + 1, kind = ?, size = ?, checksum = ? "
+                "WHERE key = ?",
+                (*row, key),
+            )
+            c.execute("COMMIT")
+            assert c.execute("SELECT segment FROM entries WHERE key = ?", (key,)).fetchone() == (
+                None,
+            )
+        loc = t._keydir.find(hash_of(key))  # type: ignore[union-attr]
+        assert isinstance(loc, Location) and loc.segment is None
+        assert t.get(key) == b"v2 as a file"
+    with _tier(path) as t:
+        assert t.get(key) == b"v2 as a file"
