@@ -754,3 +754,20 @@ def test_an_old_writer_overwriting_a_record_with_a_file_is_logged_as_the_file(
         assert t.get(key) == b"v2 as a file"
     with _tier(path) as t:
         assert t.get(key) == b"v2 as a file"
+
+
+def test_two_tiers_of_one_process_on_one_folder_follow_each_other(
+    tmp_path: pathlib.Path,
+) -> None:
+    path = tmp_path / "c"
+    _filled(path, KEYS[:20])
+    with _tier(path) as a, _tier(path) as b:
+        assert a.get(KEYS[0]) == b.get(KEYS[0]) == _value(KEYS[0])
+        for i in range(20):
+            assert a.put(KEYS[i], _value(KEYS[i], "a"), namespace="ns")
+            assert b.get(KEYS[i]) == _value(KEYS[i], "a")
+            b.delete(KEYS[i])
+            assert a.get(KEYS[i]) is None and not a.might_contain(KEYS[i])
+        b.compact()
+        assert b.put("b/only", b"b")
+        assert a.get("b/only") == b"b"
