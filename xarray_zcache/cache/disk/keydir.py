@@ -32,6 +32,7 @@ thread, reads asking the index meanwhile.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import dataclasses
 import hashlib
@@ -124,6 +125,10 @@ class KeyDir:
     def find(self, h: int) -> Location | str:
         """Where the entry of key hash ``h`` is (:class:`Location`), :data:`ABSENT`, or
         :data:`ASK` (the map cannot say: not built yet, or the index cannot be read)."""
+        if os.getpid() != self._pid:
+            # a fork()ed child: the connection is the parent's, and the lock may have been
+            # copied held (another thread was in here at the fork): neither is touched
+            return ASK
         with self._lock:
             found = self._find_locked(h)
             if found is ASK:
@@ -166,7 +171,13 @@ class KeyDir:
     def learn(self, h: int, mark: int, found: Location | str) -> None:
         """What the index said of ``h`` (a location, or :data:`ABSENT`), asked after
         :meth:`mark` gave ``mark``: kept unless the map changed since (a change applied
-        meanwhile may be newer than the index's answer; one applied later overrides it)."""
+        meanwhile may be newer than the index's answer; one applied later overrides it).
+
+        "No row" is never learnt: the map said *ask* for ``h``, so it holds ``h`` for some
+        key; if that key is another one (8-byte hashes collide), "absent" would hide it, and
+        if it is this key, deleted since, the logged deletion says so anyway."""
+        if found is ABSENT or os.getpid() != self._pid:
+            return
         with self._lock:
             if self._ready and self._generation == mark:
                 self._changes[h] = found
@@ -174,6 +185,8 @@ class KeyDir:
     def forget(self, h: int) -> None:
         """The location given for ``h`` did not hold the key's record: ask the index for it
         from now on (until a change of the key is logged)."""
+        if os.getpid() != self._pid:
+            return
         with self._lock:
             if self._ready:
                 self._changes[h] = ASK
@@ -182,6 +195,8 @@ class KeyDir:
 
     def sync(self) -> None:
         """Apply the changes logged since the last look (before pruning the log)."""
+        if os.getpid() != self._pid:
+            return
         with self._lock:
             if self._ready:
                 self._sync_locked()
@@ -393,11 +408,12 @@ class KeyDir:
 
     def _scan(self, conn: sqlite3.Connection) -> hint.Hint | None:
         """The map of the rows, with the change it reflects (one read transaction)."""
-        hashes: list[int] = []
-        kinds: list[int] = []
-        segments: list[int] = []
-        offsets: list[int] = []
-        lengths: list[int] = []
+        # typed buffers: ~29 bytes a row while building (lists of ints held ~200)
+        hashes = array.array("Q")
+        kinds = array.array("B")
+        segments = array.array("i")
+        offsets = array.array("q")
+        lengths = array.array("q")
         names: dict[str, int] = {}
         kind_codes = {kind: n for n, kind in enumerate(KINDS)}
         conn.execute("BEGIN")
@@ -406,12 +422,12 @@ class KeyDir:
             top = _top(conn)
             last = _change(conn, top)
             cur = conn.execute(_SCAN)
-            previous = ""
+            previous: str | None = None
             while batch := cur.fetchmany(_SCAN_BATCH):
                 if self._closed:
                     return None
                 for key, kind, segment, offset, length in batch:
-                    if key <= previous and hashes:
+                    if previous is not None and key <= previous:
                         # a lookup by key would not find every row a scan finds: the map
                         # would hold keys that deletes cannot reach (UTF-8 order is the
                         # code point order SQLite's BINARY collation gives)
@@ -436,6 +452,9 @@ class KeyDir:
 
     def close(self, *, save: bool = True) -> None:
         """Write the hint file (when the map changed since it was loaded) and let go."""
+        if os.getpid() != self._pid:  # a fork()ed child: nothing here is its own (see find)
+            self._closed = True
+            return
         with self._lock:
             self._closed = True
             building = self._building

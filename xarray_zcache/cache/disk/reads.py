@@ -396,7 +396,10 @@ class TierCore(StatsFlush):
         record there is not the key's (the index then decides: a collision, or the record
         moved or died after the map's answer; never damage on the map's word)."""
         if at.segment is None:
-            return self._get_file(key, (at.kind,), t)  # the file proves itself
+            # the file proves itself; none (another key's location: a hash collision, or a
+            # race) is for the index to judge
+            entry = self._get_file(key, (at.kind,), t)
+            return _MISPLACED if entry is None else entry
         try:
             fd = self._fds.acquire(at.segment)
         except FileNotFoundError:

@@ -150,15 +150,20 @@ def prune(conn: sqlite3.Connection, older_than_s: float) -> None:
 def prune_changes(conn: sqlite3.Connection, keep: int) -> None:
     """Delete all but the latest ``keep`` changes of the change log (``changes_state.pruned``
     then says up to where: a location map behind it cannot catch up, see :mod:`.keydir`)."""
-    top = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
-    if top is None:
-        return
-    cutoff = int(top[0]) - keep
-    pruned = conn.execute("SELECT pruned FROM changes_state WHERE id = 0").fetchone()
-    if pruned is None or cutoff <= pruned[0]:
+    cutoff = changes_cutoff(conn, keep)
+    if cutoff is None:
         return
     conn.execute("DELETE FROM changes WHERE seq <= ?", (cutoff,))
     conn.execute("UPDATE changes_state SET pruned = ? WHERE id = 0", (cutoff,))
+
+
+def changes_cutoff(conn: sqlite3.Connection, keep: int) -> int | None:
+    """The change up to which :func:`prune_changes` would delete (None: nothing to do)."""
+    top = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
+    pruned = conn.execute("SELECT pruned FROM changes_state WHERE id = 0").fetchone()
+    if top is None or pruned is None or int(top[0]) - keep <= pruned[0]:
+        return None
+    return int(top[0]) - keep
 
 
 def unlink_key_files(root: str, key: str) -> None:

@@ -273,6 +273,8 @@ class DiskTier(TierFills, TierInspection):
             with txn(conn):
                 rows.prune(conn, older_than_s)
 
+        if self._keydir is not None:
+            self._keydir.sync()  # this process's map takes in the changes before they go
         self._index.maintain("pruning tombstones", prune)
 
     def verify(self, repair: bool = False) -> dict[str, int]:
@@ -340,6 +342,14 @@ class DiskTier(TierFills, TierInspection):
                     self._settle_owed_locked(self._index.require())
             if self._keydir is not None:
                 self._keydir.close()  # the hint file for the next open (after the settling)
+            conn = self._index.conn
+            if conn is not None:
+                # the change log is pruned every AUTO_PRUNE_EVERY stores of one tier: one
+                # that stores fewer (a worker, a script) must not let it grow without bound
+                with contextlib.suppress(OSError, sqlite3.Error):
+                    if rows.changes_cutoff(conn, rows.CHANGES_KEPT) is not None:
+                        with txn(conn):  # (no write lock taken when there is nothing to do)
+                            rows.prune_changes(conn, rows.CHANGES_KEPT)
             self._index.close_locked()
 
     def abandon(self) -> None:
