@@ -553,7 +553,7 @@ def test_building_the_map_from_the_rows_holds_no_python_int_per_field(
         )
         conn.execute("COMMIT")
     monkeypatch.setattr(keydir, "_SCAN_BATCH", 1000)  # (the rows of a batch: apart)
-    kd = keydir.KeyDir(str(path), str(path / "index.db"))
+    kd = keydir.KeyDir(str(path), str(path / "index.db"), lambda exc: None)
     conn, _ = keydir._connect(str(path / "index.db"))
     try:
         tracemalloc.start()
