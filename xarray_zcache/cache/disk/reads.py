@@ -330,7 +330,9 @@ class TierCore(StatsFlush):
         carries the key, length, CRC-32s and expiry, so the bytes returned are exactly what was
         stored for this key. A tier that writes no segments, on a folder without any, reads
         payload files alone, without SQL (a visible payload file always has a committed row).
-        While the index is unavailable, payload files are still served; records are not.
+        Where the entry is comes from the location map (:mod:`.keydir`) when it can say, else
+        from the row. While the index is unavailable, payload files are still served, and
+        records only through a map that can still read the index's change log.
 
         Parameters
         ----------
