@@ -18,38 +18,10 @@ import sys
 import threading
 
 import pytest
+from keydir_helpers import KEYS, extract_package, filled, in_another_process, tier, value
 
 from xarray_zcache.cache.disk import DiskTier, Fill, hint, rows, schema
 from xarray_zcache.cache.disk.locations import hash_of
-from xarray_zcache.cache.disk.segments import SEGMENT_THRESHOLD
-
-KEYS = [f"ns/v/c/{i}" for i in range(200)]
-
-
-def _value(key: str, tag: str = "v1") -> bytes:
-    return f"<{key}|{tag}>".encode() * 20
-
-
-def _tier(path: pathlib.Path, capacity: int = 1 << 30) -> DiskTier:
-    return DiskTier(path, capacity, segment_threshold=SEGMENT_THRESHOLD)
-
-
-def _filled(path: pathlib.Path, keys: list[str] = KEYS) -> None:
-    with _tier(path) as t:
-        assert all(t.put_many([Fill(k, _value(k), namespace="ns") for k in keys]))
-
-
-def _in_another_process(path: pathlib.Path, code: str) -> None:
-    """Run ``code`` with ``t``, a tier on ``path``, in a new Python process."""
-    script = (
-        "import sys\n"
-        "from xarray_zcache.cache.disk import DiskTier, Fill\n"
-        f"t = DiskTier({str(path)!r}, 1 << 30)\n"
-        f"{code}\n"
-        "t.close()\n"
-    )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=120)
 
 
 def _sql(path: pathlib.Path, *statements: tuple[str, tuple[object, ...]]) -> None:
@@ -64,12 +36,12 @@ def _sql(path: pathlib.Path, *statements: tuple[str, tuple[object, ...]]) -> Non
 
 def test_a_hit_after_a_restart_reads_no_index_page(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "c"
-    _filled(path)
+    filled(path)
     assert (path / hint.HINT_NAME).exists()
-    with _tier(path) as t:
+    with tier(path) as t:
         assert t._keydir is not None and t._keydir.ready  # from the hint, at open
         for k in KEYS:
-            assert t.get(k) == _value(k)
+            assert t.get(k) == value(k)
         assert t.get("ns/v/c/absent") is None and not t.might_contain("ns/v/c/absent")
         assert t.might_contain(KEYS[0])
         assert t.index_lookups == 0  # every answer from the map: no B-tree descent
@@ -78,7 +50,7 @@ def test_a_hit_after_a_restart_reads_no_index_page(tmp_path: pathlib.Path) -> No
 
 def test_the_hint_file_is_private_and_holds_no_pickle(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "c"
-    _filled(path)
+    filled(path)
     hint_file = path / hint.HINT_NAME
     assert stat.S_IMODE(hint_file.stat().st_mode) == 0o600
     data = hint_file.read_bytes()
@@ -89,10 +61,10 @@ def test_the_hint_file_is_private_and_holds_no_pickle(tmp_path: pathlib.Path) ->
 
 def test_another_process_changing_entries_is_seen_at_once(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "c"
-    _filled(path)
-    with _tier(path) as t:
-        assert t.get(KEYS[0]) == _value(KEYS[0])  # the map holds them all
-        _in_another_process(
+    filled(path)
+    with tier(path) as t:
+        assert t.get(KEYS[0]) == value(KEYS[0])  # the map holds them all
+        in_another_process(
             path,
             f"t.put({KEYS[0]!r}, b'v2 from the other process', namespace='ns')\n"
             f"t.delete({KEYS[1]!r})\n"
@@ -104,7 +76,7 @@ def test_another_process_changing_entries_is_seen_at_once(tmp_path: pathlib.Path
         assert all(t.get(f"ns/v/c/19{i}") is None for i in range(10))
         assert t.get("ns/v/c/19") is None
         assert t.get("ns/v/c/new") == b"new"
-        assert t.get(KEYS[2]) == _value(KEYS[2])
+        assert t.get(KEYS[2]) == value(KEYS[2])
 
 
 def test_an_older_writer_that_knows_nothing_of_the_log_is_followed(
@@ -113,9 +85,9 @@ def test_an_older_writer_that_knows_nothing_of_the_log_is_followed(
     """Rows deleted or moved by plain SQL (records untouched on disk, still intact and still
     the key's): the triggers log them, and the map never serves those records again."""
     path = tmp_path / "c"
-    _filled(path)
-    with _tier(path) as t:
-        assert t.get(KEYS[3]) == _value(KEYS[3]) and t.get(KEYS[4]) == _value(KEYS[4])
+    filled(path)
+    with tier(path) as t:
+        assert t.get(KEYS[3]) == value(KEYS[3]) and t.get(KEYS[4]) == value(KEYS[4])
         seg, off = t._conn.execute(  # type: ignore[union-attr]
             "SELECT segment, offset FROM entries WHERE key = ?", (KEYS[5],)
         ).fetchone()
@@ -130,7 +102,7 @@ def test_an_older_writer_that_knows_nothing_of_the_log_is_followed(
         )
         assert t.get(KEYS[3]) is None  # the record is still on disk, intact: not served
         assert t.get(KEYS[4]) is None  # the row points to another key's record: a miss
-        assert t.get(KEYS[5]) == _value(KEYS[5])
+        assert t.get(KEYS[5]) == value(KEYS[5])
         assert t.corruptions == 0 or t.get(KEYS[4]) is None
 
 
@@ -138,27 +110,27 @@ def test_a_hint_left_behind_by_later_changes_is_brought_up_to_date(
     tmp_path: pathlib.Path,
 ) -> None:
     path = tmp_path / "c"
-    _filled(path)  # the hint: as of the fill
-    _in_another_process(  # this process writes no hint of its own
+    filled(path)  # the hint: as of the fill
+    in_another_process(  # this process writes no hint of its own
         path,
         f"t.put({KEYS[0]!r}, b'changed', namespace='ns')\n"
         f"t.delete({KEYS[1]!r})\n"
         "t._keydir.close(save=False); t._keydir = None",
     )
     _sql(path, ("DELETE FROM entries WHERE key = ?", (KEYS[2],)))
-    with _tier(path) as t:
+    with tier(path) as t:
         assert t._keydir is not None and t._keydir.ready
         assert t.get(KEYS[0]) == b"changed"
         assert t.get(KEYS[1]) is None and t.get(KEYS[2]) is None
-        assert all(t.get(k) == _value(k) for k in KEYS[3:])
+        assert all(t.get(k) == value(k) for k in KEYS[3:])
         assert t.index_lookups == 0
 
 
 def test_a_hint_older_than_the_pruned_log_is_not_used(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "c"
-    _filled(path)
+    filled(path)
     old_hint = (path / hint.HINT_NAME).read_bytes()
-    with _tier(path) as t:
+    with tier(path) as t:
         assert t.put(KEYS[0], b"changed", namespace="ns")
         t.delete(KEYS[1])
         conn = t._conn
@@ -166,9 +138,9 @@ def test_a_hint_older_than_the_pruned_log_is_not_used(tmp_path: pathlib.Path) ->
         with schema.txn(conn):
             rows.prune_changes(conn, 0)  # the changes since the old hint are gone
     (path / hint.HINT_NAME).write_bytes(old_hint)
-    with _tier(path) as t:
+    with tier(path) as t:
         assert t.get(KEYS[0]) == b"changed" and t.get(KEYS[1]) is None
-        assert all(t.get(k) == _value(k) for k in KEYS[2:])
+        assert all(t.get(k) == value(k) for k in KEYS[2:])
         assert t._keydir is not None and t._keydir.builds == 1  # from the rows, not the hint
 
 
@@ -177,7 +149,7 @@ def test_a_hint_older_than_the_pruned_log_is_not_used(tmp_path: pathlib.Path) ->
 )
 def test_a_damaged_or_foreign_hint_is_not_used(tmp_path: pathlib.Path, damage: str) -> None:
     path = tmp_path / "c"
-    _filled(path)
+    filled(path)
     hint_file = path / hint.HINT_NAME
     data = hint_file.read_bytes()
     if damage == "flip a byte":
@@ -190,11 +162,11 @@ def test_a_damaged_or_foreign_hint_is_not_used(tmp_path: pathlib.Path, damage: s
         data = b""
     else:  # a hint from another cache folder of the same keys (another index, other places)
         other = tmp_path / "other"
-        _filled(other, list(reversed(KEYS)))
+        filled(other, list(reversed(KEYS)))
         data = (other / hint.HINT_NAME).read_bytes()
     hint_file.write_bytes(data)
-    with _tier(path) as t:
-        assert all(t.get(k) == _value(k) for k in KEYS)
+    with tier(path) as t:
+        assert all(t.get(k) == value(k) for k in KEYS)
         assert t.corruptions == 0 and t._keydir is not None and t._keydir.builds == 1
 
 
@@ -205,7 +177,7 @@ def test_a_forged_hint_pointing_elsewhere_never_serves_other_bytes(
     another key's: every read is checked against its key, falls back to the index, and
     nothing is dropped as damaged."""
     path = tmp_path / "c"
-    _filled(path)
+    filled(path)
     loaded = hint.read(str(path))
     assert loaded is not None
     a = loaded.arrays
@@ -213,26 +185,26 @@ def test_a_forged_hint_pointing_elsewhere_never_serves_other_bytes(
     hint.write(
         str(path), hint.Hint(loaded.epoch, loaded.seq, loaded.last, loaded.segments, shifted)
     )
-    with _tier(path) as t:
+    with tier(path) as t:
         assert t._keydir is not None and t._keydir.ready
-        assert all(t.get(k) == _value(k) for k in KEYS)
+        assert all(t.get(k) == value(k) for k in KEYS)
         assert t.corruptions == 0 and len(t) == len(KEYS)
         assert t.index_lookups == len(KEYS)  # each misplaced: asked, not misread
         before = t.index_lookups
-        assert all(t.get(k) == _value(k) for k in KEYS)
+        assert all(t.get(k) == value(k) for k in KEYS)
         assert t.index_lookups == before  # learnt from the index's answers
 
 
 def test_an_index_gone_back_in_time_refuses_the_newer_hint(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "c"
     old = tmp_path / "old.db"
-    with _tier(path) as t:
-        assert all(t.put_many([Fill(k, _value(k), namespace="ns") for k in KEYS[:50]]))
+    with tier(path) as t:
+        assert all(t.put_many([Fill(k, value(k), namespace="ns") for k in KEYS[:50]]))
         with contextlib.closing(sqlite3.connect(old)) as dst:
             assert t._conn is not None
             t._conn.backup(dst)
         for k in KEYS[:10]:
-            assert t.put(k, _value(k, "v2"), namespace="ns")
+            assert t.put(k, value(k, "v2"), namespace="ns")
     for suffix in ("-wal", "-shm"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(f"{path}/index.db{suffix}")
@@ -241,36 +213,36 @@ def test_an_index_gone_back_in_time_refuses_the_newer_hint(tmp_path: pathlib.Pat
     with contextlib.closing(sqlite3.connect(path / "index.db", isolation_level=None)) as conn:
         for k in KEYS[10:20]:
             conn.execute("DELETE FROM entries WHERE key = ?", (k,))
-    with _tier(path) as t:
+    with tier(path) as t:
         for k in KEYS[:10]:
             assert t.get(k) is None  # the old rows' records were killed when replaced
         assert all(t.get(k) is None for k in KEYS[10:20])
-        assert all(t.get(k) == _value(k) for k in KEYS[20:50])
+        assert all(t.get(k) == value(k) for k in KEYS[20:50])
         assert t._keydir is not None and t._keydir.builds == 1
 
 
 def test_an_index_replaced_under_a_running_map_is_followed(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "c"
-    _filled(path)
-    with _tier(path) as t, _tier(path) as other:
-        assert t.get(KEYS[0]) == _value(KEYS[0])
+    filled(path)
+    with tier(path) as t, tier(path) as other:
+        assert t.get(KEYS[0]) == value(KEYS[0])
         other.rebuild_index()  # a new index file (a new epoch); records are misses then
         assert other.put(KEYS[0], b"after the rebuild", namespace="ns")
         assert t.get(KEYS[0]) == b"after the rebuild"
-        assert t.get(KEYS[1]) in (None, _value(KEYS[1]))
+        assert t.get(KEYS[1]) in (None, value(KEYS[1]))
 
 
 def test_compaction_moves_records_and_the_map_follows(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "c"
-    _filled(path)
-    with _tier(path) as t:
+    filled(path)
+    with tier(path) as t:
         for k in KEYS[::2]:
             t.delete(k)
         t._segments.close()  # sealed: compaction may take it
         assert t.compact() > 0
         lookups = t.index_lookups
         assert all(t.get(k) is None for k in KEYS[::2])
-        assert all(t.get(k) == _value(k) for k in KEYS[1::2])
+        assert all(t.get(k) == value(k) for k in KEYS[1::2])
         assert t.index_lookups == lookups  # the moves came through the log
 
 
@@ -281,10 +253,10 @@ def test_readers_never_see_another_keys_bytes_or_go_back_in_time(
     key's own value, and never older than one the same reader saw before."""
     path = tmp_path / "c"
     keys = KEYS[:20]
-    _filled(path, keys)
+    filled(path, keys)
     stop = threading.Event()
     errors: list[str] = []
-    with _tier(path) as t, _tier(path) as writer:
+    with tier(path) as t, tier(path) as writer:
 
         def write() -> None:
             n = 0
@@ -301,7 +273,7 @@ def test_readers_never_see_another_keys_bytes_or_go_back_in_time(
             for _ in range(300):
                 for k in keys:
                     got = t.get(k)
-                    if got is None or got == _value(k):
+                    if got is None or got == value(k):
                         continue
                     head = got[: got.index(b">") + 1].decode()
                     key, n = head[1:-1].split("|")
@@ -324,10 +296,10 @@ def test_readers_never_see_another_keys_bytes_or_go_back_in_time(
 def test_keys_with_nul_dots_and_surrogates(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "c"
     odd = ["a\x00b", "../../etc/passwd", "x/\udcff", "é/ü", ""]
-    with _tier(path) as t:
+    with tier(path) as t:
         for k in odd:
             t.put(k, k.encode("utf-8", "surrogatepass") + b"!", namespace="ns")
-    with _tier(path) as t:
+    with tier(path) as t:
         for k in odd:
             got = t.get(k)
             assert got is None if "\udcff" in k else got == k.encode() + b"!", k
@@ -336,8 +308,8 @@ def test_keys_with_nul_dots_and_surrogates(tmp_path: pathlib.Path) -> None:
 
 def test_the_map_costs_25_bytes_an_entry(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "c"
-    _filled(path)
-    with _tier(path) as t:
+    filled(path)
+    with tier(path) as t:
         assert t._keydir is not None
         assert t._keydir.nbytes == hint.ENTRY_BYTES * len(KEYS) == 25 * len(KEYS)
 
@@ -348,7 +320,7 @@ def test_a_large_index_is_mapped_in_the_background_and_reads_ask_meanwhile(
     from xarray_zcache.cache.disk import keydir
 
     path = tmp_path / "c"
-    _filled(path)
+    filled(path)
     os.unlink(path / hint.HINT_NAME)
     monkeypatch.setattr(keydir, "_BUILD_AT_ONCE", 10)  # "large"
     gate = threading.Event()
@@ -359,25 +331,25 @@ def test_a_large_index_is_mapped_in_the_background_and_reads_ask_meanwhile(
         return real_scan(self, conn)
 
     monkeypatch.setattr(keydir.KeyDir, "_scan", slow_scan)
-    with _tier(path) as t:
+    with tier(path) as t:
         assert t._keydir is not None and not t._keydir.ready
-        assert t.get(KEYS[0]) == _value(KEYS[0]) and t.index_lookups == 1
+        assert t.get(KEYS[0]) == value(KEYS[0]) and t.index_lookups == 1
         assert t.put(KEYS[1], b"written while building", namespace="ns")
         gate.set()
         assert t._keydir._building is not None
         t._keydir._building.join(30)
         assert t._keydir.ready
         assert t.get(KEYS[1]) == b"written while building"
-        assert all(t.get(k) == _value(k) for k in KEYS[2:])
+        assert all(t.get(k) == value(k) for k in KEYS[2:])
         assert t.index_lookups == 1
 
 
 def test_without_a_map_reads_go_through_the_index(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "c"
-    _filled(path)
+    filled(path)
     with DiskTier(path, 1 << 30, location_map=False) as t:
         assert t._keydir is None
-        assert all(t.get(k) == _value(k) for k in KEYS)
+        assert all(t.get(k) == value(k) for k in KEYS)
         assert t.index_lookups == len(KEYS)
     assert hash_of("k") == hash_of("k") != hash_of("k2")
 
@@ -405,14 +377,8 @@ print("done", flush=True)
 def schema_4_code(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     """The package as of :data:`_SCHEMA_4_COMMIT`, extracted from git history."""
     old_code = tmp_path_factory.mktemp("schema4")
-    archive = subprocess.run(
-        ["git", "archive", _SCHEMA_4_COMMIT, "xarray_zcache"],
-        capture_output=True,
-        cwd=pathlib.Path(__file__).parent.parent,
-    )
-    if archive.returncode != 0:
+    if not extract_package(_SCHEMA_4_COMMIT, old_code):
         pytest.skip("the schema-4 code is not in this checkout's history")
-    subprocess.run(["tar", "-x", "-C", str(old_code)], input=archive.stdout, check=True)
     return old_code
 
 
@@ -444,9 +410,9 @@ def test_a_schema_4_folder_is_migrated_in_place(
         str(path),
         *KEYS,
     )
-    with _tier(path) as t:  # migrates 4 -> 5: the rows stay, the map is built from them
+    with tier(path) as t:  # migrates 4 -> 5: the rows stay, the map is built from them
         assert t.index_rebuilds == 0 and t._keydir is not None and t._keydir.builds == 1
-        assert all(t.get(k) == _value(k) for k in KEYS)
+        assert all(t.get(k) == value(k) for k in KEYS)
         assert t.index_lookups == 0
     with contextlib.closing(sqlite3.connect(path / "index.db")) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION
@@ -461,17 +427,17 @@ def test_a_schema_4_process_writing_beside_a_running_map_is_followed(
     and this version's map, open meanwhile and after a restart, serves none of what it
     replaced or deleted."""
     path = tmp_path / "c"
-    _filled(path)
-    with _tier(path) as t:
-        assert t.get(KEYS[0]) == _value(KEYS[0])  # the map holds them
+    filled(path)
+    with tier(path) as t:
+        assert t.get(KEYS[0]) == value(KEYS[0])  # the map holds them
         _run_old(schema_4_code, _SCHEMA_4_PROCESS, str(path), *KEYS[:3])
         assert t.get(KEYS[0]) == b"v2 from schema 4"
         assert t.get(KEYS[1]) is None
         assert t.get("ns/v/c/from-4") == b"new from schema 4"
         assert t.index_lookups == 0  # all of it through the map, from the log
-    with _tier(path) as t:  # after a restart: the hint, then the log
+    with tier(path) as t:  # after a restart: the hint, then the log
         assert t.get(KEYS[0]) == b"v2 from schema 4" and t.get(KEYS[1]) is None
-        assert all(t.get(k) == _value(k) for k in KEYS[2:])
+        assert all(t.get(k) == value(k) for k in KEYS[2:])
     with contextlib.closing(sqlite3.connect(path / "index.db")) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION
 
@@ -485,9 +451,9 @@ def test_changes_folded_into_the_arrays_answer_as_before(
 
     monkeypatch.setattr(keydir, "_MERGE_AT", 8)
     path = tmp_path / "c"
-    _filled(path)
-    with _tier(path) as t, _tier(path) as writer:
-        expected: dict[str, bytes | None] = {k: _value(k) for k in KEYS}
+    filled(path)
+    with tier(path) as t, tier(path) as writer:
+        expected: dict[str, bytes | None] = {k: value(k) for k in KEYS}
         for round_ in range(5):
             for i, k in enumerate(KEYS):
                 if (i + round_) % 5 == 0:
@@ -495,13 +461,13 @@ def test_changes_folded_into_the_arrays_answer_as_before(
                     expected[k] = None
                 elif (i + round_) % 5 == 1:
                     big = round_ == 4 and i % 2 == 0  # a payload file of its own
-                    value = (b"F" if big else b"r") * (70_000 if big else 100) + k.encode()
-                    assert writer.put(k, value, namespace="ns")
-                    expected[k] = value
+                    fresh = (b"F" if big else b"r") * (70_000 if big else 100) + k.encode()
+                    assert writer.put(k, fresh, namespace="ns")
+                    expected[k] = fresh
             for k, v in expected.items():
                 assert t.get(k) == v, (round_, k)
         assert t.index_lookups == 0 and t._keydir is not None and len(t._keydir._changes) < 8
-    with _tier(path) as t:  # and from the hint written at close
+    with tier(path) as t:  # and from the hint written at close
         assert all(t.get(k) == v for k, v in expected.items())
         assert t.index_lookups == 0
 
@@ -528,11 +494,11 @@ def test_keys_whose_hashes_collide_are_read_through_the_index(
         keydir, "hash_of", lambda key: colliding(hashlib.sha256(key.encode()).digest())
     )
     path = tmp_path / "c"
-    _filled(path)
+    filled(path)
     (path / hint.HINT_NAME).unlink()  # (its hashes are the real ones)
-    with _tier(path) as t:
+    with tier(path) as t:
         for _ in range(2):
-            assert all(t.get(k) == _value(k) for k in KEYS)
+            assert all(t.get(k) == value(k) for k in KEYS)
         assert t.corruptions == 0 and len(t) == len(KEYS)
         assert 0 < t.index_lookups <= 2 * len(collide)
 
@@ -559,10 +525,10 @@ def test_a_process_killed_before_closing_leaves_a_recent_hint(tmp_path: pathlib.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run([sys.executable, "-c", script], env=env, timeout=120)
     assert done.returncode == -9
-    with _tier(path) as t:
+    with tier(path) as t:
         assert t._keydir is not None and t._keydir.ready and t._keydir.builds == 0
         assert t.get(KEYS[0]) == b"after the hint" and t.get(KEYS[1]) is None
-        assert all(t.get(k) == _value(k) for k in KEYS[2:])
+        assert all(t.get(k) == value(k) for k in KEYS[2:])
         assert t.index_lookups == 0
 
 
@@ -583,15 +549,15 @@ def test_a_row_the_damaged_index_cannot_find_is_not_served_after_its_delete(
     key (its stored key changed, in key order: nothing for SQLite to notice). Deleting it
     finds no row; the delete is logged all the same, and the old record is never served."""
     path = tmp_path / "c"
-    _filled(path)
+    filled(path)
     assert _rename_in_index(path, "ns/v/c/150", "ns/v/c/15/") > 0
-    with _tier(path) as t:
+    with tier(path) as t:
         assert t._keydir is not None and t._keydir.ready and t._keydir.builds == 0
-        assert t.get("ns/v/c/150") == _value("ns/v/c/150")  # (the record is intact)
+        assert t.get("ns/v/c/150") == value("ns/v/c/150")  # (the record is intact)
         t.delete("ns/v/c/150")
         assert t.get("ns/v/c/150") is None
         assert t.put("ns/v/c/151", b"new", namespace="ns") and t.get("ns/v/c/151") == b"new"
-    with _tier(path) as t:
+    with tier(path) as t:
         assert t.get("ns/v/c/150") is None
 
 
@@ -599,10 +565,10 @@ def test_a_prefix_delete_drops_the_maps(tmp_path: pathlib.Path) -> None:
     """A damaged index's range scan may miss rows a map holds: a prefix delete makes every
     map build again from the rows (one by key ending in NUL, for parts, does not)."""
     path = tmp_path / "c"
-    _filled(path)
+    filled(path)
     assert _rename_in_index(path, "ns/v/c/150", "ns/v/c/15/") > 0
-    with _tier(path) as t, _tier(path) as other:
-        assert other.get("ns/v/c/150") == _value("ns/v/c/150")
+    with tier(path) as t, tier(path) as other:
+        assert other.get("ns/v/c/150") == value("ns/v/c/150")
         builds = other._keydir.builds if other._keydir else -1
         assert t.delete_prefix("ns/v/c/15") >= 1
         assert other.get("ns/v/c/150") is None and t.get("ns/v/c/150") is None
@@ -610,7 +576,7 @@ def test_a_prefix_delete_drops_the_maps(tmp_path: pathlib.Path) -> None:
         if other._keydir._building is not None:  # dropped, built again in the background
             other._keydir._building.join(30)
         assert other._keydir.builds == builds + 1 and other.get("ns/v/c/150") is None
-        assert other.get("ns/v/c/16") == _value("ns/v/c/16")
+        assert other.get("ns/v/c/16") == value("ns/v/c/16")
         t.delete_prefix("ns/v/c/16\x00")  # parts only: the maps stay
         assert other._keydir.builds == builds + 1 and other._keydir.ready
 
@@ -619,10 +585,10 @@ def test_rows_out_of_key_order_are_damage_not_a_map(tmp_path: pathlib.Path) -> N
     """A scan that finds rows out of key order (a lookup by key would miss some) builds no
     map: the index is replaced as damaged, and nothing stale is served after a write."""
     path = tmp_path / "c"
-    _filled(path)
+    filled(path)
     (path / hint.HINT_NAME).unlink()  # built from the rows
     assert _rename_in_index(path, "ns/v/c/150", "ns/v/c/000") > 0
-    with _tier(path) as t:
+    with tier(path) as t:
         assert t.corruptions == 1  # (replaced: records are not recovered from it)
         t.delete("ns/v/c/000")
         t.delete("ns/v/c/150")

@@ -16,10 +16,11 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 from entry_location import locate, stored_bytes
+from keydir_helpers import forked
 from old_index import write_schema_2
 
 from xarray_zcache.cache.disk import HEADER, DiskTier, Fill, schema
@@ -423,20 +424,6 @@ def test_clearing_gives_the_space_back(tmp_path: pathlib.Path) -> None:
         assert _segments(path) == [] and stored_bytes(path) == 0
 
 
-def _forked(child: Callable[[], None]) -> int:
-    """Run ``child`` in a real fork()ed process; its exit status (0: no exception)."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        faulthandler.dump_traceback_later(60, exit=True)  # a hang: its stack, then exit 1
-        code = 1
-        try:
-            child()
-            code = 0
-        finally:
-            os._exit(code)
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-
-
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
 def test_a_tier_used_on_both_sides_of_fork_never_serves_a_refused_value(
     tmp_path: pathlib.Path,
@@ -502,7 +489,7 @@ def test_a_forked_child_builds_its_own_caches(tmp_path: pathlib.Path) -> None:
             mine.close()  # the child's own
             os.write(w, b"ok")
 
-        assert _forked(child) == 0
+        assert forked(child) == 0
         os.close(w)
         assert os.read(r, 2) == b"ok"
         os.close(r)

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 from entry_location import locate
+from keydir_helpers import extract_package
 
 from xarray_zcache.cache.disk import DiskTier, Fill
 from xarray_zcache.cache.disk.format import digest, payload_path
@@ -246,14 +247,8 @@ def test_a_schema_2_process_overwriting_a_record_after_the_migration_is_never_st
 
     old_code = tmp_path / "schema2"
     old_code.mkdir()
-    archive = subprocess.run(
-        ["git", "archive", _SCHEMA_2_COMMIT, "xarray_zcache"],
-        capture_output=True,
-        cwd=pathlib.Path(__file__).parent.parent,
-    )
-    if archive.returncode != 0:
+    if not extract_package(_SCHEMA_2_COMMIT, old_code):
         pytest.skip("the schema-2 code is not in this checkout's history")
-    subprocess.run(["tar", "-x", "-C", str(old_code)], input=archive.stdout, check=True)
     path = tmp_path / "c"
     old = subprocess.Popen(
         [sys.executable, "-c", _SCHEMA_2_PROCESS, str(path)],

@@ -17,41 +17,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
+from keydir_helpers import KEYS, filled, forked, in_another_process, tier, value
 
 from xarray_zcache.cache.disk import DiskTier, Fill, hint, keydir, locations, reads, rows
 from xarray_zcache.cache.disk.locations import ASK, Location, hash_of
 from xarray_zcache.cache.disk.segments import SEGMENT_THRESHOLD
-
-KEYS = [f"ns/v/c/{i}" for i in range(200)]
-
-
-def _value(key: str, tag: str = "v1") -> bytes:
-    return f"<{key}|{tag}>".encode() * 20
-
-
-def _tier(path: pathlib.Path, capacity: int = 1 << 30) -> DiskTier:
-    return DiskTier(path, capacity, segment_threshold=SEGMENT_THRESHOLD)
-
-
-def _filled(path: pathlib.Path, keys: list[str] = KEYS) -> None:
-    with _tier(path) as t:
-        assert all(t.put_many([Fill(k, _value(k), namespace="ns") for k in keys]))
-
-
-def _in_another_process(path: pathlib.Path, code: str, capacity: int = 1 << 30) -> None:
-    """Run ``code`` with ``t``, a tier on ``path``, in a new Python process."""
-    script = (
-        "import sys\n"
-        "from xarray_zcache.cache.disk import DiskTier, Fill, rows\n"
-        f"t = DiskTier({str(path)!r}, {capacity})\n"
-        f"{code}\n"
-        "t.close()\n"
-    )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=120)
 
 
 @contextlib.contextmanager
@@ -70,19 +43,6 @@ def _colliding(monkeypatch: pytest.MonkeyPatch, *keys: str) -> Iterator[int]:
     yield forced
 
 
-def _forked(child: Callable[[], None]) -> int:
-    """Run ``child`` in a real fork()ed process; its exit status (0: no exception)."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            child()
-            code = 0
-        finally:
-            os._exit(code)
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-
-
 # ---------------------------------------------------------------------- hash collisions
 
 
@@ -92,7 +52,7 @@ def test_collision_a_miss_of_a_colliding_key_does_not_hide_a_held_one(
     """The map gives the absent key B the location of A (same hash); the record there is
     A's, so B asks the index, which has no row: that answer must not make the map say
     "absent" for the hash, which is A's too."""
-    with _colliding(monkeypatch, "col/A", "col/B"), _tier(tmp_path / "c") as t:
+    with _colliding(monkeypatch, "col/A", "col/B"), tier(tmp_path / "c") as t:
         assert t.put("col/A", b"A" * 100)
         assert t._keydir is not None and t._keydir.ready
         assert t.get("col/B") is None
@@ -105,7 +65,7 @@ def test_collision_a_file_location_of_another_key_is_not_a_miss(
 ) -> None:
     """A is a record, B (same hash) a payload file of its own: the map's "file" answer for
     A finds no file of A's; the index decides, not the map."""
-    with _colliding(monkeypatch, "col/A", "col/B"), _tier(tmp_path / "c") as t:
+    with _colliding(monkeypatch, "col/A", "col/B"), tier(tmp_path / "c") as t:
         assert t.put("col/A", b"A" * 100)
         assert t.put("col/B", b"B" * (SEGMENT_THRESHOLD + 10))  # a file of its own
         assert t._keydir is not None
@@ -120,13 +80,13 @@ def test_collision_colliding_keys_never_get_each_others_bytes(
 ) -> None:
     path = tmp_path / "c"
     with _colliding(monkeypatch, "col/A", "col/B"):
-        with _tier(path) as t:
+        with tier(path) as t:
             assert t.put("col/A", b"A" * 100) and t.put("col/B", b"B" * 100)
             for _ in range(3):
                 assert t.get("col/A") == b"A" * 100
                 assert t.get("col/B") == b"B" * 100
             assert t.might_contain("col/A") and t.might_contain("col/B")
-        with _tier(path) as t:  # from the hint (one location for the two keys' hash)
+        with tier(path) as t:  # from the hint (one location for the two keys' hash)
             assert t._keydir is not None and t._keydir.ready
             assert t.get("col/A") == b"A" * 100 and t.get("col/B") == b"B" * 100
             t.delete("col/B")
@@ -147,10 +107,10 @@ def test_another_process_evicting_verifying_compacting_and_clearing_is_followed(
     tmp_path: pathlib.Path,
 ) -> None:
     path = tmp_path / "c"
-    _filled(path)
-    with _tier(path) as t:
-        assert all(t.get(k) == _value(k) for k in KEYS)  # every answer from the map now
-        _in_another_process(
+    filled(path)
+    with tier(path) as t:
+        assert all(t.get(k) == value(k) for k in KEYS)  # every answer from the map now
+        in_another_process(
             path,
             "import os\n"
             f"t.put({KEYS[0]!r}, b'v2', namespace='ns')\n"
@@ -168,7 +128,7 @@ def test_another_process_evicting_verifying_compacting_and_clearing_is_followed(
         assert t.get("big") is None
         assert all(t.get(k) is None for k in KEYS)
         assert not any(t.might_contain(k) for k in KEYS)
-        _in_another_process(path, f"t.put({KEYS[1]!r}, b'back', namespace='ns')")
+        in_another_process(path, f"t.put({KEYS[1]!r}, b'back', namespace='ns')")
         assert t.get(KEYS[1]) == b"back"
         assert t.get(KEYS[0]) is None
 
@@ -177,10 +137,10 @@ def test_another_process_rebuilding_the_index_is_followed(tmp_path: pathlib.Path
     """rebuild_index in another process replaces index.db: records are not recovered (they
     may be dead), so the map must not go on serving them."""
     path = tmp_path / "c"
-    _filled(path)
-    with _tier(path) as t:
-        assert t.get(KEYS[0]) == _value(KEYS[0])
-        _in_another_process(path, "t.rebuild_index()")
+    filled(path)
+    with tier(path) as t:
+        assert t.get(KEYS[0]) == value(KEYS[0])
+        in_another_process(path, "t.rebuild_index()")
         assert t.get(KEYS[0]) is None
         assert not t.might_contain(KEYS[0])
         assert t.put(KEYS[0], b"after", namespace="ns")
@@ -191,20 +151,20 @@ def test_this_process_rebuilding_the_index_loses_no_later_write(tmp_path: pathli
     """The map's connection is on the replaced index.db; closing it (when the map notices)
     must not take the new index's -wal/-shm with it (SQLite deletes those by name)."""
     path = tmp_path / "c"
-    _filled(path)
-    with _tier(path) as t:
-        assert t.get(KEYS[0]) == _value(KEYS[0])
+    filled(path)
+    with tier(path) as t:
+        assert t.get(KEYS[0]) == value(KEYS[0])
         t.rebuild_index()
         assert t.put("after/1", b"one")
         assert t.get(KEYS[0]) is None  # the map notices the new index, drops its connection
         assert t.put("after/2", b"two")
         assert t.get("after/1") == b"one"
-        _in_another_process(
+        in_another_process(
             path, "assert t.get('after/1') == b'one'\nassert t.get('after/2') == b'two'"
         )
     with contextlib.closing(sqlite3.connect(path / "index.db")) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-    with _tier(path) as t:
+    with tier(path) as t:
         assert t.get("after/1") == b"one" and t.get("after/2") == b"two"
         assert t.get(KEYS[0]) is None
 
@@ -215,10 +175,10 @@ def test_a_map_behind_the_pruned_log_is_rebuilt_not_served(
     """Another process overwrites a key, then prunes the log past the change: the map
     cannot apply it, so it must be dropped and rebuilt (never answer from before)."""
     path = tmp_path / "c"
-    _filled(path)
-    with _tier(path) as t:
-        assert t.get(KEYS[0]) == _value(KEYS[0])
-        _in_another_process(
+    filled(path)
+    with tier(path) as t:
+        assert t.get(KEYS[0]) == value(KEYS[0])
+        in_another_process(
             path,
             f"t.put({KEYS[0]!r}, b'v2', namespace='ns')\n"
             f"t.delete({KEYS[1]!r})\n"
@@ -236,8 +196,8 @@ def test_a_map_behind_the_pruned_log_is_rebuilt_not_served(
             time.sleep(0.01)
         assert t._keydir is not None and t._keydir.ready
         assert t.get(KEYS[0]) == b"v2" and t.get(KEYS[1]) is None
-        assert t.get(KEYS[2]) == _value(KEYS[2])
-    with _tier(path) as t:  # the hint written at that close is of the pruned log
+        assert t.get(KEYS[2]) == value(KEYS[2])
+    with tier(path) as t:  # the hint written at that close is of the pruned log
         assert t.get(KEYS[0]) == b"v2" and t.get(KEYS[1]) is None
 
 
@@ -248,29 +208,29 @@ def test_pruning_tombstones_here_does_not_drop_this_process_map(
     its own writes (no read since), must take them in first, as the automatic pruning of
     fills does, rather than be dropped and rebuilt from every row."""
     path = tmp_path / "c"
-    _filled(path)
+    filled(path)
     monkeypatch.setattr(rows, "CHANGES_KEPT", 5)
-    with _tier(path) as t:
+    with tier(path) as t:
         assert t._keydir is not None and t._keydir.ready
-        assert t.get(KEYS[0]) == _value(KEYS[0])
+        assert t.get(KEYS[0]) == value(KEYS[0])
         builds = t._keydir.builds
         for i in range(30):
             assert t.put(f"filler/{i}", b"f")
         t.prune_tombstones(0)
-        assert t.get("filler/0") == b"f" and t.get(KEYS[0]) == _value(KEYS[0])
+        assert t.get("filler/0") == b"f" and t.get(KEYS[0]) == value(KEYS[0])
         assert t._keydir.ready and t._keydir.builds == builds
 
 
 def test_expired_entries_are_not_served_from_the_map(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "c"
-    with _tier(path) as t:
+    with tier(path) as t:
         now = time.time()
         assert t.put("ttl", b"short", expires=now + 10)
         assert t.get("ttl", now=now) == b"short"
         assert t.get("ttl", now=now + 20) is None  # expired: dropped
         assert t.get("ttl", now=now) is None  # the row is gone
         assert not t.might_contain("ttl")
-    with _tier(path) as t:
+    with tier(path) as t:
         assert t.get("ttl", now=now) is None
 
 
@@ -283,16 +243,16 @@ def test_a_forked_child_changing_entries_is_followed_by_the_parent_map(
     tmp_path: pathlib.Path,
 ) -> None:
     path = tmp_path / "c"
-    _filled(path)
-    t = _tier(path)
+    filled(path)
+    t = tier(path)
     try:
         assert t._keydir is not None and t._keydir.ready
-        assert t.get(KEYS[0]) == _value(KEYS[0])
+        assert t.get(KEYS[0]) == value(KEYS[0])
 
         def child() -> None:
             assert t._keydir is not None
             assert t._keydir.find(hash_of(KEYS[0])) is ASK  # never the parent's connection
-            assert t.get(KEYS[0]) == _value(KEYS[0])  # through the index
+            assert t.get(KEYS[0]) == value(KEYS[0])  # through the index
             assert t.put(KEYS[0], b"from the child", namespace="ns")
             assert t.get(KEYS[0]) == b"from the child"
             t.delete(KEYS[1])
@@ -300,22 +260,22 @@ def test_a_forked_child_changing_entries_is_followed_by_the_parent_map(
             t._keydir.close()  # the child lets go of its copy of the map (no hint, no close)
 
         hint_before = (path / hint.HINT_NAME).read_bytes()
-        assert _forked(child) == 0
+        assert forked(child) == 0
         assert (path / hint.HINT_NAME).read_bytes() == hint_before  # the child wrote none
         assert t._keydir.ready
         assert t.get(KEYS[0]) == b"from the child"
         assert t.get(KEYS[1]) is None and not t.might_contain(KEYS[1])
         assert t.put("parent/after", b"p")
-        _in_another_process(
+        in_another_process(
             path,
             f"assert t.get('parent/after') == b'p'\nassert t.get({KEYS[0]!r}) == b'from the child'",
         )
-        assert t.get(KEYS[2]) == _value(KEYS[2])
+        assert t.get(KEYS[2]) == value(KEYS[2])
     finally:
         t.close()
     with contextlib.closing(sqlite3.connect(path / "index.db")) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-    with _tier(path) as t2:
+    with tier(path) as t2:
         assert t2.get(KEYS[0]) == b"from the child" and t2.get("parent/after") == b"p"
 
 
@@ -323,7 +283,7 @@ def test_closing_while_the_map_is_built_in_the_background(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "c"
-    _filled(path)
+    filled(path)
     (path / hint.HINT_NAME).unlink()
     monkeypatch.setattr(keydir, "_BUILD_AT_ONCE", 10)  # KEYS: built in the background
     monkeypatch.setattr(keydir, "_SCAN_BATCH", 10)
@@ -336,21 +296,21 @@ def test_closing_while_the_map_is_built_in_the_background(
         return real(key)
 
     monkeypatch.setattr(keydir, "hash_of", slow_hash)
-    t = _tier(path)
+    t = tier(path)
     assert t._keydir is not None and not t._keydir.ready
     assert started.wait(10)
-    assert t.get(KEYS[0]) == _value(KEYS[0])  # asks the index meanwhile
+    assert t.get(KEYS[0]) == value(KEYS[0])  # asks the index meanwhile
     t0 = time.monotonic()
     t.close()
     assert time.monotonic() - t0 < 5  # the build stops at the next batch
     assert not (path / hint.HINT_NAME).exists()  # no hint of a map never built
     assert t.get(KEYS[0]) is None  # closed
     monkeypatch.setattr(keydir, "hash_of", real)
-    with _tier(path) as t:
+    with tier(path) as t:
         deadline = time.monotonic() + 30
         while not t._keydir.ready and time.monotonic() < deadline:  # type: ignore[union-attr]
             time.sleep(0.01)
-        assert all(t.get(k) == _value(k) for k in KEYS)
+        assert all(t.get(k) == value(k) for k in KEYS)
 
 
 def test_readers_during_a_background_build_and_frequent_merges_stay_exact(
@@ -359,17 +319,17 @@ def test_readers_during_a_background_build_and_frequent_merges_stay_exact(
     """Writers overwrite and delete while the map is built in the background and merges its
     changes into the arrays every few changes; readers check every answer."""
     path = tmp_path / "c"
-    _filled(path)
+    filled(path)
     (path / hint.HINT_NAME).unlink()
     monkeypatch.setattr(keydir, "_BUILD_AT_ONCE", 10)
     monkeypatch.setattr(keydir, "_MERGE_AT", 4)
     monkeypatch.setattr(keydir, "_SCAN_BATCH", 7)
     errors: list[str] = []
     #: the last value committed per key (None: deleted), and a lock around (write, record)
-    latest: dict[str, bytes | None] = {k: _value(k) for k in KEYS}
+    latest: dict[str, bytes | None] = {k: value(k) for k in KEYS}
     guards = {k: threading.Lock() for k in KEYS}
     stop = threading.Event()
-    with _tier(path) as t:
+    with tier(path) as t:
 
         def writer(seed: int) -> None:
             n = 0
@@ -380,7 +340,7 @@ def test_readers_during_a_background_build_and_frequent_merges_stay_exact(
                         t.delete(k)
                         latest[k] = None
                     else:
-                        v = _value(k, f"w{seed}-{n}")
+                        v = value(k, f"w{seed}-{n}")
                         assert t.put(k, v, namespace="ns")
                         latest[k] = v
                 n += 1
@@ -407,7 +367,7 @@ def test_readers_during_a_background_build_and_frequent_merges_stay_exact(
         assert not errors, errors[:5]
         assert t._keydir is not None and t._keydir.ready
         assert all(t.get(k) == latest[k] for k in KEYS)
-    with _tier(path) as t:  # the hint of the merged map
+    with tier(path) as t:  # the hint of the merged map
         assert all(t.get(k) == latest[k] for k in KEYS)
 
 
@@ -418,11 +378,11 @@ def test_learnt_answers_race_another_process_overwriting(tmp_path: pathlib.Path)
     learnt answer older than a change it missed would stay forever)."""
     path = tmp_path / "c"
     keys = KEYS[:20]
-    _filled(path, keys)
+    filled(path, keys)
     rounds = 60
     errors: list[str] = []
     stop = threading.Event()
-    with _tier(path) as t:
+    with tier(path) as t:
         assert t._keydir is not None and t._keydir.ready
         kd = t._keydir
 
@@ -450,7 +410,7 @@ def test_learnt_answers_race_another_process_overwriting(tmp_path: pathlib.Path)
         for th in threads:
             th.start()
         try:
-            _in_another_process(
+            in_another_process(
                 path,
                 f"keys = {keys!r}\n"
                 f"for r in range({rounds}):\n"
@@ -481,12 +441,12 @@ def test_the_change_log_stays_bounded_with_short_lived_processes(
     path = tmp_path / "c"
     monkeypatch.setattr(rows, "CHANGES_KEPT", 20)
     for i in range(30):
-        with _tier(path) as t:
+        with tier(path) as t:
             assert all(t.put_many([Fill(f"w{i}/{j}", b"x" * 10) for j in range(10)]))
     with contextlib.closing(sqlite3.connect(path / "index.db")) as conn:
         logged = conn.execute("SELECT count(*) FROM changes").fetchone()[0]
     assert logged <= 20 + 10
-    with _tier(path) as t:  # and the hint of the last close still serves
+    with tier(path) as t:  # and the hint of the last close still serves
         assert t._keydir is not None and t._keydir.ready
         assert t.get("w29/9") == b"x" * 10 and t.get("w0/0") == b"x" * 10
         assert t.index_lookups == 0
@@ -500,8 +460,8 @@ def test_a_fork_while_another_thread_asks_the_map_does_not_hang_the_child(
     progress, a merge, a hint being written at close) copies it held. The child never uses
     the map (its connection is the parent's): it must not wait for that lock either."""
     path = tmp_path / "c"
-    _filled(path)
-    with _tier(path) as t:
+    filled(path)
+    with tier(path) as t:
         assert t._keydir is not None and t._keydir.ready
         held, release = threading.Event(), threading.Event()
 
@@ -519,17 +479,17 @@ def test_a_fork_while_another_thread_asks_the_map_does_not_hang_the_child(
                 import faulthandler
 
                 faulthandler.dump_traceback_later(10, exit=True)  # a hang: exit 1
-                assert t.get(KEYS[0]) == _value(KEYS[0])
+                assert t.get(KEYS[0]) == value(KEYS[0])
                 assert t.might_contain(KEYS[0])
                 assert t.get("ns/v/c/absent") is None
 
             with pytest.warns(DeprecationWarning, match="multi-threaded"):
-                status = _forked(child)
+                status = forked(child)
         finally:
             release.set()
             th.join(10)
         assert status == 0
-        assert t.get(KEYS[0]) == _value(KEYS[0])
+        assert t.get(KEYS[0]) == value(KEYS[0])
 
 
 def test_building_the_map_from_the_rows_holds_no_python_int_per_field(
@@ -540,7 +500,7 @@ def test_building_the_map_from_the_rows_holds_no_python_int_per_field(
     import tracemalloc
 
     path = tmp_path / "c"
-    with _tier(path) as t:
+    with tier(path) as t:
         assert t.put("x", b"y")
     n = 50_000
     with contextlib.closing(sqlite3.connect(path / "index.db", isolation_level=None)) as conn:
@@ -576,7 +536,7 @@ def test_processes_writing_deleting_compacting_and_evicting_leave_the_map_exact(
     map loaded from the hint) is the index's, as a tier without a map reads it."""
     path = tmp_path / "c"
     keys = [f"s/{i % 7}/{i}" for i in range(120)]
-    _filled(path, keys)
+    filled(path, keys)
     errors: list[str] = []
     stop = threading.Event()
     writer = (
@@ -602,7 +562,7 @@ def test_processes_writing_deleting_compacting_and_evicting_leave_the_map_exact(
         "        t.put(k, b'F' * 70000 + k.encode(), namespace='ns')\n"  # a file of its own
         "    n += 1\n"
     )
-    with _tier(path) as t:
+    with tier(path) as t:
 
         def reader(seed: int) -> None:
             n = 0
@@ -638,7 +598,7 @@ def test_processes_writing_deleting_compacting_and_evicting_leave_the_map_exact(
                 assert t.might_contain(k) == ref.might_contain(k), k
         finally:
             ref.close()
-    with _tier(path) as t, contextlib.closing(DiskTier(path, 1 << 30, location_map=False)) as ref:
+    with tier(path) as t, contextlib.closing(DiskTier(path, 1 << 30, location_map=False)) as ref:
         assert t._keydir is not None and t._keydir.ready
         for k in keys:
             assert t.get(k) == ref.get(k), k
@@ -652,19 +612,19 @@ def test_zcache_clear_and_namespace_and_expiry_drops_in_another_process(
     process's descriptor cache); the map must never serve them again."""
     path = tmp_path / "c"
     now = time.time()
-    with _tier(path) as t:
-        assert all(t.put_many([Fill(k, _value(k), namespace="ns") for k in KEYS[:50]]))
-        assert all(t.put_many([Fill(k, _value(k), namespace="other") for k in KEYS[50:100]]))
+    with tier(path) as t:
+        assert all(t.put_many([Fill(k, value(k), namespace="ns") for k in KEYS[:50]]))
+        assert all(t.put_many([Fill(k, value(k), namespace="other") for k in KEYS[50:100]]))
         assert t.put("ttl", b"soon", expires=now + 1)
-    with _tier(path) as t:
-        assert all(t.get(k) == _value(k) for k in KEYS[:100])
+    with tier(path) as t:
+        assert all(t.get(k) == value(k) for k in KEYS[:100])
         assert t.get("ttl", now=now) == b"soon"
-        _in_another_process(
+        in_another_process(
             path, "t.delete_namespace('other')\nimport time\nt.drop_expired(time.time() + 5)"
         )
         assert all(t.get(k) is None for k in KEYS[50:100])
         assert t.get("ttl", now=now) is None  # (the header has not expired at ``now``)
-        assert all(t.get(k) == _value(k) for k in KEYS[:50])
+        assert all(t.get(k) == value(k) for k in KEYS[:50])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
         subprocess.run(
             [sys.executable, "-m", "xarray_zcache.cli", "clear", str(path)],
@@ -675,7 +635,7 @@ def test_zcache_clear_and_namespace_and_expiry_drops_in_another_process(
         )
         assert all(t.get(k) is None for k in KEYS[:100])
         assert not any(t.might_contain(k) for k in KEYS[:100])
-    with _tier(path) as t:
+    with tier(path) as t:
         assert all(t.get(k) is None for k in KEYS[:100])
 
 
@@ -686,14 +646,14 @@ def test_an_index_restored_from_a_copy_under_a_running_map_is_followed(
     the running map follows the file it now finds, as the index does, and the hint it
     leaves (of the copy's history) is used again only while it is that history."""
     path = tmp_path / "c"
-    _filled(path)
+    filled(path)
     backup = tmp_path / "index.copy"
     with (
         contextlib.closing(sqlite3.connect(path / "index.db")) as src,
         contextlib.closing(sqlite3.connect(backup)) as dst,
     ):
         src.backup(dst)
-    with _tier(path) as t:
+    with tier(path) as t:
         assert t.put(KEYS[0], b"after the copy", namespace="ns")
         t.delete(KEYS[1])
         assert t.put("new", b"new")
@@ -706,9 +666,9 @@ def test_an_index_restored_from_a_copy_under_a_running_map_is_followed(
             for k in [*KEYS[:5], "new"]:
                 assert t.get(k) == ref.get(k), k
             # the copy's row of KEYS[1] is back, but its record says "deleted": dropped
-            assert t.get(KEYS[1]) is None and t.get(KEYS[2]) == _value(KEYS[2])
+            assert t.get(KEYS[1]) is None and t.get(KEYS[2]) == value(KEYS[2])
             assert t.get("new") is None
-    with _tier(path) as t, contextlib.closing(DiskTier(path, 1 << 30, location_map=False)) as ref:
+    with tier(path) as t, contextlib.closing(DiskTier(path, 1 << 30, location_map=False)) as ref:
         for k in [*KEYS[:5], "new"]:
             assert t.get(k) == ref.get(k), k
 
@@ -732,7 +692,7 @@ def test_an_old_writer_overwriting_a_record_with_a_file_is_logged_as_the_file(
             "SELECT kind, size, checksum FROM entries WHERE key = ?", (key,)
         ).fetchone()
     digest = hashlib.sha256(key.encode()).hexdigest()
-    with _tier(path) as t:
+    with tier(path) as t:
         assert t.put(key, b"v1 as a record", namespace="ns")
         assert t.get(key) == b"v1 as a record"
         src, dst = payload_path(str(other), digest, row[0]), payload_path(str(path), digest, row[0])
@@ -752,7 +712,7 @@ def test_an_old_writer_overwriting_a_record_with_a_file_is_logged_as_the_file(
         loc = t._keydir.find(hash_of(key))  # type: ignore[union-attr]
         assert isinstance(loc, Location) and loc.segment is None
         assert t.get(key) == b"v2 as a file"
-    with _tier(path) as t:
+    with tier(path) as t:
         assert t.get(key) == b"v2 as a file"
 
 
@@ -760,12 +720,12 @@ def test_two_tiers_of_one_process_on_one_folder_follow_each_other(
     tmp_path: pathlib.Path,
 ) -> None:
     path = tmp_path / "c"
-    _filled(path, KEYS[:20])
-    with _tier(path) as a, _tier(path) as b:
-        assert a.get(KEYS[0]) == b.get(KEYS[0]) == _value(KEYS[0])
+    filled(path, KEYS[:20])
+    with tier(path) as a, tier(path) as b:
+        assert a.get(KEYS[0]) == b.get(KEYS[0]) == value(KEYS[0])
         for i in range(20):
-            assert a.put(KEYS[i], _value(KEYS[i], "a"), namespace="ns")
-            assert b.get(KEYS[i]) == _value(KEYS[i], "a")
+            assert a.put(KEYS[i], value(KEYS[i], "a"), namespace="ns")
+            assert b.get(KEYS[i]) == value(KEYS[i], "a")
             b.delete(KEYS[i])
             assert a.get(KEYS[i]) is None and not a.might_contain(KEYS[i])
         b.compact()
