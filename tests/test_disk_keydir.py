@@ -336,9 +336,10 @@ def test_a_large_index_is_mapped_in_the_background_and_reads_ask_meanwhile(
         assert t._keydir is not None and not t._keydir.ready
         assert t.get(KEYS[0]) == value(KEYS[0]) and t.index_lookups == 1
         assert t.put(KEYS[1], b"written while building", namespace="ns")
+        building = t._keydir._building  # (waiting at the gate)
+        assert building is not None
         gate.set()
-        assert t._keydir._building is not None
-        t._keydir._building.join(30)
+        building.join(30)
         assert t._keydir.ready
         assert t.get(KEYS[1]) == b"written while building"
         assert all(t.get(k) == value(k) for k in KEYS[2:])
