@@ -22,7 +22,16 @@ from collections.abc import Iterator
 import pytest
 from keydir_helpers import KEYS, filled, forked, in_another_process, tier, value
 
-from xarray_zcache.cache.disk import DiskTier, Fill, hint, keydir, locations, reads, rows
+from xarray_zcache.cache.disk import (
+    DiskTier,
+    Fill,
+    hint,
+    keydir,
+    keydir_build,
+    locations,
+    reads,
+    rows,
+)
 from xarray_zcache.cache.disk.locations import ASK, Location, hash_of
 from xarray_zcache.cache.disk.segments import SEGMENT_THRESHOLD
 
@@ -286,16 +295,16 @@ def test_closing_while_the_map_is_built_in_the_background(
     filled(path)
     (path / hint.HINT_NAME).unlink()
     monkeypatch.setattr(keydir, "_BUILD_AT_ONCE", 10)  # KEYS: built in the background
-    monkeypatch.setattr(keydir, "_SCAN_BATCH", 10)
+    monkeypatch.setattr(keydir_build, "SCAN_BATCH", 10)
     started = threading.Event()
-    real = keydir.hash_of
+    real = keydir_build.hash_of
 
     def slow_hash(key: str) -> int:
         started.set()
         time.sleep(0.01)
         return real(key)
 
-    monkeypatch.setattr(keydir, "hash_of", slow_hash)
+    monkeypatch.setattr(keydir_build, "hash_of", slow_hash)  # (the scan's)
     t = tier(path)
     assert t._keydir is not None and not t._keydir.ready
     assert started.wait(10)
@@ -305,7 +314,7 @@ def test_closing_while_the_map_is_built_in_the_background(
     assert time.monotonic() - t0 < 5  # the build stops at the next batch
     assert not (path / hint.HINT_NAME).exists()  # no hint of a map never built
     assert t.get(KEYS[0]) is None  # closed
-    monkeypatch.setattr(keydir, "hash_of", real)
+    monkeypatch.setattr(keydir_build, "hash_of", real)
     with tier(path) as t:
         deadline = time.monotonic() + 30
         while not t._keydir.ready and time.monotonic() < deadline:  # type: ignore[union-attr]
@@ -323,7 +332,7 @@ def test_readers_during_a_background_build_and_frequent_merges_stay_exact(
     (path / hint.HINT_NAME).unlink()
     monkeypatch.setattr(keydir, "_BUILD_AT_ONCE", 10)
     monkeypatch.setattr(keydir, "_MERGE_AT", 4)
-    monkeypatch.setattr(keydir, "_SCAN_BATCH", 7)
+    monkeypatch.setattr(keydir_build, "SCAN_BATCH", 7)
     errors: list[str] = []
     #: the last value committed per key (None: deleted), and a lock around (write, record)
     latest: dict[str, bytes | None] = {k: value(k) for k in KEYS}
@@ -512,13 +521,12 @@ def test_building_the_map_from_the_rows_holds_no_python_int_per_field(
             ((f"ns/var/c/{i}.0.0", i * 1100) for i in range(n)),
         )
         conn.execute("COMMIT")
-    monkeypatch.setattr(keydir, "_SCAN_BATCH", 1000)  # (the rows of a batch: apart)
-    kd = keydir.KeyDir(str(path), str(path / "index.db"), lambda exc: None)
-    conn, _ = keydir._connect(str(path / "index.db"))
+    monkeypatch.setattr(keydir_build, "SCAN_BATCH", 1000)  # (the rows of a batch: apart)
+    conn, _ = keydir_build.connect(str(path / "index.db"))
     try:
         tracemalloc.start()
         try:
-            built = kd._scan(conn)
+            built = keydir_build.scan(conn, lambda: False)
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()

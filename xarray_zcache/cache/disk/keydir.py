@@ -27,28 +27,32 @@ a delete of one may make the other a miss until it is written again (a fetch, co
 **Where it comes from.** At open, from the hint file the last process wrote at its close
 (:mod:`.hint`) when it belongs to this index (the log's ``epoch``) and the log still holds
 every change since (``changes_state.pruned``); otherwise from the rows, in a background
-thread, reads asking the index meanwhile.
+thread, reads asking the index meanwhile (:mod:`.keydir_build`).
+
+**Never a pause.** The dict of changes is folded into the arrays by a background thread
+(a hundred thousand changes into a million entries: about 0.3 s of NumPy), while answers go
+on from the arrays as they were, the changes being folded, and the changes since; the hint
+file is written the same way. The lock is held for dict and array look-ups only.
 """
 
 from __future__ import annotations
 
-import array
 import contextlib
 import dataclasses
-import hashlib
 import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Final
 
 import numpy as np
 
-from xarray_zcache.cache.disk import hint
+from xarray_zcache.cache.disk import hint, keydir_build
 from xarray_zcache.cache.disk.folder import file_id
 from xarray_zcache.cache.disk.format import KINDS
+from xarray_zcache.cache.disk.keydir_build import ASK_CODE, FILE, Damaged, Drop
 from xarray_zcache.cache.disk.locations import (
     ABSENT,
     ASK,
@@ -57,15 +61,10 @@ from xarray_zcache.cache.disk.locations import (
     hash_of,
     mapped,
 )
-from xarray_zcache.cache.disk.schema import BUSY_TIMEOUT_MS
 
 logger = logging.getLogger("xarray_zcache.disk")
 
-#: Kind code of an entry the map cannot place (:data:`ASK`).
-_ASK_CODE: Final = 255
-#: Segment code of an entry that is a payload file of its own.
-_FILE: Final = -1
-#: Changes held in the dict before they are merged into the arrays (at least).
+#: Changes held in the dict before they are folded into the arrays (at least).
 _MERGE_AT: Final = 65_536
 #: ``save`` writes the hint when at least this many changes came since the last one.
 _SAVE_EVERY: Final = 10_000
@@ -74,21 +73,26 @@ _RETRY_S: Final = 5.0
 #: An index of at most this many entries without a usable hint is mapped at once, in
 #: ``open`` (about 0.1 s); a larger one in the background.
 _BUILD_AT_ONCE: Final = 50_000
-#: Rows read at a time while building from the index.
-_SCAN_BATCH: Final = 20_000
-_PAGE_CACHE_KIB: Final = 256
+#: Seconds ``close`` waits for a background build or fold to stop.
+_JOIN_S: Final = 30.0
 
-_SCAN: Final = (
-    "SELECT key, kind, segment, offset, 72 + length(CAST(key AS BLOB)) + (CASE WHEN "
-    "length(CAST(namespace AS BLOB)) <= 65535 THEN length(CAST(namespace AS BLOB)) ELSE 0 END)"
-    " + size FROM entries"
-)
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Snapshot:
+    """What a hint is written from, taken under the lock and written without it."""
+
+    epoch: str
+    seq: int
+    last: str | None
+    arrays: hint.Arrays
+    changes: Mapping[int, Location | str]
+    segments: list[str]
 
 
 class KeyDir:
     """The location map of one tier (module doc). Thread-safe: one lock, never held
     around I/O other than SQLite's reads of the change log (no device reads: its pages are
-    the latest written)."""
+    the latest written), nor around a fold of the changes into the arrays."""
 
     def __init__(self, root: str, db_path: str, on_damage: Callable[[BaseException], None]) -> None:
         self._root = root
@@ -96,21 +100,28 @@ class KeyDir:
         self._on_damage = on_damage
         self._db_path = db_path
         self._lock = threading.Lock()
+        #: one hint written at a time (taken before ``_lock``, never inside it)
+        self._saving = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._db_id: tuple[int, int] | None = None
         self._epoch = ""
         self._seq = 0
         self._version: int | None = None
         self._arrays = hint.Arrays.empty()
+        #: the segment names the arrays' codes refer to (only ever appended to by a fold)
         self._segments: list[str] = []
-        self._segment_ids: dict[str, int] = {}
-        #: changes since the arrays: hash -> Location, ABSENT or ASK
+        #: changes since the arrays: hash -> Location, ABSENT or ASK (newest first) ...
         self._changes: dict[int, Location | str] = {}
+        #: ... and the older ones a background fold is folding into the arrays
+        self._frozen: dict[int, Location | str] = {}
         self._ready = False
         self._closed = False
         self._building: threading.Thread | None = None
+        self._folding: threading.Thread | None = None
         #: changes whenever changes are applied, or the map is dropped or installed
         self._generation = 0
+        #: changes whenever the map is dropped or installed (a fold of another map is void)
+        self._incarnation = 0
         self._pid = os.getpid()
         self._damage: BaseException | None = None
         self._retry_at = 0.0
@@ -119,6 +130,7 @@ class KeyDir:
         self.answered = 0
         self.asked = 0
         self.builds = 0
+        self.folds = 0
 
     # ------------------------------------------------------------------ answers
 
@@ -138,8 +150,6 @@ class KeyDir:
             return found
 
     def _find_locked(self, h: int) -> Location | str:
-        if os.getpid() != self._pid:
-            return ASK  # a fork()ed child: the connection is the parent's
         if not self._ready:
             self._start_build_locked()
             return ASK
@@ -147,6 +157,8 @@ class KeyDir:
             self._start_build_locked()  # dropped: built again from the rows
             return ASK
         change = self._changes.get(h)
+        if change is None:
+            change = self._frozen.get(h)
         if change is not None:
             return change
         a = self._arrays
@@ -154,12 +166,12 @@ class KeyDir:
         if i == len(a.hashes) or int(a.hashes[i]) != h:
             return ABSENT
         code = int(a.kinds[i])
-        if code == _ASK_CODE:
+        if code == ASK_CODE:
             return ASK
         segment = int(a.segments[i])
         return Location(
             KINDS[code],
-            None if segment == _FILE else self._segments[segment],
+            None if segment == FILE else self._segments[segment],
             int(a.offsets[i]),
             int(a.lengths[i]),
         )
@@ -204,16 +216,14 @@ class KeyDir:
     def _sync_locked(self) -> bool:
         """Bring the map up to the index's last commit; False (map dropped) if it cannot."""
         conn = self._conn
-        if os.getpid() != self._pid:
-            return False
         try:
             if conn is None or file_id(self._db_path) != self._db_id:
-                raise _Drop("the index was replaced")
+                raise Drop("the index was replaced")
             version = conn.execute("PRAGMA data_version").fetchone()[0]
             if version != self._version:
                 self._apply_locked(conn)
                 self._version = version
-        except (_Drop, sqlite3.Error, OSError, TypeError, ValueError) as exc:
+        except (Drop, sqlite3.Error, OSError, TypeError, ValueError) as exc:
             self._drop_locked(exc)
             return False
         return True
@@ -221,9 +231,9 @@ class KeyDir:
     def _apply_locked(self, conn: sqlite3.Connection) -> None:
         conn.execute("BEGIN")
         try:
-            epoch, pruned = _state(conn)
-            if epoch != self._epoch or pruned > self._seq or _top(conn) < self._seq:
-                raise _Drop("the change log went on without this process, or went back")
+            epoch, pruned = keydir_build.state(conn)
+            if epoch != self._epoch or pruned > self._seq or keydir_build.top(conn) < self._seq:
+                raise Drop("the change log went on without this process, or went back")
             logged = conn.execute(
                 "SELECT seq, key, kind, segment, offset, length FROM changes WHERE seq > ? "
                 "ORDER BY seq",
@@ -233,48 +243,66 @@ class KeyDir:
             conn.execute("COMMIT")
         for seq, key, kind, segment, offset, length in logged:
             if kind == PREFIX_CHANGE:
-                raise _Drop(f"every key under {key!r} was invalidated")
+                raise Drop(f"every key under {key!r} was invalidated")
             if mapped(key):
                 self._changes[hash_of(key)] = _location(kind, segment, offset, length)
             self._seq = seq
         if logged:
             self._generation += 1
-        if len(self._changes) > max(_MERGE_AT, len(self._arrays.hashes) >> 3):
-            self._merge_locked()
+        self._fold_if_due_locked()
 
-    def _merge_locked(self) -> None:
-        """Fold the changes into the arrays."""
-        if not self._changes:
+    def _fold_if_due_locked(self) -> None:
+        """Start folding the changes into the arrays in the background when they are many
+        (at most one fold at a time; answers go on meanwhile)."""
+        if len(self._changes) <= max(_MERGE_AT, len(self._arrays.hashes) >> 3):
             return
-        changed = np.fromiter(self._changes.keys(), dtype=np.uint64, count=len(self._changes))
-        added = [(h, loc) for h, loc in self._changes.items() if loc is not ABSENT]
-        new = hint.Arrays.build(
-            [h for h, _ in added],
-            [_kind_code(loc) for _, loc in added],
-            [self._segment_code(loc) for _, loc in added],
-            [loc.offset if isinstance(loc, Location) else 0 for _, loc in added],
-            [loc.length if isinstance(loc, Location) else 0 for _, loc in added],
+        if self._folding is not None or self._closed or self._frozen:
+            return
+        self._frozen, self._changes = self._changes, {}
+        self._folding = threading.Thread(
+            target=self._fold,
+            args=(self._arrays, self._frozen, list(self._segments), self._incarnation),
+            name="zcache-location-map-fold",
+            daemon=True,
         )
-        self._arrays = self._arrays.without(changed).merged(new)
-        self._changes.clear()
+        self._folding.start()
 
-    def _segment_code(self, loc: Location | str) -> int:
-        if not isinstance(loc, Location) or loc.segment is None:
-            return _FILE
-        code = self._segment_ids.get(loc.segment)
-        if code is None:
-            code = self._segment_ids[loc.segment] = len(self._segments)
-            self._segments.append(loc.segment)
-        return code
+    def _fold(
+        self,
+        arrays: hint.Arrays,
+        frozen: dict[int, Location | str],
+        segments: list[str],
+        incarnation: int,
+    ) -> None:
+        try:
+            folded: tuple[hint.Arrays, list[str]] | None = keydir_build.fold(
+                arrays, frozen, segments
+            )
+        except (MemoryError, ValueError, TypeError) as exc:
+            logger.debug("disk cache %s: location map not folded (%s)", self._root, exc)
+            folded = None
+        with self._lock:
+            self._folding = None
+            if self._incarnation != incarnation or self._frozen is not frozen:
+                return  # the map was dropped or built again meanwhile
+            if folded is None:  # the changes go back under the newer ones
+                self._changes = {**frozen, **self._changes}
+            else:
+                self._arrays, self._segments = folded
+                self.folds += 1
+            self._frozen = {}
+            if not self._closed:
+                self._fold_if_due_locked()
 
     def _drop_locked(self, why: object) -> None:
         if self._ready:
             logger.debug("disk cache %s: location map dropped (%s)", self._root, why)
         self._ready = False
         self._generation += 1
+        self._incarnation += 1
         self._arrays = hint.Arrays.empty()
-        self._segments, self._segment_ids = [], {}
-        self._changes.clear()
+        self._segments = []
+        self._changes, self._frozen = {}, {}
         self._version = None
         self._close_conn_locked()
 
@@ -288,13 +316,17 @@ class KeyDir:
 
     def open(self) -> None:
         """Load the hint file if it belongs to the index and is not too old; otherwise build
-        the map from the rows in the background."""
+        the map from the rows (at once if the index is small, else in the background)."""
         with self._lock:
             if self._closed or self._ready:
                 return
             try:
-                self._load_hint_locked()
-            except (sqlite3.Error, OSError, _Drop, TypeError, ValueError) as exc:
+                loaded = keydir_build.load_hint(self._root, self._db_path)
+                if loaded is not None:
+                    conn, db_id, found = loaded
+                    self._install_locked(conn, db_id, found)
+                    self._saved = (found.epoch, found.seq)
+            except (sqlite3.Error, OSError, Drop, TypeError, ValueError) as exc:
                 logger.debug("disk cache %s: location hint not used (%s)", self._root, exc)
                 self._drop_locked(exc)
             if not self._ready and not self._build_small_locked() and self._damage is None:
@@ -307,20 +339,20 @@ class KeyDir:
         """Build the map of a small index at once (whether it did): then a new or small
         cache answers from its map from the first read on."""
         try:
-            conn, db_id = _connect(self._db_path)
+            conn, db_id = keydir_build.connect(self._db_path)
         except (sqlite3.Error, OSError):
             return False
         try:
-            row = conn.execute("SELECT count FROM totals WHERE id = 0").fetchone()
-            if row is None or not isinstance(row[0], int) or row[0] > _BUILD_AT_ONCE:
+            count = keydir_build.entry_count(conn)
+            if count is None or count > _BUILD_AT_ONCE:
                 conn.close()
                 return False
-            built = self._scan(conn)
-        except _Damaged as exc:
+            built = keydir_build.scan(conn, lambda: self._closed)
+        except Damaged as exc:
             conn.close()
             self._damage = exc  # told once the lock is released (the index's lock comes first)
             return False
-        except (sqlite3.Error, OSError, _Drop, TypeError, ValueError):
+        except (sqlite3.Error, OSError, Drop, TypeError, ValueError):
             conn.close()
             return False
         if built is None or file_id(self._db_path) != db_id:
@@ -330,29 +362,6 @@ class KeyDir:
         self.builds += 1
         return True
 
-    def _load_hint_locked(self) -> None:
-        loaded = hint.read(self._root)
-        if loaded is None:
-            return
-        conn, db_id = _connect(self._db_path)
-        try:
-            conn.execute("BEGIN")
-            try:
-                epoch, pruned = _state(conn)
-                last = _change(conn, loaded.seq)
-            finally:
-                conn.execute("COMMIT")
-            if epoch != loaded.epoch or pruned > loaded.seq:
-                raise _Drop("the hint is of another index, or older than the change log")
-            if last != loaded.last:
-                # the index went back in time (lost WAL frames) and maybe on: another history
-                raise _Drop("the hint's last change is not the index's")
-        except BaseException:
-            conn.close()
-            raise
-        self._install_locked(conn, db_id, loaded)
-        self._saved = (loaded.epoch, loaded.seq)
-
     def _install_locked(
         self, conn: sqlite3.Connection, db_id: tuple[int, int] | None, built: hint.Hint
     ) -> None:
@@ -361,11 +370,11 @@ class KeyDir:
         self._epoch, self._seq = built.epoch, built.seq
         self._arrays = built.arrays
         self._segments = list(built.segments)
-        self._segment_ids = {name: i for i, name in enumerate(self._segments)}
-        self._changes.clear()
+        self._changes, self._frozen = {}, {}
         self._version = None  # the first answer applies what was logged since
         self._ready = True
         self._generation += 1
+        self._incarnation += 1
 
     def _start_build_locked(self) -> None:
         if self._closed or self._building is not None or time.monotonic() < self._retry_at:
@@ -377,18 +386,18 @@ class KeyDir:
 
     def _build(self) -> None:
         try:
-            conn, db_id = _connect(self._db_path)
+            conn, db_id = keydir_build.connect(self._db_path)
         except (sqlite3.Error, OSError) as exc:
             self._build_failed(exc)
             return
         try:
-            built = self._scan(conn)
-        except _Damaged as exc:
+            built = keydir_build.scan(conn, lambda: self._closed)
+        except Damaged as exc:
             conn.close()
             self._build_failed(exc)
             self._on_damage(exc)
             return
-        except (sqlite3.Error, OSError, _Drop, TypeError, ValueError) as exc:
+        except (sqlite3.Error, OSError, Drop, TypeError, ValueError) as exc:
             conn.close()
             self._build_failed(exc)
             return
@@ -406,49 +415,7 @@ class KeyDir:
             self._building = None
             self._retry_at = time.monotonic() + _RETRY_S
 
-    def _scan(self, conn: sqlite3.Connection) -> hint.Hint | None:
-        """The map of the rows, with the change it reflects (one read transaction)."""
-        # typed buffers: ~29 bytes a row while building (lists of ints held ~200)
-        hashes = array.array("Q")
-        kinds = array.array("B")
-        segments = array.array("i")
-        offsets = array.array("q")
-        lengths = array.array("q")
-        names: dict[str, int] = {}
-        kind_codes = {kind: n for n, kind in enumerate(KINDS)}
-        conn.execute("BEGIN")
-        try:
-            epoch, _pruned = _state(conn)
-            top = _top(conn)
-            last = _change(conn, top)
-            cur = conn.execute(_SCAN)
-            previous: str | None = None
-            while batch := cur.fetchmany(_SCAN_BATCH):
-                if self._closed:
-                    return None
-                for key, kind, segment, offset, length in batch:
-                    if previous is not None and key <= previous:
-                        # a lookup by key would not find every row a scan finds: the map
-                        # would hold keys that deletes cannot reach (UTF-8 order is the
-                        # code point order SQLite's BINARY collation gives)
-                        raise _Damaged(f"rows out of key order at {key!r}")
-                    previous = key
-                    if not mapped(key):
-                        continue
-                    hashes.append(hash_of(key))
-                    kinds.append(kind_codes.get(kind, _ASK_CODE))
-                    if segment is None:
-                        segments.append(_FILE)
-                    else:
-                        segments.append(names.setdefault(segment, len(names)))
-                    offsets.append(offset or 0)
-                    lengths.append(length)
-        finally:
-            conn.execute("COMMIT")
-        arrays = hint.Arrays.build(hashes, kinds, segments, offsets, lengths)
-        return hint.Hint(epoch, top, last, list(names), arrays)
-
-    # ------------------------------------------------------------------ closing
+    # ------------------------------------------------------------------ hint and closing
 
     def close(self, *, save: bool = True) -> None:
         """Write the hint file (when the map changed since it was loaded) and let go."""
@@ -457,52 +424,66 @@ class KeyDir:
             return
         with self._lock:
             self._closed = True
-            building = self._building
-        if building is not None:
-            building.join(timeout=30)
-        with self._lock:
+            threads = [t for t in (self._building, self._folding) if t is not None]
+        for thread in threads:
+            thread.join(timeout=_JOIN_S)
+        with self._saving:
+            with self._lock:
+                snapshot = self._snapshot_locked() if save else None
             try:
-                if save and self._ready and self._sync_locked():
-                    self._save_locked()
+                if snapshot is not None:
+                    self._write(snapshot)
             finally:
-                self._drop_locked("closed")
+                with self._lock:
+                    self._drop_locked("closed")
 
     def save(self, *, force: bool = False) -> bool:
         """Write the hint file now if it is due (``force``: if it says less than the map):
         at least :data:`_SAVE_EVERY` changes, or an eighth of the map, since the last one.
         So that a process that never closes (killed, crashed) leaves a recent hint, and
         the next one replays fewer changes, or does not build from the rows. Whether it
-        wrote."""
-        with self._lock:
-            if not self._ready or self._closed or not self._sync_locked():
-                return False
-            saved_epoch, saved_seq = self._saved or ("", -1)
-            behind = self._seq - saved_seq if saved_epoch == self._epoch else self._seq + 1
-            if not force and behind < max(_SAVE_EVERY, len(self._arrays.hashes) >> 3):
-                return False
-            return self._save_locked()
+        wrote. The arrays are written as they were when it began, answers going on."""
+        if os.getpid() != self._pid:
+            return False
+        with self._saving:
+            with self._lock:
+                if self._closed:
+                    return False
+                saved_epoch, saved_seq = self._saved or ("", -1)
+                behind = self._seq - saved_seq if saved_epoch == self._epoch else self._seq + 1
+                if not force and behind < max(_SAVE_EVERY, len(self._arrays.hashes) >> 3):
+                    return False
+                snapshot = self._snapshot_locked()
+            return snapshot is not None and self._write(snapshot)
 
-    def _save_locked(self) -> bool:
-        self._merge_locked()
-        if self._saved == (self._epoch, self._seq) or self._conn is None:
-            return False  # the hint on disk says the same
-        a = self._arrays
-        used = np.unique(a.segments[a.segments != _FILE])
-        remap = np.full(len(self._segments) + 1, _FILE, dtype=np.int32)
-        remap[used] = np.arange(len(used), dtype=np.int32)
-        arrays = dataclasses.replace(
-            a, segments=np.where(a.segments == _FILE, _FILE, remap[a.segments]).astype(np.int32)
+    def _snapshot_locked(self) -> _Snapshot | None:
+        """The map as of the index's last commit, to be written (None: the hint on disk
+        says the same, or the map cannot say)."""
+        if not self._ready or not self._sync_locked() or self._conn is None:
+            return None
+        if self._saved == (self._epoch, self._seq):
+            return None
+        return _Snapshot(
+            self._epoch,
+            self._seq,
+            keydir_build.change(self._conn, self._seq),
+            self._arrays,
+            {**self._frozen, **self._changes},
+            list(self._segments),
         )
-        names = [self._segments[int(i)] for i in used]
-        last = _change(self._conn, self._seq)
-        if hint.write(self._root, hint.Hint(self._epoch, self._seq, last, names, arrays)):
-            self._saved = (self._epoch, self._seq)
-            return True
-        return False
+
+    def _write(self, snap: _Snapshot) -> bool:
+        arrays, names = keydir_build.fold(snap.arrays, snap.changes, snap.segments)
+        arrays, names = keydir_build.used_segments(arrays, names)
+        if not hint.write(self._root, hint.Hint(snap.epoch, snap.seq, snap.last, names, arrays)):
+            return False
+        with self._lock:
+            self._saved = (snap.epoch, snap.seq)
+        return True
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the arrays (the dict of recent changes not counted)."""
+        """Bytes held by the arrays (the dicts of recent changes not counted)."""
         return self._arrays.nbytes
 
     @property
@@ -510,15 +491,7 @@ class KeyDir:
         return self._ready
 
     def __len__(self) -> int:
-        return len(self._arrays.hashes) + len(self._changes)
-
-
-class _Drop(Exception):
-    """The map cannot follow the index (replaced, or its log pruned past the map)."""
-
-
-class _Damaged(Exception):
-    """The index's rows are not as SQLite keeps them: damage SQLite did not see."""
+        return len(self._arrays.hashes) + len(self._changes) + len(self._frozen)
 
 
 def _location(
@@ -529,47 +502,3 @@ def _location(
     if kind not in KINDS or length is None:
         return ASK
     return Location(kind, segment, offset or 0, length)
-
-
-def _kind_code(loc: Location | str) -> int:
-    return KINDS.index(loc.kind) if isinstance(loc, Location) else _ASK_CODE
-
-
-def _state(conn: sqlite3.Connection) -> tuple[str, int]:
-    row = conn.execute("SELECT epoch, pruned FROM changes_state WHERE id = 0").fetchone()
-    if row is None:
-        raise _Drop("the index has no change log")
-    return str(row[0]), int(row[1])
-
-
-def _top(conn: sqlite3.Connection) -> int:
-    """The last change logged (0: none yet)."""
-    row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
-    return 0 if row is None else int(row[0])
-
-
-def _change(conn: sqlite3.Connection, seq: int) -> str | None:
-    """A digest of change ``seq`` as logged (None: not in the log, or 0)."""
-    row = conn.execute(
-        "SELECT key, kind, segment, offset, length FROM changes WHERE seq = ?", (seq,)
-    ).fetchone()
-    return None if row is None else hashlib.sha256(repr(tuple(row)).encode()).hexdigest()
-
-
-def _connect(db_path: str) -> tuple[sqlite3.Connection, tuple[int, int] | None]:
-    """A read-only connection to ``db_path``, with the identity of the file it is on."""
-    before = file_id(db_path)
-    if before is None:
-        raise FileNotFoundError(db_path)
-    conn = sqlite3.connect(db_path, timeout=30, isolation_level=None, check_same_thread=False)
-    try:
-        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        conn.execute(f"PRAGMA cache_size=-{_PAGE_CACHE_KIB}")
-        conn.execute("PRAGMA query_only=1")
-        conn.execute("SELECT 1 FROM changes_state").fetchall()
-        if file_id(db_path) != before:
-            raise OSError("the index was replaced while connecting")
-    except BaseException:
-        conn.close()
-        raise
-    return conn, before
