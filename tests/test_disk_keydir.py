@@ -610,3 +610,33 @@ def test_rows_out_of_key_order_are_damage_not_a_map(tmp_path: pathlib.Path) -> N
         t.delete("ns/v/c/150")
         assert t.get("ns/v/c/150") is None and t.get("ns/v/c/000") is None
         assert t.put("ns/v/c/150", b"new", namespace="ns") and t.get("ns/v/c/150") == b"new"
+
+
+def test_the_change_log_keeps_a_share_of_the_entries(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pruning keeps at least a quarter of the entry count (here 200 entries: 50 changes,
+    the fixed floor being 5): a map 40 changes behind takes them in after a prune, one 60
+    behind is built again from the rows (a log bounded by a constant would let a large
+    index's build, which takes time proportional to the entries, be pruned past forever)."""
+    from xarray_zcache.cache.disk import rows
+
+    monkeypatch.setattr(rows, "CHANGES_KEPT", 5)
+    path = tmp_path / "c"
+    filled(path)
+    for behind, rebuilt in ((40, False), (60, True)):
+        with tier(path) as t, tier(path) as writer:
+            kd = t._keydir
+            assert kd is not None and t.get(KEYS[-1]) == value(KEYS[-1])  # up to date
+            builds = kd.builds
+            for k in KEYS[:behind]:
+                assert writer.put(k, value(k, f"behind {behind}"), namespace="ns")
+            with contextlib.closing(sqlite3.connect(path / "index.db")) as conn:
+                assert rows.changes_kept(conn) == 50
+            writer.prune_tombstones(0)  # prunes the log too
+            assert all(t.get(k) == value(k, f"behind {behind}") for k in KEYS[:behind])
+            deadline = time.monotonic() + 30
+            while not kd.ready and time.monotonic() < deadline:
+                t.get(KEYS[-1])
+                time.sleep(0.01)
+            assert (kd.builds > builds) is rebuilt

@@ -192,7 +192,7 @@ def test_a_map_behind_the_pruned_log_is_rebuilt_not_served(
             f"t.put({KEYS[0]!r}, b'v2', namespace='ns')\n"
             f"t.delete({KEYS[1]!r})\n"
             "[t.put(f'filler/{i}', b'f') for i in range(30)]\n"
-            "rows.CHANGES_KEPT = 5\n"
+            "rows.CHANGES_KEPT, rows.CHANGES_KEPT_PER_ENTRY = 5, 0\n"
             "t.prune_tombstones(0)\n",
         )
         with contextlib.closing(sqlite3.connect(path / "index.db")) as conn:
@@ -219,6 +219,7 @@ def test_pruning_tombstones_here_does_not_drop_this_process_map(
     path = tmp_path / "c"
     filled(path)
     monkeypatch.setattr(rows, "CHANGES_KEPT", 5)
+    monkeypatch.setattr(rows, "CHANGES_KEPT_PER_ENTRY", 0)
     with tier(path) as t:
         assert t._keydir is not None and t._keydir.ready
         assert t.get(KEYS[0]) == value(KEYS[0])
@@ -449,6 +450,7 @@ def test_the_change_log_stays_bounded_with_short_lived_processes(
     grow without bound (a row per change). Closing prunes it too."""
     path = tmp_path / "c"
     monkeypatch.setattr(rows, "CHANGES_KEPT", 20)
+    monkeypatch.setattr(rows, "CHANGES_KEPT_PER_ENTRY", 0)
     for i in range(30):
         with tier(path) as t:
             assert all(t.put_many([Fill(f"w{i}/{j}", b"x" * 10) for j in range(10)]))

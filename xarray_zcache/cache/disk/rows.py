@@ -28,9 +28,13 @@ logger = logging.getLogger("xarray_zcache.disk")
 
 #: A ``horizon`` (see ``prune``) further in the future than this is damage: reset it.
 HORIZON_SLACK_NS: Final = 86_400 * 10**9
-#: The change log (:mod:`.keydir`) keeps this many of its latest changes when pruned: a
-#: process whose location map is further behind rebuilds it from the rows.
+#: The change log (:mod:`.keydir`) keeps this many of its latest changes when pruned, and at
+#: least this share of the index's entry count: a process whose location map is further
+#: behind rebuilds it from the rows. (A build from the rows takes about 3.4 µs an entry; a
+#: log of a quarter of the entries lets writers log up to ~70,000 changes/s during a build
+#: before the log is pruned past it, which would start the build again, forever.)
 CHANGES_KEPT: Final = 100_000
+CHANGES_KEPT_PER_ENTRY: Final = 0.25
 
 UPSERT: Final = """
 INSERT INTO entries(key, namespace, kind, size, created, last_access, hits, expires, checksum,
@@ -144,7 +148,14 @@ def prune(conn: sqlite3.Connection, older_than_s: float) -> None:
     conn.execute("DELETE FROM tombstones WHERE at < ?", (cutoff,))
     conn.execute("DELETE FROM prefix_tombstones WHERE at < ?", (cutoff,))
     conn.execute("UPDATE totals SET horizon = MAX(horizon, ?) WHERE id = 0", (cutoff,))
-    prune_changes(conn, CHANGES_KEPT)
+    prune_changes(conn, changes_kept(conn))
+
+
+def changes_kept(conn: sqlite3.Connection) -> int:
+    """How many of its latest changes the log keeps (:data:`CHANGES_KEPT`)."""
+    row = conn.execute("SELECT count FROM totals WHERE id = 0").fetchone()
+    entries = row[0] if row is not None and isinstance(row[0], int) else 0
+    return max(CHANGES_KEPT, int(entries * CHANGES_KEPT_PER_ENTRY))
 
 
 def prune_changes(conn: sqlite3.Connection, keep: int) -> None:

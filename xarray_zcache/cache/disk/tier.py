@@ -347,9 +347,10 @@ class DiskTier(TierFills, TierInspection):
                 # the change log is pruned every AUTO_PRUNE_EVERY stores of one tier: one
                 # that stores fewer (a worker, a script) must not let it grow without bound
                 with contextlib.suppress(OSError, sqlite3.Error):
-                    if rows.changes_cutoff(conn, rows.CHANGES_KEPT) is not None:
+                    keep = rows.changes_kept(conn)
+                    if rows.changes_cutoff(conn, keep) is not None:
                         with txn(conn):  # (no write lock taken when there is nothing to do)
-                            rows.prune_changes(conn, rows.CHANGES_KEPT)
+                            rows.prune_changes(conn, keep)
             self._index.close_locked()
 
     def abandon(self) -> None:
