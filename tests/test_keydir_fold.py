@@ -13,7 +13,7 @@ import pytest
 from keydir_helpers import KEYS, filled, tier, value
 
 from xarray_zcache.cache.disk import DiskTier, hint, keydir, keydir_build
-from xarray_zcache.cache.disk.locations import Location, hash_of
+from xarray_zcache.cache.disk.locations import Change, Location, hash_of
 from xarray_zcache.cache.disk.segments import SEGMENT_THRESHOLD
 
 
@@ -25,7 +25,7 @@ def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
     real = keydir_build.fold
 
     def gated(
-        arrays: hint.Arrays, changes: Mapping[int, Location | str], segments: Sequence[str]
+        arrays: hint.Arrays, changes: Mapping[int, Change], segments: Sequence[str]
     ) -> tuple[hint.Arrays, list[str]]:
         if threading.current_thread().name == "zcache-location-map-fold":
             assert opened.wait(30)

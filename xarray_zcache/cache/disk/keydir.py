@@ -57,7 +57,9 @@ from xarray_zcache.cache.disk.locations import (
     ABSENT,
     ASK,
     PREFIX_CHANGE,
+    Change,
     Location,
+    change_of,
     hash_of,
     mapped,
 )
@@ -85,7 +87,7 @@ class _Snapshot:
     seq: int
     last: str | None
     arrays: hint.Arrays
-    changes: Mapping[int, Location | str]
+    changes: Mapping[int, Change]
     segments: list[str]
 
 
@@ -110,10 +112,10 @@ class KeyDir:
         self._arrays = hint.Arrays.empty()
         #: the segment names the arrays' codes refer to (only ever appended to by a fold)
         self._segments: list[str] = []
-        #: changes since the arrays: hash -> Location, ABSENT or ASK (newest first) ...
-        self._changes: dict[int, Location | str] = {}
+        #: changes since the arrays: hash -> a location's tuple, ABSENT or ASK (newest first)
+        self._changes: dict[int, Change] = {}
         #: ... and the older ones a background fold is folding into the arrays
-        self._frozen: dict[int, Location | str] = {}
+        self._frozen: dict[int, Change] = {}
         self._ready = False
         self._closed = False
         self._building: threading.Thread | None = None
@@ -160,7 +162,7 @@ class KeyDir:
         if change is None:
             change = self._frozen.get(h)
         if change is not None:
-            return change
+            return change if isinstance(change, str) else Location(*change)
         a = self._arrays
         i = int(a.hashes.searchsorted(np.uint64(h)))  # (a Python int would cast the array)
         if i == len(a.hashes) or int(a.hashes[i]) != h:
@@ -192,7 +194,7 @@ class KeyDir:
             return
         with self._lock:
             if self._ready and self._generation == mark:
-                self._changes[h] = found
+                self._changes[h] = change_of(found)
 
     def forget(self, h: int) -> None:
         """The location given for ``h`` did not hold the key's record: ask the index for it
@@ -270,7 +272,7 @@ class KeyDir:
     def _fold(
         self,
         arrays: hint.Arrays,
-        frozen: dict[int, Location | str],
+        frozen: dict[int, Change],
         segments: list[str],
         incarnation: int,
     ) -> None:
@@ -496,9 +498,9 @@ class KeyDir:
 
 def _location(
     kind: str | None, segment: str | None, offset: int | None, length: int | None
-) -> Location | str:
+) -> Change:
     if kind is None:
         return ABSENT
     if kind not in KINDS or length is None:
         return ASK
-    return Location(kind, segment, offset or 0, length)
+    return (kind, segment, offset or 0, length)

@@ -19,7 +19,7 @@ import numpy as np
 from xarray_zcache.cache.disk import hint
 from xarray_zcache.cache.disk.folder import file_id
 from xarray_zcache.cache.disk.format import KINDS
-from xarray_zcache.cache.disk.locations import ABSENT, Location, hash_of, mapped
+from xarray_zcache.cache.disk.locations import ABSENT, Change, hash_of, mapped
 from xarray_zcache.cache.disk.schema import BUSY_TIMEOUT_MS
 
 #: Kind code of an entry the map cannot place (:data:`.locations.ASK`).
@@ -165,34 +165,48 @@ def scan(conn: sqlite3.Connection, stopped: Callable[[], bool]) -> hint.Hint | N
 
 
 def fold(
-    arrays: hint.Arrays, changes: Mapping[int, Location | str], segments: Sequence[str]
+    arrays: hint.Arrays, changes: Mapping[int, Change], segments: Sequence[str]
 ) -> tuple[hint.Arrays, list[str]]:
-    """``arrays`` with ``changes`` (hash -> location, ABSENT or ASK) folded in, and the
-    segment names their codes refer to: ``segments`` (whose codes ``arrays`` use) with the
-    new names appended. Neither argument is changed."""
+    """``arrays`` with ``changes`` (hash -> a location's tuple, ABSENT or ASK) folded in,
+    and the segment names their codes refer to: ``segments`` (whose codes ``arrays`` use)
+    with the new names appended. Neither argument is changed."""
     names = list(segments)
     ids = {name: i for i, name in enumerate(names)}
 
-    def segment_code(loc: Location | str) -> int:
-        if not isinstance(loc, Location) or loc.segment is None:
+    def segment_code(segment: str | None) -> int:
+        if segment is None:
             return FILE
-        code = ids.get(loc.segment)
+        code = ids.get(segment)
         if code is None:
-            code = ids[loc.segment] = len(names)
-            names.append(loc.segment)
+            code = ids[segment] = len(names)
+            names.append(segment)
         return code
 
     if not changes:
         return arrays, names
     changed = np.fromiter(changes.keys(), dtype=np.uint64, count=len(changes))
-    added = [(h, loc) for h, loc in changes.items() if loc is not ABSENT]
-    new = hint.Arrays.build(
-        [h for h, _ in added],
-        [kind_code(loc) for _, loc in added],
-        [segment_code(loc) for _, loc in added],
-        [loc.offset if isinstance(loc, Location) else 0 for _, loc in added],
-        [loc.length if isinstance(loc, Location) else 0 for _, loc in added],
-    )
+    hashes: list[int] = []
+    kinds: list[int] = []
+    codes: list[int] = []
+    offsets: list[int] = []
+    lengths: list[int] = []
+    kind_codes = {kind: n for n, kind in enumerate(KINDS)}
+    for h, change in changes.items():
+        if change is ABSENT:
+            continue
+        hashes.append(h)
+        if isinstance(change, str):  # ASK
+            kinds.append(ASK_CODE)
+            codes.append(FILE)
+            offsets.append(0)
+            lengths.append(0)
+        else:
+            kind, segment, offset, length = change
+            kinds.append(kind_codes[kind])
+            codes.append(segment_code(segment))
+            offsets.append(offset)
+            lengths.append(length)
+    new = hint.Arrays.build(hashes, kinds, codes, offsets, lengths)
     return arrays.without(changed).merged(new), names
 
 
@@ -206,7 +220,3 @@ def used_segments(arrays: hint.Arrays, segments: Sequence[str]) -> tuple[hint.Ar
     return hint.Arrays(arrays.hashes, arrays.kinds, codes, arrays.offsets, arrays.lengths), [
         segments[int(i)] for i in used
     ]
-
-
-def kind_code(loc: Location | str) -> int:
-    return KINDS.index(loc.kind) if isinstance(loc, Location) else ASK_CODE

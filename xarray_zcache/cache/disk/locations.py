@@ -37,6 +37,18 @@ class Location:
     length: int
 
 
+#: A change the map holds in its dict until folded into its arrays: ``(kind, segment,
+#: offset, length)`` of a :class:`Location`, as a plain tuple of atoms (which the garbage
+#: collector stops tracking: a dict of a hundred thousand of them costs a full collection
+#: nothing, where as many objects made every collection of the process walk them), or
+#: :data:`ABSENT`, or :data:`ASK`.
+Change = tuple[str, str | None, int, int] | str
+
+
+def change_of(loc: Location | str) -> Change:
+    return loc if isinstance(loc, str) else (loc.kind, loc.segment, loc.offset, loc.length)
+
+
 def key_hash(digest: bytes) -> int:
     """The map's key: the first 8 bytes of the key's SHA-256 ``digest``."""
     return int.from_bytes(digest[:8], "little")
