@@ -15,7 +15,7 @@ import time
 import pytest
 from entry_location import locate
 
-from xarray_zcache.cache.disk import DiskTier, Fill, access, hooks, index, reads, schema
+from xarray_zcache.cache.disk import DiskTier, Fill, access, core, hooks, index, schema
 from xarray_zcache.cache.disk.format import WHOLE_READ
 from xarray_zcache.cache.writer import BATCH_ENTRIES, DiskWriter, PendingWrite
 
@@ -118,7 +118,7 @@ def test_put_many_never_exceeds_capacity(tmp_path: pathlib.Path, threshold: int)
 def test_eviction_by_put_goes_in_bounded_batches(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(reads, "EVICT_BATCH", 5)
+    monkeypatch.setattr(core, "EVICT_BATCH", 5)
     tier = DiskTier(tmp_path / "c", 100 * 100)  # room for 100 entries of 100 bytes
     assert all(tier.put_many([Fill(f"k/{i}", b"v" * 100) for i in range(100)]))
     tier.put("new", b"n" * 100)  # over capacity: 1 must go, low water would take 11

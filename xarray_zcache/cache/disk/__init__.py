@@ -10,8 +10,9 @@ Layout under the cache folder (created with mode 0700)::
 One module per job: :mod:`.format` (the payload file format), :mod:`.folder` (the folder),
 :mod:`.schema` and :mod:`.index` (the SQLite index and its recovery), :mod:`.rows` (row
 operations), :mod:`.writes` (the two transactions of ``put``), :mod:`.access` (hit
-statistics), :mod:`.scan` and :mod:`.check` (``verify``, ``rebuild_index``), :mod:`.reads` and
-:mod:`.tier` (:class:`DiskTier`), :mod:`.fills` (``put``, ``put_many``), :mod:`.segments`
+statistics), :mod:`.scan` and :mod:`.check` (``verify``, ``rebuild_index``), :mod:`.core`
+(the tier's state, setup and eviction), :mod:`.reads` (the read path), :mod:`.tier`
+(:class:`DiskTier`), :mod:`.fills` (``put``, ``put_many``), :mod:`.segments`
 and :mod:`.compact` (segment files and their compaction), :mod:`.hooks` (named points for
 fault tests). Only the
 standard library is imported.

@@ -12,17 +12,17 @@ import sqlite3
 import time
 from collections.abc import Iterable
 
-from xarray_zcache.cache.disk import compact, reads, rows, writes
-from xarray_zcache.cache.disk.entry import Fill, PutRequest
-from xarray_zcache.cache.disk.folder import FolderGone, require_folder, unlink_quietly
-from xarray_zcache.cache.disk.format import LAYOUT, write_temp
-from xarray_zcache.cache.disk.index import Recovered
-from xarray_zcache.cache.disk.reads import (
+from xarray_zcache.cache.disk import compact, core, rows, writes
+from xarray_zcache.cache.disk.core import (
     AUTO_PRUNE_EVERY,
     EVICT_LOW_WATER,
     TOMBSTONE_TTL_S,
     TierCore,
 )
+from xarray_zcache.cache.disk.entry import Fill, PutRequest
+from xarray_zcache.cache.disk.folder import FolderGone, require_folder, unlink_quietly
+from xarray_zcache.cache.disk.format import LAYOUT, write_temp
+from xarray_zcache.cache.disk.index import Recovered
 from xarray_zcache.cache.disk.schema import is_disk_full, txn
 
 __all__ = ["TierFills"]
@@ -309,7 +309,7 @@ class TierFills(TierCore):
             int(self.capacity * EVICT_LOW_WATER),
             time.time(),
             protect,
-            limit=reads.EVICT_BATCH,
+            limit=core.EVICT_BATCH,
             hard_target=self.capacity,
         )
 

@@ -3,8 +3,9 @@
 :mod:`.format` (payload files), :mod:`.folder` (the folder), :mod:`.schema` and :mod:`.index`
 (the SQLite index and its recovery), :mod:`.rows` (row operations), :mod:`.writes` (the two
 transactions of ``put``), :mod:`.access` and :mod:`.flusher` (hit statistics, written off the
-hit path), :mod:`.scan` and :mod:`.check` (``verify``, ``rebuild_index``), :mod:`.reads`
-(state and the read path).
+hit path), :mod:`.scan` and :mod:`.check` (``verify``, ``rebuild_index``), :mod:`.core`
+(state, setup, eviction), :mod:`.reads` (the read path), :mod:`.fills` (the write paths),
+:mod:`.inspect` (questions to the index for tools).
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from xarray_zcache.cache.disk import check, rows
 from xarray_zcache.cache.disk.fills import TierFills
 from xarray_zcache.cache.disk.inspect import TierInspection
 from xarray_zcache.cache.disk.probe import FolderState, NotACacheFolder, probe_folder
+from xarray_zcache.cache.disk.reads import TierReads
 from xarray_zcache.cache.disk.schema import is_resource_error, txn
 
 __all__ = ["DiskTier", "FolderState", "NotACacheFolder"]
 
 
-class DiskTier(TierFills, TierInspection):
+class DiskTier(TierFills, TierReads, TierInspection):
     """Persistent, size-bounded, multi-process-safe mapping of ``str`` keys to ``bytes``.
 
     Small payloads are records appended to segment files (:mod:`.segments`), larger ones
