@@ -13,6 +13,7 @@ import os
 import pathlib
 import shutil
 import stat
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -185,6 +186,10 @@ def test_a_fill_after_the_folder_vanished(
     cache.flush()
     assert cache.disk_lost
     assert arr[:].tolist() == [1, 2, 3, 4]
+    # (the flag is set first; the writer's thread then lets go of the folder and warns)
+    deadline = time.monotonic() + 20
+    while not _zcache_warnings(warnings_) and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert len(_zcache_warnings(warnings_)) == 1, _zcache_warnings(warnings_)
 
 
