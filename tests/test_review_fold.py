@@ -38,7 +38,9 @@ REAL_SCAN = keydir_build.scan
 class Hooks:
     """Every fold goes through :meth:`fold`: a fold thread waits for :attr:`fold_open`
     (then sleeps :attr:`delay` and raises :attr:`fail` if set); a fold in a :data:`SAVER`
-    thread (a hint being written) waits for :attr:`save_open`."""
+    thread (a hint being written) waits for :attr:`save_open`; a fold in any other thread
+    than a fold thread (a hint written by ``save`` or ``close``) raises :attr:`fail_hints`
+    if set."""
 
     def __init__(self) -> None:
         self.fold_open = threading.Event()
@@ -48,6 +50,7 @@ class Hooks:
         self.save_waiting = threading.Event()
         self.fail: type[Exception] | None = None
         self.fail_once = True
+        self.fail_hints: type[Exception] | None = None
         self.delay = 0.0
         self.fold_calls = 0
 
@@ -55,6 +58,8 @@ class Hooks:
         self, arrays: hint.Arrays, changes: Mapping[int, Location | str], segments: Sequence[str]
     ) -> tuple[hint.Arrays, list[str]]:
         name = threading.current_thread().name
+        if name != FOLD_THREAD and self.fail_hints is not None:
+            raise self.fail_hints("a hint's fold failing (injected)")
         if name == FOLD_THREAD:
             self.fold_calls += 1
             self.fold_waiting.set()
@@ -258,6 +263,38 @@ def test_a_fold_that_keeps_failing_is_not_retried_in_a_loop(
         _assert_reads(t, {k: value(k) for k in KEYS[40:]})
         assert t.index_lookups == 0
         hooks.fail = None  # (close waits for a fold in flight)
+
+
+def test_a_hint_whose_fold_fails_is_not_written_and_close_still_closes(
+    tmp_path: pathlib.Path, hooks: Hooks
+) -> None:
+    """The fold of a hint being written (``save``, ``close``) runs out of memory: ``save``
+    says it wrote nothing (no exception into the maintenance that called it), and the
+    tier's ``close`` still closes the index and lets go of the map; the next tier maps the
+    index again (an older hint and the log, or the rows) and reads every latest value."""
+    path = tmp_path / "c"
+    filled(path)
+    expected: dict[str, bytes | None] = {k: value(k) for k in KEYS}
+    hint_before = (path / hint.HINT_NAME).read_bytes()
+    t = tier(path)
+    with _writer(path) as writer:
+        kd = _kd(t)
+        _start_fold(t, writer, hooks, "v2")
+        expected.update({k: value(k, "v2") for k in KEYS[:40]})
+        writer.delete(KEYS[5])
+        expected[KEYS[5]] = None
+        hooks.fail_hints = MemoryError
+        assert t.save_location_map(force=True) is False
+        _assert_reads(t, expected)
+        hooks.fold_open.set()
+        _wait_for(lambda: kd.folds == 1 and kd._folding is None, "the fold installed")
+        t.close()
+        assert t._index.closed and not kd.ready and kd._conn is None
+        assert (path / hint.HINT_NAME).read_bytes() == hint_before
+    hooks.fail_hints = None
+    with tier(path) as t:
+        _wait_for(lambda: t._keydir is not None and t._keydir.ready, "mapped again")
+        _assert_reads(t, expected)
 
 
 # ---------------------------------------------------------------------- install races
@@ -629,14 +666,48 @@ def test_a_fork_during_a_fold_and_a_save_leaves_the_child_clear_of_both(
         _assert_reads(t, expected)
 
 
+# ---------------------------------------------------------------------- no pause
+
+
+def test_readers_do_not_wait_for_a_slow_fold(tmp_path: pathlib.Path, hooks: Hooks) -> None:
+    """A fold that takes 1 s (a large map) runs while a reader reads every key and
+    another tier keeps writing: no read waits anywhere near the fold's time, every read
+    is the latest value."""
+    hooks.delay = 1.0
+    path = tmp_path / "c"
+    filled(path)
+    expected: dict[str, bytes | None] = {k: value(k) for k in KEYS}
+    with tier(path) as t, _writer(path) as writer:
+        kd = _kd(t)
+        _start_fold(t, writer, hooks, "v2")
+        expected.update({k: value(k, "v2") for k in KEYS[:40]})
+        hooks.fold_open.set()
+        slowest = 0.0
+        i = 0
+        while kd.folds == 0:
+            assert i < 100_000, "the fold never installed"
+            k = KEYS[i % len(KEYS)]
+            if i % 50 == 0:
+                _put(writer, expected, KEYS[(i // 50) % len(KEYS)], f"w{i}")
+            t0 = time.monotonic()
+            got = t.get(k)
+            slowest = max(slowest, time.monotonic() - t0)
+            assert got == expected[k], k
+            i += 1
+        assert slowest < 0.5, f"a read waited {slowest:.2f} s"
+        assert kd.folds == 1
+        _assert_reads(t, expected)
+
+
 # ---------------------------------------------------------------------- long-running
 
 
 def test_many_folds_beside_a_writer_process_every_read_is_at_least_the_last_round(
     tmp_path: pathlib.Path, hooks: Hooks
 ) -> None:
-    """Another process writes rounds (40 keys overwritten, 20 overwritten or deleted), each
-    followed by a round marker; this process folds every 25 changes (each fold slowed),
+    """Another process writes rounds (40 keys overwritten, 20 overwritten or deleted, now
+    and then a prefix delete that drops the map, or a compaction), each followed by a round
+    marker; this process folds every 25 changes (each fold slowed),
     forgets keys, saves hints. Readers read the marker (round n), then keys: a key read must
     be of round n or later, and so must the record the map points to, read raw (a stale
     location would mostly cost a look-up: the old record is marked deleted). A miss is
@@ -648,7 +719,7 @@ def test_many_folds_beside_a_writer_process_every_read_is_at_least_the_last_roun
     path = tmp_path / "c"
     always, sometimes = KEYS[:40], KEYS[40:60]
     filled(path, always + sometimes)
-    rounds = 15
+    rounds = 30
     errors: list[str] = []
     stop = threading.Event()
     reads = [0]
@@ -717,6 +788,10 @@ def test_many_folds_beside_a_writer_process_every_read_is_at_least_the_last_roun
                 "            t.delete(k)\n"
                 "        else:\n"
                 "            assert t.put(k, (f'<{k}|r{r}>'.encode()) * 20, namespace='ns')\n"
+                "    if r % 5 == 2:\n"
+                "        t.delete_prefix(f'ns/gone{r}/')\n"  # drops the map: built again
+                "    if r % 7 == 3:\n"
+                "        t.compact()\n"
                 "    assert t.put('ns/round', str(r).encode(), namespace='ns')\n",
             )
         finally:
@@ -726,6 +801,7 @@ def test_many_folds_beside_a_writer_process_every_read_is_at_least_the_last_roun
         assert not errors, errors[:5]
         assert reads[0] > 100
         assert kd.folds >= 10, kd.folds
+        assert kd.builds >= 2, kd.builds
         last = rounds - 1
         expected: dict[str, bytes | None] = {
             k: f"<{k}|r{last}>".encode() * 20 for k in always + sometimes

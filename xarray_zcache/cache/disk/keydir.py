@@ -487,8 +487,12 @@ class KeyDir:
         )
 
     def _write(self, snap: _Snapshot) -> bool:
-        arrays, names = keydir_build.fold(snap.arrays, snap.changes, snap.segments)
-        arrays, names = keydir_build.used_segments(arrays, names)
+        try:
+            arrays, names = keydir_build.fold(snap.arrays, snap.changes, snap.segments)
+            arrays, names = keydir_build.used_segments(arrays, names)
+        except Exception as exc:  # (MemoryError among others) no hint, as a failed write
+            logger.debug("disk cache %s: location hint not written (%s)", self._root, exc)
+            return False
         if not hint.write(self._root, hint.Hint(snap.epoch, snap.seq, snap.last, names, arrays)):
             return False
         with self._lock:
