@@ -297,6 +297,45 @@ def test_a_hint_whose_fold_fails_is_not_written_and_close_still_closes(
         _assert_reads(t, expected)
 
 
+def test_no_thread_for_a_fold_fails_no_read_and_loses_no_change(
+    tmp_path: pathlib.Path, hooks: Hooks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fold's thread cannot be started (``can't start new thread``: too many threads,
+    memory short) when the changes applied by a read pass the threshold: that read must
+    not raise, the changes stay in the map, folding resumes once threads can be had, and
+    ``close`` (which joins the fold) still closes."""
+    monkeypatch.setattr(keydir, "_RETRY_S", 0.0)
+    hooks.fold_open.set()
+    real_start = threading.Thread.start
+    refuse = [True]
+
+    def start(self: threading.Thread) -> None:
+        if self.name == FOLD_THREAD and refuse[0]:
+            raise RuntimeError("can't start new thread (injected)")
+        real_start(self)
+
+    path = tmp_path / "c"
+    filled(path)
+    expected: dict[str, bytes | None] = {k: value(k) for k in KEYS}
+    with tier(path) as t, _writer(path) as writer:
+        kd = _kd(t)
+        monkeypatch.setattr(threading.Thread, "start", start)
+        for k in KEYS[:40]:
+            _put(writer, expected, k, "v2")
+        _assert_reads(t, expected)
+        assert kd.folds == 0 and len(kd._changes) + len(kd._frozen) >= 40
+        assert t.index_lookups == 0
+        refuse[0] = False
+        for k in KEYS[100:110]:
+            _put(writer, expected, k, "v3")
+        kd.sync()
+        _wait_for(lambda: kd.folds == 1 and kd._folding is None, "a fold installed")
+        _assert_reads(t, expected)
+        _assert_map_exact(kd, path, KEYS)
+    with tier(path) as t:
+        _assert_reads(t, expected)
+
+
 # ---------------------------------------------------------------------- install races
 
 
@@ -475,6 +514,66 @@ def test_a_hint_written_while_changes_arrive_is_the_state_as_of_its_seq(
         assert kd.builds == 0 and kd._saved == (saved.epoch, seq)
         _assert_reads(t, expected)
         _assert_map_exact(kd, path, KEYS + extra)
+
+
+def test_a_save_in_flight_across_a_drop_and_an_older_hint_over_a_newer_one(
+    tmp_path: pathlib.Path, hooks: Hooks
+) -> None:
+    """A ``save`` takes its snapshot and waits; meanwhile a prefix delete drops this map
+    (built again from the rows) and a second tier of this process writes a newer hint.
+    The first save then writes its older hint over the newer one: a new tier loading it
+    replays the log from its seq, meets the prefix delete, maps the rows again, and reads
+    every latest value; this tier's close still writes its newer state."""
+    path = tmp_path / "c"
+    filled(path)
+    expected: dict[str, bytes | None] = {k: value(k) for k in KEYS}
+    hooks.fold_open.set()
+    with tier(path) as t, tier(path) as t2, _writer(path) as writer:
+        kd, kd2 = _kd(t), _kd(t2)
+        for k in KEYS[:10]:
+            _put(writer, expected, k, "v2")
+        kd.sync()
+        hooks.save_open.clear()
+        result: list[bool] = []
+        saver = threading.Thread(
+            target=lambda: result.append(t.save_location_map(force=True)), name=SAVER
+        )
+        saver.start()
+        assert hooks.save_waiting.wait(10)
+        seq, builds = kd._seq, kd.builds
+        assert writer.delete_prefix("ns/v/c/19") == 11
+        expected.update({k: None for k in KEYS if k.startswith("ns/v/c/19")})
+        for k in KEYS[20:30]:
+            _put(writer, expected, k, "v3")
+        assert t.get(KEYS[19]) is None
+        _wait_for(lambda: kd.ready and kd.builds > builds, "the map built again")
+        builds2 = kd2.builds
+        assert t2.get(KEYS[19]) is None
+        _wait_for(lambda: kd2.ready and kd2.builds > builds2, "the second map built again")
+        try:
+            assert t2.save_location_map(force=True)
+        finally:
+            hooks.save_open.set()
+        newer = hint.read(str(path))
+        assert newer is not None and newer.seq > seq
+        hooks.save_open.set()
+        saver.join(10)
+        assert result == [True]
+        older = hint.read(str(path))
+        assert older is not None and older.seq == seq  # the older one, over the newer
+        assert kd2.ready
+        with tier(path) as t3:
+            kd3 = t3._keydir
+            assert kd3 is not None
+            _assert_reads(t3, expected)
+            _wait_for(lambda: kd3.ready, "mapped again")
+            _assert_reads(t3, expected)
+            _assert_map_exact(kd3, path, KEYS)
+        _assert_reads(t, expected)
+        _assert_map_exact(kd, path, KEYS)
+    with tier(path) as t:
+        assert _kd(t).builds == 0
+        _assert_reads(t, expected)
 
 
 def test_close_timing_out_on_a_fold_writes_every_change_and_voids_the_fold(

@@ -262,14 +262,20 @@ class KeyDir:
             return
         if time.monotonic() < self._fold_retry_at:
             return
-        self._frozen, self._changes = self._changes, {}
-        self._folding = threading.Thread(
+        frozen = self._changes
+        thread = threading.Thread(
             target=self._fold,
-            args=(self._arrays, self._frozen, list(self._segments), self._incarnation),
+            args=(self._arrays, frozen, list(self._segments), self._incarnation),
             name="zcache-location-map-fold",
             daemon=True,
         )
-        self._folding.start()
+        try:
+            thread.start()  # (it installs under the lock: not before we are done here)
+        except RuntimeError as exc:  # no thread to be had: the changes stay in the dict
+            logger.debug("disk cache %s: location map not folded (%s)", self._root, exc)
+            self._fold_retry_at = time.monotonic() + _RETRY_S
+            return
+        self._frozen, self._changes, self._folding = frozen, {}, thread
 
     def _fold(
         self,
