@@ -336,6 +336,38 @@ def test_no_thread_for_a_fold_fails_no_read_and_loses_no_change(
         _assert_reads(t, expected)
 
 
+def test_no_thread_for_a_build_fails_no_read(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prefix delete drops the map while no thread can be started for the build: the
+    read that finds the drop must not raise (it asks the index), and the map is built
+    again once threads can be had."""
+    monkeypatch.setattr(keydir, "_RETRY_S", 0.0)
+    real_start = threading.Thread.start
+    refuse = [True]
+
+    def start(self: threading.Thread) -> None:
+        if self.name == BUILD_THREAD and refuse[0]:
+            raise RuntimeError("can't start new thread (injected)")
+        real_start(self)
+
+    path = tmp_path / "c"
+    filled(path)
+    expected: dict[str, bytes | None] = {k: value(k) for k in KEYS}
+    with tier(path) as t, _writer(path) as writer:
+        kd = _kd(t)
+        monkeypatch.setattr(threading.Thread, "start", start)
+        assert writer.delete_prefix("ns/v/c/19") == 11
+        expected.update({k: None for k in KEYS if k.startswith("ns/v/c/19")})
+        _assert_reads(t, expected)
+        assert not kd.ready and kd._building is None
+        refuse[0] = False
+        assert t.get(KEYS[0]) == expected[KEYS[0]]
+        _wait_for(lambda: kd.ready, "built again")
+        _assert_reads(t, expected)
+        _assert_map_exact(kd, path, KEYS)
+
+
 # ---------------------------------------------------------------------- install races
 
 
@@ -552,11 +584,10 @@ def test_a_save_in_flight_across_a_drop_and_an_older_hint_over_a_newer_one(
         _wait_for(lambda: kd2.ready and kd2.builds > builds2, "the second map built again")
         try:
             assert t2.save_location_map(force=True)
+            newer = hint.read(str(path))
         finally:
             hooks.save_open.set()
-        newer = hint.read(str(path))
         assert newer is not None and newer.seq > seq
-        hooks.save_open.set()
         saver.join(10)
         assert result == [True]
         older = hint.read(str(path))
@@ -662,7 +693,7 @@ def test_close_does_not_wait_for_a_build_reporting_damage(
     filled(path)
     (path / hint.HINT_NAME).unlink()
     monkeypatch.setattr(keydir, "_BUILD_AT_ONCE", 10)
-    monkeypatch.setattr(keydir, "_JOIN_S", 3.0)
+    monkeypatch.setattr(keydir, "_JOIN_S", 5.0)
     waiting, go = threading.Event(), threading.Event()
 
     def scan(conn: sqlite3.Connection, stopped: Callable[[], bool]) -> hint.Hint | None:
@@ -691,7 +722,7 @@ def test_close_does_not_wait_for_a_build_reporting_damage(
     took = time.monotonic() - t0
     releaser.join(10)
     building.join(10)
-    assert took < 1.5, f"close waited {took:.1f} s for a build that was done"
+    assert took < 2.5, f"close waited {took:.1f} s for a build that was done"
     assert not kd.ready and kd.builds == 0
     monkeypatch.setattr(keydir_build, "scan", REAL_SCAN)
     with tier(path) as t:
@@ -769,10 +800,10 @@ def test_a_fork_during_a_fold_and_a_save_leaves_the_child_clear_of_both(
 
 
 def test_readers_do_not_wait_for_a_slow_fold(tmp_path: pathlib.Path, hooks: Hooks) -> None:
-    """A fold that takes 1 s (a large map) runs while a reader reads every key and
+    """A fold that takes 1.5 s (a large map) runs while a reader reads every key and
     another tier keeps writing: no read waits anywhere near the fold's time, every read
     is the latest value."""
-    hooks.delay = 1.0
+    hooks.delay = 1.5
     path = tmp_path / "c"
     filled(path)
     expected: dict[str, bytes | None] = {k: value(k) for k in KEYS}
@@ -786,14 +817,14 @@ def test_readers_do_not_wait_for_a_slow_fold(tmp_path: pathlib.Path, hooks: Hook
         while kd.folds == 0:
             assert i < 100_000, "the fold never installed"
             k = KEYS[i % len(KEYS)]
-            if i % 50 == 0:
+            if i % 50 == 0 and i < 1000:  # (fewer than a fold's worth: no second fold)
                 _put(writer, expected, KEYS[(i // 50) % len(KEYS)], f"w{i}")
             t0 = time.monotonic()
             got = t.get(k)
             slowest = max(slowest, time.monotonic() - t0)
             assert got == expected[k], k
             i += 1
-        assert slowest < 0.5, f"a read waited {slowest:.2f} s"
+        assert slowest < 0.75, f"a read waited {slowest:.2f} s"
         assert kd.folds == 1
         _assert_reads(t, expected)
 

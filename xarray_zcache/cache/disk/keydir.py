@@ -390,10 +390,14 @@ class KeyDir:
     def _start_build_locked(self) -> None:
         if self._closed or self._building is not None or time.monotonic() < self._retry_at:
             return
-        self._building = threading.Thread(
-            target=self._build, name="zcache-location-map", daemon=True
-        )
-        self._building.start()
+        thread = threading.Thread(target=self._build, name="zcache-location-map", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError as exc:  # no thread to be had: reads ask the index meanwhile
+            logger.debug("disk cache %s: location map not built (%s)", self._root, exc)
+            self._retry_at = time.monotonic() + _RETRY_S
+            return
+        self._building = thread
 
     def _build(self) -> None:
         try:
