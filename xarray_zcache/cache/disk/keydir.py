@@ -70,7 +70,7 @@ logger = logging.getLogger("xarray_zcache.disk")
 _MERGE_AT: Final = 65_536
 #: ``save`` writes the hint when at least this many changes came since the last one.
 _SAVE_EVERY: Final = 10_000
-#: After a failed build, the next attempt waits this long (seconds).
+#: After a failed build or fold, the next attempt waits this long (seconds).
 _RETRY_S: Final = 5.0
 #: An index of at most this many entries without a usable hint is mapped at once, in
 #: ``open`` (about 0.1 s); a larger one in the background.
@@ -120,6 +120,8 @@ class KeyDir:
         self._closed = False
         self._building: threading.Thread | None = None
         self._folding: threading.Thread | None = None
+        #: no fold starts before this time (a fold failed: memory short)
+        self._fold_retry_at = 0.0
         #: changes whenever changes are applied, or the map is dropped or installed
         self._generation = 0
         #: changes whenever the map is dropped or installed (a fold of another map is void)
@@ -260,14 +262,22 @@ class KeyDir:
             return
         if self._folding is not None or self._closed or self._frozen:
             return
-        self._frozen, self._changes = self._changes, {}
-        self._folding = threading.Thread(
+        if time.monotonic() < self._fold_retry_at:
+            return
+        frozen = self._changes
+        thread = threading.Thread(
             target=self._fold,
-            args=(self._arrays, self._frozen, list(self._segments), self._incarnation),
+            args=(self._arrays, frozen, list(self._segments), self._incarnation),
             name="zcache-location-map-fold",
             daemon=True,
         )
-        self._folding.start()
+        try:
+            thread.start()  # (it installs under the lock: not before we are done here)
+        except RuntimeError as exc:  # no thread to be had: the changes stay in the dict
+            logger.debug("disk cache %s: location map not folded (%s)", self._root, exc)
+            self._fold_retry_at = time.monotonic() + _RETRY_S
+            return
+        self._frozen, self._changes, self._folding = frozen, {}, thread
 
     def _fold(
         self,
@@ -280,19 +290,20 @@ class KeyDir:
             folded: tuple[hint.Arrays, list[str]] | None = keydir_build.fold(
                 arrays, frozen, segments
             )
-        except (MemoryError, ValueError, TypeError) as exc:
+        except Exception as exc:  # (MemoryError among others) the changes go back
             logger.debug("disk cache %s: location map not folded (%s)", self._root, exc)
             folded = None
         with self._lock:
             self._folding = None
             if self._incarnation != incarnation or self._frozen is not frozen:
                 return  # the map was dropped or built again meanwhile
+            self._frozen = {}
             if folded is None:  # the changes go back under the newer ones
                 self._changes = {**frozen, **self._changes}
-            else:
-                self._arrays, self._segments = folded
-                self.folds += 1
-            self._frozen = {}
+                self._fold_retry_at = time.monotonic() + _RETRY_S
+                return
+            self._arrays, self._segments = folded
+            self.folds += 1
             if not self._closed:
                 self._fold_if_due_locked()
 
@@ -381,10 +392,14 @@ class KeyDir:
     def _start_build_locked(self) -> None:
         if self._closed or self._building is not None or time.monotonic() < self._retry_at:
             return
-        self._building = threading.Thread(
-            target=self._build, name="zcache-location-map", daemon=True
-        )
-        self._building.start()
+        thread = threading.Thread(target=self._build, name="zcache-location-map", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError as exc:  # no thread to be had: reads ask the index meanwhile
+            logger.debug("disk cache %s: location map not built (%s)", self._root, exc)
+            self._retry_at = time.monotonic() + _RETRY_S
+            return
+        self._building = thread
 
     def _build(self) -> None:
         try:
@@ -427,8 +442,17 @@ class KeyDir:
         with self._lock:
             self._closed = True
             threads = [t for t in (self._building, self._folding) if t is not None]
+        deadline = time.monotonic() + _JOIN_S
         for thread in threads:
-            thread.join(timeout=_JOIN_S)
+            # until it lets go of the map (then it installs nothing: what it does after,
+            # such as reporting damage to the tier, whose lock our caller may hold, is not
+            # waited for)
+            while (
+                thread.is_alive()
+                and thread in (self._building, self._folding)
+                and time.monotonic() < deadline
+            ):
+                thread.join(timeout=min(0.05, max(0.0, deadline - time.monotonic())))
         with self._saving:
             with self._lock:
                 snapshot = self._snapshot_locked() if save else None
@@ -475,8 +499,12 @@ class KeyDir:
         )
 
     def _write(self, snap: _Snapshot) -> bool:
-        arrays, names = keydir_build.fold(snap.arrays, snap.changes, snap.segments)
-        arrays, names = keydir_build.used_segments(arrays, names)
+        try:
+            arrays, names = keydir_build.fold(snap.arrays, snap.changes, snap.segments)
+            arrays, names = keydir_build.used_segments(arrays, names)
+        except Exception as exc:  # (MemoryError among others) no hint, as a failed write
+            logger.debug("disk cache %s: location hint not written (%s)", self._root, exc)
+            return False
         if not hint.write(self._root, hint.Hint(snap.epoch, snap.seq, snap.last, names, arrays)):
             return False
         with self._lock:
