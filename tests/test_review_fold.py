@@ -24,6 +24,7 @@ import pytest
 from keydir_helpers import KEYS, filled, forked, in_another_process, tier, value
 
 from xarray_zcache.cache.disk import DiskTier, hint, keydir, keydir_build
+from xarray_zcache.cache.disk.format import KINDS
 from xarray_zcache.cache.disk.locations import ABSENT, ASK, Location, hash_of
 from xarray_zcache.cache.disk.segments import SEGMENT_THRESHOLD, segment_path
 
@@ -113,7 +114,8 @@ def _row(conn: sqlite3.Connection, key: str) -> Location | str:
     if row is None:
         return ABSENT
     _key, kind, segment, offset, length = row
-    return keydir._location(kind, segment, offset, length)
+    held = keydir._location(kind, segment, offset, length)
+    return held if isinstance(held, str) else Location(*held)
 
 
 def _rows(path: pathlib.Path, keys: Sequence[str]) -> dict[str, Location | str]:
@@ -391,7 +393,7 @@ def test_forget_and_learn_during_a_fold_win_over_its_install(
         kd.forget(h2)
         assert t.get(KEYS[2]) == expected[KEYS[2]]  # asks the index, learns its answer
         learnt = kd._changes[h2]
-        assert isinstance(learnt, Location)
+        assert isinstance(learnt, tuple)  # (a location, as the map holds it)
         old = kd.find(h3)
         assert isinstance(old, Location)
         mark = kd.mark()
@@ -402,7 +404,7 @@ def test_forget_and_learn_during_a_fold_win_over_its_install(
         hooks.fold_open.set()
         _wait_for(lambda: kd.folds == 1 and kd._folding is None, "the fold installed")
         assert kd.find(h1) is ASK
-        assert kd.find(h2) == learnt == _rows(path, [KEYS[2]])[KEYS[2]]
+        assert kd.find(h2) == Location(*learnt) == _rows(path, [KEYS[2]])[KEYS[2]]
         assert kd.find(h3) != old
         _assert_map_exact(kd, path, KEYS)
         _assert_reads(t, expected)  # (KEYS[1] asks the index: learnt again)
@@ -427,9 +429,7 @@ def test_a_fold_of_a_map_rebuilt_meanwhile_never_mixes_segment_names(
         names = list(kd._segments)
         _start_fold(t, writer, hooks, "v2")
         expected.update({k: value(k, "v2") for k in KEYS[:40]})
-        new_names = {loc.segment for loc in kd._frozen.values() if isinstance(loc, Location)} - set(
-            names
-        )
+        new_names = {c[1] for c in kd._frozen.values() if isinstance(c, tuple)} - set(names)
         assert new_names, "the writer's segment is new to the map"
         incarnation, builds = kd._incarnation, kd.builds
         assert writer.delete_prefix("ns/v/c/19") == 11
@@ -484,7 +484,7 @@ def test_a_hint_written_while_changes_arrive_is_the_state_as_of_its_seq(
         kd.forget(hash_of(KEYS[3]))  # ask, in the hint
         kd.forget(hash_of(KEYS[4]))
         assert t.get(KEYS[4]) == expected[KEYS[4]]  # learnt from the index, in the hint
-        assert isinstance(kd._changes[hash_of(KEYS[4])], Location)
+        assert isinstance(kd._changes[hash_of(KEYS[4])], tuple)  # (a location)
         hooks.fold_open.set()
         hooks.save_open.clear()
         result: list[bool] = []
@@ -535,7 +535,7 @@ def test_a_hint_written_while_changes_arrive_is_the_state_as_of_its_seq(
                 assert held[h] is ASK
             else:
                 assert isinstance(want, Location)
-                code = keydir_build.kind_code(want)
+                code = KINDS.index(want.kind)
                 assert held[h] == (code, want.segment, want.offset, want.length), k
         assert len(held) == sum(want is not ABSENT for want in at_seq.values())
         kept = tmp_path / "hint-at-seq"

@@ -87,6 +87,8 @@ class _Snapshot:
     seq: int
     last: str | None
     arrays: hint.Arrays
+    #: the changes being folded (a dict never changed once frozen) and a copy of the newer
+    frozen: Mapping[int, Change]
     changes: Mapping[int, Change]
     segments: list[str]
 
@@ -494,13 +496,15 @@ class KeyDir:
             self._seq,
             keydir_build.change(self._conn, self._seq),
             self._arrays,
-            {**self._frozen, **self._changes},
+            self._frozen,
+            dict(self._changes),  # (a C-level copy; the two are merged without the lock)
             list(self._segments),
         )
 
     def _write(self, snap: _Snapshot) -> bool:
         try:
-            arrays, names = keydir_build.fold(snap.arrays, snap.changes, snap.segments)
+            changes = {**snap.frozen, **snap.changes}
+            arrays, names = keydir_build.fold(snap.arrays, changes, snap.segments)
             arrays, names = keydir_build.used_segments(arrays, names)
         except Exception as exc:  # (MemoryError among others) no hint, as a failed write
             logger.debug("disk cache %s: location hint not written (%s)", self._root, exc)
