@@ -36,19 +36,38 @@ _tracked: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 _owned: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 
 
-def _filesystem(store: object) -> Any:
-    fs = getattr(store, "fs", None)
-    return fs if fs is not None and hasattr(type(fs), "close_session") else None
+def _filesystems(store: object) -> list[Any]:
+    """The s3fs filesystems behind ``store``: its own, and those the filesystem it reads
+    through reads through in turn (the target of a chained URL such as
+    ``simplecache::s3://...``, the targets of a kerchunk ``reference://`` set, the
+    synchronous filesystem zarr wraps in an `AsyncFileSystemWrapper`)."""
+    found: list[Any] = []
+    seen: set[int] = set()
+    todo = [getattr(store, "fs", None)]
+    while todo:
+        fs = todo.pop()
+        if fs is None or id(fs) in seen:
+            continue
+        seen.add(id(fs))
+        if hasattr(type(fs), "close_session"):
+            found.append(fs)
+            continue
+        todo.append(getattr(fs, "sync_fs", None))  # AsyncFileSystemWrapper
+        todo.append(getattr(fs, "fs", None))  # CachingFileSystem (simplecache::, ...)
+        fss = getattr(fs, "fss", None)  # ReferenceFileSystem: one per target protocol
+        if isinstance(fss, dict):
+            todo.extend(fss.values())
+    return found
 
 
 def track(store: object, *, owned: bool = False) -> None:
-    """Remember the s3fs filesystem of ``store`` (if any) so its session is closed.
+    """Remember the s3fs filesystems of ``store`` (if any) so their sessions are closed.
 
-    ``owned``: zcache built the store from a URL, so `close_store_session` may close it.
+    ``owned``: zcache built the store from a URL, so `close_store_session` may close them.
     """
-    fs = _filesystem(store)
-    if fs is not None:
-        with _lock:
+    filesystems = _filesystems(store)
+    with _lock:
+        for fs in filesystems:
             _tracked[id(fs)] = fs
             if owned:
                 _owned[id(fs)] = fs
@@ -86,24 +105,22 @@ def _in_loop(loop: asyncio.AbstractEventLoop) -> bool:
         return False
 
 
-def _release(store: object) -> Any:
-    """``store``'s s3fs filesystem, no longer tracked, if zcache built it (else None)."""
-    fs = _filesystem(store)
-    if fs is None:
-        return None
+def _release(store: object) -> list[Any]:
+    """``store``'s s3fs filesystems that zcache built, no longer tracked."""
+    released = []
     with _lock:
-        if _owned.get(id(fs)) is not fs:
-            return None
-        _owned.pop(id(fs), None)
-        _tracked.pop(id(fs), None)
-    return fs
+        for fs in _filesystems(store):
+            if _owned.get(id(fs)) is fs:
+                _owned.pop(id(fs), None)
+                _tracked.pop(id(fs), None)
+                released.append(fs)
+    return released
 
 
 def close_store_session(store: object) -> None:
-    """Close the aiohttp session of ``store``'s s3fs filesystem if zcache built it (a
+    """Close the aiohttp sessions of ``store``'s s3fs filesystems if zcache built them (a
     store the user built may be in use elsewhere: closed at exit)."""
-    fs = _release(store)
-    if fs is not None:
+    for fs in _release(store):
         _close(fs)
 
 
@@ -111,21 +128,18 @@ async def aclose_store_session(store: object) -> None:
     """`close_store_session`, awaited: on the event loop of the session (an asynchronous
     filesystem used from this loop) the session is closed before this returns, where
     `close_store_session` could only schedule its closing."""
-    fs = _release(store)
-    if fs is None:
-        return
-    creator = getattr(fs, "_s3creator", None)
-    if creator is not None and getattr(fs, "_s3", None) is not None:
-        loop = _session_loop(fs)
-        if loop is not None and _in_loop(loop):
+    for fs in _release(store):
+        creator = getattr(fs, "_s3creator", None)
+        loop = _session_loop(fs) if getattr(fs, "_s3", None) is not None else None
+        if creator is not None and loop is not None and _in_loop(loop):
             try:
                 await creator.__aexit__(None, None, None)
             except Exception as exc:
                 logger.debug("xarray-zcache: closing an s3fs session failed (%s)", exc)
             fs._s3 = None
             fs._s3creator = None
-            return
-    _close(fs)
+        else:
+            _close(fs)
 
 
 def close_filesystem_session(fs: object) -> None:
