@@ -3,8 +3,10 @@
 zarr's `FsspecStore` builds *asynchronous* s3fs filesystems, for which s3fs registers no
 finalizer: their aiohttp sessions stay open until collected, and aiohttp then reports
 "Unclosed client session". Every inner store a `CachedStore` wraps is tracked here (held
-weakly) and its filesystem's session closed by `CachedStore.close`, by `close_sessions`
-(a Dask worker's teardown, `registry.close_all`) and at interpreter exit. Best effort: a
+weakly) and the sessions of its s3fs filesystems (its own, or those it reads through: a
+chained URL's target, a reference set's targets) closed by `CachedStore.close`, by
+`close_sessions` (a Dask worker's teardown, `registry.close_all`) and at interpreter
+exit. Best effort: a
 failure is logged at debug level, never raised. A closed filesystem opens a new session
 if it is used again.
 """
@@ -20,6 +22,7 @@ import weakref
 from typing import Any
 
 __all__ = [
+    "aclose_filesystem_session",
     "aclose_store_session",
     "close_filesystem_session",
     "close_sessions",
@@ -129,17 +132,21 @@ async def aclose_store_session(store: object) -> None:
     filesystem used from this loop) the session is closed before this returns, where
     `close_store_session` could only schedule its closing."""
     for fs in _release(store):
-        creator = getattr(fs, "_s3creator", None)
-        loop = _session_loop(fs) if getattr(fs, "_s3", None) is not None else None
-        if creator is not None and loop is not None and _in_loop(loop):
-            try:
-                await creator.__aexit__(None, None, None)
-            except Exception as exc:
-                logger.debug("xarray-zcache: closing an s3fs session failed (%s)", exc)
-            fs._s3 = None
-            fs._s3creator = None
-        else:
-            _close(fs)
+        await _aclose(fs)
+
+
+async def _aclose(fs: Any) -> None:
+    creator = getattr(fs, "_s3creator", None)
+    loop = _session_loop(fs) if getattr(fs, "_s3", None) is not None else None
+    if creator is not None and loop is not None and _in_loop(loop):
+        try:
+            await creator.__aexit__(None, None, None)
+        except Exception as exc:
+            logger.debug("xarray-zcache: closing an s3fs session failed (%s)", exc)
+        fs._s3 = None
+        fs._s3creator = None
+    else:
+        _close(fs)
 
 
 def close_filesystem_session(fs: object) -> None:
@@ -150,6 +157,16 @@ def close_filesystem_session(fs: object) -> None:
             _tracked.pop(id(fs), None)
             _owned.pop(id(fs), None)
         _close(fs)
+
+
+async def aclose_filesystem_session(fs: object) -> None:
+    """`close_filesystem_session`, awaited (an asynchronous filesystem used from this
+    event loop: closed before this returns)."""
+    if hasattr(type(fs), "close_session"):
+        with _lock:
+            _tracked.pop(id(fs), None)
+            _owned.pop(id(fs), None)
+        await _aclose(fs)
 
 
 @atexit.register
