@@ -37,7 +37,7 @@ from xarray_zcache.cache import versions
 from xarray_zcache.registry import close_all
 from xarray_zcache.testing import faults
 from xarray_zcache.testing.s3server import LocalS3Server
-from xarray_zcache.testing.writers import write_zarr
+from xarray_zcache.testing.writers import s3fs_store, write_zarr
 
 P = default_buffer_prototype()
 
@@ -217,7 +217,8 @@ def test_validation_zero_validates_each_unit_once_per_open(
         assert delta.validations == opens and delta.validation_requests == opens
         assert s3_server.requests.lists(s3_bucket) - lists == opens
     # a change by another writer is seen by the next open, not by the older one
-    zarr.open_array(url, path="v", mode="r+", storage_options=s3_options)[0:1] = -1.0
+    with s3fs_store(url, s3_options) as plain:
+        zarr.open_array(plain, path="v", mode="r+")[0:1] = -1.0
     assert other[0:1].tolist() == [0.0]
     newest = zarr.open_array(
         open_store(url, storage_options=s3_options, cache_config=cfg), path="v", mode="r"
