@@ -50,6 +50,14 @@ def s3_options(s3_server: LocalS3Server) -> dict[str, Any]:
 
 
 @pytest.fixture
+def s3_fs(s3_server: LocalS3Server) -> Iterator[Any]:
+    """A synchronous s3fs filesystem of ``s3_server``, its aiohttp session closed when the
+    test ends (`LocalS3Server.closing_filesystem`)."""
+    with s3_server.closing_filesystem() as fs:
+        yield fs
+
+
+@pytest.fixture
 def decodes(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Counts the chunks zarr's codec pipelines decode (zarr's reads and the decoded
     tier's misses; the decoded-tier tests)."""

@@ -13,7 +13,7 @@ import zarr
 from xarray_zcache import CacheConfig, get_cache
 from xarray_zcache.backend import ZCacheBackendEntrypoint, open_store
 from xarray_zcache.testing.s3server import LocalS3Server
-from xarray_zcache.testing.writers import write_zarr
+from xarray_zcache.testing.writers import s3fs_store, write_zarr
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -122,7 +122,8 @@ def test_chained_s3_url_opens_as_with_the_zarr_engine(
     write_zarr(_ds(), f"s3://{s3_bucket}/x.zarr", s3_options, zarr_format=3)
     url = f"simplecache::s3://{s3_bucket}/x.zarr"
     options = _chain_options(s3_options, tmp_path)
-    expected = xr.open_dataset(url, engine="zarr", storage_options=options).load()
+    with s3fs_store(url, options, read_only=True) as plain:  # (its session closed after)
+        expected = xr.open_dataset(plain, engine="zarr").load()
     ds = xr.open_dataset(
         prefix + url, engine="zcache", storage_options=options, cache_config=config
     )

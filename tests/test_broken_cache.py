@@ -91,7 +91,8 @@ def test_folder_removed_under_a_running_process(
     arr[:] = 2  # no error: the write reaches S3
 
     assert (_source(url, s3_options)[:] == 2).all()
-    raw = s3_server.filesystem().cat(f"{s3_bucket}/a.zarr/c/0/0")
+    with s3_server.closing_filesystem() as fs:
+        raw = fs.cat(f"{s3_bucket}/a.zarr/c/0/0")
     assert np.frombuffer(raw, dtype="<i4").tolist() == [2, 2, 2, 2]
     assert (arr[:] == 2).all()
     arr[1:3, 1:3] = 3

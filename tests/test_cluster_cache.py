@@ -160,16 +160,15 @@ def test_repeated_and_reshaped_computations_send_no_chunk_gets(env: Env) -> None
     assert sum(s["hits"]["peer"]["chunk"] for s in stats.values()) > 0
     # cold data is stored once in the cluster
     stored = sum(client.run(_disk_bytes).values()) - stored_before
-    distinct = sum(
-        len(b) for b in [s3_server.filesystem().cat_file(p) for p in _chunk_paths(s3_server, url)]
-    )
+    with s3_server.closing_filesystem() as fs:
+        distinct = sum(len(fs.cat_file(p)) for p in _chunk_paths(s3_server, url))
     assert stored <= 1.1 * distinct + 64 * 1024, (stored, distinct)
 
 
 def _chunk_paths(server: LocalS3Server, url: str) -> list[str]:
-    fs = server.filesystem()
     root = url.removeprefix("s3://")
-    return [p for p in fs.find(root) if "/c/" in p and p.split("/")[-3] == "t"]
+    with server.closing_filesystem() as fs:
+        return [p for p in fs.find(root) if "/c/" in p and p.split("/")[-3] == "t"]
 
 
 def test_concurrent_misses_of_one_chunk_on_two_workers_send_one_get(env: Env) -> None:
@@ -392,7 +391,6 @@ def test_a_killed_owner_costs_only_its_share(env: Env) -> None:
 def test_kerchunk_references_are_one_cache_on_the_cluster(env: Env, tmp_path: Any) -> None:
     """A reference set's chunks are cached under their target file's byte ranges: on the
     cluster too (pickled to the workers, owned, asked of peers), and re-runs read nothing."""
-    import fsspec
     from kerchunk.hdf import SingleHdf5ToZarr
 
     cfg = env.config()
@@ -404,9 +402,10 @@ def test_kerchunk_references_are_one_cache_on_the_cluster(env: Env, tmp_path: An
     path = tmp_path / "t.nc"
     expected.to_netcdf(path, engine="h5netcdf", encoding={"t": {"chunksizes": (2, 8, 16)}})
     url = f"s3://{env.bucket}/nc/t.nc"
-    env.server.filesystem().put_file(str(path), url.removeprefix("s3://"))
-    with fsspec.open(url, **env.opts) as f:
-        refs = SingleHdf5ToZarr(f, url, inline_threshold=0).translate()
+    with env.server.closing_filesystem() as fs:  # (its session closed after)
+        fs.put_file(str(path), url.removeprefix("s3://"))
+        with fs.open(url) as f:
+            refs = SingleHdf5ToZarr(f, url, inline_threshold=0).translate()
     so = {"fo": refs, "remote_protocol": "s3", "remote_options": env.opts}
     ds = xr.open_dataset(
         "reference://", engine="zcache", chunks={}, storage_options=so, cache_config=cfg,

@@ -174,12 +174,13 @@ def test_stale_membership_is_at_worst_a_hop_or_a_source_read(
     s3_server: LocalS3Server,
     s3_bucket: str,
     s3_options: dict[str, Any],
+    s3_fs: Any,
 ) -> None:
     cl, client, cfg = cluster
     n = len(client.scheduler_info()["workers"])
     url = f"s3://{s3_bucket}/era5.zarr"
     _write(url, s3_options)
-    fs = s3_server.filesystem()
+    fs = s3_fs
     root = url.removeprefix("s3://")
     # more chunk-like objects than the array's 32 (past its shape: read by key only), so
     # that whatever ring the workers' random ports make, the new worker owns some of them

@@ -37,6 +37,7 @@ from decoded_helpers import (
 
 from xarray_zcache import CacheConfig, get_cache, open_store
 from xarray_zcache.cache.decoded import DecodedTier
+from xarray_zcache.sessions import close_filesystem_session
 from xarray_zcache.testing.writers import s3fs_store, write_zarr
 
 INTERVAL = 1.0
@@ -91,7 +92,10 @@ def _raw(url: str, opts: dict[str, Any], key: str) -> bytes:
     import fsspec
 
     fs = fsspec.filesystem("s3", **opts)
-    return bytes(fs.cat_file(f"{url.removeprefix('s3://')}/t/{key}"))
+    try:
+        return bytes(fs.cat_file(f"{url.removeprefix('s3://')}/t/{key}"))
+    finally:
+        close_filesystem_session(fs)  # (not left to the garbage collector)
 
 
 _CHANGES = ("dtype", "endian", "chunk-shape", "v2-dtype", "codec")
@@ -205,7 +209,9 @@ def test_missing_chunk_takes_the_new_fill_value(
         _same(ds.t.values, data)
     fill = -9
     _raw_array(url, s3_options, data, (1, 4, 4), fill_value=fill)
-    fsspec.filesystem("s3", **s3_options).rm(f"{url.removeprefix('s3://')}/t/c/1/1/0")
+    fs = fsspec.filesystem("s3", **s3_options)
+    fs.rm(f"{url.removeprefix('s3://')}/t/c/1/1/0")
+    close_filesystem_session(fs)
     new = data.copy()
     new[1, 4:, :4] = fill
     time.sleep(INTERVAL + MARGIN)

@@ -30,6 +30,7 @@ from xarray_zcache import CacheConfig, CachedStore, get_cache, open_store
 from xarray_zcache import decoded_pipeline as dp
 from xarray_zcache.decoded_pipeline import DecodedCodecPipeline
 from xarray_zcache.testing.s3server import LocalS3Server
+from xarray_zcache.testing.writers import s3fs_store
 
 INTERVAL = 1.0
 MARGIN = 0.5
@@ -60,15 +61,15 @@ def test_second_read_sends_no_request_and_counts_decoded_hits(
 ) -> None:
     url = f"s3://{s3_bucket}/a.zarr"
     data = np.random.default_rng(1).normal(size=(8, 32, 32)).astype("f4")
-    raw = zarr.create_array(
-        url,
-        storage_options=s3_options,
-        shape=data.shape,
-        chunks=(1, 16, 16),
-        dtype="f4",
-        compressors=[zarr.codecs.ZstdCodec()],
-    )
-    raw[...] = data  # 32 chunks
+    with s3fs_store(url, s3_options) as plain:  # (its session closed after)
+        raw = zarr.create_array(
+            plain,
+            shape=data.shape,
+            chunks=(1, 16, 16),
+            dtype="f4",
+            compressors=[zarr.codecs.ZstdCodec()],
+        )
+        raw[...] = data  # 32 chunks
     cfg = make_cfg(tmp_path, "api-hits")
     store = open_store(url, storage_options=s3_options, cache_config=cfg)
     a = zarr.open_array(store, mode="r")
@@ -331,10 +332,9 @@ def test_another_writer_is_seen_after_validation(
     url = f"s3://{s3_bucket}/w.zarr"
     data = np.random.default_rng(4).normal(size=(4, 16, 16)).astype("f4")
     kw: dict[str, Any] = {"shards": (2, 16, 16)} if sharded else {}
-    raw = zarr.create_array(
-        url, storage_options=s3_options, shape=data.shape, chunks=(1, 8, 8), dtype="f4", **kw
-    )
-    raw[...] = data
+    with s3fs_store(url, s3_options) as plain:  # (plain zarr: its session closed after)
+        raw = zarr.create_array(plain, shape=data.shape, chunks=(1, 8, 8), dtype="f4", **kw)
+        raw[...] = data
     cfg = make_cfg(tmp_path, f"reader-{sharded}", validation=INTERVAL)
     a = zarr.open_array(open_store(url, storage_options=s3_options, cache_config=cfg), mode="r")
     same(a[:], data)
@@ -349,7 +349,8 @@ def test_another_writer_is_seen_after_validation(
     new[1, 3:12, 2:5] = -7  # partial chunks (and part of a shard)
     w[1, 3:12, 2:5] = -7
     new[3] = data[3][::-1] + 0.5  # same length, other bytes
-    zarr.open_array(url, storage_options=s3_options, mode="r+")[3] = new[3]
+    with s3fs_store(url, s3_options) as plain:
+        zarr.open_array(plain, mode="r+")[3] = new[3]
     got = a[:]
     for t in range(4):  # within the interval: every chunk old or new
         for y in (0, 8):
@@ -363,7 +364,8 @@ def test_another_writer_is_seen_after_validation(
         same(a[:], new)
         same(a[1, 3:12], new[1, 3:12])
         same(a.vindex[[1, 3], [3, 15], [2, 0]], new[[1, 3], [3, 15], [2, 0]])
-    same(np.asarray(zarr.open_array(url, storage_options=s3_options, mode="r")[:]), new)
+    with s3fs_store(url, s3_options, read_only=True) as plain:
+        same(np.asarray(zarr.open_array(plain, mode="r")[:]), new)
 
 
 def test_metadata_rewritten_with_another_dtype_over_identical_bytes(
@@ -376,17 +378,17 @@ def test_metadata_rewritten_with_another_dtype_over_identical_bytes(
     new = old.view("<f4")
 
     def write(values: np.ndarray) -> None:
-        arr = zarr.create_array(
-            url,
-            storage_options=s3_options,
-            shape=values.shape,
-            chunks=(1, 4, 4),
-            dtype=values.dtype,
-            compressors=None,
-            fill_value=0,
-            overwrite=True,
-        )
-        arr[...] = values
+        with s3fs_store(url, s3_options) as plain:  # (its session closed after)
+            arr = zarr.create_array(
+                plain,
+                shape=values.shape,
+                chunks=(1, 4, 4),
+                dtype=values.dtype,
+                compressors=None,
+                fill_value=0,
+                overwrite=True,
+            )
+            arr[...] = values
 
     write(old)
     cfg = make_cfg(tmp_path, "meta", validation=INTERVAL)
@@ -398,8 +400,13 @@ def test_metadata_rewritten_with_another_dtype_over_identical_bytes(
     write(new)
     import fsspec
 
+    from xarray_zcache.sessions import close_filesystem_session
+
     fs = fsspec.filesystem("s3", **s3_options)
-    assert fs.cat_file(f"{url.removeprefix('s3://')}/c/0/0/0") == old[0, :4, :4].tobytes()
+    try:
+        assert fs.cat_file(f"{url.removeprefix('s3://')}/c/0/0/0") == old[0, :4, :4].tobytes()
+    finally:
+        close_filesystem_session(fs)
     time.sleep(INTERVAL + MARGIN)
     b = zarr.open_array(open_store(url, storage_options=s3_options, cache_config=cfg), mode="r")
     assert b.dtype == np.dtype("f4")

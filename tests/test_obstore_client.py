@@ -350,7 +350,8 @@ def test_the_same_url_and_options_reuse_one_s3store(
         assert "another-secret" not in repr(key) and "testing" not in repr(key)
 
     # each reads the right bytes, with exactly one GET per chunk
-    want = s3_server.filesystem().cat_file(f"{s3_bucket}/x.zarr/t/c/3/0")
+    with s3_server.closing_filesystem() as fs:
+        want = fs.cat_file(f"{s3_bucket}/x.zarr/t/c/3/0")
     for name, store in [("reused", again.inner), *built.items()]:
         key = "c/3/0" if name == "prefix" else "t/c/3/0"
         s3_server.requests.reset()

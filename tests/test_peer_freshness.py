@@ -6,23 +6,26 @@ hosts), real local S3 whose request log counts what the server saw, real zarr.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pathlib
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 import zarr
 from distributed import Client, LocalCluster
+from zarr.storage import FsspecStore
 
 import xarray_zcache.distributed as zd
 from xarray_zcache import CacheConfig
 from xarray_zcache.distributed.membership import Membership
 from xarray_zcache.testing.s3server import LocalS3Server
+from xarray_zcache.testing.writers import s3fs_store
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.slow]
 
@@ -54,10 +57,17 @@ def cluster() -> Iterator[tuple[Client, CacheConfig]]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _create(url: str, opts: dict[str, Any], value: float) -> zarr.Array[Any]:
-    """Arrays ``t`` and ``u`` of ``value``, by another writer (plain zarr, not through
-    zcache); returns ``t`` opened for writing."""
-    store = zarr.storage.FsspecStore.from_url(url, storage_options=opts)
+@pytest.fixture
+def plain() -> Iterator[Callable[[str, dict[str, Any]], FsspecStore]]:
+    """``plain(url, options)``: another writer's zarr store (plain zarr, not through
+    zcache), its aiohttp session closed when the test ends (`s3fs_store`)."""
+    with contextlib.ExitStack() as stack:
+        yield lambda url, opts: stack.enter_context(s3fs_store(url, opts))
+
+
+def _create(store: FsspecStore, value: float) -> zarr.Array[Any]:
+    """Arrays ``t`` and ``u`` of ``value`` in ``store``, by another writer; returns ``t``
+    opened for writing."""
     for name in ("u", "t"):
         arr = zarr.create_array(
             store, name=name, shape=SHAPE, chunks=CHUNKS, dtype="f4", zarr_format=3
@@ -112,10 +122,11 @@ def test_a_replica_is_served_no_longer_than_its_owners_confirmation_allows(
     s3_server: LocalS3Server,
     s3_bucket: str,
     s3_options: dict[str, Any],
+    plain: Callable[[str, dict[str, Any]], FsspecStore],
 ) -> None:
     client, cfg = cluster
     url = f"s3://{s3_bucket}/peers.zarr"
-    writer = _create(url, s3_options, 1.0)
+    writer = _create(plain(url, s3_options), 1.0)
     i = 1
     a, b = _owner_and_other(client, url, s3_options, cfg, i)
     gets = lambda: s3_server.requests.count("GET", bucket=s3_bucket, key_suffix=f"t/c/{i}/0")  # noqa: E731
@@ -167,10 +178,11 @@ def test_a_worker_that_missed_a_write_leaves_the_ring_until_it_acknowledges(
     s3_bucket: str,
     s3_options: dict[str, Any],
     caplog: pytest.LogCaptureFixture,
+    plain: Callable[[str, dict[str, Any]], FsspecStore],
 ) -> None:
     client, cfg = cluster
     url = f"s3://{s3_bucket}/deaf.zarr"
-    _create(url, s3_options, 1.0)
+    _create(plain(url, s3_options), 1.0)
     i = 1
     a, b = _owner_and_other(client, url, s3_options, cfg, i)
     gets = lambda: s3_server.requests.count("GET", bucket=s3_bucket, key_suffix=f"t/c/{i}/0")  # noqa: E731

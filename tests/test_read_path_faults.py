@@ -18,7 +18,7 @@ import subprocess
 import threading
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 from uuid import uuid4
 
@@ -41,6 +41,8 @@ from zarr.storage import FsspecStore, LocalStore, MemoryStore
 
 from xarray_zcache import CacheConfig, CachedStore
 from xarray_zcache.registry import close_all
+from xarray_zcache.sessions import close_filesystem_session
+from xarray_zcache.testing.writers import async_s3fs_store
 
 P = default_buffer_prototype()
 
@@ -224,16 +226,17 @@ async def test_5_hostile_keys_answer_as_the_wrapped_store(
 async def test_7_delete_dir_drops_the_object_named_like_the_prefix(
     s3_bucket: str, s3_options: dict[str, Any], tmp_path: pathlib.Path
 ) -> None:
-    inner = FsspecStore.from_url(f"s3://{s3_bucket}/data", storage_options=s3_options)
-    store = CachedStore(inner, _config(tmp_path))
-    await store.set("a", B(b"object named a"))
-    await store.set("a/b", B(b"object under a/"))
-    assert await _answer(store, "a") == b"object named a"  # cached
-    await store.delete_dir("a")
-    want = await _answer(inner, "a")
-    assert want is None, "precondition: FsspecStore.delete_dir('a') deletes the object 'a' too"
-    assert await _answer(store, "a") == want
-    assert await store.exists("a") == await inner.exists("a")
+    # (its session, opened on this test's event loop, closed before the loop ends)
+    async with async_s3fs_store(f"s3://{s3_bucket}/data", s3_options) as inner:
+        store = CachedStore(inner, _config(tmp_path))
+        await store.set("a", B(b"object named a"))
+        await store.set("a/b", B(b"object under a/"))
+        assert await _answer(store, "a") == b"object named a"  # cached
+        await store.delete_dir("a")
+        want = await _answer(inner, "a")
+        assert want is None, "precondition: FsspecStore.delete_dir('a') deletes 'a' too"
+        assert await _answer(store, "a") == want
+        assert await store.exists("a") == await inner.exists("a")
 
 
 # ------------------------------------------------------------------- (8) odd byte ranges
@@ -250,13 +253,16 @@ ODD_RANGES = [
 
 
 @pytest.fixture(params=["local", "s3"])
-def odd_inner(request: Any, tmp_path: pathlib.Path) -> Store:
+async def odd_inner(request: Any, tmp_path: pathlib.Path) -> AsyncIterator[Store]:
     if request.param == "local":
         (tmp_path / "data").mkdir()
-        return LocalStore(tmp_path / "data")
+        yield LocalStore(tmp_path / "data")
+        return
     bucket = request.getfixturevalue("s3_bucket")
     options = request.getfixturevalue("s3_options")
-    return FsspecStore.from_url(f"s3://{bucket}/data", storage_options=options)
+    # (its session, opened on the test's event loop, closed before the loop ends)
+    async with async_s3fs_store(f"s3://{bucket}/data", options) as store:
+        yield store
 
 
 @pytest.mark.parametrize("rng", ODD_RANGES, ids=str)
@@ -508,6 +514,7 @@ def test_6_same_bucket_on_two_endpoints_from_environment(
         fs = s3fs.S3FileSystem(**server.options())
         fs.mkdir(bucket)
         fs.pipe_file(f"{bucket}/data/g/c/0", f"server {n} bytes".encode())
+        close_filesystem_session(fs)  # (not left to the garbage collector)
         # the endpoint comes from the environment only
         monkeypatch.setenv("AWS_ENDPOINT_URL", server.endpoint_url)
         inner = FsspecStore.from_url(

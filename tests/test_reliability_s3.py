@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+import s3fs
 import xarray as xr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
@@ -46,9 +47,13 @@ def test_random_faults(s3_server: LocalS3Server, tmp_path: pathlib.Path) -> None
 
 
 def test_persistent_500_is_a_clear_error_and_nothing_is_cached(
-    s3_server: LocalS3Server, s3_bucket: str, proxy: faults.FaultProxy, tmp_path: pathlib.Path
+    s3_server: LocalS3Server,
+    s3_bucket: str,
+    proxy: faults.FaultProxy,
+    tmp_path: pathlib.Path,
+    s3_fs: s3fs.S3FileSystem,
 ) -> None:
-    direct = s3_server.filesystem()
+    direct = s3_fs  # (straight to the server, not through the proxy)
     direct.pipe_file(f"{s3_bucket}/ds/v/c/0", b"chunk bytes")
     direct.pipe_file(f"{s3_bucket}/ds/v/zarr.json", b"{}")
     cfg = faults.config(tmp_path / "cache", "s3-500")
@@ -99,11 +104,15 @@ def test_xarray_reads_fail_clearly_then_succeed(
 
 
 def test_write_acknowledged_by_s3_but_answered_with_an_error(
-    s3_server: LocalS3Server, s3_bucket: str, proxy: faults.FaultProxy, tmp_path: pathlib.Path
+    s3_server: LocalS3Server,
+    s3_bucket: str,
+    proxy: faults.FaultProxy,
+    tmp_path: pathlib.Path,
+    s3_fs: s3fs.S3FileSystem,
 ) -> None:
     """The PUT reaches S3, the client sees a 500: the error reaches the user and the cache
     holds neither the old nor the new value; the next read returns what S3 holds."""
-    direct = s3_server.filesystem()
+    direct = s3_fs  # (straight to the server, not through the proxy)
     direct.pipe_file(f"{s3_bucket}/ds/v/c/0", b"old")
     store = open_store(
         f"s3://{s3_bucket}/ds",

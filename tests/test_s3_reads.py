@@ -18,7 +18,7 @@ from zarr.storage import FsspecStore
 
 from xarray_zcache import CacheConfig, CachedStore, get_cache
 from xarray_zcache.testing.s3server import LocalS3Server
-from xarray_zcache.testing.writers import write_zarr
+from xarray_zcache.testing.writers import async_s3fs_store, write_zarr
 
 
 def _dataset() -> xr.Dataset:
@@ -158,18 +158,19 @@ def test_script_exit_flushes_disk_tier(
 async def test_concurrent_misses_send_one_request(
     s3_server: LocalS3Server, s3_bucket: str, s3_options: dict[str, Any], config: CacheConfig
 ) -> None:
-    fs = s3_server.filesystem()
-    fs.pipe(f"{s3_bucket}/data/c/0", b"x" * 100_000)
+    with s3_server.closing_filesystem() as fs:
+        fs.pipe(f"{s3_bucket}/data/c/0", b"x" * 100_000)
     s3_server.latency = 0.05  # keep the first request in flight while the others arrive
     try:
-        inner = FsspecStore.from_url(f"s3://{s3_bucket}/data", storage_options=s3_options)
-        store = CachedStore(inner, config)
-        log = s3_server.requests
-        before = log.count("GET", bucket=s3_bucket, key_suffix="c/0")
-        proto = default_buffer_prototype()
-        results = await asyncio.gather(*(store.get("c/0", proto) for _ in range(16)))
-        assert log.count("GET", bucket=s3_bucket, key_suffix="c/0") - before == 1
-        assert all(r is not None and r.to_bytes() == b"x" * 100_000 for r in results)
+        # (its session, opened on this test's event loop, closed before the loop ends)
+        async with async_s3fs_store(f"s3://{s3_bucket}/data", s3_options) as inner:
+            store = CachedStore(inner, config)
+            log = s3_server.requests
+            before = log.count("GET", bucket=s3_bucket, key_suffix="c/0")
+            proto = default_buffer_prototype()
+            results = await asyncio.gather(*(store.get("c/0", proto) for _ in range(16)))
+            assert log.count("GET", bucket=s3_bucket, key_suffix="c/0") - before == 1
+            assert all(r is not None and r.to_bytes() == b"x" * 100_000 for r in results)
     finally:
         s3_server.latency = 0.0
 
@@ -214,7 +215,8 @@ def test_errors_from_s3_are_not_cached(
 
     first = sync(_get_or_error(store, "c/0", proto))
     s3_server.create_bucket(name)
-    s3_server.filesystem().pipe(f"{name}/data/c/0", b"now here")
+    with s3_server.closing_filesystem() as fs:
+        fs.pipe(f"{name}/data/c/0", b"now here")
     second = sync(store.get("c/0", proto))
     assert second is not None and second.to_bytes() == b"now here"
     # whatever the first call saw (an error, or None for a missing bucket), no data was cached

@@ -14,6 +14,7 @@ from zarr.abc.store import RangeByteRequest
 from zarr.core.buffer import default_buffer_prototype
 from zarr.storage import FsspecStore
 
+from xarray_zcache.sessions import aclose_filesystem_session
 from xarray_zcache.testing.s3server import (
     LocalS3Server,
     RequestLog,
@@ -48,9 +49,9 @@ async def test_zarr_get_of_chunk_costs_exactly_one_get(
     s3_options: dict[str, Any],
     stores: Callable[..., Awaitable[FsspecStore]],
 ) -> None:
-    fs = s3_server.filesystem()
-    fs.pipe_file(f"{s3_bucket}/arr/c/0/0", b"x" * 1000)
-    fs.pipe_file(f"{s3_bucket}/arr/zarr.json", b"{}")
+    with s3_server.closing_filesystem() as fs:
+        fs.pipe_file(f"{s3_bucket}/arr/c/0/0", b"x" * 1000)
+        fs.pipe_file(f"{s3_bucket}/arr/zarr.json", b"{}")
     log = s3_server.requests
     assert log.count("PUT", bucket=s3_bucket, key_prefix="arr/") == 2
 
@@ -74,12 +75,16 @@ async def test_whole_object_read_is_head_free_with_storage_options(
     s3_server: LocalS3Server, s3_bucket: str, s3_options: dict[str, Any]
 ) -> None:
     payload = os.urandom(256 * 1024)
-    s3_server.filesystem().pipe_file(f"{s3_bucket}/blob", payload)
+    with s3_server.closing_filesystem() as fs:
+        fs.pipe_file(f"{s3_bucket}/blob", payload)
     log = s3_server.requests
 
     fs = s3_server.filesystem(asynchronous=True)
-    assert fs.max_concurrency == 1
-    assert await fs._cat_file(f"{s3_bucket}/blob") == payload
+    try:
+        assert fs.max_concurrency == 1
+        assert await fs._cat_file(f"{s3_bucket}/blob") == payload
+    finally:
+        await aclose_filesystem_session(fs)  # (before this test's event loop ends)
     assert log.count("GET", bucket=s3_bucket, key_prefix="blob") == 1
     assert log.count("HEAD", bucket=s3_bucket) == 0
 
@@ -91,7 +96,8 @@ async def test_default_s3fs_options_send_head_before_get(
     stores: Callable[..., Awaitable[FsspecStore]],
 ) -> None:
     """Pins the s3fs behaviour that storage_options() works around."""
-    s3_server.filesystem().pipe_file(f"{s3_bucket}/arr/c/0", b"abc")
+    with s3_server.closing_filesystem() as fs:
+        fs.pipe_file(f"{s3_bucket}/arr/c/0", b"abc")
     opts = {k: v for k, v in s3_options.items() if k != "max_concurrency"}
     store = await stores(s3_bucket, opts)
     assert store.fs.max_concurrency > 1
@@ -136,7 +142,8 @@ async def test_ranged_read_records_range_header(
     s3_options: dict[str, Any],
     stores: Callable[..., Awaitable[FsspecStore]],
 ) -> None:
-    s3_server.filesystem().pipe_file(f"{s3_bucket}/arr/shard", bytes(range(100)))
+    with s3_server.closing_filesystem() as fs:
+        fs.pipe_file(f"{s3_bucket}/arr/shard", bytes(range(100)))
     store = await stores(s3_bucket, s3_options)
     buf = await store.get("shard", PROTO, RangeByteRequest(10, 20))
     assert buf is not None and buf.to_bytes() == bytes(range(10, 20))
@@ -150,18 +157,18 @@ async def test_ranged_read_records_range_header(
 
 def test_keys_are_recorded_unquoted(s3_server: LocalS3Server, s3_bucket: str) -> None:
     key = "dir with space/ü+%x/c.0"
-    fs = s3_server.filesystem()
-    fs.pipe_file(f"{s3_bucket}/{key}", b"1")
-    assert fs.cat_file(f"{s3_bucket}/{key}") == b"1"
+    with s3_server.closing_filesystem() as fs:
+        fs.pipe_file(f"{s3_bucket}/{key}", b"1")
+        assert fs.cat_file(f"{s3_bucket}/{key}") == b"1"
     keys = {r.key for r in s3_server.requests.records() if r.bucket == s3_bucket}
     assert key in keys
     assert s3_server.requests.count("GET", bucket=s3_bucket, key_prefix="dir with space/") == 1
 
 
 def test_bucket_level_requests_have_no_key(s3_server: LocalS3Server, s3_bucket: str) -> None:
-    fs = s3_server.filesystem()
-    fs.pipe_file(f"{s3_bucket}/a/b", b"1")
-    assert fs.ls(f"{s3_bucket}/a") == [f"{s3_bucket}/a/b"]
+    with s3_server.closing_filesystem() as fs:
+        fs.pipe_file(f"{s3_bucket}/a/b", b"1")
+        assert fs.ls(f"{s3_bucket}/a") == [f"{s3_bucket}/a/b"]
     creates = [
         r
         for r in s3_server.requests.records()
@@ -176,9 +183,8 @@ def test_bucket_level_requests_have_no_key(s3_server: LocalS3Server, s3_bucket: 
 
 def test_latency_delays_each_request() -> None:
     latency = 0.3
-    with start_local_s3(latency=latency) as server:
+    with start_local_s3(latency=latency) as server, server.closing_filesystem() as fs:
         assert server.latency == latency
-        fs = server.filesystem()
         start = time.perf_counter()
         with pytest.raises(FileNotFoundError):
             fs.cat_file("no-such-bucket-latency/key")
@@ -201,9 +207,13 @@ async def test_latency_overlaps_for_concurrent_requests(s3_bucket: str) -> None:
         fs = server.filesystem(asynchronous=True)
         await fs.set_session()
         start = time.perf_counter()
-        results = await asyncio.gather(
-            *(fs._cat_file(f"{s3_bucket}/missing-{i}") for i in range(n)), return_exceptions=True
-        )
+        try:
+            results = await asyncio.gather(
+                *(fs._cat_file(f"{s3_bucket}/missing-{i}") for i in range(n)),
+                return_exceptions=True,
+            )
+        finally:
+            await aclose_filesystem_session(fs)  # (before this test's event loop ends)
         elapsed = time.perf_counter() - start
         assert all(isinstance(r, FileNotFoundError) for r in results)
         assert server.requests.count("GET", bucket=s3_bucket) == n

@@ -32,6 +32,7 @@ from zarr.storage import FsspecStore, LocalStore, MemoryStore, ObjectStore
 
 from xarray_zcache import CacheConfig, CachedStore
 from xarray_zcache.identity import identify
+from xarray_zcache.sessions import close_filesystem_session
 from xarray_zcache.testing.s3server import LocalS3Server
 
 obstore = pytest.importorskip("obstore")
@@ -63,11 +64,21 @@ def _netcdf(path: Path, base: float) -> None:
     ds.to_netcdf(path, engine="h5netcdf")
 
 
+def _put(s3_server: LocalS3Server, local: str, key: str) -> None:
+    """Upload ``local`` to ``key`` (``bucket/path``), the filesystem's session closed after."""
+    with s3_server.closing_filesystem() as fs:
+        fs.put_file(local, key)
+
+
 def _refs(url: str, opts: dict[str, Any] | None = None) -> dict[str, Any]:
     from kerchunk.hdf import SingleHdf5ToZarr
 
-    with fsspec.open(url, **(opts or {})) as f:
-        return dict(SingleHdf5ToZarr(f, url, inline_threshold=0).translate())
+    fs, path = fsspec.core.url_to_fs(url, **(opts or {}))
+    try:
+        with fs.open(path) as f:
+            return dict(SingleHdf5ToZarr(f, url, inline_threshold=0).translate())
+    finally:
+        close_filesystem_session(fs)  # (s3fs: its session; any other: nothing)
 
 
 def _ref_store(refs: dict[str, Any], opts: dict[str, Any] | None) -> FsspecStore:
@@ -84,11 +95,10 @@ def _values(store: Any) -> list[float]:
 
 @pytest.fixture
 def nc_on_s3(s3_server: LocalS3Server, s3_bucket: str, tmp_path: Path) -> dict[str, Any]:
-    fs = s3_server.filesystem()
     urls = {}
     for name, base in (("a", 0.0), ("b", 100.0)):
         _netcdf(tmp_path / f"{name}.nc", base)
-        fs.put_file(str(tmp_path / f"{name}.nc"), f"{s3_bucket}/nc/{name}.nc")
+        _put(s3_server, str(tmp_path / f"{name}.nc"), f"{s3_bucket}/nc/{name}.nc")
         urls[name] = f"s3://{s3_bucket}/nc/{name}.nc"
     opts = s3_server.storage_options()
     return {"refs": {n: _refs(u, opts) for n, u in urls.items()}, "opts": opts}
@@ -135,11 +145,11 @@ def test_reference_url_through_the_backend(
     got = {}
     for name in ("a", "b"):
         so = {"fo": refs[name], "remote_protocol": "s3", "remote_options": opts}
-        ds = xr.open_dataset(
+        with xr.open_dataset(
             "reference://", engine="zcache", storage_options=so, cache_config=cfg,
             consolidated=False, zarr_format=2,
-        )  # fmt: skip
-        got[name] = ds.t.values.tolist()
+        ) as ds:  # fmt: skip
+            got[name] = ds.t.values.tolist()
     assert got["a"] == list(range(10)) and got["b"] == [100.0 + i for i in range(10)]
 
 
@@ -198,7 +208,7 @@ def test_a_rewritten_target_file_is_seen_after_the_interval(
     assert _values(store) == list(range(10))
     # another writer rewrites a.nc in place with the same layout, other values
     _netcdf(tmp_path / "a2.nc", 50.0)
-    s3_server.filesystem().put_file(str(tmp_path / "a2.nc"), f"{s3_bucket}/nc/a.nc")
+    _put(s3_server, str(tmp_path / "a2.nc"), f"{s3_bucket}/nc/a.nc")
     s3_server.requests.reset()
     report = sync(store.revalidate())
     assert report.changed >= 1 and report.requests == 1  # one listing for the one target
@@ -248,7 +258,7 @@ def test_manifest_store_reopened_sends_nothing(
     s3_server: LocalS3Server, s3_bucket: str, tmp_path: Path
 ) -> None:
     _netcdf(tmp_path / "a.nc", 3.0)
-    s3_server.filesystem().put_file(str(tmp_path / "a.nc"), f"{s3_bucket}/a.nc")
+    _put(s3_server, str(tmp_path / "a.nc"), f"{s3_bucket}/a.nc")
     cfg = _config(tmp_path / "cache")
     url = f"s3://{s3_bucket}/"
     first = CachedStore(_manifest_store(tmp_path / "a.nc", url, _s3_obs(s3_server, s3_bucket)), cfg)
@@ -303,6 +313,7 @@ def test_two_obstore_endpoints_with_the_same_bucket_never_mix(
     for endpoint in (s3_server.endpoint_url, second_s3):
         fs = fsspec.filesystem("s3", endpoint_url=endpoint, **KEY, skip_instance_cache=True)
         fs.mkdir(bucket)
+        close_filesystem_session(fs)
     a_obs = _s3_obs(s3_server, bucket)
     b_obs = _s3_obs(s3_server, bucket, endpoint=second_s3)
     _write_array(ObjectStore(a_obs), np.arange(10.0))
@@ -667,11 +678,14 @@ def test_the_backend_opens_the_stores_users_hold(
 
 
 @pytest.fixture
-def ref_kinds(s3_server: LocalS3Server, s3_bucket: str, tmp_path: Path) -> tuple[Any, Any]:
+def ref_kinds(
+    s3_server: LocalS3Server, s3_bucket: str, tmp_path: Path
+) -> Iterator[tuple[Any, Any]]:
     """A reference set with a ranged reference, a whole-file reference, inline data and a
     missing key, into files on S3 and on disk; and the bare reference store."""
     payload = bytes(range(256)) * 4
-    s3_server.filesystem().pipe_file(f"{s3_bucket}/raw.bin", payload)
+    with s3_server.closing_filesystem() as fs:
+        fs.pipe_file(f"{s3_bucket}/raw.bin", payload)
     refs = {
         "version": 1,
         "refs": {
@@ -686,7 +700,10 @@ def ref_kinds(s3_server: LocalS3Server, s3_bucket: str, tmp_path: Path) -> tuple
     def build() -> FsspecStore:
         return _ref_store(refs, opts)
 
-    return build(), CachedStore(build(), _config(tmp_path / "cache"))
+    bare = build()
+    yield bare, CachedStore(build(), _config(tmp_path / "cache"))
+    for fs in bare.fs.fss.values():  # (the bare store's own: no one closes it)
+        close_filesystem_session(fs)
 
 
 _ranges = st.one_of(
@@ -757,14 +774,14 @@ def test_manifest_store_sees_a_rewritten_target(
     s3_server: LocalS3Server, s3_bucket: str, tmp_path: Path
 ) -> None:
     _netcdf(tmp_path / "a.nc", 3.0)
-    s3_server.filesystem().put_file(str(tmp_path / "a.nc"), f"{s3_bucket}/a.nc")
+    _put(s3_server, str(tmp_path / "a.nc"), f"{s3_bucket}/a.nc")
     url = f"s3://{s3_bucket}/"
     cfg = _config(tmp_path / "cache", validation=1)
     store = CachedStore(_manifest_store(tmp_path / "a.nc", url, _s3_obs(s3_server, s3_bucket)), cfg)
     ds = xr.open_dataset(store, engine="zarr", consolidated=False, zarr_format=3)
     assert ds.t.values.tolist() == [3.0 + i for i in range(10)]
     _netcdf(tmp_path / "a.nc", 40.0)  # same layout, other values
-    s3_server.filesystem().put_file(str(tmp_path / "a.nc"), f"{s3_bucket}/a.nc")
+    _put(s3_server, str(tmp_path / "a.nc"), f"{s3_bucket}/a.nc")
     s3_server.requests.reset()
     report = sync(store.revalidate())
     assert report.changed == 1 and report.requests == s3_server.requests.lists(bucket=s3_bucket)
@@ -798,7 +815,7 @@ def test_manifest_store_in_a_new_process_sends_no_chunk_requests(
     s3_server: LocalS3Server, s3_bucket: str, tmp_path: Path
 ) -> None:
     _netcdf(tmp_path / "a.nc", 5.0)
-    s3_server.filesystem().put_file(str(tmp_path / "a.nc"), f"{s3_bucket}/a.nc")
+    _put(s3_server, str(tmp_path / "a.nc"), f"{s3_bucket}/a.nc")
     payload = [s3_server.endpoint_url, s3_bucket, str(tmp_path / "cache")]
     counts = []
     for _ in range(2):

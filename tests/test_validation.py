@@ -29,7 +29,7 @@ from xarray_zcache.cache.freshness import ObjectChanged
 from xarray_zcache.registry import close_all
 from xarray_zcache.testing import faults
 from xarray_zcache.testing.s3server import LocalS3Server
-from xarray_zcache.testing.writers import write_zarr
+from xarray_zcache.testing.writers import s3fs_store, write_zarr
 
 P = default_buffer_prototype()
 
@@ -140,7 +140,8 @@ def test_append_and_delete_and_create_by_another_writer(
     assert len(states) >= 2 and len({s.validated for s in states if s is not None}) == 1
     # delete a chunk: zarr then reads the fill value
     if where == "s3":
-        s3_server.filesystem().rm(f"{s3_bucket}/ds.zarr/v/c/0")
+        with s3_server.closing_filesystem() as fs:
+            fs.rm(f"{s3_bucket}/ds.zarr/v/c/0")
     else:
         os.remove(tmp_path / "ds.zarr" / "v" / "c" / "0")
     assert _read(url, opts, cfg)[:4].tolist() == [0, 1, 2, 3]  # (not validated yet)
@@ -292,30 +293,30 @@ def test_two_processes_one_validation(
 def test_multipart_etags_are_versions_too(
     s3_server: LocalS3Server, s3_bucket: str, s3_options: dict[str, Any], tmp_path: Path
 ) -> None:
-    fs = s3_server.filesystem()
-    big = 6 * 2**20  # two parts of >= 5 MiB / rest
+    with s3_server.closing_filesystem() as fs:
+        big = 6 * 2**20  # two parts of >= 5 MiB / rest
 
-    def put_multipart(path: str, fill: int) -> str:
-        with fs.open(path, "wb", block_size=5 * 2**20) as f:
-            f.write(bytes([fill]) * big)
-        etag = str(fs.info(path, refresh=True)["ETag"])
-        assert "-" in etag, etag  # a multipart ETag: no MD5 of the bytes
-        return etag
+        def put_multipart(path: str, fill: int) -> str:
+            with fs.open(path, "wb", block_size=5 * 2**20) as f:
+                f.write(bytes([fill]) * big)
+            etag = str(fs.info(path, refresh=True)["ETag"])
+            assert "-" in etag, etag  # a multipart ETag: no MD5 of the bytes
+            return etag
 
-    path = f"{s3_bucket}/raw/blob"
-    put_multipart(path, 1)
-    store = open_store(
-        f"s3://{s3_bucket}/raw", storage_options=s3_options, cache_config=_cfg(tmp_path, "mp")
-    )
-    buf = sync(store.get("blob", P))
-    assert buf is not None and buf.to_bytes()[:1] == b"\x01"
-    gets = s3_server.requests.count("GET", bucket=s3_bucket, key_prefix="raw/blob")
-    assert sync(store.revalidate()).changed == 0
-    put_multipart(path, 2)
-    assert sync(store.revalidate()).changed == 1
-    buf = sync(store.get("blob", P))
-    assert buf is not None and buf.to_bytes()[:1] == b"\x02"
-    assert s3_server.requests.count("GET", bucket=s3_bucket, key_prefix="raw/blob") == gets + 1
+        path = f"{s3_bucket}/raw/blob"
+        put_multipart(path, 1)
+        store = open_store(
+            f"s3://{s3_bucket}/raw", storage_options=s3_options, cache_config=_cfg(tmp_path, "mp")
+        )
+        buf = sync(store.get("blob", P))
+        assert buf is not None and buf.to_bytes()[:1] == b"\x01"
+        gets = s3_server.requests.count("GET", bucket=s3_bucket, key_prefix="raw/blob")
+        assert sync(store.revalidate()).changed == 0
+        put_multipart(path, 2)
+        assert sync(store.revalidate()).changed == 1
+        buf = sync(store.get("blob", P))
+        assert buf is not None and buf.to_bytes()[:1] == b"\x02"
+        assert s3_server.requests.count("GET", bucket=s3_bucket, key_prefix="raw/blob") == gets + 1
 
 
 def test_a_skewed_clock_cannot_make_a_change_look_old(
@@ -331,11 +332,11 @@ def test_a_skewed_clock_cannot_make_a_change_look_old(
     real = time.time
     for skew in (-86400.0, 86400.0):  # the cache host's clock a day behind, then ahead
         monkeypatch.setattr(freshness.time, "time", lambda skew=skew: real() + skew)
-        store = open_store(url, storage_options=s3_options, cache_config=cfg)
-        before = _read(url, s3_options, cfg)
-        _rewrite(url, s3_options, slice(0, 4), skew)
-        sync(store.revalidate())
-        assert _read(url, s3_options, cfg)[:4].tolist() == [skew] * 4, before[:4]
+        with open_store(url, storage_options=s3_options, cache_config=cfg) as store:
+            before = _read(url, s3_options, cfg)
+            _rewrite(url, s3_options, slice(0, 4), skew)
+            sync(store.revalidate())
+            assert _read(url, s3_options, cfg)[:4].tolist() == [skew] * 4, before[:4]
         monkeypatch.undo()
 
 
@@ -389,25 +390,26 @@ def test_a_rewritten_shard_is_never_mixed_with_its_old_index(
     s3_bucket: str, s3_options: dict[str, Any], tmp_path: Path, compressor: str | None
 ) -> None:
     url = f"s3://{s3_bucket}/sharded.zarr"
-    root = zarr.open_group(url, mode="w", storage_options=s3_options, zarr_format=3)
-    codecs: Any = "auto" if compressor else None
-    arr = root.create_array(
-        "a", shape=(64,), chunks=(8,), shards=(64,), dtype="i4", compressors=codecs
-    )
-    arr[:] = np.arange(64)
-    cfg = _cfg(tmp_path, f"shard-{compressor}")
-    store = open_store(url, storage_options=s3_options, cache_config=cfg)
-    cached = zarr.open_array(store, path="a", mode="r")
-    assert cached[0:8].tolist() == list(range(8))  # caches the index and inner chunk 0
-    arr[:] = np.arange(64) + 100  # another writer rewrites the shard (same metadata)
-    got = None
-    try:  # noqa: SIM105 (an except* clause)
-        got = cached[8:16].tolist()  # a chunk of the new shard, with the old index?
-    except* ObjectChanged:
-        pass  # detected (zarr raises it in an ExceptionGroup): the old parts were dropped
-    assert got in (None, list(range(8, 16)), list(range(108, 116)))
-    assert cached[8:16].tolist() == list(range(108, 116))
-    assert cached[0:8].tolist() == list(range(100, 108))
+    with s3fs_store(url, s3_options) as plain:  # (another writer: plain zarr)
+        root = zarr.open_group(plain, mode="w", zarr_format=3)
+        codecs: Any = "auto" if compressor else None
+        arr = root.create_array(
+            "a", shape=(64,), chunks=(8,), shards=(64,), dtype="i4", compressors=codecs
+        )
+        arr[:] = np.arange(64)
+        cfg = _cfg(tmp_path, f"shard-{compressor}")
+        store = open_store(url, storage_options=s3_options, cache_config=cfg)
+        cached = zarr.open_array(store, path="a", mode="r")
+        assert cached[0:8].tolist() == list(range(8))  # caches the index and inner chunk 0
+        arr[:] = np.arange(64) + 100  # another writer rewrites the shard (same metadata)
+        got = None
+        try:  # noqa: SIM105 (an except* clause)
+            got = cached[8:16].tolist()  # a chunk of the new shard, with the old index?
+        except* ObjectChanged:
+            pass  # detected (zarr raises it in an ExceptionGroup): the old parts were dropped
+        assert got in (None, list(range(8, 16)), list(range(108, 116)))
+        assert cached[8:16].tolist() == list(range(108, 116))
+        assert cached[0:8].tolist() == list(range(100, 108))
 
 
 # -- local files, the command line ----------------------------------------------------------------

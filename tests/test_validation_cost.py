@@ -37,7 +37,7 @@ from xarray_zcache.cache import versions
 from xarray_zcache.registry import close_all
 from xarray_zcache.testing import faults
 from xarray_zcache.testing.s3server import LocalS3Server
-from xarray_zcache.testing.writers import write_zarr
+from xarray_zcache.testing.writers import s3fs_store, write_zarr
 
 P = default_buffer_prototype()
 
@@ -208,21 +208,27 @@ def test_validation_zero_validates_each_unit_once_per_open(
         assert arr[:].tolist() == list(range(64))
     assert s3_server.requests.lists(s3_bucket) == lists
     before = store.stats()
-    for opens in (1, 2):  # each open: one listing of the array's unit, once
-        again = open_store(url, storage_options=s3_options, cache_config=cfg)
-        other = zarr.open_array(again, path="v", mode="r")
-        for _ in range(3):
-            assert other[:].tolist() == list(range(64))
-        delta = store.stats() - before
-        assert delta.validations == opens and delta.validation_requests == opens
-        assert s3_server.requests.lists(s3_bucket) - lists == opens
-    # a change by another writer is seen by the next open, not by the older one
-    zarr.open_array(url, path="v", mode="r+", storage_options=s3_options)[0:1] = -1.0
-    assert other[0:1].tolist() == [0.0]
-    newest = zarr.open_array(
-        open_store(url, storage_options=s3_options, cache_config=cfg), path="v", mode="r"
-    )
-    assert newest[0:1].tolist() == [-1.0]
+    with contextlib.ExitStack() as opened:  # (each open closed after, its session too)
+        for opens in (1, 2):  # each open: one listing of the array's unit, once
+            again = opened.enter_context(
+                open_store(url, storage_options=s3_options, cache_config=cfg)
+            )
+            other = zarr.open_array(again, path="v", mode="r")
+            for _ in range(3):
+                assert other[:].tolist() == list(range(64))
+            delta = store.stats() - before
+            assert delta.validations == opens and delta.validation_requests == opens
+            assert s3_server.requests.lists(s3_bucket) - lists == opens
+        # a change by another writer is seen by the next open, not by the older one
+        with s3fs_store(url, s3_options) as plain:
+            zarr.open_array(plain, path="v", mode="r+")[0:1] = -1.0
+        assert other[0:1].tolist() == [0.0]
+        newest = zarr.open_array(
+            opened.enter_context(open_store(url, storage_options=s3_options, cache_config=cfg)),
+            path="v",
+            mode="r",
+        )
+        assert newest[0:1].tolist() == [-1.0]
 
 
 def test_validation_zero_once_per_open_for_every_copy_of_the_open(

@@ -232,6 +232,16 @@ def _delegate(
         cache_config=cache_config,
         read_only=kwargs.get("mode", "r") == "r",
     )
+    try:
+        return _open_cached(method, filename_or_obj, store, **kwargs)
+    except BaseException:
+        if not isinstance(filename_or_obj, Store):  # built here from a URL: no one else has it
+            close_store_session(store.inner)
+        raise
+
+
+def _open_cached(method: str, filename_or_obj: Any, store: CachedStore, **kwargs: Any) -> Any:
+    """`_delegate`'s open of ``store`` (its session closed by the result's ``close``)."""
     if kwargs.get("consolidated") is None and kwargs.get("mode", "r") == "r":
         kwargs["consolidated"] = _probe_consolidated(store, kwargs.get("zarr_format"))
     if method == "open_dataset" and kwargs.get("mode", "r") == "r":

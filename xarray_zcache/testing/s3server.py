@@ -40,6 +40,7 @@ fresh server being empty.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -396,6 +397,23 @@ class LocalS3Server:
         opts["skip_instance_cache"] = True
         return s3fs.S3FileSystem(**opts)
 
+    @contextlib.contextmanager
+    def closing_filesystem(self, **extra: Any) -> Iterator[s3fs.S3FileSystem]:
+        """:meth:`filesystem` (synchronous), its aiohttp session closed when the ``with``
+        block ends (`xarray_zcache.sessions.close_filesystem_session`), not left to s3fs's
+        finalizer, which runs only when the garbage collector frees the filesystem.
+
+        >>> with server.closing_filesystem() as fs:  # doctest: +SKIP
+        ...     fs.pipe_file("bucket/key", b"data")
+        """
+        from xarray_zcache.sessions import close_filesystem_session
+
+        fs = self.filesystem(**extra)
+        try:
+            yield fs
+        finally:
+            close_filesystem_session(fs)
+
     def create_bucket(self, name: str) -> None:
         """Create a bucket (raises if it already exists).
 
@@ -409,17 +427,12 @@ class LocalS3Server:
         The ``CreateBucket`` request is recorded in :attr:`requests` like any
         other; call ``requests.reset()`` afterwards if needed.
         """
-        from xarray_zcache.sessions import close_filesystem_session
-
-        fs = self.filesystem()
-        try:
+        with self.closing_filesystem() as fs:  # (its own: no aiohttp session left open)
             params: dict[str, Any] = {"Bucket": name}
             region = getattr(getattr(fs.s3, "meta", None), "region_name", None)
             if region and region not in ("us-east-1", "aws-global"):
                 params["CreateBucketConfiguration"] = {"LocationConstraint": region}
             fs.call_s3("create_bucket", **params)
-        finally:
-            close_filesystem_session(fs)  # (its own: no aiohttp session left open)
 
 
 def start_local_s3(latency: float = 0.0) -> LocalS3Server:

@@ -105,12 +105,23 @@ def run_s3_faults(
     cached. Once the faults stop, a read through the same store must return exactly what S3
     holds (read directly, without the proxy).
     """
+    with server.closing_filesystem() as direct:  # (its session closed after)
+        return _run_s3_faults(server, direct, cases, workdir, seed)
+
+
+def _run_s3_faults(
+    server: LocalS3Server,
+    direct: s3fs.S3FileSystem,
+    cases: list[S3Case],
+    workdir: str | os.PathLike[str],
+    seed: int,
+) -> ScenarioResult:
+    """`run_s3_faults` (``direct``: the server's filesystem, without the proxy)."""
     proto = default_buffer_prototype()
     result = ScenarioResult("faults from S3 (500, 503, reset, stall, truncate)")
     rng = random.Random(seed)
     bucket = f"faults-{os.getpid()}-{time.monotonic_ns() % 10**9}"
     server.create_bucket(bucket)
-    direct = server.filesystem()
     keys = ["zarr.json", "v/zarr.json", *[f"v/c/{i}" for i in range(len(cases) + 4)]]
     for key in keys:
         direct.pipe_file(f"{bucket}/ds/{key}", make_value(key, 1, 600))
