@@ -34,7 +34,12 @@ from xarray_zcache.cache.disk.format import (
     read_payload,
 )
 from xarray_zcache.cache.disk.locations import ABSENT, Location, hash_of, key_hash, mapped
-from xarray_zcache.cache.disk.schema import IndexUnavailable, is_resource_error, txn
+from xarray_zcache.cache.disk.schema import (
+    BUSY_TIMEOUT_MS,
+    IndexUnavailable,
+    is_resource_error,
+    txn,
+)
 from xarray_zcache.cache.disk.segments import DELETED, read_record, record_length
 
 __all__ = ["TierReads"]
@@ -258,24 +263,40 @@ class TierReads(TierCore):
         self, key: str, segment: str, offset: int | None, token: int | None, *, expired: bool
     ) -> None:
         """Delete the row of ``key`` if it still points to the record that was read (a new
-        record always has a new offset: ``token`` None is not checked)."""
+        record always has a new offset: ``token`` None is not checked).
+
+        Only if no writer holds the index now: a read never waits for a write (a batch of
+        fills of this process or of another holds it for tens of milliseconds at a million
+        entries, and the typical dead record is one a writer is replacing at that moment,
+        whose row then changes anyway). Left in place, the row is met again by a later read,
+        which tries again, or replaced by the fill that follows this miss."""
 
         def drop(conn: sqlite3.Connection) -> None:
-            with txn(conn):
-                cur = conn.execute(
-                    "DELETE FROM entries WHERE key = ? AND (? IS NULL OR token = ?) "
-                    "AND segment = ? AND offset = ?",
-                    (key, token, token, segment, offset),
-                )
-                if expired and cur.rowcount:
-                    self.expirations += 1
+            conn.execute("PRAGMA busy_timeout=0")
+            try:
+                with txn(conn):
+                    cur = conn.execute(
+                        "DELETE FROM entries WHERE key = ? AND (? IS NULL OR token = ?) "
+                        "AND segment = ? AND offset = ?",
+                        (key, token, token, segment, offset),
+                    )
+                    if expired and cur.rowcount:
+                        self.expirations += 1
+            finally:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
 
-        if self._closed:
-            return
+        if self._closed or not self._index.lock.acquire(blocking=False):
+            return  # (this process is writing)
         try:
-            self._index.run("removing a damaged or expired entry", drop)
+            self._index.run_locked("removing a damaged or expired entry", drop)
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                self._warn.error(exc, "removing a damaged or expired entry")
         except (OSError, sqlite3.Error, RuntimeError) as exc:
             self._warn.error(exc, "removing a damaged or expired entry")
+        finally:
+            self._index.lock.release()
 
     def _get_file(self, key: str, kinds: tuple[str, ...], t: float) -> DiskEntry | None:
         """Read the payload file of ``key`` (of one of ``kinds``) alone."""
