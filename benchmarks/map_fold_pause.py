@@ -125,7 +125,7 @@ def main() -> None:
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
     print(
-        f"{args.entries:,} entries, {changes:,} overwrites by another tier in "
+        f"{args.entries:,} entries, {changes:,} overwrites by another process in "
         f"{r['write_s']:.1f} s while one thread reads\n"
     )
     print("| hits | hit p50 | p99 | p99.9 | longest | hits over 50 ms | folds | index look-ups |")
