@@ -210,10 +210,7 @@ def test_a_failed_fold_gives_its_changes_back_under_the_newer_ones(
         _assert_map_exact(kd, path, KEYS)
         for k in KEYS[100:130]:
             _put(writer, expected, k, "v4")
-        kd.sync()
-        _wait_for(lambda: kd.folds == 1 and kd._folding is None, "the next fold installed")
-        _assert_reads(t, expected)
-        _assert_map_exact(kd, path, KEYS)
+        _folded(kd, t, path, expected, 1, "the next fold installed")
     with tier(path) as t:
         _assert_reads(t, expected)
 
@@ -299,6 +296,37 @@ def test_a_hint_whose_fold_fails_is_not_written_and_close_still_closes(
         _assert_reads(t, expected)
 
 
+def _folded(
+    kd: keydir.KeyDir,
+    t: DiskTier,
+    path: pathlib.Path,
+    expected: dict[str, bytes | None],
+    folds: int,
+    what: str,
+) -> None:
+    """Apply what was logged, wait for fold number ``folds`` to be installed, and check
+    every read and every answer of the map."""
+    kd.sync()
+    _wait_for(lambda: kd.folds == folds and kd._folding is None, what)
+    _assert_reads(t, expected)
+    _assert_map_exact(kd, path, KEYS)
+
+
+def _refuse_threads(monkeypatch: pytest.MonkeyPatch, name: str) -> list[bool]:
+    """Threads named ``name`` cannot be started (``can't start new thread``: too many
+    threads, memory short) while the returned flag's item is true."""
+    real_start = threading.Thread.start
+    refuse = [True]
+
+    def start(self: threading.Thread) -> None:
+        if self.name == name and refuse[0]:
+            raise RuntimeError("can't start new thread (injected)")
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    return refuse
+
+
 def test_no_thread_for_a_fold_fails_no_read_and_loses_no_change(
     tmp_path: pathlib.Path, hooks: Hooks, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -308,20 +336,12 @@ def test_no_thread_for_a_fold_fails_no_read_and_loses_no_change(
     ``close`` (which joins the fold) still closes."""
     monkeypatch.setattr(keydir, "_RETRY_S", 0.0)
     hooks.fold_open.set()
-    real_start = threading.Thread.start
-    refuse = [True]
-
-    def start(self: threading.Thread) -> None:
-        if self.name == FOLD_THREAD and refuse[0]:
-            raise RuntimeError("can't start new thread (injected)")
-        real_start(self)
-
     path = tmp_path / "c"
     filled(path)
     expected: dict[str, bytes | None] = {k: value(k) for k in KEYS}
     with tier(path) as t, _writer(path) as writer:
         kd = _kd(t)
-        monkeypatch.setattr(threading.Thread, "start", start)
+        refuse = _refuse_threads(monkeypatch, FOLD_THREAD)
         for k in KEYS[:40]:
             _put(writer, expected, k, "v2")
         _assert_reads(t, expected)
@@ -330,10 +350,7 @@ def test_no_thread_for_a_fold_fails_no_read_and_loses_no_change(
         refuse[0] = False
         for k in KEYS[100:110]:
             _put(writer, expected, k, "v3")
-        kd.sync()
-        _wait_for(lambda: kd.folds == 1 and kd._folding is None, "a fold installed")
-        _assert_reads(t, expected)
-        _assert_map_exact(kd, path, KEYS)
+        _folded(kd, t, path, expected, 1, "a fold installed")
     with tier(path) as t:
         _assert_reads(t, expected)
 
@@ -345,20 +362,12 @@ def test_no_thread_for_a_build_fails_no_read(
     read that finds the drop must not raise (it asks the index), and the map is built
     again once threads can be had."""
     monkeypatch.setattr(keydir, "_RETRY_S", 0.0)
-    real_start = threading.Thread.start
-    refuse = [True]
-
-    def start(self: threading.Thread) -> None:
-        if self.name == BUILD_THREAD and refuse[0]:
-            raise RuntimeError("can't start new thread (injected)")
-        real_start(self)
-
     path = tmp_path / "c"
     filled(path)
     expected: dict[str, bytes | None] = {k: value(k) for k in KEYS}
     with tier(path) as t, _writer(path) as writer:
         kd = _kd(t)
-        monkeypatch.setattr(threading.Thread, "start", start)
+        refuse = _refuse_threads(monkeypatch, BUILD_THREAD)
         assert writer.delete_prefix("ns/v/c/19") == 11
         expected.update({k: None for k in KEYS if k.startswith("ns/v/c/19")})
         _assert_reads(t, expected)
