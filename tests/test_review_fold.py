@@ -237,7 +237,7 @@ def test_a_fold_failing_with_an_unexpected_error_does_not_stop_folding(
         for k in KEYS[100:130]:
             _put(writer, expected, k, "v3")
         kd.sync()
-        _wait_for(lambda: kd.folds == 1 and kd._folding is None, "a fold installed", timeout=3)
+        _wait_for(lambda: kd.folds >= 1 and kd._folding is None, "a fold installed", timeout=3)
         _assert_reads(t, expected)
         _assert_map_exact(kd, path, KEYS)
 
@@ -286,7 +286,7 @@ def test_a_hint_whose_fold_fails_is_not_written_and_close_still_closes(
         assert t.save_location_map(force=True) is False
         _assert_reads(t, expected)
         hooks.fold_open.set()
-        _wait_for(lambda: kd.folds == 1 and kd._folding is None, "the fold installed")
+        _wait_for(lambda: kd.folds >= 1 and kd._folding is None, "the fold installed")
         t.close()
         assert t._index.closed and not kd.ready and kd._conn is None
         assert (path / hint.HINT_NAME).read_bytes() == hint_before
@@ -304,10 +304,12 @@ def _folded(
     folds: int,
     what: str,
 ) -> None:
-    """Apply what was logged, wait for fold number ``folds`` to be installed, and check
-    every read and every answer of the map."""
+    """Apply what was logged, wait until ``folds`` folds have been installed, and check
+    every read and every answer of the map. (At least: any commit, the access statistics'
+    included, makes the next answer apply the log, which starts a fold whenever the
+    changes are many, as after a failed fold gives its changes back.)"""
     kd.sync()
-    _wait_for(lambda: kd.folds == folds and kd._folding is None, what)
+    _wait_for(lambda: kd.folds >= folds and kd._folding is None, what)
     _assert_reads(t, expected)
     _assert_map_exact(kd, path, KEYS)
 
@@ -411,7 +413,7 @@ def test_forget_and_learn_during_a_fold_win_over_its_install(
         kd.learn(h3, mark, old)  # the index's answer from before the overwrite: refused
         assert kd.find(h3) != old
         hooks.fold_open.set()
-        _wait_for(lambda: kd.folds == 1 and kd._folding is None, "the fold installed")
+        _wait_for(lambda: kd.folds >= 1 and kd._folding is None, "the fold installed")
         assert kd.find(h1) is ASK
         assert kd.find(h2) == Location(*learnt) == _rows(path, [KEYS[2]])[KEYS[2]]
         assert kd.find(h3) != old
@@ -798,7 +800,7 @@ def test_a_fork_during_a_fold_and_a_save_leaves_the_child_clear_of_both(
         assert (path / hint.HINT_NAME).read_bytes() == hint_before  # the child wrote none
         hooks.open_all()
         saver.join(10)
-        _wait_for(lambda: kd.folds == 1 and kd._folding is None, "the fold installed")
+        _wait_for(lambda: kd.folds >= 1 and kd._folding is None, "the fold installed")
         _assert_reads(t, expected)
         _assert_map_exact(kd, path, KEYS)
     with tier(path) as t:
